@@ -1,0 +1,21 @@
+"""SPARE (Self-distillation for PARameter-Efficient Removal), host-independent engine.
+
+Stages, each one module: saliency.py (which modules carry the concept), timesteps.py (where in the noise schedule),
+distill.py (sparse LoRA trained by self-distillation), lora.py (adapters, files, applying them).
+Everything operates on a `DiffusionModel` (model.py): ComfyUI's objects are adapted in nodes/host.py.
+"""
+__version__ = "0.1.0"
+
+from .errors import Cancelled, NonFiniteLossError, SpareInputError  # noqa: E402
+from .model import DiffusionModel  # noqa: E402
+from .lora import LoraWeights, apply_lora, load_lora, save_lora  # noqa: E402
+from .saliency import Saliency, candidate_modules, scan as saliency_scan  # noqa: E402
+from .timesteps import TimestepProfile, profile as timestep_profile, uniform as uniform_profile  # noqa: E402
+from .distill import DistillConfig, DistillResult, distill  # noqa: E402
+from .sampling import generate  # noqa: E402
+
+__all__ = [
+    "__version__", "Cancelled", "NonFiniteLossError", "SpareInputError", "DiffusionModel", "LoraWeights",
+    "apply_lora", "load_lora", "save_lora", "Saliency", "candidate_modules", "saliency_scan", "TimestepProfile",
+    "timestep_profile", "uniform_profile", "DistillConfig", "DistillResult", "distill", "generate",
+]

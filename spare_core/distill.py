@@ -1,0 +1,210 @@
+"""Stage 2 of SPARE: sparse low-rank adapters trained by self-distillation.
+
+Teacher = the network with adapters off (frozen); student = network + adapters on the salient modules only.
+For a concept c with surrogate s, retain prompts r, x_t from the concept's (self-generated) samples:
+
+  forget = || eps_student(x_t, t, c) - sg eps_teacher(x_t, t, s) ||^2     (t ~ timestep profile)
+  retain = || eps_student(x_r,t, t, r) - sg eps_teacher(x_r,t, t, r) ||^2  (t ~ uniform; r includes "" by default)
+  loss   = forget_weight * forget + retain_weight * retain                 (authors: 0.3 and 1.0)
+
+eps is written through x0 (ComfyUI's apply_model returns x0): eps_hat = (x_t - x0_hat) / sigma, so each loss is
+||x0_student - x0_teacher||^2 / sigma^2. AdamW, cosine learning-rate decay, gradient clipping (authors: 1.0).
+Several concepts train into one adapter set: each batch draws samples of every concept.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from . import __version__
+from .errors import Cancelled, NonFiniteLossError, SpareInputError
+from .lora import LoraWeights, attach, metadata_json
+from .model import DiffusionModel
+from .sampling import T_MIN, generate
+from .saliency import Saliency, frozen, validate_prompts
+from .timesteps import TimestepProfile, check_pairs
+
+
+@dataclass
+class DistillConfig:
+    """What the user sets for Sparse LoRA Distill. Defaults follow the authors where they published one."""
+
+    concepts: list[str]                      # prompts naming what to erase, e.g. ["Van Gogh style"]
+    surrogates: list[str]                    # what each concept becomes, one per concept, e.g. ["a painting"]
+    retain: list[str] = field(default_factory=list)  # prompts whose outputs must not move (neighbour concepts)
+    retain_unconditional: bool = True        # also keep the empty prompt's prediction (classifier-free guidance uses it)
+    rank: int = 4                            # LoRA rank (authors: 4)
+    alpha: float = 4.0                       # LoRA alpha; update scale = alpha / rank (authors: 4)
+    steps: int = 200                         # optimizer steps
+    lr: float = 1e-4                         # AdamW learning rate, cosine-decayed to 0 (authors: 1e-4)
+    forget_weight: float = 0.3               # weight of the forget (concept -> surrogate) loss (authors: 0.3)
+    retain_weight: float = 1.0               # weight of the retain loss (authors: 1.0)
+    batch_size: int = 2                      # forget samples per step (and as many retain samples)
+    grad_clip: float = 1.0                   # max gradient norm (authors: 1.0); 0 disables
+    dropout: float = 0.0                     # LoRA dropout (authors: 0.1)
+    seed: int = 0                            # everything random derives from it (deterministic on CPU)
+    samples_per_prompt: int = 4              # self-generated samples per concept / retain prompt
+    sample_steps: int = 8                    # Euler steps to self-generate them
+    sample_cfg: float = 5.0                  # classifier-free guidance scale for self-generation
+    weight_decay: float = 0.0                # AdamW weight decay on the adapters
+
+
+@dataclass
+class DistillResult:
+    lora: LoraWeights
+    losses: list[dict]                       # per step: step, loss, forget, retain, lr
+    seconds: float
+    trainable_params: int
+    config: DistillConfig
+
+
+def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
+    """Check every user input; returns a copy with prompts stripped. Raises SpareInputError naming the input."""
+    concepts = validate_prompts(config.concepts, "concept")
+    surrogates = validate_prompts(config.surrogates, "surrogate")
+    check_pairs(concepts, surrogates)
+    retain = [r.strip() for r in config.retain if isinstance(r, str) and r.strip()]
+    clash = sorted({c.lower() for c in concepts} & {r.lower() for r in retain})
+    if clash:
+        raise SpareInputError(f"retain prompts contain a concept being erased ({clash}); a prompt cannot be both "
+                              "forgotten and retained — remove it from retain")
+    if config.rank <= 0:
+        raise SpareInputError(f"rank={config.rank} must be >= 1 (typical: 4-16)")
+    if config.alpha <= 0:
+        raise SpareInputError(f"alpha={config.alpha} must be > 0 (typical: equal to rank)")
+    if config.steps <= 0:
+        raise SpareInputError(f"steps={config.steps} must be >= 1")
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise SpareInputError(f"learning rate={config.lr} must be a positive number (typical: 1e-4)")
+    if config.forget_weight <= 0 or config.retain_weight < 0:
+        raise SpareInputError(f"forget_weight={config.forget_weight} must be > 0 and retain_weight="
+                              f"{config.retain_weight} must be >= 0")
+    if config.batch_size <= 0 or config.samples_per_prompt <= 0 or config.sample_steps <= 0:
+        raise SpareInputError("batch_size, samples_per_prompt and sample_steps must be >= 1")
+    if not 0.0 <= config.dropout < 1.0:
+        raise SpareInputError(f"dropout={config.dropout} must be in [0, 1)")
+    if saliency is None or not saliency.selected:
+        raise SpareInputError("the saliency selects no module; rescan with a larger selection (fraction or top-k)")
+    out = DistillConfig(**{**asdict(config), "concepts": concepts, "surrogates": surrogates, "retain": retain})
+    return out
+
+
+def distill(
+    model: DiffusionModel,
+    config: DistillConfig,
+    saliency: Saliency,
+    profile: Optional[TimestepProfile] = None,
+    latents: Optional[torch.Tensor] = None,
+    progress: Optional[Callable[[int, int, float], None]] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> DistillResult:
+    """Train a sparse LoRA on `saliency.selected` that maps each concept to its surrogate. The network is left
+    exactly as it was (no parameter written, every hook removed), also on error or cancellation.
+
+    latents: optional concept samples [N, C, H, W] (model latent space) instead of self-generated ones; sample i
+    belongs to concept i % len(concepts). progress(step, steps, loss) is called after every step; should_stop()
+    before every step (return True to cancel: Cancelled is raised and nothing is returned).
+    """
+    cfg = validate(config, saliency)
+    started = time.perf_counter()
+    dev = model.device
+
+    # --- data: concept samples (forget) and retain samples, all from the model itself unless given ---
+    if latents is not None:
+        if latents.dim() != 4 or tuple(latents.shape[1:]) != tuple(model.latent_shape):
+            raise SpareInputError(f"latents have shape {tuple(latents.shape)}; expected [N, "
+                                  f"{', '.join(map(str, model.latent_shape))}] for this model")
+        x_forget = latents.float().to(dev)
+        i_forget = torch.arange(x_forget.shape[0]) % len(cfg.concepts)
+    else:
+        x_forget, i_forget = generate(model, cfg.concepts, cfg.samples_per_prompt, cfg.seed, cfg.sample_steps,
+                                      cfg.sample_cfg, should_stop=should_stop)
+    retain_prompts = cfg.retain + ([""] if cfg.retain_unconditional else [])
+    if cfg.retain_weight > 0 and retain_prompts:
+        x_retain, i_retain = generate(model, retain_prompts, cfg.samples_per_prompt, cfg.seed + 1, cfg.sample_steps,
+                                      cfg.sample_cfg, should_stop=should_stop)
+        c_retain = model.encode(retain_prompts)
+    else:
+        x_retain = None
+    c_concept, c_surrogate = model.encode(cfg.concepts), model.encode(cfg.surrogates)
+
+    # --- train under a forked RNG so the caller's global RNG is untouched and runs are reproducible ---
+    devices = [dev] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), frozen(model.network), torch.inference_mode(False), \
+            torch.enable_grad():
+        torch.manual_seed(cfg.seed)
+        adapters = attach(model.network, saliency.selected, cfg.rank, cfg.alpha, saliency.row_masks, cfg.dropout,
+                          device=dev)
+        try:
+            params = adapters.parameters()
+            trainable = sum(p.numel() for p in params)
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+            gen = torch.Generator().manual_seed(cfg.seed + 2)
+            losses = []
+            autocast = dict(device_type=dev.type, dtype=model.dtype, enabled=model.dtype != torch.float32)
+
+            def pair_loss(x0, cond_student, cond_teacher, t):
+                sigma = model.sigma_at(t).float().to(dev)
+                noise = torch.randn(x0.shape, generator=gen).to(dev)
+                xt = model.add_noise(x0, noise, sigma)
+                s = sigma.view(-1, *[1] * (x0.dim() - 1))
+                adapters.enabled = False
+                with torch.no_grad(), torch.autocast(**autocast):
+                    target = model.predict_x0(xt, sigma, cond_teacher).float()
+                adapters.enabled = True
+                with torch.autocast(**autocast):
+                    pred = model.predict_x0(xt, sigma, cond_student).float()
+                return (((pred - target) / s) ** 2).mean()
+
+            for step in range(cfg.steps):
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"cancelled at step {step} of {cfg.steps}; nothing was saved")
+                rows = torch.randint(0, x_forget.shape[0], (cfg.batch_size,), generator=gen)
+                t = profile.sample(cfg.batch_size, gen) if profile is not None else \
+                    T_MIN + (1 - 2 * T_MIN) * torch.rand(cfg.batch_size, generator=gen)
+                ids = i_forget[rows]
+                forget = pair_loss(x_forget[rows], model.select_cond(c_concept, ids),
+                                   model.select_cond(c_surrogate, ids), t)
+                loss = cfg.forget_weight * forget
+                retain = torch.zeros(())
+                if x_retain is not None:
+                    r_rows = torch.randint(0, x_retain.shape[0], (cfg.batch_size,), generator=gen)
+                    r_t = T_MIN + (1 - 2 * T_MIN) * torch.rand(cfg.batch_size, generator=gen)
+                    c_r = model.select_cond(c_retain, i_retain[r_rows])
+                    retain = pair_loss(x_retain[r_rows], c_r, c_r, r_t)
+                    loss = loss + cfg.retain_weight * retain
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(step + 1, value)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                losses.append({"step": step + 1, "loss": value, "forget": float(forget.detach()),
+                               "retain": float(retain.detach()), "lr": sched.get_last_lr()[0]})
+                sched.step()
+                if progress is not None:
+                    progress(step + 1, cfg.steps, value)
+            meta = {
+                "spare.version": __version__,
+                "spare.concepts": metadata_json(cfg.concepts),
+                "spare.surrogates": metadata_json(cfg.surrogates),
+                "spare.retain": metadata_json(cfg.retain),
+                "spare.modules": str(len(saliency.selected)),
+                "spare.timesteps": "uniform" if profile is None or profile.meta.get("uniform") else "profile",
+                "spare.config": metadata_json({k: v for k, v in asdict(cfg).items()
+                                               if k not in ("concepts", "surrogates", "retain")}),
+                "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
+                "ss_max_train_steps": str(cfg.steps), "ss_seed": str(cfg.seed), "ss_learning_rate": str(cfg.lr),
+            }
+            lora = LoraWeights.from_adapters(adapters, meta)
+        finally:
+            adapters.remove()
+    return DistillResult(lora, losses, time.perf_counter() - started, trainable, cfg)

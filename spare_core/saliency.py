@@ -1,0 +1,287 @@
+"""Stage 1 of SPARE: find the parameters most responsible for a concept (gradient saliency).
+
+Following the authors' `vision_unlearning/unlearner/spare.py` (and SalUn's mask): on samples of the concept, take the
+ordinary denoising loss at random timesteps and accumulate |dL/dtheta| over batches. Each candidate module
+(Linear/Conv2d of the denoiser) is scored by the mean |gradient| of its weight; the salient set is the top fraction
+(or top k) of modules. Optionally, retain prompts make the score contrastive: a module's share of the forget gradient
+minus its share of the retain gradient, so modules that matter for everything are not picked for one concept.
+An optional per-row mask (per-weight granularity that survives export as a standard LoRA) keeps, inside the selected
+modules, only the output rows whose saliency is in the global top `row_fraction`.
+
+Loss space: eps-space MSE, written through x0 as ||(x0_hat - x0) / sigma||^2 (x_t = x0 + sigma * eps).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import Cancelled, SpareInputError
+from .lora import ADAPTABLE, atomic_write
+from .model import DiffusionModel
+from .sampling import T_MIN, generate
+
+TARGET_SETS = ("attention", "cross_attention", "all")
+ATTENTION_LEAVES = ("to_q", "to_k", "to_v", "to_out", "to_out.0")  # SD/SDXL (ComfyUI LDM) projection names
+CROSS_ATTENTION_PARENT = "attn2"  # LDM name of the cross-attention block (attn1 = self-attention)
+
+
+def candidate_modules(network: nn.Module, targets: str = "attention") -> dict[str, nn.Module]:
+    """Modules that may carry an adapter, by module path.
+
+    "attention": the attention projections (to_q, to_k, to_v, to_out) — the authors' choice;
+    "cross_attention": those of cross-attention (attn2) only; "all": every Linear/Conv2d.
+    """
+    if targets not in TARGET_SETS:
+        raise SpareInputError(f"targets='{targets}' is not one of {', '.join(TARGET_SETS)}")
+    out = {}
+    for path, module in network.named_modules():
+        if not isinstance(module, ADAPTABLE) or (isinstance(module, nn.Conv2d) and module.groups != 1):
+            continue
+        if targets != "all":
+            if not any(path == leaf or path.endswith("." + leaf) for leaf in ATTENTION_LEAVES):
+                continue
+            if targets == "cross_attention" and f".{CROSS_ATTENTION_PARENT}." not in f".{path}":
+                continue
+        out[path] = module
+    return out
+
+
+@dataclass
+class Saliency:
+    """Result of a saliency scan.
+
+    scores: module path -> score (higher = more responsible for the concept), every candidate module.
+    selected: the salient module paths, best first. row_masks: optional bool [out] per selected module.
+    """
+
+    scores: dict[str, float]
+    selected: list[str]
+    row_masks: Optional[dict[str, torch.Tensor]] = None
+    meta: dict = field(default_factory=dict)
+
+    def summary(self, top: int = 10) -> str:
+        n = len(self.scores)
+        lines = [f"SPARE saliency for {self.meta.get('concepts')}: {len(self.selected)} of {n} candidate modules "
+                 f"selected ({self.meta.get('targets', '?')} targets, {self.meta.get('samples', '?')} samples, "
+                 f"seed {self.meta.get('seed', '?')})."]
+        if self.row_masks:
+            kept = sum(int(m.sum()) for m in self.row_masks.values())
+            total = sum(m.numel() for m in self.row_masks.values())
+            lines.append(f"Row masks keep {kept} of {total} output rows ({100.0 * kept / max(total, 1):.1f}%).")
+        lines.append(f"Top {min(top, len(self.selected))}:")
+        for path in self.selected[:top]:
+            lines.append(f"  {self.scores[path]: .4e}  {path}")
+        return "\n".join(lines)
+
+    def save(self, path: str) -> str:
+        """Write `<path>` (safetensors: scores + row masks) with the rest as JSON metadata, atomically."""
+        if not path.endswith(".safetensors"):
+            raise SpareInputError(f"saliency path '{path}' must end with .safetensors")
+        names = list(self.scores)
+        tensors = {"scores": torch.tensor([self.scores[n] for n in names], dtype=torch.float64)}
+        for p, m in (self.row_masks or {}).items():
+            tensors[f"row_mask/{p}"] = m.to(torch.uint8).contiguous()
+        meta = {"spare.kind": "saliency", "names": json.dumps(names), "selected": json.dumps(self.selected),
+                "meta": json.dumps(self.meta)}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "Saliency":
+        from safetensors import safe_open
+        if not os.path.isfile(path):
+            raise SpareInputError(f"saliency file '{path}' does not exist")
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("spare.kind") != "saliency":
+            raise SpareInputError(f"'{path}' is not a SPARE saliency file")
+        tensors = load_file(path)
+        names = json.loads(meta["names"])
+        scores = dict(zip(names, tensors["scores"].tolist()))
+        masks = {k[len("row_mask/"):]: v.bool() for k, v in tensors.items() if k.startswith("row_mask/")}
+        return cls(scores, json.loads(meta["selected"]), masks or None, json.loads(meta["meta"]))
+
+
+@contextmanager
+def _weight_grads(modules: dict[str, nn.Module], on_grad):
+    """Temporarily make only the candidates' weights require grad; `on_grad(path, grad)` consumes each gradient
+    as soon as it is accumulated (so at most one weight's gradient is alive at a time). Restores every flag."""
+    network_params = {}
+    handles = []
+    try:
+        for path, module in modules.items():
+            w = module.weight
+            network_params[path] = (w, w.requires_grad)
+            w.requires_grad_(True)
+
+            def hook(p, path=path):
+                on_grad(path, p.grad)
+                p.grad = None
+            handles.append(w.register_post_accumulate_grad_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for w, flag in network_params.values():
+            w.requires_grad_(flag)
+            w.grad = None
+
+
+@contextmanager
+def frozen(network: nn.Module):
+    """Every network parameter requires_grad=False inside; original flags restored after."""
+    flags = [(p, p.requires_grad) for p in network.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _accumulate(model: DiffusionModel, modules, x0, cond, index, seed, repeats, batch_size, should_stop, progress):
+    """Sum of |grad| per module weight (and per output row) of the eps-space denoising loss on x0 samples."""
+    sums = {p: 0.0 for p in modules}
+    rows = {p: torch.zeros(m.weight.shape[0], dtype=torch.float64) for p, m in modules.items()}
+
+    def on_grad(path, g):
+        a = g.detach().abs().float()
+        sums[path] += float(a.sum())
+        rows[path] += a.flatten(1).sum(1).double().cpu()
+
+    gen = torch.Generator().manual_seed(seed)
+    n = x0.shape[0]
+    total = repeats * math.ceil(n / batch_size)
+    done = 0
+    with frozen(model.network), _weight_grads(modules, on_grad), torch.inference_mode(False), torch.enable_grad():
+        for _ in range(repeats):
+            for start in range(0, n, batch_size):
+                if should_stop is not None and should_stop():
+                    raise Cancelled("saliency scan cancelled")
+                xb = x0[start:start + batch_size].clone()
+                b = xb.shape[0]
+                t = T_MIN + (1 - 2 * T_MIN) * torch.rand(b, generator=gen)
+                sigma = model.sigma_at(t).float().to(model.device)
+                noise = torch.randn(xb.shape, generator=gen).to(model.device)
+                xt = model.add_noise(xb, noise, sigma)
+                c = model.select_cond(cond, index[start:start + batch_size])
+                with torch.autocast(model.device.type, dtype=model.dtype, enabled=model.dtype != torch.float32):
+                    pred = model.predict_x0(xt, sigma, c)
+                s = sigma.view(-1, *[1] * (xb.dim() - 1))
+                loss = (((pred.float() - xb) / s) ** 2).mean()
+                loss.backward()
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    return sums, rows
+
+
+def scan(
+    model: DiffusionModel,
+    concepts: Sequence[str],
+    retain: Sequence[str] = (),
+    samples: int = 4,
+    seed: int = 0,
+    fraction: float = 0.5,
+    top_k: Optional[int] = None,
+    targets: str = "attention",
+    retain_weight: float = 1.0,
+    row_fraction: Optional[float] = None,
+    repeats: int = 2,
+    batch_size: int = 2,
+    sample_steps: int = 8,
+    sample_cfg: float = 5.0,
+    latents: Optional[torch.Tensor] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> Saliency:
+    """Score every candidate module of `model.network` for `concepts` and select the salient ones.
+
+    concepts: prompts naming the concept(s) to erase. retain: prompts whose behaviour must not move (optional;
+    makes the score contrastive with weight `retain_weight`). samples: self-generated samples per prompt.
+    fraction / top_k: how many modules to select (top_k wins when given). latents: optional concept samples
+    [N, C, H, W] in the model's latent space, used instead of self-generated ones.
+    """
+    concepts = validate_prompts(concepts, "concept")
+    retain = [r.strip() for r in retain if r.strip()]
+    overlap = {c.lower() for c in concepts} & {r.lower() for r in retain}
+    if overlap:
+        raise SpareInputError(f"retain prompts contain the concept itself ({sorted(overlap)}); remove it from retain")
+    if samples <= 0:
+        raise SpareInputError(f"samples={samples} must be >= 1")
+    if top_k is None and not 0.0 < fraction <= 1.0:
+        raise SpareInputError(f"fraction={fraction} must be in (0, 1]")
+    if top_k is not None and top_k <= 0:
+        raise SpareInputError(f"top_k={top_k} must be >= 1")
+    if row_fraction is not None and not 0.0 < row_fraction <= 1.0:
+        raise SpareInputError(f"row_fraction={row_fraction} must be in (0, 1]")
+    modules = candidate_modules(model.network, targets)
+    if not modules:
+        raise SpareInputError(f"the model has no {targets} modules (Linear/Conv2d named to_q/to_k/to_v/to_out); "
+                              "try targets='all'")
+
+    def gen_or_given(prompts, seed_offset):
+        return generate(model, prompts, samples, seed + seed_offset, sample_steps, sample_cfg,
+                        should_stop=should_stop)
+
+    if latents is not None:
+        x_f = latents.float().to(model.device)
+        idx_f = torch.arange(x_f.shape[0]) % len(concepts)
+    else:
+        x_f, idx_f = gen_or_given(concepts, 0)
+    f_sum, f_rows = _accumulate(model, modules, x_f, model.encode(concepts), idx_f, seed + 1, repeats, batch_size,
+                                should_stop, progress)
+    numel = {p: m.weight.numel() for p, m in modules.items()}
+    forget = {p: f_sum[p] / numel[p] for p in modules}
+    if retain and retain_weight > 0:
+        x_r, idx_r = gen_or_given(retain, 1000)
+        r_sum, _ = _accumulate(model, modules, x_r, model.encode(retain), idx_r, seed + 2, repeats, batch_size,
+                               should_stop, None)
+        retain_mean = {p: r_sum[p] / numel[p] for p in modules}
+        f_tot, r_tot = sum(forget.values()) or 1.0, sum(retain_mean.values()) or 1.0
+        scores = {p: forget[p] / f_tot - retain_weight * retain_mean[p] / r_tot for p in modules}
+    else:
+        scores = forget
+    ranked = sorted(scores, key=lambda p: scores[p], reverse=True)
+    k = top_k if top_k is not None else max(1, math.ceil(fraction * len(ranked)))
+    selected = ranked[:min(k, len(ranked))]
+    row_masks = None
+    if row_fraction is not None:
+        row_means = {p: f_rows[p] / (numel[p] / f_rows[p].numel()) for p in selected}
+        all_rows = torch.cat([row_means[p] for p in selected])
+        keep = max(1, math.ceil(row_fraction * all_rows.numel()))
+        threshold = torch.topk(all_rows, keep).values.min()
+        row_masks = {}
+        for p in selected:
+            m = row_means[p] >= threshold
+            if not m.any():  # every selected module keeps at least its best row
+                m[row_means[p].argmax()] = True
+            row_masks[p] = m
+    meta = {"concepts": list(concepts), "retain": list(retain), "samples": samples, "seed": seed,
+            "targets": targets, "fraction": fraction, "top_k": top_k, "row_fraction": row_fraction,
+            "retain_weight": retain_weight, "latents_given": latents is not None}
+    return Saliency(scores, selected, row_masks, meta)
+
+
+def validate_prompts(prompts: Sequence[str] | str, name: str) -> list[str]:
+    """Strip and check concept-like prompts: a non-empty list of non-empty strings."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise SpareInputError(f"{name}: at least one {name} prompt is required")
+    out = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise SpareInputError(f"{name} #{i + 1} is empty; give the text that names the {name}, e.g. 'Van Gogh'")
+        out.append(p.strip())
+    return out

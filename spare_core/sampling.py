@@ -1,0 +1,73 @@
+"""Self-generated training data: SPARE's users have no dataset, so concept (and retain) samples come from the model.
+
+A few Euler steps with classifier-free guidance give latents that carry the concept; SPARE re-noises them at the
+timesteps it trains on, so they need to be recognisable, not beautiful.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .errors import Cancelled
+from .model import DiffusionModel
+
+T_MIN = 1e-3  # the clean end of the schedule is never sampled exactly (discrete schedules have no sigma at t=0)
+
+
+def sigma_schedule(model: DiffusionModel, steps: int) -> torch.Tensor:
+    """Descending sigmas [steps + 1]: `steps` levels evenly spaced in t from the noisiest end, then 0."""
+    t = torch.linspace(1.0 - T_MIN, T_MIN, steps, dtype=torch.float32)
+    sigmas = model.sigma_at(t).float().cpu()
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def guided_x0(model: DiffusionModel, x: torch.Tensor, sigma: torch.Tensor, cond: Any, uncond: Any,
+              cfg: float) -> torch.Tensor:
+    """Classifier-free guidance in x0 space (the same as eps-space guidance for a shared x_t). Float32 result."""
+    x0_cond = model.predict_x0(x, sigma, cond).float()
+    if uncond is None or cfg == 1.0:
+        return x0_cond
+    x0_uncond = model.predict_x0(x, sigma, uncond).float()
+    return x0_uncond + cfg * (x0_cond - x0_uncond)
+
+
+@torch.no_grad()
+def generate(
+    model: DiffusionModel,
+    prompts: Sequence[str],
+    per_prompt: int,
+    seed: int,
+    steps: int = 8,
+    cfg: float = 5.0,
+    batch_size: int = 4,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample `per_prompt` latents for each prompt with Euler + CFG.
+
+    Returns (x0 [len(prompts) * per_prompt, C, H, W] float32 on model.device, prompt index [N] long on CPU).
+    Noise is drawn on the CPU from `seed`, so results do not depend on the device's RNG.
+    """
+    cond = model.encode(list(prompts))
+    uncond = model.encode([""]) if cfg != 1.0 else None
+    index = torch.arange(len(prompts)).repeat_interleave(per_prompt)
+    noise = torch.randn((len(index), *model.latent_shape), generator=torch.Generator().manual_seed(seed))
+    sigmas = sigma_schedule(model, steps)
+    out = []
+    for start in range(0, len(index), batch_size):
+        rows = index[start:start + batch_size]
+        n = len(rows)
+        c = model.select_cond(cond, rows)
+        u = model.select_cond(uncond, torch.zeros(n, dtype=torch.long)) if uncond is not None else None
+        eps = noise[start:start + n].to(model.device)
+        x = model.add_noise(torch.zeros_like(eps), eps, sigmas[0].expand(n).to(model.device)).float()
+        for i in range(steps):
+            if should_stop is not None and should_stop():
+                raise Cancelled("cancelled while generating training samples")
+            s = float(sigmas[i])
+            x0 = guided_x0(model, x, torch.full((n,), s, device=model.device), c, u, cfg)
+            s_next = float(sigmas[i + 1])
+            # Euler step on the probability-flow ODE: dx/dsigma = (x - x0) / sigma.
+            x = x0 if s_next == 0.0 else x + (x - x0) / s * (s_next - s)
+        out.append(x.float())
+    return torch.cat(out), index

@@ -1,0 +1,338 @@
+"""spare_core on a tiny SD-like denoiser with random weights (tests/tiny_denoiser.py): all three stages, export,
+and every bad input of issue 2. Each test asserts something that fails if the stage is broken."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import spare_core as sc
+from spare_core import lora as lora_mod
+from spare_core.errors import Cancelled, NonFiniteLossError, SpareInputError
+from spare_core.sampling import generate
+from tiny_denoiser import TinyDiffusionModel
+
+CONCEPT, SURROGATE, RETAIN = "a red cat", "a plain house", ["a blue dog", "a green tree"]
+FAST = dict(samples_per_prompt=2, sample_steps=4, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return TinyDiffusionModel(seed=0)
+
+
+@pytest.fixture(scope="module")
+def saliency(model):
+    return sc.saliency_scan(model, [CONCEPT], retain=RETAIN, samples=2, sample_steps=4, fraction=0.5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(model, saliency):
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=60, lr=1e-2, seed=0, **FAST)
+    before = _probe(model)
+    result = sc.distill(model, cfg, saliency)
+    return result, before
+
+
+def _probe(model, seed=123):
+    """Fixed noisy inputs and the network's x0 predictions for concept, surrogate and retain prompts."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn((4, *model.latent_shape), generator=g)
+    sigma = model.sigma_at(torch.tensor([0.3, 0.5, 0.7, 0.9]))
+    xt = model.add_noise(x0, torch.randn(x0.shape, generator=g), sigma)
+    out = {}
+    with torch.no_grad():
+        for p in [CONCEPT, SURROGATE] + RETAIN:
+            cond = model.encode([p] * 4)
+            out[p] = model.predict_x0(xt, sigma, cond)
+    return xt, sigma, out
+
+
+def _eps_gap(a, b, sigma):
+    return float((((a - b) / sigma.view(-1, 1, 1, 1)) ** 2).mean())
+
+
+def _no_hooks(network):
+    return all(not m._forward_hooks for m in network.modules())
+
+
+# ---- stage 1: saliency ----
+
+def test_saliency_selects_top_fraction_of_attention_modules(model, saliency):
+    candidates = sc.candidate_modules(model.network, "attention")
+    assert set(saliency.scores) == set(candidates)
+    assert len(saliency.selected) == len(candidates) // 2
+    ranked = sorted(saliency.scores, key=saliency.scores.get, reverse=True)
+    assert saliency.selected == ranked[: len(saliency.selected)]
+    assert all(p.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0") for p in saliency.selected)
+    assert len(set(saliency.scores.values())) > len(saliency.scores) // 2  # real, varied gradient scores
+    assert "selected" in saliency.summary()
+
+
+def test_saliency_top_k_rows_and_roundtrip(model, tmp_path):
+    sal = sc.saliency_scan(model, [CONCEPT], samples=1, sample_steps=2, repeats=1, top_k=3, targets="all",
+                           row_fraction=0.25)
+    assert len(sal.selected) == 3
+    assert any(isinstance(dict(model.network.named_modules())[p], torch.nn.Conv2d) for p in sal.scores)
+    kept = sum(int(m.sum()) for m in sal.row_masks.values())
+    total = sum(m.numel() for m in sal.row_masks.values())
+    assert 0 < kept < total
+    path = sal.save(str(tmp_path / "s.safetensors"))
+    back = sc.Saliency.load(path)
+    assert back.selected == sal.selected and back.scores == pytest.approx(sal.scores)
+    assert all(torch.equal(back.row_masks[p], sal.row_masks[p]) for p in sal.selected)
+
+
+def test_saliency_leaves_network_untouched(model):
+    flags = [p.requires_grad for p in model.network.parameters()]
+    xt, sigma, before = _probe(model)
+    sc.saliency_scan(model, [CONCEPT], samples=1, sample_steps=2, repeats=1)
+    assert [p.requires_grad for p in model.network.parameters()] == flags
+    assert all(p.grad is None for p in model.network.parameters())
+    _, _, after = _probe(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---- stage 3: timestep profile ----
+
+def test_timestep_profile_distribution(model, tmp_path):
+    prof = sc.timestep_profile(model, [CONCEPT], [SURROGATE], bins=5, samples=2, sample_steps=2, gamma=1.0,
+                               floor=0.2, draws_per_bin=1)
+    assert len(prof.probs) == 5 and sum(prof.probs) == pytest.approx(1.0)
+    assert min(prof.probs) >= 0.2 / 5 - 1e-9  # the uniform floor
+    peak = max(range(5), key=lambda i: prof.divergence[i])
+    assert max(range(5), key=lambda i: prof.probs[i]) == peak
+    t = prof.sample(20000, torch.Generator().manual_seed(0))
+    hist = torch.histc(t, bins=5, min=0, max=1) / t.numel()
+    assert torch.allclose(hist, torch.tensor(prof.probs, dtype=torch.float32), atol=0.02)
+    back = sc.TimestepProfile.load(prof.save(str(tmp_path / "p.json")))
+    assert back.probs == prof.probs
+    flat = sc.uniform_profile(4)
+    assert flat.probs == [0.25] * 4
+    sharp = sc.timestep_profile(model, [CONCEPT], [SURROGATE], bins=5, samples=2, sample_steps=2, gamma=3.0,
+                                floor=0.0, draws_per_bin=1)
+    assert max(sharp.probs) > max(prof.probs)
+
+
+# ---- stage 2: distillation ----
+
+def test_distill_erases_concept_and_keeps_retain(model, trained):
+    result, (xt, sigma, before) = trained
+    assert len(result.losses) == 60
+    with sc.apply_lora(model.network, result.lora, 1.0):
+        _, _, after = _probe(model)
+    gap_before = _eps_gap(before[CONCEPT], before[SURROGATE], sigma)
+    gap_after = _eps_gap(after[CONCEPT], before[SURROGATE], sigma)
+    print(f"concept->surrogate gap {gap_before:.4g} -> {gap_after:.4g}")
+    assert gap_after < 0.5 * gap_before, (gap_before, gap_after)
+    concept_moved = _eps_gap(after[CONCEPT], before[CONCEPT], sigma)
+    for r in RETAIN:
+        retain_moved = _eps_gap(after[r], before[r], sigma)
+        print(f"{r}: moved {retain_moved:.4g} vs concept moved {concept_moved:.4g}")
+        assert retain_moved < 0.25 * concept_moved, (r, retain_moved, concept_moved)
+
+
+def test_adapters_only_on_selected_and_base_untouched(model, saliency, trained):
+    result, (xt, sigma, before) = trained
+    assert set(result.lora.modules) == set(saliency.selected)
+    rank = result.lora.rank
+    assert result.trainable_params == sum(m["down"].numel() + m["up"].numel() for m in result.lora.modules.values())
+    assert rank == 4
+    assert _no_hooks(model.network)
+    _, _, after = _probe(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical base outputs
+    assert all(p.requires_grad for p in model.network.parameters())  # the user's flags are restored
+    assert all(p.grad is None for p in model.network.parameters())
+
+
+def test_distill_deterministic_and_row_mask(model):
+    sal = sc.saliency_scan(model, [CONCEPT], samples=1, sample_steps=2, repeats=1, top_k=2, row_fraction=0.3)
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=5, lr=1e-3, seed=3, **FAST)
+    a, b = sc.distill(model, cfg, sal), sc.distill(model, cfg, sal)
+    for p in a.lora.modules:
+        assert torch.equal(a.lora.modules[p]["up"], b.lora.modules[p]["up"])
+        assert torch.equal(a.lora.modules[p]["down"], b.lora.modules[p]["down"])
+        masked_rows = ~sal.row_masks[p]
+        assert torch.count_nonzero(a.lora.modules[p]["up"][masked_rows]) == 0
+        assert torch.count_nonzero(a.lora.modules[p]["up"][~masked_rows]) > 0
+    c = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=5, lr=1e-3, seed=4, **FAST), sal)
+    assert not all(torch.equal(a.lora.modules[p]["down"], c.lora.modules[p]["down"]) for p in a.lora.modules)
+
+
+def test_multi_concept_one_lora(model, saliency):
+    concepts, surrogates = ["a red cat", "a yellow bird"], ["a plain house", "a plain box"]
+    cfg = sc.DistillConfig(concepts, surrogates, retain=["a green tree"], steps=60, lr=1e-2, **FAST)
+    res = sc.distill(model, cfg, saliency)
+    assert json.loads(res.lora.metadata["spare.concepts"]) == concepts
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn((4, *model.latent_shape), generator=g)
+    sigma = model.sigma_at(torch.full((4,), 0.8))
+    xt = model.add_noise(x0, torch.randn(x0.shape, generator=g), sigma)
+    with torch.no_grad():
+        for c, s in zip(concepts, surrogates):
+            target = model.predict_x0(xt, sigma, model.encode([s] * 4))
+            before = _eps_gap(model.predict_x0(xt, sigma, model.encode([c] * 4)), target, sigma)
+            with sc.apply_lora(model.network, res.lora):
+                after = _eps_gap(model.predict_x0(xt, sigma, model.encode([c] * 4)), target, sigma)
+            assert after < 0.6 * before, (c, before, after)
+
+
+def test_given_latents_are_used(model, saliency):
+    lat = torch.zeros((3, *model.latent_shape))
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=2, **FAST)
+    sc.distill(model, cfg, saliency, latents=lat)
+    with pytest.raises(SpareInputError, match="latents"):
+        sc.distill(model, cfg, saliency, latents=torch.zeros(3, 1, 2, 2))
+
+
+def test_progress_and_cancel(model, saliency):
+    calls = []
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=6, **FAST)
+    sc.distill(model, cfg, saliency, progress=lambda s, n, loss: calls.append((s, n)))
+    assert calls == [(i, 6) for i in range(1, 7)]
+    state = {"n": 0}
+
+    def stop():
+        state["n"] += 1
+        return state["n"] > 12  # after sampling has started: cancels inside sampling or training
+
+    with pytest.raises(Cancelled):
+        sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=50, **FAST), saliency, should_stop=stop)
+    assert _no_hooks(model.network)
+
+
+def test_non_finite_loss_stops_and_reports_step(model, saliency, tmp_path, monkeypatch):
+    real = model.predict_x0
+    state = {"calls": 0}
+
+    def broken(x, sigma, cond):
+        out = real(x, sigma, cond)
+        if torch.is_grad_enabled() and out.requires_grad:
+            state["calls"] += 1
+            if state["calls"] >= 3:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(model, "predict_x0", broken)
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=10, retain_unconditional=False, retain_weight=0.0, **FAST)
+    with pytest.raises(NonFiniteLossError) as err:
+        sc.distill(model, cfg, saliency)
+    assert err.value.step == 3 and "step 3" in str(err.value)
+    monkeypatch.setattr(model, "predict_x0", real)
+    assert _no_hooks(model.network)
+
+
+# ---- export / load / apply ----
+
+def test_export_load_apply_matches_student(model, saliency, tmp_path):
+    torch.manual_seed(0)
+    adapters = lora_mod.attach(model.network, saliency.selected, rank=3, alpha=6.0)
+    for a in adapters.adapters.values():
+        torch.nn.init.normal_(a.up.weight, std=0.05)
+    xt, sigma, _ = _probe(model)
+    cond = model.encode([CONCEPT] * 4)
+    with torch.no_grad():
+        student = model.predict_x0(xt, sigma, cond)
+    weights = sc.LoraWeights.from_adapters(adapters, {"note": "x"})
+    adapters.remove()
+    with torch.no_grad():
+        base = model.predict_x0(xt, sigma, cond)
+    assert not torch.allclose(student, base, atol=1e-4)
+    for fmt in ("comfyui", "kohya"):
+        path = sc.save_lora(str(tmp_path / f"{fmt}.safetensors"), weights, key_format=fmt, dtype=torch.float32)
+        with safe_open(path, "pt") as f:
+            keys = list(f.keys())
+            meta = f.metadata()
+        prefix = "diffusion_model." if fmt == "comfyui" else "lora_unet_"
+        assert all(k.startswith(prefix) for k in keys) and meta["ss_network_dim"] == "3" and meta["note"] == "x"
+        assert len(keys) == 3 * len(saliency.selected)
+        loaded = sc.load_lora(path, model.network)
+        with sc.apply_lora(model.network, loaded, 1.0), torch.no_grad():
+            assert torch.allclose(model.predict_x0(xt, sigma, cond), student, atol=1e-5)
+        with sc.apply_lora(model.network, loaded, 0.0), torch.no_grad():
+            assert torch.equal(model.predict_x0(xt, sigma, cond), base)
+    assert _no_hooks(model.network)
+    # fp16 files (the default) reproduce to half-precision tolerance
+    loaded16 = sc.load_lora(sc.save_lora(str(tmp_path / "h.safetensors"), weights), model.network)
+    with sc.apply_lora(model.network, loaded16), torch.no_grad():
+        assert torch.allclose(model.predict_x0(xt, sigma, cond), student, atol=2e-3)
+
+
+def test_dense_delta_matches_hook(model, saliency):
+    """The exported (up, down, alpha) mean W + alpha/r * up @ down: merge the dense delta and compare."""
+    lin = torch.nn.Linear(6, 5)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    for base, x in ((lin, torch.randn(2, 6)), (conv, torch.randn(2, 3, 5, 5))):
+        net = torch.nn.Sequential(base)
+        ad = lora_mod.attach(net, ["0"], rank=2, alpha=3.0)
+        torch.nn.init.normal_(ad.adapters["0"].up.weight)
+        w = sc.LoraWeights.from_adapters(ad)
+        with torch.no_grad():
+            hooked = net(x)
+            ad.remove()
+            base.weight += w.delta_weight("0")
+            assert torch.allclose(net(x), hooked, atol=1e-5)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch, saliency, model):
+    ad = lora_mod.attach(model.network, saliency.selected[:1], rank=2, alpha=2.0)
+    w = sc.LoraWeights.from_adapters(ad)
+    ad.remove()
+    target = tmp_path / "x.safetensors"
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lora_mod, "save_file", boom)
+    with pytest.raises(OSError):
+        sc.save_lora(str(target), w)
+    assert os.listdir(tmp_path) == []
+
+
+# ---- bad input ----
+
+@pytest.mark.parametrize("field,value,match", [
+    ("concepts", ["   "], "concept #1 is empty"),
+    ("concepts", [], "at least one concept"),
+    ("surrogates", ["A Red Cat "], "equals the concept"),
+    ("surrogates", ["x", "y"], "surrogate"),
+    ("retain", ["a red cat"], "retain prompts contain"),
+    ("rank", 0, "rank=0"),
+    ("rank", 17, "rank=17 is larger than module"),
+    ("steps", 0, "steps=0"),
+    ("lr", -1.0, "learning rate"),
+])
+def test_bad_distill_inputs(model, saliency, field, value, match):
+    kwargs = dict(concepts=[CONCEPT], surrogates=[SURROGATE], steps=1, **FAST)
+    kwargs[field] = value
+    with pytest.raises(SpareInputError, match=match):
+        sc.distill(model, sc.DistillConfig(**kwargs), saliency)
+    assert _no_hooks(model.network)
+
+
+def test_empty_salient_set(model, saliency):
+    empty = sc.Saliency(saliency.scores, [], None, {})
+    with pytest.raises(SpareInputError, match="selects no module"):
+        sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=1), empty)
+    with pytest.raises(SpareInputError, match="fraction"):
+        sc.saliency_scan(model, [CONCEPT], fraction=0.0)
+    with pytest.raises(SpareInputError, match="concept #1 is empty"):
+        sc.saliency_scan(model, [""])
+
+
+def test_lora_file_for_other_model(tmp_path, model):
+    from safetensors.torch import save_file
+    path = tmp_path / "other.safetensors"
+    save_file({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(4, 2),
+               "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 4)}, str(path))
+    with pytest.raises(SpareInputError, match="none of its 2 keys matches"):
+        sc.load_lora(str(path), model.network)
+    with pytest.raises(SpareInputError, match="does not exist"):
+        sc.load_lora(str(tmp_path / "missing.safetensors"), model.network)
+
+
+def test_generate_is_deterministic(model):
+    a, ia = generate(model, ["a red cat", "a dog"], 2, seed=1, steps=3)
+    b, _ = generate(model, ["a red cat", "a dog"], 2, seed=1, steps=3)
+    assert torch.equal(a, b) and ia.tolist() == [0, 0, 1, 1] and torch.isfinite(a).all()
