@@ -336,3 +336,12 @@ def test_generate_is_deterministic(model):
     a, ia = generate(model, ["a red cat", "a dog"], 2, seed=1, steps=3)
     b, _ = generate(model, ["a red cat", "a dog"], 2, seed=1, steps=3)
     assert torch.equal(a, b) and ia.tolist() == [0, 0, 1, 1] and torch.isfinite(a).all()
+
+
+def test_gradient_checkpointing_same_result(model, saliency):
+    base = dict(concepts=[CONCEPT], surrogates=[SURROGATE], steps=4, lr=1e-3, **FAST)
+    a = sc.distill(model, sc.DistillConfig(**base), saliency)
+    b = sc.distill(model, sc.DistillConfig(**base, gradient_checkpointing=True), saliency)
+    for p in a.lora.modules:
+        assert torch.allclose(a.lora.modules[p]["up"], b.lora.modules[p]["up"], atol=1e-6)
+    assert all("forward" not in m.__dict__ for m in model.network.modules())

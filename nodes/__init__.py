@@ -1,0 +1,1 @@
+"""ComfyUI nodes of the pack (schemas + translation to spare_core only). Imported only inside ComfyUI."""

@@ -1,0 +1,339 @@
+"""The four SPARE nodes (ComfyUI V3 API). Each `execute` only unpacks inputs, calls spare_core, and packs outputs;
+the algorithm lives in spare_core, the ComfyUI adaptation in nodes/host.py.
+
+Sockets: SPARE_SALIENCY carries a spare_core.Saliency, SPARE_TIMESTEPS a spare_core.TimestepProfile, LORA_MODEL is
+ComfyUI's own type (a LoRA state dict), so its "Load LoRA Model" and "Save LoRA" nodes interoperate.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+import comfy.lora
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+import spare_core as sc
+from spare_core import render
+from spare_core.errors import SpareInputError
+
+from .host import ComfyDiffusionModel, trainable
+
+log = logging.getLogger("spare")
+
+CATEGORY = "SPARE"
+Saliency = io.Custom("SPARE_SALIENCY")
+Timesteps = io.Custom("SPARE_TIMESTEPS")
+KEY_FORMATS = ["comfyui", "kohya"]
+TARGETS = ["attention", "cross_attention", "all"]
+NO_FILE = "(none: use the lora input)"
+
+
+def lines(text: str) -> list[str]:
+    """One prompt per line; blank lines ignored."""
+    return [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+
+
+def image(array) -> torch.Tensor:
+    """numpy [H, W, 3] in [0, 1] -> ComfyUI IMAGE [1, H, W, 3]."""
+    return torch.from_numpy(array).unsqueeze(0)
+
+
+def should_stop() -> bool:
+    # Raises comfy's InterruptProcessingException when the user pressed Cancel; spare_core cleans up on the way out.
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    return False
+
+
+class Progress:
+    """ComfyUI progress bar plus a log line with ETA every ~10%."""
+
+    def __init__(self, label: str):
+        self.label, self.bar, self.started, self.last_logged = label, None, time.perf_counter(), -1
+
+    def __call__(self, done: int, total: int, loss: float | None = None):
+        if self.bar is None:
+            self.bar = comfy.utils.ProgressBar(total)
+        self.bar.update_absolute(done, total)
+        tenth = done * 10 // max(total, 1)
+        if tenth != self.last_logged or done == total:
+            self.last_logged = tenth
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / max(done, 1) * (total - done)
+            extra = f", loss {loss:.4g}" if loss is not None else ""
+            log.info("SPARE %s: %d/%d (%.0fs elapsed, ETA %.0fs%s)", self.label, done, total, elapsed, eta, extra)
+
+
+def resolution_input(default=512):
+    return io.Int.Input("resolution", default=default, min=64, max=2048, step=64,
+                        tooltip="Side in pixels of the self-generated training samples. 512 suits SD1.5/SD2; SDXL "
+                                "works at 512 too (faster, less VRAM) but 768-1024 matches its training.")
+
+
+def seed_input():
+    return io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
+                        tooltip="Seed for self-generated samples, timesteps and adapter init: same seed, same result.")
+
+
+class SaliencyScan(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SPARESaliencyScan",
+            display_name="SPARE Saliency Scan",
+            category=CATEGORY,
+            description="Finds the attention modules most responsible for a concept from gradients (SPARE stage 1).",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to erase the concept from (left unchanged)."),
+                io.Clip.Input("clip", tooltip="The model's text encoder, used to encode the prompts."),
+                io.String.Input("concept", multiline=True, default="",
+                                tooltip="Prompt(s) naming the concept to erase, one per line, e.g. 'Van Gogh style'."),
+                io.String.Input("retain", multiline=True, default="",
+                                tooltip="Optional prompts that must keep working, one per line. Modules that matter "
+                                        "as much for them as for the concept are scored down."),
+                io.Int.Input("samples", default=4, min=1, max=64,
+                             tooltip="Self-generated samples per prompt used to measure gradients."),
+                seed_input(),
+                io.Float.Input("selection", default=0.5, min=0.01, max=1.0, step=0.01,
+                               tooltip="Fraction of candidate modules to select (authors: 0.5)."),
+                io.Int.Input("top_k", default=0, min=0, max=10000,
+                             tooltip="If > 0, select exactly this many modules instead of a fraction."),
+                io.Combo.Input("targets", options=TARGETS, default="attention",
+                               tooltip="Candidate modules: attention projections (authors), cross-attention only, or "
+                                       "every Linear/Conv."),
+                resolution_input(),
+            ],
+            outputs=[
+                Saliency.Output("saliency", tooltip="The selected modules, for Sparse LoRA Distill."),
+                io.Image.Output("heatmap", tooltip="Scores by block and module; selected modules outlined."),
+                io.String.Output("summary", tooltip="The selection as text."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concept, retain, samples, seed, selection, top_k, targets, resolution):
+        dm = ComfyDiffusionModel(model, clip, resolution, resolution)
+        with trainable(dm):
+            sal = sc.saliency_scan(dm, require_lines(concept, "concept"), retain=lines(retain), samples=samples,
+                                   seed=seed, fraction=selection, top_k=top_k or None, targets=targets,
+                                   progress=Progress("saliency"), should_stop=should_stop)
+        title = f"SPARE saliency: {', '.join(sal.meta['concepts'])[:60]}"
+        return io.NodeOutput(sal, image(render.saliency_heatmap(sal.scores, sal.selected, title)), sal.summary())
+
+
+class TimestepProfileNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SPARETimestepProfile",
+            display_name="SPARE Timestep Profile",
+            category=CATEGORY,
+            description="Measures at which noise levels the concept changes the prediction most, and turns it into "
+                        "a timestep sampling distribution for training (SPARE stage 3).",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (left unchanged)."),
+                io.Clip.Input("clip", tooltip="The model's text encoder."),
+                io.String.Input("concept", multiline=True, default="",
+                                tooltip="Prompt(s) naming the concept, one per line."),
+                io.String.Input("surrogate", multiline=True, default="",
+                                tooltip="What each concept should become, one line per concept line."),
+                io.Int.Input("bins", default=10, min=2, max=50, tooltip="Number of noise-level bins."),
+                io.Int.Input("samples", default=4, min=1, max=64, tooltip="Self-generated samples per concept."),
+                seed_input(),
+                io.Float.Input("sharpness", default=1.0, min=0.0, max=4.0, step=0.1,
+                               tooltip="Exponent on the measured gap: 0 = uniform, 1 = proportional, >1 = sharper."),
+                io.Float.Input("uniform_floor", default=0.2, min=0.0, max=1.0, step=0.05,
+                               tooltip="Share of samples drawn uniformly so every noise level keeps some training."),
+                resolution_input(),
+            ],
+            outputs=[
+                Timesteps.Output("timesteps", tooltip="Timestep distribution for Sparse LoRA Distill."),
+                io.Image.Output("plot", tooltip="Sampling probability (bars) and measured gap (line) per bin."),
+                io.String.Output("summary", tooltip="The profile as text."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concept, surrogate, bins, samples, seed, sharpness, uniform_floor, resolution):
+        dm = ComfyDiffusionModel(model, clip, resolution, resolution)
+        dm.load()
+        with torch.inference_mode():
+            prof = sc.timestep_profile(dm, require_lines(concept, "concept"), require_lines(surrogate, "surrogate"),
+                                       bins=bins, samples=samples, seed=seed, gamma=sharpness, floor=uniform_floor,
+                                       progress=Progress("timestep profile"), should_stop=should_stop)
+        return io.NodeOutput(prof, image(render.timestep_plot(prof.edges, prof.divergence, prof.probs)),
+                             prof.summary())
+
+
+class SparseLoraDistill(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SPARESparseLoraDistill",
+            display_name="SPARE Sparse LoRA Distill",
+            category=CATEGORY,
+            description="Trains a small LoRA, only on the salient modules, that makes the model draw the surrogate "
+                        "when asked for the concept while retain prompts keep their behaviour (SPARE stage 2). "
+                        "Saves it into the loras folder.",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (left unchanged; the erasure is the LoRA)."),
+                io.Clip.Input("clip", tooltip="The model's text encoder."),
+                io.String.Input("concepts", multiline=True, default="",
+                                tooltip="Concept prompt(s) to erase, one per line."),
+                io.String.Input("surrogates", multiline=True, default="",
+                                tooltip="What each concept becomes, one line per concept line (e.g. 'a painting')."),
+                io.String.Input("retain", multiline=True, default="",
+                                tooltip="Prompts that must not change, one per line: neighbour styles, other people, "
+                                        "everyday subjects. The empty prompt is always retained."),
+                Saliency.Input("saliency", tooltip="From SPARE Saliency Scan: which modules get adapters."),
+                Timesteps.Input("timesteps", optional=True,
+                                tooltip="From SPARE Timestep Profile; uniform timesteps when not connected."),
+                io.Latent.Input("latents", optional=True,
+                                tooltip="Optional concept samples (e.g. from a KSampler with the concept prompt) used "
+                                        "instead of self-generated ones; their size sets the training resolution."),
+                io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank (authors: 4)."),
+                io.Float.Input("alpha", default=4.0, min=0.01, max=256.0, step=0.01,
+                               tooltip="LoRA alpha; update scale = alpha / rank (authors: 4)."),
+                io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Training steps."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=False,
+                               tooltip="AdamW learning rate, cosine-decayed (authors: 1e-4)."),
+                io.Float.Input("forget_weight", default=0.3, min=0.0, max=100.0, step=0.05,
+                               tooltip="Weight of the concept -> surrogate loss (authors: 0.3)."),
+                io.Float.Input("retain_weight", default=1.0, min=0.0, max=100.0, step=0.05,
+                               tooltip="Weight of the keep-retain-prompts loss (authors: 1.0)."),
+                seed_input(),
+                io.String.Input("filename_prefix", default="spare/erase",
+                                tooltip="File name prefix inside the loras folder; a counter is appended."),
+                io.Combo.Input("key_format", options=KEY_FORMATS, default="comfyui",
+                               tooltip="comfyui: diffusion_model.* keys (ComfyUI's Save LoRA format); kohya: "
+                                       "lora_unet_* keys (also loads in A1111/Forge for SD1.5/SDXL)."),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Recompute activations in backward: less VRAM, slower."),
+                resolution_input(),
+            ],
+            outputs=[
+                io.LoraModel.Output("lora", tooltip="The erasure LoRA (ComfyUI's LORA_MODEL; 'Load LoRA Model' "
+                                                    "applies it)."),
+                io.Image.Output("loss_curve", tooltip="Forget, retain and total loss per step."),
+                io.String.Output("filename", tooltip="The saved file, relative to the loras folder."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concepts, surrogates, retain, saliency, rank, alpha, steps, learning_rate,
+                forget_weight, retain_weight, seed, filename_prefix, key_format, gradient_checkpointing, resolution,
+                timesteps=None, latents=None):
+        samples = None
+        if latents is not None:
+            samples = latents["samples"]
+            resolution_hw = (samples.shape[-2] * 8, samples.shape[-1] * 8)
+        else:
+            resolution_hw = (resolution, resolution)
+        if key_format not in KEY_FORMATS:
+            raise SpareInputError(f"key_format='{key_format}' is not one of {', '.join(KEY_FORMATS)}")
+        dm = ComfyDiffusionModel(model, clip, resolution_hw[1], resolution_hw[0])
+        config = sc.DistillConfig(
+            concepts=lines(concepts), surrogates=lines(surrogates), retain=lines(retain), rank=rank, alpha=alpha,
+            steps=steps, lr=learning_rate, forget_weight=forget_weight, retain_weight=retain_weight, seed=seed,
+            gradient_checkpointing=gradient_checkpointing)
+        sc.distill_validate(config, saliency)  # fail fast, before any model loading or sampling
+        folder, name = output_path(filename_prefix)  # also validated before training
+        with trainable(dm):
+            result = sc.distill(dm, config, saliency, timesteps, samples, progress=Progress("distill"),
+                                should_stop=should_stop)
+        result.lora.metadata["spare.base_model"] = type(model.model).__name__
+        path = os.path.join(folder, name)
+        sc.save_lora(path, result.lora, key_format=key_format, prefix=dm.key_prefix)
+        rel = os.path.relpath(path, loras_root()).replace(os.sep, "/")
+        log.info("SPARE: saved %s (%d modules, rank %d, %.1fs)", rel, len(result.lora.modules), rank, result.seconds)
+        sd = result.lora.state_dict(key_format, dm.key_prefix)
+        return io.NodeOutput(sd, image(render.loss_plot(result.losses)), rel)
+
+
+class ApplyErasure(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SPAREApplyErasure",
+            display_name="SPARE Apply Erasure",
+            category=CATEGORY,
+            description="Applies an erasure LoRA to a model at a strength (0 = the original model). Same result as "
+                        "the stock LoRA loaders.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to erase from (the input is left unchanged)."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="1 = full erasure, 0 = original model, between = partial."),
+                io.Combo.Input("lora_name", options=[NO_FILE] + folder_paths.get_filename_list("loras"),
+                               default=NO_FILE, tooltip="An erasure LoRA file from the loras folder."),
+                io.LoraModel.Input("lora", optional=True,
+                                   tooltip="An erasure LoRA from Sparse LoRA Distill (used instead of lora_name)."),
+            ],
+            outputs=[io.Model.Output("model", tooltip="The model with the concept erased.")],
+        )
+
+    @classmethod
+    def execute(cls, model, strength, lora_name, lora=None):
+        if lora is None:
+            if lora_name == NO_FILE:
+                raise SpareInputError("Apply Erasure needs a LoRA: connect the 'lora' input or choose a lora_name")
+            path = folder_paths.get_full_path("loras", lora_name)
+            if path is None:
+                raise SpareInputError(f"lora_name '{lora_name}' is not in the loras folder")
+            lora = comfy.utils.load_torch_file(path, safe_load=True)
+            source = f"LoRA file '{lora_name}'"
+        else:
+            source = "the connected LoRA"
+        if strength == 0:
+            return io.NodeOutput(model)
+        return io.NodeOutput(patch_model(model, lora, strength, source))
+
+
+def patch_model(model, lora_sd: dict, strength: float, source: str):
+    """The stock LoRA path (comfy.lora key map + ModelPatcher.add_patches on a clone): identical to what
+    LoraLoaderModelOnly does, and refuses a file none of whose keys belongs to this model."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(lora_sd, key_map, log_missing=True)
+    if not patches:
+        first = next(iter(lora_sd), "<no keys>")
+        raise SpareInputError(f"{source}: none of its {len(lora_sd)} keys matches this model (first key '{first}'); "
+                              "is it a LoRA for another model family?")
+    patched = model.clone()
+    patched.add_patches(patches, strength)
+    return patched
+
+
+def require_lines(text: str, name: str) -> list[str]:
+    out = lines(text)
+    if not out:
+        raise SpareInputError(f"'{name}' is empty: write the prompt that names the {name} (one per line)")
+    return out
+
+
+def loras_root() -> str:
+    return folder_paths.get_folder_paths("loras")[0]
+
+
+def output_path(prefix: str) -> tuple[str, str]:
+    """(folder, file name) for a new LoRA under the loras folder, ComfyUI-style counter; refuses escaping prefixes."""
+    if not prefix or not prefix.strip():
+        raise SpareInputError("filename_prefix is empty; give a name such as 'spare/erase_vangogh'")
+    root = loras_root()
+    try:
+        folder, filename, counter, _, _ = folder_paths.get_save_image_path(prefix.strip(), root)
+    except Exception as e:  # ComfyUI raises on a prefix that leaves the folder
+        raise SpareInputError(f"filename_prefix '{prefix}' is not a valid path inside the loras folder ({e})")
+    os.makedirs(folder, exist_ok=True)
+    while True:
+        name = f"{filename}_{counter:05}_.safetensors"
+        if not os.path.exists(os.path.join(folder, name)):
+            return folder, name
+        counter += 1
+
+
+NODES = [SaliencyScan, TimestepProfileNode, SparseLoraDistill, ApplyErasure]
