@@ -129,10 +129,12 @@ def distill(
     if cfg.retain_weight > 0 and retain_prompts:
         x_retain, i_retain = generate(model, retain_prompts, cfg.samples_per_prompt, cfg.seed + 1, cfg.sample_steps,
                                       cfg.sample_cfg, should_stop=should_stop)
-        c_retain = model.encode(retain_prompts)
+        with torch.no_grad():
+            c_retain = model.encode(retain_prompts)
     else:
         x_retain = None
-    c_concept, c_surrogate = model.encode(cfg.concepts), model.encode(cfg.surrogates)
+    with torch.no_grad():  # the text side is frozen: conditionings carry no graph
+        c_concept, c_surrogate = model.encode(cfg.concepts), model.encode(cfg.surrogates)
 
     # --- train under a forked RNG so the caller's global RNG is untouched and runs are reproducible ---
     devices = [dev] if dev.type == "cuda" else []

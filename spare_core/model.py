@@ -40,7 +40,7 @@ class DiffusionModel(Protocol):
     """Dtype the network computes in (fp32 on CPU; fp16/bf16 models train under autocast)."""
 
     def encode(self, prompts: Sequence[str]) -> Any:
-        """Text conditioning for a batch of prompts (opaque to SPARE)."""
+        """Text conditioning for a batch of prompts (opaque to SPARE). SPARE calls it under torch.no_grad()."""
 
     def select_cond(self, cond: Any, index: torch.Tensor) -> Any:
         """Rows `index` (a LongTensor into the prompt batch) of a conditioning, in that order."""

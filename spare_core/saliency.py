@@ -238,13 +238,16 @@ def scan(
         idx_f = torch.arange(x_f.shape[0]) % len(concepts)
     else:
         x_f, idx_f = gen_or_given(concepts, 0)
-    f_sum, f_rows = _accumulate(model, modules, x_f, model.encode(concepts), idx_f, seed + 1, repeats, batch_size,
+    with torch.no_grad():  # the text side is frozen: conditionings carry no graph
+        c_forget = model.encode(concepts)
+        c_retain = model.encode(retain) if retain else None
+    f_sum, f_rows = _accumulate(model, modules, x_f, c_forget, idx_f, seed + 1, repeats, batch_size,
                                 should_stop, progress)
     numel = {p: m.weight.numel() for p, m in modules.items()}
     forget = {p: f_sum[p] / numel[p] for p in modules}
     if retain and retain_weight > 0:
         x_r, idx_r = gen_or_given(retain, 1000)
-        r_sum, _ = _accumulate(model, modules, x_r, model.encode(retain), idx_r, seed + 2, repeats, batch_size,
+        r_sum, _ = _accumulate(model, modules, x_r, c_retain, idx_r, seed + 2, repeats, batch_size,
                                should_stop, None)
         retain_mean = {p: r_sum[p] / numel[p] for p in modules}
         f_tot, r_tot = sum(forget.values()) or 1.0, sum(retain_mean.values()) or 1.0

@@ -1,0 +1,229 @@
+"""Baseline erasure methods, re-implemented from their papers' objectives on the same `DiffusionModel` interface
+that SPARE uses (see ../shared/docs/method.md). Each returns an edited *copy* of the model (the input is untouched)
+and a record of what was trained. Choices a reader may disagree with are marked "choice:".
+
+- ESD (Gandikota et al. 2023): eps_theta(x_t, c) -> eps*(x_t) - eta * (eps*(x_t, c) - eps*(x_t)), eta = 1, frozen
+  eps*; x_t from partial sampling of the *current* model with the concept prompt (as in the ESD code).
+  ESD-x trains the cross-attention (attn2) parameters; ESD-u every parameter except cross-attention.
+- CA, Concept Ablation (Kumari et al. 2023), model-based variant: eps_theta(x_t, c_target) -> sg eps*(x_t, c_anchor),
+  cross-attention to_k / to_v only; x_t from anchor samples (the paper generates anchor images).
+- SalUn (Fan et al. 2024): forgetting loss toward a surrogate prompt (its "random label" analogue for diffusion:
+  eps_theta(x_t, c_concept) -> sg eps*(x_t, c_surrogate)) + retain denoising loss on retain samples, gradients
+  masked by a weight saliency mask (global top 50% of |grad of the forgetting loss|), all parameters eligible.
+- UCE (Gandikota et al. 2024): closed-form edit of every cross-attention to_k / to_v:
+  W' = (lam*W + sum_i W c*_i c_i^T + sum_j W c_j c_j^T)(lam*I + sum_i c_i c_i^T + sum_j c_j c_j^T)^-1,
+  c_i the concept prompt's token embeddings, c*_i the surrogate's at the same positions, c_j preserved prompts'.
+
+All losses are eps-space MSE written through x0, like SPARE's.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from spare_core.sampling import T_MIN, generate, guided_x0, sigma_schedule
+
+
+@dataclass
+class Edited:
+    model: object                 # the edited copy (a DiffusionModel)
+    trainable_params: int         # parameters the method changes
+    changed_bytes: int            # fp16 bytes needed to ship the change (dense delta of every changed tensor)
+    seconds: float
+    losses: list = field(default_factory=list)
+
+
+def _eps_mse(pred_x0, target_x0, sigma):
+    s = sigma.view(-1, *[1] * (pred_x0.dim() - 1))
+    return (((pred_x0.float() - target_x0.float()) / s) ** 2).mean()
+
+
+def _params(network: nn.Module, which: str) -> list[tuple[str, nn.Parameter]]:
+    out = []
+    for name, p in network.named_parameters():
+        cross = ".attn2." in f".{name}"
+        kv = cross and (".to_k." in name or ".to_v." in name)
+        if which == "cross" and cross or which == "non_cross" and not cross or which == "cross_kv" and kv \
+                or which == "all":
+            out.append((name, p))
+    return out
+
+
+def _copy(model):
+    edited = copy.deepcopy(model)
+    for p in edited.network.parameters():
+        p.requires_grad_(False)
+    return edited
+
+
+def _finish(edited, params, started, losses):
+    n = sum(p.numel() for _, p in params)
+    return Edited(edited, n, 2 * n, time.perf_counter() - started, losses)
+
+
+def esd(model, concept: str, variant: str = "x", steps: int = 1000, lr: float = 1e-5, eta: float = 1.0,
+        seed: int = 0, ddim_steps: int = 20) -> Edited:
+    """ESD-x (variant "x") or ESD-u (variant "u")."""
+    started = time.perf_counter()
+    edited, frozen = _copy(model), model
+    params = _params(edited.network, "cross" if variant == "x" else "non_cross")
+    for _, p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([p for _, p in params], lr=lr)
+    with torch.no_grad():
+        c, u = model.encode([concept]), model.encode([""])
+    gen = torch.Generator().manual_seed(seed)
+    sigmas = sigma_schedule(model, ddim_steps)
+    losses = []
+    for step in range(steps):
+        # partial sampling with the current (edited) model and the concept prompt, to a random step
+        stop = int(torch.randint(1, ddim_steps, (1,), generator=gen))
+        noise = torch.randn((1, *model.latent_shape), generator=gen)
+        with torch.no_grad():
+            x = edited.add_noise(torch.zeros_like(noise), noise, sigmas[:1])
+            for i in range(stop):
+                s = sigmas[i:i + 1]
+                x0 = guided_x0(edited, x, s, c, u, 3.0)
+                x = x + (x - x0) / s * (sigmas[i + 1] - s)
+            s = sigmas[stop:stop + 1]
+            e_u = frozen.predict_x0(x, s, u)
+            e_c = frozen.predict_x0(x, s, c)
+            # eps-space target eps* - eta (eps*_c - eps*_u) is, through x0 (eps = (x - x0)/sigma):
+            target = e_u - eta * (e_c - e_u)
+        pred = edited.predict_x0(x, s, c)
+        loss = _eps_mse(pred, target, s)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    for _, p in params:
+        p.requires_grad_(False)
+    return _finish(edited, params, started, losses)
+
+
+def concept_ablation(model, concept: str, anchor: str, steps: int = 250, lr: float = 2e-6, seed: int = 0,
+                     samples: int = 8, batch_size: int = 4) -> Edited:
+    started = time.perf_counter()
+    edited = _copy(model)
+    params = _params(edited.network, "cross_kv")
+    for _, p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([p for _, p in params], lr=lr)
+    x_anchor, _ = generate(model, [anchor], samples, seed)
+    with torch.no_grad():
+        c_t, c_a = model.encode([concept]), model.encode([anchor])
+    gen = torch.Generator().manual_seed(seed + 1)
+    losses = []
+    for step in range(steps):
+        rows = torch.randint(0, x_anchor.shape[0], (batch_size,), generator=gen)
+        t = T_MIN + (1 - 2 * T_MIN) * torch.rand(batch_size, generator=gen)
+        sigma = model.sigma_at(t)
+        xt = model.add_noise(x_anchor[rows], torch.randn(x_anchor[rows].shape, generator=gen), sigma)
+        with torch.no_grad():
+            target = model.predict_x0(xt, sigma, c_a.expand(batch_size, *c_a.shape[1:]))
+        pred = edited.predict_x0(xt, sigma, c_t.expand(batch_size, *c_t.shape[1:]))
+        loss = _eps_mse(pred, target, sigma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    for _, p in params:
+        p.requires_grad_(False)
+    return _finish(edited, params, started, losses)
+
+
+def salun(model, concept: str, surrogate: str, retain: Sequence[str], steps: int = 500, lr: float = 1e-5,
+          mask_fraction: float = 0.5, retain_weight: float = 1.0, seed: int = 0, samples: int = 8,
+          batch_size: int = 4) -> Edited:
+    started = time.perf_counter()
+    edited = _copy(model)
+    params = _params(edited.network, "all")
+    x_f, _ = generate(model, [concept], samples, seed)
+    x_r, i_r = generate(model, list(retain), max(1, samples // max(len(retain), 1)), seed + 1)
+    with torch.no_grad():
+        c_f, c_s, c_r = model.encode([concept]), model.encode([surrogate]), model.encode(list(retain))
+    gen = torch.Generator().manual_seed(seed + 2)
+
+    def batch(x, n):
+        rows = torch.randint(0, x.shape[0], (n,), generator=gen)
+        t = T_MIN + (1 - 2 * T_MIN) * torch.rand(n, generator=gen)
+        sigma = model.sigma_at(t)
+        return rows, sigma, model.add_noise(x[rows], torch.randn(x[rows].shape, generator=gen), sigma)
+
+    def forget_loss(net_model):
+        rows, sigma, xt = batch(x_f, batch_size)
+        with torch.no_grad():
+            target = model.predict_x0(xt, sigma, c_s.expand(batch_size, *c_s.shape[1:]))
+        return _eps_mse(net_model.predict_x0(xt, sigma, c_f.expand(batch_size, *c_f.shape[1:])), target, sigma)
+
+    # weight saliency mask: |grad of the forgetting loss| accumulated over a few batches, global top fraction
+    for _, p in params:
+        p.requires_grad_(True)
+    grads = {n: torch.zeros_like(p) for n, p in params}
+    for _ in range(4):
+        edited.network.zero_grad(set_to_none=True)
+        forget_loss(edited).backward()
+        for n, p in params:
+            grads[n] += p.grad.abs()
+    flat = torch.cat([g.flatten() for g in grads.values()])
+    k = max(1, int(mask_fraction * flat.numel()))
+    threshold = torch.topk(flat, k).values.min()
+    masks = {n: (g >= threshold).float() for n, g in grads.items()}
+    edited.network.zero_grad(set_to_none=True)
+    opt = torch.optim.Adam([p for _, p in params], lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = forget_loss(edited)
+        rows, sigma, xt = batch(x_r, batch_size)
+        cr = c_r[i_r[rows]]
+        with torch.no_grad():
+            target = model.predict_x0(xt, sigma, cr)
+        loss = loss + retain_weight * _eps_mse(edited.predict_x0(xt, sigma, cr), target, sigma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for n, p in params:
+            p.grad.mul_(masks[n])
+        opt.step()
+        losses.append(float(loss))
+    for _, p in params:
+        p.requires_grad_(False)
+    changed = int(sum(m.sum() for m in masks.values()))
+    out = _finish(edited, params, started, losses)
+    out.trainable_params, out.changed_bytes = changed, 2 * changed
+    return out
+
+
+@torch.no_grad()
+def uce(model, concepts: Sequence[str], surrogates: Sequence[str], preserve: Sequence[str],
+        lam: float = 0.5, preserve_scale: float = 1.0) -> Edited:
+    """Closed-form UCE on every cross-attention to_k / to_v. cond must be a context tensor [B, L, D]."""
+    started = time.perf_counter()
+    edited = _copy(model)
+    c_e = model.encode(list(concepts))        # [N, L, D]
+    c_s = model.encode(list(surrogates))
+    c_p = model.encode(list(preserve)) if preserve else None
+    if not torch.is_tensor(c_e) or c_e.dim() != 3:
+        raise TypeError("UCE needs conditionings that are context tensors [B, L, D]")
+    ce = c_e.reshape(-1, c_e.shape[-1]).T     # [D, N*L]
+    cs = c_s.reshape(-1, c_s.shape[-1]).T
+    cp = c_p.reshape(-1, c_p.shape[-1]).T if c_p is not None else None
+    n = 0
+    for name, module in edited.network.named_modules():
+        if not (name.endswith("attn2.to_k") or name.endswith("attn2.to_v")):
+            continue
+        w = module.weight.double()            # [out, D]
+        d = w.shape[1]
+        lhs = lam * w + (w @ cs.double()) @ ce.double().T
+        rhs = lam * torch.eye(d, dtype=torch.float64) + ce.double() @ ce.double().T
+        if cp is not None:
+            lhs += preserve_scale * (w @ cp.double()) @ cp.double().T
+            rhs += preserve_scale * cp.double() @ cp.double().T
+        module.weight.copy_((lhs @ torch.linalg.inv(rhs)).to(module.weight.dtype))
+        n += w.numel()
+    return Edited(edited, n, 2 * n, time.perf_counter() - started)
