@@ -5,8 +5,15 @@ import os
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:  # the nodes import spare_core as a top-level package
-    sys.path.insert(0, _HERE)
+if "spare_core" not in sys.modules:
+    # The nodes import the engine as the top-level package `spare_core`. Register exactly that one name instead of
+    # putting the pack root on sys.path, which would expose `nodes` (ComfyUI's own module name), `tests`, `bench`.
+    _spec = importlib.util.spec_from_file_location(
+        "spare_core", os.path.join(_HERE, "spare_core", "__init__.py"),
+        submodule_search_locations=[os.path.join(_HERE, "spare_core")])
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["spare_core"] = _module
+    _spec.loader.exec_module(_module)
 
 # Outside ComfyUI (pytest collects the repository root as a package) there is no comfy_api: expose nothing then.
 # Inside ComfyUI comfy_api always exists, so a real import error there still surfaces.

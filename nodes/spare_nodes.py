@@ -118,8 +118,10 @@ class SaliencyScan(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concept, retain, samples, seed, selection, top_k, targets, resolution):
         dm = ComfyDiffusionModel(model, clip, resolution, resolution)
+        concepts = require_lines(concept, "concept")
+        dm.encode(concepts + lines(retain) + [""])  # encode (and cache) before the model is loaded for training
         with trainable(dm):
-            sal = sc.saliency_scan(dm, require_lines(concept, "concept"), retain=lines(retain), samples=samples,
+            sal = sc.saliency_scan(dm, concepts, retain=lines(retain), samples=samples,
                                    seed=seed, fraction=selection, top_k=top_k or None, targets=targets,
                                    progress=Progress("saliency"), should_stop=should_stop)
         title = f"SPARE saliency: {', '.join(sal.meta['concepts'])[:60]}"
@@ -161,6 +163,7 @@ class TimestepProfileNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concept, surrogate, bins, samples, seed, sharpness, uniform_floor, resolution):
         dm = ComfyDiffusionModel(model, clip, resolution, resolution)
+        dm.encode(require_lines(concept, "concept") + require_lines(surrogate, "surrogate") + [""])
         dm.load()
         with torch.inference_mode():
             prof = sc.timestep_profile(dm, require_lines(concept, "concept"), require_lines(surrogate, "surrogate"),
@@ -244,6 +247,7 @@ class SparseLoraDistill(io.ComfyNode):
             gradient_checkpointing=gradient_checkpointing)
         sc.distill_validate(config, saliency)  # fail fast, before any model loading or sampling
         folder, name = output_path(filename_prefix)  # also validated before training
+        dm.encode(config.concepts + config.surrogates + config.retain + [""])  # cached; CLIP loads before the model
         with trainable(dm):
             result = sc.distill(dm, config, saliency, timesteps, samples, progress=Progress("distill"),
                                 should_stop=should_stop)

@@ -167,7 +167,7 @@ def _accumulate(model: DiffusionModel, modules, x0, cond, index, seed, repeats, 
             for start in range(0, n, batch_size):
                 if should_stop is not None and should_stop():
                     raise Cancelled("saliency scan cancelled")
-                xb = x0[start:start + batch_size].clone()
+                xb = x0[start:start + batch_size].clone()  # clone: an ordinary tensor even if x0 is an inference one
                 b = xb.shape[0]
                 t = T_MIN + (1 - 2 * T_MIN) * torch.rand(b, generator=gen)
                 sigma = model.sigma_at(t).float().to(model.device)

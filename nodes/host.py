@@ -1,0 +1,231 @@
+"""ComfyUI host: a MODEL (ModelPatcher) + CLIP wrapped as spare_core's `DiffusionModel`, and training inside the
+executor.
+
+Import this only inside ComfyUI (it imports `comfy`). It does not import spare_core: `DiffusionModel` is a structural
+Protocol, so `ComfyDiffusionModel` satisfies it without inheriting from it.
+
+Conditioning follows what ComfyUI's samplers do (comfy/samplers.py, process_conds -> encode_model_conds): each
+prompt's CONDITIONING (cross-attention tensor + dict with pooled_output, ...) goes through `BaseModel.extra_conds`,
+which builds every keyword argument of `BaseModel.apply_model` for the family: `c_crossattn` always, `y` for SDXL (the
+adm vector from pooled_output + size embeddings), `c_concat` for inpaint models, ... `apply_model(x, sigma, **kwargs)`
+takes sigma (not a timestep) and returns the denoised x0 whatever the prediction type (eps / v / flow).
+
+Training inside the executor: ComfyUI runs nodes under `torch.inference_mode()`, so the model's weights, the CLIP
+outputs and anything the node creates are inference tensors, which autograd refuses to save for backward. See
+`trainable()`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+import comfy.conds
+import comfy.model_management
+import comfy.utils
+
+log = logging.getLogger(__name__)
+
+LATENT_DOWNSCALE = 8  # pixels per latent cell for the SD-family VAEs (ComfyUI hardcodes 8 in EmptyLatentImage too)
+
+
+class ComfyDiffusionModel:
+    """spare_core.model.DiffusionModel for a ComfyUI MODEL + CLIP.
+
+    `width`/`height` are in pixels: they fix `latent_shape` and, for SDXL, the size embeddings in `y`.
+    Conditionings (`encode`) are dicts {apply_model kwarg: batched tensor (dim 0 = prompt) or constant}.
+    """
+
+    key_prefix = "diffusion_model."
+
+    def __init__(self, model, clip, width: int = 512, height: int = 512):
+        self.patcher = model  # comfy.model_patcher.ModelPatcher
+        self.clip = clip      # comfy.sd.CLIP
+        self.base = model.model  # comfy.model_base.BaseModel (shared by every clone of `model`)
+        self.network: nn.Module = self.base.diffusion_model
+        self.width, self.height = int(width), int(height)
+        channels = self.base.latent_format.latent_channels
+        self.latent_shape = (channels, self.height // LATENT_DOWNSCALE, self.width // LATENT_DOWNSCALE)
+        self.device = torch.device(model.load_device)
+        # The dtype the network computes in: weights may be stored in another one (manual cast, e.g. fp8 weights).
+        self.dtype = self.base.manual_cast_dtype or self.base.get_dtype()
+        # get_model_object honours object patches (e.g. ModelSamplingDiscrete/"shift" nodes on this clone).
+        self.model_sampling = model.get_model_object("model_sampling")
+        self._cond_cache: dict[str, dict[str, Any]] = {}  # prompt -> its extra_conds output
+
+    # --- loading ---------------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Put the diffusion model (with this clone's patches, e.g. LoRAs from loader nodes) on its load device.
+        Cheap when it is already loaded. `trainable()` calls it; call it before `predict_x0` outside `trainable()`."""
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+
+    # --- conditioning ------------------------------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str]) -> dict[str, Any]:
+        """Encode each prompt with the CLIP (like CLIPTextEncode; each distinct prompt once per instance, cached) and
+        build its apply_model kwargs with `BaseModel.extra_conds`, then batch them along dim 0 in prompt order.
+
+        Encoding loads the CLIP, which on a small GPU can offload part of the diffusion model: a node should encode
+        its prompts before entering `trainable()` (the cache then serves the calls made inside)."""
+        for p in prompts:
+            if p not in self._cond_cache:
+                self._cond_cache[p] = self._model_conds(p)
+        per_prompt = [self._cond_cache[p] for p in prompts]
+        if not per_prompt:
+            raise ValueError("encode() needs at least one prompt")
+        batched: dict[str, Any] = {}
+        for key, first in per_prompt[0].items():
+            items = [pc[key] for pc in per_prompt]
+            if isinstance(first, comfy.conds.CONDConstant) or not torch.is_tensor(getattr(first, "cond", None)):
+                batched[key] = first.cond if hasattr(first, "cond") else first  # same for every prompt
+            elif isinstance(first, comfy.conds.CONDCrossAttn):
+                batched[key] = _concat_crossattn([c.cond for c in items])
+            else:
+                batched[key] = torch.cat([c.cond for c in items])
+        return batched
+
+    def _model_conds(self, prompt: str) -> dict[str, Any]:
+        conditioning = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(prompt))
+        if len(conditioning) > 1:  # only with scheduled CLIP hooks
+            log.warning("SPARE: CLIP returned %d scheduled conditionings; using the first", len(conditioning))
+        cond, extra = conditioning[0]
+        noise = torch.zeros((1,) + tuple(self.latent_shape), device=self.device)
+        # The same parameters as comfy/samplers.py encode_model_conds (plus cross_attn from convert_cond).
+        params = dict(extra)
+        params.update(cross_attn=cond, device=self.device, noise=noise, width=self.width, height=self.height,
+                      prompt_type="positive")
+        out = self.base.extra_conds(**params)
+        for c in out.values():  # keep the tensors on the model's device
+            if torch.is_tensor(getattr(c, "cond", None)):
+                c.cond = c.cond.to(self.device)
+        return out
+
+    def select_cond(self, cond: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+        out = {}
+        for key, value in cond.items():
+            if torch.is_tensor(value):
+                out[key] = value.index_select(0, index.to(value.device))
+            else:
+                out[key] = value
+        return out
+
+    # --- the denoiser --------------------------------------------------------------------------------------------------
+    def predict_x0(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        batch = x.shape[0]
+        kwargs = {}
+        for key, value in cond.items():
+            if torch.is_tensor(value):
+                value = comfy.utils.repeat_to_batch_size(_usable(value), batch)
+            kwargs[key] = value
+        # Model patches of this clone (attention patches, wrappers) apply as under the sampler; the keys the sampler
+        # adds per call are given for one cond chunk.
+        transformer_options = dict(self.patcher.model_options.get("transformer_options", {}))
+        sigma = _usable(sigma).reshape(-1).to(x.device)
+        if sigma.numel() == 1 and batch > 1:
+            sigma = sigma.expand(batch)
+        transformer_options.update(cond_or_uncond=[0], sigmas=sigma)
+        return self.base.apply_model(_usable(x), sigma, transformer_options=transformer_options, **kwargs)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        # noise_scaling(sigma, noise, latent): x0 + sigma*eps (EPS/V), sigma*eps + (1 - sigma)*x0 (flow).
+        return self.model_sampling.noise_scaling(sigma.reshape(-1).to(x0.device), noise, x0)
+
+    def sigma_at(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma for t in [0, 1] (1 = noisiest): `percent_to_sigma(1 - t)`, with the ends mapped to sigma_max / sigma_min
+        (percent_to_sigma returns sentinels there: 999999999.9 for percent 0 on discrete models, 0.0 for percent 1)."""
+        ms = self.model_sampling
+        lo, hi = float(ms.sigma_min), float(ms.sigma_max)
+
+        def one(v: float) -> float:
+            if v >= 1.0:
+                return hi
+            if v <= 0.0:
+                return lo
+            return min(max(float(ms.percent_to_sigma(1.0 - v)), lo), hi)
+
+        flat = [one(v) for v in t.detach().reshape(-1).tolist()]
+        return torch.tensor(flat, dtype=torch.float32, device=t.device).reshape(t.shape)
+
+
+def _concat_crossattn(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack cross-attention conds [1, L_i, D] of different lengths (prompts longer than 75 tokens give 154, 231, ...):
+    repeat each to the least common multiple of the lengths, as comfy.conds.CONDCrossAttn.concat does (repeating the
+    keys/values leaves attention unchanged)."""
+    length = math.lcm(*[t.shape[1] for t in tensors])
+    return torch.cat([t.repeat(1, length // t.shape[1], 1) if t.shape[1] < length else t for t in tensors])
+
+
+def _usable(t: torch.Tensor) -> torch.Tensor:
+    """An inference tensor (made under the executor's inference mode: CLIP outputs, cached data) cannot be saved for
+    backward; outside inference mode, use an ordinary copy of it."""
+    if torch.is_tensor(t) and t.is_inference() and not torch.is_inference_mode_enabled():
+        return t.clone()
+    return t
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """An ordinary (non-inference) tensor sharing `t`'s memory: no copy. Falls back to a copy if `set_` refuses."""
+    try:
+        out = torch.empty(0, dtype=t.dtype, device=t.device)
+        out.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+        return out
+    except RuntimeError:
+        return t.detach().clone()
+
+
+@contextlib.contextmanager
+def trainable(model, load: bool = True) -> Iterator[None]:
+    """Make a ComfyUI MODEL usable for backward passes, even when entered under the executor's inference mode.
+
+    `model` is a ModelPatcher or a ComfyDiffusionModel. Inside the block:
+    - the model is loaded (`load_models_gpu`, full load, with this clone's weight patches), unless load=False;
+    - inference mode is off and grad mode on;
+    - every inference-tensor parameter/buffer of the BaseModel is replaced by an ordinary Parameter/tensor that
+      *aliases the same memory* (no copy; autograd may save it), and every parameter has requires_grad=False, so
+      backward reaches only tensors the caller adds (adapters hooked onto modules of `model.model.diffusion_model`).
+    On exit the exact original parameter/buffer objects and requires_grad flags are put back, so the input MODEL is
+    left bit-identical (frozen weights are never written: only their aliases are read). A tensor that ComfyUI itself
+    replaced or moved meanwhile (another model loaded inside the block, offloading this one) is left to ComfyUI.
+
+    Conditionings, x and sigma made under inference mode are copied by `ComfyDiffusionModel.predict_x0` (`_usable`).
+    Adapter parameters must be created inside the block (or outside any inference mode).
+    """
+    patcher = getattr(model, "patcher", model)
+    if load:
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    base: nn.Module = patcher.model
+    # (module._parameters or ._buffers, name, original, replacement, (device, data_ptr) of the replacement)
+    swapped: list[tuple[dict, str, Any, Any, tuple]] = []
+    flags: list[tuple[nn.Parameter, bool]] = []
+    with torch.inference_mode(False), torch.enable_grad():
+        try:
+            replacement: dict[int, Any] = {}  # id(original) -> replacement, so shared (tied) tensors stay shared
+            for module in base.modules():
+                for slots, is_param in ((module._parameters, True), (module._buffers, False)):
+                    for name, t in list(slots.items()):
+                        if t is None:
+                            continue
+                        if t.is_inference():
+                            new = replacement.get(id(t))
+                            if new is None:
+                                new = _alias(t)
+                                if is_param:
+                                    new = nn.Parameter(new, requires_grad=False)
+                                replacement[id(t)] = new
+                            slots[name] = new
+                            swapped.append((slots, name, t, new, (new.device, new.data_ptr())))
+                        elif is_param and t.requires_grad:
+                            flags.append((t, True))
+                            t.requires_grad_(False)
+            yield
+        finally:
+            for slots, name, original, new, where in reversed(swapped):
+                # Put the original back unless ComfyUI replaced or moved the tensor meanwhile (e.g. offloaded the
+                # model to load another one); then its bookkeeping is about the current tensor, which stays.
+                if slots.get(name) is new and (new.device, new.data_ptr()) == where:
+                    slots[name] = original
+            for p, flag in flags:
+                p.requires_grad_(flag)

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Set up a real ComfyUI (outside this repository) plus a virtual environment to run the host tests against it.
+#
+#   bash scripts/setup_comfyui.sh <ComfyUI git dir or checkout> <dest dir>
+#
+# <source> is either a ComfyUI work tree (a directory holding main.py and comfy/) or a bare git copy of
+# github.com/Comfy-Org/ComfyUI; a bare copy is exported with `git archive` to <dest>. The one tokenizer blob that
+# may be absent from a copy (comfy/text_encoders/llama_tokenizer/tokenizer.json) is excluded; nothing here needs it.
+# Given a work tree, <dest> is made a symlink to it unless it already exists.
+#
+# The venv goes to $VENV (default: <repo>/.venv-comfy, git-ignored by `.venv-*/`). It gets torch + torchvision
+# (torchvision is a hard import of comfy/model_base.py; this pair is the one that works on our machines), ComfyUI's
+# minimal runtime dependencies, pytest and peft. ComfyUI itself is never copied into this repository.
+set -euo pipefail
+
+if [ $# -ne 2 ]; then
+    echo "usage: bash $0 <ComfyUI git dir or checkout> <dest dir>" >&2
+    exit 2
+fi
+SRC=$1
+DEST=$2
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${VENV:-$REPO_ROOT/.venv-comfy}
+PYTHON=${PYTHON:-python3}
+
+case "$(realpath -m "$DEST")/" in
+    "$REPO_ROOT"/*) echo "refusing: <dest> must lie outside the project checkout ($REPO_ROOT)" >&2; exit 2 ;;
+esac
+
+# --- 1. the ComfyUI work tree ------------------------------------------------------------------------------------
+if [ -f "$SRC/main.py" ] && [ -d "$SRC/comfy" ]; then
+    # Already a checkout.
+    if [ ! -e "$DEST" ]; then
+        ln -s "$(realpath "$SRC")" "$DEST"
+    fi
+elif git --git-dir="$SRC" rev-parse --verify -q HEAD >/dev/null; then
+    if [ -f "$DEST/main.py" ]; then
+        echo "$DEST already holds a ComfyUI tree; not re-exporting"
+    else
+        mkdir -p "$DEST"
+        # `git archive` may print "error: invalid object ... tokenizer.json" even though that path is excluded; it
+        # still exits 0 and writes the full tree.
+        git --git-dir="$SRC" archive HEAD -- . ':(exclude)comfy/text_encoders/llama_tokenizer/tokenizer.json' \
+            | tar -x -C "$DEST"
+        echo "exported ComfyUI $(git --git-dir="$SRC" rev-parse --short HEAD) to $DEST"
+    fi
+else
+    echo "$SRC is neither a ComfyUI checkout nor a git directory" >&2
+    exit 2
+fi
+DEST=$(realpath "$DEST")
+[ -f "$DEST/comfy/model_management.py" ] || { echo "no comfy/ package under $DEST" >&2; exit 1; }
+
+# --- 2. the virtual environment ------------------------------------------------------------------------------------
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install --quiet)
+"${PIP[@]}" torch==2.14.1 torchvision==0.29.1
+"${PIP[@]}" numpy einops transformers tokenizers sentencepiece safetensors aiohttp yarl pyyaml Pillow scipy tqdm \
+    psutil torchsde av pydantic pydantic-settings alembic SQLAlchemy requests pytest peft
+
+# --- 3. smoke test: ComfyUI's model code imports headless on CPU ----------------------------------------------------
+COMFYUI_PATH="$DEST" "$VENV/bin/python" - <<'EOF'
+import os, sys
+sys.path.insert(0, os.environ["COMFYUI_PATH"])
+import comfy.cli_args
+comfy.cli_args.args.cpu = True          # before comfy.model_management is imported
+import comfy.model_management, comfy.sd, comfy.supported_models  # noqa: E401,F401
+import torch
+print("ComfyUI imports OK; torch", torch.__version__, "device", comfy.model_management.get_torch_device())
+EOF
+
+echo
+echo "Done. To run the host tests:"
+echo "export COMFYUI_PATH=$DEST"
+echo "$VENV/bin/python -m pytest tests"

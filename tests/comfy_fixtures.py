@@ -1,0 +1,256 @@
+"""Real, tiny ComfyUI objects for tests: no weight files, CPU only.
+
+Import this module only from tests that need ComfyUI, and call `comfy_or_skip()` before touching anything else in it:
+it finds ComfyUI through the environment variable COMFYUI_PATH (see scripts/setup_comfyui.sh), skips the test with
+the reason printed when it is absent, puts ComfyUI on sys.path and forces CPU mode *before* `comfy.model_management`
+is imported (otherwise ComfyUI tries CUDA). Nothing here imports `comfy` at module import time, so collecting tests
+never needs ComfyUI.
+
+What it builds, per family ("sd15", "sd2v" = SD2.x v-prediction, "sdxl"):
+- `build_tiny(family, seed)` -> (ModelPatcher, CLIP): the real ComfyUI classes (comfy.supported_models.SD15 / SD20 /
+  SDXL -> BaseModel / SDXL BaseModel -> ModelPatcher; comfy.sd.CLIP with the family's real ClipTarget and tokenizer
+  files) with tiny layer sizes. comfy.ops layers skip init (their weights are `torch.empty`), so every parameter is
+  filled deterministically from `seed`.
+- `build_full_base_model(family)`: the full-size BaseModel on the meta device (no memory, ~0.1 s), e.g. for
+  `comfy.lora.model_lora_keys_unet`; `build_full_unet_keys(family)`: the module paths of its Linear/Conv layers.
+- `sample(model, clip, ...)`: a KSampler run (nodes.common_ksampler), as the graph would do it.
+
+Trap: ComfyUI's top-level `nodes.py` and this pack's `nodes/` package share the import name `nodes`. `comfy_or_skip`
+puts COMFYUI_PATH first on sys.path; tests must load pack modules by file path (see `load_pack_module`), never as
+`import nodes.host`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+FAMILIES = ("sd15", "sd2v", "sdxl")
+PACK_ROOT = Path(__file__).resolve().parent.parent
+
+# Tiny text encoders: same code and tokenizer (vocab 49408) as the real ones, small widths. SD2's clip_h and SDXL's
+# clip_l/clip_g take the penultimate layer (layer_idx -2, which needs abs(-2) < num_hidden_layers), hence 3 layers.
+# The pooled output (SDXL's `y` input) has the width hidden_size (text_projection is hidden x hidden).
+TINY_TE = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+           "projection_dim": 32}
+TE_WIDTH = TINY_TE["hidden_size"]
+
+# Tiny UNets: the keys of comfy/model_detection.py's SD15 / SD21 / SDXL dicts, with 2 levels and 1 res block per
+# level. list lengths: transformer_depth = sum(num_res_blocks), transformer_depth_output = sum(num_res_blocks + 1).
+_UNET_COMMON = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+    "transformer_depth_middle": 1, "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+TINY_UNET = {
+    # SD1.5: conv proj_in/proj_out, 8 heads (SD15.unet_extra_config), context = clip_l width.
+    "sd15": {**_UNET_COMMON, "adm_in_channels": None, "use_linear_in_transformer": False, "context_dim": TE_WIDTH,
+             "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1]},
+    # SD2.x: linear proj, num_head_channels (64 in the real one; 16 here), context = clip_h width.
+    "sd2v": {**_UNET_COMMON, "adm_in_channels": None, "use_linear_in_transformer": True, "context_dim": TE_WIDTH,
+             "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1]},
+    # SDXL: no attention at the first level (as the real [0, 0, 2, 2, 10, 10]), context = clip_l ++ clip_g widths,
+    # adm = clip_g pooled width + 6 size embeddings of 256 (model_base.SDXL.encode_adm).
+    "sdxl": {**_UNET_COMMON, "adm_in_channels": TE_WIDTH + 6 * 256, "num_classes": "sequential",
+             "use_linear_in_transformer": True, "context_dim": 2 * TE_WIDTH,
+             "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1]},
+}
+# Set after the model config's own unet_extra_config (which would give SD2/SDXL 64-channel heads: 0 heads here).
+TINY_UNET_EXTRA = {"sd15": {}, "sd2v": {"num_head_channels": 16}, "sdxl": {"num_head_channels": 16}}
+
+
+def comfy_or_skip() -> str:
+    """Path of the ComfyUI checkout in $COMFYUI_PATH, importable and in CPU mode; else skip the calling test."""
+    path = os.environ.get("COMFYUI_PATH", "")
+    if not path or not os.path.isfile(os.path.join(path, "comfy", "model_management.py")):
+        reason = ("COMFYUI_PATH is not set or holds no ComfyUI checkout "
+                  "(run scripts/setup_comfyui.sh, then export COMFYUI_PATH)")
+        print("SKIP:", reason)
+        pytest.skip(reason)
+    path = os.path.abspath(path)
+    if sys.path[:1] != [path]:
+        if path in sys.path:
+            sys.path.remove(path)
+        sys.path.insert(0, path)  # before the cwd: ComfyUI's `nodes.py` must win over this pack's `nodes/`
+    if "comfy.model_management" not in sys.modules:
+        import comfy.cli_args  # parses no argv (comfy.options.args_parsing is False unless main.py enables it)
+        comfy.cli_args.args.cpu = True
+    return path
+
+
+def load_pack_module(relpath: str, name: str | None = None):
+    """Import a pack file (e.g. "nodes/host.py") by path, under a private module name (see the module docstring)."""
+    name = name or "spare_pack_" + relpath.replace("/", "_").removesuffix(".py")
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, PACK_ROOT / relpath)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Deterministic init
+
+def init_params_(module, seed: int) -> None:
+    """Fill every floating parameter of `module` deterministically (comfy.ops leaves them as torch.empty).
+
+    Matrices/kernels ~ N(0, 1/fan_in) (embeddings ~ N(0, 1)), 1-d `*.weight` (norm gains) ~ 1 + N(0, 0.1), biases
+    ~ N(0, 0.02). Parameters are visited in name order with one CPU generator, so the result depends only on `seed`
+    and the architecture.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+            if not p.is_floating_point():
+                continue
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                std = 1.0 if "embedding" in name else fan_in ** -0.5
+                v = torch.randn(p.shape, generator=gen) * std
+            elif name.endswith("weight"):
+                v = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+            else:
+                v = 0.02 * torch.randn(p.shape, generator=gen)
+            p.copy_(v.to(p.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model configs
+
+def _model_config(family: str, unet_config: dict, tiny: bool):
+    """The comfy.supported_models config object for a family, with the given unet_config."""
+    import torch
+    import comfy.supported_models as sm
+
+    cls = {"sd15": sm.SD15, "sd2v": sm.SD20, "sdxl": sm.SDXL}[family]
+    config = cls(unet_config)  # adds cls.unet_extra_config (heads) over unet_config
+    if tiny:
+        config.unet_config.update(TINY_UNET_EXTRA[family])
+    config.set_inference_dtype(torch.float32, None)  # what load_checkpoint_guess_config does (fp32 on CPU)
+    return config
+
+
+def _base_model(family: str, config, device=None):
+    """config.get_model({}) equivalent. SD20.model_type() guesses v-prediction from a weight's std, so for "sd2v"
+    the BaseModel is built the way SD20.get_model does, with the model type given."""
+    import comfy.model_base as mb
+
+    if family == "sd2v":
+        return mb.BaseModel(config, model_type=mb.ModelType.V_PREDICTION, device=device)
+    return config.get_model({}, device=device)
+
+
+def _full_unet_config(family: str) -> dict:
+    """The full-size unet_config of a family (from comfy/model_detection.py, as detection would produce it)."""
+    import torch
+
+    common = {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+              "use_spatial_transformer": True, "legacy": False, "model_channels": 320, "dtype": torch.float32,
+              "use_temporal_attention": False, "use_temporal_resblock": False}
+    if family == "sd15":
+        return {**common, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+                "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+                "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                "use_linear_in_transformer": False, "context_dim": 768}
+    if family == "sd2v":
+        return {**common, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+                "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+                "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                "use_linear_in_transformer": True, "context_dim": 1024}
+    if family == "sdxl":
+        return {**common, "adm_in_channels": 2816, "num_classes": "sequential", "num_res_blocks": [2, 2, 2],
+                "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
+                "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_linear_in_transformer": True,
+                "context_dim": 2048}
+    raise ValueError(family)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Builders
+
+def build_tiny_model(family: str, seed: int = 0):
+    """A tiny real ComfyUI MODEL (ModelPatcher around a BaseModel) of a family, weights initialised from `seed`."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    config = _model_config(family, dict(TINY_UNET[family]), tiny=True)
+    model = _base_model(family, config)
+    init_params_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def build_tiny_clip(family: str, seed: int = 0):
+    """A tiny real ComfyUI CLIP of a family: the family's ClipTarget (tokenizers from the ComfyUI repo, vocab 49408)
+    with hidden sizes overridden through model_options["clip_<l|h|g>_model_config"]."""
+    import torch
+    import comfy.sd
+    import comfy.supported_models as sm
+
+    config = {"sd15": sm.SD15, "sd2v": sm.SD20, "sdxl": sm.SDXL}[family]({})
+    target = config.clip_target()
+    names = {"sd15": ["clip_l"], "sd2v": ["clip_h"], "sdxl": ["clip_l", "clip_g"]}[family]
+    options = {f"{n}_model_config": dict(TINY_TE) for n in names}
+    options["dtype"] = torch.float32  # ComfyUI would pick fp16 for text encoders, even on CPU
+    clip = comfy.sd.CLIP(target, model_options=options)
+    init_params_(clip.cond_stage_model, seed + 1)
+    return clip
+
+
+def build_tiny(family: str, seed: int = 0):
+    """(ModelPatcher, CLIP) of a tiny real ComfyUI model of `family` ("sd15", "sd2v" or "sdxl")."""
+    return build_tiny_model(family, seed), build_tiny_clip(family, seed)
+
+
+def build_full_base_model(family: str):
+    """The full-size BaseModel of a family on the meta device: real module tree and state_dict keys, no memory."""
+    import torch
+
+    config = _model_config(family, _full_unet_config(family), tiny=False)
+    return _base_model(family, config, device=torch.device("meta"))
+
+
+def build_full_unet_keys(family: str) -> list[str]:
+    """Module paths (relative to diffusion_model) of every Linear/Conv layer of the full-size UNet of a family:
+    the layers a LoRA can target. Their LoRA keys are "diffusion_model.<path>" / "lora_unet_<path with . -> _>"."""
+    model = build_full_base_model(family)
+    return sorted(name for name, m in model.diffusion_model.named_modules()
+                  if getattr(m, "weight", None) is not None and m.weight.ndim >= 2
+                  and type(m).__name__ in ("Linear", "Conv2d", "Conv1d", "Conv3d"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Using them as the graph would
+
+def encode(clip, text: str):
+    """CLIPTextEncode: CONDITIONING [[cond [1, 77, D], {"pooled_output": [1, P]}]]."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def sample(model, clip, positive: str = "a photo of a cat", negative: str = "", seed: int = 0, steps: int = 2,
+           cfg: float = 5.0, size: int = 64, sampler_name: str = "euler", scheduler: str = "normal"):
+    """A KSampler run (nodes.common_ksampler) on an EmptyLatentImage of size x size pixels; returns the latent."""
+    import torch
+    import nodes as comfy_nodes  # ComfyUI's nodes.py (comfy_or_skip put COMFYUI_PATH first on sys.path)
+
+    latent = {"samples": torch.zeros(1, model.model.latent_format.latent_channels, size // 8, size // 8)}
+    (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler,
+                                         encode(clip, positive), encode(clip, negative), latent)
+    return out["samples"]
+
+
+def model_conds(model, conditioning, noise):
+    """What comfy/samplers.py (process_conds -> encode_model_conds) turns one CONDITIONING entry into: the
+    apply_model keyword arguments, as cond wrapper objects (comfy/conds.py; the tensor is `.cond`)."""
+    cond, extra = conditioning[0]
+    params = dict(extra)
+    params.update(cross_attn=cond, device=noise.device, noise=noise, width=noise.shape[3] * 8,
+                  height=noise.shape[2] * 8, prompt_type="positive")
+    return model.model.extra_conds(**params)

@@ -1,0 +1,203 @@
+"""The four SPARE nodes executed in-process on real tiny ComfyUI models (SD1.5, SD2.x v-prediction, SDXL), under
+the executor's inference mode; the LoRA files they write loaded by ComfyUI's stock LoraLoaderModelOnly.
+
+Needs a ComfyUI checkout in COMFYUI_PATH (scripts/setup_comfyui.sh); skipped with the reason printed otherwise.
+"""
+import importlib.util
+import logging
+import os
+import sys
+
+import pytest
+import torch
+
+import comfy_fixtures as cf
+
+FAMILIES = cf.FAMILIES
+RES = 64  # pixels: latent 8x8
+FAST = dict(samples=1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    cf.comfy_or_skip()
+    import folder_paths
+
+    loras = tmp_path_factory.mktemp("loras")
+    saved = folder_paths.folder_names_and_paths["loras"]
+    folder_paths.folder_names_and_paths["loras"] = ([str(loras)], saved[1])
+    # The pack, loaded the way ComfyUI loads a folder pack: its __init__.py as a package (relative imports work).
+    name = "spare_pack_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, cf.PACK_ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(cf.PACK_ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    nodes_mod = sys.modules[name + ".nodes.spare_nodes"]
+    yield nodes_mod, loras
+    folder_paths.folder_names_and_paths["loras"] = saved
+    import comfy.model_management
+    comfy.model_management.unload_all_models()
+
+
+def run(node, **kwargs):
+    """Execute a node as the executor does: under torch.inference_mode()."""
+    with torch.inference_mode():
+        return node.execute(**kwargs).result
+
+
+def probe(model, clip, prompt="a red cat"):
+    """x0 predictions of a MODEL (with its own patches) at fixed inputs."""
+    host = cf.load_pack_module("nodes/host.py")
+    dm = host.ComfyDiffusionModel(model, clip, RES, RES)
+    dm.load()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, *dm.latent_shape), generator=g) * 3.0
+    sigma = dm.sigma_at(torch.tensor([0.4, 0.8]))
+    with torch.inference_mode():
+        return dm.predict_x0(x, sigma, dm.encode([prompt, prompt])).float().clone()
+
+
+def scan(nodes_mod, model, clip, **kw):
+    args = dict(model=model, clip=clip, concept="a red cat", retain="a blue dog", selection=0.5, top_k=0,
+                targets="attention", resolution=RES, **FAST)
+    args.update(kw)
+    return run(nodes_mod.SaliencyScan, **args)
+
+
+def distill(nodes_mod, model, clip, saliency, **kw):
+    args = dict(model=model, clip=clip, concepts="a red cat", surrogates="a plain house", retain="a blue dog",
+                saliency=saliency, rank=2, alpha=2.0, steps=3, learning_rate=1e-2, forget_weight=0.3,
+                retain_weight=1.0, seed=0, filename_prefix="spare/test", key_format="comfyui",
+                gradient_checkpointing=False, resolution=RES)
+    args.update(kw)
+    return run(nodes_mod.SparseLoraDistill, **args)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nodes_end_to_end(pack, family, caplog):
+    nodes_mod, loras = pack
+    import nodes as comfy_nodes
+    from safetensors import safe_open
+
+    model, clip = cf.build_tiny(family, seed=1)
+    before = cf.sample(model, clip, "a red cat", seed=3, steps=2, size=RES)
+
+    saliency, heatmap, summary = scan(nodes_mod, model, clip)
+    assert saliency.selected and "selected" in summary
+    assert heatmap.ndim == 4 and heatmap.shape[0] == 1 and heatmap.shape[-1] == 3
+    timesteps, plot, _ = run(nodes_mod.TimestepProfileNode, model=model, clip=clip, concept="a red cat",
+                             surrogate="a plain house", bins=4, samples=1, seed=0, sharpness=1.0, uniform_floor=0.2,
+                             resolution=RES)
+    assert len(timesteps.probs) == 4 and plot.shape[-1] == 3
+    results = {}
+    for key_format in ("comfyui", "kohya"):
+        lora_sd, curve, filename = distill(nodes_mod, model, clip, saliency, timesteps=timesteps,
+                                           key_format=key_format, filename_prefix=f"spare/{family}_{key_format}")
+        path = os.path.join(str(loras), filename)
+        assert os.path.isfile(path) and curve.shape[-1] == 3
+        with safe_open(path, "pt") as f:
+            keys, meta = list(f.keys()), f.metadata()
+        prefix = "diffusion_model." if key_format == "comfyui" else "lora_unet_"
+        assert keys and all(k.startswith(prefix) for k in keys)
+        assert meta["spare.concepts"] == '["a red cat"]' and meta["ss_network_dim"] == "2"
+        # stock loader: every key maps ("lora key not loaded" would be logged otherwise)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            stock = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, filename, 1.0)[0]
+        assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+        applied = run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=nodes_mod.NO_FILE,
+                      lora=lora_sd)[0]
+        from_file = run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=filename)[0]
+        p_stock, p_applied, p_file = probe(stock, clip), probe(applied, clip), probe(from_file, clip)
+        p_base = probe(model, clip)
+        assert not torch.allclose(p_applied, p_base, atol=1e-6), "the LoRA changed nothing"
+        assert torch.allclose(p_stock, p_applied, atol=1e-4) and torch.allclose(p_file, p_applied, atol=1e-4)
+        # strength 0 is the original model
+        zero = run(nodes_mod.ApplyErasure, model=model, strength=0.0, lora_name=filename)[0]
+        assert torch.equal(probe(zero, clip), p_base)
+        results[key_format] = p_applied
+    assert torch.allclose(results["comfyui"], results["kohya"], atol=1e-5)  # same training, same seed
+    # the input MODEL is untouched: same seed, bit-identical samples after every node ran
+    after = cf.sample(model, clip, "a red cat", seed=3, steps=2, size=RES)
+    assert torch.equal(before, after)
+
+
+def test_exported_lora_matches_spare_core_hooks(pack):
+    """ComfyUI's patching of our file == spare_core's own forward-hook application (key mapping, up/down order and
+    alpha/rank scaling all agree)."""
+    nodes_mod, loras = pack
+    import spare_core as sc
+    host = cf.load_pack_module("nodes/host.py")
+    model, clip = cf.build_tiny("sd15", seed=2)
+    saliency = scan(nodes_mod, model, clip)[0]
+    lora_sd, _, filename = distill(nodes_mod, model, clip, saliency, alpha=5.0, rank=3)
+    patched = run(nodes_mod.ApplyErasure, model=model, strength=0.7, lora_name=filename)[0]
+    expected_base = probe(model, clip)
+    lora = sc.load_lora(os.path.join(str(loras), filename), model.model.diffusion_model)
+    with sc.apply_lora(model.model.diffusion_model, lora, 0.7):
+        hooked = probe(model, clip)
+    assert not torch.allclose(hooked, expected_base, atol=1e-6)
+    assert torch.allclose(probe(patched, clip), hooked, atol=1e-4)
+    assert torch.equal(probe(model, clip), expected_base)
+
+
+def test_distill_with_latents_and_checkpointing(pack):
+    nodes_mod, loras = pack
+    model, clip = cf.build_tiny("sd15", seed=4)
+    saliency = scan(nodes_mod, model, clip)[0]
+    with torch.inference_mode():  # a LATENT made by the executor is an inference tensor
+        latent = {"samples": torch.randn(2, 4, RES // 8, RES // 8)}
+    lora_sd, _, filename = distill(nodes_mod, model, clip, saliency, latents=latent, gradient_checkpointing=True)
+    assert os.path.isfile(os.path.join(str(loras), filename)) and lora_sd
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"concepts": "  \n "}, "concept"),
+    ({"surrogates": "A red cat"}, "equals the concept"),
+    ({"retain": "a red cat"}, "retain"),
+    ({"rank": 64}, "rank=64 is larger than module"),
+    ({"steps": 0}, "steps=0"),
+    ({"filename_prefix": "../../escape"}, "filename_prefix"),
+])
+def test_bad_inputs_name_the_input(pack, kw, match):
+    nodes_mod, loras = pack
+    from spare_core.errors import SpareInputError
+    model, clip = cf.build_tiny("sd15", seed=1)
+    saliency = scan(nodes_mod, model, clip)[0]
+    files_before = sorted(os.listdir(loras))
+    with pytest.raises(SpareInputError, match=match):
+        distill(nodes_mod, model, clip, saliency, **kw)
+    assert sorted(os.listdir(loras)) == files_before
+
+
+def test_scan_and_apply_errors(pack, tmp_path):
+    nodes_mod, loras = pack
+    from safetensors.torch import save_file
+    from spare_core.errors import SpareInputError
+    model, clip = cf.build_tiny("sd15", seed=1)
+    with pytest.raises(SpareInputError, match="'concept' is empty"):
+        scan(nodes_mod, model, clip, concept="")
+    with pytest.raises(SpareInputError, match="needs a LoRA"):
+        run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=nodes_mod.NO_FILE)
+    other = {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(4, 2),
+             "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 4)}
+    with pytest.raises(SpareInputError, match="none of its 2 keys matches this model"):
+        run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=nodes_mod.NO_FILE, lora=other)
+
+
+def test_cancel_leaves_no_file(pack):
+    nodes_mod, loras = pack
+    import comfy.model_management as mm
+    model, clip = cf.build_tiny("sd15", seed=1)
+    saliency = scan(nodes_mod, model, clip)[0]
+    files_before = sorted(os.listdir(loras))
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            distill(nodes_mod, model, clip, saliency, steps=50)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert sorted(os.listdir(loras)) == files_before
+    assert all(not m._forward_hooks for m in model.model.diffusion_model.modules())
