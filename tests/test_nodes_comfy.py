@@ -201,3 +201,32 @@ def test_cancel_leaves_no_file(pack):
         mm.interrupt_current_processing(False)
     assert sorted(os.listdir(loras)) == files_before
     assert all(not m._forward_hooks for m in model.model.diffusion_model.modules())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_size_export_maps_every_key(pack, family, caplog):
+    """spare_core's export (both key formats) of a LoRA on EVERY Linear/Conv2d of the full-size UNet (meta device):
+    ComfyUI's loader maps every key, each to the right weight, logging no 'lora key not loaded'."""
+    import comfy.lora
+    import spare_core as sc
+    from spare_core.lora import module_dims
+
+    base = cf.build_full_base_model(family)
+    net = base.diffusion_model
+    candidates = sc.candidate_modules(net, "all")
+    assert len(candidates) > 200
+    modules = {}
+    for path, m in candidates.items():
+        down_shape = (1, *m.weight.shape[1:])
+        up_shape = (m.weight.shape[0], 1, *([1] * (m.weight.dim() - 2)))
+        modules[path] = {"down": torch.zeros(down_shape), "up": torch.zeros(up_shape), "alpha": torch.tensor(1.0)}
+        module_dims(m)  # every candidate is a shape a LoRA can take
+    weights = sc.LoraWeights(modules, {})
+    key_map = comfy.lora.model_lora_keys_unet(base, {})
+    for key_format in ("comfyui", "kohya"):
+        sd = weights.state_dict(key_format, "diffusion_model.")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            patches = comfy.lora.load_lora(sd, key_map)
+        assert not [r for r in caplog.records if "not loaded" in r.getMessage()]
+        assert set(patches) == {f"diffusion_model.{p}.weight" for p in candidates}
