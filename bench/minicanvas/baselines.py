@@ -67,9 +67,9 @@ def _finish(edited, params, started, losses):
     return Edited(edited, n, 2 * n, time.perf_counter() - started, losses)
 
 
-def esd(model, concept: str, variant: str = "x", steps: int = 1000, lr: float = 1e-5, eta: float = 1.0,
+def esd(model, concepts: Sequence[str], variant: str = "x", steps: int = 1000, lr: float = 1e-5, eta: float = 1.0,
         seed: int = 0, ddim_steps: int = 20) -> Edited:
-    """ESD-x (variant "x") or ESD-u (variant "u")."""
+    """ESD-x (variant "x") or ESD-u (variant "u"); one of the concept prompts is drawn per step."""
     started = time.perf_counter()
     edited, frozen = _copy(model), model
     params = _params(edited.network, "cross" if variant == "x" else "non_cross")
@@ -77,11 +77,12 @@ def esd(model, concept: str, variant: str = "x", steps: int = 1000, lr: float = 
         p.requires_grad_(True)
     opt = torch.optim.Adam([p for _, p in params], lr=lr)
     with torch.no_grad():
-        c, u = model.encode([concept]), model.encode([""])
+        c_all, u = model.encode(list(concepts)), model.encode([""])
     gen = torch.Generator().manual_seed(seed)
     sigmas = sigma_schedule(model, ddim_steps)
     losses = []
     for step in range(steps):
+        c = c_all[int(torch.randint(0, c_all.shape[0], (1,), generator=gen))][None]
         # partial sampling with the current (edited) model and the concept prompt, to a random step
         stop = int(torch.randint(1, ddim_steps, (1,), generator=gen))
         noise = torch.randn((1, *model.latent_shape), generator=gen)
@@ -107,17 +108,18 @@ def esd(model, concept: str, variant: str = "x", steps: int = 1000, lr: float = 
     return _finish(edited, params, started, losses)
 
 
-def concept_ablation(model, concept: str, anchor: str, steps: int = 250, lr: float = 2e-6, seed: int = 0,
-                     samples: int = 8, batch_size: int = 4) -> Edited:
+def concept_ablation(model, concepts: Sequence[str], anchors: Sequence[str], steps: int = 250, lr: float = 2e-6,
+                     seed: int = 0, samples: int = 2, batch_size: int = 4) -> Edited:
+    """Pairs concepts[i] -> anchors[i]; x_t from samples of the anchor prompts."""
     started = time.perf_counter()
     edited = _copy(model)
     params = _params(edited.network, "cross_kv")
     for _, p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam([p for _, p in params], lr=lr)
-    x_anchor, _ = generate(model, [anchor], samples, seed)
+    x_anchor, idx = generate(model, list(anchors), samples, seed)
     with torch.no_grad():
-        c_t, c_a = model.encode([concept]), model.encode([anchor])
+        c_t, c_a = model.encode(list(concepts)), model.encode(list(anchors))
     gen = torch.Generator().manual_seed(seed + 1)
     losses = []
     for step in range(steps):
@@ -126,8 +128,8 @@ def concept_ablation(model, concept: str, anchor: str, steps: int = 250, lr: flo
         sigma = model.sigma_at(t)
         xt = model.add_noise(x_anchor[rows], torch.randn(x_anchor[rows].shape, generator=gen), sigma)
         with torch.no_grad():
-            target = model.predict_x0(xt, sigma, c_a.expand(batch_size, *c_a.shape[1:]))
-        pred = edited.predict_x0(xt, sigma, c_t.expand(batch_size, *c_t.shape[1:]))
+            target = model.predict_x0(xt, sigma, c_a[idx[rows]])
+        pred = edited.predict_x0(xt, sigma, c_t[idx[rows]])
         loss = _eps_mse(pred, target, sigma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -138,16 +140,17 @@ def concept_ablation(model, concept: str, anchor: str, steps: int = 250, lr: flo
     return _finish(edited, params, started, losses)
 
 
-def salun(model, concept: str, surrogate: str, retain: Sequence[str], steps: int = 500, lr: float = 1e-5,
-          mask_fraction: float = 0.5, retain_weight: float = 1.0, seed: int = 0, samples: int = 8,
+def salun(model, concepts: Sequence[str], surrogates: Sequence[str], retain: Sequence[str], steps: int = 500,
+          lr: float = 1e-5, mask_fraction: float = 0.5, retain_weight: float = 1.0, seed: int = 0, samples: int = 2,
           batch_size: int = 4) -> Edited:
+    """Pairs concepts[i] -> surrogates[i] for the forgetting loss; retain prompts for the retain loss."""
     started = time.perf_counter()
     edited = _copy(model)
     params = _params(edited.network, "all")
-    x_f, _ = generate(model, [concept], samples, seed)
-    x_r, i_r = generate(model, list(retain), max(1, samples // max(len(retain), 1)), seed + 1)
+    x_f, i_f = generate(model, list(concepts), samples, seed)
+    x_r, i_r = generate(model, list(retain), samples, seed + 1)
     with torch.no_grad():
-        c_f, c_s, c_r = model.encode([concept]), model.encode([surrogate]), model.encode(list(retain))
+        c_f, c_s, c_r = model.encode(list(concepts)), model.encode(list(surrogates)), model.encode(list(retain))
     gen = torch.Generator().manual_seed(seed + 2)
 
     def batch(x, n):
@@ -159,8 +162,8 @@ def salun(model, concept: str, surrogate: str, retain: Sequence[str], steps: int
     def forget_loss(net_model):
         rows, sigma, xt = batch(x_f, batch_size)
         with torch.no_grad():
-            target = model.predict_x0(xt, sigma, c_s.expand(batch_size, *c_s.shape[1:]))
-        return _eps_mse(net_model.predict_x0(xt, sigma, c_f.expand(batch_size, *c_f.shape[1:])), target, sigma)
+            target = model.predict_x0(xt, sigma, c_s[i_f[rows]])
+        return _eps_mse(net_model.predict_x0(xt, sigma, c_f[i_f[rows]]), target, sigma)
 
     # weight saliency mask: |grad of the forgetting loss| accumulated over a few batches, global top fraction
     for _, p in params:

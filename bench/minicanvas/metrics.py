@@ -1,0 +1,46 @@
+"""UnlearnCanvas metrics, as pure functions on classifier predictions (see ../shared/docs/method.md).
+
+For a concept k erased from domain D (style or object), over a grid of generations (style s, object o):
+- UA  (unlearning accuracy)  = 1 - accuracy of D's classifier on the images whose prompt asks for k
+- IRA (in-domain retain)     = accuracy of D's classifier on the images whose prompt asks for another class of D
+- CRA (cross-domain retain)  = accuracy of the other domain's classifier on those same non-target images
+All as percentages. Quality: Frechet distance between Gaussian fits of classifier features.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def erasure_metrics(domain: str, target: int, style_true: torch.Tensor, object_true: torch.Tensor,
+                    style_pred: torch.Tensor, object_pred: torch.Tensor) -> dict[str, float]:
+    """UA / IRA / CRA (percent) for `target` of `domain` ("style" or "object") from per-image labels/predictions."""
+    if domain not in ("style", "object"):
+        raise ValueError(f"domain must be 'style' or 'object', not {domain!r}")
+    own_true, own_pred = (style_true, style_pred) if domain == "style" else (object_true, object_pred)
+    other_true, other_pred = (object_true, object_pred) if domain == "style" else (style_true, style_pred)
+    hit = own_true == target
+    if not hit.any() or hit.all():
+        raise ValueError("the grid needs images that ask for the target and images that do not")
+    ua = 100.0 * (1.0 - (own_pred[hit] == target).float().mean().item())
+    ira = 100.0 * (own_pred[~hit] == own_true[~hit]).float().mean().item()
+    cra = 100.0 * (other_pred[~hit] == other_true[~hit]).float().mean().item()
+    return {"UA": ua, "IRA": ira, "CRA": cra}
+
+
+def unlearning_accuracy(pred: torch.Tensor, target: int) -> float:
+    """1 - share of images classified as `target`, percent (e.g. for prompts naming the target by a synonym)."""
+    return 100.0 * (1.0 - (pred == target).float().mean().item())
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to feature sets a [N, D] and b [M, D] (as FID, other features).
+
+    tr(sqrt(S1 S2)) is the sum of the square roots of the eigenvalues of S1 S2 (real and >= 0 for PSD S1, S2), so
+    numpy suffices (hand-written to avoid a scipy dependency for one matrix square root)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    eig = np.linalg.eigvals(s1 @ s2)
+    tr_sqrt = np.sqrt(np.clip(eig.real, 0, None)).sum()
+    return float(max(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt, 0.0))
