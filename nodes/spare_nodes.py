@@ -278,7 +278,9 @@ class ApplyErasure(io.ComfyNode):
                 io.LoraModel.Input("lora", optional=True,
                                    tooltip="An erasure LoRA from Sparse LoRA Distill (used instead of lora_name)."),
             ],
-            outputs=[io.Model.Output("model", tooltip="The model with the concept erased.")],
+            # No output id: V3 requires ids unique across inputs and outputs ("model" is the input); the socket
+            # is still labelled "model".
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the concept erased.")],
         )
 
     @classmethod

@@ -102,7 +102,7 @@ def esd(model, concepts: Sequence[str], variant: str = "x", steps: int = 1000, l
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     for _, p in params:
         p.requires_grad_(False)
     return _finish(edited, params, started, losses)
@@ -134,7 +134,7 @@ def concept_ablation(model, concepts: Sequence[str], anchors: Sequence[str], ste
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     for _, p in params:
         p.requires_grad_(False)
     return _finish(edited, params, started, losses)
@@ -193,7 +193,7 @@ def salun(model, concepts: Sequence[str], surrogates: Sequence[str], retain: Seq
         for n, p in params:
             p.grad.mul_(masks[n])
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     for _, p in params:
         p.requires_grad_(False)
     changed = int(sum(m.sum() for m in masks.values()))
