@@ -92,7 +92,24 @@ class LoraAdapter(nn.Module):
         return nn.functional.conv2d(h, self.up_weight()) * self.scale
 
 
-class AdapterSet:
+class _Hooks:
+    """Forward-hook handles that `remove()` (or leaving a `with` block) takes off the network."""
+
+    _handles: list
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+class AdapterSet(_Hooks):
     """Adapters hooked onto a network's modules. `enabled` toggles them (teacher = disabled, student = enabled)."""
 
     def __init__(self, network: nn.Module, adapters: Mapping[str, LoraAdapter]):
@@ -116,16 +133,6 @@ class AdapterSet:
     def parameters(self) -> list[nn.Parameter]:
         return [p for a in self.adapters.values() for p in a.parameters()]
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
 
 
 def attach(network: nn.Module, paths: Iterable[str], rank: int, alpha: float,
@@ -283,7 +290,7 @@ def load_lora(path: str, network: nn.Module, prefix: str = "diffusion_model.") -
     return LoraWeights.from_state_dict(sd, network, prefix, meta, source=f"LoRA file '{os.path.basename(path)}'")
 
 
-class AppliedLora:
+class AppliedLora(_Hooks):
     """Forward hooks adding a LoRA at `strength`; `remove()` (or leaving the `with` block) restores the network."""
 
     def __init__(self, network: nn.Module, lora: LoraWeights, strength: float):
@@ -323,16 +330,6 @@ class AppliedLora:
             return output + (scale * delta).to(output.dtype)
         return hook
 
-    def remove(self):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
 
 
 def apply_lora(network: nn.Module, lora: LoraWeights, strength: float = 1.0) -> AppliedLora:

@@ -73,17 +73,23 @@ def _axes(d: ImageDraw.ImageDraw, box, xlabel: str, ylabel: str, font):
     d.text((4, y0 - 14), ylabel, fill=FG, font=font)
 
 
+def _plot_canvas(title: str, xlabel: str):
+    """A 512x300 dark canvas with a titled, framed plot area; returns (image, draw, font, plot box)."""
+    img = Image.new("RGB", (512, 300), BG)
+    d = ImageDraw.Draw(img)
+    font = _font()
+    box = (40, 40, 512 - 20, 300 - 40)
+    d.text((6, 4), title, fill=FG, font=font)
+    _axes(d, box, xlabel, "", font)
+    return img, d, font, box
+
+
 def timestep_plot(edges: Sequence[float], divergence: Sequence[float], probs: Sequence[float],
                   title: str = "") -> np.ndarray:
     """Bars: sampling probability per t bin; line: normalised divergence D(t)."""
-    w, h = 512, 300
-    img = Image.new("RGB", (w, h), BG)
-    d = ImageDraw.Draw(img)
-    font = _font()
-    box = (40, 40, w - 20, h - 40)
-    d.text((6, 4), title or "SPARE timestep profile", fill=FG, font=font)
-    _axes(d, box, "t: 0 = clean ... 1 = noisiest   bars: sampling probability, line: concept/surrogate gap D(t)",
-          "", font)
+    img, d, font, box = _plot_canvas(
+        title or "SPARE timestep profile",
+        "t: 0 = clean ... 1 = noisiest   bars: sampling probability, line: concept/surrogate gap D(t)")
     x0, y0, x1, y1 = box
     pmax = max(probs) or 1.0
     dmax = max(divergence) or 1.0
@@ -103,13 +109,8 @@ def timestep_plot(edges: Sequence[float], divergence: Sequence[float], probs: Se
 
 def loss_plot(losses: Sequence[dict], title: str = "") -> np.ndarray:
     """Total, forget and retain loss per step (log scale)."""
-    w, h = 512, 300
-    img = Image.new("RGB", (w, h), BG)
-    d = ImageDraw.Draw(img)
-    font = _font()
-    box = (40, 40, w - 20, h - 40)
-    d.text((6, 4), title or "SPARE distillation loss (log scale)", fill=FG, font=font)
-    _axes(d, box, "step   orange: forget, blue: retain, white: total", "", font)
+    img, d, font, box = _plot_canvas(title or "SPARE distillation loss (log scale)",
+                                     "step   orange: forget, blue: retain, white: total")
     if not losses:
         return _to_array(img)
     x0, y0, x1, y1 = box
