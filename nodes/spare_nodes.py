@@ -219,6 +219,9 @@ class SparseLoraDistill(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Recompute activations in backward: less VRAM, slower."),
                 resolution_input(),
+                io.Int.Input("samples", default=4, min=1, max=64,
+                             tooltip="Self-generated training samples per prompt (concept, surrogate-free retain "
+                                     "lines and the empty prompt). More = steadier, slower start."),
             ],
             outputs=[
                 io.LoraModel.Output("lora", tooltip="The erasure LoRA (ComfyUI's LORA_MODEL; 'Load LoRA Model' "
@@ -231,11 +234,11 @@ class SparseLoraDistill(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concepts, surrogates, retain, saliency, rank, alpha, steps, learning_rate,
                 forget_weight, retain_weight, seed, filename_prefix, key_format, gradient_checkpointing, resolution,
-                timesteps=None, latents=None):
-        samples = None
+                samples=4, timesteps=None, latents=None):
+        given = None
         if latents is not None:
-            samples = latents["samples"]
-            resolution_hw = (samples.shape[-2] * 8, samples.shape[-1] * 8)
+            given = latents["samples"]
+            resolution_hw = (given.shape[-2] * 8, given.shape[-1] * 8)
         else:
             resolution_hw = (resolution, resolution)
         if key_format not in KEY_FORMATS:
@@ -244,12 +247,12 @@ class SparseLoraDistill(io.ComfyNode):
         config = sc.DistillConfig(
             concepts=lines(concepts), surrogates=lines(surrogates), retain=lines(retain), rank=rank, alpha=alpha,
             steps=steps, lr=learning_rate, forget_weight=forget_weight, retain_weight=retain_weight, seed=seed,
-            gradient_checkpointing=gradient_checkpointing)
+            samples_per_prompt=samples, gradient_checkpointing=gradient_checkpointing)
         sc.distill_validate(config, saliency)  # fail fast, before any model loading or sampling
         folder, name = output_path(filename_prefix)  # also validated before training
         dm.encode(config.concepts + config.surrogates + config.retain + [""])  # cached; CLIP loads before the model
         with trainable(dm):
-            result = sc.distill(dm, config, saliency, timesteps, samples, progress=Progress("distill"),
+            result = sc.distill(dm, config, saliency, timesteps, given, progress=Progress("distill"),
                                 should_stop=should_stop)
         result.lora.metadata["spare.base_model"] = type(model.model).__name__
         path = os.path.join(folder, name)

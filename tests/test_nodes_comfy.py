@@ -68,7 +68,7 @@ def scan(nodes_mod, model, clip, **kw):
 
 def distill(nodes_mod, model, clip, saliency, **kw):
     args = dict(model=model, clip=clip, concepts="a red cat", surrogates="a plain house", retain="a blue dog",
-                saliency=saliency, rank=2, alpha=2.0, steps=3, learning_rate=1e-2, forget_weight=0.3,
+                saliency=saliency, rank=2, alpha=2.0, steps=3, learning_rate=1e-2, forget_weight=0.3, samples=1,
                 retain_weight=1.0, seed=0, filename_prefix="spare/test", key_format="comfyui",
                 gradient_checkpointing=False, resolution=RES)
     args.update(kw)

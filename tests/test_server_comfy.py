@@ -46,7 +46,7 @@ EXPECTED_NODES = {
                               "uniform_floor", "resolution"], [], ["SPARE_TIMESTEPS", "IMAGE", "STRING"]),
     "SPARESparseLoraDistill": (["model", "clip", "concepts", "surrogates", "retain", "saliency", "rank", "alpha",
                                 "steps", "learning_rate", "forget_weight", "retain_weight", "seed", "filename_prefix",
-                                "key_format", "gradient_checkpointing", "resolution"], ["timesteps", "latents"],
+                                "key_format", "gradient_checkpointing", "resolution", "samples"], ["timesteps", "latents"],
                                ["LORA_MODEL", "IMAGE", "STRING"]),
     "SPAREApplyErasure": (["model", "strength", "lora_name"], ["lora"], ["MODEL"]),
 }
@@ -190,7 +190,7 @@ def tiny_prompt(workflow: dict, object_info: dict, family: str = "sd15", **extra
     small = {
         "SPARESaliencyScan": {"samples": 1, "resolution": 64},
         "SPARETimestepProfile": {"samples": 1, "bins": 4, "resolution": 64},
-        "SPARESparseLoraDistill": {"steps": 3, "resolution": 64},
+        "SPARESparseLoraDistill": {"steps": 3, "resolution": 64, "samples": 1},
         "KSampler": {"steps": 2},
         "EmptyLatentImage": {"width": 64, "height": 64},
     }
