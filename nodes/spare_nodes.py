@@ -117,6 +117,7 @@ class SaliencyScan(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, retain, samples, seed, selection, top_k, targets, resolution):
+        require_supported(model)
         dm = ComfyDiffusionModel(model, clip, resolution, resolution)
         concepts = require_lines(concept, "concept")
         dm.encode(concepts + lines(retain) + [""])  # encode (and cache) before the model is loaded for training
@@ -162,6 +163,7 @@ class TimestepProfileNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, surrogate, bins, samples, seed, sharpness, uniform_floor, resolution):
+        require_supported(model)
         dm = ComfyDiffusionModel(model, clip, resolution, resolution)
         dm.encode(require_lines(concept, "concept") + require_lines(surrogate, "surrogate") + [""])
         dm.load()
@@ -235,6 +237,7 @@ class SparseLoraDistill(io.ComfyNode):
     def execute(cls, model, clip, concepts, surrogates, retain, saliency, rank, alpha, steps, learning_rate,
                 forget_weight, retain_weight, seed, filename_prefix, key_format, gradient_checkpointing, resolution,
                 samples=4, timesteps=None, latents=None):
+        require_supported(model)
         given = None
         if latents is not None:
             given = latents["samples"]
@@ -315,6 +318,19 @@ def patch_model(model, lora_sd: dict, strength: float, source: str):
     patched = model.clone()
     patched.add_patches(patches, strength)
     return patched
+
+
+def require_supported(model) -> None:
+    """SPARE trains UNet families (SD1.x, SD2.x, SDXL: ComfyUI's openaimodel.UNetModel). DiT families (Flux, SD3,
+    ...) are refused by name: their training path (in-place residual adds in Flux's blocks break backward) and LoRA
+    keys are not proven here."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    net = model.model.diffusion_model
+    if not isinstance(net, UNetModel):
+        raise SpareInputError(
+            f"model: {type(model.model).__name__} models ({type(net).__name__} denoiser) are not supported yet; "
+            "SPARE for ComfyUI erases concepts from SD1.5, SD2.x and SDXL (UNet) models.")
 
 
 def require_lines(text: str, name: str) -> list[str]:
