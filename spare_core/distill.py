@@ -157,6 +157,8 @@ def distill(
             gen = torch.Generator().manual_seed(cfg.seed + 2)
             losses = []
             autocast = dict(device_type=dev.type, dtype=model.dtype, enabled=model.dtype != torch.float32)
+            # fp16 activations can underflow in backward: scale the loss (no-op for fp32/bf16 and on the CPU).
+            scaler = torch.amp.GradScaler(dev.type, enabled=model.dtype == torch.float16 and dev.type == "cuda")
 
             def pair_loss(x0, cond_student, cond_teacher, t):
                 sigma = model.sigma_at(t).float().to(dev)
@@ -192,10 +194,12 @@ def distill(
                 if not math.isfinite(value):
                     raise NonFiniteLossError(step + 1, value)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 losses.append({"step": step + 1, "loss": value, "forget": float(forget.detach()),
                                "retain": float(retain.detach()), "lr": sched.get_last_lr()[0]})
                 sched.step()
