@@ -25,7 +25,7 @@ import spare_core as sc
 
 from . import baselines, data, metrics
 from .classifiers import load_classifiers
-from .model import load as load_model
+from .model import load as load_model  # noqa: F401  (re-exported for curve.py)
 
 STYLES = [c.name for c in data.STYLES if c.name != data.NEUTRAL_STYLE]
 OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJECT]

@@ -1,0 +1,66 @@
+"""UA versus training steps, timestep profile versus uniform timesteps (the claim SPARE's stage 3 must earn).
+
+    python -m bench.minicanvas.curve --concepts ukiyo,star --steps 25,50,100,200 --out curve.json
+
+For each concept and step budget, SPARE is trained twice from the same seed — once with the timestep profile, once
+with uniform timesteps — and UA is measured on the concept's own prompts (every object / every style, `seeds` seeds).
+A budget is a separate run (cosine schedule to 0 at that budget), as a user would run it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from . import data, harness, metrics
+
+
+def ua_curve(model, judge, domain, name, budgets, seeds=2, sample_steps=12, log=print):
+    target = (data.style_index if domain == "style" else data.object_index)(name)
+    prompts, ls, lo, sd = harness.grid(seeds)
+    rows = ((ls if domain == "style" else lo) == target).nonzero().flatten().tolist()
+    prompts, sd = [prompts[i] for i in rows], [sd[i] for i in rows]
+    out = {}
+    for method in ("spare", "spare-uniform-t"):
+        out[method] = []
+        for steps in budgets:
+            budget = harness.Budget().scaled(1.0, seeds)
+            budget.spare = steps
+            edited, info = harness.run_method(method, model, domain, name, budget)
+            images = harness.sample_edited(model, edited, prompts, sd, sample_steps)
+            ua = metrics.unlearning_accuracy(judge(images)[domain], target)
+            out[method].append({"steps": steps, "UA": ua, "seconds": info["seconds"]})
+            log(f"{domain} {name:10s} {method:16s} steps {steps:4d} UA {ua:6.2f} ({info['seconds']:.1f}s)")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.curve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concepts", default="ukiyo,neon,star,heart")
+    ap.add_argument("--steps", default="25,50,100,200")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--out", default="curve.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    budgets = [int(s) for s in args.steps.split(",")]
+    model, judge = harness.load_model(), harness.Judge()
+    started = time.time()
+    result = {"meta": {"date": time.strftime("%Y-%m-%d"), "command": "python -m bench.minicanvas.curve "
+                       + " ".join(argv if argv is not None else __import__("sys").argv[1:]), "seeds": args.seeds},
+              "concepts": {}}
+    for name in [c.strip() for c in args.concepts.split(",") if c.strip()]:
+        domain = "style" if name in harness.STYLES else "object"
+        result["concepts"][name] = ua_curve(model, judge, domain, name, budgets, args.seeds)
+    result["meta"]["wall_seconds"] = round(time.time() - started, 1)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
