@@ -253,3 +253,25 @@ def test_dit_families_are_refused_by_name(pack):
             seed=0, sharpness=1.0, uniform_floor=0.2, resolution=RES)
     with pytest.raises(SpareInputError, match="Flux models"):
         distill(nodes_mod, flux, clip, None)
+
+
+def test_bf16_model_trains_under_autocast(pack):
+    """A bf16 SD1.5 MODEL (weights and compute in bf16): Distill trains with autocast, the fp32 adapters get finite
+    updates, and the file applies with the stock loader."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    nodes_mod, loras = pack
+    config = cf._model_config("sd15", dict(cf.TINY_UNET["sd15"]), tiny=True)
+    config.set_inference_dtype(torch.bfloat16, None)
+    base = cf._base_model("sd15", config)
+    cf.init_params_(base.diffusion_model, 5)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                             offload_device=mm.unet_offload_device())
+    assert base.get_dtype() == torch.bfloat16
+    clip = cf.build_tiny_clip("sd15")
+    saliency = scan(nodes_mod, model, clip)[0]
+    lora_sd, curve, filename = distill(nodes_mod, model, clip, saliency, steps=3)
+    ups = [v for k, v in lora_sd.items() if k.endswith("lora_up.weight")]
+    assert ups and all(torch.isfinite(u.float()).all() for u in ups) and any(u.abs().sum() > 0 for u in ups)
+    patched = run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=filename)[0]
+    assert torch.isfinite(probe(patched, clip)).all()
