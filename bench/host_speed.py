@@ -3,6 +3,7 @@ step and peak RSS, with and without gradient checkpointing.
 
     COMFYUI_PATH=/path/to/ComfyUI .venv-comfy/bin/python bench/host_speed.py --family sd15 --latent 32 --steps 3
 
+Steps after the first are timed (wall and process CPU seconds; CPU time is the steadier figure on a shared machine).
 Each configuration runs in its own subprocess so that peak RSS is its own. The UNet is the family's real full-size
 ComfyUI model (comfy.supported_models config -> BaseModel -> ModelPatcher) filled with random weights; the text
 encoder is ComfyUI's CLIP class at the real width but one-to-three layers (only its output width matters here, and
@@ -64,10 +65,13 @@ def one(family: str, latent: int, steps: int, checkpointing: bool, cpu: bool) ->
     dm.encode(cfg.concepts + cfg.surrogates + cfg.retain + [""])
     with torch.inference_mode():  # as under the executor
         with host.trainable(dm):
-            result = sc.distill(dm, cfg, saliency, progress=lambda s, n, loss: stamps.append(time.perf_counter()))
-    per_step = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+            result = sc.distill(dm, cfg, saliency, progress=lambda s, n, loss: stamps.append(
+                (time.perf_counter(), time.process_time())))
+    per_step = (stamps[-1][0] - stamps[0][0]) / max(len(stamps) - 1, 1)
+    cpu_per_step = (stamps[-1][1] - stamps[0][1]) / max(len(stamps) - 1, 1)
     out = {"family": family, "latent": latent, "pixels": latent * 8, "checkpointing": checkpointing,
-           "steps": steps, "seconds_per_step": round(per_step, 3), "build_seconds": round(build_s, 1),
+           "steps": steps, "seconds_per_step": round(per_step, 3),
+           "cpu_seconds_per_step": round(cpu_per_step, 3), "torch_threads": torch.get_num_threads(), "build_seconds": round(build_s, 1),
            "unet_params_M": round(sum(p.numel() for p in base.diffusion_model.parameters()) / 1e6, 1),
            "adapted_modules": len(saliency.selected), "trainable_params": result.trainable_params,
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0),
