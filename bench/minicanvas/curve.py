@@ -45,7 +45,7 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--out", default="curve.json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(int(os.environ.get("MINICANVAS_THREADS", "1")))  # 2 threads on 2 shared cores ran ~100x slower
     budgets = [int(s) for s in args.steps.split(",")]
     model, judge = harness.load_model(), harness.Judge()
     started = time.time()

@@ -33,7 +33,7 @@ def main(argv=None):
         domain = "object"
     else:
         ap.error(f"unknown concept {args.concept!r}; styles: {harness.STYLES}; objects: {harness.OBJECTS}")
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(int(os.environ.get("MINICANVAS_THREADS", "1")))  # 2 threads on 2 shared cores ran ~100x slower
     os.makedirs(args.out, exist_ok=True)
     model = load_model()
     judge = harness.Judge()

@@ -187,7 +187,7 @@ def evaluate(judge, images, labels_s, labels_o, domain, target):
 
 
 def run(methods=METHODS, concepts=None, budget=None, log=print):
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(int(os.environ.get("MINICANVAS_THREADS", "1")))  # 2 threads on 2 shared cores ran ~100x slower
     budget = budget or Budget()
     concepts = concepts or {"style": STYLES, "object": OBJECTS}
     model = load_model()
