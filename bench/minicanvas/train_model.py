@@ -1,0 +1,155 @@
+"""Train the MiniCanvas diffusion model from scratch on CPU and ship its weights.
+
+    python -m bench.minicanvas.train_model                       # full run -> bench/minicanvas/weights/
+    python -m bench.minicanvas.train_model --steps 300 --out bench/minicanvas/_work/quick.safetensors
+
+Data: DATA_VARIANTS rendered variants (seeds) of every (style, object) pair, each drawn with a fresh random prompt
+(template, canonical name or synonym) every time it is used; PROMPT_DROPOUT of prompts are "" for classifier-free
+guidance. Objective: V-prediction MSE (EDM's loss weighting in x0 space), log sigma ~ N(P_MEAN, P_STD) clipped to
+the model's range (EDM's training distribution: the middle noise levels, where shapes and styles are decided).
+AdamW with warmup + cosine decay; the shipped weights are the EMA of the trained ones. Deterministic given --seed (on the same torch build).
+"""
+from __future__ import annotations
+
+import os
+
+# libgomp's default busy-waiting makes 2 threads ~7x slower than 1 when the cores are shared with other processes
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import math
+import pathlib
+import time
+
+import numpy as np
+import torch
+
+from . import data
+from .model import MODEL_FILE, MiniCanvasConfig, MiniCanvasModel, to_latent
+
+WORK = pathlib.Path(__file__).parent / "_work"
+
+STEPS = 3000
+BATCH = 64
+LR = 1e-3
+WARMUP = 100
+FINAL_LR_FRACTION = 0.05
+EMA_DECAY = 0.995
+GRAD_CLIP = 1.0
+P_MEAN, P_STD = -0.8, 1.3
+PROMPT_DROPOUT = 0.1
+DATA_VARIANTS = 48         # rendered images per (style, object) pair
+DATA_SEED_OFFSET = 0       # training images use seeds [0, DATA_VARIANTS); classifiers' held-out set uses others
+
+
+def render_bank(variants: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All pairs x variants: latents [N, 3, 32, 32] in [-1, 1], style ids [N], object ids [N]."""
+    ns, no = len(data.STYLES), len(data.OBJECTS)
+    imgs, st, ob = [], [], []
+    for s in range(ns):
+        for o in range(no):
+            seeds = list(range(DATA_SEED_OFFSET, DATA_SEED_OFFSET + variants))
+            imgs.append(data.render_batch([s] * variants, [o] * variants, seeds))
+            st += [s] * variants
+            ob += [o] * variants
+    return to_latent(torch.cat(imgs)), torch.tensor(st), torch.tensor(ob)
+
+
+def lr_at(step: int, steps: int, lr: float = LR) -> float:
+    if step < WARMUP:
+        return lr * (step + 1) / WARMUP
+    p = (step - WARMUP) / max(1, steps - WARMUP)
+    return lr * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def canonical_grid_prompts() -> tuple[list[str], int]:
+    """One canonical UnlearnCanvas prompt per (style, object): rows = styles, columns = objects."""
+    return [data.prompt(s.name, o.name) for s in data.STYLES for o in data.OBJECTS], len(data.OBJECTS)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", type=int, default=DATA_VARIANTS)
+    ap.add_argument("--channels", type=int, default=MiniCanvasConfig.model_channels)
+    ap.add_argument("--attention-levels", type=str, default=",".join(map(str, MiniCanvasConfig.attention_levels)))
+    ap.add_argument("--lr", type=float, default=LR)
+    ap.add_argument("--text-layers", type=int, default=MiniCanvasConfig.text_layers)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=pathlib.Path, default=MODEL_FILE)
+    ap.add_argument("--grid", type=str, default=str(WORK / "model_grid.png"), help='"" to skip the sample grid')
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    t_start, c_start = time.time(), time.process_time()
+
+    x_bank, s_bank, o_bank = render_bank(args.variants)
+    print(f"rendered {len(x_bank)} training images in {time.time() - t_start:.1f}s", flush=True)
+
+    model = MiniCanvasModel(MiniCanvasConfig(
+        model_channels=args.channels, text_layers=args.text_layers, attention_levels=tuple(int(a) for a in args.attention_levels.split(","))))
+    params = list(model.network.parameters()) + list(model.text_encoder.parameters())
+    n_unet = sum(p.numel() for p in model.network.parameters())
+    n_text = sum(p.numel() for p in model.text_encoder.parameters())
+    print(f"parameters: unet {n_unet / 1e6:.2f}M, text encoder {n_text / 1e6:.2f}M", flush=True)
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+
+    losses = []
+    for step in range(args.steps):
+        idx = torch.from_numpy(rng.integers(len(x_bank), size=args.batch))
+        x0 = x_bank[idx]
+        prompts = ["" if rng.random() < PROMPT_DROPOUT else data.training_prompt(rng, int(s), int(o))
+                   for s, o in zip(s_bank[idx], o_bank[idx])]
+        z = (torch.arange(args.batch) + torch.rand(args.batch)) / args.batch  # stratified normal quantiles
+        z = torch.special.ndtri(z[torch.randperm(args.batch)].clamp(1e-4, 1 - 1e-4))
+        sigma = torch.exp(P_MEAN + P_STD * z).clamp(model.cfg.sigma_min, model.cfg.sigma_max)
+        x_t = model.add_noise(x0, torch.randn_like(x0), sigma)
+        pred = model.predict_v(x_t, sigma, model.encode(prompts))
+        loss = (pred - model.v_target(x0, x_t, sigma)).pow(2).mean()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        opt.step()
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0 or step == 0:
+            print(f"step {step + 1}/{args.steps} loss {np.mean(losses[-50:]):.4f} lr {lr_at(step, args.steps, args.lr):.2e} "
+                  f"wall {time.time() - t_start:.0f}s cpu {time.process_time() - c_start:.0f}s", flush=True)
+
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    wall, cpu = time.time() - t_start, time.process_time() - c_start
+    print(f"TRAINING TIME: wall {wall:.0f}s ({wall / 60:.1f} min), process cpu {cpu:.0f}s "
+          f"({cpu / 60:.1f} min over {args.threads} threads)", flush=True)
+    model.save(args.out, metadata={"steps": str(args.steps), "batch": str(args.batch), "seed": str(args.seed),
+                                   "variants": str(args.variants), "lr": str(args.lr), "train_wall_s": f"{wall:.0f}",
+                                   "train_cpu_s": f"{cpu:.0f}", "p_mean": str(P_MEAN), "p_std": str(P_STD),
+                                   "objective": "v", "sigma_min": str(model.cfg.sigma_min),
+                                   "sigma_max": str(model.cfg.sigma_max)})
+    print(f"saved {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)", flush=True)
+
+    if not str(args.grid):
+        return
+    model.network.eval()
+    model.text_encoder.eval()
+    prompts, ncol = canonical_grid_prompts()
+    imgs = model.sample(prompts, seed=1000, steps=20, cfg=4.0)
+    args.grid = pathlib.Path(args.grid)
+    args.grid.parent.mkdir(parents=True, exist_ok=True)
+    data.grid_image(imgs, ncol, scale=4).save(args.grid)
+    print(f"sample grid -> {args.grid}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
