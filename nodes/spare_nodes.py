@@ -262,8 +262,12 @@ class SparseLoraDistill(io.ComfyNode):
         sc.save_lora(path, result.lora, key_format=key_format, prefix=dm.key_prefix)
         rel = os.path.relpath(path, loras_root()).replace(os.sep, "/")
         log.info("SPARE: saved %s (%d modules, rank %d, %.1fs)", rel, len(result.lora.modules), rank, result.seconds)
+        title = None
+        if result.warning:
+            log.warning("SPARE: %s", result.warning)
+            title = "WARNING: forget loss barely moved - see console"
         sd = result.lora.state_dict(key_format, dm.key_prefix)
-        return io.NodeOutput(sd, image(render.loss_plot(result.losses)), rel)
+        return io.NodeOutput(sd, image(render.loss_plot(result.losses, title or "")), rel)
 
 
 class ApplyErasure(io.ComfyNode):

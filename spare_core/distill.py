@@ -63,6 +63,24 @@ class DistillResult:
     trainable_params: int
     config: DistillConfig
 
+    probe: tuple[float, float] = (0.0, 0.0)  # forget loss on a fixed probe batch, before and after training
+
+    @property
+    def forget_reduction(self) -> float:
+        """Relative drop of the forget loss on the fixed probe batch (0 = no progress, 1 = gap closed). The per-step
+        losses are not used: they swing with the sampled timestep."""
+        before, after = self.probe
+        return 0.0 if before <= 0 else 1.0 - after / before
+
+    @property
+    def warning(self) -> str | None:
+        """A plain-words warning when training visibly did not work (a trainer that reports success while nothing
+        was learned is a known failure of other tools); None when the forget loss dropped by at least 20%."""
+        if self.forget_reduction < 0.2:
+            return (f"the forget loss dropped only {100 * self.forget_reduction:.0f}% over {len(self.losses)} steps: "
+                    "the concept is probably not erased yet; raise steps or learning_rate, or select more modules")
+        return None
+
 
 def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     """Check every user input; returns a copy with prompts stripped. Raises SpareInputError naming the input."""
@@ -160,9 +178,9 @@ def distill(
             # fp16 activations can underflow in backward: scale the loss (no-op for fp32/bf16 and on the CPU).
             scaler = torch.amp.GradScaler(dev.type, enabled=model.dtype == torch.float16 and dev.type == "cuda")
 
-            def pair_loss(x0, cond_student, cond_teacher, t):
+            def pair_loss(x0, cond_student, cond_teacher, t, generator=None):
                 sigma = model.sigma_at(t).float().to(dev)
-                noise = torch.randn(x0.shape, generator=gen).to(dev)
+                noise = torch.randn(x0.shape, generator=generator or gen).to(dev)
                 xt = model.add_noise(x0, noise, sigma)
                 s = sigma.view(-1, *[1] * (x0.dim() - 1))
                 adapters.enabled = False
@@ -173,6 +191,18 @@ def distill(
                     pred = model.predict_x0(xt, sigma, cond_student).float()
                 return (((pred - target) / s) ** 2).mean()
 
+            # A fixed probe batch (same x_t, t, prompts before and after) measures whether training did anything.
+            probe_rows = torch.linspace(0, x_forget.shape[0] - 1, min(4, x_forget.shape[0])).long()  # every concept
+            probe_t = torch.linspace(0.3, 0.9, len(probe_rows))
+
+            @torch.no_grad()
+            def probe_loss():
+                ids = i_forget[probe_rows]
+                return float(pair_loss(x_forget[probe_rows], model.select_cond(c_concept, ids),
+                                       model.select_cond(c_surrogate, ids), probe_t,
+                                       torch.Generator().manual_seed(cfg.seed + 3)))
+
+            probe_before = probe_loss()
             for step in range(cfg.steps):
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"cancelled at step {step} of {cfg.steps}; nothing was saved")
@@ -217,10 +247,12 @@ def distill(
                 "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
                 "ss_max_train_steps": str(cfg.steps), "ss_seed": str(cfg.seed), "ss_learning_rate": str(cfg.lr),
             }
+            probe_after = probe_loss()
+            meta["spare.forget_reduction"] = f"{1.0 - probe_after / probe_before:.4f}" if probe_before > 0 else "0"
             lora = LoraWeights.from_adapters(adapters, meta)
         finally:
             adapters.remove()
-    return DistillResult(lora, losses, time.perf_counter() - started, trainable, cfg)
+    return DistillResult(lora, losses, time.perf_counter() - started, trainable, cfg, (probe_before, probe_after))
 
 
 @contextlib.contextmanager

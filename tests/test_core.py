@@ -345,3 +345,10 @@ def test_gradient_checkpointing_same_result(model, saliency):
     for p in a.lora.modules:
         assert torch.allclose(a.lora.modules[p]["up"], b.lora.modules[p]["up"], atol=1e-6)
     assert all("forward" not in m.__dict__ for m in model.network.modules())
+
+
+def test_training_that_did_nothing_is_reported(model, saliency, trained):
+    result, _ = trained
+    assert result.forget_reduction > 0.2 and result.warning is None
+    idle = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=10, lr=1e-9, **FAST), saliency)
+    assert idle.forget_reduction < 0.2 and "probably not erased" in idle.warning
