@@ -15,7 +15,9 @@ and LoRA keys look like ComfyUI's: `diffusion_model.input_blocks.1.1.transformer
   denoised = x_t * sd^2 / (sigma^2 + sd^2) - v * sigma * sd / sqrt(sigma^2 + sd^2). An EPS network would have to
   learn the identity at high noise (eps ~ x_t / sigma) to a precision of 1 / sigma; v does not, which is what makes
   a 30-minute CPU training work. sigma_at(t) is log-linear in [SIGMA_MIN, SIGMA_MAX] and the network's timestep input
-  is 1000 * t (like SD's discrete timesteps).
+  is 1000 * t (like SD's discrete timesteps). Training draws t ~ U[0, 1]. SIGMA_MAX is EDM's 80: on 32 x 32 images
+  the mean colour of x_t (which is what decides the style) is hidden from the model only at very high noise, so the
+  prompt must be learnt and obeyed there.
 - sampling: DPM-Solver++(2M) (k-diffusion's `sample_dpmpp_2m`) or Euler on a Karras schedule, with classifier-free
   guidance (the model is trained with 10% of prompts dropped to "").
 """
@@ -38,7 +40,7 @@ MODEL_FILE = WEIGHTS_DIR / "minicanvas_model.safetensors"
 KEY_PREFIX = "diffusion_model."
 TEXT_PREFIX = "text_encoder."
 SIGMA_MIN = 0.02
-SIGMA_MAX = 10.0
+SIGMA_MAX = 80.0
 SIGMA_DATA = 0.5
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
