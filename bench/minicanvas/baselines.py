@@ -62,7 +62,17 @@ def _copy(model):
     return edited
 
 
+def _step(opt, loss, losses):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    losses.append(float(loss.detach()))
+
+
 def _finish(edited, params, started, losses):
+    """Freeze the edited copy again and record what changed."""
+    for _, p in params:
+        p.requires_grad_(False)
     n = sum(p.numel() for _, p in params)
     return Edited(edited, n, 2 * n, time.perf_counter() - started, losses)
 
@@ -99,12 +109,7 @@ def esd(model, concepts: Sequence[str], variant: str = "x", steps: int = 1000, l
             target = e_u - eta * (e_c - e_u)
         pred = edited.predict_x0(x, s, c)
         loss = _eps_mse(pred, target, s)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    for _, p in params:
-        p.requires_grad_(False)
+        _step(opt, loss, losses)
     return _finish(edited, params, started, losses)
 
 
@@ -131,12 +136,7 @@ def concept_ablation(model, concepts: Sequence[str], anchors: Sequence[str], ste
             target = model.predict_x0(xt, sigma, c_a[idx[rows]])
         pred = edited.predict_x0(xt, sigma, c_t[idx[rows]])
         loss = _eps_mse(pred, target, sigma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    for _, p in params:
-        p.requires_grad_(False)
+        _step(opt, loss, losses)
     return _finish(edited, params, started, losses)
 
 
@@ -194,8 +194,6 @@ def salun(model, concepts: Sequence[str], surrogates: Sequence[str], retain: Seq
             p.grad.mul_(masks[n])
         opt.step()
         losses.append(float(loss.detach()))
-    for _, p in params:
-        p.requires_grad_(False)
     changed = int(sum(m.sum() for m in masks.values()))
     out = _finish(edited, params, started, losses)
     out.trainable_params, out.changed_bytes = changed, 2 * changed
