@@ -33,7 +33,7 @@ TRAIN_SEEDS = range(100_000, 100_040)     # 40 renders per pair -> 4840 images
 HELDOUT_SEEDS = range(200_000, 200_010)   # 10 renders per pair -> 1210 images
 GEN_SEEDS = 4                             # generations per pair for the report (484 images)
 GEN_SEED_BASE = 300_000
-EPOCHS = 8
+EPOCHS = 12
 BATCH = 128
 LR = 2e-3
 
