@@ -93,3 +93,22 @@ def test_harness_end_to_end_reduced(tmp_path):
         for k in ("quality_fd", "seconds_per_concept", "peak_rss_mb", "trainable_params", "lora_bytes"):
             assert row[k] is not None and row[k] >= 0
     assert 0 <= r["base"]["style_acc"] <= 100 and 0 <= r["base"]["object_acc"] <= 100
+
+
+def test_report_targets_marks_met_and_missed():
+    from bench.minicanvas import report
+
+    def m(ua, ira, cra, syn, secs):
+        d = {"UA": ua, "IRA": ira, "CRA": cra, "synonym_UA": syn}
+        return {"style": dict(d), "object": dict(d), "seconds_per_concept": secs}
+
+    results = {"base": {"style": {"IRA": 98.0, "CRA": 98.0}, "object": {"IRA": 98.0, "CRA": 98.0}},
+               "methods": {"spare": m(99.5, 97.5, 96.0, 96.0, 5.0), "esd-x": m(90.0, 95.0, 95.0, 80.0, 100.0),
+                           "uce": m(99.9, 99.0, 99.0, 99.0, 0.1)}}
+    text = report.targets(results)
+    lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in text.splitlines()}
+    assert lines["style UA >= 99"].endswith("| yes |")
+    assert "NO (short by 1.00)" in lines["style CRA >= 97"]
+    assert "NO (short by 0.50)" in lines["object CRA within 1.5 of the unerased model (98.00)"]
+    assert "NO" in next(v for k, v in lines.items() if k.startswith("mean(UA, IRA, CRA) above every baseline"))
+    assert next(v for k, v in lines.items() if k.startswith("time per concept <= 1/10 of esd-x")).endswith("| yes |")

@@ -35,10 +35,10 @@ QUICK_CONCEPTS = {"style": ["ukiyo", "neon"], "object": ["star", "heart"]}
 
 @dataclass
 class Budget:
-    """Optimizer steps per method. choice: the papers' step counts (ESD 1000, CA 400, SalUn ~500) in full mode,
-    divided by 4 in quick mode for every method alike. Learning rates: the papers' values x 10, because the
-    bundled model was trained at lr 1e-3, 10x Stable Diffusion's 1e-4 (SPARE: 1e-4 -> 1e-3; ESD 1e-5 -> 1e-4;
-    CA's effective 1.6e-5 -> 1.6e-4; SalUn 1e-5 -> 1e-4)."""
+    """Optimizer steps per method. choice: the papers' step counts (ESD 1000, CA 400, SalUn ~500; SPARE 200) in full
+    mode, the same factor for every method in quick mode. Learning rates: the papers' values x LR_SCALE = 20, because
+    the bundled model was trained at lr 2e-3, 20x Stable Diffusion's 1e-4 (SPARE 1e-4 -> 2e-3; ESD 1e-5 -> 2e-4;
+    CA's effective 1.6e-5 -> 3.2e-4; SalUn 1e-5 -> 2e-4). UCE is closed-form (no steps, no learning rate)."""
 
     spare: int = 200
     esd: int = 1000
@@ -52,7 +52,8 @@ class Budget:
                       max(1, int(self.salun * factor)), self.sample_steps, seeds)
 
 
-LR = {"spare": 1e-3, "esd": 1e-4, "ca": 1.6e-4, "salun": 1e-4}
+LR_SCALE = 20.0  # bundled model's training lr / Stable Diffusion's (2e-3 / 1e-4)
+LR = {"spare": 1e-4 * LR_SCALE, "esd": 1e-5 * LR_SCALE, "ca": 1.6e-5 * LR_SCALE, "salun": 1e-5 * LR_SCALE}
 
 
 def concept_prompts(domain: str, name: str, seed: int):
@@ -186,12 +187,51 @@ def evaluate(judge, images, labels_s, labels_o, domain, target):
     return metrics.erasure_metrics(domain, target, labels_s, labels_o, j["style"], j["object"]), j
 
 
-def run(methods=METHODS, concepts=None, budget=None, log=print):
-    torch.set_num_threads(int(os.environ.get("MINICANVAS_THREADS", "1")))  # 2 threads on 2 shared cores ran ~100x slower
+_WORKER: dict = {}
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _erase_concept(task) -> list[tuple[str, str, dict]]:
+    """Every method on one concept (runs in a worker process or inline). Returns [(method, domain, metrics row)]."""
+    methods, domain, name, budget, base_features, log_prefix = task
+    if "model" not in _WORKER:
+        _WORKER["model"], _WORKER["judge"] = load_model(), Judge()
+    model, judge = _WORKER["model"], _WORKER["judge"]
+    prompts, ls, lo, seeds = grid(budget.seeds)
+    target = (data.style_index if domain == "style" else data.object_index)(name)
+    syn = data.STYLES[target].synonyms[0] if domain == "style" else data.OBJECTS[target].synonyms[0]
+    sp, _, _, sseeds = grid(budget.seeds, domain, name, synonym=syn)
+    keep = (~((ls if domain == "style" else lo) == target)).numpy()
+    rows = []
+    for method in methods:
+        edited, info = run_method(method, model, domain, name, budget)
+        images = sample_edited(model, edited, prompts, seeds, budget.sample_steps)
+        m, j = evaluate(judge, images, ls, lo, domain, target)
+        syn_pred = judge(sample_edited(model, edited, sp, sseeds, budget.sample_steps))[domain]
+        m["synonym_UA"] = metrics.unlearning_accuracy(syn_pred, target)
+        m["quality_fd"] = metrics.frechet_distance(j["features"][keep], base_features[keep])
+        m.update({k: v for k, v in info.items() if k != "losses"})
+        m["concept"] = name
+        rows.append((method, domain, m))
+        print(f"{log_prefix}{domain:6s} {name:10s} {method:18s} UA {m['UA']:6.2f} IRA {m['IRA']:6.2f} "
+              f"CRA {m['CRA']:6.2f} synUA {m['synonym_UA']:6.2f} FD {m['quality_fd']:7.3f} {info['seconds']:6.1f}s",
+              flush=True)
+    return rows
+
+
+def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1):
+    """Erase every concept with every method. jobs > 1: concepts are spread over that many worker processes of one
+    torch thread each (one process per core beats one process with several threads on small models)."""
+    threads = int(os.environ.get("MINICANVAS_THREADS", "1"))  # 2 threads on 2 shared cores ran ~100x slower
+    torch.set_num_threads(threads)
     budget = budget or Budget()
     concepts = concepts or {"style": STYLES, "object": OBJECTS}
     model = load_model()
     judge = Judge()
+    _WORKER.update(model=model, judge=judge)
     prompts, ls, lo, seeds = grid(budget.seeds)
     base_images = generate(model, prompts, seeds, budget.sample_steps)
     base = judge(base_images)
@@ -199,30 +239,26 @@ def run(methods=METHODS, concepts=None, budget=None, log=print):
                 "object_acc": 100.0 * (base["object"] == lo).float().mean().item()}
     log(f"base model: style {base_acc['style_acc']:.2f}%  object {base_acc['object_acc']:.2f}%  "
         f"({len(prompts)} images)")
-    per = {m: {"style": [], "object": []} for m in methods}
     base_per = {"style": [], "object": []}
+    tasks = []
     for domain, names in concepts.items():
         for name in names:
             target = (data.style_index if domain == "style" else data.object_index)(name)
-            base_m = metrics.erasure_metrics(domain, target, ls, lo, base["style"], base["object"])
-            base_per[domain].append(base_m)
-            syn = data.STYLES[target].synonyms[0] if domain == "style" else data.OBJECTS[target].synonyms[0]
-            sp, sls, slo, sseeds = grid(budget.seeds, domain, name, synonym=syn)
-            keep = ~((ls if domain == "style" else lo) == target)
-            for method in methods:
-                edited, info = run_method(method, model, domain, name, budget)
-                images = sample_edited(model, edited, prompts, seeds, budget.sample_steps)
-                m, j = evaluate(judge, images, ls, lo, domain, target)
-                syn_images = sample_edited(model, edited, sp, sseeds, budget.sample_steps)
-                syn_pred = judge(syn_images)[domain]
-                m["synonym_UA"] = metrics.unlearning_accuracy(syn_pred, target)
-                m["quality_fd"] = metrics.frechet_distance(j["features"][keep.numpy()],
-                                                           base["features"][keep.numpy()])
-                m.update({k: v for k, v in info.items() if k != "losses"})
-                m["concept"] = name
-                per[method][domain].append(m)
-                log(f"{domain:6s} {name:10s} {method:18s} UA {m['UA']:6.2f} IRA {m['IRA']:6.2f} CRA {m['CRA']:6.2f} "
-                    f"synUA {m['synonym_UA']:6.2f} FD {m['quality_fd']:7.3f} {info['seconds']:6.1f}s")
+            base_per[domain].append(metrics.erasure_metrics(domain, target, ls, lo, base["style"], base["object"]))
+            tasks.append((list(methods), domain, name, budget, base["features"], ""))
+    if jobs > 1 and len(tasks) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=mp.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads,)) as pool:
+            results = list(pool.map(_erase_concept, tasks))
+    else:
+        results = [_erase_concept(t) for t in tasks]
+    per = {m: {"style": [], "object": []} for m in methods}
+    for rows in results:
+        for method, domain, m in rows:
+            per[method][domain].append(m)
     return summarize(per, base_acc, base_per, budget)
 
 
@@ -259,6 +295,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, help="seeds per grid prompt (default 5, quick 1)")
     ap.add_argument("--budget-scale", type=float, help="multiply every method's steps (default 1, quick 0.25)")
     ap.add_argument("--sample-steps", type=int, help="sampler steps of the evaluation grids (default 12)")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="worker processes, one concept at a time each (default: 2 or the core count)")
     ap.add_argument("--out", default="results.json")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -277,7 +315,7 @@ def main(argv=None):
         if bad:
             ap.error(f"unknown concept(s) {bad}; styles: {STYLES}; objects: {OBJECTS}")
     started = time.time()
-    results = run(methods, concepts, budget)
+    results = run(methods, concepts, budget, jobs=max(1, args.jobs))
     results["meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                        f"{platform.processor() or platform.platform()}", "command": "python -m bench.minicanvas "
                        + " ".join(sys.argv[1:] if argv is None else argv), "seeds": budget.seeds,

@@ -7,7 +7,9 @@
 It follows SD 1.x / ldm (`openaimodel.UNetModel` with `SpatialTransformer`s) in structure and module names, so adapters
 and LoRA keys look like ComfyUI's: `diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k`, ...
 - pixel space, no VAE: the "latent" is the image in [-1, 1], shape (3, 32, 32). The UNet works on it after a 2x2
-  pixel-unshuffle (12 x 16 x 16) and pixel-shuffles its output back, which keeps CPU training cheap.
+  pixel-unshuffle (12 x 16 x 16) and pixel-shuffles its output back, which keeps CPU training cheap. Two coordinate
+  planes are appended to the input (CoordConv): SD learns where things are from padding cues over a long training;
+  the miniature, trained for minutes, must place its objects from the first steps.
 - text encoder: word tokens of the MiniCanvas vocabulary (+ <bos>, <eos>, <pad>, <unk>), learned positions, a small
   pre-norm transformer; per-token context [B, L, D] like CLIP's last hidden state. Trained jointly with the UNet.
 - k-diffusion's sigma parameterisation with V-prediction (SD 2.x-v; ComfyUI's `V_PREDICTION` formulas, with
@@ -59,6 +61,8 @@ class MiniCanvasConfig:
     head_dim: int = 32
     image_size: int = data.SIZE
     patch: int = 2                # pixel-unshuffle factor
+    coord_channels: bool = True   # append (x, y) coordinate planes to the input (CoordConv)
+    pooled_text: bool = True      # attention-pooled text vector added to the timestep embedding (Imagen / SDXL style)
     sigma_min: float = SIGMA_MIN
     sigma_max: float = SIGMA_MAX
     sigma_data: float = SIGMA_DATA
@@ -211,6 +215,23 @@ class SpatialTransformer(nn.Module):
         return x + self.proj_out(t).transpose(1, 2).reshape(b, c, h, w)
 
 
+class TextPool(nn.Module):
+    """Attention pooling of the text context into one vector that joins the timestep embedding, as Imagen's
+    attention-pooled text embedding and SDXL's pooled text embedding do. A learned query cross-attends to the tokens
+    (`attn2`, SD's projection names), so erasure adapters on attention see this path as well as the spatial one.
+    The miniature needs it: trained for minutes, cross-attention alone left the prompt nearly unused."""
+
+    def __init__(self, context_dim: int, emb_dim: int, head_dim: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, context_dim) * 0.02)
+        self.attn2 = CrossAttention(context_dim, context_dim, max(1, context_dim // head_dim), head_dim)
+        self.proj = nn.Sequential(nn.LayerNorm(context_dim), nn.Linear(context_dim, emb_dim))
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        q = self.query.to(context.dtype).expand(context.shape[0], -1, -1)
+        return self.proj(self.attn2(q, context))[:, 0]
+
+
 class Downsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
@@ -249,8 +270,16 @@ class UNetModel(nn.Module):
         mc, p = cfg.model_channels, cfg.patch
         emb_dim = 4 * mc
         self.patch, self.model_channels = p, mc
+        in_ch = 3 + (2 if cfg.coord_channels else 0)
+        if cfg.coord_channels:
+            ramp = torch.linspace(-1, 1, cfg.image_size)
+            self.register_buffer("coords", torch.stack(torch.meshgrid(ramp, ramp, indexing="ij"))[None],
+                                 persistent=False)
+        else:
+            self.coords = None
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(3 * p * p, mc, 3, padding=1)])])
+        self.text_pool = TextPool(cfg.text_dim, emb_dim, cfg.head_dim) if cfg.pooled_text else None
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(in_ch * p * p, mc, 3, padding=1)])])
         chans, ch = [mc], mc
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
@@ -281,6 +310,10 @@ class UNetModel(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if self.text_pool is not None:
+            emb = emb + self.text_pool(context)
+        if self.coords is not None:
+            x = torch.cat([x, self.coords.to(x.dtype).expand(x.shape[0], -1, -1, -1)], dim=1)
         h = F.pixel_unshuffle(x, self.patch)
         hs = []
         for block in self.input_blocks:
@@ -368,10 +401,10 @@ class MiniCanvasModel:
         """x0 function (x, sigma [B]) -> x0 with classifier-free guidance: uncond + cfg * (cond - uncond)."""
         def denoise(x, sigma):
             if cfg == 1.0:
-                return self.predict_x0(x, sigma, cond)
+                return self.predict_x0(x, sigma, cond).clamp(-1, 1)
             both = self.predict_x0(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, uncond]))
             c, u = both.chunk(2)
-            return u + cfg * (c - u)
+            return (u + cfg * (c - u)).clamp(-1, 1)  # static thresholding (Imagen): images live in [-1, 1]
         return denoise
 
     @torch.no_grad()

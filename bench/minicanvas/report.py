@@ -47,6 +47,51 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _mean3(row: dict) -> float:
+    doms = [row[d] for d in ("style", "object") if row.get(d)]
+    return sum(r["UA"] + r["IRA"] + r["CRA"] for r in doms) / (3 * len(doms))
+
+
+def targets(results: dict) -> str:
+    """The issue's targets for SPARE, each marked met / missed with the gap (computed, never hand-written)."""
+    methods, base = results["methods"], results["base"]
+    sp = methods.get("spare")
+    if not sp:
+        return "SPARE was not run: no target can be checked."
+    lines = ["| target | value | met? |", "|---|---|---|"]
+
+    def row(name, value, ok, gap=""):
+        lines.append(f"| {name} | {value} | {'yes' if ok else 'NO' + (f' (short by {gap})' if gap else '')} |")
+
+    for d in ("style", "object"):
+        r = sp.get(d)
+        if not r:
+            continue
+        for k, goal in (("UA", 99.0), ("IRA", 97.0), ("CRA", 97.0), ("synonym_UA", 95.0)):
+            row(f"{d} {k} >= {goal:g}", f"{r[k]:.2f}", r[k] >= goal, f"{goal - r[k]:.2f}")
+        ceiling = base.get(d)
+        if isinstance(ceiling, dict):
+            for k in ("IRA", "CRA"):
+                drop = ceiling[k] - r[k]
+                row(f"{d} {k} within 1.5 of the unerased model ({ceiling[k]:.2f})", f"{r[k]:.2f}", drop <= 1.5,
+                    f"{drop - 1.5:.2f}")
+    others = {n: _mean3(m) for n, m in methods.items() if not n.startswith("spare")}
+    if others:
+        best = max(others, key=others.get)
+        row(f"mean(UA, IRA, CRA) above every baseline (best: {best} {others[best]:.2f})", f"{_mean3(sp):.2f}",
+            _mean3(sp) > others[best], f"{others[best] - _mean3(sp):.2f}")
+    for esd in ("esd-x", "esd-u"):
+        e = methods.get(esd)
+        if not e:
+            continue
+        ratio = sp["seconds_per_concept"] / e["seconds_per_concept"]
+        keeps = all(sp[d][k] >= e[d][k] for d in ("style", "object") if sp.get(d) and e.get(d) for k in ("IRA", "CRA"))
+        row(f"time per concept <= 1/10 of {esd} ({e['seconds_per_concept']:.1f} s)",
+            f"{sp['seconds_per_concept']:.1f} s ({ratio:.2f}x)", ratio <= 0.1, f"{ratio / 0.1:.1f}x too slow")
+        row(f"IRA and CRA >= {esd}'s", "see table", keeps)
+    return "\n".join(lines)
+
+
 def plot(results: dict, curve: dict | None, path: str) -> None:
     w, h = 1000, 420
     img = Image.new("RGB", (w, h), (24, 24, 28))
@@ -120,7 +165,8 @@ def main(argv=None):
     meta = results["meta"]
     text = [f"# MiniCanvas results\n", f"- date: {meta['date']}", f"- machine: {meta['machine']}",
             f"- command: `{meta['command']}` ({meta.get('wall_seconds', '?')} s)", f"- seeds per prompt: {meta['seeds']}",
-            "", table(results), "", f"![results]({os.path.basename(args.png)})", ""]
+            "", table(results), "", "## Targets (issue 3), computed from the table", "", targets(results), "",
+            f"![results]({os.path.basename(args.png)})", ""]
     if curve:
         text += ["## Timestep profile vs uniform timesteps", "", f"`{curve['meta']['command']}` "
                  f"({curve['meta']['date']}, {curve['meta']['seeds']} seeds)", "", curve_table(curve), ""]

@@ -39,7 +39,7 @@ FINAL_LR_FRACTION = 0.05
 EMA_DECAY = 0.995
 GRAD_CLIP = 1.0
 UNIFORM_T_FRACTION = 0.5
-P_MEAN, P_STD = -0.5, 1.0
+P_MEAN, P_STD = 0.3, 1.0
 PROMPT_DROPOUT = 0.1
 DATA_VARIANTS = 48         # rendered images per (style, object) pair
 DATA_SEED_OFFSET = 0       # training images use seeds [0, DATA_VARIANTS); classifiers' held-out set uses others
@@ -80,6 +80,11 @@ def main() -> None:
     ap.add_argument("--attention-levels", type=str, default=",".join(map(str, MiniCanvasConfig.attention_levels)))
     ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--text-layers", type=int, default=MiniCanvasConfig.text_layers)
+    ap.add_argument("--patch", type=int, default=MiniCanvasConfig.patch)
+    ap.add_argument("--channel-mult", type=str, default=",".join(map(str, MiniCanvasConfig.channel_mult)))
+    ap.add_argument("--no-pooled-text", action="store_true", help="cross-attention as the only text path")
+    ap.add_argument("--max-minutes", type=float, default=0.0,
+                    help="experiments: stop after this much wall time (the cosine schedule still assumes --steps)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=pathlib.Path, default=MODEL_FILE)
     ap.add_argument("--grid", type=str, default=str(WORK / "model_grid.png"), help='"" to skip the sample grid')
@@ -94,7 +99,9 @@ def main() -> None:
     print(f"rendered {len(x_bank)} training images in {time.time() - t_start:.1f}s", flush=True)
 
     model = MiniCanvasModel(MiniCanvasConfig(
-        model_channels=args.channels, text_layers=args.text_layers, attention_levels=tuple(int(a) for a in args.attention_levels.split(","))))
+        model_channels=args.channels, text_layers=args.text_layers, patch=args.patch,
+        channel_mult=tuple(int(a) for a in args.channel_mult.split(",")), pooled_text=not args.no_pooled_text,
+        attention_levels=tuple(int(a) for a in args.attention_levels.split(","))))
     params = list(model.network.parameters()) + list(model.text_encoder.parameters())
     n_unet = sum(p.numel() for p in model.network.parameters())
     n_text = sum(p.numel() for p in model.text_encoder.parameters())
@@ -104,6 +111,9 @@ def main() -> None:
 
     losses = []
     for step in range(args.steps):
+        if args.max_minutes and time.time() - t_start > 60 * args.max_minutes:
+            print(f"stopped at step {step} (--max-minutes {args.max_minutes})", flush=True)
+            break
         idx = torch.from_numpy(rng.integers(len(x_bank), size=args.batch))
         x0 = x_bank[idx]
         prompts = ["" if rng.random() < PROMPT_DROPOUT else data.training_prompt(rng, int(s), int(o))
