@@ -37,24 +37,46 @@ def ua_curve(model, judge, domain, name, budgets, seeds=2, sample_steps=12, log=
     return out
 
 
+def _concept_curve(task):
+    name, budgets, seeds = task
+    if "model" not in harness._WORKER:
+        harness._WORKER["model"], harness._WORKER["judge"] = harness.load_model(), harness.Judge()
+    domain = "style" if name in harness.STYLES else "object"
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    return name, ua_curve(harness._WORKER["model"], harness._WORKER["judge"], domain, name, budgets, seeds, log=log)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.curve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concepts", default="ukiyo,neon,star,heart")
     ap.add_argument("--steps", default="25,50,100,200")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (one per concept)")
     ap.add_argument("--out", default="curve.json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("MINICANVAS_THREADS", "1")))  # 2 threads on 2 shared cores ran ~100x slower
     budgets = [int(s) for s in args.steps.split(",")]
-    model, judge = harness.load_model(), harness.Judge()
+    threads = int(os.environ.get("MINICANVAS_THREADS", "1"))  # 2 threads on 2 shared cores ran ~100x slower
+    torch.set_num_threads(threads)
     started = time.time()
     result = {"meta": {"date": time.strftime("%Y-%m-%d"), "command": "python -m bench.minicanvas.curve "
                        + " ".join(argv if argv is not None else __import__("sys").argv[1:]), "seeds": args.seeds},
               "concepts": {}}
-    for name in [c.strip() for c in args.concepts.split(",") if c.strip()]:
-        domain = "style" if name in harness.STYLES else "object"
-        result["concepts"][name] = ua_curve(model, judge, domain, name, budgets, args.seeds)
+    names = [c.strip() for c in args.concepts.split(",") if c.strip()]
+    bad = [n for n in names if n not in harness.STYLES and n not in harness.OBJECTS]
+    if bad:
+        ap.error(f"unknown concept(s) {bad}; styles: {harness.STYLES}; objects: {harness.OBJECTS}")
+    tasks = [(n, budgets, args.seeds) for n in names]
+    if args.jobs > 1 and len(tasks) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(args.jobs, len(tasks)), mp_context=mp.get_context("spawn"),
+                                 initializer=harness._worker_init, initargs=(threads,)) as pool:
+            done = list(pool.map(_concept_curve, tasks))
+    else:
+        done = [_concept_curve(t) for t in tasks]
+    result["concepts"] = dict(done)
     result["meta"]["wall_seconds"] = round(time.time() - started, 1)
     with open(args.out + ".tmp", "w") as f:
         json.dump(result, f, indent=1)

@@ -62,6 +62,7 @@ class MiniCanvasConfig:
     image_size: int = data.SIZE
     patch: int = 2                # pixel-unshuffle factor
     coord_channels: bool = True   # append (x, y) coordinate planes to the input (CoordConv)
+    scale_shift: bool = True      # ADM's use_scale_shift_norm in every ResBlock
     pooled_text: bool = True      # attention-pooled text vector added to the timestep embedding (Imagen / SDXL style)
     sigma_min: float = SIGMA_MIN
     sigma_max: float = SIGMA_MAX
@@ -138,18 +139,28 @@ def norm(ch: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, ch: int, emb_dim: int, out_ch: int):
+    """ldm's ResBlock; scale_shift: ADM's use_scale_shift_norm (the embedding scales and shifts the normalised
+    features instead of only shifting them), which lets the prompt gate the spatial features that draw the object."""
+
+    def __init__(self, ch: int, emb_dim: int, out_ch: int, scale_shift: bool = False):
         super().__init__()
+        self.scale_shift = scale_shift
         self.in_layers = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch))
         self.out_layers = nn.Sequential(norm(out_ch), nn.SiLU(), nn.Conv2d(out_ch, out_ch, 3, padding=1))
         nn.init.zeros_(self.out_layers[-1].weight)
         nn.init.zeros_(self.out_layers[-1].bias)
         self.skip_connection = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
 
     def forward(self, x, emb):
-        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        h = self.in_layers(x)
+        e = self.emb_layers(emb)[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.out_layers[2](self.out_layers[1](self.out_layers[0](h) * (1 + scale) + shift))
+        else:
+            h = self.out_layers(h + e)
+        return self.skip_connection(x) + h
 
 
 class CrossAttention(nn.Module):
@@ -283,7 +294,7 @@ class UNetModel(nn.Module):
         chans, ch = [mc], mc
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc)]
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, cfg.scale_shift)]
                 ch = mult * mc
                 if level in cfg.attention_levels:
                     layers.append(SpatialTransformer(ch, cfg.text_dim, cfg.head_dim))
@@ -293,11 +304,12 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential([Downsample(ch)]))
                 chans.append(ch)
         self.middle_block = TimestepEmbedSequential([
-            ResBlock(ch, emb_dim, ch), SpatialTransformer(ch, cfg.text_dim, cfg.head_dim), ResBlock(ch, emb_dim, ch)])
+            ResBlock(ch, emb_dim, ch, cfg.scale_shift), SpatialTransformer(ch, cfg.text_dim, cfg.head_dim),
+            ResBlock(ch, emb_dim, ch, cfg.scale_shift)])
         self.output_blocks = nn.ModuleList()
         for level, mult in list(enumerate(cfg.channel_mult))[::-1]:
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + chans.pop(), emb_dim, mult * mc)]
+                layers = [ResBlock(ch + chans.pop(), emb_dim, mult * mc, cfg.scale_shift)]
                 ch = mult * mc
                 if level in cfg.attention_levels:
                     layers.append(SpatialTransformer(ch, cfg.text_dim, cfg.head_dim))

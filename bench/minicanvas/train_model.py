@@ -83,6 +83,9 @@ def main() -> None:
     ap.add_argument("--patch", type=int, default=MiniCanvasConfig.patch)
     ap.add_argument("--channel-mult", type=str, default=",".join(map(str, MiniCanvasConfig.channel_mult)))
     ap.add_argument("--no-pooled-text", action="store_true", help="cross-attention as the only text path")
+    ap.add_argument("--no-scale-shift", action="store_true", help="ldm's additive timestep embedding")
+    ap.add_argument("--p-mean", type=float, default=P_MEAN)
+    ap.add_argument("--uniform-fraction", type=float, default=UNIFORM_T_FRACTION)
     ap.add_argument("--max-minutes", type=float, default=0.0,
                     help="experiments: stop after this much wall time (the cosine schedule still assumes --steps)")
     ap.add_argument("--threads", type=int, default=2)
@@ -100,7 +103,7 @@ def main() -> None:
 
     model = MiniCanvasModel(MiniCanvasConfig(
         model_channels=args.channels, text_layers=args.text_layers, patch=args.patch,
-        channel_mult=tuple(int(a) for a in args.channel_mult.split(",")), pooled_text=not args.no_pooled_text,
+        channel_mult=tuple(int(a) for a in args.channel_mult.split(",")), pooled_text=not args.no_pooled_text, scale_shift=not args.no_scale_shift,
         attention_levels=tuple(int(a) for a in args.attention_levels.split(","))))
     params = list(model.network.parameters()) + list(model.text_encoder.parameters())
     n_unet = sum(p.numel() for p in model.network.parameters())
@@ -119,10 +122,10 @@ def main() -> None:
         prompts = ["" if rng.random() < PROMPT_DROPOUT else data.training_prompt(rng, int(s), int(o))
                    for s, o in zip(s_bank[idx], o_bank[idx])]
         q = (torch.arange(args.batch) + torch.rand(args.batch)) / args.batch  # stratified quantiles
-        n_uniform = int(round(UNIFORM_T_FRACTION * args.batch))
+        n_uniform = int(round(args.uniform_fraction * args.batch))
         sigma_uniform = model.sigma_at(q[torch.randperm(args.batch)[:n_uniform]])
         z = torch.special.ndtri(q[torch.randperm(args.batch)[: args.batch - n_uniform]].clamp(1e-4, 1 - 1e-4))
-        sigma_lognormal = torch.exp(P_MEAN + P_STD * z).clamp(model.cfg.sigma_min, model.cfg.sigma_max)
+        sigma_lognormal = torch.exp(args.p_mean + P_STD * z).clamp(model.cfg.sigma_min, model.cfg.sigma_max)
         sigma = torch.cat([sigma_uniform, sigma_lognormal])
         x_t = model.add_noise(x0, torch.randn_like(x0), sigma)
         pred = model.predict_v(x_t, sigma, model.encode(prompts))
@@ -150,8 +153,8 @@ def main() -> None:
           f"({cpu / 60:.1f} min over {args.threads} threads)", flush=True)
     model.save(args.out, metadata={"steps": str(args.steps), "batch": str(args.batch), "seed": str(args.seed),
                                    "variants": str(args.variants), "lr": str(args.lr), "train_wall_s": f"{wall:.0f}",
-                                   "train_cpu_s": f"{cpu:.0f}", "uniform_t_fraction": str(UNIFORM_T_FRACTION),
-                                   "p_mean": str(P_MEAN), "p_std": str(P_STD), 
+                                   "train_cpu_s": f"{cpu:.0f}", "uniform_t_fraction": str(args.uniform_fraction),
+                                   "p_mean": str(args.p_mean), "p_std": str(P_STD), 
                                    "objective": "v", "sigma_min": str(model.cfg.sigma_min),
                                    "sigma_max": str(model.cfg.sigma_max)})
     print(f"saved {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)", flush=True)
