@@ -1,6 +1,6 @@
 """UA versus training steps, timestep profile versus uniform timesteps (the claim SPARE's stage 3 must earn).
 
-    python -m bench.minicanvas.curve --concepts ukiyo,star --steps 25,50,100,200 --out curve.json
+    python -m bench.minicanvas.curve --concepts ukiyo,ring --steps 25,50,100,200 --out curve.json
 
 For each concept and step budget, SPARE is trained twice from the same seed — once with the timestep profile, once
 with uniform timesteps — and UA is measured on the concept's own prompts (every object / every style, `seeds` seeds).
@@ -49,7 +49,7 @@ def _concept_curve(task):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.curve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--concepts", default="ukiyo,neon,star,heart")
+    ap.add_argument("--concepts", default="ukiyo,neon,ring,crescent")
     ap.add_argument("--steps", default="25,50,100,200")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (one per concept)")

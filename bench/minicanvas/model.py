@@ -54,10 +54,10 @@ class MiniCanvasConfig:
     text_dim: int = 128           # D: width of the text encoder = context_dim of cross-attention
     text_layers: int = 2
     text_heads: int = 4
-    model_channels: int = 64      # UNet width at the first level (16 x 16 after pixel-unshuffle)
+    model_channels: int = 32      # UNet width at the first level (16 x 16 after pixel-unshuffle)
     channel_mult: tuple[int, ...] = (1, 2, 2)   # levels at 16, 8, 4 px
     num_res_blocks: int = 1       # per level on the way down (num_res_blocks + 1 on the way up, like ldm)
-    attention_levels: tuple[int, ...] = (0, 1, 2)
+    attention_levels: tuple[int, ...] = (1, 2)     # 8 x 8 and 4 x 4 (and the middle block)
     head_dim: int = 32
     image_size: int = data.SIZE
     patch: int = 2                # pixel-unshuffle factor

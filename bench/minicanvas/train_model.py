@@ -31,15 +31,15 @@ from .model import MODEL_FILE, MiniCanvasConfig, MiniCanvasModel, to_latent
 
 WORK = pathlib.Path(__file__).parent / "_work"
 
-STEPS = 3000
-BATCH = 64
-LR = 1e-3
+STEPS = 2800
+BATCH = 32
+LR = 2e-3
 WARMUP = 100
 FINAL_LR_FRACTION = 0.05
 EMA_DECAY = 0.995
 GRAD_CLIP = 1.0
-UNIFORM_T_FRACTION = 0.5
-P_MEAN, P_STD = 0.3, 1.0
+UNIFORM_T_FRACTION = 0.3
+P_MEAN, P_STD = 0.8, 1.0
 PROMPT_DROPOUT = 0.1
 DATA_VARIANTS = 48         # rendered images per (style, object) pair
 DATA_SEED_OFFSET = 0       # training images use seeds [0, DATA_VARIANTS); classifiers' held-out set uses others
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--uniform-fraction", type=float, default=UNIFORM_T_FRACTION)
     ap.add_argument("--max-minutes", type=float, default=0.0,
                     help="experiments: stop after this much wall time (the cosine schedule still assumes --steps)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=pathlib.Path, default=MODEL_FILE)
     ap.add_argument("--grid", type=str, default=str(WORK / "model_grid.png"), help='"" to skip the sample grid')
     args = ap.parse_args()
