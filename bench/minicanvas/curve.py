@@ -67,15 +67,7 @@ def main(argv=None):
     if bad:
         ap.error(f"unknown concept(s) {bad}; styles: {harness.STYLES}; objects: {harness.OBJECTS}")
     tasks = [(n, budgets, args.seeds) for n in names]
-    if args.jobs > 1 and len(tasks) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(min(args.jobs, len(tasks)), mp_context=mp.get_context("spawn"),
-                                 initializer=harness._worker_init, initargs=(threads,)) as pool:
-            done = list(pool.map(_concept_curve, tasks))
-    else:
-        done = [_concept_curve(t) for t in tasks]
+    done = harness.map_tasks(_concept_curve, tasks, args.jobs, threads)
     result["concepts"] = dict(done)
     result["meta"]["wall_seconds"] = round(time.time() - started, 1)
     with open(args.out + ".tmp", "w") as f:

@@ -197,9 +197,21 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def map_tasks(fn, tasks: list, jobs: int, threads: int) -> list:
+    """[fn(t) for t in tasks], spread over `jobs` spawned worker processes of `threads` torch threads each."""
+    if jobs <= 1 or len(tasks) <= 1:
+        return [fn(t) for t in tasks]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=mp.get_context("spawn"),
+                             initializer=_worker_init, initargs=(threads,)) as pool:
+        return list(pool.map(fn, tasks))
+
+
 def _erase_concept(task) -> list[tuple[str, str, dict]]:
     """Every method on one concept (runs in a worker process or inline). Returns [(method, domain, metrics row)]."""
-    methods, domain, name, budget, base_features, log_prefix = task
+    methods, domain, name, budget, base_features = task
     if "model" not in _WORKER:
         _WORKER["model"], _WORKER["judge"] = load_model(), Judge()
     model, judge = _WORKER["model"], _WORKER["judge"]
@@ -219,7 +231,7 @@ def _erase_concept(task) -> list[tuple[str, str, dict]]:
         m.update({k: v for k, v in info.items() if k != "losses"})
         m["concept"] = name
         rows.append((method, domain, m))
-        print(f"{log_prefix}{domain:6s} {name:10s} {method:18s} UA {m['UA']:6.2f} IRA {m['IRA']:6.2f} "
+        print(f"{domain:6s} {name:10s} {method:18s} UA {m['UA']:6.2f} IRA {m['IRA']:6.2f} "
               f"CRA {m['CRA']:6.2f} synUA {m['synonym_UA']:6.2f} FD {m['quality_fd']:7.3f} {info['seconds']:6.1f}s",
               flush=True)
     return rows
@@ -248,16 +260,8 @@ def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1):
         for name in names:
             target = (data.style_index if domain == "style" else data.object_index)(name)
             base_per[domain].append(metrics.erasure_metrics(domain, target, ls, lo, base["style"], base["object"]))
-            tasks.append((list(methods), domain, name, budget, base["features"], ""))
-    if jobs > 1 and len(tasks) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=mp.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(threads,)) as pool:
-            results = list(pool.map(_erase_concept, tasks))
-    else:
-        results = [_erase_concept(t) for t in tasks]
+            tasks.append((list(methods), domain, name, budget, base["features"]))
+    results = map_tasks(_erase_concept, tasks, jobs, threads)
     per = {m: {"style": [], "object": []} for m in methods}
     for rows in results:
         for method, domain, m in rows:

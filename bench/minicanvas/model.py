@@ -10,6 +10,9 @@ and LoRA keys look like ComfyUI's: `diffusion_model.input_blocks.1.1.transformer
   pixel-unshuffle (12 x 16 x 16) and pixel-shuffles its output back, which keeps CPU training cheap. Two coordinate
   planes are appended to the input (CoordConv): SD learns where things are from padding cues over a long training;
   the miniature, trained for minutes, must place its objects from the first steps.
+- conditioning: cross-attention (attn2) at 8 x 8, 4 x 4 and the middle block, plus an attention-pooled text vector
+  added to the timestep embedding (Imagen / SDXL style, `TextPool`), and ADM's scale-shift res blocks; trained for
+  minutes, cross-attention alone left the prompt nearly unused.
 - text encoder: word tokens of the MiniCanvas vocabulary (+ <bos>, <eos>, <pad>, <unk>), learned positions, a small
   pre-norm transformer; per-token context [B, L, D] like CLIP's last hidden state. Trained jointly with the UNet.
 - k-diffusion's sigma parameterisation with V-prediction (SD 2.x-v; ComfyUI's `V_PREDICTION` formulas, with
@@ -17,7 +20,7 @@ and LoRA keys look like ComfyUI's: `diffusion_model.input_blocks.1.1.transformer
   denoised = x_t * sd^2 / (sigma^2 + sd^2) - v * sigma * sd / sqrt(sigma^2 + sd^2). An EPS network would have to
   learn the identity at high noise (eps ~ x_t / sigma) to a precision of 1 / sigma; v does not, which is what makes
   a 30-minute CPU training work. sigma_at(t) is log-linear in [SIGMA_MIN, SIGMA_MAX] and the network's timestep input
-  is 1000 * t (like SD's discrete timesteps). Training draws t ~ U[0, 1]. SIGMA_MAX is EDM's 80: on 32 x 32 images
+  is 1000 * t (like SD's discrete timesteps). SIGMA_MAX is EDM's 80: on 32 x 32 images
   the mean colour of x_t (which is what decides the style) is hidden from the model only at very high noise, so the
   prompt must be learnt and obeyed there.
 - sampling: DPM-Solver++(2M) (k-diffusion's `sample_dpmpp_2m`) or Euler on a Karras schedule, with classifier-free
