@@ -153,6 +153,10 @@ class TimestepProfileNode(io.ComfyNode):
                 io.Float.Input("uniform_floor", default=0.2, min=0.0, max=1.0, step=0.05,
                                tooltip="Share of samples drawn uniformly so every noise level keeps some training."),
                 resolution_input(),
+                io.Combo.Input("loss_weighting", options=list(sc.LOSS_WEIGHTINGS), default="v",
+                               tooltip="How noise levels are weighted: v = also the noisy steps where style and layout "
+                                       "are decided (erases in fewer steps); eps = the authors' noise-prediction loss. "
+                                       "Use the same in Timestep Profile and Sparse LoRA Distill."),
             ],
             outputs=[
                 Timesteps.Output("timesteps", tooltip="Timestep distribution for Sparse LoRA Distill."),
@@ -162,7 +166,8 @@ class TimestepProfileNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, concept, surrogate, bins, samples, seed, sharpness, uniform_floor, resolution):
+    def execute(cls, model, clip, concept, surrogate, bins, samples, seed, sharpness, uniform_floor, resolution,
+                loss_weighting="v"):
         require_supported(model)
         dm = ComfyDiffusionModel(model, clip, resolution, resolution)
         dm.encode(require_lines(concept, "concept") + require_lines(surrogate, "surrogate") + [""])
@@ -170,6 +175,7 @@ class TimestepProfileNode(io.ComfyNode):
         with torch.inference_mode():
             prof = sc.timestep_profile(dm, require_lines(concept, "concept"), require_lines(surrogate, "surrogate"),
                                        bins=bins, samples=samples, seed=seed, gamma=sharpness, floor=uniform_floor,
+                                       weighting=loss_weighting,
                                        progress=Progress("timestep profile"), should_stop=should_stop)
         return io.NodeOutput(prof, image(render.timestep_plot(prof.edges, prof.divergence, prof.probs)),
                              prof.summary())
@@ -224,6 +230,10 @@ class SparseLoraDistill(io.ComfyNode):
                 io.Int.Input("samples", default=4, min=1, max=64,
                              tooltip="Self-generated training samples per prompt (concept, surrogate-free retain "
                                      "lines and the empty prompt). More = steadier, slower start."),
+                io.Combo.Input("loss_weighting", options=list(sc.LOSS_WEIGHTINGS), default="v",
+                               tooltip="How noise levels are weighted: v = also the noisy steps where style and layout "
+                                       "are decided (erases in fewer steps); eps = the authors' noise-prediction loss. "
+                                       "Use the same in Timestep Profile and Sparse LoRA Distill."),
             ],
             outputs=[
                 io.LoraModel.Output("lora", tooltip="The erasure LoRA (ComfyUI's LORA_MODEL; 'Load LoRA Model' "
@@ -236,7 +246,7 @@ class SparseLoraDistill(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concepts, surrogates, retain, saliency, rank, alpha, steps, learning_rate,
                 forget_weight, retain_weight, seed, filename_prefix, key_format, gradient_checkpointing, resolution,
-                samples=4, timesteps=None, latents=None):
+                samples=4, loss_weighting="v", timesteps=None, latents=None):
         require_supported(model)
         given = None
         if latents is not None:
@@ -250,7 +260,7 @@ class SparseLoraDistill(io.ComfyNode):
         config = sc.DistillConfig(
             concepts=lines(concepts), surrogates=lines(surrogates), retain=lines(retain), rank=rank, alpha=alpha,
             steps=steps, lr=learning_rate, forget_weight=forget_weight, retain_weight=retain_weight, seed=seed,
-            samples_per_prompt=samples, gradient_checkpointing=gradient_checkpointing)
+            samples_per_prompt=samples, gradient_checkpointing=gradient_checkpointing, weighting=loss_weighting)
         sc.distill_validate(config, saliency)  # fail fast, before any model loading or sampling
         folder, name = output_path(filename_prefix)  # also validated before training
         dm.encode(config.concepts + config.surrogates + config.retain + [""])  # cached; CLIP loads before the model

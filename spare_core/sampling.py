@@ -14,6 +14,28 @@ from .model import DiffusionModel
 
 T_MIN = 1e-3  # the clean end of the schedule is never sampled exactly (discrete schedules have no sigma at t=0)
 
+# How a squared x0-space error ||x0_student - x0_teacher||^2 at noise level sigma is weighted:
+#   "eps": 1 / sigma^2                    -- the error of the noise prediction (the authors' loss: SD is an EPS model)
+#   "v":   1 / sigma^2 + 1 / sigma_data^2 -- the error of the v prediction (Salimans & Ho; EDM's weighting)
+# "eps" all but ignores the high noise levels where an image's style and layout are decided (the weight falls as
+# 1 / sigma^2); "v" keeps a floor of 1 / sigma_data^2 there. sigma_data is the std of the model's own samples.
+LOSS_WEIGHTINGS = ("v", "eps")
+
+
+def loss_weight(sigma: torch.Tensor, weighting: str, sigma_data: float) -> torch.Tensor:
+    """Per-sample weight [B] on a squared x0-space error at noise levels `sigma` [B] (see LOSS_WEIGHTINGS)."""
+    w = 1.0 / sigma.float() ** 2
+    if weighting == "v":
+        return w + 1.0 / sigma_data ** 2
+    if weighting == "eps":
+        return w
+    raise ValueError(f"weighting={weighting!r}; valid: {', '.join(LOSS_WEIGHTINGS)}")
+
+
+def data_std(x0: torch.Tensor) -> float:
+    """sigma_data estimated from clean samples (floored so a blank sample set cannot divide by zero)."""
+    return max(float(x0.float().std()), 1e-2)
+
 
 def sigma_schedule(model: DiffusionModel, steps: int) -> torch.Tensor:
     """Descending sigmas [steps + 1]: `steps` levels evenly spaced in t from the noisiest end, then 0."""

@@ -3,13 +3,14 @@
 The paper's abstract describes "a timestep sampling scheme ... to target only the crucial timesteps for a given
 concept"; its formulas were not available, so this design is ours (see README, "Timestep profile"):
 
-  D(t_b) = E_{x0, eps, t in bin b} || eps_hat(x_t, c_concept) - eps_hat(x_t, c_surrogate) ||^2
+  D(t_b) = E_{x0, eps, t in bin b} w(sigma_t) || x0_hat(x_t, c_concept) - x0_hat(x_t, c_surrogate) ||^2
 
-over `bins` equal bins of the normalised position t in [0, 1] (1 = noisiest), with x0 the concept's own samples.
-D is exactly the initial value of the forget loss at that timestep, so the profile spends steps where the
-concept-to-surrogate gap is large. Sampling probability:  p_b = floor / bins + (1 - floor) * D_b^gamma / sum D^gamma.
+over `bins` equal bins of the normalised position t in [0, 1] (1 = noisiest), with x0 the concept's own samples and
+w the distillation's loss weighting (sampling.loss_weight: "v" = 1/sigma^2 + 1/sigma_data^2, "eps" = 1/sigma^2, the
+latter being the eps-prediction gap). D is exactly the initial value of the forget loss at that timestep, so the
+profile spends steps where the concept-to-surrogate gap is large. Sampling probability:
+  p_b = floor / bins + (1 - floor) * D_b^gamma / sum D^gamma.
 `floor` keeps every timestep reachable; `gamma` sharpens (>1) or flattens (<1) the profile.
-eps_hat is written through x0: eps_hat = (x_t - x0_hat) / sigma.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from .errors import Cancelled, SpareInputError
 from .lora import atomic_write
 from .model import DiffusionModel
-from .sampling import T_MIN, generate
+from .sampling import LOSS_WEIGHTINGS, T_MIN, data_std, generate, loss_weight
 from .saliency import validate_prompts
 
 
@@ -109,6 +110,7 @@ def profile(
     draws_per_bin: int = 2,
     sample_steps: int = 8,
     sample_cfg: float = 5.0,
+    weighting: str = "v",
     latents: Optional[torch.Tensor] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
@@ -125,12 +127,16 @@ def profile(
         raise SpareInputError(f"gamma={gamma} must be >= 0 (0 = uniform, 1 = proportional, >1 = sharper)")
     if not 0.0 <= floor <= 1.0:
         raise SpareInputError(f"floor={floor} must be in [0, 1]")
+    if weighting not in LOSS_WEIGHTINGS:
+        raise SpareInputError(f"weighting='{weighting}' is not one of {', '.join(LOSS_WEIGHTINGS)} (use the same "
+                              "as Sparse LoRA Distill)")
     if latents is not None:
         x0 = latents.float().to(model.device)
         idx = torch.arange(x0.shape[0]) % len(concepts)
     else:
         x0, idx = generate(model, concepts, samples, seed, sample_steps, sample_cfg, should_stop=should_stop)
     c_concept, c_surrogate = model.encode(concepts), model.encode(surrogates)
+    sigma_data = data_std(x0)
     gen = torch.Generator().manual_seed(seed + 7)
     edges = torch.linspace(0, 1, bins + 1)
     divergence = []
@@ -146,15 +152,15 @@ def profile(
             xt = model.add_noise(x0, noise, sigma)
             pc = model.predict_x0(xt, sigma, model.select_cond(c_concept, idx)).float()
             ps = model.predict_x0(xt, sigma, model.select_cond(c_surrogate, idx)).float()
-            s = sigma.view(-1, *[1] * (x0.dim() - 1))
-            total += float((((pc - ps) / s) ** 2).mean(dim=tuple(range(1, x0.dim()))).sum())
+            w = loss_weight(sigma, weighting, sigma_data)
+            total += float(((pc - ps) ** 2).mean(dim=tuple(range(1, x0.dim()))).mul(w).sum())
             count += n
         divergence.append(total / count)
         if progress is not None:
             progress(b + 1, bins)
     probs = probabilities(divergence, gamma, floor)
     meta = {"concepts": concepts, "surrogates": surrogates, "samples": samples, "seed": seed, "gamma": gamma,
-            "floor": floor, "uniform": False}
+            "floor": floor, "uniform": False, "weighting": weighting}
     return TimestepProfile(edges.tolist(), divergence, probs, meta)
 
 

