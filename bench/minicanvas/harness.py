@@ -33,7 +33,11 @@ METHODS = ("spare", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "
 # choice: objects the bundled model draws recognisably (ring 100%, crescent 98% of its generations are judged right;
 # star 32%): UA is only meaningful for a concept the unerased model actually produces.
 QUICK_CONCEPTS = {"style": ["ukiyo", "neon"], "object": ["ring", "crescent"]}
-QUICK_SCALE = 0.1  # steps x 0.1 (SPARE 20, ESD 100, CA 40, SalUn 50): 12.9 min measured (x 0.25: 19.8 min)
+QUICK_SCALE = 0.1  # steps x 0.1 (SPARE 20, ESD 100, CA 40, SalUn 50)
+# quick leaves out two SPARE ablations (no-saliency, no-retain: in the x 0.3 table of bench/RESULTS.md) to stay
+# under 10 minutes; with all 9 methods it took 687 s on 2 cores
+QUICK_METHODS = ("spare", "spare-uniform-t", "esd-x", "esd-u", "ca", "salun", "uce")
+QUICK_SAMPLE_STEPS = 8  # evaluation sampler steps in quick mode (default 12): the grids are ~1/3 of quick's time
 
 
 @dataclass
@@ -318,18 +322,22 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="2 styles + 2 objects, 1 seed, budgets x QUICK_SCALE (<= 10 min on 2 cores with --jobs 2)")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    ap.add_argument("--methods", help="comma-separated subset of " + ", ".join(METHODS) + " or 'all' (default: all; "
+                    "quick: " + ", ".join(QUICK_METHODS) + ")")
     ap.add_argument("--concepts", help="comma-separated style/object names to erase (default: all, or quick set)")
     ap.add_argument("--seeds", type=int, help="seeds per grid prompt (default 5, quick 1)")
-    ap.add_argument("--budget-scale", type=float, help="multiply every method's steps (default 1, quick 0.25)")
-    ap.add_argument("--sample-steps", type=int, help="sampler steps of the evaluation grids (default 12)")
+    ap.add_argument("--budget-scale", type=float, help="multiply every method's steps (default 1, quick 0.1)")
+    ap.add_argument("--sample-steps", type=int, help="sampler steps of the evaluation grids (default 12, quick 8)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="worker processes, one concept at a time each (default: 2 or the core count)")
     ap.add_argument("--spare-weighting", choices=sc.LOSS_WEIGHTINGS, default=Budget.spare_weighting,
                     help="loss weighting of SPARE and its ablations (default v; eps = the authors')")
     ap.add_argument("--out", default="results.json")
     args = ap.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.methods in (None, "all"):
+        methods = list(QUICK_METHODS if args.quick and args.methods is None else METHODS)
+    else:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
@@ -337,6 +345,8 @@ def main(argv=None):
     budget = Budget().scaled(scale, args.seeds or (1 if args.quick else 5))
     if args.sample_steps:
         budget.sample_steps = args.sample_steps
+    elif args.quick:
+        budget.sample_steps = QUICK_SAMPLE_STEPS
     budget.spare_weighting = args.spare_weighting
     concepts = QUICK_CONCEPTS if args.quick else None
     if args.concepts:
