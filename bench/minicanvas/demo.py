@@ -1,7 +1,7 @@
 """The MiniCanvas demo: erase one named concept from the bundled model with SPARE (defaults), write the LoRA and a
 before/after image grid (same seeds), and print UA / IRA / CRA for it.
 
-    python -m bench.minicanvas.demo --concept ukiyo --out out/demo
+    python -m bench.minicanvas.demo --concept neon --out out/demo
 
 Rows of the grid: for each style (or object) of the grid, before | after, same prompt and seed. The erased concept's
 row is marked in the printout; everything else should look the same before and after.
@@ -23,7 +23,7 @@ from .model import load as load_model
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--concept", default="ukiyo", help=f"a style {harness.STYLES} or an object {harness.OBJECTS}")
+    ap.add_argument("--concept", default="neon", help=f"a style {harness.STYLES} or an object {harness.OBJECTS}")
     ap.add_argument("--steps", type=int, default=harness.Budget().spare, help="SPARE training steps")
     ap.add_argument("--out", default="out/demo")
     args = ap.parse_args(argv)
