@@ -10,8 +10,9 @@ For a concept c with surrogate s, retain prompts r, x_t from the concept's (self
 Every loss is written through x0 (ComfyUI's apply_model returns x0) with a per-noise-level weight w(sigma):
 ||x0_student - x0_teacher||^2 * w(sigma). weighting="eps" (w = 1/sigma^2) is exactly the eps-prediction loss above
 (the authors'); the default "v" (w = 1/sigma^2 + 1/sigma_data^2, the v-prediction loss) keeps weight on the noisy
-steps where style and layout are decided -- on MiniCanvas it erased an object in 60 steps that eps-weighting had not
-erased at 60 (bench/RESULTS.md). AdamW, cosine learning-rate decay, gradient clipping (authors: 1.0).
+steps where style and layout are decided -- on MiniCanvas, at 60 steps, it moved objects (ring UA 30, crescent 50)
+that eps-weighting left untouched (UA 0; bench/RESULTS.md). AdamW, cosine learning-rate decay, gradient clipping
+(authors: 1.0).
 Several concepts train into one adapter set: each batch draws samples of every concept.
 """
 from __future__ import annotations

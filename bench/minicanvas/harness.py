@@ -60,9 +60,8 @@ class Budget:
                       max(1, int(self.salun * factor)), self.sample_steps, seeds, self.spare_weighting)
 
 
-SPARE_RETAIN_WEIGHT = 1.0  # the authors' default
-SPARE_TARGETS = "attention"  # the authors' candidate set
 SPARE_SAMPLES = 2          # self-generated samples per forget / retain prompt
+RETAIN_EXTRA = 3           # random (style, object) pairs added to the neighbour classes in every retain list
 LR_SCALE = 20.0  # bundled model's training lr / Stable Diffusion's (2e-3 / 1e-4)
 LR = {"spare": 1e-4 * LR_SCALE, "esd": 1e-5 * LR_SCALE, "ca": 1.6e-5 * LR_SCALE, "salun": 1e-5 * LR_SCALE}
 
@@ -88,9 +87,6 @@ def concept_prompts(domain: str, name: str, seed: int):
     extra = rng.sample([p for p in pairs if p not in neighbours], RETAIN_EXTRA)
     retain = [data.prompt(s, o) for s, o in neighbours + extra]
     return forget, surrogate, retain, short, short_surrogate
-
-
-RETAIN_EXTRA = 3
 
 
 def peak_rss_reset():
@@ -164,18 +160,18 @@ def run_method(method, model, domain, name, budget, seed=0):
         x_forget = x_forget.view(len(forget), SPARE_SAMPLES, *x_forget.shape[1:]).transpose(0, 1).flatten(0, 1)
         targets_all = method == "spare-no-saliency"
         if targets_all:
-            cands = sc.candidate_modules(model.network, SPARE_TARGETS)
+            cands = sc.candidate_modules(model.network, "attention")
             sal = sc.Saliency({p: 1.0 for p in cands}, list(cands), None, {"concepts": forget})
         else:
             sal = sc.saliency_scan(model, forget, retain=retain, samples=1, seed=seed, fraction=0.5,
-                                   latents=x_forget, targets=SPARE_TARGETS)
+                                   latents=x_forget)
         profile = None
         if method != "spare-uniform-t":
             profile = sc.timestep_profile(model, forget, surrogate, bins=10, seed=seed,
                                           weighting=budget.spare_weighting, latents=x_forget)
         cfg = sc.DistillConfig(forget, surrogate, retain=[] if method == "spare-no-retain" else retain,
                                retain_unconditional=method != "spare-no-retain",
-                               retain_weight=0.0 if method == "spare-no-retain" else SPARE_RETAIN_WEIGHT,
+                               retain_weight=0.0 if method == "spare-no-retain" else 1.0,
                                steps=budget.spare, lr=LR["spare"], batch_size=4, samples_per_prompt=SPARE_SAMPLES,
                                seed=seed, weighting=budget.spare_weighting)
         result = sc.distill(model, cfg, sal, profile, latents=x_forget)
