@@ -29,8 +29,9 @@ log = logging.getLogger("spare")
 CATEGORY = "SPARE"
 Saliency = io.Custom("SPARE_SALIENCY")
 Timesteps = io.Custom("SPARE_TIMESTEPS")
-KEY_FORMATS = ["comfyui", "kohya"]
-TARGETS = ["attention", "cross_attention", "all"]
+KEY_FORMATS = list(sc.lora.KEY_FORMATS)
+TARGETS = list(sc.saliency.TARGET_SETS)
+SCORINGS = list(sc.saliency.SCORINGS)
 NO_FILE = "(none: use the lora input)"
 
 
@@ -87,15 +88,16 @@ class SaliencyScan(io.ComfyNode):
             node_id="SPARESaliencyScan",
             display_name="SPARE Saliency Scan",
             category=CATEGORY,
-            description="Finds the attention modules most responsible for a concept from gradients (SPARE stage 1).",
+            description="Finds the modules most responsible for a concept from gradients (SPARE stage 1).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to erase the concept from (left unchanged)."),
                 io.Clip.Input("clip", tooltip="The model's text encoder, used to encode the prompts."),
                 io.String.Input("concept", multiline=True, default="",
                                 tooltip="Prompt(s) naming the concept to erase, one per line, e.g. 'Van Gogh style'."),
                 io.String.Input("retain", multiline=True, default="",
-                                tooltip="Optional prompts that must keep working, one per line. Modules that matter "
-                                        "as much for them as for the concept are scored down."),
+                                tooltip="Optional prompts that must keep working, one per line. Used by the "
+                                        "'contrastive' scoring only (modules that matter as much for them as for the "
+                                        "concept are scored down); retention itself is Distill's job."),
                 io.Int.Input("samples", default=4, min=1, max=64,
                              tooltip="Self-generated samples per prompt used to measure gradients."),
                 seed_input(),
@@ -103,10 +105,14 @@ class SaliencyScan(io.ComfyNode):
                                tooltip="Fraction of candidate modules to select (authors: 0.5)."),
                 io.Int.Input("top_k", default=0, min=0, max=10000,
                              tooltip="If > 0, select exactly this many modules instead of a fraction."),
-                io.Combo.Input("targets", options=TARGETS, default="attention",
-                               tooltip="Candidate modules: attention projections (authors), cross-attention only, or "
-                                       "every Linear/Conv."),
+                io.Combo.Input("targets", options=TARGETS, default=sc.saliency.DEFAULT_TARGETS,
+                               tooltip="Candidate modules: every Linear/Conv of the UNet (authors; erases what "
+                                       "attention-only misses), attention projections only, or cross-attention only."),
                 resolution_input(),
+                io.Combo.Input("scoring", options=SCORINGS, default=sc.saliency.DEFAULT_SCORING,
+                               tooltip="How modules are ranked: taylor = |weight x gradient| (scale-free, measured "
+                                       "best), gradient = mean |gradient| (the authors'), contrastive = concept minus "
+                                       "retain share."),
             ],
             outputs=[
                 Saliency.Output("saliency", tooltip="The selected modules, for Sparse LoRA Distill."),
@@ -116,7 +122,8 @@ class SaliencyScan(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, concept, retain, samples, seed, selection, top_k, targets, resolution):
+    def execute(cls, model, clip, concept, retain, samples, seed, selection, top_k, targets, resolution,
+                scoring=sc.saliency.DEFAULT_SCORING):
         require_supported(model)
         dm = ComfyDiffusionModel(model, clip, resolution, resolution)
         concepts = require_lines(concept, "concept")
@@ -124,6 +131,7 @@ class SaliencyScan(io.ComfyNode):
         with trainable(dm):
             sal = sc.saliency_scan(dm, concepts, retain=lines(retain), samples=samples,
                                    seed=seed, fraction=selection, top_k=top_k or None, targets=targets,
+                                   scoring=scoring,
                                    progress=Progress("saliency"), should_stop=should_stop)
         title = f"SPARE saliency: {', '.join(sal.meta['concepts'])[:60]}"
         return io.NodeOutput(sal, image(render.saliency_heatmap(sal.scores, sal.selected, title)), sal.summary())
@@ -211,7 +219,9 @@ class SparseLoraDistill(io.ComfyNode):
                 io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank (authors: 4)."),
                 io.Float.Input("alpha", default=4.0, min=0.01, max=256.0, step=0.01,
                                tooltip="LoRA alpha; update scale = alpha / rank (authors: 4)."),
-                io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Training steps."),
+                io.Int.Input("steps", default=sc.DistillConfig.steps, min=1, max=100000,
+                             tooltip="Most training steps; training stops earlier once the concept is erased "
+                                     "(stop_at_gap_closed)."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=False,
                                tooltip="AdamW learning rate, cosine-decayed (authors: 1e-4)."),
                 io.Float.Input("forget_weight", default=0.3, min=0.0, max=100.0, step=0.05,
@@ -234,6 +244,11 @@ class SparseLoraDistill(io.ComfyNode):
                                tooltip="How noise levels are weighted: v = also the noisy steps where style and layout "
                                        "are decided (erases in fewer steps); eps = the authors' noise-prediction loss. "
                                        "Use the same in Timestep Profile and Sparse LoRA Distill."),
+                io.Float.Input("stop_at_gap_closed", default=sc.DistillConfig.stop_reduction, min=0.0, max=0.99,
+                               step=0.01,
+                               tooltip="Stop once the concept->surrogate gap (measured every few steps on a fixed "
+                                       "probe) has closed by this fraction; 0 = always run every step. Fewer steps "
+                                       "also means less damage to other concepts."),
             ],
             outputs=[
                 io.LoraModel.Output("lora", tooltip="The erasure LoRA (ComfyUI's LORA_MODEL; 'Load LoRA Model' "
@@ -246,7 +261,8 @@ class SparseLoraDistill(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concepts, surrogates, retain, saliency, rank, alpha, steps, learning_rate,
                 forget_weight, retain_weight, seed, filename_prefix, key_format, gradient_checkpointing, resolution,
-                samples=4, loss_weighting="v", timesteps=None, latents=None):
+                samples=4, loss_weighting="v", stop_at_gap_closed=sc.DistillConfig.stop_reduction, timesteps=None,
+                latents=None):
         require_supported(model)
         given = None
         if latents is not None:
@@ -260,7 +276,8 @@ class SparseLoraDistill(io.ComfyNode):
         config = sc.DistillConfig(
             concepts=lines(concepts), surrogates=lines(surrogates), retain=lines(retain), rank=rank, alpha=alpha,
             steps=steps, lr=learning_rate, forget_weight=forget_weight, retain_weight=retain_weight, seed=seed,
-            samples_per_prompt=samples, gradient_checkpointing=gradient_checkpointing, weighting=loss_weighting)
+            samples_per_prompt=samples, gradient_checkpointing=gradient_checkpointing, weighting=loss_weighting,
+            stop_reduction=stop_at_gap_closed)
         sc.distill_validate(config, saliency)  # fail fast, before any model loading or sampling
         folder, name = output_path(filename_prefix)  # also validated before training
         dm.encode(config.concepts + config.surrogates + config.retain + [""])  # cached; CLIP loads before the model
@@ -271,11 +288,11 @@ class SparseLoraDistill(io.ComfyNode):
         path = os.path.join(folder, name)
         sc.save_lora(path, result.lora, key_format=key_format, prefix=dm.key_prefix)
         rel = os.path.relpath(path, loras_root()).replace(os.sep, "/")
-        log.info("SPARE: saved %s (%d modules, rank %d, %.1fs)", rel, len(result.lora.modules), rank, result.seconds)
-        title = None
+        log.info("SPARE: saved %s (rank %d, %.1fs): %s", rel, rank, result.seconds, result.report())
+        title = f"{result.steps_used} steps, concept->surrogate gap closed {100 * result.forget_reduction:.0f}%"
         if result.warning:
             log.warning("SPARE: %s", result.warning)
-            title = "WARNING: forget loss barely moved - see console"
+            title = f"NOT ERASED? gap closed only {100 * result.forget_reduction:.0f}% - see console"
         sd = result.lora.state_dict(key_format, dm.key_prefix)
         return io.NodeOutput(sd, image(render.loss_plot(result.losses, title or "")), rel)
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Set up a real ComfyUI (outside this repository) plus a virtual environment to run the host tests against it.
 #
-#   bash scripts/setup_comfyui.sh <ComfyUI git dir or checkout> <dest dir>
+#   bash scripts/setup_comfyui.sh <ComfyUI snapshot .tar.gz, git dir or checkout> <dest dir>
+#   e.g. bash scripts/setup_comfyui.sh ../shared/vendor/comfyui-v0.3.64-a125cd84.tar.gz /work/comfyui
 #
-# <source> is either a ComfyUI work tree (a directory holding main.py and comfy/) or a bare git copy of
+# <source> is a snapshot tarball (unpacked to <dest>), a ComfyUI work tree (a directory holding main.py and comfy/) or a bare git copy of
 # github.com/Comfy-Org/ComfyUI; a bare copy is exported with `git archive` to <dest>. The one tokenizer blob that
 # may be absent from a copy (comfy/text_encoders/llama_tokenizer/tokenizer.json) is excluded; nothing here needs it.
 # Given a work tree, <dest> is made a symlink to it unless it already exists.
@@ -14,7 +15,7 @@
 set -euo pipefail
 
 if [ $# -ne 2 ]; then
-    echo "usage: bash $0 <ComfyUI git dir or checkout> <dest dir>" >&2
+    echo "usage: bash $0 <ComfyUI snapshot .tar.gz, git dir or checkout> <dest dir>" >&2
     exit 2
 fi
 SRC=$1
@@ -28,7 +29,22 @@ case "$(realpath -m "$DEST")/" in
 esac
 
 # --- 1. the ComfyUI work tree ------------------------------------------------------------------------------------
-if [ -f "$SRC/main.py" ] && [ -d "$SRC/comfy" ]; then
+if [ -f "$SRC" ] && case "$SRC" in *.tar.gz|*.tgz) true ;; *) false ;; esac; then
+    # A snapshot tarball (e.g. ../shared/vendor/comfyui-v0.3.64-*.tar.gz): unpack it once.
+    if [ -f "$DEST/main.py" ]; then
+        echo "$DEST already holds a ComfyUI tree; not unpacking"
+    else
+        mkdir -p "$DEST"
+        tar -xzf "$SRC" -C "$DEST"
+        # a tarball holding one top-level folder: use that folder's content
+        if [ ! -f "$DEST/main.py" ] && [ "$(ls -A "$DEST" | wc -l)" -eq 1 ] && [ -f "$DEST"/*/main.py ]; then
+            inner=$(ls -d "$DEST"/*/)
+            mv "$inner"* "$inner".[!.]* "$DEST"/ 2>/dev/null || true
+            rmdir "$inner"
+        fi
+        echo "unpacked $SRC to $DEST"
+    fi
+elif [ -f "$SRC/main.py" ] && [ -d "$SRC/comfy" ]; then
     # Already a checkout.
     if [ ! -e "$DEST" ]; then
         ln -s "$(realpath "$SRC")" "$DEST"
@@ -45,7 +61,7 @@ elif git --git-dir="$SRC" rev-parse --verify -q HEAD >/dev/null; then
         echo "exported ComfyUI $(git --git-dir="$SRC" rev-parse --short HEAD) to $DEST"
     fi
 else
-    echo "$SRC is neither a ComfyUI checkout nor a git directory" >&2
+    echo "$SRC is neither a ComfyUI snapshot tarball, a checkout nor a git directory" >&2
     exit 2
 fi
 DEST=$(realpath "$DEST")

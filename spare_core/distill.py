@@ -27,11 +27,13 @@ import torch
 
 from . import __version__
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
-from .lora import LoraWeights, attach, metadata_json
+from .lora import LoraWeights, attach, make_adapters, metadata_json
 from .model import DiffusionModel
 from .sampling import LOSS_WEIGHTINGS, T_MIN, data_std, generate, loss_weight
 from .saliency import Saliency, frozen, validate_prompts
 from .timesteps import TimestepProfile, check_pairs
+
+PROBE_SIZE = 8  # probe rows (concept samples spread over every concept, t spread over the schedule)
 
 
 @dataclass
@@ -58,6 +60,12 @@ class DistillConfig:
     weight_decay: float = 0.0                # AdamW weight decay on the adapters
     gradient_checkpointing: bool = False     # recompute block activations in backward: less memory, ~30% slower
     weighting: str = "v"                     # loss weight over noise levels: "v", or "eps" (authors); sampling.py
+    # --- erase until erased (ours; the authors train a fixed number of steps) ---
+    stop_reduction: float = 0.0              # stop once the probe gap has closed by this fraction (0 = run all steps)
+    check_every: int = 20                    # steps between probe-gap checks
+    grow: tuple = ()                         # if the gap stalls short of stop_reduction, grow the adapter set to these
+                                             # fractions of the candidates in saliency order, e.g. (0.75, 1.0)
+    stall: float = 0.02                      # "stalled" = the reduction rose by less than this over the last check
 
 
 @dataclass
@@ -69,6 +77,12 @@ class DistillResult:
     config: DistillConfig
 
     probe: tuple[float, float] = (0.0, 0.0)  # forget loss on a fixed probe batch, before and after training
+    checks: list = field(default_factory=list)  # per check: step, gap, reduction, modules (adapter count)
+    stopped_early: bool = False              # the stopping rule ended training before `config.steps`
+
+    @property
+    def steps_used(self) -> int:
+        return len(self.losses)
 
     @property
     def forget_reduction(self) -> float:
@@ -84,7 +98,23 @@ class DistillResult:
         if self.forget_reduction < 0.2:
             return (f"the forget loss dropped only {100 * self.forget_reduction:.0f}% over {len(self.losses)} steps: "
                     "the concept is probably not erased yet; raise steps or learning_rate, or select more modules")
+        goal = self.config.stop_reduction
+        if goal > 0 and self.forget_reduction < goal:
+            return (f"the concept-to-surrogate gap closed by {100 * self.forget_reduction:.0f}% after "
+                    f"{len(self.losses)} steps, short of the {100 * goal:.0f}% target: the erasure may be partial; "
+                    "raise steps or learning_rate, or select more modules")
         return None
+
+    def report(self) -> str:
+        """One line for logs and file metadata: steps used and the probe gap before / after."""
+        before, after = self.probe
+        why = "gap target reached" if self.stopped_early else "step cap"
+        return (f"{self.steps_used} of {self.config.steps} steps ({why}); concept->surrogate gap {before:.4g} -> "
+                f"{after:.4g} (closed {100 * self.forget_reduction:.0f}%), {self.lora_modules} modules")
+
+    @property
+    def lora_modules(self) -> int:
+        return len(self.lora.modules)
 
 
 def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
@@ -114,9 +144,18 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
         raise SpareInputError(f"dropout={config.dropout} must be in [0, 1)")
     if config.weighting not in LOSS_WEIGHTINGS:
         raise SpareInputError(f"weighting='{config.weighting}' is not one of {', '.join(LOSS_WEIGHTINGS)}")
+    if not 0.0 <= config.stop_reduction < 1.0:
+        raise SpareInputError(f"stop_reduction={config.stop_reduction} must be in [0, 1) (0 = run every step; "
+                              "typical 0.8)")
+    if config.check_every <= 0:
+        raise SpareInputError(f"check_every={config.check_every} must be >= 1")
+    grow = tuple(float(g) for g in (config.grow or ()))
+    if any(not 0.0 < g <= 1.0 for g in grow) or list(grow) != sorted(grow):
+        raise SpareInputError(f"grow={config.grow} must be increasing fractions in (0, 1], e.g. (0.75, 1.0)")
     if saliency is None or not saliency.selected:
         raise SpareInputError("the saliency selects no module; rescan with a larger selection (fraction or top-k)")
-    out = DistillConfig(**{**asdict(config), "concepts": concepts, "surrogates": surrogates, "retain": retain})
+    out = DistillConfig(**{**asdict(config), "concepts": concepts, "surrogates": surrogates, "retain": retain,
+                           "grow": grow})
     return out
 
 
@@ -128,13 +167,20 @@ def distill(
     latents: Optional[torch.Tensor] = None,
     progress: Optional[Callable[[int, int, float], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
+    on_check: Optional[Callable[[int, float, object], None]] = None,
 ) -> DistillResult:
     """Train a sparse LoRA on `saliency.selected` that maps each concept to its surrogate. The network is left
     exactly as it was (no parameter written, every hook removed), also on error or cancellation.
 
     latents: optional concept samples [N, C, H, W] (model latent space) instead of self-generated ones; sample i
     belongs to concept i % len(concepts). progress(step, steps, loss) is called after every step; should_stop()
-    before every step (return True to cancel: Cancelled is raised and nothing is returned).
+    before every step (return True to cancel: Cancelled is raised and nothing is returned). on_check(step,
+    reduction, adapters) is called at every probe check (research hook: e.g. snapshot the LoRA there).
+
+    Erase until erased: every `check_every` steps the concept->surrogate gap is measured on a fixed probe batch;
+    training stops once it has closed by `stop_reduction`, at the latest after `steps` (the learning rate is
+    cosine-decayed to the cap, so a run stopped at step k equals the first k steps of the full run). If the gap
+    stalls short of the target and `grow` lists larger fractions, more modules (next in saliency order) get adapters.
     """
     cfg = validate(config, saliency)
     started = time.perf_counter()
@@ -175,10 +221,7 @@ def distill(
                           device=dev)
         try:
             params = adapters.parameters()
-            trainable = sum(p.numel() for p in params)
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
             gen = torch.Generator().manual_seed(cfg.seed + 2)
             losses = []
             autocast = dict(device_type=dev.type, dtype=model.dtype, enabled=model.dtype != torch.float32)
@@ -187,34 +230,60 @@ def distill(
 
             sigma_data = data_std(x_forget)
 
-            def pair_loss(x0, cond_student, cond_teacher, t, generator=None):
+            def pair_loss(x0, cond_student, cond_teacher, t, generator=None, target=None):
                 sigma = model.sigma_at(t).float().to(dev)
                 noise = torch.randn(x0.shape, generator=generator or gen).to(dev)
                 xt = model.add_noise(x0, noise, sigma)
                 w = loss_weight(sigma, cfg.weighting, sigma_data).view(-1, *[1] * (x0.dim() - 1))
-                adapters.enabled = False
-                with torch.no_grad(), torch.autocast(**autocast):
-                    target = model.predict_x0(xt, sigma, cond_teacher).float()
-                adapters.enabled = True
+                if target is None:
+                    adapters.enabled = False
+                    with torch.no_grad(), torch.autocast(**autocast):
+                        target = model.predict_x0(xt, sigma, cond_teacher).float()
+                    adapters.enabled = True
                 with torch.autocast(**autocast):
                     pred = model.predict_x0(xt, sigma, cond_student).float()
                 return ((pred - target) ** 2 * w).mean()
 
-            # A fixed probe batch (same x_t, t, prompts before and after) measures whether training did anything.
-            probe_rows = torch.linspace(0, x_forget.shape[0] - 1, min(4, x_forget.shape[0])).long()  # every concept
-            probe_t = torch.linspace(0.3, 0.9, len(probe_rows))
+            # The probe: a fixed batch (same x_t, t, prompts at every check) on which the concept->surrogate gap is
+            # measured. It decides when to stop, when to grow, and whether training did anything at all. Rows span
+            # every concept; t spans the schedule; the teacher's targets are computed once.
+            probe_rows = torch.linspace(0, x_forget.shape[0] - 1, min(PROBE_SIZE, x_forget.shape[0])).long()
+            probe_t = torch.linspace(0.15, 0.95, len(probe_rows))
+            probe_ids = i_forget[probe_rows]
+            probe_args = (x_forget[probe_rows], model.select_cond(c_concept, probe_ids),
+                          model.select_cond(c_surrogate, probe_ids), probe_t)
 
             @torch.no_grad()
-            def probe_loss():
-                ids = i_forget[probe_rows]
-                return float(pair_loss(x_forget[probe_rows], model.select_cond(c_concept, ids),
-                                       model.select_cond(c_surrogate, ids), probe_t,
-                                       torch.Generator().manual_seed(cfg.seed + 3)))
+            def probe_loss(target=None):
+                return pair_loss(*probe_args, torch.Generator().manual_seed(cfg.seed + 3), target)
 
-            probe_before = probe_loss()
+            @torch.no_grad()
+            def probe_target():
+                adapters.enabled = False
+                x0, _, c_s, t = probe_args
+                sigma = model.sigma_at(t).float().to(dev)
+                noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(cfg.seed + 3)).to(dev)
+                with torch.autocast(**autocast):
+                    out = model.predict_x0(model.add_noise(x0, noise, sigma), sigma, c_s).float()
+                adapters.enabled = True
+                return out
+
+            teacher_probe = probe_target()
+            probe_before = float(probe_loss(teacher_probe))
+            checks = [{"step": 0, "gap": probe_before, "reduction": 0.0, "modules": len(adapters.adapters)}]
+            ranked = sorted(saliency.scores, key=lambda p: saliency.scores[p], reverse=True)
+            grow_left = list(cfg.grow)
+            stopped_early = False
+
+            def reduction(gap):
+                return 0.0 if probe_before <= 0 else 1.0 - gap / probe_before
+
             for step in range(cfg.steps):
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"cancelled at step {step} of {cfg.steps}; nothing was saved")
+                lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))  # cosine to 0 at the step cap
+                for group in opt.param_groups:
+                    group["lr"] = lr
                 rows = torch.randint(0, x_forget.shape[0], (cfg.batch_size,), generator=gen)
                 t = profile.sample(cfg.batch_size, gen) if profile is not None else \
                     T_MIN + (1 - 2 * T_MIN) * torch.rand(cfg.batch_size, generator=gen)
@@ -240,10 +309,33 @@ def distill(
                 scaler.step(opt)
                 scaler.update()
                 losses.append({"step": step + 1, "loss": value, "forget": float(forget.detach()),
-                               "retain": float(retain.detach()), "lr": sched.get_last_lr()[0]})
-                sched.step()
+                               "retain": float(retain.detach()), "lr": lr})
                 if progress is not None:
                     progress(step + 1, cfg.steps, value)
+                if (step + 1) % cfg.check_every == 0 and step + 1 < cfg.steps:
+                    gap = float(probe_loss(teacher_probe))
+                    done = reduction(gap)
+                    checks.append({"step": step + 1, "gap": gap, "reduction": done,
+                                   "modules": len(adapters.adapters)})
+                    if on_check is not None:
+                        on_check(step + 1, done, adapters)
+                    if cfg.stop_reduction > 0 and done >= cfg.stop_reduction:
+                        stopped_early = True
+                        if progress is not None:
+                            progress(cfg.steps, cfg.steps, value)  # complete the bar
+                        break
+                    if grow_left and cfg.stop_reduction > 0 and len(checks) >= 3 \
+                            and done - checks[-2]["reduction"] < cfg.stall:
+                        # stalled short of the target: give the erasure more modules (next ones in saliency order)
+                        target_n = math.ceil(grow_left.pop(0) * len(ranked))
+                        new = [p for p in ranked[:target_n] if p not in adapters.adapters]
+                        if new:
+                            added = make_adapters(model.network, new, cfg.rank, cfg.alpha, None, cfg.dropout,
+                                                  device=dev)
+                            adapters.extend(added)
+                            params = adapters.parameters()
+                            opt.add_param_group({"params": [p for a in added.values() for p in a.parameters()]})
+                            checks[-1]["grew_to"] = len(adapters.adapters)
             meta = {
                 "spare.version": __version__,
                 "spare.concepts": metadata_json(cfg.concepts),
@@ -256,12 +348,20 @@ def distill(
                 "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
                 "ss_max_train_steps": str(cfg.steps), "ss_seed": str(cfg.seed), "ss_learning_rate": str(cfg.lr),
             }
-            probe_after = probe_loss()
-            meta["spare.forget_reduction"] = f"{1.0 - probe_after / probe_before:.4f}" if probe_before > 0 else "0"
+            probe_after = float(probe_loss(teacher_probe))
+            checks.append({"step": len(losses), "gap": probe_after, "reduction": reduction(probe_after),
+                           "modules": len(adapters.adapters)})
+            meta["spare.forget_reduction"] = f"{reduction(probe_after):.4f}"
+            meta["spare.steps_used"] = str(len(losses))
+            meta["spare.gap"] = f"{probe_before:.6g} -> {probe_after:.6g}"
+            meta["spare.modules"] = str(len(adapters.adapters))
+            meta["ss_max_train_steps"] = str(len(losses))
+            trainable = sum(p.numel() for p in adapters.parameters())
             lora = LoraWeights.from_adapters(adapters, meta)
         finally:
             adapters.remove()
-    return DistillResult(lora, losses, time.perf_counter() - started, trainable, cfg, (probe_before, probe_after))
+    return DistillResult(lora, losses, time.perf_counter() - started, trainable, cfg, (probe_before, probe_after),
+                         checks, stopped_early)
 
 
 @contextlib.contextmanager

@@ -130,6 +130,15 @@ class AdapterSet(_Hooks):
             return output + (self.strength * delta).to(output.dtype)
         return hook
 
+    def extend(self, adapters: Mapping[str, LoraAdapter]) -> None:
+        """Hook in more adapters (the distillation grows its adapter set when the gap stalls)."""
+        modules = dict(self.network.named_modules())
+        for path, adapter in adapters.items():
+            if path in self.adapters:
+                raise ValueError(f"module '{path}' already carries an adapter")
+            self.adapters[path] = adapter
+            self._handles.append(modules[path].register_forward_hook(self._hook(adapter)))
+
     def parameters(self) -> list[nn.Parameter]:
         return [p for a in self.adapters.values() for p in a.parameters()]
 
@@ -139,6 +148,13 @@ def attach(network: nn.Module, paths: Iterable[str], rank: int, alpha: float,
            row_masks: Optional[Mapping[str, torch.Tensor]] = None, dropout: float = 0.0,
            device=None, dtype=torch.float32) -> AdapterSet:
     """Create trainable adapters for `paths` (module paths inside `network`) and hook them in."""
+    return AdapterSet(network, make_adapters(network, paths, rank, alpha, row_masks, dropout, device, dtype))
+
+
+def make_adapters(network: nn.Module, paths: Iterable[str], rank: int, alpha: float,
+                  row_masks: Optional[Mapping[str, torch.Tensor]] = None, dropout: float = 0.0,
+                  device=None, dtype=torch.float32) -> dict[str, LoraAdapter]:
+    """Fresh (zero-update) adapters for `paths`, checked against the network; not hooked in."""
     modules = dict(network.named_modules())
     adapters = {}
     for path in paths:
@@ -152,7 +168,7 @@ def attach(network: nn.Module, paths: Iterable[str], rank: int, alpha: float,
                                   f"use rank <= {min(fan_in, fan_out)}")
         mask = None if row_masks is None else row_masks.get(path)
         adapters[path] = LoraAdapter(base, rank, alpha, mask, dropout).to(device=device, dtype=dtype)
-    return AdapterSet(network, adapters)
+    return adapters
 
 
 @dataclass

@@ -1,12 +1,21 @@
 """Stage 1 of SPARE: find the parameters most responsible for a concept (gradient saliency).
 
-Following the authors' `vision_unlearning/unlearner/spare.py` (and SalUn's mask): on samples of the concept, take the
-ordinary denoising loss at random timesteps and accumulate |dL/dtheta| over batches. Each candidate module
-(Linear/Conv2d of the denoiser) is scored by the mean |gradient| of its weight; the salient set is the top fraction
-(or top k) of modules. Optionally, retain prompts make the score contrastive: a module's share of the forget gradient
-minus its share of the retain gradient, so modules that matter for everything are not picked for one concept.
-An optional per-row mask (per-weight granularity that survives export as a standard LoRA) keeps, inside the selected
-modules, only the output rows whose saliency is in the global top `row_fraction`.
+Following the authors' `vision_unlearning/unlearner/spare.py` and `utils/parameter_attribution.py` (and SalUn's
+mask): on samples of the concept only, take the ordinary denoising loss at random timesteps and accumulate
+|dL/dtheta| over batches. Every Linear/Conv2d of the denoiser is a candidate (`targets="all"`, the authors'); the
+salient set is the top fraction (or top k) of modules by score. Three scores (`scoring`):
+
+- "gradient": mean |dL/dW| of the module's weight -- exactly the authors'.
+- "taylor": mean |W * dL/dW| -- the first-order estimate of the loss change if the weight were removed (Molchanov et
+  al. 2019). The authors' mean |grad| depends on the scale of the module's *input*: text-token projections (to_k,
+  to_v: CLIP-scale inputs) and image-token ones (to_q, to_out, convs: normalised activations) are ranked on different
+  scales. Scaling a module's input by a and its weight by 1/a leaves the network unchanged and |W * grad| unchanged.
+- "contrastive": a module's share of the forget gradient minus its share of the retain gradient (this pack's first
+  score). For a style it subtracts the other styles' use of the very modules a style lives in: measured worst.
+
+Which one is the default is a measurement (bench/RESULTS.md, "Saliency selection"). An optional per-row mask (per-weight
+granularity that survives export as a standard LoRA) keeps, inside the selected modules, only the output rows whose
+saliency is in the global top `row_fraction`.
 
 Loss space: eps-space MSE, written through x0 as ||(x0_hat - x0) / sigma||^2 (x_t = x0 + sigma * eps).
 """
@@ -28,16 +37,20 @@ from .lora import ADAPTABLE, atomic_write
 from .model import DiffusionModel
 from .sampling import T_MIN, generate
 
-TARGET_SETS = ("attention", "cross_attention", "all")
+TARGET_SETS = ("all", "attention", "cross_attention")
+SCORINGS = ("taylor", "gradient", "contrastive")
+DEFAULT_TARGETS = "all"        # the authors': every Linear/Conv2d of the denoiser
+DEFAULT_SCORING = "taylor"     # measured on MiniCanvas, bench/RESULTS.md "Saliency selection"
+DEFAULT_FRACTION = 0.5         # the authors' sparsity_inclusiveness
 ATTENTION_LEAVES = ("to_q", "to_k", "to_v", "to_out", "to_out.0")  # SD/SDXL (ComfyUI LDM) projection names
 CROSS_ATTENTION_PARENT = "attn2"  # LDM name of the cross-attention block (attn1 = self-attention)
 
 
-def candidate_modules(network: nn.Module, targets: str = "attention") -> dict[str, nn.Module]:
+def candidate_modules(network: nn.Module, targets: str = DEFAULT_TARGETS) -> dict[str, nn.Module]:
     """Modules that may carry an adapter, by module path.
 
-    "attention": the attention projections (to_q, to_k, to_v, to_out) — the authors' choice;
-    "cross_attention": those of cross-attention (attn2) only; "all": every Linear/Conv2d.
+    "all": every Linear/Conv2d (the authors' candidates); "attention": the attention projections (to_q, to_k, to_v,
+    to_out); "cross_attention": those of cross-attention (attn2) only.
     """
     if targets not in TARGET_SETS:
         raise SpareInputError(f"targets='{targets}' is not one of {', '.join(TARGET_SETS)}")
@@ -148,13 +161,16 @@ def frozen(network: nn.Module):
             p.requires_grad_(flag)
 
 
-def _accumulate(model: DiffusionModel, modules, x0, cond, index, seed, repeats, batch_size, should_stop, progress):
-    """Sum of |grad| per module weight (and per output row) of the eps-space denoising loss on x0 samples."""
+def _accumulate(model: DiffusionModel, modules, x0, cond, index, seed, repeats, batch_size, should_stop, progress,
+                scoring="gradient"):
+    """Sum of |grad| (scoring "gradient"/"contrastive") or |weight * grad| ("taylor") per module weight and per output
+    row, of the eps-space denoising loss on x0 samples."""
     sums = {p: 0.0 for p in modules}
     rows = {p: torch.zeros(m.weight.shape[0], dtype=torch.float64) for p, m in modules.items()}
 
     def on_grad(path, g):
-        a = g.detach().abs().float()
+        g = g.detach().float()
+        a = (g * modules[path].weight.detach().float()).abs() if scoring == "taylor" else g.abs()
         sums[path] += float(a.sum())
         rows[path] += a.flatten(1).sum(1).double().cpu()
 
@@ -191,9 +207,10 @@ def scan(
     retain: Sequence[str] = (),
     samples: int = 4,
     seed: int = 0,
-    fraction: float = 0.5,
+    fraction: float = DEFAULT_FRACTION,
     top_k: Optional[int] = None,
-    targets: str = "attention",
+    targets: str = DEFAULT_TARGETS,
+    scoring: str = DEFAULT_SCORING,
     retain_weight: float = 1.0,
     row_fraction: Optional[float] = None,
     repeats: int = 2,
@@ -206,8 +223,9 @@ def scan(
 ) -> Saliency:
     """Score every candidate module of `model.network` for `concepts` and select the salient ones.
 
-    concepts: prompts naming the concept(s) to erase. retain: prompts whose behaviour must not move (optional;
-    makes the score contrastive with weight `retain_weight`). samples: self-generated samples per prompt.
+    concepts: prompts naming the concept(s) to erase. retain: prompts whose behaviour must not move (used by
+    scoring="contrastive" only, with weight `retain_weight`). scoring: "taylor", "gradient" (the authors') or
+    "contrastive" (module docstring). samples: self-generated samples per prompt.
     fraction / top_k: how many modules to select (top_k wins when given). latents: optional concept samples
     [N, C, H, W] in the model's latent space, used instead of self-generated ones.
     """
@@ -222,6 +240,8 @@ def scan(
         raise SpareInputError(f"fraction={fraction} must be in (0, 1]")
     if top_k is not None and top_k <= 0:
         raise SpareInputError(f"top_k={top_k} must be >= 1")
+    if scoring not in SCORINGS:
+        raise SpareInputError(f"scoring='{scoring}' is not one of {', '.join(SCORINGS)}")
     if row_fraction is not None and not 0.0 < row_fraction <= 1.0:
         raise SpareInputError(f"row_fraction={row_fraction} must be in (0, 1]")
     modules = candidate_modules(model.network, targets)
@@ -242,10 +262,10 @@ def scan(
         c_forget = model.encode(concepts)
         c_retain = model.encode(retain) if retain else None
     f_sum, f_rows = _accumulate(model, modules, x_f, c_forget, idx_f, seed + 1, repeats, batch_size,
-                                should_stop, progress)
+                                should_stop, progress, scoring)
     numel = {p: m.weight.numel() for p, m in modules.items()}
     forget = {p: f_sum[p] / numel[p] for p in modules}
-    if retain and retain_weight > 0:
+    if scoring == "contrastive" and retain and retain_weight > 0:
         x_r, idx_r = gen_or_given(retain, 1000)
         r_sum, _ = _accumulate(model, modules, x_r, c_retain, idx_r, seed + 2, repeats, batch_size,
                                should_stop, None)
@@ -270,7 +290,7 @@ def scan(
                 m[row_means[p].argmax()] = True
             row_masks[p] = m
     meta = {"concepts": list(concepts), "retain": list(retain), "samples": samples, "seed": seed,
-            "targets": targets, "fraction": fraction, "top_k": top_k, "row_fraction": row_fraction,
+            "targets": targets, "scoring": scoring, "fraction": fraction, "top_k": top_k, "row_fraction": row_fraction,
             "retain_weight": retain_weight, "latents_given": latents is not None}
     return Saliency(scores, selected, row_masks, meta)
 

@@ -41,13 +41,14 @@ STYLE_LORA = "spare/erase_vangogh_00001_.safetensors"  # what erase_style.json w
 # The four nodes and their inputs, in schema order (required; optional after "|").
 EXPECTED_NODES = {
     "SPARESaliencyScan": (["model", "clip", "concept", "retain", "samples", "seed", "selection", "top_k", "targets",
-                           "resolution"], [], ["SPARE_SALIENCY", "IMAGE", "STRING"]),
+                           "resolution", "scoring"], [], ["SPARE_SALIENCY", "IMAGE", "STRING"]),
     "SPARETimestepProfile": (["model", "clip", "concept", "surrogate", "bins", "samples", "seed", "sharpness",
                               "uniform_floor", "resolution", "loss_weighting"], [],
                              ["SPARE_TIMESTEPS", "IMAGE", "STRING"]),
     "SPARESparseLoraDistill": (["model", "clip", "concepts", "surrogates", "retain", "saliency", "rank", "alpha",
                                 "steps", "learning_rate", "forget_weight", "retain_weight", "seed", "filename_prefix",
-                                "key_format", "gradient_checkpointing", "resolution", "samples", "loss_weighting"],
+                                "key_format", "gradient_checkpointing", "resolution", "samples", "loss_weighting",
+                                "stop_at_gap_closed"],
                                ["timesteps", "latents"],
                                ["LORA_MODEL", "IMAGE", "STRING"]),
     "SPAREApplyErasure": (["model", "strength", "lora_name"], ["lora"], ["MODEL"]),
@@ -301,7 +302,7 @@ def test_converter_validates_against_object_info(object_info):
 
     bad = json.loads(json.dumps(wf))
     next(n for n in bad["nodes"] if n["type"] == "SPARESaliencyScan")["widgets_values"].pop()
-    with pytest.raises(wa.WorkflowError, match="widgets_values has 7 values.*8 widget values"):
+    with pytest.raises(wa.WorkflowError, match="widgets_values has 8 values.*9 widget values"):
         wa.ui_to_api(bad, object_info)
 
     bad = json.loads(json.dumps(wf))

@@ -1,6 +1,6 @@
 """Baseline erasure methods, re-implemented from their papers' objectives on the same `DiffusionModel` interface
 that SPARE uses (see ../shared/docs/method.md). Each returns an edited *copy* of the model (the input is untouched)
-and a record of what was trained. Choices a reader may disagree with are marked "choice:".
+and a record of what was trained.
 
 - ESD (Gandikota et al. 2023): eps_theta(x_t, c) -> eps*(x_t) - eta * (eps*(x_t, c) - eps*(x_t)), eta = 1, frozen
   eps*; x_t from partial sampling of the *current* model with the concept prompt (as in the ESD code).
@@ -15,6 +15,16 @@ and a record of what was trained. Choices a reader may disagree with are marked 
   c_i the concept prompt's token embeddings, c*_i the surrogate's at the same positions, c_j preserved prompts'.
 
 All losses are eps-space MSE written through x0, like SPARE's.
+
+"Cross-attention" means the UNet's spatial cross-attention (attn2 inside a transformer block), as in the papers'
+SD code. MiniCanvas' attention-pooled text vector (`text_pool.attn2`) stands for the text encoder's pooled output of
+SDXL, which none of these methods edits: UCE, ESD-x and CA leave it alone (before 2026-11-28 they edited it too,
+which gave UCE a second, non-spatial text path to rewrite). ESD-u ("everything but cross-attention") and SalUn
+("every parameter") do include it, as they include every other UNet weight.
+Deviations from the papers: SalUn's retain loss distils the frozen model's prediction on retain samples instead of
+denoising real images (there are none), and its forget and retain samples are self-generated; CA's anchor images are
+self-generated; ESD's partial sampling uses Euler with cfg 3 (its code: DDIM); learning rates are the papers' x 20
+and ESD runs 200 steps instead of 1000 in `--standard` (harness.py, LR_SCALE and STANDARD_ESD_STEPS).
 """
 from __future__ import annotations
 
@@ -44,10 +54,15 @@ def _eps_mse(pred_x0, target_x0, sigma):
     return (((pred_x0.float() - target_x0.float()) / s) ** 2).mean()
 
 
+def is_unet_cross_attention(name: str) -> bool:
+    """A parameter or module path inside the UNet's spatial cross-attention (attn2 of a transformer block)."""
+    return ".transformer_blocks." in f".{name}" and ".attn2." in f".{name}."
+
+
 def _params(network: nn.Module, which: str) -> list[tuple[str, nn.Parameter]]:
     out = []
     for name, p in network.named_parameters():
-        cross = ".attn2." in f".{name}"
+        cross = is_unet_cross_attention(name)
         kv = cross and (".to_k." in name or ".to_v." in name)
         if which == "cross" and cross or which == "non_cross" and not cross or which == "cross_kv" and kv \
                 or which == "all":
@@ -203,7 +218,7 @@ def salun(model, concepts: Sequence[str], surrogates: Sequence[str], retain: Seq
 @torch.no_grad()
 def uce(model, concepts: Sequence[str], surrogates: Sequence[str], preserve: Sequence[str],
         lam: float = 0.5, preserve_scale: float = 1.0) -> Edited:
-    """Closed-form UCE on every cross-attention to_k / to_v. cond must be a context tensor [B, L, D]."""
+    """Closed-form UCE on every UNet cross-attention to_k / to_v. cond must be a context tensor [B, L, D]."""
     started = time.perf_counter()
     edited = _copy(model)
     c_e = model.encode(list(concepts))        # [N, L, D]
@@ -216,7 +231,7 @@ def uce(model, concepts: Sequence[str], surrogates: Sequence[str], preserve: Seq
     cp = c_p.reshape(-1, c_p.shape[-1]).T if c_p is not None else None
     n = 0
     for name, module in edited.network.named_modules():
-        if not (name.endswith("attn2.to_k") or name.endswith("attn2.to_v")):
+        if not (name.endswith("attn2.to_k") or name.endswith("attn2.to_v")) or not is_unet_cross_attention(name):
             continue
         w = module.weight.double()            # [out, D]
         d = w.shape[1]

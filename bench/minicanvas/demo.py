@@ -1,15 +1,22 @@
-"""The MiniCanvas demo: erase one named concept from the bundled model with SPARE (defaults), write the LoRA and a
-before/after image grid (same seeds), and print UA / IRA / CRA for it.
+"""The MiniCanvas demo: erase one named concept from the bundled model with SPARE at the product's defaults, write the
+LoRA and a labelled before/after picture, and print the measured verdict.
 
     python -m bench.minicanvas.demo --concept neon --out out/demo
 
-Rows of the grid: for each style (or object) of the grid, before | after, same prompt and seed. The erased concept's
-row is marked in the printout; everything else should look the same before and after.
+The picture: two grids side by side, BEFORE (left) and AFTER (right) the erasure, same prompts and seeds. Rows are
+the styles, columns the objects (labelled); the erased style's row (or object's column) is outlined in red. The
+prompts use templates the erasure did not train on. Everything outside the outline should look the same before and
+after; inside it the concept should be gone (the neutral style / object drawn instead).
+
+The verdict is measured, never assumed: UA (share of the erased row/column the classifier no longer recognises as
+the concept), IRA and CRA (the other rows/columns still recognised), against the unerased model. Below UA 90 the demo
+says NOT erased.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -19,13 +26,70 @@ import spare_core as sc
 from . import data, harness
 from .model import load as load_model
 
+ERASED_UA = harness.ERASED_UA
+CELL_SCALE = 2          # nearest-neighbour upscale of each 32 px image
+LABEL_W, LABEL_H = 70, 46
+
+
+def verdict(domain: str, concept: str, m: dict, base: dict) -> str:
+    """The demo's conclusion, from the measurement only."""
+    ira_drop, cra_drop = base["IRA"] - m["IRA"], base["CRA"] - m["CRA"]
+    if m["UA"] < ERASED_UA:
+        head = f"NOT erased: {domain} '{concept}' is still recognised in {100 - m['UA']:.0f}% of its images (UA " \
+               f"{m['UA']:.0f} < {ERASED_UA:.0f})"
+    else:
+        head = f"erased {domain} '{concept}' (UA {m['UA']:.0f})"
+    damage = max(ira_drop, cra_drop)
+    tail = "other concepts kept" if damage <= harness.CLEAN_DROP else \
+        f"collateral damage: IRA {m['IRA']:.1f} vs {base['IRA']:.1f}, CRA {m['CRA']:.1f} vs {base['CRA']:.1f} unerased"
+    return f"{head}; {tail}"
+
+
+def labelled_grid(before: torch.Tensor, after: torch.Tensor, domain: str, target_index: int, title: str):
+    """PIL image: BEFORE | AFTER grids (rows = styles, columns = objects), erased row/column outlined."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    n_s, n_o = len(harness.STYLES), len(harness.OBJECTS)
+    size = before.shape[-1] * CELL_SCALE
+    pad = 2
+    grid_w, grid_h = n_o * (size + pad), n_s * (size + pad)
+    gap = 24
+    width = LABEL_W + 2 * grid_w + gap + 10
+    height = LABEL_H + 22 + grid_h + 10
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    draw.text((6, 4), title, fill=(0, 0, 0), font=font)
+    for g, (images, label) in enumerate(((before, "BEFORE"), (after, "AFTER"))):
+        x0 = LABEL_W + g * (grid_w + gap)
+        draw.text((x0 + grid_w // 2 - 18, 20), label, fill=(0, 0, 0), font=font)
+        for oi, o in enumerate(harness.OBJECTS):
+            draw.text((x0 + oi * (size + pad) + 2, LABEL_H + 6), o[:8], fill=(60, 60, 60), font=font)
+        for si in range(n_s):
+            for oi in range(n_o):
+                img = images[si * n_o + oi]
+                arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+                tile = Image.fromarray(arr).resize((size, size), Image.NEAREST)
+                canvas.paste(tile, (x0 + oi * (size + pad), LABEL_H + 22 + si * (size + pad)))
+        top = LABEL_H + 22
+        if domain == "style":
+            box = (x0 - 2, top + target_index * (size + pad) - 2, x0 + grid_w, top + (target_index + 1) * (size + pad))
+        else:
+            box = (x0 + target_index * (size + pad) - 2, top - 2, x0 + (target_index + 1) * (size + pad), top + grid_h)
+        draw.rectangle(box, outline=(220, 0, 0), width=2)
+    for si, s in enumerate(harness.STYLES):
+        draw.text((4, LABEL_H + 22 + si * (size + pad) + size // 2 - 5), s[:11], fill=(60, 60, 60), font=font)
+    return canvas
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concept", default="neon", help=f"a style {harness.STYLES} or an object {harness.OBJECTS}")
-    ap.add_argument("--steps", type=int, default=harness.Budget().spare, help="SPARE training steps")
-    ap.add_argument("--out", default="out/demo")
+    ap.add_argument("--steps", type=int, default=harness.Budget().spare,
+                    help="SPARE's step cap (the stopping rule may end training earlier)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--out", default="out/demo", help="folder for the LoRA and the picture (created if missing)")
     args = ap.parse_args(argv)
     if args.concept in harness.STYLES:
         domain = "style"
@@ -33,35 +97,43 @@ def main(argv=None):
         domain = "object"
     else:
         ap.error(f"unknown concept {args.concept!r}; styles: {harness.STYLES}; objects: {harness.OBJECTS}")
+    if args.steps <= 0:
+        ap.error(f"--steps {args.steps}: must be >= 1 (default {harness.Budget().spare})")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        ap.error(f"--out {args.out!r} is an existing file; give a folder")
     torch.set_num_threads(int(os.environ.get("MINICANVAS_THREADS", "1")))  # 2 threads on 2 shared cores ran ~100x slower
-    os.makedirs(args.out, exist_ok=True)
     model = load_model()
     judge = harness.Judge()
-    budget = harness.Budget().scaled(1.0, 1)
-    budget.spare = args.steps
-    t0 = time.perf_counter()
-    edited, info = harness.run_method("spare", model, domain, args.concept, budget)
-    lora_path = sc.save_lora(os.path.join(args.out, f"erase_{args.concept}.safetensors"), edited[1])
+    budget = harness.Budget(spare=args.steps, seeds=1)
     prompts, ls, lo, seeds = harness.grid(1)
+    target = (data.style_index if domain == "style" else data.object_index)(args.concept)
+    print(f"erasing {domain} '{args.concept}' with SPARE (product defaults, cap {args.steps} steps) ...", flush=True)
+    t0 = time.perf_counter()
+    edited, info = harness.run_method("spare", model, domain, args.concept, budget, seed=args.seed)
+    print(f"trained in {time.perf_counter() - t0:.0f}s: {info['steps_used']} steps, gap closed "
+          f"{100 * info['gap_closed']:.0f}%, {info['modules']} modules; judging {len(prompts)} held-out prompts "
+          "before and after ...", flush=True)
     before = harness.generate(model, prompts, seeds, budget.sample_steps)
     after = harness.sample_edited(model, edited, prompts, seeds, budget.sample_steps)
-    target = (data.style_index if domain == "style" else data.object_index)(args.concept)
     m, _ = harness.evaluate(judge, after, ls, lo, domain, target)
-    # grid: one row per style, objects across; before and after side by side
-    n_o = len(harness.OBJECTS)
-    rows = []
-    for si in range(len(harness.STYLES)):
-        b = before[si * n_o:(si + 1) * n_o]
-        a = after[si * n_o:(si + 1) * n_o]
-        rows.append(torch.cat([b, torch.ones_like(b[:1]), a]))
-    image = data.grid_image(torch.cat(rows), nrow=2 * n_o + 1)
+    b, _ = harness.evaluate(judge, before, ls, lo, domain, target)
+    text = verdict(domain, args.concept, m, b)
+    os.makedirs(args.out, exist_ok=True)
+    lora_path = sc.save_lora(os.path.join(args.out, f"erase_{args.concept}.safetensors"), edited[1])
     png = os.path.join(args.out, f"before_after_{args.concept}.png")
-    image.save(png)
-    print(f"erased {domain} '{args.concept}' in {time.perf_counter() - t0:.0f}s "
-          f"({info['trainable_params']} trainable parameters, LoRA {info['lora_bytes'] / 1024:.0f} KiB)")
-    print(f"UA {m['UA']:.2f}  IRA {m['IRA']:.2f}  CRA {m['CRA']:.2f}")
-    print(f"wrote {lora_path} and {png} (left: before, right: after; one row per style)")
+    image = labelled_grid(before, after, domain, target, f"SPARE: {text}")
+    tmp = png + ".tmp.png"
+    image.save(tmp)
+    os.replace(tmp, png)
+    print(f"UA {m['UA']:.2f}  IRA {m['IRA']:.2f}  CRA {m['CRA']:.2f}   (unerased: UA {b['UA']:.2f}  IRA {b['IRA']:.2f}"
+          f"  CRA {b['CRA']:.2f})")
+    print(text)
+    if info.get("warning"):
+        print(f"warning: {info['warning']}")
+    print(f"wrote {lora_path} and {png} (left: before, right: after; rows = styles, columns = objects; "
+          f"the erased {'row' if domain == 'style' else 'column'} outlined in red)")
+    return 0 if m["UA"] >= ERASED_UA else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

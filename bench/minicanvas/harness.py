@@ -1,12 +1,15 @@
 """MiniCanvas harness: erase concepts from the bundled model with SPARE, its ablations and the baselines, and score
 every edit with the UnlearnCanvas definitions.
 
-    python -m bench.minicanvas --quick --out results.json     # 2 styles + 2 objects, 1 seed, budgets x 0.1
-    python -m bench.minicanvas --out results.json             # every style and every object, 5 seeds
+    python -m bench.minicanvas --standard --out results.json  # 20 concepts x 3 training seeds, papers' budgets
+    python -m bench.minicanvas --quick --out results.json     # 4 concepts, SPARE at product defaults, <= 10 min
 
-For each erased concept and method, the style x object grid (10 x 10 non-neutral prompts, template
-"A {object} image in {style} style.") is generated with fixed seeds, and the shipped classifiers judge it
-(metrics.py). Same model, same seeds, same prompts for every method; the unerased model is scored once ("base").
+Train/test split: every method trains on UnlearnCanvas' template "A {object} image in {style} style." (forget,
+surrogate and retain prompts); the evaluation grid (10 x 10 non-neutral style x object pairs, `seeds` images per pair)
+asks with the *other* templates of data.TEMPLATES, so an erasure is judged on prompts it never trained on. The
+shipped classifiers judge it (metrics.py). Same model, grid and seeds for every method; the unerased model is scored
+once ("base"). The training seed (samples, adapter init, retain neighbours) varies over `train_seeds`; every figure
+is reported with a 95% bootstrap interval over concepts and training seeds (metrics.bootstrap_ci).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import platform
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -33,11 +36,17 @@ METHODS = ("spare", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "
 # choice: kept from the first model (on which only some objects were drawn recognisably) so that runs compare across
 # sessions; on the shipped model every object's generations are judged right >= 91% of the time.
 QUICK_CONCEPTS = {"style": ["ukiyo", "neon"], "object": ["ring", "crescent"]}
-QUICK_SCALE = 0.1  # steps x 0.1 (SPARE 20, ESD 100, CA 40, SalUn 50)
-# quick leaves out two SPARE ablations (no-saliency, no-retain: in the x 0.3 table of bench/RESULTS.md) to stay
-# under 10 minutes; with all 9 methods it took 687 s on 2 cores
-QUICK_METHODS = ("spare", "spare-uniform-t", "esd-x", "esd-u", "ca", "salun", "uce")
-QUICK_SAMPLE_STEPS = 8  # evaluation sampler steps in quick mode (default 12): the grids are ~1/3 of quick's time
+# quick: SPARE exactly as shipped (its own step cap and stopping rule); the baselines' budgets shrink instead
+QUICK_BASELINE_SCALE = 0.1  # ESD 100, CA 40, SalUn 50 steps
+QUICK_METHODS = ("spare", "esd-x", "ca", "salun", "uce")
+QUICK_SAMPLE_STEPS = 8  # evaluation sampler steps in quick mode (default 12)
+STANDARD_METHODS = ("spare", "uce", "salun", "ca", "esd-x")
+STANDARD_ESD_STEPS = 200  # choice: ESD's paper trains 1000 steps; 200 keeps --standard within 90 min on 2 cores
+STANDARD_BASELINE_SEEDS = 1  # the step-trained baselines run one training seed in --standard (time); SPARE, UCE 3
+TRAIN_TEMPLATE = 0                   # UnlearnCanvas' "A {object} image in {style} style.": every training prompt
+EVAL_TEMPLATES = tuple(i for i in range(len(data.TEMPLATES)) if i != TRAIN_TEMPLATE)  # held out for evaluation
+ERASED_UA = 90.0   # a concept counts as erased at UA >= 90 (mean over training seeds)
+CLEAN_UA, CLEAN_DROP = 95.0, 2.0  # clean erasure: UA >= 95 and IRA, CRA within 2 points of the unerased model
 
 
 @dataclass
@@ -47,20 +56,27 @@ class Budget:
     the bundled model was trained at lr 2e-3, 20x Stable Diffusion's 1e-4 (SPARE 1e-4 -> 2e-3; ESD 1e-5 -> 2e-4;
     CA's effective 1.6e-5 -> 3.2e-4; SalUn 1e-5 -> 2e-4). UCE is closed-form (no steps, no learning rate)."""
 
-    spare: int = 200
+    spare: int = sc.DistillConfig.steps  # SPARE's step cap (the product default)
     esd: int = 1000
     ca: int = 400
     salun: int = 500
     sample_steps: int = 12   # DPM++ 2M steps for the evaluation grids
-    seeds: int = 5           # seeds per grid prompt (UnlearnCanvas: 5)
-    spare_weighting: str = "v"  # SPARE's loss weighting (the product default; "eps" = the authors')
+    seeds: int = 2           # images per grid pair (each with another held-out template)
+    spare_weighting: str = sc.DistillConfig.weighting  # SPARE's loss weighting ("eps" = the authors')
+    train_seeds: int = 1     # training seeds per concept (SPARE and every baseline)
+    baseline_seeds: int = 0  # training seeds of the step-trained baselines (0 = train_seeds)
+    spare_scoring: str = sc.saliency.DEFAULT_SCORING
+    spare_targets: str = sc.saliency.DEFAULT_TARGETS
+    spare_fraction: float = sc.saliency.DEFAULT_FRACTION
+    spare_stop: float = sc.DistillConfig.stop_reduction  # the stopping rule's target (0 = every step)
+    spare_grow: tuple = sc.DistillConfig.grow
 
     def scaled(self, factor: float, seeds: int) -> "Budget":
-        return Budget(max(1, int(self.spare * factor)), max(1, int(self.esd * factor)), max(1, int(self.ca * factor)),
-                      max(1, int(self.salun * factor)), self.sample_steps, seeds, self.spare_weighting)
+        """Every step-trained method's budget x factor (SPARE's cap included)."""
+        return replace(self, spare=max(1, int(self.spare * factor)), esd=max(1, int(self.esd * factor)),
+                       ca=max(1, int(self.ca * factor)), salun=max(1, int(self.salun * factor)), seeds=seeds)
 
 
-SPARE_SAMPLES = 2          # self-generated samples per forget / retain prompt
 RETAIN_EXTRA = 3           # random (style, object) pairs added to the neighbour classes in every retain list
 LR_SCALE = 20.0  # bundled model's training lr / Stable Diffusion's (2e-3 / 1e-4)
 LR = {"spare": 1e-4 * LR_SCALE, "esd": 1e-5 * LR_SCALE, "ca": 1.6e-5 * LR_SCALE, "salun": 1e-5 * LR_SCALE}
@@ -125,9 +141,10 @@ class Judge:
         return out
 
 
-def grid(seeds: int, domain=None, name=None, synonym=None):
+def grid(seeds: int, domain=None, name=None, synonym=None, templates=EVAL_TEMPLATES):
     """(prompts, style labels, object labels, seeds) of the evaluation grid; with `synonym`, only the target's row
-    asked for by its synonym."""
+    asked for by its synonym. Image k of pair (s, o) uses template templates[(s + o + k) % len]: with 2+ seeds
+    every pair is asked in two wordings, and the grid uses every held-out template equally often."""
     prompts, st, ob, sd = [], [], [], []
     for si, s in enumerate(STYLES):
         for oi, o in enumerate(OBJECTS):
@@ -136,7 +153,7 @@ def grid(seeds: int, domain=None, name=None, synonym=None):
             ps = synonym if synonym is not None and domain == "style" else s
             po = synonym if synonym is not None and domain == "object" else o
             for k in range(seeds):
-                prompts.append(data.prompt(ps, po))
+                prompts.append(data.prompt(ps, po, templates[(si + oi + k) % len(templates)]))
                 st.append(data.style_index(s))
                 ob.append(data.object_index(o))
                 sd.append(10_000 + 100 * (si * len(OBJECTS) + oi) + k)
@@ -147,36 +164,41 @@ def generate(model, prompts, seeds, steps):
     return model.sample(prompts, seed=seeds, steps=steps)
 
 
-def run_method(method, model, domain, name, budget, seed=0):
-    """Train one method for one concept. Returns (sampling model or context manager factory, info dict)."""
+def run_method(method, model, domain, name, budget, seed=0, on_check=None):
+    """Train one method for one concept with training seed `seed`. Returns (("lora", LoraWeights) or ("model",
+    edited model), info dict). SPARE runs through the same spare_core functions and defaults as the nodes (samples
+    per prompt, batch size, step cap, stopping rule); only the learning rate is scaled (LR_SCALE)."""
     forget, surrogate, retain, short, short_surrogate = concept_prompts(domain, name, seed)
     peak_rss_reset()
     t0 = time.perf_counter()
     if method.startswith("spare"):
+        defaults = sc.DistillConfig(forget, surrogate)
+        per = defaults.samples_per_prompt
         # The concept samples are generated once and fed to all three stages (in ComfyUI: one KSampler's LATENT
         # wired into Saliency Scan, Timestep Profile and Sparse LoRA Distill).
-        x_forget, _ = sc.generate(model, forget, SPARE_SAMPLES, seed)  # prompt-major: sample j is prompt j // k
+        x_forget, _ = sc.generate(model, forget, per, seed)  # prompt-major: sample j is prompt j // per
         # the stages' latents convention is sample i -> prompt i % len(prompts): reorder to sample-major
-        x_forget = x_forget.view(len(forget), SPARE_SAMPLES, *x_forget.shape[1:]).transpose(0, 1).flatten(0, 1)
-        targets_all = method == "spare-no-saliency"
-        if targets_all:
-            cands = sc.candidate_modules(model.network, "attention")
+        x_forget = x_forget.view(len(forget), per, *x_forget.shape[1:]).transpose(0, 1).flatten(0, 1)
+        if method == "spare-no-saliency":
+            cands = sc.candidate_modules(model.network, budget.spare_targets)
             sal = sc.Saliency({p: 1.0 for p in cands}, list(cands), None, {"concepts": forget})
         else:
-            sal = sc.saliency_scan(model, forget, retain=retain, samples=1, seed=seed, fraction=0.5,
-                                   latents=x_forget)
+            sal = sc.saliency_scan(model, forget, retain=retain, seed=seed, fraction=budget.spare_fraction,
+                                   targets=budget.spare_targets, scoring=budget.spare_scoring, latents=x_forget)
         profile = None
         if method != "spare-uniform-t":
             profile = sc.timestep_profile(model, forget, surrogate, bins=10, seed=seed,
                                           weighting=budget.spare_weighting, latents=x_forget)
-        cfg = sc.DistillConfig(forget, surrogate, retain=[] if method == "spare-no-retain" else retain,
-                               retain_unconditional=method != "spare-no-retain",
-                               retain_weight=0.0 if method == "spare-no-retain" else 1.0,
-                               steps=budget.spare, lr=LR["spare"], batch_size=4, samples_per_prompt=SPARE_SAMPLES,
-                               seed=seed, weighting=budget.spare_weighting)
-        result = sc.distill(model, cfg, sal, profile, latents=x_forget)
+        no_retain = method == "spare-no-retain"
+        cfg = replace(defaults, retain=[] if no_retain else retain, retain_unconditional=not no_retain,
+                      retain_weight=0.0 if no_retain else defaults.retain_weight, steps=budget.spare,
+                      lr=LR["spare"], seed=seed, weighting=budget.spare_weighting, stop_reduction=budget.spare_stop,
+                      grow=tuple(budget.spare_grow))
+        result = sc.distill(model, cfg, sal, profile, latents=x_forget, on_check=on_check)
         info = {"trainable_params": result.trainable_params, "lora_bytes": result.lora.num_bytes(),
-                "losses": [r["forget"] for r in result.losses]}
+                "losses": [r["forget"] for r in result.losses], "steps_used": result.steps_used,
+                "gap_closed": result.forget_reduction, "modules": len(result.lora.modules),
+                "warning": result.warning}
         edited = ("lora", result.lora)
     elif method in ("esd-x", "esd-u"):
         out = baselines.esd(model, forget, variant=method[-1], steps=budget.esd, lr=LR["esd"], seed=seed)
@@ -230,8 +252,8 @@ def map_tasks(fn, tasks: list, jobs: int, threads: int) -> list:
 
 
 def _erase_concept(task) -> list[tuple[str, str, dict]]:
-    """Every method on one concept (runs in a worker process or inline). Returns [(method, domain, metrics row)]."""
-    methods, domain, name, budget, base_features = task
+    """Every method on one concept and training seed (in a worker process or inline). [(method, domain, row)]."""
+    methods, domain, name, seed, budget, base_features = task
     if "model" not in _WORKER:
         _WORKER["model"], _WORKER["judge"] = load_model(), Judge()
     model, judge = _WORKER["model"], _WORKER["judge"]
@@ -242,24 +264,26 @@ def _erase_concept(task) -> list[tuple[str, str, dict]]:
     keep = (~((ls if domain == "style" else lo) == target)).numpy()
     rows = []
     for method in methods:
-        edited, info = run_method(method, model, domain, name, budget)
+        edited, info = run_method(method, model, domain, name, budget, seed=seed)
         images = sample_edited(model, edited, prompts, seeds, budget.sample_steps)
         m, j = evaluate(judge, images, ls, lo, domain, target)
         syn_pred = judge(sample_edited(model, edited, sp, sseeds, budget.sample_steps))[domain]
         m["synonym_UA"] = metrics.unlearning_accuracy(syn_pred, target)
         m["quality_fd"] = metrics.frechet_distance(j["features"][keep], base_features[keep])
         m.update({k: v for k, v in info.items() if k != "losses"})
-        m["concept"] = name
+        m["concept"], m["seed"] = name, seed
         rows.append((method, domain, m))
-        print(f"{domain:6s} {name:10s} {method:18s} UA {m['UA']:6.2f} IRA {m['IRA']:6.2f} "
-              f"CRA {m['CRA']:6.2f} synUA {m['synonym_UA']:6.2f} FD {m['quality_fd']:7.3f} {info['seconds']:6.1f}s",
-              flush=True)
+        extra = f" steps {info['steps_used']:3d} gap closed {info['gap_closed']:.2f}" if "steps_used" in info else ""
+        print(f"{domain:6s} {name:10s} seed {seed} {method:18s} UA {m['UA']:6.2f} IRA {m['IRA']:6.2f} "
+              f"CRA {m['CRA']:6.2f} synUA {m['synonym_UA']:6.2f} FD {m['quality_fd']:7.3f} {info['seconds']:6.1f}s"
+              + extra, flush=True)
     return rows
 
 
 def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1):
-    """Erase every concept with every method. jobs > 1: concepts are spread over that many worker processes of one
-    torch thread each (one process per core beats one process with several threads on small models)."""
+    """Erase every concept with every method, for every training seed. jobs > 1: (concept, seed) tasks are spread
+    over that many worker processes of one torch thread each (one process per core beats one process with several
+    threads on small models). Step-trained baselines run `budget.baseline_seeds` training seeds (0 = all)."""
     threads = int(os.environ.get("MINICANVAS_THREADS", "1"))  # 2 threads on 2 shared cores ran ~100x slower
     torch.set_num_threads(threads)
     budget = budget or Budget()
@@ -273,42 +297,95 @@ def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1):
     base_acc = {"style_acc": 100.0 * (base["style"] == ls).float().mean().item(),
                 "object_acc": 100.0 * (base["object"] == lo).float().mean().item()}
     log(f"base model: style {base_acc['style_acc']:.2f}%  object {base_acc['object_acc']:.2f}%  "
-        f"({len(prompts)} images)")
-    base_per = {"style": [], "object": []}
+        f"({len(prompts)} images, held-out templates)")
+    base_per = {}
     tasks = []
-    for domain, names in concepts.items():
-        for name in names:
-            target = (data.style_index if domain == "style" else data.object_index)(name)
-            base_per[domain].append(metrics.erasure_metrics(domain, target, ls, lo, base["style"], base["object"]))
-            tasks.append((list(methods), domain, name, budget, base["features"]))
+    baseline_seeds = budget.baseline_seeds or budget.train_seeds
+    for seed in range(budget.train_seeds):
+        for domain, names in concepts.items():
+            for name in names:
+                target = (data.style_index if domain == "style" else data.object_index)(name)
+                base_per[name] = dict(metrics.erasure_metrics(domain, target, ls, lo, base["style"], base["object"]),
+                                      domain=domain)
+                todo = [m for m in methods if m.startswith("spare") or m == "uce" or seed < baseline_seeds]
+                if todo:
+                    tasks.append((todo, domain, name, seed, budget, base["features"]))
     results = map_tasks(_erase_concept, tasks, jobs, threads)
-    per = {m: {"style": [], "object": []} for m in methods}
+    per = {m: [] for m in methods}
     for rows in results:
         for method, domain, m in rows:
-            per[method][domain].append(m)
+            m["domain"] = domain
+            per[method].append(m)
     return summarize(per, base_acc, base_per, budget)
 
 
-def _mean(rows, key):
-    vals = [r[key] for r in rows]
-    return float(np.mean(vals)) if vals else None
+def _ci(rows, key):
+    """Mean and 95% bootstrap interval over concepts and training seeds."""
+    by_concept = {}
+    for r in rows:
+        by_concept.setdefault(r["concept"], []).append(r[key])
+    mean, lo, hi = metrics.bootstrap_ci(list(by_concept.values()))
+    return {"mean": mean, "lo": lo, "hi": hi}
 
 
 def summarize(per, base_acc, base_per, budget):
+    """Per method: per domain mean + 95% interval of UA, IRA, CRA, synonym UA; the drop of IRA / CRA from the
+    unerased model; concepts erased (mean UA >= ERASED_UA) and cleanly erased; per-concept means."""
     out = {}
-    for method, doms in per.items():
-        rows = doms["style"] + doms["object"]
-        out[method] = {d: {k: _mean(doms[d], k) for k in ("UA", "IRA", "CRA", "synonym_UA")} for d in doms
-                       if doms[d]}
-        out[method].update({
+    for method, rows in per.items():
+        if not rows:
+            continue
+        res = {}
+        for d in ("style", "object"):
+            dr = [r for r in rows if r["domain"] == d]
+            if not dr:
+                continue
+            res[d] = {k: _ci(dr, k)["mean"] for k in ("UA", "IRA", "CRA", "synonym_UA")}
+            res[d]["ci"] = {k: _ci(dr, k) for k in ("UA", "IRA", "CRA", "synonym_UA")}
+        for r in rows:
+            r["mean3"] = (r["UA"] + r["IRA"] + r["CRA"]) / 3
+            r["IRA_drop"] = base_per[r["concept"]]["IRA"] - r["IRA"]
+            r["CRA_drop"] = base_per[r["concept"]]["CRA"] - r["CRA"]
+        concepts = {}
+        for r in rows:
+            concepts.setdefault(r["concept"], []).append(r)
+        per_concept = {}
+        for c, rs in concepts.items():
+            pc = {k: float(np.mean([r[k] for r in rs])) for k in ("UA", "IRA", "CRA", "synonym_UA", "IRA_drop",
+                                                                    "CRA_drop")}
+            pc["UA_min"] = float(min(r["UA"] for r in rs))
+            pc["seeds"] = len(rs)
+            pc["domain"] = rs[0]["domain"]
+            pc["erased"] = pc["UA"] >= ERASED_UA
+            pc["clean"] = pc["UA"] >= CLEAN_UA and pc["IRA_drop"] <= CLEAN_DROP and pc["CRA_drop"] <= CLEAN_DROP
+            if "steps_used" in rs[0]:
+                pc["steps_used"] = float(np.mean([r["steps_used"] for r in rs]))
+            per_concept[c] = pc
+        res.update({
+            "mean3": _ci(rows, "mean3"), "IRA_drop": _ci(rows, "IRA_drop"), "CRA_drop": _ci(rows, "CRA_drop"),
+            "erased": sum(p["erased"] for p in per_concept.values()),
+            "clean": sum(p["clean"] for p in per_concept.values()), "concepts": len(per_concept),
+            "seeds": max(p["seeds"] for p in per_concept.values()),
             "quality_fd": _mean(rows, "quality_fd"), "seconds_per_concept": _mean(rows, "seconds"),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rows), "trainable_params": _mean(rows, "trainable_params"),
-            "lora_bytes": _mean(rows, "lora_bytes"),
-            "per_concept": rows,
+            "lora_bytes": _mean(rows, "lora_bytes"), "per_concept": per_concept, "runs": rows,
         })
+        if "steps_used" in rows[0]:
+            res["steps_used"] = _mean(rows, "steps_used")
+        out[method] = res
     base = dict(base_acc)
-    base.update({d: {k: _mean(base_per[d], k) for k in ("IRA", "CRA")} for d in base_per if base_per[d]})
-    return {"methods": out, "base": base, "budget": budget.__dict__}
+    for d in ("style", "object"):
+        dr = [b for b in base_per.values() if b["domain"] == d]
+        if dr:
+            base[d] = {k: float(np.mean([b[k] for b in dr])) for k in ("IRA", "CRA")}
+    base["per_concept"] = base_per
+    return {"methods": out, "base": base, "budget": {k: (list(v) if isinstance(v, tuple) else v)
+                                                     for k, v in budget.__dict__.items()}}
+
+
+def _mean(rows, key):
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(vals)) if vals else None
 
 
 def main(argv=None):
@@ -316,34 +393,53 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="2 styles + 2 objects, 1 seed, budgets x QUICK_SCALE (<= 10 min on 2 cores with --jobs 2)")
-    ap.add_argument("--methods", help="comma-separated subset of " + ", ".join(METHODS) + " or 'all' (default: all; "
-                    "quick: " + ", ".join(QUICK_METHODS) + ")")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--standard", action="store_true",
+                      help="every style and object, 3 training seeds, " + ", ".join(STANDARD_METHODS) + " at the "
+                      f"papers' budgets (ESD {STANDARD_ESD_STEPS} steps; step-trained baselines 1 training seed)")
+    mode.add_argument("--quick", action="store_true",
+                      help="4 concepts, 1 training seed, SPARE at the product defaults, baselines' budgets x "
+                      f"{QUICK_BASELINE_SCALE} (<= 10 min on 2 cores)")
+    ap.add_argument("--methods", help="comma-separated subset of " + ", ".join(METHODS) + " or 'all' (default: "
+                    "standard: " + ", ".join(STANDARD_METHODS) + "; quick: " + ", ".join(QUICK_METHODS) + ")")
     ap.add_argument("--concepts", help="comma-separated style/object names to erase (default: all, or quick set)")
-    ap.add_argument("--seeds", type=int, help="seeds per grid prompt (default 5, quick 1)")
-    ap.add_argument("--budget-scale", type=float, help="multiply every method's steps (default 1, quick 0.1)")
+    ap.add_argument("--seeds", type=int, help="images per grid pair (default 2, quick 1)")
+    ap.add_argument("--train-seeds", type=int, help="training seeds per concept (default 1, standard 3)")
+    ap.add_argument("--budget-scale", type=float, help="multiply every method's steps, SPARE's cap included")
     ap.add_argument("--sample-steps", type=int, help="sampler steps of the evaluation grids (default 12, quick 8)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                    help="worker processes, one concept at a time each (default: 2 or the core count)")
+                    help="worker processes, one (concept, seed) at a time each (default: 2 or the core count)")
     ap.add_argument("--spare-weighting", choices=sc.LOSS_WEIGHTINGS, default=Budget.spare_weighting,
                     help="loss weighting of SPARE and its ablations (default v; eps = the authors')")
+    ap.add_argument("--spare-scoring", choices=sc.saliency.SCORINGS, default=Budget.spare_scoring)
+    ap.add_argument("--spare-targets", choices=sc.saliency.TARGET_SETS, default=Budget.spare_targets)
+    ap.add_argument("--spare-stop", type=float, default=Budget.spare_stop,
+                    help="SPARE's stopping rule target (gap closed); 0 = run every step")
     ap.add_argument("--out", default="results.json")
     args = ap.parse_args(argv)
     if args.methods in (None, "all"):
-        methods = list(QUICK_METHODS if args.quick and args.methods is None else METHODS)
+        default = QUICK_METHODS if args.quick else STANDARD_METHODS if args.standard else METHODS
+        methods = list(default if args.methods is None else METHODS)
     else:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    scale = args.budget_scale if args.budget_scale is not None else (QUICK_SCALE if args.quick else 1.0)
-    budget = Budget().scaled(scale, args.seeds or (1 if args.quick else 5))
+    budget = Budget(spare_weighting=args.spare_weighting, spare_scoring=args.spare_scoring,
+                    spare_targets=args.spare_targets, spare_stop=args.spare_stop)
+    if args.quick:
+        budget = replace(budget.scaled(QUICK_BASELINE_SCALE, 1), spare=Budget.spare,
+                         sample_steps=QUICK_SAMPLE_STEPS)
+    if args.standard:
+        budget = replace(budget, esd=STANDARD_ESD_STEPS, train_seeds=3, baseline_seeds=STANDARD_BASELINE_SEEDS)
+    if args.budget_scale is not None:
+        budget = budget.scaled(args.budget_scale, budget.seeds)
+    if args.seeds:
+        budget.seeds = args.seeds
+    if args.train_seeds:
+        budget.train_seeds = args.train_seeds
     if args.sample_steps:
         budget.sample_steps = args.sample_steps
-    elif args.quick:
-        budget.sample_steps = QUICK_SAMPLE_STEPS
-    budget.spare_weighting = args.spare_weighting
     concepts = QUICK_CONCEPTS if args.quick else None
     if args.concepts:
         names = [c.strip() for c in args.concepts.split(",") if c.strip()]
@@ -356,6 +452,8 @@ def main(argv=None):
     results["meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                        f"{platform.processor() or platform.platform()}", "command": "python -m bench.minicanvas "
                        + " ".join(sys.argv[1:] if argv is None else argv), "seeds": budget.seeds,
+                       "train_seeds": budget.train_seeds, "eval_templates": [data.TEMPLATES[i] for i in EVAL_TEMPLATES],
+                       "train_template": data.TEMPLATES[TRAIN_TEMPLATE],
                        "wall_seconds": round(time.time() - started, 1)}
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:

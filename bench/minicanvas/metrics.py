@@ -44,3 +44,20 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     eig = np.linalg.eigvals(s1 @ s2)
     tr_sqrt = np.sqrt(np.clip(eig.real, 0, None)).sum()
     return float(max(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt, 0.0))
+
+
+def bootstrap_ci(groups, reps: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and `level` percentile-bootstrap interval of values grouped by concept: `groups` is a list (one entry per
+    concept) of lists (one value per training seed). Each replicate resamples concepts, then seeds within each drawn
+    concept, with replacement (two-stage bootstrap), so the interval covers both sources of variation."""
+    groups = [np.asarray(g, dtype=np.float64) for g in groups if len(g)]
+    if not groups:
+        raise ValueError("bootstrap_ci needs at least one value")
+    mean = float(np.mean([g.mean() for g in groups]))
+    rng = np.random.default_rng(seed)
+    stats = np.empty(reps)
+    for i in range(reps):
+        pick = rng.integers(0, len(groups), len(groups))
+        stats[i] = np.mean([groups[j][rng.integers(0, len(groups[j]), len(groups[j]))].mean() for j in pick])
+    lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return mean, float(lo), float(hi)

@@ -1,0 +1,162 @@
+"""Which saliency selection, and when to stop: SPARE's trajectory on held-out prompts, per concept.
+
+    python -m bench.minicanvas.selection --scorings taylor,gradient,contrastive --out bench/runs/selection.json
+
+For every concept, training seed and saliency option, SPARE runs with the product defaults to its step cap without
+the stopping rule; at every probe check (DistillConfig.check_every) the LoRA is snapshotted with the probe gap's
+reduction, and each snapshot is judged on the held-out evaluation grid (harness.grid). Because the learning rate
+decays to the cap, the snapshot at step k is exactly what a run stopped there would return, so one run per setting
+gives: the final erasure of each selection, and the UA / IRA / CRA a stopping threshold r would have produced
+(stop at the first check where the reduction reaches r). `summarize` prints both tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+import spare_core as sc
+
+from . import data, harness, metrics
+
+OPTIONS = {  # name -> (scoring, targets)
+    "taylor": ("taylor", "all"),
+    "gradient": ("gradient", "all"),            # the authors'
+    "contrastive": ("contrastive", "all"),
+    "contrastive-attention": ("contrastive", "attention"),  # this pack's first default
+    "gradient-attention": ("gradient", "attention"),
+}
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+SNAPSHOT_STEPS = (20, 40, 60, 100, 140)  # checks judged on the grid (plus the cap); others only recorded (time)
+
+
+def _task(task):
+    option, domain, name, seed, budget = task
+    if "model" not in harness._WORKER:
+        harness._WORKER["model"], harness._WORKER["judge"] = harness.load_model(), harness.Judge()
+    model, judge = harness._WORKER["model"], harness._WORKER["judge"]
+    scoring, targets = OPTIONS[option]
+    b = replace(budget, spare_scoring=scoring, spare_targets=targets, spare_stop=0.0, spare_grow=())
+    snaps = []
+    edited, info = harness.run_method("spare", model, domain, name, b, seed=seed,
+                                      on_check=lambda step, red, ad: snaps.append(
+                                          (step, red, sc.LoraWeights.from_adapters(ad)
+                                           if step in SNAPSHOT_STEPS else None)))
+    snaps.append((info["steps_used"], info["gap_closed"], edited[1]))
+    prompts, ls, lo, seeds = harness.grid(budget.seeds)
+    target = (data.style_index if domain == "style" else data.object_index)(name)
+    points = []
+    for step, red, lora in snaps:
+        if lora is None:
+            continue
+        images = harness.sample_edited(model, ("lora", lora), prompts, seeds, budget.sample_steps)
+        m, _ = harness.evaluate(judge, images, ls, lo, domain, target)
+        points.append({"step": step, "reduction": red, **m})
+    print(f"{option:22s} {domain:6s} {name:9s} seed {seed}: " + " ".join(
+        f"{p['step']}:{p['reduction']:.2f}/{p['UA']:.0f}/{p['IRA']:.0f}/{p['CRA']:.0f}" for p in points), flush=True)
+    return {"option": option, "domain": domain, "concept": name, "seed": seed, "seconds": info["seconds"],
+            "modules": info["modules"], "points": points}
+
+
+def base_metrics(budget):
+    model, judge = harness.load_model(), harness.Judge()
+    prompts, ls, lo, seeds = harness.grid(budget.seeds)
+    j = judge(harness.generate(model, prompts, seeds, budget.sample_steps))
+    out = {}
+    for domain, names in (("style", harness.STYLES), ("object", harness.OBJECTS)):
+        for n in names:
+            t = (data.style_index if domain == "style" else data.object_index)(n)
+            out[n] = metrics.erasure_metrics(domain, t, ls, lo, j["style"], j["object"])
+    return out
+
+
+def stop_point(points, r):
+    """The snapshot a run with stop_reduction r returns: the first judged check reaching r, else the last. (Checks
+    between judged snapshots are not judged: the rule is emulated at SNAPSHOT_STEPS only.)"""
+    for p in points[:-1]:
+        if p["reduction"] >= r:
+            return p
+    return points[-1]
+
+
+def summarize(result: dict, thresholds=THRESHOLDS) -> str:
+    base = result["base"]
+    runs = result["runs"]
+    lines = ["| option | rule | steps (mean) | UA [95% CI] | IRA drop [CI] | CRA drop [CI] | erased (UA >= 90) | "
+             "clean |", "|---|---|---|---|---|---|---|---|"]
+    for option in dict.fromkeys(r["option"] for r in runs):
+        mine = [r for r in runs if r["option"] == option]
+        for rule in [None] + list(thresholds):
+            rows = []
+            for r in mine:
+                p = r["points"][-1] if rule is None else stop_point(r["points"], rule)
+                b = base[r["concept"]]
+                rows.append({"concept": r["concept"], "seed": r["seed"], "UA": p["UA"], "step": p["step"],
+                             "IRA_drop": b["IRA"] - p["IRA"], "CRA_drop": b["CRA"] - p["CRA"]})
+            cell = {}
+            for k in ("UA", "IRA_drop", "CRA_drop"):
+                by_c = {}
+                for row in rows:
+                    by_c.setdefault(row["concept"], []).append(row[k])
+                mean, lo, hi = metrics.bootstrap_ci(list(by_c.values()))
+                cell[k] = f"{mean:.1f} [{lo:.1f}, {hi:.1f}]"
+            per_c = {}
+            for row in rows:
+                per_c.setdefault(row["concept"], []).append(row)
+            erased = sum(np.mean([x["UA"] for x in v]) >= harness.ERASED_UA for v in per_c.values())
+            clean = sum(np.mean([x["UA"] for x in v]) >= harness.CLEAN_UA
+                        and np.mean([x["IRA_drop"] for x in v]) <= harness.CLEAN_DROP
+                        and np.mean([x["CRA_drop"] for x in v]) <= harness.CLEAN_DROP for v in per_c.values())
+            steps = np.mean([row["step"] for row in rows])
+            lines.append(f"| {option} | {'cap' if rule is None else f'stop at {rule:g}'} | {steps:.0f} | "
+                         f"{cell['UA']} | {cell['IRA_drop']} | {cell['CRA_drop']} | {erased}/{len(per_c)} | "
+                         f"{clean}/{len(per_c)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.selection", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scorings", default="taylor,gradient", help="options: " + ", ".join(OPTIONS))
+    ap.add_argument("--concepts", help="comma-separated (default: every style and object)")
+    ap.add_argument("--train-seeds", type=int, default=1)
+    ap.add_argument("--seeds", type=int, default=1, help="images per grid pair")
+    ap.add_argument("--sample-steps", type=int, default=8)
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--summarize", help="print the tables of an existing result file and exit")
+    ap.add_argument("--out", default="selection.json")
+    args = ap.parse_args(argv)
+    if args.summarize:
+        with open(args.summarize) as f:
+            print(summarize(json.load(f)))
+        return
+    options = [o.strip() for o in args.scorings.split(",") if o.strip()]
+    bad = [o for o in options if o not in OPTIONS]
+    if bad:
+        ap.error(f"unknown option(s) {bad}; choose from {', '.join(OPTIONS)}")
+    names = [c.strip() for c in args.concepts.split(",")] if args.concepts else harness.STYLES + harness.OBJECTS
+    threads = int(os.environ.get("MINICANVAS_THREADS", "1"))
+    torch.set_num_threads(threads)
+    budget = replace(harness.Budget(), seeds=args.seeds, sample_steps=args.sample_steps)
+    started = time.time()
+    tasks = [(o, "style" if n in harness.STYLES else "object", n, seed, budget)
+             for seed in range(args.train_seeds) for n in names for o in options]
+    runs = harness.map_tasks(_task, tasks, args.jobs, threads)
+    result = {"meta": {"date": time.strftime("%Y-%m-%d"), "command": "python -m bench.minicanvas.selection "
+                       + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+                       "wall_seconds": round(time.time() - started, 1)},
+              "base": base_metrics(budget), "runs": runs}
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    print(summarize(result))
+    print(f"wrote {args.out} ({time.time() - started:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
