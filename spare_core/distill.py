@@ -33,6 +33,7 @@ from .sampling import LOSS_WEIGHTINGS, T_MIN, data_std, generate, loss_weight
 from .saliency import Saliency, frozen, validate_prompts
 from .timesteps import TimestepProfile, check_pairs
 
+RETAIN_TIMESTEPS = ("uniform", "same")
 PROBE_SIZE = 8  # probe rows (concept samples spread over every concept, t spread over the schedule)
 
 
@@ -66,6 +67,8 @@ class DistillConfig:
     grow: tuple = ()                         # if the gap stalls short of stop_reduction, grow the adapter set to these
                                              # fractions of the candidates in saliency order, e.g. (0.75, 1.0)
     stall: float = 0.02                      # "stalled" = the reduction rose by less than this over the last check
+    retain_timesteps: str = "uniform"        # t of the retain loss: "uniform", or "same" as the forget batch's t
+    retain_samples: int = 0                  # self-generated samples per retain prompt (0 = samples_per_prompt)
 
 
 @dataclass
@@ -140,6 +143,8 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
                               f"{config.retain_weight} must be >= 0")
     if config.batch_size <= 0 or config.samples_per_prompt <= 0 or config.sample_steps <= 0:
         raise SpareInputError("batch_size, samples_per_prompt and sample_steps must be >= 1")
+    if config.retain_samples < 0:
+        raise SpareInputError(f"retain_samples={config.retain_samples} must be >= 0 (0 = samples_per_prompt)")
     if not 0.0 <= config.dropout < 1.0:
         raise SpareInputError(f"dropout={config.dropout} must be in [0, 1)")
     if config.weighting not in LOSS_WEIGHTINGS:
@@ -147,6 +152,9 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if not 0.0 <= config.stop_reduction < 1.0:
         raise SpareInputError(f"stop_reduction={config.stop_reduction} must be in [0, 1) (0 = run every step; "
                               "typical 0.8)")
+    if config.retain_timesteps not in RETAIN_TIMESTEPS:
+        raise SpareInputError(f"retain_timesteps='{config.retain_timesteps}' is not one of "
+                              f"{', '.join(RETAIN_TIMESTEPS)}")
     if config.check_every <= 0:
         raise SpareInputError(f"check_every={config.check_every} must be >= 1")
     grow = tuple(float(g) for g in (config.grow or ()))
@@ -198,8 +206,8 @@ def distill(
                                       cfg.sample_cfg, should_stop=should_stop)
     retain_prompts = cfg.retain + ([""] if cfg.retain_unconditional else [])
     if cfg.retain_weight > 0 and retain_prompts:
-        x_retain, i_retain = generate(model, retain_prompts, cfg.samples_per_prompt, cfg.seed + 1, cfg.sample_steps,
-                                      cfg.sample_cfg, should_stop=should_stop)
+        x_retain, i_retain = generate(model, retain_prompts, cfg.retain_samples or cfg.samples_per_prompt,
+                                      cfg.seed + 1, cfg.sample_steps, cfg.sample_cfg, should_stop=should_stop)
         with torch.no_grad():
             c_retain = model.encode(retain_prompts)
     else:
@@ -294,7 +302,8 @@ def distill(
                 retain = torch.zeros(())
                 if x_retain is not None:
                     r_rows = torch.randint(0, x_retain.shape[0], (cfg.batch_size,), generator=gen)
-                    r_t = T_MIN + (1 - 2 * T_MIN) * torch.rand(cfg.batch_size, generator=gen)
+                    r_t = t.clone() if cfg.retain_timesteps == "same" else \
+                        T_MIN + (1 - 2 * T_MIN) * torch.rand(cfg.batch_size, generator=gen)
                     c_r = model.select_cond(c_retain, i_retain[r_rows])
                     retain = pair_loss(x_retain[r_rows], c_r, c_r, r_t)
                     loss = loss + cfg.retain_weight * retain

@@ -380,6 +380,7 @@ def test_save_is_atomic(tmp_path, monkeypatch, saliency, model):
     ("stop_reduction", 1.0, "stop_reduction=1.0 must be in"),
     ("check_every", 0, "check_every=0"),
     ("grow", (1.0, 0.75), "grow="),
+    ("retain_timesteps", "profile", "retain_timesteps='profile' is not one of uniform, same"),
 ])
 def test_bad_distill_inputs(model, saliency, field, value, match):
     kwargs = dict(concepts=[CONCEPT], surrogates=[SURROGATE], steps=1, **FAST)

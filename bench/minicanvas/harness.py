@@ -70,6 +70,8 @@ class Budget:
     spare_fraction: float = sc.saliency.DEFAULT_FRACTION
     spare_stop: float = sc.DistillConfig.stop_reduction  # the stopping rule's target (0 = every step)
     spare_grow: tuple = sc.DistillConfig.grow
+    spare_overrides: tuple = ()  # (field, value) pairs applied to SPARE's DistillConfig (experiments only)
+    spare_retain: str = "neighbours"  # SPARE's retain list: "neighbours" (concept_prompts) or "all-pairs"
 
     def scaled(self, factor: float, seeds: int) -> "Budget":
         """Every step-trained method's budget x factor (SPARE's cap included)."""
@@ -103,6 +105,12 @@ def concept_prompts(domain: str, name: str, seed: int):
     extra = rng.sample([p for p in pairs if p not in neighbours], RETAIN_EXTRA)
     retain = [data.prompt(s, o) for s, o in neighbours + extra]
     return forget, surrogate, retain, short, short_surrogate
+
+
+def all_pairs(domain: str, name: str) -> list[str]:
+    """Every (style, object) training prompt that does not name the concept (90 for MiniCanvas): the authors retain
+    on every image of every other theme."""
+    return [data.prompt(s, o) for s in STYLES for o in OBJECTS if (s if domain == "style" else o) != name]
 
 
 def peak_rss_reset():
@@ -169,10 +177,12 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None):
     edited model), info dict). SPARE runs through the same spare_core functions and defaults as the nodes (samples
     per prompt, batch size, step cap, stopping rule); only the learning rate is scaled (LR_SCALE)."""
     forget, surrogate, retain, short, short_surrogate = concept_prompts(domain, name, seed)
+    if method.startswith("spare") and budget.spare_retain == "all-pairs":
+        retain = all_pairs(domain, name)
     peak_rss_reset()
     t0 = time.perf_counter()
     if method.startswith("spare"):
-        defaults = sc.DistillConfig(forget, surrogate)
+        defaults = replace(sc.DistillConfig(forget, surrogate), **dict(budget.spare_overrides))
         per = defaults.samples_per_prompt
         # The concept samples are generated once and fed to all three stages (in ComfyUI: one KSampler's LATENT
         # wired into Saliency Scan, Timestep Profile and Sparse LoRA Distill).

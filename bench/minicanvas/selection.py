@@ -24,12 +24,23 @@ import spare_core as sc
 
 from . import data, harness, metrics
 
-OPTIONS = {  # name -> (scoring, targets)
-    "taylor": ("taylor", "all"),
-    "gradient": ("gradient", "all"),            # the authors'
-    "contrastive": ("contrastive", "all"),
-    "contrastive-attention": ("contrastive", "attention"),  # this pack's first default
-    "gradient-attention": ("gradient", "attention"),
+OPTIONS = {  # name -> harness.Budget fields (SPARE's selection and DistillConfig overrides)
+    "taylor": dict(spare_scoring="taylor", spare_targets="all"),
+    "gradient": dict(spare_scoring="gradient", spare_targets="all"),            # the authors'
+    "contrastive": dict(spare_scoring="contrastive", spare_targets="all"),
+    "contrastive-attention": dict(spare_scoring="contrastive", spare_targets="attention"),  # the first default
+    "gradient-attention": dict(spare_scoring="gradient", spare_targets="attention"),
+    # more modules instead of more steps
+    "taylor-f75": dict(spare_scoring="taylor", spare_targets="all", spare_fraction=0.75),
+    # retention levers, on the authors' selection (gradient, all; the measured default)
+    "retain-same-t": dict(spare_scoring="gradient", spare_targets="all",
+                          spare_overrides=(("retain_timesteps", "same"),)),
+    "retain-w3": dict(spare_scoring="gradient", spare_targets="all", spare_overrides=(("retain_weight", 3.0),)),
+    "samples8": dict(spare_scoring="gradient", spare_targets="all", spare_overrides=(("samples_per_prompt", 8),)),
+    "retain-all": dict(spare_scoring="gradient", spare_targets="all", spare_retain="all-pairs",
+                       spare_overrides=(("retain_samples", 1),)),
+    "retain-all-w3": dict(spare_scoring="gradient", spare_targets="all", spare_retain="all-pairs",
+                          spare_overrides=(("retain_samples", 1), ("retain_weight", 3.0))),
 }
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 SNAPSHOT_STEPS = (20, 40, 60, 100, 140)  # checks judged on the grid (plus the cap); others only recorded (time)
@@ -40,8 +51,7 @@ def _task(task):
     if "model" not in harness._WORKER:
         harness._WORKER["model"], harness._WORKER["judge"] = harness.load_model(), harness.Judge()
     model, judge = harness._WORKER["model"], harness._WORKER["judge"]
-    scoring, targets = OPTIONS[option]
-    b = replace(budget, spare_scoring=scoring, spare_targets=targets, spare_stop=0.0, spare_grow=())
+    b = replace(budget, spare_stop=0.0, spare_grow=(), **OPTIONS[option])
     snaps = []
     edited, info = harness.run_method("spare", model, domain, name, b, seed=seed,
                                       on_check=lambda step, red, ad: snaps.append(
@@ -125,15 +135,24 @@ def main(argv=None):
     ap.add_argument("--scorings", default="taylor,gradient", help="options: " + ", ".join(OPTIONS))
     ap.add_argument("--concepts", help="comma-separated (default: every style and object)")
     ap.add_argument("--train-seeds", type=int, default=1)
+    ap.add_argument("--first-seed", type=int, default=0, help="training seeds first .. first + train-seeds - 1")
     ap.add_argument("--seeds", type=int, default=1, help="images per grid pair")
     ap.add_argument("--sample-steps", type=int, default=8)
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--summarize", help="print the tables of an existing result file and exit")
+    ap.add_argument("--summarize", help="print the tables of existing result files (comma-separated: their runs are "
+                    "pooled) and exit")
     ap.add_argument("--out", default="selection.json")
     args = ap.parse_args(argv)
     if args.summarize:
-        with open(args.summarize) as f:
-            print(summarize(json.load(f)))
+        pooled = None
+        for path in args.summarize.split(","):
+            with open(path) as f:
+                r = json.load(f)
+            if pooled is None:
+                pooled = r
+            else:
+                pooled["runs"] += r["runs"]
+        print(summarize(pooled))
         return
     options = [o.strip() for o in args.scorings.split(",") if o.strip()]
     bad = [o for o in options if o not in OPTIONS]
@@ -145,7 +164,7 @@ def main(argv=None):
     budget = replace(harness.Budget(), seeds=args.seeds, sample_steps=args.sample_steps)
     started = time.time()
     tasks = [(o, "style" if n in harness.STYLES else "object", n, seed, budget)
-             for seed in range(args.train_seeds) for n in names for o in options]
+             for seed in range(args.first_seed, args.first_seed + args.train_seeds) for n in names for o in options]
     runs = harness.map_tasks(_task, tasks, args.jobs, threads)
     result = {"meta": {"date": time.strftime("%Y-%m-%d"), "command": "python -m bench.minicanvas.selection "
                        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
