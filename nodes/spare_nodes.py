@@ -109,10 +109,11 @@ class SaliencyScan(io.ComfyNode):
                                tooltip="Candidate modules: every Linear/Conv of the UNet (authors; erases what "
                                        "attention-only misses), attention projections only, or cross-attention only."),
                 resolution_input(),
-                io.Combo.Input("scoring", options=SCORINGS, default=sc.saliency.DEFAULT_SCORING,
-                               tooltip="How modules are ranked: taylor = |weight x gradient| (scale-free, measured "
-                                       "best), gradient = mean |gradient| (the authors'), contrastive = concept minus "
-                                       "retain share."),
+                # optional (with its default) so that API-format prompts saved before it existed still run
+                io.Combo.Input("scoring", options=SCORINGS, default=sc.saliency.DEFAULT_SCORING, optional=True,
+                               tooltip="How modules are ranked: gradient = mean |gradient| (the authors'; measured "
+                                       "best with taylor), taylor = |weight x gradient| (scale-free), contrastive = "
+                                       "concept share minus retain share."),
             ],
             outputs=[
                 Saliency.Output("saliency", tooltip="The selected modules, for Sparse LoRA Distill."),
@@ -244,8 +245,9 @@ class SparseLoraDistill(io.ComfyNode):
                                tooltip="How noise levels are weighted: v = also the noisy steps where style and layout "
                                        "are decided (erases in fewer steps); eps = the authors' noise-prediction loss. "
                                        "Use the same in Timestep Profile and Sparse LoRA Distill."),
+                # optional (with its default) so that API-format prompts saved before it existed still run
                 io.Float.Input("stop_at_gap_closed", default=sc.DistillConfig.stop_reduction, min=0.0, max=0.99,
-                               step=0.01,
+                               step=0.01, optional=True,
                                tooltip="Stop once the concept->surrogate gap (measured every few steps on a fixed "
                                        "probe) has closed by this fraction; 0 = always run every step. Fewer steps "
                                        "also means less damage to other concepts."),

@@ -112,8 +112,10 @@ class DistillResult:
         """One line for logs and file metadata: steps used and the probe gap before / after."""
         before, after = self.probe
         why = "gap target reached" if self.stopped_early else "step cap"
+        drift = self.checks[-1].get("retain_drift", 0.0) if self.checks else 0.0
         return (f"{self.steps_used} of {self.config.steps} steps ({why}); concept->surrogate gap {before:.4g} -> "
-                f"{after:.4g} (closed {100 * self.forget_reduction:.0f}%), {self.lora_modules} modules")
+                f"{after:.4g} (closed {100 * self.forget_reduction:.0f}%); retain drift {drift:.4g}; "
+                f"{self.lora_modules} modules")
 
     @property
     def lora_modules(self) -> int:
@@ -175,15 +177,16 @@ def distill(
     latents: Optional[torch.Tensor] = None,
     progress: Optional[Callable[[int, int, float], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
-    on_check: Optional[Callable[[int, float, object], None]] = None,
+    on_check: Optional[Callable[[dict, object], None]] = None,
 ) -> DistillResult:
     """Train a sparse LoRA on `saliency.selected` that maps each concept to its surrogate. The network is left
     exactly as it was (no parameter written, every hook removed), also on error or cancellation.
 
     latents: optional concept samples [N, C, H, W] (model latent space) instead of self-generated ones; sample i
     belongs to concept i % len(concepts). progress(step, steps, loss) is called after every step; should_stop()
-    before every step (return True to cancel: Cancelled is raised and nothing is returned). on_check(step,
-    reduction, adapters) is called at every probe check (research hook: e.g. snapshot the LoRA there).
+    before every step (return True to cancel: Cancelled is raised and nothing is returned). on_check(check,
+    adapters) is called at every probe check with the check's record (step, gap, reduction, retain_drift,
+    modules): a research hook, e.g. to snapshot the LoRA there.
 
     Erase until erased: every `check_every` steps the concept->surrogate gap is measured on a fixed probe batch;
     training stops once it has closed by `stop_reduction`, at the latest after `steps` (the learning rate is
@@ -252,33 +255,36 @@ def distill(
                     pred = model.predict_x0(xt, sigma, cond_student).float()
                 return ((pred - target) ** 2 * w).mean()
 
-            # The probe: a fixed batch (same x_t, t, prompts at every check) on which the concept->surrogate gap is
-            # measured. It decides when to stop, when to grow, and whether training did anything at all. Rows span
-            # every concept; t spans the schedule; the teacher's targets are computed once.
-            probe_rows = torch.linspace(0, x_forget.shape[0] - 1, min(PROBE_SIZE, x_forget.shape[0])).long()
-            probe_t = torch.linspace(0.15, 0.95, len(probe_rows))
-            probe_ids = i_forget[probe_rows]
-            probe_args = (x_forget[probe_rows], model.select_cond(c_concept, probe_ids),
-                          model.select_cond(c_surrogate, probe_ids), probe_t)
-
-            @torch.no_grad()
-            def probe_loss(target=None):
-                return pair_loss(*probe_args, torch.Generator().manual_seed(cfg.seed + 3), target)
-
-            @torch.no_grad()
-            def probe_target():
+            # The probes: fixed batches (same x_t, t, prompts at every check). The forget probe measures the
+            # concept->surrogate gap (whether training did anything, when to stop, when to grow); the retain probe
+            # measures how far the retain prompts' predictions drifted from the teacher's (the collateral damage).
+            # Rows span every prompt; t spans the schedule; the teacher's targets are computed once.
+            def make_probe(x_all, index, c_student, c_teacher, seed):
+                rows = torch.linspace(0, x_all.shape[0] - 1, min(PROBE_SIZE, x_all.shape[0])).long()
+                ids = index[rows]
+                x0, c_s, c_t = x_all[rows], model.select_cond(c_student, ids), model.select_cond(c_teacher, ids)
+                sigma = model.sigma_at(torch.linspace(0.15, 0.95, len(rows))).float().to(dev)
+                noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(dev)
+                xt = model.add_noise(x0, noise, sigma)
+                w = loss_weight(sigma, cfg.weighting, sigma_data).view(-1, *[1] * (x0.dim() - 1))
                 adapters.enabled = False
-                x0, _, c_s, t = probe_args
-                sigma = model.sigma_at(t).float().to(dev)
-                noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(cfg.seed + 3)).to(dev)
-                with torch.autocast(**autocast):
-                    out = model.predict_x0(model.add_noise(x0, noise, sigma), sigma, c_s).float()
+                with torch.no_grad(), torch.autocast(**autocast):
+                    target = model.predict_x0(xt, sigma, c_t).float()
                 adapters.enabled = True
-                return out
 
-            teacher_probe = probe_target()
-            probe_before = float(probe_loss(teacher_probe))
-            checks = [{"step": 0, "gap": probe_before, "reduction": 0.0, "modules": len(adapters.adapters)}]
+                @torch.no_grad()
+                def measure() -> float:
+                    with torch.autocast(**autocast):
+                        pred = model.predict_x0(xt, sigma, c_s).float()
+                    return float(((pred - target) ** 2 * w).mean())
+                return measure
+
+            forget_probe = make_probe(x_forget, i_forget, c_concept, c_surrogate, cfg.seed + 3)
+            retain_probe = make_probe(x_retain, i_retain, c_retain, c_retain, cfg.seed + 4) \
+                if x_retain is not None else (lambda: 0.0)
+            probe_before = forget_probe()
+            checks = [{"step": 0, "gap": probe_before, "reduction": 0.0, "retain_drift": 0.0,
+                       "modules": len(adapters.adapters)}]
             ranked = sorted(saliency.scores, key=lambda p: saliency.scores[p], reverse=True)
             grow_left = list(cfg.grow)
             stopped_early = False
@@ -322,12 +328,12 @@ def distill(
                 if progress is not None:
                     progress(step + 1, cfg.steps, value)
                 if (step + 1) % cfg.check_every == 0 and step + 1 < cfg.steps:
-                    gap = float(probe_loss(teacher_probe))
+                    gap = forget_probe()
                     done = reduction(gap)
-                    checks.append({"step": step + 1, "gap": gap, "reduction": done,
+                    checks.append({"step": step + 1, "gap": gap, "reduction": done, "retain_drift": retain_probe(),
                                    "modules": len(adapters.adapters)})
                     if on_check is not None:
-                        on_check(step + 1, done, adapters)
+                        on_check(checks[-1], adapters)
                     if cfg.stop_reduction > 0 and done >= cfg.stop_reduction:
                         stopped_early = True
                         if progress is not None:
@@ -357,9 +363,10 @@ def distill(
                 "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
                 "ss_max_train_steps": str(cfg.steps), "ss_seed": str(cfg.seed), "ss_learning_rate": str(cfg.lr),
             }
-            probe_after = float(probe_loss(teacher_probe))
+            probe_after = forget_probe()
             checks.append({"step": len(losses), "gap": probe_after, "reduction": reduction(probe_after),
-                           "modules": len(adapters.adapters)})
+                           "retain_drift": retain_probe(), "modules": len(adapters.adapters)})
+            meta["spare.retain_drift"] = f"{checks[-1]['retain_drift']:.6g}"
             meta["spare.forget_reduction"] = f"{reduction(probe_after):.4f}"
             meta["spare.steps_used"] = str(len(losses))
             meta["spare.gap"] = f"{probe_before:.6g} -> {probe_after:.6g}"

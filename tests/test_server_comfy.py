@@ -41,15 +41,14 @@ STYLE_LORA = "spare/erase_vangogh_00001_.safetensors"  # what erase_style.json w
 # The four nodes and their inputs, in schema order (required; optional after "|").
 EXPECTED_NODES = {
     "SPARESaliencyScan": (["model", "clip", "concept", "retain", "samples", "seed", "selection", "top_k", "targets",
-                           "resolution", "scoring"], [], ["SPARE_SALIENCY", "IMAGE", "STRING"]),
+                           "resolution"], ["scoring"], ["SPARE_SALIENCY", "IMAGE", "STRING"]),
     "SPARETimestepProfile": (["model", "clip", "concept", "surrogate", "bins", "samples", "seed", "sharpness",
                               "uniform_floor", "resolution", "loss_weighting"], [],
                              ["SPARE_TIMESTEPS", "IMAGE", "STRING"]),
     "SPARESparseLoraDistill": (["model", "clip", "concepts", "surrogates", "retain", "saliency", "rank", "alpha",
                                 "steps", "learning_rate", "forget_weight", "retain_weight", "seed", "filename_prefix",
-                                "key_format", "gradient_checkpointing", "resolution", "samples", "loss_weighting",
-                                "stop_at_gap_closed"],
-                               ["timesteps", "latents"],
+                                "key_format", "gradient_checkpointing", "resolution", "samples", "loss_weighting"],
+                               ["timesteps", "latents", "stop_at_gap_closed"],
                                ["LORA_MODEL", "IMAGE", "STRING"]),
     "SPAREApplyErasure": (["model", "strength", "lora_name"], ["lora"], ["MODEL"]),
 }

@@ -30,8 +30,10 @@ OPTIONS = {  # name -> harness.Budget fields (SPARE's selection and DistillConfi
     "contrastive": dict(spare_scoring="contrastive", spare_targets="all"),
     "contrastive-attention": dict(spare_scoring="contrastive", spare_targets="attention"),  # the first default
     "gradient-attention": dict(spare_scoring="gradient", spare_targets="attention"),
-    # more modules instead of more steps
-    "taylor-f75": dict(spare_scoring="taylor", spare_targets="all", spare_fraction=0.75),
+    # more modules, or more steps, for the concepts the default leaves
+    "gradient-f75": dict(spare_scoring="gradient", spare_targets="all", spare_fraction=0.75),
+    "gradient-f100": dict(spare_scoring="gradient", spare_targets="all", spare_fraction=1.0),
+    "gradient-400": dict(spare_scoring="gradient", spare_targets="all", spare=400),
     # retention levers, on the authors' selection (gradient, all; the measured default)
     "retain-same-t": dict(spare_scoring="gradient", spare_targets="all",
                           spare_overrides=(("retain_timesteps", "same"),)),
@@ -54,19 +56,21 @@ def _task(task):
     b = replace(budget, spare_stop=0.0, spare_grow=(), **OPTIONS[option])
     snaps = []
     edited, info = harness.run_method("spare", model, domain, name, b, seed=seed,
-                                      on_check=lambda step, red, ad: snaps.append(
-                                          (step, red, sc.LoraWeights.from_adapters(ad)
-                                           if step in SNAPSHOT_STEPS else None)))
-    snaps.append((info["steps_used"], info["gap_closed"], edited[1]))
+                                      on_check=lambda check, ad: snaps.append(
+                                          (check, sc.LoraWeights.from_adapters(ad)
+                                           if check["step"] in SNAPSHOT_STEPS else None)))
+    snaps.append(({"step": info["steps_used"], "reduction": info["gap_closed"],
+                   "retain_drift": info.get("retain_drift")}, edited[1]))
     prompts, ls, lo, seeds = harness.grid(budget.seeds)
     target = (data.style_index if domain == "style" else data.object_index)(name)
     points = []
-    for step, red, lora in snaps:
+    for check, lora in snaps:
         if lora is None:
             continue
         images = harness.sample_edited(model, ("lora", lora), prompts, seeds, budget.sample_steps)
         m, _ = harness.evaluate(judge, images, ls, lo, domain, target)
-        points.append({"step": step, "reduction": red, **m})
+        points.append({"step": check["step"], "reduction": check["reduction"],
+                       "retain_drift": check.get("retain_drift"), **m})
     print(f"{option:22s} {domain:6s} {name:9s} seed {seed}: " + " ".join(
         f"{p['step']}:{p['reduction']:.2f}/{p['UA']:.0f}/{p['IRA']:.0f}/{p['CRA']:.0f}" for p in points), flush=True)
     return {"option": option, "domain": domain, "concept": name, "seed": seed, "seconds": info["seconds"],
