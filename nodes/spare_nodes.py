@@ -128,9 +128,10 @@ class SaliencyScan(io.ComfyNode):
         require_supported(model)
         dm = ComfyDiffusionModel(model, clip, resolution, resolution)
         concepts = require_lines(concept, "concept")
-        dm.encode(concepts + lines(retain) + [""])  # encode (and cache) before the model is loaded for training
+        retain_prompts = sc.expand_alternatives(lines(retain))
+        dm.encode(concepts + retain_prompts + [""])  # encode (and cache) before the model is loaded for training
         with trainable(dm):
-            sal = sc.saliency_scan(dm, concepts, retain=lines(retain), samples=samples,
+            sal = sc.saliency_scan(dm, concepts, retain=retain_prompts, samples=samples,
                                    seed=seed, fraction=selection, top_k=top_k or None, targets=targets,
                                    scoring=scoring,
                                    progress=Progress("saliency"), should_stop=should_stop)
@@ -210,7 +211,9 @@ class SparseLoraDistill(io.ComfyNode):
                                 tooltip="What each concept becomes, one line per concept line (e.g. 'a painting')."),
                 io.String.Input("retain", multiline=True, default="",
                                 tooltip="Prompts that must not change, one per line: neighbour styles, other people, "
-                                        "everyday subjects. The empty prompt is always retained."),
+                                        "everyday subjects. {a|b|c} groups expand to every combination, e.g. 'a {cat|"
+                                        "street|portrait} in {Monet|Picasso} style'. The empty prompt is always "
+                                        "retained."),
                 Saliency.Input("saliency", tooltip="From SPARE Saliency Scan: which modules get adapters."),
                 Timesteps.Input("timesteps", optional=True,
                                 tooltip="From SPARE Timestep Profile; uniform timesteps when not connected."),
@@ -276,7 +279,8 @@ class SparseLoraDistill(io.ComfyNode):
             raise SpareInputError(f"key_format='{key_format}' is not one of {', '.join(KEY_FORMATS)}")
         dm = ComfyDiffusionModel(model, clip, resolution_hw[1], resolution_hw[0])
         config = sc.DistillConfig(
-            concepts=lines(concepts), surrogates=lines(surrogates), retain=lines(retain), rank=rank, alpha=alpha,
+            concepts=lines(concepts), surrogates=lines(surrogates), retain=sc.expand_alternatives(lines(retain)),
+            rank=rank, alpha=alpha,
             steps=steps, lr=learning_rate, forget_weight=forget_weight, retain_weight=retain_weight, seed=seed,
             samples_per_prompt=samples, gradient_checkpointing=gradient_checkpointing, weighting=loss_weighting,
             stop_reduction=stop_at_gap_closed)

@@ -13,10 +13,11 @@ from .saliency import Saliency, candidate_modules, scan as saliency_scan  # noqa
 from .timesteps import TimestepProfile, profile as timestep_profile, uniform as uniform_profile  # noqa: E402
 from .distill import DistillConfig, DistillResult, distill, validate as distill_validate  # noqa: E402
 from .sampling import LOSS_WEIGHTINGS, generate  # noqa: E402
+from .prompts import expand_alternatives  # noqa: E402
 
 __all__ = [
     "__version__", "Cancelled", "NonFiniteLossError", "SpareInputError", "DiffusionModel", "LoraWeights",
     "apply_lora", "load_lora", "save_lora", "Saliency", "candidate_modules", "saliency_scan", "TimestepProfile",
     "timestep_profile", "uniform_profile", "DistillConfig", "DistillResult", "distill", "distill_validate", "generate",
-    "LOSS_WEIGHTINGS",
+    "LOSS_WEIGHTINGS", "expand_alternatives",
 ]

@@ -29,11 +29,20 @@ from . import __version__
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import LoraWeights, attach, make_adapters, metadata_json
 from .model import DiffusionModel
+from .prompts import expand_alternatives
 from .sampling import LOSS_WEIGHTINGS, T_MIN, data_std, generate, loss_weight
 from .saliency import Saliency, frozen, validate_prompts
 from .timesteps import TimestepProfile, check_pairs
 
 RETAIN_TIMESTEPS = ("uniform", "same")
+RETAIN_SAMPLE_BUDGET = 64  # auto retain samples: about this many in all (a long {a|b} retain list gets 1 per prompt)
+
+
+def retain_samples_auto(samples_per_prompt: int, n_prompts: int) -> int:
+    """Samples per retain prompt when not set: samples_per_prompt for a short list, fewer for a long one, so that
+    self-generation stays about RETAIN_SAMPLE_BUDGET samples (13 prompts -> 4 each; 91 prompts -> 1 each: the two
+    settings measured on MiniCanvas)."""
+    return max(1, min(samples_per_prompt, RETAIN_SAMPLE_BUDGET // max(n_prompts, 1)))
 PROBE_SIZE = 8  # probe rows (concept samples spread over every concept, t spread over the schedule)
 
 
@@ -43,7 +52,7 @@ class DistillConfig:
 
     concepts: list[str]                      # prompts naming what to erase, e.g. ["Van Gogh style"]
     surrogates: list[str]                    # what each concept becomes, one per concept, e.g. ["a painting"]
-    retain: list[str] = field(default_factory=list)  # prompts whose outputs must not move (neighbour concepts)
+    retain: list[str] = field(default_factory=list)  # prompts whose outputs must not move; {a|b} expands (prompts.py)
     retain_unconditional: bool = True        # also keep the empty prompt's prediction (classifier-free guidance uses it)
     rank: int = 4                            # LoRA rank (authors: 4)
     alpha: float = 4.0                       # LoRA alpha; update scale = alpha / rank (authors: 4)
@@ -68,7 +77,7 @@ class DistillConfig:
                                              # fractions of the candidates in saliency order, e.g. (0.75, 1.0)
     stall: float = 0.02                      # "stalled" = the reduction rose by less than this over the last check
     retain_timesteps: str = "uniform"        # t of the retain loss: "uniform", or "same" as the forget batch's t
-    retain_samples: int = 0                  # self-generated samples per retain prompt (0 = samples_per_prompt)
+    retain_samples: int = 0                  # samples per retain prompt; 0 = auto (retain_samples_auto)
 
 
 @dataclass
@@ -127,7 +136,9 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     concepts = validate_prompts(config.concepts, "concept")
     surrogates = validate_prompts(config.surrogates, "surrogate")
     check_pairs(concepts, surrogates)
-    retain = [r.strip() for r in config.retain if isinstance(r, str) and r.strip()]
+    if any(not isinstance(r, str) for r in config.retain):
+        raise SpareInputError("retain: every retain prompt must be text")
+    retain = expand_alternatives(config.retain)  # "{a|b} in {c|d} style" -> the 4 combinations
     clash = sorted({c.lower() for c in concepts} & {r.lower() for r in retain})
     if clash:
         raise SpareInputError(f"retain prompts contain a concept being erased ({clash}); a prompt cannot be both "
@@ -209,8 +220,9 @@ def distill(
                                       cfg.sample_cfg, should_stop=should_stop)
     retain_prompts = cfg.retain + ([""] if cfg.retain_unconditional else [])
     if cfg.retain_weight > 0 and retain_prompts:
-        x_retain, i_retain = generate(model, retain_prompts, cfg.retain_samples or cfg.samples_per_prompt,
-                                      cfg.seed + 1, cfg.sample_steps, cfg.sample_cfg, should_stop=should_stop)
+        per_retain = cfg.retain_samples or retain_samples_auto(cfg.samples_per_prompt, len(retain_prompts))
+        x_retain, i_retain = generate(model, retain_prompts, per_retain, cfg.seed + 1, cfg.sample_steps,
+                                      cfg.sample_cfg, should_stop=should_stop)
         with torch.no_grad():
             c_retain = model.encode(retain_prompts)
     else:

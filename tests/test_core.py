@@ -470,3 +470,26 @@ def test_stalled_gap_grows_the_adapter_set_in_saliency_order(model, saliency):
     plain = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=10, lr=1e-9, stop_reduction=0.6,
                                                check_every=5, **FAST), saliency)
     assert set(plain.lora.modules) == set(saliency.selected)
+
+
+# ---- the retain-set builder ----
+
+def test_expand_alternatives():
+    out = sc.expand_alternatives(["a {cat|house} in {Monet|Picasso} style", "", "a photo", "A Photo"])
+    assert out == ["a cat in Monet style", "a cat in Picasso style", "a house in Monet style",
+                   "a house in Picasso style", "a photo"]
+    with pytest.raises(SpareInputError, match="unbalanced or nested"):
+        sc.expand_alternatives(["a {cat|{dog|fox}}"])
+    with pytest.raises(SpareInputError, match="unbalanced"):
+        sc.expand_alternatives(["a {cat|dog"])
+    with pytest.raises(SpareInputError, match="empty group"):
+        sc.expand_alternatives(["a {|} cat"])
+    with pytest.raises(SpareInputError, match="more than"):
+        sc.expand_alternatives(["{" + "|".join(map(str, range(50))) + "} {" + "|".join(map(str, range(50))) + "}"])
+
+
+def test_distill_expands_retain_alternatives(model, saliency):
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=["a {blue|green} {dog|tree}"], steps=1, **FAST)
+    result = sc.distill(model, cfg, saliency)
+    assert result.config.retain == ["a blue dog", "a blue tree", "a green dog", "a green tree"]
+    assert json.loads(result.lora.metadata["spare.retain"]) == result.config.retain
