@@ -71,7 +71,8 @@ class Budget:
     spare_stop: float = sc.DistillConfig.stop_reduction  # the stopping rule's target (0 = every step)
     spare_grow: tuple = sc.DistillConfig.grow
     spare_overrides: tuple = ()  # (field, value) pairs applied to SPARE's DistillConfig (experiments only)
-    spare_retain: str = "neighbours"  # SPARE's retain list: "neighbours" (concept_prompts) or "all-pairs"
+    retain_set: str = "all-pairs"  # every method's retain list (concept_prompts)
+    spare_retain: str = ""   # SPARE's own retain list when set (experiments: "neighbours" or "all-pairs")
 
     def scaled(self, factor: float, seeds: int) -> "Budget":
         """Every step-trained method's budget x factor (SPARE's cap included)."""
@@ -79,16 +80,22 @@ class Budget:
                        ca=max(1, int(self.ca * factor)), salun=max(1, int(self.salun * factor)), seeds=seeds)
 
 
+RETAIN_SETS = ("all-pairs", "neighbours")
 RETAIN_EXTRA = 3           # random (style, object) pairs added to the neighbour classes in every retain list
 LR_SCALE = 20.0  # bundled model's training lr / Stable Diffusion's (2e-3 / 1e-4)
 LR = {"spare": 1e-4 * LR_SCALE, "esd": 1e-5 * LR_SCALE, "ca": 1.6e-5 * LR_SCALE, "salun": 1e-5 * LR_SCALE}
 
 
-def concept_prompts(domain: str, name: str, seed: int):
+def concept_prompts(domain: str, name: str, seed: int, retain_set: str = "all-pairs"):
     """The prompt lists every method gets for erasing `name`: forget prompts (the concept on every object / in every
-    style), their surrogates (the neutral concept in the same place) and retain prompts. choice: the retain list a
-    careful user writes -- every neighbour class of the same domain once (with a random class of the other domain),
-    plus RETAIN_EXTRA random other pairs; UCE's preserved set and SalUn's retain loss use the same list."""
+    style), their surrogates (the neutral concept in the same place) and retain prompts; UCE's preserved set and
+    SalUn's retain loss use the same retain list. retain_set "all-pairs" (default): every other (style, object) pair,
+    what one retain line with the builder gives ("A {circle|square|...} image in {neon|pastel|...} style.") and what
+    the authors do (retain on every other theme) -- measured better than the short list (bench/RESULTS.md,
+    "Retention levers"); "neighbours": the short list a user types by hand, every neighbour class of the same
+    domain once (with a random class of the other domain) plus RETAIN_EXTRA random other pairs."""
+    if retain_set not in RETAIN_SETS:
+        raise ValueError(f"retain_set={retain_set!r}; valid: {', '.join(RETAIN_SETS)}")
     rng = random.Random(seed)
     if domain == "style":
         forget = [data.prompt(name, o) for o in OBJECTS]
@@ -102,6 +109,8 @@ def concept_prompts(domain: str, name: str, seed: int):
         pairs = [(s, o) for s in STYLES for o in OBJECTS if o != name]
         neighbours = [(rng.choice(STYLES), o) for o in OBJECTS if o != name]
         short, short_surrogate = f"A {name} image.", f"A {data.NEUTRAL_OBJECT} image."
+    if retain_set == "all-pairs":
+        return forget, surrogate, all_pairs(domain, name), short, short_surrogate
     extra = rng.sample([p for p in pairs if p not in neighbours], RETAIN_EXTRA)
     retain = [data.prompt(s, o) for s, o in neighbours + extra]
     return forget, surrogate, retain, short, short_surrogate
@@ -176,9 +185,9 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None):
     """Train one method for one concept with training seed `seed`. Returns (("lora", LoraWeights) or ("model",
     edited model), info dict). SPARE runs through the same spare_core functions and defaults as the nodes (samples
     per prompt, batch size, step cap, stopping rule); only the learning rate is scaled (LR_SCALE)."""
-    forget, surrogate, retain, short, short_surrogate = concept_prompts(domain, name, seed)
-    if method.startswith("spare") and budget.spare_retain == "all-pairs":
-        retain = all_pairs(domain, name)
+    forget, surrogate, retain, short, short_surrogate = concept_prompts(domain, name, seed, budget.retain_set)
+    if method.startswith("spare") and budget.spare_retain:
+        retain = concept_prompts(domain, name, seed, budget.spare_retain)[2]
     peak_rss_reset()
     t0 = time.perf_counter()
     if method.startswith("spare"):

@@ -24,24 +24,26 @@ import spare_core as sc
 
 from . import data, harness, metrics
 
-OPTIONS = {  # name -> harness.Budget fields (SPARE's selection and DistillConfig overrides)
-    "taylor": dict(spare_scoring="taylor", spare_targets="all"),
-    "gradient": dict(spare_scoring="gradient", spare_targets="all"),            # the authors'
-    "contrastive": dict(spare_scoring="contrastive", spare_targets="all"),
-    "contrastive-attention": dict(spare_scoring="contrastive", spare_targets="attention"),  # the first default
-    "gradient-attention": dict(spare_scoring="gradient", spare_targets="attention"),
+# name -> harness.Budget fields (SPARE's selection, retain list, DistillConfig overrides). Every option pins its retain
+# list: the selection and stopping measurements (bench/runs/selection.json) used the short "neighbours" list.
+_SHORT = dict(spare_retain="neighbours", spare_targets="all")  # the measurements' retain list, every Linear/Conv
+OPTIONS = {
+    "taylor": dict(_SHORT, spare_scoring="taylor"),
+    "gradient": dict(_SHORT, spare_scoring="gradient"),  # the authors'
+    "contrastive": dict(_SHORT, spare_scoring="contrastive"),
+    "contrastive-attention": dict(_SHORT, spare_scoring="contrastive", spare_targets="attention"),  # first default
+    "gradient-attention": dict(_SHORT, spare_scoring="gradient", spare_targets="attention"),
     # more modules, or more steps, for the concepts the default leaves
-    "gradient-f75": dict(spare_scoring="gradient", spare_targets="all", spare_fraction=0.75),
-    "gradient-f100": dict(spare_scoring="gradient", spare_targets="all", spare_fraction=1.0),
-    "gradient-400": dict(spare_scoring="gradient", spare_targets="all", spare=400),
+    "gradient-f75": dict(_SHORT, spare_scoring="gradient", spare_fraction=0.75),
+    "gradient-f100": dict(_SHORT, spare_scoring="gradient", spare_fraction=1.0),
+    "gradient-400": dict(_SHORT, spare_scoring="gradient", spare=400),
     # retention levers, on the authors' selection (gradient, all; the measured default)
-    "retain-same-t": dict(spare_scoring="gradient", spare_targets="all",
-                          spare_overrides=(("retain_timesteps", "same"),)),
-    "retain-w3": dict(spare_scoring="gradient", spare_targets="all", spare_overrides=(("retain_weight", 3.0),)),
-    "samples8": dict(spare_scoring="gradient", spare_targets="all", spare_overrides=(("samples_per_prompt", 8),)),
-    "retain-all": dict(spare_scoring="gradient", spare_targets="all", spare_retain="all-pairs",
+    "retain-same-t": dict(_SHORT, spare_scoring="gradient", spare_overrides=(("retain_timesteps", "same"),)),
+    "retain-w3": dict(_SHORT, spare_scoring="gradient", spare_overrides=(("retain_weight", 3.0),)),
+    "samples8": dict(_SHORT, spare_scoring="gradient", spare_overrides=(("samples_per_prompt", 8),)),
+    "retain-all": dict(_SHORT, spare_scoring="gradient", spare_retain="all-pairs",
                        spare_overrides=(("retain_samples", 1),)),
-    "retain-all-w3": dict(spare_scoring="gradient", spare_targets="all", spare_retain="all-pairs",
+    "retain-all-w3": dict(_SHORT, spare_scoring="gradient", spare_retain="all-pairs",
                           spare_overrides=(("retain_samples", 1), ("retain_weight", 3.0))),
 }
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
