@@ -14,10 +14,10 @@ salient set is the top fraction (or top k) of modules by score. Three scores (`s
   score). For a style it subtracts the other styles' use of the very modules a style lives in.
 
 The default is the authors' "gradient" over every Linear/Conv2d: on MiniCanvas (20 concepts, held-out prompts) it
-erased 17 of 20 concepts where this pack's first default (contrastive, attention only) erased 14, and "taylor" did
-not measurably beat it (16 of 20, retention within the interval) -- bench/RESULTS.md, "Saliency selection". An optional per-row mask (per-weight
-granularity that survives export as a standard LoRA) keeps, inside the selected modules, only the output rows whose
-saliency is in the global top `row_fraction`.
+erased 17 of 20 concepts (this pack's first default, contrastive over attention only, had erased 14 in the issue's
+measurement), and "taylor" did not beat it (16 of 20, retention within the interval) -- bench/RESULTS.md,
+"Saliency selection". An optional per-row mask (per-weight granularity that survives export as a standard LoRA)
+keeps, inside the selected modules, only the output rows whose saliency is in the global top `row_fraction`.
 
 Loss space: eps-space MSE, written through x0 as ||(x0_hat - x0) / sigma||^2 (x_t = x0 + sigma * eps).
 """

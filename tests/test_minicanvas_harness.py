@@ -184,3 +184,19 @@ def test_report_targets_marks_met_and_missed():
     # ESD ran 200 steps in 20 s: at the paper's 1000 steps that is 100 s, and SPARE's 5 s is 0.05x of it
     esd = next(v for k, v in lines.items() if k.startswith("time per concept <= 1/10 of esd-x"))
     assert "100.0 s" in esd and "0.05x" in esd and esd.endswith("| yes |")
+
+
+def test_uce_edits_only_the_unet_spatial_cross_attention():
+    from bench.minicanvas.model import MODEL_FILE, load
+    if not MODEL_FILE.exists():
+        pytest.skip("MiniCanvas weights not shipped")
+    model = load()
+    args = (model, ["A circle image in neon style."], ["A circle image in plain style."],
+            ["A square image in lava style."])
+    before = {n: p.clone() for n, p in model.network.named_parameters()}
+    for include_pool in (False, True):
+        edited = baselines.uce(*args, include_pool=include_pool).model.network
+        changed = {n for n, p in edited.named_parameters() if not torch.equal(p, before[n])}
+        assert changed and all(n.endswith(("to_k.weight", "to_v.weight")) for n in changed)
+        assert all(baselines.is_unet_cross_attention(n) for n in changed if not n.startswith("text_pool."))
+        assert any(n.startswith("text_pool.") for n in changed) == include_pool

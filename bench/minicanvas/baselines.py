@@ -217,8 +217,10 @@ def salun(model, concepts: Sequence[str], surrogates: Sequence[str], retain: Seq
 
 @torch.no_grad()
 def uce(model, concepts: Sequence[str], surrogates: Sequence[str], preserve: Sequence[str],
-        lam: float = 0.5, preserve_scale: float = 1.0) -> Edited:
-    """Closed-form UCE on every UNet cross-attention to_k / to_v. cond must be a context tensor [B, L, D]."""
+        lam: float = 0.5, preserve_scale: float = 1.0, include_pool: bool = False) -> Edited:
+    """Closed-form UCE on every UNet cross-attention to_k / to_v. cond must be a context tensor [B, L, D].
+    include_pool: also edit MiniCanvas' text-pooling attention (`text_pool.attn2`), as this benchmark did before
+    2026-11-28 -- a deviation from the paper kept only to measure what it changed (harness method "uce-pool")."""
     started = time.perf_counter()
     edited = _copy(model)
     c_e = model.encode(list(concepts))        # [N, L, D]
@@ -231,7 +233,9 @@ def uce(model, concepts: Sequence[str], surrogates: Sequence[str], preserve: Seq
     cp = c_p.reshape(-1, c_p.shape[-1]).T if c_p is not None else None
     n = 0
     for name, module in edited.network.named_modules():
-        if not (name.endswith("attn2.to_k") or name.endswith("attn2.to_v")) or not is_unet_cross_attention(name):
+        if not (name.endswith("attn2.to_k") or name.endswith("attn2.to_v")):
+            continue
+        if not is_unet_cross_attention(name) and not (include_pool and name.startswith("text_pool.")):
             continue
         w = module.weight.double()            # [out, D]
         d = w.shape[1]

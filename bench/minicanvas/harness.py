@@ -32,7 +32,8 @@ from .model import load as load_model  # noqa: F401  (re-exported for curve.py)
 
 STYLES = [c.name for c in data.STYLES if c.name != data.NEUTRAL_STYLE]
 OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJECT]
-METHODS = ("spare", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "esd-x", "esd-u", "ca", "salun", "uce")
+METHODS = ("spare", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "esd-x", "esd-u", "ca", "salun", "uce",
+           "uce-pool")
 # choice: kept from the first model (on which only some objects were drawn recognisably) so that runs compare across
 # sessions; on the shipped model every object's generations are judged right >= 91% of the time.
 QUICK_CONCEPTS = {"style": ["ukiyo", "neon"], "object": ["ring", "crescent"]}
@@ -229,8 +230,8 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None):
     elif method == "salun":
         out = baselines.salun(model, forget, surrogate, retain, steps=budget.salun, lr=LR["salun"], seed=seed)
         info, edited = {"trainable_params": out.trainable_params, "lora_bytes": out.changed_bytes}, ("model", out.model)
-    elif method == "uce":
-        out = baselines.uce(model, forget, surrogate, retain)
+    elif method in ("uce", "uce-pool"):
+        out = baselines.uce(model, forget, surrogate, retain, include_pool=method == "uce-pool")
         info, edited = {"trainable_params": out.trainable_params, "lora_bytes": out.changed_bytes}, ("model", out.model)
     else:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
@@ -327,7 +328,7 @@ def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1):
                 target = (data.style_index if domain == "style" else data.object_index)(name)
                 base_per[name] = dict(metrics.erasure_metrics(domain, target, ls, lo, base["style"], base["object"]),
                                       domain=domain)
-                todo = [m for m in methods if m.startswith("spare") or m == "uce" or seed < baseline_seeds]
+                todo = [m for m in methods if m.startswith("spare") or m.startswith("uce") or seed < baseline_seeds]
                 if todo:
                     tasks.append((todo, domain, name, seed, budget, base["features"]))
     results = map_tasks(_erase_concept, tasks, jobs, threads)
@@ -435,6 +436,9 @@ def main(argv=None):
     ap.add_argument("--spare-targets", choices=sc.saliency.TARGET_SETS, default=Budget.spare_targets)
     ap.add_argument("--spare-stop", type=float, default=Budget.spare_stop,
                     help="SPARE's stopping rule target (gap closed); 0 = run every step")
+    ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set,
+                    help="every method's retain list: all other (style, object) pairs (default) or the short "
+                    "neighbours list")
     ap.add_argument("--out", default="results.json")
     args = ap.parse_args(argv)
     if args.methods in (None, "all"):
@@ -446,7 +450,7 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     budget = Budget(spare_weighting=args.spare_weighting, spare_scoring=args.spare_scoring,
-                    spare_targets=args.spare_targets, spare_stop=args.spare_stop)
+                    spare_targets=args.spare_targets, spare_stop=args.spare_stop, retain_set=args.retain_set)
     if args.quick:
         budget = replace(budget.scaled(QUICK_BASELINE_SCALE, 1), spare=Budget.spare,
                          sample_steps=QUICK_SAMPLE_STEPS)
