@@ -17,11 +17,11 @@ def test_erasure_metrics_by_hand():
     style_pred = torch.tensor([1, 0, 1, 0])   # target images: 1 of 2 still style 0 -> UA 50; others: 1 of 2 right
     object_pred = torch.tensor([0, 1, 0, 0])  # non-target images (2, 3): 1 of 2 right -> CRA 50
     m = metrics.erasure_metrics("style", 0, style_true, object_true, style_pred, object_pred)
-    assert m == {"UA": 50.0, "IRA": 50.0, "CRA": 50.0}
+    assert m == {"UA": 50.0, "IRA": 50.0, "CRA": 50.0, "SFA": 100.0}  # objects inside the erased row: both right
     m = metrics.erasure_metrics("object", 1, style_true, object_true, style_pred, object_pred)
     # target = images 1, 3: object preds 1, 0 -> UA 50; non-target 0, 2: objects right (IRA 100); styles 1/0 wrong
     # for image 0 (pred 1, true 0) and right for image 2 -> CRA 50
-    assert m == {"UA": 50.0, "IRA": 100.0, "CRA": 50.0}
+    assert m == {"UA": 50.0, "IRA": 100.0, "CRA": 50.0, "SFA": 50.0}  # styles of images 1, 3: 0 right, 1 wrong
     assert metrics.unlearning_accuracy(torch.tensor([3, 3, 1, 2]), 3) == 50.0
     with pytest.raises(ValueError):
         metrics.erasure_metrics("colour", 0, style_true, object_true, style_pred, object_pred)

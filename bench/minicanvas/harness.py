@@ -327,7 +327,7 @@ def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1):
             for name in names:
                 target = (data.style_index if domain == "style" else data.object_index)(name)
                 base_per[name] = dict(metrics.erasure_metrics(domain, target, ls, lo, base["style"], base["object"]),
-                                      domain=domain)
+                                      domain=domain)  # its SFA: the other domain in the row before erasure
                 todo = [m for m in methods if m.startswith("spare") or m.startswith("uce") or seed < baseline_seeds]
                 if todo:
                     tasks.append((todo, domain, name, seed, budget, base["features"]))
@@ -361,8 +361,8 @@ def summarize(per, base_acc, base_per, budget):
             dr = [r for r in rows if r["domain"] == d]
             if not dr:
                 continue
-            res[d] = {k: _ci(dr, k)["mean"] for k in ("UA", "IRA", "CRA", "synonym_UA")}
-            res[d]["ci"] = {k: _ci(dr, k) for k in ("UA", "IRA", "CRA", "synonym_UA")}
+            res[d] = {k: _ci(dr, k)["mean"] for k in ("UA", "IRA", "CRA", "synonym_UA", "SFA")}
+            res[d]["ci"] = {k: _ci(dr, k) for k in ("UA", "IRA", "CRA", "synonym_UA", "SFA")}
         for r in rows:
             r["mean3"] = (r["UA"] + r["IRA"] + r["CRA"]) / 3
             r["IRA_drop"] = base_per[r["concept"]]["IRA"] - r["IRA"]
@@ -372,8 +372,8 @@ def summarize(per, base_acc, base_per, budget):
             concepts.setdefault(r["concept"], []).append(r)
         per_concept = {}
         for c, rs in concepts.items():
-            pc = {k: float(np.mean([r[k] for r in rs])) for k in ("UA", "IRA", "CRA", "synonym_UA", "IRA_drop",
-                                                                    "CRA_drop")}
+            pc = {k: float(np.mean([r[k] for r in rs])) for k in ("UA", "IRA", "CRA", "synonym_UA", "SFA",
+                                                                    "IRA_drop", "CRA_drop")}
             pc["UA_min"] = float(min(r["UA"] for r in rs))
             pc["seeds"] = len(rs)
             pc["domain"] = rs[0]["domain"]

@@ -4,6 +4,9 @@ For a concept k erased from domain D (style or object), over a grid of generatio
 - UA  (unlearning accuracy)  = 1 - accuracy of D's classifier on the images whose prompt asks for k
 - IRA (in-domain retain)     = accuracy of D's classifier on the images whose prompt asks for another class of D
 - CRA (cross-domain retain)  = accuracy of the other domain's classifier on those same non-target images
+- SFA (surrogate fidelity, ours) = accuracy of the other domain's classifier on the target images (the object
+  inside an erased style's row): an erasure that replaces the concept by the surrogate keeps it, one that
+  destroys the images does not
 All as percentages. Quality: Frechet distance between Gaussian fits of classifier features.
 """
 from __future__ import annotations
@@ -25,7 +28,10 @@ def erasure_metrics(domain: str, target: int, style_true: torch.Tensor, object_t
     ua = 100.0 * (1.0 - (own_pred[hit] == target).float().mean().item())
     ira = 100.0 * (own_pred[~hit] == own_true[~hit]).float().mean().item()
     cra = 100.0 * (other_pred[~hit] == other_true[~hit]).float().mean().item()
-    return {"UA": ua, "IRA": ira, "CRA": cra}
+    # not UnlearnCanvas': the other domain inside the erased row/column (is the object still drawn when its style
+    # is erased?) -- UA/IRA/CRA cannot tell "replaced by the surrogate" from "destroyed"
+    sfa = 100.0 * (other_pred[hit] == other_true[hit]).float().mean().item()
+    return {"UA": ua, "IRA": ira, "CRA": cra, "SFA": sfa}
 
 
 def unlearning_accuracy(pred: torch.Tensor, target: int) -> float:

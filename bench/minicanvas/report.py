@@ -26,14 +26,15 @@ def _ci(row: dict, key: str) -> str:
 def table(results: dict) -> str:
     """Main table: per method and domain, mean [95% bootstrap interval over concepts and training seeds]."""
     base = results["base"]
-    lines = ["| method | style UA | style IRA | style CRA | style syn-UA | object UA | object IRA | object CRA | "
-             "object syn-UA | mean(UA,IRA,CRA) | erased / clean | training seeds | s / concept | trainable params | "
-             "LoRA / delta bytes |", "|" + "---|" * 15]
+    lines = ["| method | style UA | style IRA | style CRA | style syn-UA | style SFA | object UA | object IRA | "
+             "object CRA | object syn-UA | object SFA | mean(UA,IRA,CRA) | erased / clean | training seeds | "
+             "s / concept | trainable params | LoRA / delta bytes |", "|" + "---|" * 17]
     for name, m in results["methods"].items():
         cells = [name]
         for d in ("style", "object"):
             row = m.get(d)
-            cells += [_ci(row, k) for k in ("UA", "IRA", "CRA", "synonym_UA")] if row else ["–"] * 4
+            cells += [_ci(row, k) if k in row else "–" for k in ("UA", "IRA", "CRA", "synonym_UA", "SFA")] \
+                if row else ["–"] * 5
         mean3 = m.get("mean3")
         cells.append(f"{mean3['mean']:.1f} [{mean3['lo']:.1f}, {mean3['hi']:.1f}]" if isinstance(mean3, dict)
                      else f"{_mean3(m):.2f}")
@@ -49,7 +50,8 @@ def table(results: dict) -> str:
     lines.append(f"Unerased model on the same held-out grid: style accuracy {base['style_acc']:.2f}%, object accuracy "
                  f"{base['object_acc']:.2f}%; its IRA/CRA for the same concepts (the ceiling for retention): "
                  + "; ".join(ira_cra) + ". Erased = mean UA over training seeds >= 90; clean = UA >= 95 and IRA, CRA "
-                 "each within 2 points of the unerased model.")
+                 "each within 2 points of the unerased model. SFA (surrogate fidelity, not UnlearnCanvas'): the "
+                 "other domain's accuracy inside the erased row/column (objects of an erased style), where measured.")
     return "\n".join(lines)
 
 
