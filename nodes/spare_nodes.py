@@ -224,8 +224,7 @@ class SparseLoraDistill(io.ComfyNode):
                 io.Float.Input("alpha", default=4.0, min=0.01, max=256.0, step=0.01,
                                tooltip="LoRA alpha; update scale = alpha / rank (authors: 4)."),
                 io.Int.Input("steps", default=sc.DistillConfig.steps, min=1, max=100000,
-                             tooltip="Most training steps; training stops earlier once the concept is erased "
-                                     "(stop_at_gap_closed)."),
+                             tooltip="Training steps (with stop_at_gap_closed > 0: the most steps)."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=False,
                                tooltip="AdamW learning rate, cosine-decayed (authors: 1e-4)."),
                 io.Float.Input("forget_weight", default=0.3, min=0.0, max=100.0, step=0.05,
@@ -251,9 +250,10 @@ class SparseLoraDistill(io.ComfyNode):
                 # optional (with its default) so that API-format prompts saved before it existed still run
                 io.Float.Input("stop_at_gap_closed", default=sc.DistillConfig.stop_reduction, min=0.0, max=0.99,
                                step=0.01, optional=True,
-                               tooltip="Stop once the concept->surrogate gap (measured every few steps on a fixed "
-                                       "probe) has closed by this fraction; 0 = always run every step. Fewer steps "
-                                       "also means less damage to other concepts."),
+                               tooltip="Stop once the concept->surrogate gap (measured every 20 steps on a fixed "
+                                       "probe) has closed by this fraction; 0 = run every step (default). Stopping "
+                                       "early saves time but measured worse for other concepts: the retain loss "
+                                       "needs the remaining steps to repair them."),
             ],
             outputs=[
                 io.LoraModel.Output("lora", tooltip="The erasure LoRA (ComfyUI's LORA_MODEL; 'Load LoRA Model' "
@@ -300,7 +300,7 @@ class SparseLoraDistill(io.ComfyNode):
             log.warning("SPARE: %s", result.warning)
             title = f"NOT ERASED? gap closed only {100 * result.forget_reduction:.0f}% - see console"
         sd = result.lora.state_dict(key_format, dm.key_prefix)
-        return io.NodeOutput(sd, image(render.loss_plot(result.losses, title or "")), rel)
+        return io.NodeOutput(sd, image(render.loss_plot(result.losses, title)), rel)
 
 
 class ApplyErasure(io.ComfyNode):

@@ -89,7 +89,7 @@ class DistillResult:
     config: DistillConfig
 
     probe: tuple[float, float] = (0.0, 0.0)  # forget loss on a fixed probe batch, before and after training
-    checks: list = field(default_factory=list)  # per check: step, gap, reduction, modules (adapter count)
+    checks: list = field(default_factory=list)  # per check: step, gap, reduction, retain_drift, modules
     stopped_early: bool = False              # the stopping rule ended training before `config.steps`
 
     @property
@@ -253,16 +253,15 @@ def distill(
 
             sigma_data = data_std(x_forget)
 
-            def pair_loss(x0, cond_student, cond_teacher, t, generator=None, target=None):
+            def pair_loss(x0, cond_student, cond_teacher, t):
                 sigma = model.sigma_at(t).float().to(dev)
-                noise = torch.randn(x0.shape, generator=generator or gen).to(dev)
+                noise = torch.randn(x0.shape, generator=gen).to(dev)
                 xt = model.add_noise(x0, noise, sigma)
                 w = loss_weight(sigma, cfg.weighting, sigma_data).view(-1, *[1] * (x0.dim() - 1))
-                if target is None:
-                    adapters.enabled = False
-                    with torch.no_grad(), torch.autocast(**autocast):
-                        target = model.predict_x0(xt, sigma, cond_teacher).float()
-                    adapters.enabled = True
+                adapters.enabled = False
+                with torch.no_grad(), torch.autocast(**autocast):
+                    target = model.predict_x0(xt, sigma, cond_teacher).float()
+                adapters.enabled = True
                 with torch.autocast(**autocast):
                     pred = model.predict_x0(xt, sigma, cond_student).float()
                 return ((pred - target) ** 2 * w).mean()

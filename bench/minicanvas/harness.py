@@ -37,12 +37,12 @@ METHODS = ("spare", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "
 # choice: kept from the first model (on which only some objects were drawn recognisably) so that runs compare across
 # sessions; on the shipped model every object's generations are judged right >= 91% of the time.
 QUICK_CONCEPTS = {"style": ["ukiyo", "neon"], "object": ["ring", "crescent"]}
-# quick: SPARE exactly as shipped (its own step cap and stopping rule); the baselines' budgets shrink instead
+# quick: SPARE exactly as shipped (its default steps and stopping rule); the baselines' budgets shrink instead
 QUICK_BASELINE_SCALE = 0.1  # ESD 100, CA 40, SalUn 50 steps
 QUICK_METHODS = ("spare", "esd-x", "ca", "salun", "uce")
 QUICK_SAMPLE_STEPS = 8  # evaluation sampler steps in quick mode (default 12)
 STANDARD_METHODS = ("spare", "uce", "salun", "ca", "esd-x")
-STANDARD_ESD_STEPS = 200  # choice: ESD's paper trains 1000 steps; 200 keeps --standard within 90 min on 2 cores
+STANDARD_ESD_STEPS = 200  # choice: ESD's paper trains 1000 steps (--standard is estimated at ~100 min; RESULTS)
 STANDARD_BASELINE_SEEDS = 1  # the step-trained baselines run one training seed in --standard (time); SPARE, UCE 3
 TRAIN_TEMPLATE = 0                   # UnlearnCanvas' "A {object} image in {style} style.": every training prompt
 EVAL_TEMPLATES = tuple(i for i in range(len(data.TEMPLATES)) if i != TRAIN_TEMPLATE)  # held out for evaluation
