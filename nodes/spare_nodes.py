@@ -22,7 +22,7 @@ import spare_core as sc
 from spare_core import render
 from spare_core.errors import SpareInputError
 
-from .host import ComfyDiffusionModel, trainable
+from .host import LATENT_DOWNSCALE, ComfyDiffusionModel, trainable
 
 log = logging.getLogger("spare")
 
@@ -271,8 +271,8 @@ class SparseLoraDistill(io.ComfyNode):
         require_supported(model)
         given = None
         if latents is not None:
-            given = latents["samples"]
-            resolution_hw = (given.shape[-2] * 8, given.shape[-1] * 8)
+            given = model_space_latents(model, latents)
+            resolution_hw = (given.shape[-2] * LATENT_DOWNSCALE, given.shape[-1] * LATENT_DOWNSCALE)
         else:
             resolution_hw = (resolution, resolution)
         if key_format not in KEY_FORMATS:
@@ -334,13 +334,24 @@ class ApplyErasure(io.ComfyNode):
             path = folder_paths.get_full_path("loras", lora_name)
             if path is None:
                 raise SpareInputError(f"lora_name '{lora_name}' is not in the loras folder")
-            lora = comfy.utils.load_torch_file(path, safe_load=True)
+            lora = sc.read_safetensors(path, "LoRA file", lora_name)[0] if path.endswith(".safetensors") else \
+                _load_other(path, lora_name)
             source = f"LoRA file '{lora_name}'"
         else:
             source = "the connected LoRA"
         if strength == 0:
             return io.NodeOutput(model)
         return io.NodeOutput(patch_model(model, lora, strength, source))
+
+
+def _load_other(path: str, name: str) -> dict:
+    """A LoRA in another format the loras folder lists (.ckpt/.pt/...): ComfyUI's own loader (weights only), with a
+    clear error when it is not one."""
+    try:
+        return comfy.utils.load_torch_file(path, safe_load=True)
+    except Exception as e:
+        raise SpareInputError(f"LoRA file '{name}' could not be read ({type(e).__name__}: {e}); it may be truncated "
+                              "or not a LoRA: choose a .safetensors LoRA") from e
 
 
 def patch_model(model, lora_sd: dict, strength: float, source: str):
@@ -368,6 +379,20 @@ def require_supported(model) -> None:
         raise SpareInputError(
             f"model: {type(model.model).__name__} models ({type(net).__name__} denoiser) are not supported yet; "
             "SPARE for ComfyUI erases concepts from SD1.5, SD2.x and SDXL (UNet) models.")
+
+
+def model_space_latents(model, latent: dict) -> torch.Tensor:
+    """A LATENT (KSampler / VAE Encode output: VAE space) as the diffusion model's samples, as ComfyUI's samplers
+    convert it (`BaseModel.process_latent_in`: SD1.5 x 0.18215, SDXL x 0.13025)."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not torch.is_tensor(samples) or samples.dim() != 4:
+        shape = tuple(samples.shape) if torch.is_tensor(samples) else type(samples).__name__
+        raise SpareInputError(f"latents: expected a LATENT with 'samples' [batch, channels, height, width], got {shape}")
+    channels = model.model.latent_format.latent_channels
+    if samples.shape[1] != channels:
+        raise SpareInputError(f"latents have {samples.shape[1]} channels but this model's latents have {channels}: "
+                              "connect a LATENT made for this model (its KSampler or VAE Encode)")
+    return model.model.process_latent_in(samples.float())
 
 
 def require_lines(text: str, name: str) -> list[str]:

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from .errors import Cancelled, NonFiniteLossError, SpareInputError  # noqa: E402
 from .model import DiffusionModel  # noqa: E402
-from .lora import LoraWeights, apply_lora, load_lora, save_lora  # noqa: E402
+from .lora import LoraWeights, apply_lora, load_lora, read_safetensors, save_lora  # noqa: E402
 from .saliency import Saliency, candidate_modules, scan as saliency_scan  # noqa: E402
 from .timesteps import TimestepProfile, profile as timestep_profile, uniform as uniform_profile  # noqa: E402
 from .distill import DistillConfig, DistillResult, distill, validate as distill_validate  # noqa: E402
@@ -17,7 +17,7 @@ from .prompts import expand_alternatives  # noqa: E402
 
 __all__ = [
     "__version__", "Cancelled", "NonFiniteLossError", "SpareInputError", "DiffusionModel", "LoraWeights",
-    "apply_lora", "load_lora", "save_lora", "Saliency", "candidate_modules", "saliency_scan", "TimestepProfile",
+    "apply_lora", "load_lora", "read_safetensors", "save_lora", "Saliency", "candidate_modules", "saliency_scan", "TimestepProfile",
     "timestep_profile", "uniform_profile", "DistillConfig", "DistillResult", "distill", "distill_validate", "generate",
     "LOSS_WEIGHTINGS", "expand_alternatives",
 ]

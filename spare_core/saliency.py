@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import Cancelled, SpareInputError
-from .lora import ADAPTABLE, atomic_write
+from .lora import ADAPTABLE, atomic_write, read_safetensors
 from .model import DiffusionModel
 from .sampling import T_MIN, generate
 
@@ -111,14 +111,11 @@ class Saliency:
 
     @classmethod
     def load(cls, path: str) -> "Saliency":
-        from safetensors import safe_open
         if not os.path.isfile(path):
             raise SpareInputError(f"saliency file '{path}' does not exist")
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+        tensors, meta = read_safetensors(path, "saliency file")
         if meta.get("spare.kind") != "saliency":
             raise SpareInputError(f"'{path}' is not a SPARE saliency file")
-        tensors = load_file(path)
         names = json.loads(meta["names"])
         scores = dict(zip(names, tensors["scores"].tolist()))
         masks = {k[len("row_mask/"):]: v.bool() for k, v in tensors.items() if k.startswith("row_mask/")}

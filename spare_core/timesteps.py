@@ -74,9 +74,12 @@ class TimestepProfile:
     def load(cls, path: str) -> "TimestepProfile":
         if not os.path.isfile(path):
             raise SpareInputError(f"timestep profile file '{path}' does not exist")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if data.get("spare.kind") != "timestep_profile":
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+            raise SpareInputError(f"timestep profile file '{path}' is not readable JSON ({e})") from e
+        if not isinstance(data, dict) or data.get("spare.kind") != "timestep_profile":
             raise SpareInputError(f"'{path}' is not a SPARE timestep profile")
         return cls(data["edges"], data["divergence"], data["probs"], data.get("meta", {}))
 

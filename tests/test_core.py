@@ -253,9 +253,19 @@ def test_multi_concept_one_lora(model, saliency):
 
 
 def test_given_latents_are_used(model, saliency):
-    lat = torch.zeros((3, *model.latent_shape))
-    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=2, **FAST)
-    sc.distill(model, cfg, saliency, latents=lat)
+    """The LoRA trained on given samples depends on them: other samples (or none: self-generated) give another LoRA,
+    the same samples the same LoRA."""
+    g = torch.Generator().manual_seed(3)
+    lat_a = torch.randn((3, *model.latent_shape), generator=g)
+    lat_b = 0.25 * lat_a  # same content, another scale (what a VAE-space LATENT passed unconverted would be)
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=3, lr=1e-2, **FAST)
+
+    def ups(res):
+        return torch.cat([m["up"].flatten() for m in res.lora.modules.values()])
+    a, a2 = ups(sc.distill(model, cfg, saliency, latents=lat_a)), ups(sc.distill(model, cfg, saliency, latents=lat_a))
+    b, own = ups(sc.distill(model, cfg, saliency, latents=lat_b)), ups(sc.distill(model, cfg, saliency))
+    assert torch.equal(a, a2)
+    assert not torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, own, atol=1e-6)
     with pytest.raises(SpareInputError, match="latents"):
         sc.distill(model, cfg, saliency, latents=torch.zeros(3, 1, 2, 2))
 
@@ -409,6 +419,26 @@ def test_lora_file_for_other_model(tmp_path, model):
         sc.load_lora(str(path), model.network)
     with pytest.raises(SpareInputError, match="does not exist"):
         sc.load_lora(str(tmp_path / "missing.safetensors"), model.network)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\xff" * 64)  # e.g. a half-copied file: safetensors says "header too large"
+    with pytest.raises(SpareInputError, match="'broken.safetensors' is not a readable .safetensors file"):
+        sc.load_lora(str(broken), model.network)
+    with pytest.raises(SpareInputError, match="saliency file 'broken.safetensors'"):
+        sc.Saliency.load(str(broken))
+
+
+def test_saved_files_get_the_folders_normal_permissions(model, saliency, trained, tmp_path):
+    """Not mkstemp's 0600: 0666 minus the umask, as a plain open() (and ComfyUI) writes."""
+    umask = os.umask(0o022)
+    try:
+        result, _ = trained
+        paths = [sc.save_lora(str(tmp_path / "a.safetensors"), result.lora),
+                 saliency.save(str(tmp_path / "s.safetensors"))]
+        for path in paths:
+            assert os.stat(path).st_mode & 0o777 == 0o644, path
+        assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    finally:
+        os.umask(umask)
 
 
 def test_generate_is_deterministic(model):
@@ -424,6 +454,29 @@ def test_gradient_checkpointing_same_result(model, saliency):
     for p in a.lora.modules:
         assert torch.allclose(a.lora.modules[p]["up"], b.lora.modules[p]["up"], atol=1e-6)
     assert all("forward" not in m.__dict__ for m in model.network.modules())
+
+
+def test_gradient_checkpointing_recomputes(model, saliency):
+    """Checkpointing really recomputes: the blocks' inner modules run more often (forward again in backward) than
+    without it (sampling, teacher and probe passes run without grad and are counted equally in both runs)."""
+    calls = {"n": 0}
+
+    def count(module, args, output):
+        calls["n"] += 1
+    leaves = [m for m in model.network.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        counts = []
+        for ckpt in (False, True):
+            calls["n"] = 0
+            sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=3, gradient_checkpointing=ckpt, **FAST),
+                       saliency)
+            counts.append(calls["n"])
+    finally:
+        for h in handles:
+            h.remove()
+    plain, checkpointed = counts
+    assert checkpointed > plain, counts
 
 
 def test_training_that_did_nothing_is_reported(model, saliency, trained):

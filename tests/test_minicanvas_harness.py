@@ -102,7 +102,9 @@ def test_harness_end_to_end_reduced(tmp_path):
     assert all(x["steps_used"] == 4 for x in spare_runs)  # 200 x 0.02: SPARE ran at its (scaled) cap
     assert spare_runs[0]["trainable_params"] > 0 and all(x["gap_closed"] > 0 for x in spare_runs)
     assert spare_runs[0]["gap_closed"] != spare_runs[1]["gap_closed"]  # the training seed changes the training
-    assert 0 <= r["base"]["style_acc"] <= 100 and 0 <= r["base"]["object_acc"] <= 100
+    # the grid's labels line up with its prompts: even at 3 sampler steps the unerased model is judged far above
+    # chance (10%; measured 46 / 79 with these settings), which a shuffled or misaligned grid would not be
+    assert r["base"]["style_acc"] > 30 and r["base"]["object_acc"] > 50, r["base"]
     text = report.table(r) + report.targets(r) + report.per_concept_table(r)
     assert "neon" in text and "[" in text
 

@@ -143,14 +143,40 @@ def test_exported_lora_matches_spare_core_hooks(pack):
     assert torch.equal(probe(model, clip), expected_base)
 
 
-def test_distill_with_latents_and_checkpointing(pack):
+@pytest.mark.parametrize("family,scale", [("sd15", 0.18215), ("sdxl", 0.13025)])
+def test_distill_converts_a_ksampler_latent_to_model_space(pack, family, scale, monkeypatch):
+    """A LATENT from KSampler is in VAE space; what reaches spare_core.distill is the model's own samples
+    (process_latent_in: x scale_factor), as ComfyUI's samplers convert it. Checkpointing on, under inference mode."""
     nodes_mod, loras = pack
-    model, clip = cf.build_tiny("sd15", seed=4)
+    model, clip = cf.build_tiny(family, seed=4)
     saliency = scan(nodes_mod, model, clip)[0]
     with torch.inference_mode():  # a LATENT made by the executor is an inference tensor
-        latent = {"samples": torch.randn(2, 4, RES // 8, RES // 8)}
-    lora_sd, _, filename = distill(nodes_mod, model, clip, saliency, latents=latent, gradient_checkpointing=True)
+        samples = torch.cat([cf.sample(model, clip, "a red cat", seed=s, steps=2, size=RES) for s in (0, 1)])
+    seen = {}
+    real = nodes_mod.sc.distill
+
+    def spy(dm, config, sal, timesteps=None, latents=None, **kw):
+        seen["latents"] = latents.clone()
+        return real(dm, config, sal, timesteps, latents, **kw)
+    monkeypatch.setattr(nodes_mod.sc, "distill", spy)
+    lora_sd, _, filename = distill(nodes_mod, model, clip, saliency, latents={"samples": samples},
+                                   gradient_checkpointing=True)
     assert os.path.isfile(os.path.join(str(loras), filename)) and lora_sd
+    assert model.model.latent_format.scale_factor == pytest.approx(scale)
+    assert torch.allclose(seen["latents"], samples.float() * scale, atol=1e-6)
+
+
+def test_distill_refuses_a_foreign_latent(pack):
+    nodes_mod, loras = pack
+    from spare_core.errors import SpareInputError
+    model, clip = cf.build_tiny("sd15", seed=4)
+    saliency = scan(nodes_mod, model, clip)[0]
+    files_before = sorted(os.listdir(loras))
+    for latent, match in (({"samples": torch.zeros(1, 16, 8, 8)}, "16 channels but this model's latents have 4"),
+                          ({"samples": torch.zeros(4, 8, 8)}, "expected a LATENT")):
+        with pytest.raises(SpareInputError, match=match):
+            distill(nodes_mod, model, clip, saliency, latents=latent)
+    assert sorted(os.listdir(loras)) == files_before
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -185,6 +211,19 @@ def test_scan_and_apply_errors(pack, tmp_path):
              "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 4)}
     with pytest.raises(SpareInputError, match="none of its 2 keys matches this model"):
         run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=nodes_mod.NO_FILE, lora=other)
+    # a truncated / foreign file in the loras folder: named, not safetensors' raw "header too large"
+    import folder_paths
+    for name, data in (("spare/broken.safetensors", b"\xff" * 64), ("spare/broken.ckpt", b"not a pickle")):
+        path = os.path.join(str(loras), name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        folder_paths.filename_list_cache.clear()
+        try:
+            with pytest.raises(SpareInputError, match=f"LoRA file '{name}'"):
+                run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=name)
+        finally:
+            os.remove(path)
 
 
 def test_cancel_leaves_no_file(pack):
