@@ -1,8 +1,8 @@
 """ComfyUI host: a MODEL (ModelPatcher) + CLIP wrapped as spare_core's `DiffusionModel`, and training inside the
 executor.
 
-Import this only inside ComfyUI (it imports `comfy`). It does not import spare_core: `DiffusionModel` is a structural
-Protocol, so `ComfyDiffusionModel` satisfies it without inheriting from it.
+Import this only inside ComfyUI (it imports `comfy`). Of spare_core it imports only the error type: `DiffusionModel`
+is a structural Protocol, so `ComfyDiffusionModel` satisfies it without inheriting from it.
 
 Conditioning follows what ComfyUI's samplers do (comfy/samplers.py, process_conds -> encode_model_conds): each
 prompt's CONDITIONING (cross-attention tensor + dict with pooled_output, ...) goes through `BaseModel.extra_conds`,
@@ -26,7 +26,9 @@ from torch import nn
 
 import comfy.conds
 import comfy.model_management
+import comfy.patcher_extension
 import comfy.utils
+from spare_core.errors import SpareInputError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class ComfyDiffusionModel:
     def load(self) -> None:
         """Put the diffusion model (with this clone's patches, e.g. LoRAs from loader nodes) on its load device.
         Cheap when it is already loaded. `trainable()` calls it; call it before `predict_x0` outside `trainable()`."""
-        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        load_for_training(self.patcher)
 
     # --- conditioning ------------------------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> dict[str, Any]:
@@ -120,14 +122,25 @@ class ComfyDiffusionModel:
             if torch.is_tensor(value):
                 value = comfy.utils.repeat_to_batch_size(_usable(value), batch)
             kwargs[key] = value
-        # Model patches of this clone (attention patches, wrappers) apply as under the sampler; the keys the sampler
-        # adds per call are given for one cond chunk.
-        transformer_options = dict(self.patcher.model_options.get("transformer_options", {}))
+        # This clone's model patches apply as under the sampler (comfy/samplers.py _calc_cond_batch and
+        # sampler_helpers.prepare_model_patcher): transformer_options (attention patches, ...), the patcher's wrappers
+        # (e.g. APPLY_MODEL / DIFFUSION_MODEL wrappers) and model_function_wrapper. Not applied: hooks carried by
+        # conditionings (there are none: prompts are encoded here) and ControlNets (no control input in training).
+        options = self.patcher.model_options
+        transformer_options = comfy.patcher_extension.merge_nested_dicts(
+            {}, options.get("transformer_options", {}), copy_dict1=False)
+        transformer_options["wrappers"] = comfy.patcher_extension.merge_nested_dicts(
+            dict(transformer_options.get("wrappers", {})), self.patcher.wrappers, copy_dict1=False)
         sigma = _usable(sigma).reshape(-1).to(x.device)
         if sigma.numel() == 1 and batch > 1:
             sigma = sigma.expand(batch)
-        transformer_options.update(cond_or_uncond=[0], sigmas=sigma)
-        return self.base.apply_model(_usable(x), sigma, transformer_options=transformer_options, **kwargs)
+        transformer_options.update(cond_or_uncond=[0], uuids=[None], sigmas=sigma)
+        kwargs["transformer_options"] = transformer_options
+        x = _usable(x)
+        wrapper = options.get("model_function_wrapper")
+        if wrapper is not None:
+            return wrapper(self.base.apply_model, {"input": x, "timestep": sigma, "c": kwargs, "cond_or_uncond": [0]})
+        return self.base.apply_model(x, sigma, **kwargs)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         # noise_scaling(sigma, noise, latent): x0 + sigma*eps (EPS/V), sigma*eps + (1 - sigma)*x0 (flow).
@@ -166,13 +179,36 @@ def _usable(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def load_for_training(patcher) -> None:
+    """Load the diffusion model the way ComfyUI's own trainer does (comfy_extras/nodes_train.py): the whole model on
+    its device, every other model (CLIP, VAE, ...) out of VRAM first (memory_required=1e20). Prompts must be encoded
+    before (the CLIP would otherwise push part of this model out again). Refused under --novram, where ComfyUI keeps
+    the weights in system RAM and streams them per layer: training there is untested and would be very slow."""
+    mm = comfy.model_management
+    on_gpu = not mm.is_device_cpu(torch.device(patcher.load_device))
+    if on_gpu and mm.vram_state == mm.VRAMState.NO_VRAM:
+        raise SpareInputError("ComfyUI runs with --novram: SPARE trains with the whole diffusion model on the GPU. "
+                              "Restart ComfyUI without --novram (under --lowvram the diffusion model is still loaded "
+                              "whole while SPARE trains)")
+    mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+
+
+_ALIAS_FALLBACKS: list[str] = []  # (dtype, device) of tensors that had to be copied: logged once each
+
+
 def _alias(t: torch.Tensor) -> torch.Tensor:
-    """An ordinary (non-inference) tensor sharing `t`'s memory: no copy. Falls back to a copy if `set_` refuses."""
+    """An ordinary (non-inference) tensor sharing `t`'s memory: no copy. Where `set_` refuses (some tensor subclasses
+    or storages), a copy, which costs that tensor's memory again: logged, once per kind."""
     try:
         out = torch.empty(0, dtype=t.dtype, device=t.device)
         out.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
         return out
-    except RuntimeError:
+    except RuntimeError as e:
+        kind = f"{type(t).__name__} {t.dtype} on {t.device}"
+        if kind not in _ALIAS_FALLBACKS:
+            _ALIAS_FALLBACKS.append(kind)
+            log.warning("SPARE: could not alias a %s weight for training (%s); copying it instead, which uses its "
+                        "memory twice", kind, e)
         return t.detach().clone()
 
 
@@ -181,7 +217,8 @@ def trainable(model, load: bool = True) -> Iterator[None]:
     """Make a ComfyUI MODEL usable for backward passes, even when entered under the executor's inference mode.
 
     `model` is a ModelPatcher or a ComfyDiffusionModel. Inside the block:
-    - the model is loaded (`load_models_gpu`, full load, with this clone's weight patches), unless load=False;
+    - the model is loaded (`load_for_training`: full load, other models out of VRAM, this clone's weight patches),
+      unless load=False;
     - inference mode is off and grad mode on;
     - every inference-tensor parameter/buffer of the BaseModel is replaced by an ordinary Parameter/tensor that
       *aliases the same memory* (no copy; autograd may save it), and every parameter has requires_grad=False, so
@@ -195,7 +232,7 @@ def trainable(model, load: bool = True) -> Iterator[None]:
     """
     patcher = getattr(model, "patcher", model)
     if load:
-        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        load_for_training(patcher)
     base: nn.Module = patcher.model
     # (module._parameters or ._buffers, name, original, replacement, (device, data_ptr) of the replacement)
     swapped: list[tuple[dict, str, Any, Any, tuple]] = []

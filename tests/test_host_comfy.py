@@ -148,6 +148,39 @@ def test_predict_x0_matches_apply_model(host, family):
                 model.model.apply_model(x, sigma, c_crossattn=cond["c_crossattn"])
 
 
+def test_predict_x0_honours_the_clones_model_wrappers(host):
+    """Other nodes' model patches act during training as during sampling: a model_function_wrapper (e.g. from a CFG
+    or FreeU-style node) and an APPLY_MODEL wrapper registered on the patcher both run, on this clone only."""
+    import comfy.patcher_extension as pe
+
+    model, clip = tiny("sd15")
+    calls = []
+
+    def function_wrapper(apply_model, args):
+        calls.append(("function", tuple(args["c"])))
+        return 0.5 * apply_model(args["input"], args["timestep"], **args["c"])
+
+    def apply_wrapper(executor, *args, **kwargs):
+        calls.append(("apply", None))
+        return executor(*args, **kwargs)
+    wrapped = model.clone()
+    wrapped.set_model_unet_function_wrapper(function_wrapper)
+    wrapped.add_wrapper(pe.WrappersMP.APPLY_MODEL, apply_wrapper)
+    plain_dm = host.ComfyDiffusionModel(model, clip, WIDTH, HEIGHT)
+    dm = host.ComfyDiffusionModel(wrapped, clip, WIDTH, HEIGHT)
+    dm.load()
+    x = torch.randn((1,) + dm.latent_shape, generator=torch.Generator().manual_seed(0))
+    sigma = dm.sigma_at(torch.tensor([0.5]))
+    with torch.no_grad():
+        plain = plain_dm.predict_x0(x, sigma, plain_dm.encode([PROMPTS[0]]))
+        assert not calls
+        got = dm.predict_x0(x, sigma, dm.encode([PROMPTS[0]]))
+    assert [c[0] for c in calls] == ["function", "apply"]
+    assert "c_crossattn" in calls[0][1] and "transformer_options" in calls[0][1]
+    torch.testing.assert_close(got, 0.5 * plain, rtol=1e-5, atol=1e-6)
+    assert not model.wrappers and "model_function_wrapper" not in model.model_options  # the input is untouched
+
+
 @pytest.mark.parametrize("family", ["sd15", "sd2v"])
 def test_sigma_and_noise(host, family):
     model, clip = tiny(family)
@@ -277,3 +310,18 @@ def test_trainable_on_lora_patched_clone(host):
         assert all(p is objects[k] for k, p in base.model.named_parameters())
         assert torch.equal(out(patched)[1], patched_ref)
         assert torch.equal(out(base)[1], base_ref)  # unpatching restored the base weights exactly
+
+
+def test_novram_is_refused_with_advice(host, monkeypatch):
+    """Under --novram (weights streamed from system RAM per layer) training is refused before anything loads, with
+    what to do; on the CPU (tests, CPU users) there is nothing to refuse."""
+    import comfy.model_management as mm
+
+    model, _ = tiny("sd15")
+    gpu_clone = model.clone()
+    gpu_clone.load_device = torch.device("cuda", 0)  # as on a GPU machine; the refusal comes before any CUDA call
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)
+    from spare_core.errors import SpareInputError
+    with pytest.raises(SpareInputError, match="--novram"):
+        host.load_for_training(gpu_clone)
+    host.load_for_training(model)  # CPU device: loads
