@@ -1,4 +1,4 @@
-"""The four SPARE nodes (ComfyUI V3 API). Each `execute` only unpacks inputs, calls spare_core, and packs outputs;
+"""The SPARE nodes (ComfyUI V3 API): Concept Samples, the three stages and Apply Erasure. Each `execute` only unpacks inputs, calls spare_core, and packs outputs;
 the algorithm lives in spare_core, the ComfyUI adaptation in nodes/host.py.
 
 Sockets: SPARE_SALIENCY carries a spare_core.Saliency, SPARE_TIMESTEPS a spare_core.TimestepProfile, LORA_MODEL is
@@ -81,6 +81,50 @@ def seed_input():
                         tooltip="Seed for self-generated samples, timesteps and adapter init: same seed, same result.")
 
 
+class ConceptSamples(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SPAREConceptSamples",
+            display_name="SPARE Concept Samples",
+            category=CATEGORY,
+            description="Draws the concept with the model once (Euler, CFG 5, like the stages' own self-generation) "
+                        "so Saliency Scan, Timestep Profile and Sparse LoRA Distill share one sample set instead of "
+                        "each drawing its own. VAE Decode shows what the model draws for the concept.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (left unchanged)."),
+                io.Clip.Input("clip", tooltip="The model's text encoder."),
+                io.String.Input("concept", multiline=True, default="",
+                                tooltip="Prompt(s) naming the concept, one per line (the same text as in the stages)."),
+                io.Int.Input("samples", default=4, min=1, max=64, tooltip="Samples per concept line (authors: 4)."),
+                seed_input(),
+                resolution_input(),
+                io.Int.Input("steps", default=sc.DistillConfig.sample_steps, min=1, max=200,
+                             tooltip="Sampler steps per sample (Euler). 8 is what the stages use on their own."),
+                io.Float.Input("cfg", default=sc.DistillConfig.sample_cfg, min=1.0, max=30.0, step=0.1,
+                               tooltip="Classifier-free guidance scale (the stages use 5)."),
+            ],
+            outputs=[io.Latent.Output("latents", tooltip="The samples as a LATENT (VAE space, like a KSampler's), "
+                                                         "ordered concept 1, 2, ..., 1, 2, ...: connect it to the "
+                                                         "latents input of each stage.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concept, samples, seed, resolution, steps, cfg):
+        require_supported(model)
+        concepts = require_lines(concept, "concept")
+        dm = ComfyDiffusionModel(model, clip, resolution, resolution)
+        dm.encode(concepts + [""])
+        dm.load()
+        with torch.inference_mode():
+            x, index = sc.generate(dm, concepts, samples, seed, steps, cfg, should_stop=should_stop)
+        # generate() orders concept-major (c1 c1 .. c2 c2 ..); the stages read sample i as concept i % n
+        order = torch.argsort(torch.arange(len(index)) % samples * len(concepts) + index, stable=True)
+        x = x[order.to(x.device)]
+        out = model.model.process_latent_out(x.float()).to(comfy.model_management.intermediate_device())
+        return io.NodeOutput({"samples": out})
+
+
 class SaliencyScan(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -114,6 +158,10 @@ class SaliencyScan(io.ComfyNode):
                                tooltip="How modules are ranked: gradient = mean |gradient| (the authors'; measured "
                                        "best with taylor), taylor = |weight x gradient| (scale-free), contrastive = "
                                        "concept share minus retain share."),
+                io.Latent.Input("latents", optional=True,
+                                tooltip="Concept samples from SPARE Concept Samples (or a KSampler with the concept "
+                                        "prompt), shared with the other stages; 'samples' and 'resolution' are then "
+                                        "ignored. Sample i belongs to concept line i % (number of lines)."),
             ],
             outputs=[
                 Saliency.Output("saliency", tooltip="The selected modules, for Sparse LoRA Distill."),
@@ -124,16 +172,17 @@ class SaliencyScan(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, retain, samples, seed, selection, top_k, targets, resolution,
-                scoring=sc.saliency.DEFAULT_SCORING):
+                scoring=sc.saliency.DEFAULT_SCORING, latents=None):
         require_supported(model)
-        dm = ComfyDiffusionModel(model, clip, resolution, resolution)
+        given, (width, height) = given_latents(model, latents, resolution)
+        dm = ComfyDiffusionModel(model, clip, width, height)
         concepts = require_lines(concept, "concept")
         retain_prompts = sc.expand_alternatives(lines(retain))
         dm.encode(concepts + retain_prompts + [""])  # encode (and cache) before the model is loaded for training
         with trainable(dm):
             sal = sc.saliency_scan(dm, concepts, retain=retain_prompts, samples=samples,
                                    seed=seed, fraction=selection, top_k=top_k or None, targets=targets,
-                                   scoring=scoring,
+                                   scoring=scoring, latents=given,
                                    progress=Progress("saliency"), should_stop=should_stop)
         title = f"SPARE saliency: {', '.join(sal.meta['concepts'])[:60]}"
         return io.NodeOutput(sal, image(render.saliency_heatmap(sal.scores, sal.selected, title)), sal.summary())
@@ -167,6 +216,10 @@ class TimestepProfileNode(io.ComfyNode):
                                tooltip="How noise levels are weighted: v = also the noisy steps where style and layout "
                                        "are decided (erases in fewer steps); eps = the authors' noise-prediction loss. "
                                        "Use the same in Timestep Profile and Sparse LoRA Distill."),
+                io.Latent.Input("latents", optional=True,
+                                tooltip="Concept samples from SPARE Concept Samples (or a KSampler with the concept "
+                                        "prompt), shared with the other stages; 'samples' and 'resolution' are then "
+                                        "ignored. Sample i belongs to concept line i % (number of lines)."),
             ],
             outputs=[
                 Timesteps.Output("timesteps", tooltip="Timestep distribution for Sparse LoRA Distill."),
@@ -177,15 +230,16 @@ class TimestepProfileNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, surrogate, bins, samples, seed, sharpness, uniform_floor, resolution,
-                loss_weighting="v"):
+                loss_weighting="v", latents=None):
         require_supported(model)
-        dm = ComfyDiffusionModel(model, clip, resolution, resolution)
+        given, (width, height) = given_latents(model, latents, resolution)
+        dm = ComfyDiffusionModel(model, clip, width, height)
         dm.encode(require_lines(concept, "concept") + require_lines(surrogate, "surrogate") + [""])
         dm.load()
         with torch.inference_mode():
             prof = sc.timestep_profile(dm, require_lines(concept, "concept"), require_lines(surrogate, "surrogate"),
                                        bins=bins, samples=samples, seed=seed, gamma=sharpness, floor=uniform_floor,
-                                       weighting=loss_weighting,
+                                       weighting=loss_weighting, latents=given,
                                        progress=Progress("timestep profile"), should_stop=should_stop)
         return io.NodeOutput(prof, image(render.timestep_plot(prof.edges, prof.divergence, prof.probs)),
                              prof.summary())
@@ -218,8 +272,10 @@ class SparseLoraDistill(io.ComfyNode):
                 Timesteps.Input("timesteps", optional=True,
                                 tooltip="From SPARE Timestep Profile; uniform timesteps when not connected."),
                 io.Latent.Input("latents", optional=True,
-                                tooltip="Optional concept samples (e.g. from a KSampler with the concept prompt) used "
-                                        "instead of self-generated ones; their size sets the training resolution."),
+                                tooltip="Concept samples from SPARE Concept Samples (or a KSampler with the concept "
+                                        "prompt), shared with the other stages, instead of self-generated ones; their "
+                                        "size sets the training resolution. Sample i belongs to concept line i % "
+                                        "(number of lines)."),
                 io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank (authors: 4)."),
                 io.Float.Input("alpha", default=4.0, min=0.01, max=256.0, step=0.01,
                                tooltip="LoRA alpha; update scale = alpha / rank (authors: 4)."),
@@ -269,15 +325,10 @@ class SparseLoraDistill(io.ComfyNode):
                 samples=4, loss_weighting="v", stop_at_gap_closed=sc.DistillConfig.stop_reduction, timesteps=None,
                 latents=None):
         require_supported(model)
-        given = None
-        if latents is not None:
-            given = model_space_latents(model, latents)
-            resolution_hw = (given.shape[-2] * LATENT_DOWNSCALE, given.shape[-1] * LATENT_DOWNSCALE)
-        else:
-            resolution_hw = (resolution, resolution)
+        given, (width, height) = given_latents(model, latents, resolution)
         if key_format not in KEY_FORMATS:
             raise SpareInputError(f"key_format='{key_format}' is not one of {', '.join(KEY_FORMATS)}")
-        dm = ComfyDiffusionModel(model, clip, resolution_hw[1], resolution_hw[0])
+        dm = ComfyDiffusionModel(model, clip, width, height)
         config = sc.DistillConfig(
             concepts=lines(concepts), surrogates=lines(surrogates), retain=sc.expand_alternatives(lines(retain)),
             rank=rank, alpha=alpha,
@@ -395,6 +446,14 @@ def model_space_latents(model, latent: dict) -> torch.Tensor:
     return model.model.process_latent_in(samples.float())
 
 
+def given_latents(model, latent, resolution: int):
+    """(model-space samples or None, (width, height) in pixels): a connected LATENT sets the training size."""
+    if latent is None:
+        return None, (resolution, resolution)
+    x = model_space_latents(model, latent)
+    return x, (x.shape[-1] * LATENT_DOWNSCALE, x.shape[-2] * LATENT_DOWNSCALE)
+
+
 def require_lines(text: str, name: str) -> list[str]:
     out = lines(text)
     if not out:
@@ -423,4 +482,4 @@ def output_path(prefix: str) -> tuple[str, str]:
         counter += 1
 
 
-NODES = [SaliencyScan, TimestepProfileNode, SparseLoraDistill, ApplyErasure]
+NODES = [ConceptSamples, SaliencyScan, TimestepProfileNode, SparseLoraDistill, ApplyErasure]

@@ -314,3 +314,41 @@ def test_bf16_model_trains_under_autocast(pack):
     assert ups and all(torch.isfinite(u.float()).all() for u in ups) and any(u.abs().sum() > 0 for u in ups)
     patched = run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=filename)[0]
     assert torch.isfinite(probe(patched, clip)).all()
+
+
+def test_one_sample_set_feeds_every_stage(pack):
+    """SPARE Concept Samples draws what the stages would draw themselves (same seed, samples, sampler), so feeding
+    its LATENT to Saliency Scan, Timestep Profile and Distill gives the same results as their own self-generation,
+    while the samples are drawn once. Multi-line concepts come out round-robin (sample i = concept i % n)."""
+    nodes_mod, loras = pack
+    host = cf.load_pack_module("nodes/host.py")
+    import spare_core as sc
+    model, clip = cf.build_tiny("sd15", seed=6)
+    common = dict(model=model, clip=clip, seed=0, resolution=RES)
+    (latent,) = run(nodes_mod.ConceptSamples, concept="a red cat", samples=2, steps=8, cfg=5.0, **common)
+    assert latent["samples"].shape == (2, 4, RES // 8, RES // 8)
+
+    own_sal = scan(nodes_mod, model, clip, samples=2)[0]
+    shared_sal = scan(nodes_mod, model, clip, samples=2, latents=latent)[0]
+    assert own_sal.selected == shared_sal.selected
+    assert all(abs(own_sal.scores[k] - shared_sal.scores[k]) <= 1e-4 * abs(own_sal.scores[k]) + 1e-12
+               for k in own_sal.scores)
+    prof = dict(concept="a red cat", surrogate="a plain house", bins=4, samples=2, sharpness=1.0, uniform_floor=0.2,
+                **common)
+    own_prof = run(nodes_mod.TimestepProfileNode, **prof)[0]
+    shared_prof = run(nodes_mod.TimestepProfileNode, latents=latent, **prof)[0]
+    assert own_prof.probs == pytest.approx(shared_prof.probs, rel=1e-4)
+    own = distill(nodes_mod, model, clip, own_sal, samples=2, filename_prefix="spare/own")[0]
+    shared = distill(nodes_mod, model, clip, own_sal, samples=2, latents=latent, filename_prefix="spare/shared")[0]
+    assert own.keys() == shared.keys()
+    # equal up to the fp16 rounding of the state dict (the samples went VAE space and back: x / 0.18215 * 0.18215)
+    assert all(torch.allclose(own[k].float(), shared[k].float(), rtol=1e-3, atol=1e-3) for k in own)
+
+    # two concept lines: round-robin order, in VAE space (what VAE Decode expects)
+    (two,) = run(nodes_mod.ConceptSamples, concept="a red cat\na blue dog", samples=2, steps=8, cfg=5.0, **common)
+    dm = host.ComfyDiffusionModel(model, clip, RES, RES)
+    with torch.inference_mode():
+        x, index = sc.generate(dm, ["a red cat", "a blue dog"], 2, 0, 8, 5.0)
+    assert index.tolist() == [0, 0, 1, 1]
+    want = model.model.process_latent_out(x[torch.tensor([0, 2, 1, 3])])
+    torch.testing.assert_close(two["samples"], want)

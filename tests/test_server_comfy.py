@@ -38,12 +38,14 @@ START_TIMEOUT = 120  # s until the server answers
 RUN_TIMEOUT = 120  # s per prompt
 STYLE_LORA = "spare/erase_vangogh_00001_.safetensors"  # what erase_style.json writes into an empty loras folder
 
-# The four nodes and their inputs, in schema order (required; optional after "|").
+# The five nodes and their inputs, in schema order (required; optional after "|").
 EXPECTED_NODES = {
+    "SPAREConceptSamples": (["model", "clip", "concept", "samples", "seed", "resolution", "steps", "cfg"], [],
+                            ["LATENT"]),
     "SPARESaliencyScan": (["model", "clip", "concept", "retain", "samples", "seed", "selection", "top_k", "targets",
-                           "resolution"], ["scoring"], ["SPARE_SALIENCY", "IMAGE", "STRING"]),
+                           "resolution"], ["scoring", "latents"], ["SPARE_SALIENCY", "IMAGE", "STRING"]),
     "SPARETimestepProfile": (["model", "clip", "concept", "surrogate", "bins", "samples", "seed", "sharpness",
-                              "uniform_floor", "resolution", "loss_weighting"], [],
+                              "uniform_floor", "resolution", "loss_weighting"], ["latents"],
                              ["SPARE_TIMESTEPS", "IMAGE", "STRING"]),
     "SPARESparseLoraDistill": (["model", "clip", "concepts", "surrogates", "retain", "saliency", "rank", "alpha",
                                 "steps", "learning_rate", "forget_weight", "retain_weight", "seed", "filename_prefix",
@@ -190,6 +192,7 @@ def tiny_prompt(workflow: dict, object_info: dict, family: str = "sd15", **extra
     """The API prompt of a shipped workflow, made tiny (see the module docstring). `extra`: class_type -> inputs."""
     prompt = wa.ui_to_api(workflow, object_info)
     small = {
+        "SPAREConceptSamples": {"samples": 1, "resolution": 64, "steps": 2},
         "SPARESaliencyScan": {"samples": 1, "resolution": 64},
         "SPARETimestepProfile": {"samples": 1, "bins": 4, "resolution": 64},
         "SPARESparseLoraDistill": {"steps": 3, "resolution": 64, "samples": 1},
@@ -348,7 +351,7 @@ def test_erase_style_workflow(server, style_run):
     wf, prompt, entry = style_run
     assert_success(entry, server, "erase_style.json")
     assert_images(entry, server, prompt, "SaveImage")
-    assert_images(entry, server, prompt, "PreviewImage")  # heatmap, timestep plot, loss curve
+    assert_images(entry, server, prompt, "PreviewImage")  # concept samples, heatmap, timestep plot, loss curve
     (distill,) = nodes_of(prompt, "SPARESparseLoraDistill").values()
     assert distill["inputs"]["filename_prefix"] + "_00001_.safetensors" == STYLE_LORA  # what the other workflows use
     keys, meta = check_lora_file(server.loras / STYLE_LORA, "comfyui")
