@@ -26,12 +26,13 @@ from typing import Callable, Optional
 import torch
 
 from . import __version__
+from .autograd import frozen, gradient_checkpointing
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import LoraWeights, attach, make_adapters, metadata_json
 from .model import DiffusionModel
 from .prompts import expand_alternatives
 from .sampling import LOSS_WEIGHTINGS, T_MIN, data_std, generate, loss_weight
-from .saliency import Saliency, frozen, validate_prompts
+from .saliency import Saliency, validate_prompts
 from .timesteps import TimestepProfile, check_pairs
 
 RETAIN_TIMESTEPS = ("uniform", "same")
@@ -389,34 +390,3 @@ def distill(
             adapters.remove()
     return DistillResult(lora, losses, time.perf_counter() - started, trainable, cfg, (probe_before, probe_after),
                          checks, stopped_early)
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(network: torch.nn.Module):
-    """Recompute each block's activations during backward instead of storing them (student passes only; teacher
-    passes run without grad and are unaffected). Blocks = the elements of the network's top-level ModuleLists /
-    Sequentials (UNet input/middle/output blocks, DiT double/single blocks). The blocks' `forward` is swapped on the
-    instance (ComfyUI's trainer does the same) and restored on exit; modules are not restructured."""
-    from torch.utils.checkpoint import checkpoint
-
-    patched = []
-    for child in network.children():
-        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
-            for block in child:
-                had_own = "forward" in block.__dict__
-                original = block.forward
-
-                def forward(*args, _f=original, **kwargs):
-                    if torch.is_grad_enabled():
-                        return checkpoint(_f, *args, use_reentrant=False, **kwargs)
-                    return _f(*args, **kwargs)
-                block.forward = forward
-                patched.append((block, had_own, original))
-    try:
-        yield len(patched)
-    finally:
-        for block, had_own, original in patched:
-            if had_own:
-                block.forward = original
-            else:
-                del block.forward

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -34,7 +34,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import Cancelled, SpareInputError
+from .autograd import frozen, gradient_checkpointing
+from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import ADAPTABLE, atomic_write, read_safetensors
 from .model import DiffusionModel
 from .sampling import T_MIN, generate
@@ -147,37 +148,40 @@ def _weight_grads(modules: dict[str, nn.Module], on_grad):
             w.grad = None
 
 
-@contextmanager
-def frozen(network: nn.Module):
-    """Every network parameter requires_grad=False inside; original flags restored after."""
-    flags = [(p, p.requires_grad) for p in network.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+LOSS_SCALE_FP16 = 2.0 ** 16  # initial scale for fp16 weights (torch.amp.GradScaler's default init_scale)
 
 
 def _accumulate(model: DiffusionModel, modules, x0, cond, index, seed, repeats, batch_size, should_stop, progress,
-                scoring="gradient"):
+                scoring="gradient", checkpointing=False):
     """Sum of |grad| (scoring "gradient"/"contrastive") or |weight * grad| ("taylor") per module weight and per output
-    row, of the eps-space denoising loss on x0 samples."""
+    row, of the eps-space denoising loss on x0 samples.
+
+    fp16 weights get fp16 gradients, whose small values underflow to 0 and would distort the ranking: the loss is
+    scaled (LOSS_SCALE_FP16) and the gradients unscaled in float32, like torch.amp.GradScaler does; a batch whose
+    scaled gradients overflow is redone at half the scale. (GradScaler itself works on an optimizer's .grad fields;
+    here each gradient is consumed by a hook as soon as it exists, so the scaling is written out.)"""
     sums = {p: 0.0 for p in modules}
     rows = {p: torch.zeros(m.weight.shape[0], dtype=torch.float64) for p, m in modules.items()}
+    fp16 = model.dtype == torch.float16 or any(m.weight.dtype == torch.float16 for m in modules.values())
+    state = {"scale": LOSS_SCALE_FP16 if fp16 else 1.0, "overflow": False}
+    batch_sums, batch_rows = {}, {}
 
     def on_grad(path, g):
-        g = g.detach().float()
+        g = g.detach().float() / state["scale"]
+        if fp16 and not torch.isfinite(g).all():
+            state["overflow"] = True
+            return
         a = (g * modules[path].weight.detach().float()).abs() if scoring == "taylor" else g.abs()
-        sums[path] += float(a.sum())
-        rows[path] += a.flatten(1).sum(1).double().cpu()
+        batch_sums[path] = float(a.sum())
+        batch_rows[path] = a.flatten(1).sum(1).double().cpu()
 
     gen = torch.Generator().manual_seed(seed)
     n = x0.shape[0]
     total = repeats * math.ceil(n / batch_size)
     done = 0
-    with frozen(model.network), _weight_grads(modules, on_grad), torch.inference_mode(False), torch.enable_grad():
+    ckpt = gradient_checkpointing(model.network) if checkpointing else nullcontext()
+    with frozen(model.network), _weight_grads(modules, on_grad), torch.inference_mode(False), torch.enable_grad(), \
+            ckpt:
         for _ in range(repeats):
             for start in range(0, n, batch_size):
                 if should_stop is not None and should_stop():
@@ -189,11 +193,24 @@ def _accumulate(model: DiffusionModel, modules, x0, cond, index, seed, repeats, 
                 noise = torch.randn(xb.shape, generator=gen).to(model.device)
                 xt = model.add_noise(xb, noise, sigma)
                 c = model.select_cond(cond, index[start:start + batch_size])
-                with torch.autocast(model.device.type, dtype=model.dtype, enabled=model.dtype != torch.float32):
-                    pred = model.predict_x0(xt, sigma, c)
                 s = sigma.view(-1, *[1] * (xb.dim() - 1))
-                loss = (((pred.float() - xb) / s) ** 2).mean()
-                loss.backward()
+                while True:
+                    batch_sums.clear()
+                    batch_rows.clear()
+                    state["overflow"] = False
+                    with torch.autocast(model.device.type, dtype=model.dtype, enabled=model.dtype != torch.float32):
+                        pred = model.predict_x0(xt, sigma, c)
+                    loss = (((pred.float() - xb) / s) ** 2).mean()
+                    (loss * state["scale"]).backward()
+                    if not state["overflow"] or state["scale"] <= 1.0:
+                        break
+                    state["scale"] /= 2.0  # overflow: redo this batch at half the scale
+                if state["overflow"]:
+                    raise NonFiniteLossError("saliency scan: the gradients are not finite even without loss scaling "
+                                             "(the model's fp16 weights overflow on these samples)")
+                for p in batch_sums:
+                    sums[p] += batch_sums[p]
+                    rows[p] += batch_rows[p]
                 done += 1
                 if progress is not None:
                     progress(done, total)
@@ -219,6 +236,7 @@ def scan(
     latents: Optional[torch.Tensor] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
+    gradient_checkpointing: bool = False,
 ) -> Saliency:
     """Score every candidate module of `model.network` for `concepts` and select the salient ones.
 
@@ -226,7 +244,8 @@ def scan(
     scoring="contrastive" only, with weight `retain_weight`). scoring: "taylor", "gradient" (the authors') or
     "contrastive" (module docstring). samples: self-generated samples per prompt.
     fraction / top_k: how many modules to select (top_k wins when given). latents: optional concept samples
-    [N, C, H, W] in the model's latent space, used instead of self-generated ones.
+    [N, C, H, W] in the model's latent space, used instead of self-generated ones. gradient_checkpointing: recompute
+    the blocks' activations in backward (less memory, same scores).
     """
     concepts = validate_prompts(concepts, "concept")
     retain = [r.strip() for r in retain if r.strip()]
@@ -261,13 +280,13 @@ def scan(
         c_forget = model.encode(concepts)
         c_retain = model.encode(retain) if retain else None
     f_sum, f_rows = _accumulate(model, modules, x_f, c_forget, idx_f, seed + 1, repeats, batch_size,
-                                should_stop, progress, scoring)
+                                should_stop, progress, scoring, gradient_checkpointing)
     numel = {p: m.weight.numel() for p, m in modules.items()}
     forget = {p: f_sum[p] / numel[p] for p in modules}
     if scoring == "contrastive" and retain and retain_weight > 0:
         x_r, idx_r = gen_or_given(retain, 1000)
         r_sum, _ = _accumulate(model, modules, x_r, c_retain, idx_r, seed + 2, repeats, batch_size,
-                               should_stop, None)
+                               should_stop, None, "gradient", gradient_checkpointing)
         retain_mean = {p: r_sum[p] / numel[p] for p in modules}
         f_tot, r_tot = sum(forget.values()) or 1.0, sum(retain_mean.values()) or 1.0
         scores = {p: forget[p] / f_tot - retain_weight * retain_mean[p] / r_tot for p in modules}

@@ -546,3 +546,38 @@ def test_distill_expands_retain_alternatives(model, saliency):
     result = sc.distill(model, cfg, saliency)
     assert result.config.retain == ["a blue dog", "a blue tree", "a green dog", "a green tree"]
     assert json.loads(result.lora.metadata["spare.retain"]) == result.config.retain
+
+
+class _Damped(TinyDiffusionModel):
+    """Gradients as small as a large trained model's per-weight ones: the prediction moves 1e-3 as much."""
+
+    def predict_x0(self, x, sigma, cond):
+        base = super().predict_x0(x, sigma, cond)
+        return base.detach() + 1e-3 * (base - base.detach())
+
+
+def test_saliency_on_fp16_weights_scales_the_loss(monkeypatch):
+    """fp16 weights get fp16 gradients: unscaled, the small ones underflow to 0 and the ranking changes; with the
+    loss scaling the fp16 scores match the fp32 ones (to fp16 precision)."""
+    from spare_core import saliency as sal_mod
+    x = generate(TinyDiffusionModel(0), [CONCEPT], 2, seed=0, steps=4)[0]
+    kw = dict(samples=2, sample_steps=4, fraction=0.5, seed=0, latents=x)
+    ref = sc.saliency_scan(_Damped(0), [CONCEPT], **kw)
+    half = _Damped(0)
+    half.network.half()
+    half.dtype = torch.float16
+    scaled = sc.saliency_scan(half, [CONCEPT], **kw)
+    monkeypatch.setattr(sal_mod, "LOSS_SCALE_FP16", 1.0)
+    unscaled = sc.saliency_scan(half, [CONCEPT], **kw)
+    for k, v in ref.scores.items():
+        assert scaled.scores[k] == pytest.approx(v, rel=1e-2), k
+    assert scaled.selected == ref.selected
+    assert any(unscaled.scores[k] == 0.0 for k in ref.scores)  # what the scaling prevents
+
+
+def test_saliency_checkpointing_same_scores(model):
+    a = sc.saliency_scan(model, [CONCEPT], samples=2, sample_steps=4, seed=0)
+    b = sc.saliency_scan(model, [CONCEPT], samples=2, sample_steps=4, seed=0, gradient_checkpointing=True)
+    assert a.selected == b.selected
+    assert all(b.scores[k] == pytest.approx(v, rel=1e-5) for k, v in a.scores.items())
+    assert all("forward" not in m.__dict__ for m in model.network.modules())

@@ -43,7 +43,8 @@ EXPECTED_NODES = {
     "SPAREConceptSamples": (["model", "clip", "concept", "samples", "seed", "resolution", "steps", "cfg"], [],
                             ["LATENT"]),
     "SPARESaliencyScan": (["model", "clip", "concept", "retain", "samples", "seed", "selection", "top_k", "targets",
-                           "resolution"], ["scoring", "latents"], ["SPARE_SALIENCY", "IMAGE", "STRING"]),
+                           "resolution"], ["scoring", "latents", "gradient_checkpointing"],
+                          ["SPARE_SALIENCY", "IMAGE", "STRING"]),
     "SPARETimestepProfile": (["model", "clip", "concept", "surrogate", "bins", "samples", "seed", "sharpness",
                               "uniform_floor", "resolution", "loss_weighting"], ["latents"],
                              ["SPARE_TIMESTEPS", "IMAGE", "STRING"]),
@@ -304,7 +305,7 @@ def test_converter_validates_against_object_info(object_info):
 
     bad = json.loads(json.dumps(wf))
     next(n for n in bad["nodes"] if n["type"] == "SPARESaliencyScan")["widgets_values"].pop()
-    with pytest.raises(wa.WorkflowError, match="widgets_values has 8 values.*9 widget values"):
+    with pytest.raises(wa.WorkflowError, match="widgets_values has 9 values.*10 widget values"):
         wa.ui_to_api(bad, object_info)
 
     bad = json.loads(json.dumps(wf))
