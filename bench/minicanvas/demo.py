@@ -109,7 +109,11 @@ def main(argv=None):
     target = (data.style_index if domain == "style" else data.object_index)(args.concept)
     print(f"erasing {domain} '{args.concept}' with SPARE (product defaults, cap {args.steps} steps) ...", flush=True)
     t0 = time.perf_counter()
-    edited, info = harness.run_method("spare", model, domain, args.concept, budget, seed=args.seed)
+    def progress(check, adapters):  # every probe check (20 steps): a line, so a minute of training is not silent
+        print(f"  step {check['step']:4d}/{args.steps}: concept->surrogate gap closed {100 * check['reduction']:3.0f}%"
+              f" ({time.perf_counter() - t0:.0f}s)", flush=True)
+    edited, info = harness.run_method("spare", model, domain, args.concept, budget, seed=args.seed,
+                                      on_check=progress)
     print(f"trained in {time.perf_counter() - t0:.0f}s: {info['steps_used']} steps, gap closed "
           f"{100 * info['gap_closed']:.0f}%, {info['modules']} modules; judging {len(prompts)} held-out prompts "
           "before and after ...", flush=True)
