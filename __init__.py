@@ -21,10 +21,16 @@ if importlib.util.find_spec("comfy_api") is not None:
     from comfy_api.latest import ComfyExtension, io
 
     from .nodes.spare_nodes import NODES
+    try:  # SPARE Demo Model (MiniCanvas): the bundled bench/minicanvas model as MODEL/CLIP/VAE/LATENT
+        from .nodes.demo_model import DEMO_NODES
+    except Exception:  # a broken demo must not take the SPARE nodes down with it; the traceback is logged
+        import logging
+        logging.getLogger("spare").exception("SPARE: the demo model node could not be loaded")
+        DEMO_NODES = []
 
     class SpareExtension(ComfyExtension):
         async def get_node_list(self) -> list[type[io.ComfyNode]]:
-            return list(NODES)
+            return list(NODES) + list(DEMO_NODES)
 
     async def comfy_entrypoint() -> SpareExtension:
         return SpareExtension()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import comfy.conds
+import comfy.latent_formats
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.utils
@@ -33,6 +34,33 @@ from spare_core.errors import SpareInputError
 log = logging.getLogger(__name__)
 
 LATENT_DOWNSCALE = 8  # pixels per latent cell for the SD-family VAEs (ComfyUI hardcodes 8 in EmptyLatentImage too)
+
+
+# --- what a MODEL says about its latent space (the bundled MiniCanvas demo model is pixel space, 32 x 32 only) -------
+def latent_downscale(model) -> int:
+    """Pixels per latent cell of a MODEL (ModelPatcher) or BaseModel: the BaseModel's `spare_latent_downscale` where it
+    declares one (nodes/demo_model.py: 1), 1 for ComfyUI's pixel-space latent format, else LATENT_DOWNSCALE (8)."""
+    base = getattr(model, "model", model)
+    declared = getattr(base, "spare_latent_downscale", None)
+    if declared is not None:
+        return int(declared)
+    pixel_space = getattr(comfy.latent_formats, "ChromaRadiance", None)  # identity, 3 channels (ComfyUI >= 0.3.6x)
+    if pixel_space is not None and isinstance(getattr(base, "latent_format", None), pixel_space):
+        return 1
+    return LATENT_DOWNSCALE
+
+
+def native_size(model) -> tuple[int, int] | None:
+    """(width, height) in pixels of a model that draws one size only (BaseModel attribute `spare_native_size`; the
+    MiniCanvas demo model: 32 x 32), else None."""
+    size = getattr(getattr(model, "model", model), "spare_native_size", None)
+    return None if size is None else (int(size[0]), int(size[1]))
+
+
+def is_demo_model(model) -> bool:
+    """The bundled MiniCanvas demo model (nodes/demo_model.py): not an openaimodel.UNetModel, but SPARE's own
+    benchmark model, so SPARE supports it."""
+    return bool(getattr(getattr(model, "model", model), "spare_demo_model", False))
 
 
 class ComfyDiffusionModel:
@@ -50,8 +78,14 @@ class ComfyDiffusionModel:
         self.base = model.model  # comfy.model_base.BaseModel (shared by every clone of `model`)
         self.network: nn.Module = self.base.diffusion_model
         self.width, self.height = int(width), int(height)
+        fixed = native_size(model)
+        if fixed is not None and fixed != (self.width, self.height):
+            log.info("SPARE: %s draws %d x %d px only; using that instead of %d x %d", type(self.base).__name__,
+                     fixed[0], fixed[1], self.width, self.height)
+            self.width, self.height = fixed
         channels = self.base.latent_format.latent_channels
-        self.latent_shape = (channels, self.height // LATENT_DOWNSCALE, self.width // LATENT_DOWNSCALE)
+        down = latent_downscale(model)
+        self.latent_shape = (channels, self.height // down, self.width // down)
         self.device = torch.device(model.load_device)
         # The dtype the network computes in: weights may be stored in another one (manual cast, e.g. fp8 weights).
         self.dtype = self.base.manual_cast_dtype or self.base.get_dtype()

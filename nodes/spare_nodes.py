@@ -22,7 +22,7 @@ import spare_core as sc
 from spare_core import render
 from spare_core.errors import SpareInputError
 
-from .host import LATENT_DOWNSCALE, ComfyDiffusionModel, trainable
+from .host import ComfyDiffusionModel, is_demo_model, latent_downscale, trainable
 
 log = logging.getLogger("spare")
 
@@ -295,7 +295,9 @@ class SparseLoraDistill(io.ComfyNode):
                                 tooltip="File name prefix inside the loras folder; a counter is appended."),
                 io.Combo.Input("key_format", options=KEY_FORMATS, default="comfyui",
                                tooltip="comfyui: diffusion_model.* keys (ComfyUI's Save LoRA format); kohya: "
-                                       "lora_unet_* keys (also loads in A1111/Forge for SD1.5/SDXL)."),
+                                       "lora_unet_* keys with LDM module names, read by A1111 (1.5.0+) and Forge "
+                                       "(their loader code; not tested in them here). kohya's own sd-scripts cannot "
+                                       "load them for SD1.x/SD2.x."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in backward: much less VRAM (what lets SD1.5/SDXL "
                                          "train on 8-16 GB cards), up to ~20% slower per step. On by default, as in "
@@ -347,6 +349,7 @@ class SparseLoraDistill(io.ComfyNode):
             result = sc.distill(dm, config, saliency, timesteps, given, progress=Progress("distill"),
                                 should_stop=should_stop)
         result.lora.metadata["spare.base_model"] = type(model.model).__name__
+        result.lora.metadata.update(family_metadata(model))
         path = os.path.join(folder, name)
         sc.save_lora(path, result.lora, key_format=key_format, prefix=dm.key_prefix)
         rel = os.path.relpath(path, loras_root()).replace(os.sep, "/")
@@ -425,13 +428,13 @@ def patch_model(model, lora_sd: dict, strength: float, source: str):
 
 
 def require_supported(model) -> None:
-    """SPARE trains UNet families (SD1.x, SD2.x, SDXL: ComfyUI's openaimodel.UNetModel). DiT families (Flux, SD3,
-    ...) are refused by name: their training path (in-place residual adds in Flux's blocks break backward) and LoRA
-    keys are not proven here."""
+    """SPARE trains UNet families (SD1.x, SD2.x, SDXL: ComfyUI's openaimodel.UNetModel) and the bundled MiniCanvas demo
+    model (nodes/demo_model.py). DiT families (Flux, SD3, ...) are refused by name: their training path (in-place
+    residual adds in Flux's blocks break backward) and LoRA keys are not proven here."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     net = model.model.diffusion_model
-    if not isinstance(net, UNetModel):
+    if not isinstance(net, UNetModel) and not is_demo_model(model):
         raise SpareInputError(
             f"model: {type(model.model).__name__} models ({type(net).__name__} denoiser) are not supported yet; "
             "SPARE for ComfyUI erases concepts from SD1.5, SD2.x and SDXL (UNet) models.")
@@ -451,12 +454,34 @@ def model_space_latents(model, latent: dict) -> torch.Tensor:
     return model.model.process_latent_in(samples.float())
 
 
+def family_metadata(model) -> dict:
+    """The base-model fields kohya's sd-scripts write (`ss_base_model_version`, `ss_v2`, `modelspec.architecture`):
+    A1111 reads them to decide which checkpoints a LoRA is listed for (without them an SDXL LoRA is listed as SD1),
+    Forge to detect the version. Families outside SD1.x/SD2.x/SDXL get none."""
+    import comfy.model_base
+    import comfy.supported_models as sm
+
+    config = getattr(model.model, "model_config", None)
+    v_pred = model.model.model_type in (comfy.model_base.ModelType.V_PREDICTION,)
+    if isinstance(config, sm.SDXL):
+        version, arch, v2 = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "False"
+    elif isinstance(config, sm.SD20):
+        version, v2 = ("sd_v2_v" if v_pred else "sd_v2"), "True"
+        arch = "stable-diffusion-v2-768-v/lora" if v_pred else "stable-diffusion-v2-512/lora"
+    elif isinstance(config, sm.SD15):
+        version, arch, v2 = "sd_v1", "stable-diffusion-v1/lora", "False"
+    else:
+        return {}
+    return {"ss_base_model_version": version, "ss_v2": v2, "modelspec.architecture": arch}
+
+
 def given_latents(model, latent, resolution: int):
     """(model-space samples or None, (width, height) in pixels): a connected LATENT sets the training size."""
     if latent is None:
         return None, (resolution, resolution)
     x = model_space_latents(model, latent)
-    return x, (x.shape[-1] * LATENT_DOWNSCALE, x.shape[-2] * LATENT_DOWNSCALE)
+    down = latent_downscale(model)
+    return x, (x.shape[-1] * down, x.shape[-2] * down)
 
 
 def require_lines(text: str, name: str) -> list[str]:

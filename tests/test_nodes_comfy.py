@@ -102,6 +102,12 @@ def test_nodes_end_to_end(pack, family, caplog):
         prefix = "diffusion_model." if key_format == "comfyui" else "lora_unet_"
         assert keys and all(k.startswith(prefix) for k in keys)
         assert meta["spare.concepts"] == '["a red cat"]' and meta["ss_network_dim"] == "2"
+        # the base-model fields A1111 filters its LoRA list by (and Forge reads), as kohya's sd-scripts write them
+        version, arch = {"sd15": ("sd_v1", "stable-diffusion-v1/lora"),
+                         "sd2v": ("sd_v2_v", "stable-diffusion-v2-768-v/lora"),
+                         "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")}[family]
+        assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == (version, arch)
+        assert meta["ss_v2"] == ("True" if family == "sd2v" else "False")
         # stock loader: every key maps ("lora key not loaded" would be logged otherwise)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
