@@ -13,6 +13,7 @@ import time
 import torch
 
 import comfy.lora
+import comfy.lora_convert
 import comfy.model_management
 import comfy.utils
 import folder_paths
@@ -414,10 +415,11 @@ def _load_other(path: str, name: str) -> dict:
 
 
 def patch_model(model, lora_sd: dict, strength: float, source: str):
-    """The stock LoRA path (comfy.lora key map + ModelPatcher.add_patches on a clone): identical to what
-    LoraLoaderModelOnly does, and refuses a file none of whose keys belongs to this model."""
+    """The stock LoRA path, step for step what LoraLoaderModelOnly does (comfy.sd.load_lora_for_models with no CLIP:
+    key map, comfy.lora_convert's format conversion, ModelPatcher.add_patches on a clone), plus a refusal of a file
+    none of whose keys belongs to this model (the stock loader would silently apply nothing)."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    patches = comfy.lora.load_lora(lora_sd, key_map, log_missing=True)
+    patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora_sd), key_map, log_missing=True)
     if not patches:
         first = next(iter(lora_sd), "<no keys>")
         raise SpareInputError(f"{source}: none of its {len(lora_sd)} keys matches this model (first key '{first}'); "
