@@ -1,54 +1,126 @@
-"""Sparse LoRA Distill on a FULL-SIZE architecture with random weights, on the real ComfyUI host: seconds per training
-step and peak RSS, with and without gradient checkpointing.
+"""SPARE on FULL-SIZE architectures with random weights, on the real ComfyUI host: seconds per Sparse LoRA Distill
+step, the step's floor, seconds for a default erase, peak memory; with and without gradient checkpointing.
 
-    COMFYUI_PATH=/path/to/ComfyUI .venv-comfy/bin/python bench/host_speed.py --family sd15 --latent 32 --steps 3
+    COMFYUI_PATH=/path/to/ComfyUI python bench/host_speed.py --device cuda            # SD1.5 512 px + SDXL 1024 px
+    COMFYUI_PATH=/path/to/ComfyUI OMP_NUM_THREADS=1 python bench/host_speed.py --device cpu --family sd15 \\
+        --latent 8 --steps 2 --erase-steps 2 --erase-retain empty                      # a CPU smoke run
+    python bench/host_speed.py --summarize out/gpu_check.jsonl                         # JSON lines -> a table
 
-Steps after the first are timed (wall and process CPU seconds; CPU time is the steadier figure on a shared machine).
-Each configuration runs in its own subprocess so that peak RSS is its own. The UNet is the family's real full-size
-ComfyUI model (comfy.supported_models config -> BaseModel -> ModelPatcher) filled with random weights; the text
-encoder is ComfyUI's CLIP class at the real width but one-to-three layers (only its output width matters here, and
-it runs once per prompt). Self-generation is cut to 1 sample x 2 Euler steps so the figure is the training step.
-The same script runs on a GPU (no --cpu) when one is lent.
+One configuration = (family, weight dtype, gradient checkpointing on/off); each runs in its own subprocess, so its
+peak RSS / VRAM is its own, and prints one JSON line (also appended to --out). A configuration that fails, crashes or
+outlives --timeout still gives a line: status "failed" / "timeout", with whatever it had measured before. Defaults:
+on cuda SD1.5 at 512 px (latent 64) and SDXL at 1024 px (latent 128) in fp16 and bf16; on the CPU SD1.5 at latent
+16 in fp32. --gpu is an alias of --device cuda.
+
+The model. The UNet is the family's real full-size ComfyUI model (tests/comfy_fixtures.py: comfy.supported_models
+config -> BaseModel -> ModelPatcher) filled with random weights (comfy_fixtures.init_params_, seed 0); the text
+encoder is ComfyUI's CLIP class at the real width but three layers, fp32 (only its output width matters here, and it
+runs once per prompt). The weights are in the chosen dtype exactly as ComfyUI's checkpoint loader
+(comfy.sd.load_state_dict_guess_config) puts them there when a dtype is forced (model_options["dtype"], what the
+UNET loader's weight_dtype and --fp16-unet/--bf16-unet amount to):
+    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes)
+    config.set_inference_dtype(dtype, manual_cast)         # unet_config["dtype"] = dtype
+    BaseModel(config, device=comfy.model_management.unet_inital_load_device(params, dtype))
+BaseModel builds its layers with comfy.ops.pick_operations(dtype, manual_cast), so every weight is created in
+`dtype`, on the GPU directly when ComfyUI would load it there (enough free VRAM), and computes in `manual_cast` when
+that is set (e.g. fp16 weights on a CPU compute in fp32). The reported `compute_dtype` is what spare_core trains in
+(ComfyDiffusionModel.dtype: autocast to it when it is not fp32).
+
+Per configuration, in one process on one network:
+1. Distill step: spare_core.distill through nodes/host.py (ComfyDiffusionModel + trainable(), under inference mode as
+   under the executor) for --steps steps, with the Distill node's defaults (rank 4, batch 2 forget + 2 retain
+   samples, ...) on half of every Linear/Conv2d (every other candidate of targets "all": as many modules as the
+   default selection, 0.5; which ones a real scan picks differs). Self-generation is cut to 1 sample x 2 Euler steps,
+   as it is not part of a step. Steps after the first are timed (wall, and process CPU seconds: the steadier figure
+   on a shared CPU); on cuda each step ends with torch.cuda.synchronize().
+2. Floor: what a step cannot do without, on the same network, input shapes and batch, with the same adapters (same
+   modules, rank, fp32) attached through spare_core.lora.attach and the same checkpointing and autocast: for the
+   forget and the retain pair, a teacher forward (adapters off, no grad) and a student forward, then one backward of
+   the summed loss. No optimizer, clipping, loss scaling, noise draws or syncs. One warm-up, then --steps - 1 timed
+   repetitions; `step_over_floor` = seconds_per_step / floor_seconds (`floor_cpu_seconds`, `cpu_step_over_floor`:
+   the same in process CPU seconds).
+3. Default erase (--erase-steps > 0): the shipped erase_style workflow run the way the nodes run it (same spare_core
+   calls with the nodes' default inputs, under inference mode): Concept Samples (4 samples, 8 Euler steps, CFG 5,
+   LATENT round trip), Saliency Scan (targets "all", fraction 0.5, gradient scoring, 4 samples, checkpointing as the
+   configuration), Timestep Profile (10 bins), Sparse LoRA Distill (--erase-steps steps, node defaults, its own
+   retain samples, checkpointing as the configuration; the LoRA saved to a temporary folder). The node default is
+   checkpointing on: the "on" configuration is THE default erase. Prompts are the erase_style workflow's (22 retain
+   prompts after {a|b} expansion) or, with --erase-retain empty, none but the always-retained empty prompt.
+Peak VRAM (torch.cuda.max_memory_allocated / max_memory_reserved) is reset (after empty_cache) before phases 1-2 and
+again before phase 3: `peak_vram_allocated_mb` / `peak_vram_reserved_mb` and `erase_peak_vram_*`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+FAMILIES = ("sd15", "sd2v", "sdxl")
 WIDTHS = {"sd15": {"clip_l": 768}, "sd2v": {"clip_h": 1024}, "sdxl": {"clip_l": 768, "clip_g": 1280}}
+NATIVE_LATENT = {"sd15": 64, "sd2v": 96, "sdxl": 128}  # 512, 768, 1024 px
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+# The erase_style workflow's prompts (workflows/erase_style.json): Concept Samples / Timestep Profile / Distill take
+# CONCEPT and SURROGATE; Saliency Scan's retain box (read by contrastive scoring only) and Distill's retain box.
+CONCEPT, SURROGATE = "Van Gogh style", "a painting"
+SCAN_RETAIN = ["Claude Monet style", "Pablo Picasso style", "Rembrandt style", "Ukiyo-e woodblock print",
+               "a photo of a city street"]
+DISTILL_RETAIN = ["{a portrait|a landscape|a city street|a cat|a bowl of fruit} in {Claude Monet|Pablo Picasso|"
+                  "Rembrandt|Ukiyo-e woodblock print} style", "a photo of a city street", "a photo of a dog"]
+# The nodes' default inputs (nodes/spare_nodes.py define_schema) where spare_core's defaults differ or are not used.
+NODE_SAMPLES = 4  # "samples" of every node
+NODE_SEED = 0
 
 
-def one(family: str, latent: int, steps: int, checkpointing: bool, cpu: bool) -> dict:
+def log(tag: str, msg: str) -> None:
+    print(f"[host_speed {time.strftime('%H:%M:%S')} {tag}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One configuration (the subprocess)
+
+def import_comfy(device: str):
+    """Put ComfyUI ($COMFYUI_PATH) first on sys.path (its `nodes.py` must win over this pack's `nodes/`), force CPU
+    mode for --device cpu, and return the comfy_fixtures module."""
+    sys.path.insert(0, ROOT)  # spare_core
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    sys.path.insert(0, ROOT)
     import comfy_fixtures as cf
 
-    if cpu:
-        cf.comfy_or_skip()
+    if device == "cpu":
+        cf.comfy_or_skip()  # also sets comfy.cli_args.args.cpu before comfy.model_management is imported
     else:
-        sys.path.insert(0, os.environ["COMFYUI_PATH"])
+        sys.path.insert(0, os.path.abspath(os.environ["COMFYUI_PATH"]))
+    return cf
+
+
+def build(cf, family: str, dtype_name: str):
+    """(ModelPatcher, CLIP, facts) of the full-size `family` with random weights in `dtype_name` (module docstring)."""
     import torch
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
     import comfy.supported_models as sm
-    import spare_core as sc
 
-    host = cf.load_pack_module("nodes/host.py")
-    t0 = time.perf_counter()
+    dtype = getattr(torch, DTYPES[dtype_name])
     config = cf._model_config(family, cf._full_unet_config(family), tiny=False)
-    base = cf._base_model(family, config)
+    params = sum(p.numel() for p in cf.build_full_base_model(family).diffusion_model.parameters())
+    load_device = mm.get_torch_device()
+    manual_cast = mm.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes)
+    config.set_inference_dtype(dtype, manual_cast)
+    initial_device = mm.unet_inital_load_device(params, dtype)
+    base = cf._base_model(family, config, device=initial_device)
     cf.init_params_(base.diffusion_model, 0)
-    model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                             offload_device=mm.unet_offload_device())
+    model = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=mm.unet_offload_device())
     target = {"sd15": sm.SD15, "sd2v": sm.SD20, "sdxl": sm.SDXL}[family]({}).clip_target()
     options = {f"{n}_model_config": {"hidden_size": w, "intermediate_size": w, "num_attention_heads": 8,
                                      "num_hidden_layers": 3, "projection_dim": w}
@@ -56,58 +128,359 @@ def one(family: str, latent: int, steps: int, checkpointing: bool, cpu: bool) ->
     options["dtype"] = torch.float32
     clip = comfy.sd.CLIP(target, model_options=options)
     cf.init_params_(clip.cond_stage_model, 1)
-    build_s = time.perf_counter() - t0
+    weight_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in base.diffusion_model.parameters()})
+    facts = {"unet_params_M": round(params / 1e6, 1), "weight_dtype": ",".join(weight_dtypes),
+             "manual_cast_dtype": str(manual_cast).removeprefix("torch.") if manual_cast is not None else None,
+             "initial_load_device": str(initial_device)}
+    return model, clip, facts
+
+
+class Clock:
+    """Wall and process-CPU stamps; on cuda each stamp first waits for the queued GPU work."""
+
+    def __init__(self, device):
+        import torch
+
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def __call__(self) -> tuple[float, float]:
+        self.sync()
+        return time.perf_counter(), time.process_time()
+
+
+def per_step(stamps: list[tuple[float, float]]) -> tuple[float, float]:
+    """(wall, CPU) seconds per interval between consecutive stamps, the first stamp being the end of step 1."""
+    n = max(len(stamps) - 1, 1)
+    return (stamps[-1][0] - stamps[0][0]) / n, (stamps[-1][1] - stamps[0][1]) / n
+
+
+def reset_peaks(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # else the reserved peak starts at what earlier phases left cached
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peaks(device, prefix: str) -> dict:
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    return {f"{prefix}peak_vram_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20),
+            f"{prefix}peak_vram_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20)}
+
+
+def step_phase(host, sc, model, clip, latent: int, steps: int, checkpointing: bool) -> dict:
+    """Phase 1 (distill steps) and phase 2 (their floor), see the module docstring."""
+    import torch
+
     dm = host.ComfyDiffusionModel(model, clip, latent * 8, latent * 8)
-    saliency = sc.Saliency({}, [p for p in sc.candidate_modules(dm.network, "attention")][::2], None, {})
-    cfg = sc.DistillConfig(["Van Gogh style"], ["a painting"], retain=["Monet style"], steps=steps, lr=1e-4,
-                           samples_per_prompt=1, sample_steps=2, batch_size=1, gradient_checkpointing=checkpointing)
+    candidates = list(sc.candidate_modules(dm.network, sc.saliency.DEFAULT_TARGETS))
+    saliency = sc.Saliency({p: 0.0 for p in candidates}, candidates[::2], None, {})
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=["a photo of a dog"], steps=steps,
+                           samples_per_prompt=1, sample_steps=2, gradient_checkpointing=checkpointing)
+    clock = Clock(dm.device)
     stamps = []
-    dm.encode(cfg.concepts + cfg.surrogates + cfg.retain + [""])
+    dm.encode(cfg.concepts + cfg.surrogates + cfg.retain + [""])  # before loading for training, as the node does
     with torch.inference_mode():  # as under the executor
         with host.trainable(dm):
-            result = sc.distill(dm, cfg, saliency, progress=lambda s, n, loss: stamps.append(
-                (time.perf_counter(), time.process_time())))
-    per_step = (stamps[-1][0] - stamps[0][0]) / max(len(stamps) - 1, 1)
-    cpu_per_step = (stamps[-1][1] - stamps[0][1]) / max(len(stamps) - 1, 1)
-    out = {"family": family, "latent": latent, "pixels": latent * 8, "checkpointing": checkpointing,
-           "steps": steps, "seconds_per_step": round(per_step, 3),
-           "cpu_seconds_per_step": round(cpu_per_step, 3), "torch_threads": torch.get_num_threads(), "build_seconds": round(build_s, 1),
-           "unet_params_M": round(sum(p.numel() for p in base.diffusion_model.parameters()) / 1e6, 1),
-           "adapted_modules": len(saliency.selected), "trainable_params": result.trainable_params,
-           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0),
-           "device": str(dm.device)}
-    if dm.device.type == "cuda":
-        out["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 0)
-    return out
+            result = sc.distill(dm, cfg, saliency, progress=lambda s, n, loss: stamps.append(clock()))
+            wall, cpu = per_step(stamps)
+            floor, floor_cpu = floor_seconds(sc, dm, cfg, saliency.selected, max(steps - 1, 1), clock)
+    return {"steps": steps, "seconds_per_step": round(wall, 4), "cpu_seconds_per_step": round(cpu, 4),
+            "floor_seconds": round(floor, 4), "step_over_floor": round(wall / floor, 3),
+            "floor_cpu_seconds": round(floor_cpu, 4), "cpu_step_over_floor": round(cpu / floor_cpu, 3),
+            "candidate_modules": len(candidates), "adapted_modules": len(saliency.selected),
+            "trainable_params": result.trainable_params, "batch_size": cfg.batch_size,
+            "compute_dtype": str(dm.dtype).removeprefix("torch.")}
+
+
+def floor_seconds(sc, dm, cfg, selected: list[str], reps: int, clock) -> tuple[float, float]:
+    """(wall, process CPU) seconds of the step floor (phase 2): the forward/backward work of one distill step and
+    nothing else. Called inside host.trainable(dm), like the distill it is compared with."""
+    import torch
+    from spare_core.autograd import frozen, gradient_checkpointing
+
+    dev, b = dm.device, cfg.batch_size
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn((b, *dm.latent_shape), generator=gen).to(dev)
+    sigma = dm.sigma_at(torch.rand(b, generator=gen)).float().to(dev)
+    xt = dm.add_noise(x0, torch.randn(x0.shape, generator=gen).to(dev), sigma)
+    rows = torch.zeros(b, dtype=torch.long)
+    concept, surrogate, retain = (dm.select_cond(dm.encode([p]), rows) for p in (CONCEPT, SURROGATE, cfg.retain[0]))
+    pairs = [(concept, surrogate), (retain, retain)]  # (student, teacher) conds: the forget and the retain pair
+    autocast = dict(device_type=dev.type, dtype=dm.dtype, enabled=dm.dtype != torch.float32)
+    checkpointing = gradient_checkpointing(dm.network) if cfg.gradient_checkpointing else contextlib.nullcontext()
+    with frozen(dm.network), torch.inference_mode(False), torch.enable_grad(), checkpointing:
+        adapters = sc.lora.attach(dm.network, selected, cfg.rank, cfg.alpha, None, cfg.dropout, device=dev)
+        params = adapters.parameters()
+        try:
+            def once():
+                loss = 0.0
+                for student, teacher in pairs:  # both pairs on the same x_t: the cost is the same as distinct ones
+                    adapters.enabled = False
+                    with torch.no_grad(), torch.autocast(**autocast):
+                        target = dm.predict_x0(xt, sigma, teacher).float()
+                    adapters.enabled = True
+                    with torch.autocast(**autocast):
+                        pred = dm.predict_x0(xt, sigma, student).float()
+                    loss = loss + ((pred - target) ** 2).mean()
+                loss.backward()
+                for p in params:
+                    p.grad = None
+
+            once()  # warm-up, as distill's first step is not timed
+            start = clock()
+            for _ in range(reps):
+                once()
+            end = clock()
+        finally:
+            adapters.remove()
+    return (end[0] - start[0]) / reps, (end[1] - start[1]) / reps
+
+
+def erase_phase(host, sc, model, clip, latent: int, erase_steps: int, checkpointing: bool, retain: str) -> dict:
+    """Phase 3: the default erase, node by node (each node's spare_core calls with its default inputs; module
+    docstring). Called under torch.inference_mode(), as the executor runs nodes."""
+    import torch
+    import comfy.model_management as mm
+
+    px = latent * 8
+    concepts, surrogates = [CONCEPT], [SURROGATE]
+    scan_retain = sc.expand_alternatives(SCAN_RETAIN if retain == "workflow" else [])
+    distill_retain = sc.expand_alternatives(DISTILL_RETAIN if retain == "workflow" else [])
+    device = torch.device(model.load_device)
+    clock = Clock(device)
+    seconds = {}
+    start = t = clock()
+
+    def lap(name):
+        nonlocal t
+        now = clock()
+        seconds[name] = round(now[0] - t[0], 2)
+        t = now
+
+    # SPARE Concept Samples -> a LATENT (VAE space), as the workflow wires it into every stage
+    dm = host.ComfyDiffusionModel(model, clip, px, px)
+    dm.encode(concepts + [""])
+    dm.load()
+    x, index = sc.generate(dm, concepts, NODE_SAMPLES, NODE_SEED, sc.DistillConfig.sample_steps,
+                           sc.DistillConfig.sample_cfg)
+    order = torch.argsort(torch.arange(len(index)) % NODE_SAMPLES * len(concepts) + index, stable=True)
+    latents = model.model.process_latent_out(x[order.to(x.device)].float()).to(mm.intermediate_device())
+    lap("concept_samples")
+
+    # each stage converts the LATENT back to model space (nodes/spare_nodes.py model_space_latents)
+    given = model.model.process_latent_in(latents.float())
+    dm = host.ComfyDiffusionModel(model, clip, px, px)  # SPARE Saliency Scan
+    dm.encode(concepts + scan_retain + [""])
+    with host.trainable(dm):
+        saliency = sc.saliency_scan(dm, concepts, retain=scan_retain, samples=NODE_SAMPLES, seed=NODE_SEED,
+                                    fraction=sc.saliency.DEFAULT_FRACTION, top_k=None,
+                                    targets=sc.saliency.DEFAULT_TARGETS, scoring=sc.saliency.DEFAULT_SCORING,
+                                    latents=given, gradient_checkpointing=checkpointing)
+    lap("saliency_scan")
+
+    given = model.model.process_latent_in(latents.float())
+    dm = host.ComfyDiffusionModel(model, clip, px, px)  # SPARE Timestep Profile
+    dm.encode(concepts + surrogates + [""])
+    dm.load()
+    profile = sc.timestep_profile(dm, concepts, surrogates, bins=10, samples=NODE_SAMPLES, seed=NODE_SEED, gamma=1.0,
+                                  floor=0.2, weighting="v", latents=given)
+    lap("timestep_profile")
+
+    given = model.model.process_latent_in(latents.float())
+    dm = host.ComfyDiffusionModel(model, clip, px, px)  # SPARE Sparse LoRA Distill
+    config = sc.DistillConfig(concepts=concepts, surrogates=surrogates, retain=distill_retain, rank=4, alpha=4.0,
+                              steps=erase_steps, lr=1e-4, forget_weight=0.3, retain_weight=1.0, seed=NODE_SEED,
+                              samples_per_prompt=NODE_SAMPLES, gradient_checkpointing=checkpointing, weighting="v",
+                              stop_reduction=sc.DistillConfig.stop_reduction)
+    sc.distill_validate(config, saliency)
+    dm.encode(config.concepts + config.surrogates + config.retain + [""])
+    stamps = []
+    with host.trainable(dm):
+        result = sc.distill(dm, config, saliency, profile, given,
+                            progress=lambda s, n, loss: stamps.append(clock()))
+    with tempfile.TemporaryDirectory() as folder:
+        sc.save_lora(os.path.join(folder, "erase.safetensors"), result.lora, key_format="comfyui",
+                     prefix=dm.key_prefix)
+    lap("distill")
+    wall, _ = per_step(stamps)
+    return {"erase_steps": erase_steps, "erase_retain": retain, "erase_retain_prompts": len(config.retain),
+            "erase_seconds": round(clock()[0] - start[0], 2), "erase_stage_seconds": seconds,
+            "erase_distill_seconds_per_step": round(wall, 4), "erase_adapted_modules": result.lora_modules,
+            "erase_forget_reduction": round(result.forget_reduction, 3)}
+
+
+def one(args) -> dict:
+    """Run one configuration; print the record so far after each phase (the parent keeps the last line)."""
+    tag = f"{args.family} {args.dtype} ckpt={args.checkpointing}"
+    rec = {"family": args.family, "latent": args.latent, "pixels": args.latent * 8, "dtype": args.dtype,
+           "checkpointing": args.checkpointing == "on", "device": args.device, "status": "partial"}
+
+    def emit():
+        print(json.dumps(rec), flush=True)
+
+    try:
+        cf = import_comfy(args.device)
+        import torch
+        import spare_core as sc
+
+        rec.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+        if args.device == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError("--device cuda but torch.cuda.is_available() is False")
+            rec["gpu"] = torch.cuda.get_device_name(0)
+        host = cf.load_pack_module("nodes/host.py")
+        log(tag, "building the model")
+        t0 = time.perf_counter()
+        model, clip, facts = build(cf, args.family, args.dtype)
+        rec.update(facts, build_seconds=round(time.perf_counter() - t0, 1))
+        device = torch.device(model.load_device)
+        if device.type != args.device:
+            raise RuntimeError(f"ComfyUI's load device is {device}, not {args.device}")
+        log(tag, f"distill steps ({args.steps}) and floor")
+        reset_peaks(device)
+        rec.update(step_phase(host, sc, model, clip, args.latent, args.steps, args.checkpointing == "on"))
+        rec.update(peaks(device, ""))
+        rec["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        if args.erase_steps > 0:
+            emit()
+            log(tag, f"default erase ({args.erase_steps} distill steps)")
+            reset_peaks(device)
+            with torch.inference_mode():
+                rec.update(erase_phase(host, sc, model, clip, args.latent, args.erase_steps,
+                                       args.checkpointing == "on", args.erase_retain))
+            rec.update(peaks(device, "erase_"))
+            rec["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        rec["status"] = "ok"
+        log(tag, "done")
+    except BaseException as e:  # KeyboardInterrupt too: the record says what had been measured
+        traceback.print_exc()
+        rec.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000])
+    emit()
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The parent: one subprocess per configuration
+
+def run_config(args, family: str, latent: int, dtype: str, checkpointing: str) -> dict:
+    cmd = [sys.executable, __file__, "--only", "--device", args.device, "--family", family, "--latent", str(latent),
+           "--dtype", dtype, "--checkpointing", checkpointing, "--steps", str(args.steps),
+           "--erase-steps", str(args.erase_steps), "--erase-retain", args.erase_retain]
+    base = {"family": family, "latent": latent, "pixels": latent * 8, "dtype": dtype,
+            "checkpointing": checkpointing == "on", "device": args.device}
+    started = time.perf_counter()
+    try:  # the child's stderr (its progress log and any traceback) passes through
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout or None)
+        stdout, status = proc.stdout, None if proc.returncode == 0 else f"exit code {proc.returncode}"
+    except subprocess.TimeoutExpired as e:  # run() killed the child; e.stdout holds what it had printed
+        out = e.stdout or ""
+        stdout, status = out.decode() if isinstance(out, bytes) else out, "timeout"
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    rec = {**base, **(json.loads(lines[-1]) if lines else {})}
+    if status == "timeout":
+        rec.update(status="timeout", error=f"killed after --timeout {args.timeout:g} s")
+    elif status is not None and rec.get("status") != "failed":
+        rec.update(status="failed", error=f"{status} (crashed: killed for memory?)")
+    rec["wall_seconds"] = round(time.perf_counter() - started, 1)
+    return rec
+
+
+def split(ap: argparse.ArgumentParser, option: str, value: str, allowed) -> list[str]:
+    """The items of a comma-list option; a usage error names the option when one is not in `allowed`."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items or any(v not in allowed for v in items):
+        ap.error(f"{option} {value!r}: expected a comma list of {', '.join(allowed)}")
+    return items
+
+
+def summarize(path: str) -> str:
+    """A fixed-width table of the JSON lines in `path` (host_speed records; lines without "family" are skipped)."""
+    recs = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("{"):
+                rec = json.loads(line)
+                if "family" in rec:
+                    recs.append(rec)
+    head = (f"{'family':6} {'px':>5} {'dtype':5} {'ckpt':4} {'s/step':>8} {'floor s':>8} {'ratio':>6} "
+            f"{'VRAM alloc/resv MB':>19} {'erase s (steps)':>16} {'erase VRAM MB':>14}  status")
+    rows = [head, "-" * len(head)]
+
+    def num(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+    for r in recs:
+        vram = f"{num(r.get('peak_vram_allocated_mb'), 'd')}/{num(r.get('peak_vram_reserved_mb'), 'd')}"
+        erase = f"{num(r.get('erase_seconds'), '.1f')} ({r['erase_steps']})" if "erase_seconds" in r else "-"
+        status = r.get("status", "?") + (f": {r['error'][:80]}" if r.get("error") else "")
+        rows.append(f"{r['family']:6} {r.get('pixels', '-'):>5} {r.get('dtype', '-'):5} "
+                    f"{'on' if r.get('checkpointing') else 'off':4} {num(r.get('seconds_per_step'), '.3f'):>8} "
+                    f"{num(r.get('floor_seconds'), '.3f'):>8} {num(r.get('step_over_floor'), '.2f'):>6} "
+                    f"{vram:>19} {erase:>16} {num(r.get('erase_peak_vram_allocated_mb'), 'd'):>14}  {status}")
+    return "\n".join(rows)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", default="sd15", choices=sorted(WIDTHS))
-    ap.add_argument("--latent", type=int, default=32, help="latent side (pixels / 8)")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--gpu", action="store_true", help="use the GPU instead of --cpu")
-    ap.add_argument("--only", choices=["on", "off"], help=argparse.SUPPRESS)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--gpu", action="store_const", const="cuda", dest="device", help="alias of --device cuda")
+    ap.add_argument("--family", help="comma list of " + ", ".join(FAMILIES) + " (default: cuda sd15,sdxl; cpu sd15)")
+    ap.add_argument("--latent", type=int, help="latent side = pixels / 8 (default: cuda the family's native size, "
+                                               "SD1.5 64, SD2 96, SDXL 128; cpu 16)")
+    ap.add_argument("--dtype", help="comma list of weight dtypes fp16, bf16, fp32 (default: cuda fp16,bf16; cpu fp32)")
+    ap.add_argument("--checkpointing", default="off,on", help="comma list of on, off (default: off,on)")
+    ap.add_argument("--steps", type=int, help="distill steps timed for s/step, the first excluded; also the floor's "
+                                              "repetitions + 1 (default: cuda 10, cpu 3)")
+    # 200 = the Distill node's default (DistillConfig.steps); written out so the parent need not import torch
+    ap.add_argument("--erase-steps", type=int, default=200,
+                    help="Distill steps of the default erase; 0 skips it (default: %(default)s, the node's)")
+    ap.add_argument("--erase-retain", choices=["workflow", "empty"], default="workflow",
+                    help="the erase's retain prompts: the erase_style workflow's, or none (the node left empty)")
+    ap.add_argument("--timeout", type=float, default=0, help="seconds per configuration (0: none)")
     ap.add_argument("--out", help="append the JSON lines to this file")
+    ap.add_argument("--summarize", metavar="JSONL", help="print a table of a JSON-lines file and exit")
+    ap.add_argument("--only", action="store_true", help=argparse.SUPPRESS)  # the child: one configuration
     args = ap.parse_args()
-    if "COMFYUI_PATH" not in os.environ:
-        sys.exit("set COMFYUI_PATH to a ComfyUI checkout (scripts/setup_comfyui.sh)")
-    if args.only:
-        print(json.dumps(one(args.family, args.latent, args.steps, args.only == "on", not args.gpu)))
+    if args.summarize:
+        print(summarize(args.summarize))
         return
-    print(f"# {time.strftime('%Y-%m-%d')} {platform.machine()} {os.cpu_count()} cores, torch threads default")
-    for mode in ("off", "on"):
-        cmd = [sys.executable, __file__, "--family", args.family, "--latent", str(args.latent), "--steps",
-               str(args.steps), "--only", mode] + (["--gpu"] if args.gpu else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not line:
-            print(f"checkpointing={mode}: FAILED\n{proc.stderr[-3000:]}")
-            continue
-        print(line[-1])
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line[-1] + "\n")
+    cuda = args.device == "cuda"
+    families = split(ap, "--family", args.family or ("sd15,sdxl" if cuda else "sd15"), FAMILIES)
+    dtypes = split(ap, "--dtype", args.dtype or ("fp16,bf16" if cuda else "fp32"), DTYPES)
+    modes = split(ap, "--checkpointing", args.checkpointing, ("on", "off"))
+    if args.steps is None:
+        args.steps = 10 if cuda else 3
+    if args.steps < 2:
+        ap.error("--steps must be >= 2 (the first step is not timed)")
+    if args.erase_steps < 0:
+        ap.error("--erase-steps must be >= 0")
+    if not os.path.isfile(os.path.join(os.environ.get("COMFYUI_PATH", ""), "comfy", "model_management.py")):
+        sys.exit("set COMFYUI_PATH to a ComfyUI checkout (scripts/setup_comfyui.sh or bench/gpu_check.sh)")
+    if args.only:
+        args.family, args.dtype, args.checkpointing = families[0], dtypes[0], modes[0]
+        args.latent = args.latent or (NATIVE_LATENT[args.family] if cuda else 16)
+        rec = one(args)
+        sys.exit(0 if rec["status"] == "ok" else 1)
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.machine()} {os.cpu_count()} cores, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
+    failed = 0
+    for family in families:
+        latent = args.latent or (NATIVE_LATENT[family] if cuda else 16)
+        for dtype in dtypes:
+            for mode in modes:
+                rec = run_config(args, family, latent, dtype, mode)
+                failed += rec["status"] != "ok"
+                line = json.dumps(rec)
+                print(line, flush=True)
+                if args.out:
+                    with open(args.out, "a", encoding="utf-8") as f:
+                        f.write(line + "\n")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
