@@ -79,6 +79,9 @@ class DistillConfig:
     stall: float = 0.02                      # "stalled" = the reduction rose by less than this over the last check
     retain_timesteps: str = "uniform"        # t of the retain loss: "uniform", or "same" as the forget batch's t
     retain_samples: int = 0                  # samples per retain prompt; 0 = auto (retain_samples_auto)
+    surrogate_anchor: float = 0.0            # share of each forget batch noised from the SURROGATE's own samples
+                                             # instead of the concept's (Concept Ablation's anchor images); 0 = the
+                                             # authors' (concept samples only). Experiment: bench/RESULTS.md
 
 
 @dataclass
@@ -155,6 +158,9 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if config.forget_weight <= 0 or config.retain_weight < 0:
         raise SpareInputError(f"forget_weight={config.forget_weight} must be > 0 and retain_weight="
                               f"{config.retain_weight} must be >= 0")
+    if not 0.0 <= config.surrogate_anchor <= 1.0:
+        raise SpareInputError(f"surrogate_anchor={config.surrogate_anchor} must be in [0, 1] (share of the forget "
+                              "batch noised from surrogate samples)")
     if config.batch_size <= 0 or config.samples_per_prompt <= 0 or config.sample_steps <= 0:
         raise SpareInputError("batch_size, samples_per_prompt and sample_steps must be >= 1")
     if config.retain_samples < 0:
@@ -219,6 +225,10 @@ def distill(
     else:
         x_forget, i_forget = generate(model, cfg.concepts, cfg.samples_per_prompt, cfg.seed, cfg.sample_steps,
                                       cfg.sample_cfg, should_stop=should_stop)
+    n_anchor = round(cfg.surrogate_anchor * cfg.batch_size)
+    if n_anchor:  # the surrogates' own samples, surrogate i drawn for concept i (its anchor)
+        x_anchor, i_anchor = generate(model, cfg.surrogates, cfg.samples_per_prompt, cfg.seed + 5, cfg.sample_steps,
+                                      cfg.sample_cfg, should_stop=should_stop)
     retain_prompts = cfg.retain + ([""] if cfg.retain_unconditional else [])
     if cfg.retain_weight > 0 and retain_prompts:
         per_retain = cfg.retain_samples or retain_samples_auto(cfg.samples_per_prompt, len(retain_prompts))
@@ -241,6 +251,8 @@ def distill(
         # backward; ordinary copies can.
         x_forget = x_forget.clone()
         x_retain = x_retain.clone() if x_retain is not None else None
+        if n_anchor:
+            x_anchor = x_anchor.clone()
         adapters = attach(model.network, saliency.selected, cfg.rank, cfg.alpha, saliency.row_masks, cfg.dropout,
                           device=dev)
         try:
@@ -313,9 +325,12 @@ def distill(
                 rows = torch.randint(0, x_forget.shape[0], (cfg.batch_size,), generator=gen)
                 t = profile.sample(cfg.batch_size, gen) if profile is not None else \
                     T_MIN + (1 - 2 * T_MIN) * torch.rand(cfg.batch_size, generator=gen)
-                ids = i_forget[rows]
-                forget = pair_loss(x_forget[rows], model.select_cond(c_concept, ids),
-                                   model.select_cond(c_surrogate, ids), t)
+                ids, x0 = i_forget[rows], x_forget[rows]
+                if n_anchor:  # the last n_anchor rows: noised surrogate samples of the same concept index
+                    a_rows = torch.randint(0, x_anchor.shape[0], (n_anchor,), generator=gen)
+                    ids = torch.cat([ids[:cfg.batch_size - n_anchor], i_anchor[a_rows]])
+                    x0 = torch.cat([x0[:cfg.batch_size - n_anchor], x_anchor[a_rows]])
+                forget = pair_loss(x0, model.select_cond(c_concept, ids), model.select_cond(c_surrogate, ids), t)
                 loss = cfg.forget_weight * forget
                 retain = torch.zeros(())
                 if x_retain is not None:

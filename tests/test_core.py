@@ -581,3 +581,15 @@ def test_saliency_checkpointing_same_scores(model):
     assert a.selected == b.selected
     assert all(b.scores[k] == pytest.approx(v, rel=1e-5) for k, v in a.scores.items())
     assert all("forward" not in m.__dict__ for m in model.network.modules())
+
+
+def test_surrogate_anchor_trains_on_surrogate_samples_too(model, saliency):
+    """surrogate_anchor > 0: part of each forget batch is noised from the surrogate's own samples (another LoRA than
+    the authors' concept-samples-only training); out of [0, 1] is refused by name."""
+    base = dict(concepts=[CONCEPT], surrogates=[SURROGATE], steps=3, lr=1e-2, **FAST)
+    plain = sc.distill(model, sc.DistillConfig(**base), saliency)
+    anchored = sc.distill(model, sc.DistillConfig(**base, surrogate_anchor=0.5), saliency)
+    ups = [(plain.lora.modules[p]["up"], anchored.lora.modules[p]["up"]) for p in plain.lora.modules]
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in ups)
+    with pytest.raises(SpareInputError, match="surrogate_anchor"):
+        sc.distill(model, sc.DistillConfig(**base, surrogate_anchor=1.5), saliency)
