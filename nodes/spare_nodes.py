@@ -77,6 +77,13 @@ def resolution_input(default=512):
                                 "works at 512 too (faster, less VRAM) but 768-1024 matches its training.")
 
 
+def loss_weighting_input():
+    return io.Combo.Input("loss_weighting", options=list(sc.LOSS_WEIGHTINGS), default=sc.DistillConfig.weighting,
+                          tooltip="How noise levels are weighted: v = also the noisy steps where style and layout are "
+                                  "decided (erases in fewer steps); eps = the authors' noise-prediction loss. Use the "
+                                  "same in Timestep Profile and Sparse LoRA Distill.")
+
+
 def seed_input():
     return io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
                         tooltip="Seed for self-generated samples, timesteps and adapter init: same seed, same result.")
@@ -216,10 +223,7 @@ class TimestepProfileNode(io.ComfyNode):
                 io.Float.Input("uniform_floor", default=0.2, min=0.0, max=1.0, step=0.05,
                                tooltip="Share of samples drawn uniformly so every noise level keeps some training."),
                 resolution_input(),
-                io.Combo.Input("loss_weighting", options=list(sc.LOSS_WEIGHTINGS), default="v",
-                               tooltip="How noise levels are weighted: v = also the noisy steps where style and layout "
-                                       "are decided (erases in fewer steps); eps = the authors' noise-prediction loss. "
-                                       "Use the same in Timestep Profile and Sparse LoRA Distill."),
+                loss_weighting_input(),
                 io.Latent.Input("latents", optional=True,
                                 tooltip="Concept samples from SPARE Concept Samples (or a KSampler with the concept "
                                         "prompt), shared with the other stages; 'samples' and 'resolution' are then "
@@ -307,10 +311,7 @@ class SparseLoraDistill(io.ComfyNode):
                 io.Int.Input("samples", default=4, min=1, max=64,
                              tooltip="Self-generated training samples per prompt (concept, surrogate-free retain "
                                      "lines and the empty prompt). More = steadier, slower start."),
-                io.Combo.Input("loss_weighting", options=list(sc.LOSS_WEIGHTINGS), default="v",
-                               tooltip="How noise levels are weighted: v = also the noisy steps where style and layout "
-                                       "are decided (erases in fewer steps); eps = the authors' noise-prediction loss. "
-                                       "Use the same in Timestep Profile and Sparse LoRA Distill."),
+                loss_weighting_input(),
                 # optional (with its default) so that API-format prompts saved before it existed still run
                 io.Float.Input("stop_at_gap_closed", default=sc.DistillConfig.stop_reduction, min=0.0, max=0.99,
                                step=0.01, optional=True,
@@ -360,7 +361,7 @@ class SparseLoraDistill(io.ComfyNode):
             log.warning("SPARE: %s", result.warning)
             title = f"NOT ERASED? gap closed only {100 * result.forget_reduction:.0f}% - see console"
         sd = result.lora.state_dict(key_format, dm.key_prefix)
-        return io.NodeOutput(sd, image(render.loss_plot(result.losses, title)), rel)
+        return io.NodeOutput(sd, image(render.loss_plot(result.losses, title, result.checks)), rel)
 
 
 class ApplyErasure(io.ComfyNode):

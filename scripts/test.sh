@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (once) and run EVERY test: the core tests and the host tests against a real ComfyUI. CI runs exactly this.
+# Set up (once) and run EVERY test: the core tests, the host tests against a real ComfyUI and the workflows in its
+# real frontend (headless Chromium). CI runs exactly this.
 #
 #   bash scripts/test.sh [pytest args...]
 #
@@ -35,6 +36,12 @@ if [ -n "$comfy" ]; then
         bash scripts/setup_comfyui.sh "${snapshot:-$comfy}" "$comfy"
     fi
     export COMFYUI_PATH=$comfy
+    # the browser test's needs (Chromium from apt, Playwright, ComfyUI's frontend); idempotent, ~30 s the first time.
+    # SPARE_NO_BROWSER=1 skips it (the browser test then skips, saying why).
+    if [ "${SPARE_NO_BROWSER:-0}" != 1 ] && ! bash scripts/setup_browser.sh; then
+        echo "WARNING: scripts/setup_browser.sh failed: the browser test will be SKIPPED" >&2
+    fi
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny models: one thread each (two on 2 busy cores ran ~100x slower)
     exec "$VENV/bin/python" -m pytest -q "$@"
 fi
 
