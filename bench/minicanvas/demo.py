@@ -132,6 +132,11 @@ def main(argv=None):
     print(f"UA {m['UA']:.2f}  IRA {m['IRA']:.2f}  CRA {m['CRA']:.2f}   (unerased: UA {b['UA']:.2f}  IRA {b['IRA']:.2f}"
           f"  CRA {b['CRA']:.2f})")
     print(text)
+    inside = "object" if domain == "style" else "style"
+    print(f"surrogate fidelity (not in UA/IRA/CRA): inside the erased {'row' if domain == 'style' else 'column'} the "
+          f"{inside} is still recognised in {m['SFA']:.0f}% of the images (unerased {b['SFA']:.0f}%)"
+          + ("; the concept is gone but so is much of the picture (bench/RESULTS.md)" if m["SFA"] < b["SFA"] - 20
+             else ""))
     if info.get("warning"):
         print(f"warning: {info['warning']}")
     print(f"wrote {lora_path} and {png} (left: before, right: after; rows = styles, columns = objects; "
