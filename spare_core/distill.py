@@ -30,9 +30,9 @@ from .autograd import frozen, gradient_checkpointing
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import LoraWeights, attach, make_adapters, metadata_json
 from .model import DiffusionModel
-from .prompts import expand_alternatives
+from .prompts import expand_alternatives, validate_prompts
 from .sampling import LOSS_WEIGHTINGS, T_MIN, data_std, generate, loss_weight
-from .saliency import Saliency, validate_prompts
+from .saliency import Saliency
 from .timesteps import TimestepProfile, check_pairs
 
 RETAIN_TIMESTEPS = ("uniform", "same")

@@ -53,3 +53,18 @@ def expand_alternatives(lines: Sequence[str], name: str = "retain") -> list[str]
                 seen.add(prompt.lower())
                 out.append(prompt)
     return out
+
+
+def validate_prompts(prompts: Sequence[str] | str, name: str) -> list[str]:
+    """Strip and check concept-like prompts: a non-empty list of non-empty strings."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise SpareInputError(f"{name}: at least one {name} prompt is required")
+    out = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise SpareInputError(f"{name} #{i + 1} is empty; give the text that names the {name}, e.g. 'Van Gogh'")
+        out.append(p.strip())
+    return out

@@ -36,8 +36,10 @@ from torch import nn
 
 from .autograd import frozen, gradient_checkpointing
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
-from .lora import ADAPTABLE, atomic_write, read_safetensors
+from .files import atomic_write, read_safetensors
+from .lora import ADAPTABLE
 from .model import DiffusionModel
+from .prompts import validate_prompts
 from .sampling import T_MIN, generate
 
 TARGET_SETS = ("all", "attention", "cross_attention")
@@ -311,18 +313,3 @@ def scan(
             "targets": targets, "scoring": scoring, "fraction": fraction, "top_k": top_k, "row_fraction": row_fraction,
             "retain_weight": retain_weight, "latents_given": latents is not None}
     return Saliency(scores, selected, row_masks, meta)
-
-
-def validate_prompts(prompts: Sequence[str] | str, name: str) -> list[str]:
-    """Strip and check concept-like prompts: a non-empty list of non-empty strings."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise SpareInputError(f"{name}: at least one {name} prompt is required")
-    out = []
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise SpareInputError(f"{name} #{i + 1} is empty; give the text that names the {name}, e.g. 'Van Gogh'")
-        out.append(p.strip())
-    return out

@@ -22,10 +22,10 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .errors import Cancelled, SpareInputError
-from .lora import atomic_write
+from .files import atomic_write
 from .model import DiffusionModel
+from .prompts import validate_prompts
 from .sampling import LOSS_WEIGHTINGS, T_MIN, data_std, generate, loss_weight
-from .saliency import validate_prompts
 
 
 @dataclass
