@@ -142,6 +142,20 @@ def test_bootstrap_interval():
         metrics.bootstrap_ci([])
 
 
+def test_paired_comparison_and_sign_test():
+    from bench.minicanvas import paired
+    assert paired.sign_test(17, 2) == pytest.approx(2 * (1 + 19 + 171) / 2 ** 19)  # exact binomial tail, doubled
+    assert paired.sign_test(0, 0) == 1.0 and paired.sign_test(3, 3) == 1.0
+    a = {(c, s): {"UA": 80.0, "IRA": 90.0} for c in ("ring", "cross") for s in range(3)}
+    b = {k: {"UA": v["UA"] + (10.0 if k[0] == "ring" else 0.0), "IRA": v["IRA"] - 1.0} for k, v in a.items()}
+    b.pop(("cross", 2))  # unpaired runs are left out
+    out = paired.compare(a, b, ("UA", "IRA"))
+    assert out["pairs"] == 5
+    ua, ira = out["metrics"]["UA"], out["metrics"]["IRA"]
+    assert (ua["up"], ua["down"], ua["tie"]) == (3, 0, 2) and ua["mean"] == pytest.approx(5.0)  # mean over concepts
+    assert (ira["up"], ira["down"]) == (0, 5) and ira["mean"] == pytest.approx(-1.0) and ira["p"] < 0.07
+
+
 def test_demo_verdict_follows_ua():
     from bench.minicanvas import demo
     base = {"UA": 0.0, "IRA": 100.0, "CRA": 95.0}

@@ -45,6 +45,14 @@ OPTIONS = {
                        spare_overrides=(("retain_samples", 1),)),
     "retain-all-w3": dict(_SHORT, spare_scoring="gradient", spare_retain="all-pairs",
                           spare_overrides=(("retain_samples", 1), ("retain_weight", 3.0))),
+    # the shipped defaults (every other pair retained, auto samples) and levers for the concepts they leave partly
+    # erased (ring / cross: bench/RESULTS.md, "--standard")
+    "default": dict(spare_scoring="gradient", spare_targets="all"),
+    "anchor": dict(spare_scoring="gradient", spare_targets="all", spare_overrides=(("surrogate_anchor", 0.5),)),
+    "rank8": dict(spare_scoring="gradient", spare_targets="all", spare_overrides=(("rank", 8), ("alpha", 8.0))),
+    "forget-w06": dict(spare_scoring="gradient", spare_targets="all", spare_overrides=(("forget_weight", 0.6),)),
+    "same-t": dict(spare_scoring="gradient", spare_targets="all", spare_overrides=(("retain_timesteps", "same"),)),
+    "batch4": dict(spare_scoring="gradient", spare_targets="all", spare_overrides=(("batch_size", 4),)),
 }
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 SNAPSHOT_STEPS = (20, 40, 60, 100, 140)  # checks judged on the grid (plus the cap); others only recorded (time)
@@ -55,12 +63,14 @@ def _task(task):
     if "model" not in harness._WORKER:
         harness._WORKER["model"], harness._WORKER["judge"] = harness.load_model(), harness.Judge()
     model, judge = harness._WORKER["model"], harness._WORKER["judge"]
+    env = os.environ.get("SPARE_SNAPSHOT_STEPS")
+    snapshot_steps = SNAPSHOT_STEPS if env is None else tuple(int(x) for x in env.split(",") if x.strip())
     b = replace(budget, spare_stop=0.0, spare_grow=(), **OPTIONS[option])
     snaps = []
     edited, info = harness.run_method("spare", model, domain, name, b, seed=seed,
                                       on_check=lambda check, ad: snaps.append(
                                           (check, sc.LoraWeights.from_adapters(ad)
-                                           if check["step"] in SNAPSHOT_STEPS else None)))
+                                           if check["step"] in snapshot_steps else None)))
     snaps.append(({"step": info["steps_used"], "reduction": info["gap_closed"],
                    "retain_drift": info.get("retain_drift")}, edited[1]))
     prompts, ls, lo, seeds = harness.grid(budget.seeds)
@@ -145,6 +155,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=1, help="images per grid pair")
     ap.add_argument("--sample-steps", type=int, default=8)
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--snapshots", default=",".join(map(str, SNAPSHOT_STEPS)),
+                    help="steps whose LoRA snapshot is judged besides the cap (comma-separated; '' = the cap only)")
     ap.add_argument("--summarize", help="print the tables of existing result files (comma-separated: their runs are "
                     "pooled) and exit")
     ap.add_argument("--out", default="selection.json")
@@ -168,6 +180,8 @@ def main(argv=None):
     threads = int(os.environ.get("MINICANVAS_THREADS", "1"))
     torch.set_num_threads(threads)
     budget = replace(harness.Budget(), seeds=args.seeds, sample_steps=args.sample_steps)
+    # read by _task in each worker (spawned after this line, so the module global travels as an environment variable)
+    os.environ["SPARE_SNAPSHOT_STEPS"] = args.snapshots
     started = time.time()
     tasks = [(o, "style" if n in harness.STYLES else "object", n, seed, budget)
              for seed in range(args.first_seed, args.first_seed + args.train_seeds) for n in names for o in options]

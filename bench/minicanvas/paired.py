@@ -1,0 +1,93 @@
+"""Paired comparison of two SPARE variants (or any two methods) run on the same concepts and training seeds.
+
+    python -m bench.minicanvas.paired bench/runs/results_standard.json:spare bench/runs/rank8_all.json:spare-rank8
+
+Both runs must use the same evaluation grid (images per pair, sampler steps): every (concept, training seed) run of A
+is paired with B's run of the same concept and seed, so the grid's and the seed's luck cancel. Per metric: the mean
+difference B - A with a 95% bootstrap interval over concepts (metrics.bootstrap_ci), how many pairs went up / down /
+stayed, and the two-sided exact sign test over the pairs that moved. A per-concept table follows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+
+from . import harness, metrics
+
+METRICS = ("UA", "IRA", "CRA", "mean3", "synonym_UA", "SFA")
+
+
+def sign_test(up: int, down: int) -> float:
+    """Two-sided exact binomial (p = 1/2) test over the pairs that moved; 1.0 when none moved."""
+    n = up + down
+    if n == 0:
+        return 1.0
+    k = min(up, down)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def runs_of(path_and_method: str) -> tuple[dict, dict]:
+    """{(concept, seed): run} of one method in one results file, and the file's budget (grid settings)."""
+    path, _, method = path_and_method.rpartition(":")
+    if not path:
+        raise SystemExit(f"{path_and_method!r}: expected RESULTS.json:METHOD")
+    with open(path) as f:
+        results = json.load(f)
+    if method not in results["methods"]:
+        raise SystemExit(f"{path}: no method {method!r}; it has {', '.join(results['methods'])}")
+    return {(r["concept"], r["seed"]): r for r in results["methods"][method]["runs"]}, results.get("budget", {})
+
+
+def compare(a: dict, b: dict, metric_names=METRICS) -> dict:
+    """Per metric: mean B - A [95% CI over concepts], up / down / tie counts and the sign test's p."""
+    keys = sorted(set(a) & set(b))
+    out = {"pairs": len(keys), "metrics": {}}
+    for m in metric_names:
+        diffs = [(k[0], b[k][m] - a[k][m]) for k in keys if a[k].get(m) is not None and b[k].get(m) is not None]
+        if not diffs:
+            continue
+        by_concept: dict = {}
+        for concept, d in diffs:
+            by_concept.setdefault(concept, []).append(d)
+        mean, lo, hi = metrics.bootstrap_ci(list(by_concept.values()))
+        up = sum(d > 1e-9 for _, d in diffs)
+        down = sum(d < -1e-9 for _, d in diffs)
+        out["metrics"][m] = {"mean": mean, "lo": lo, "hi": hi, "up": up, "down": down,
+                             "tie": len(diffs) - up - down, "p": sign_test(up, down)}
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.paired", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("a", help="RESULTS.json:METHOD (the reference)")
+    ap.add_argument("b", help="RESULTS.json:METHOD (the variant)")
+    args = ap.parse_args(argv)
+    (a, budget_a), (b, budget_b) = runs_of(args.a), runs_of(args.b)
+    for key in ("seeds", "sample_steps", "retain_set"):
+        if budget_a.get(key) != budget_b.get(key):
+            raise SystemExit(f"the runs used different grids: {key} = {budget_a.get(key)} vs {budget_b.get(key)}")
+    result = compare(a, b)
+    if not result["pairs"]:
+        raise SystemExit("no (concept, training seed) run is in both")
+    print(f"{result['pairs']} (concept, training seed) pairs; B - A, 95% bootstrap CI over concepts\n")
+    print("| metric | mean B - A [95% CI] | up / down / tie | sign test p |\n|---|---|---|---|")
+    for m, r in result["metrics"].items():
+        print(f"| {m} | {r['mean']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}] | {r['up']} / {r['down']} / {r['tie']} | "
+              f"{r['p']:.3g} |")
+    print("\n| concept | A: UA / IRA / CRA | B: UA / IRA / CRA |\n|---|---|---|")
+    shared = {k[0] for k in set(a) & set(b)}
+    for concept in [c for c in harness.STYLES + harness.OBJECTS if c in shared]:
+        cell = []
+        for runs in (a, b):
+            rs = [r for k, r in runs.items() if k[0] == concept and k in a and k in b]
+            cell.append(" / ".join(f"{np.mean([r[m] for r in rs]):.1f}" for m in ("UA", "IRA", "CRA")))
+        print(f"| {concept} | {cell[0]} | {cell[1]} |")
+
+
+if __name__ == "__main__":
+    main()
