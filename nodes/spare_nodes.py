@@ -284,9 +284,12 @@ class SparseLoraDistill(io.ComfyNode):
                                         "prompt), shared with the other stages, instead of self-generated ones; their "
                                         "size sets the training resolution. Sample i belongs to concept line i % "
                                         "(number of lines)."),
-                io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank (authors: 4)."),
-                io.Float.Input("alpha", default=4.0, min=0.01, max=256.0, step=0.01,
-                               tooltip="LoRA alpha; update scale = alpha / rank (authors: 4)."),
+                io.Int.Input("rank", default=8, min=1, max=128,
+                             tooltip="LoRA rank. 8 erased more and kept more than the authors' 4 on the "
+                             "benchmark (bench/RESULTS.md); larger = a bigger file."),
+                io.Float.Input("alpha", default=8.0, min=0.01, max=256.0, step=0.01,
+                               tooltip="LoRA alpha; update scale = alpha / rank (default 8 / 8 = 1, like the "
+                               "authors' 4 / 4)."),
                 io.Int.Input("steps", default=sc.DistillConfig.steps, min=1, max=100000,
                              tooltip="Training steps (with stop_at_gap_closed > 0: the most steps)."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=False,
@@ -353,6 +356,7 @@ class SparseLoraDistill(io.ComfyNode):
         result.lora.metadata["spare.base_model"] = type(model.model).__name__
         result.lora.metadata.update(family_metadata(model))
         path = os.path.join(folder, name)
+        os.makedirs(folder, exist_ok=True)
         sc.save_lora(path, result.lora, key_format=key_format, prefix=dm.key_prefix)
         rel = os.path.relpath(path, loras_root()).replace(os.sep, "/")
         log.info("SPARE: saved %s (rank %d, %.1fs): %s", rel, rank, result.seconds, result.report())
@@ -507,8 +511,7 @@ def output_path(prefix: str) -> tuple[str, str]:
         folder, filename, counter, _, _ = folder_paths.get_save_image_path(prefix.strip(), root)
     except Exception as e:  # ComfyUI raises on a prefix that leaves the folder
         raise SpareInputError(f"filename_prefix '{prefix}' is not a valid path inside the loras folder ({e})")
-    os.makedirs(folder, exist_ok=True)
-    while True:
+    while True:  # the folder is made only when the file is saved: a failed run leaves nothing behind
         name = f"{filename}_{counter:05}_.safetensors"
         if not os.path.exists(os.path.join(folder, name)):
             return folder, name

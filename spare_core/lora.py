@@ -147,7 +147,12 @@ def attach(network: nn.Module, paths: Iterable[str], rank: int, alpha: float,
            row_masks: Optional[Mapping[str, torch.Tensor]] = None, dropout: float = 0.0,
            device=None, dtype=torch.float32) -> AdapterSet:
     """Create trainable adapters for `paths` (module paths inside `network`) and hook them in."""
-    return AdapterSet(network, make_adapters(network, paths, rank, alpha, row_masks, dropout, device, dtype))
+    adapters = make_adapters(network, paths, rank, alpha, row_masks, dropout, device, dtype)
+    widest = max((a.rank for a in adapters.values()), default=rank)
+    if widest < rank:  # narrow modules are capped (make_adapters); a rank no selected module can take is a mistake
+        raise SpareInputError(f"rank={rank} is larger than any selected module allows (the widest takes "
+                              f"{widest}); use rank <= {widest}")
+    return AdapterSet(network, adapters)
 
 
 def make_adapters(network: nn.Module, paths: Iterable[str], rank: int, alpha: float,
@@ -161,12 +166,12 @@ def make_adapters(network: nn.Module, paths: Iterable[str], rank: int, alpha: fl
             raise SpareInputError(f"saliency names module '{path}', which the model does not have; "
                                   "was the saliency scanned on a different model?")
         base = modules[path]
-        fan_in, fan_out = module_dims(base)
-        if rank > min(fan_in, fan_out):
-            raise SpareInputError(f"rank={rank} is larger than module '{path}' allows (in={fan_in}, out={fan_out}); "
-                                  f"use rank <= {min(fan_in, fan_out)}")
+        # A module narrower than the rank (e.g. SD's 4-channel output conv at rank 8) gets a full-rank update: rank
+        # min(in, out) with alpha scaled so that its update scale stays alpha / rank. The file stores alpha per
+        # module and loaders scale by alpha / down rows, so it loads as trained. (peft would over-parameterise.)
+        r = min(rank, *module_dims(base))
         mask = None if row_masks is None else row_masks.get(path)
-        adapters[path] = LoraAdapter(base, rank, alpha, mask, dropout).to(device=device, dtype=dtype)
+        adapters[path] = LoraAdapter(base, r, alpha * r / rank, mask, dropout).to(device=device, dtype=dtype)
     return adapters
 
 

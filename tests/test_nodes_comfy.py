@@ -189,7 +189,7 @@ def test_distill_refuses_a_foreign_latent(pack):
     ({"concepts": "  \n "}, "concept"),
     ({"surrogates": "A red cat"}, "equals the concept"),
     ({"retain": "a red cat"}, "retain"),
-    ({"rank": 64}, "rank=64 is larger than module"),
+    ({"rank": 128}, "rank=128 is larger than any selected module"),
     ({"steps": 0}, "steps=0"),
     ({"filename_prefix": "../../escape"}, "filename_prefix"),
 ])
