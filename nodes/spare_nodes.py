@@ -348,15 +348,15 @@ class SparseLoraDistill(io.ComfyNode):
             samples_per_prompt=samples, gradient_checkpointing=gradient_checkpointing, weighting=loss_weighting,
             stop_reduction=stop_at_gap_closed)
         sc.distill_validate(config, saliency)  # fail fast, before any model loading or sampling
-        folder, name = output_path(filename_prefix)  # also validated before training
+        check_prefix(filename_prefix)  # fail fast; the file's name is chosen when it is saved
         dm.encode(config.concepts + config.surrogates + config.retain + [""])  # cached; CLIP loads before the model
         with trainable(dm):
             result = sc.distill(dm, config, saliency, timesteps, given, progress=Progress("distill"),
                                 should_stop=should_stop)
         result.lora.metadata["spare.base_model"] = type(model.model).__name__
         result.lora.metadata.update(family_metadata(model))
+        folder, name = output_path(filename_prefix)
         path = os.path.join(folder, name)
-        os.makedirs(folder, exist_ok=True)
         sc.save_lora(path, result.lora, key_format=key_format, prefix=dm.key_prefix)
         rel = os.path.relpath(path, loras_root()).replace(os.sep, "/")
         log.info("SPARE: saved %s (rank %d, %.1fs): %s", rel, rank, result.seconds, result.report())
@@ -502,16 +502,26 @@ def loras_root() -> str:
     return folder_paths.get_folder_paths("loras")[0]
 
 
-def output_path(prefix: str) -> tuple[str, str]:
-    """(folder, file name) for a new LoRA under the loras folder, ComfyUI-style counter; refuses escaping prefixes."""
+def check_prefix(prefix: str) -> None:
+    """Refuse an empty prefix or one that leaves the loras folder, before any work. Written out (ComfyUI's own check
+    lives in get_save_image_path, which also creates the folder: a run that then fails would leave it behind)."""
     if not prefix or not prefix.strip():
         raise SpareInputError("filename_prefix is empty; give a name such as 'spare/erase_vangogh'")
-    root = loras_root()
+    root = os.path.abspath(loras_root())
+    folder = os.path.abspath(os.path.join(root, os.path.dirname(os.path.normpath(prefix.strip()))))
+    if os.path.commonpath((root, folder)) != root:
+        raise SpareInputError(f"filename_prefix '{prefix}' is not a valid path inside the loras folder ({root})")
+
+
+def output_path(prefix: str) -> tuple[str, str]:
+    """(folder, file name) for a new LoRA under the loras folder, ComfyUI-style counter; called when saving (ComfyUI
+    creates the folder here)."""
+    check_prefix(prefix)
     try:
-        folder, filename, counter, _, _ = folder_paths.get_save_image_path(prefix.strip(), root)
+        folder, filename, counter, _, _ = folder_paths.get_save_image_path(prefix.strip(), loras_root())
     except Exception as e:  # ComfyUI raises on a prefix that leaves the folder
         raise SpareInputError(f"filename_prefix '{prefix}' is not a valid path inside the loras folder ({e})")
-    while True:  # the folder is made only when the file is saved: a failed run leaves nothing behind
+    while True:
         name = f"{filename}_{counter:05}_.safetensors"
         if not os.path.exists(os.path.join(folder, name)):
             return folder, name
