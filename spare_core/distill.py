@@ -26,9 +26,10 @@ from typing import Callable, Optional
 import torch
 
 from . import __version__
+from .adapters import attach, make_adapters
 from .autograd import frozen, gradient_checkpointing
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
-from .lora import LoraWeights, attach, make_adapters, metadata_json
+from .lora import LoraWeights, metadata_json
 from .model import DiffusionModel
 from .prompts import expand_alternatives, validate_prompts
 from .sampling import LOSS_WEIGHTINGS, data_std, generate, loss_weight, noised, uniform_t
