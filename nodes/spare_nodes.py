@@ -10,6 +10,7 @@ import logging
 import os
 import time
 
+import einops
 import torch
 
 import comfy.lora
@@ -141,10 +142,9 @@ class ConceptSamples(io.ComfyNode):
         dm.encode(concepts + [""])
         dm.load()
         with torch.inference_mode():
-            x, index = sc.generate(dm, concepts, samples, seed, steps, cfg, should_stop=should_stop)
+            x, _ = sc.generate(dm, concepts, samples, seed, steps, cfg, should_stop=should_stop)
         # generate() orders concept-major (c1 c1 .. c2 c2 ..); the stages read sample i as concept i % n
-        order = torch.argsort(torch.arange(len(index)) % samples * len(concepts) + index, stable=True)
-        x = x[order.to(x.device)]
+        x = einops.rearrange(x, "(concept sample) ... -> (sample concept) ...", sample=samples)
         out = model.model.process_latent_out(x.float()).to(comfy.model_management.intermediate_device())
         return io.NodeOutput({"samples": out})
 
