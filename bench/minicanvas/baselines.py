@@ -29,7 +29,6 @@ and ESD runs 200 steps instead of 1000 in `--standard` (harness.py, LR_SCALE and
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
