@@ -34,7 +34,7 @@ Per configuration, in one process on one network:
    as it is not part of a step. Steps after the first are timed (wall, and process CPU seconds: the steadier figure
    on a shared CPU); on cuda each step ends with torch.cuda.synchronize().
 2. Floor: what a step cannot do without, on the same network, input shapes and batch, with the same adapters (same
-   modules, rank, fp32) attached through spare_core.lora.attach and the same checkpointing and autocast: for the
+   modules, rank, fp32) attached through spare_core.adapters.attach and the same checkpointing and autocast: for the
    forget and the retain pair, a teacher forward (adapters off, no grad) and a student forward, then one backward of
    the summed loss. No optimizer, clipping, loss scaling, noise draws or syncs. One warm-up, then --steps - 1 timed
    repetitions; `step_over_floor` = seconds_per_step / floor_seconds (`floor_cpu_seconds`, `cpu_step_over_floor`:
@@ -214,7 +214,7 @@ def floor_seconds(sc, dm, cfg, selected: list[str], reps: int, clock) -> tuple[f
     autocast = dict(device_type=dev.type, dtype=dm.dtype, enabled=dm.dtype != torch.float32)
     checkpointing = gradient_checkpointing(dm.network) if cfg.gradient_checkpointing else contextlib.nullcontext()
     with frozen(dm.network), torch.inference_mode(False), torch.enable_grad(), checkpointing:
-        adapters = sc.lora.attach(dm.network, selected, cfg.rank, cfg.alpha, None, cfg.dropout, device=dev)
+        adapters = sc.adapters.attach(dm.network, selected, cfg.rank, cfg.alpha, None, cfg.dropout, device=dev)
         params = adapters.parameters()
         try:
             def once():

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -118,7 +117,9 @@ class ComfyDiffusionModel:
             if isinstance(first, comfy.conds.CONDConstant) or not torch.is_tensor(getattr(first, "cond", None)):
                 batched[key] = first.cond if hasattr(first, "cond") else first  # same for every prompt
             elif isinstance(first, comfy.conds.CONDCrossAttn):
-                batched[key] = _concat_crossattn([c.cond for c in items])
+                # the host's own batching: conds of prompts over 75 tokens (154, 231, ... tokens) are repeated to the
+                # least common multiple of the lengths, which leaves attention unchanged
+                batched[key] = first.concat(items[1:])
             else:
                 batched[key] = torch.cat([c.cond for c in items])
         return batched
@@ -195,14 +196,6 @@ class ComfyDiffusionModel:
 
         flat = [one(v) for v in t.detach().reshape(-1).tolist()]
         return torch.tensor(flat, dtype=torch.float32, device=t.device).reshape(t.shape)
-
-
-def _concat_crossattn(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Stack cross-attention conds [1, L_i, D] of different lengths (prompts longer than 75 tokens give 154, 231, ...):
-    repeat each to the least common multiple of the lengths, as comfy.conds.CONDCrossAttn.concat does (repeating the
-    keys/values leaves attention unchanged)."""
-    length = math.lcm(*[t.shape[1] for t in tensors])
-    return torch.cat([t.repeat(1, length // t.shape[1], 1) if t.shape[1] < length else t for t in tensors])
 
 
 def _usable(t: torch.Tensor) -> torch.Tensor:

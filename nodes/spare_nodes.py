@@ -10,6 +10,7 @@ import logging
 import os
 import time
 
+import einops
 import torch
 
 import comfy.lora
@@ -84,6 +85,22 @@ def loss_weighting_input():
                                   "same in Timestep Profile and Sparse LoRA Distill.")
 
 
+def latents_input(use: str = "; 'samples' and 'resolution' are then ignored"):
+    """The optional shared concept samples (SPARE Concept Samples' output) of the three stages; `use`: what they
+    change in this node."""
+    return io.Latent.Input("latents", optional=True,
+                           tooltip="Concept samples from SPARE Concept Samples (or a KSampler with the concept prompt), "
+                                   f"shared with the other stages{use}. Sample i belongs to concept line i % (number "
+                                   "of lines).")
+
+
+def gradient_checkpointing_input(cost: str, optional: bool = False):
+    """The memory switch of the two training stages (on by default, as in ComfyUI's own trainer); `cost`: what it
+    costs in this node."""
+    return io.Boolean.Input("gradient_checkpointing", default=True, optional=optional,
+                            tooltip=f"Recompute activations in backward: much less VRAM{cost}")
+
+
 def seed_input():
     return io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
                         tooltip="Seed for self-generated samples, timesteps and adapter init: same seed, same result.")
@@ -125,10 +142,9 @@ class ConceptSamples(io.ComfyNode):
         dm.encode(concepts + [""])
         dm.load()
         with torch.inference_mode():
-            x, index = sc.generate(dm, concepts, samples, seed, steps, cfg, should_stop=should_stop)
+            x, _ = sc.generate(dm, concepts, samples, seed, steps, cfg, should_stop=should_stop)
         # generate() orders concept-major (c1 c1 .. c2 c2 ..); the stages read sample i as concept i % n
-        order = torch.argsort(torch.arange(len(index)) % samples * len(concepts) + index, stable=True)
-        x = x[order.to(x.device)]
+        x = einops.rearrange(x, "(concept sample) ... -> (sample concept) ...", sample=samples)
         out = model.model.process_latent_out(x.float()).to(comfy.model_management.intermediate_device())
         return io.NodeOutput({"samples": out})
 
@@ -166,13 +182,8 @@ class SaliencyScan(io.ComfyNode):
                                tooltip="How modules are ranked: gradient = mean |gradient| (the authors'; measured "
                                        "best with taylor), taylor = |weight x gradient| (scale-free), contrastive = "
                                        "concept share minus retain share."),
-                io.Latent.Input("latents", optional=True,
-                                tooltip="Concept samples from SPARE Concept Samples (or a KSampler with the concept "
-                                        "prompt), shared with the other stages; 'samples' and 'resolution' are then "
-                                        "ignored. Sample i belongs to concept line i % (number of lines)."),
-                io.Boolean.Input("gradient_checkpointing", default=True, optional=True,
-                                 tooltip="Recompute activations in backward: much less VRAM, somewhat slower; the "
-                                         "scores are the same."),
+                latents_input(),
+                gradient_checkpointing_input(", somewhat slower; the scores are the same.", optional=True),
             ],
             outputs=[
                 Saliency.Output("saliency", tooltip="The selected modules, for Sparse LoRA Distill."),
@@ -224,10 +235,7 @@ class TimestepProfileNode(io.ComfyNode):
                                tooltip="Share of samples drawn uniformly so every noise level keeps some training."),
                 resolution_input(),
                 loss_weighting_input(),
-                io.Latent.Input("latents", optional=True,
-                                tooltip="Concept samples from SPARE Concept Samples (or a KSampler with the concept "
-                                        "prompt), shared with the other stages; 'samples' and 'resolution' are then "
-                                        "ignored. Sample i belongs to concept line i % (number of lines)."),
+                latents_input(),
             ],
             outputs=[
                 Timesteps.Output("timesteps", tooltip="Timestep distribution for Sparse LoRA Distill."),
@@ -279,11 +287,7 @@ class SparseLoraDistill(io.ComfyNode):
                 Saliency.Input("saliency", tooltip="From SPARE Saliency Scan: which modules get adapters."),
                 Timesteps.Input("timesteps", optional=True,
                                 tooltip="From SPARE Timestep Profile; uniform timesteps when not connected."),
-                io.Latent.Input("latents", optional=True,
-                                tooltip="Concept samples from SPARE Concept Samples (or a KSampler with the concept "
-                                        "prompt), shared with the other stages, instead of self-generated ones; their "
-                                        "size sets the training resolution. Sample i belongs to concept line i % "
-                                        "(number of lines)."),
+                latents_input(", instead of self-generated ones; their size sets the training resolution"),
                 io.Int.Input("rank", default=8, min=1, max=128,
                              tooltip="LoRA rank. 8 erased more and kept more than the authors' 4 on the "
                              "benchmark (bench/RESULTS.md); larger = a bigger file."),
@@ -306,10 +310,9 @@ class SparseLoraDistill(io.ComfyNode):
                                        "lora_unet_* keys with LDM module names, read by A1111 (1.5.0+) and Forge "
                                        "(their loader code; not tested in them here). kohya's own sd-scripts cannot "
                                        "load them for SD1.x/SD2.x."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute activations in backward: much less VRAM (what lets SD1.5/SDXL "
-                                         "train on 8-16 GB cards), up to ~20% slower per step. On by default, as in "
-                                         "ComfyUI's own trainer; turn off on a large GPU for speed."),
+                gradient_checkpointing_input(" (what lets SD1.5/SDXL train on 8-16 GB cards), up to ~20% slower per "
+                                             "step. On by default, as in ComfyUI's own trainer; turn off on a large "
+                                             "GPU for speed."),
                 resolution_input(),
                 io.Int.Input("samples", default=4, min=1, max=64,
                              tooltip="Self-generated training samples per prompt (concept, surrogate-free retain "

@@ -1,7 +1,8 @@
 """SPARE (Self-distillation for PARameter-Efficient Removal), host-independent engine.
 
 Stages, each one module: saliency.py (which modules carry the concept), timesteps.py (where in the noise schedule),
-distill.py (sparse LoRA trained by self-distillation), lora.py (adapters, the LoRA file format, applying them).
+distill.py (sparse LoRA trained by self-distillation), lora.py (the LoRA file format). adapters.py hooks LoRAs onto a
+network: the trainable adapters distill.py trains, and apply_lora for a finished LoRA.
 Shared helpers, so that stages do not import each other: files.py (atomic writes, reading .safetensors),
 autograd.py (freezing, gradient checkpointing), prompts.py (prompt checks, the {a|b} retain builder), sampling.py.
 Everything operates on a `DiffusionModel` (model.py): ComfyUI's objects are adapted in nodes/host.py.
@@ -11,7 +12,8 @@ __version__ = "0.1.0"
 from .errors import Cancelled, NonFiniteLossError, SpareInputError  # noqa: E402
 from .model import DiffusionModel  # noqa: E402
 from .files import read_safetensors  # noqa: E402
-from .lora import LoraWeights, apply_lora, load_lora, save_lora  # noqa: E402
+from .adapters import apply_lora  # noqa: E402
+from .lora import LoraWeights, load_lora, save_lora  # noqa: E402
 from .saliency import Saliency, candidate_modules, scan as saliency_scan  # noqa: E402
 from .timesteps import TimestepProfile, profile as timestep_profile, uniform as uniform_profile  # noqa: E402
 from .distill import DistillConfig, DistillResult, distill, validate as distill_validate  # noqa: E402

@@ -26,12 +26,13 @@ from typing import Callable, Optional
 import torch
 
 from . import __version__
+from .adapters import attach, make_adapters
 from .autograd import frozen, gradient_checkpointing
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
-from .lora import LoraWeights, attach, make_adapters, metadata_json
+from .lora import LoraWeights, metadata_json
 from .model import DiffusionModel
 from .prompts import expand_alternatives, validate_prompts
-from .sampling import LOSS_WEIGHTINGS, T_MIN, data_std, generate, loss_weight
+from .sampling import LOSS_WEIGHTINGS, data_std, generate, loss_weight, noised, uniform_t
 from .saliency import Saliency
 from .timesteps import TimestepProfile, check_pairs
 
@@ -267,9 +268,7 @@ def distill(
             sigma_data = data_std(x_forget)
 
             def pair_loss(x0, cond_student, cond_teacher, t):
-                sigma = model.sigma_at(t).float().to(dev)
-                noise = torch.randn(x0.shape, generator=gen).to(dev)
-                xt = model.add_noise(x0, noise, sigma)
+                sigma, xt = noised(model, x0, t, gen)
                 w = loss_weight(sigma, cfg.weighting, sigma_data).view(-1, *[1] * (x0.dim() - 1))
                 adapters.enabled = False
                 with torch.no_grad(), torch.autocast(**autocast):
@@ -287,9 +286,8 @@ def distill(
                 rows = torch.linspace(0, x_all.shape[0] - 1, min(PROBE_SIZE, x_all.shape[0])).long()
                 ids = index[rows]
                 x0, c_s, c_t = x_all[rows], model.select_cond(c_student, ids), model.select_cond(c_teacher, ids)
-                sigma = model.sigma_at(torch.linspace(0.15, 0.95, len(rows))).float().to(dev)
-                noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(dev)
-                xt = model.add_noise(x0, noise, sigma)
+                t = torch.linspace(0.15, 0.95, len(rows))
+                sigma, xt = noised(model, x0, t, torch.Generator().manual_seed(seed))
                 w = loss_weight(sigma, cfg.weighting, sigma_data).view(-1, *[1] * (x0.dim() - 1))
                 adapters.enabled = False
                 with torch.no_grad(), torch.autocast(**autocast):
@@ -323,8 +321,7 @@ def distill(
                 for group in opt.param_groups:
                     group["lr"] = lr
                 rows = torch.randint(0, x_forget.shape[0], (cfg.batch_size,), generator=gen)
-                t = profile.sample(cfg.batch_size, gen) if profile is not None else \
-                    T_MIN + (1 - 2 * T_MIN) * torch.rand(cfg.batch_size, generator=gen)
+                t = profile.sample(cfg.batch_size, gen) if profile is not None else uniform_t(cfg.batch_size, gen)
                 ids, x0 = i_forget[rows], x_forget[rows]
                 if n_anchor:  # the last n_anchor rows: noised surrogate samples of the same concept index
                     a_rows = torch.randint(0, x_anchor.shape[0], (n_anchor,), generator=gen)
@@ -335,8 +332,7 @@ def distill(
                 retain = torch.zeros(())
                 if x_retain is not None:
                     r_rows = torch.randint(0, x_retain.shape[0], (cfg.batch_size,), generator=gen)
-                    r_t = t.clone() if cfg.retain_timesteps == "same" else \
-                        T_MIN + (1 - 2 * T_MIN) * torch.rand(cfg.batch_size, generator=gen)
+                    r_t = t.clone() if cfg.retain_timesteps == "same" else uniform_t(cfg.batch_size, gen)
                     c_r = model.select_cond(c_retain, i_retain[r_rows])
                     retain = pair_loss(x_retain[r_rows], c_r, c_r, r_t)
                     loss = loss + cfg.retain_weight * retain

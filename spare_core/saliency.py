@@ -34,13 +34,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .adapters import ADAPTABLE
 from .autograd import frozen, gradient_checkpointing
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .files import atomic_write, read_safetensors
-from .lora import ADAPTABLE
 from .model import DiffusionModel
 from .prompts import validate_prompts
-from .sampling import T_MIN, generate
+from .sampling import generate, noised, uniform_t
 
 TARGET_SETS = ("all", "attention", "cross_attention")
 SCORINGS = ("gradient", "taylor", "contrastive")
@@ -189,11 +189,7 @@ def _accumulate(model: DiffusionModel, modules, x0, cond, index, seed, repeats, 
                 if should_stop is not None and should_stop():
                     raise Cancelled("saliency scan cancelled")
                 xb = x0[start:start + batch_size].clone()  # clone: an ordinary tensor even if x0 is an inference one
-                b = xb.shape[0]
-                t = T_MIN + (1 - 2 * T_MIN) * torch.rand(b, generator=gen)
-                sigma = model.sigma_at(t).float().to(model.device)
-                noise = torch.randn(xb.shape, generator=gen).to(model.device)
-                xt = model.add_noise(xb, noise, sigma)
+                sigma, xt = noised(model, xb, uniform_t(xb.shape[0], gen), gen)
                 c = model.select_cond(cond, index[start:start + batch_size])
                 s = sigma.view(-1, *[1] * (xb.dim() - 1))
                 while True:

@@ -1,7 +1,8 @@
 """Self-generated training data: SPARE's users have no dataset, so concept (and retain) samples come from the model.
 
 A few Euler steps with classifier-free guidance give latents that carry the concept; SPARE re-noises them at the
-timesteps it trains on, so they need to be recognisable, not beautiful.
+timesteps it trains on, so they need to be recognisable, not beautiful. The re-noising itself (`uniform_t`, `noised`:
+t -> sigma -> eps -> x_t) is written once, here, for every stage and baseline.
 """
 from __future__ import annotations
 
@@ -35,6 +36,21 @@ def loss_weight(sigma: torch.Tensor, weighting: str, sigma_data: float) -> torch
 def data_std(x0: torch.Tensor) -> float:
     """sigma_data estimated from clean samples (floored so a blank sample set cannot divide by zero)."""
     return max(float(x0.float().std()), 1e-2)
+
+
+def uniform_t(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n positions t uniform in [T_MIN, 1 - T_MIN] (float32, CPU): the authors' timestep sampling."""
+    return T_MIN + (1 - 2 * T_MIN) * torch.rand(n, generator=generator)
+
+
+def noised(model: DiffusionModel, x0: torch.Tensor, t: torch.Tensor,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward process at positions t [B]: returns (sigma [B] float32, x_t = add_noise(x0, eps, sigma)), both on
+    model.device. eps ~ N(0, I), shaped like x0 [B, C, H, W], is drawn on the CPU from `generator` (so results do not
+    depend on the device's RNG); every stage and baseline draws its training x_t here."""
+    sigma = model.sigma_at(t).float().to(model.device)
+    noise = torch.randn(x0.shape, generator=generator).to(model.device)
+    return sigma, model.add_noise(x0, noise, sigma)
 
 
 def sigma_schedule(model: DiffusionModel, steps: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from .errors import Cancelled, SpareInputError
 from .files import atomic_write
 from .model import DiffusionModel
 from .prompts import validate_prompts
-from .sampling import LOSS_WEIGHTINGS, T_MIN, data_std, generate, loss_weight
+from .sampling import LOSS_WEIGHTINGS, T_MIN, data_std, generate, loss_weight, noised
 
 
 @dataclass
@@ -150,9 +150,7 @@ def profile(
         for _ in range(draws_per_bin):
             n = x0.shape[0]
             t = (edges[b] + torch.rand(n, generator=gen) * (edges[b + 1] - edges[b])).clamp(T_MIN, 1 - T_MIN)
-            sigma = model.sigma_at(t).float().to(model.device)
-            noise = torch.randn(x0.shape, generator=gen).to(model.device)
-            xt = model.add_noise(x0, noise, sigma)
+            sigma, xt = noised(model, x0, t, gen)
             pc = model.predict_x0(xt, sigma, model.select_cond(c_concept, idx)).float()
             ps = model.predict_x0(xt, sigma, model.select_cond(c_surrogate, idx)).float()
             w = loss_weight(sigma, weighting, sigma_data)

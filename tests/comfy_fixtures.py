@@ -14,6 +14,8 @@ What it builds, per family ("sd15", "sd2v" = SD2.x v-prediction, "sdxl"):
 - `build_full_base_model(family)`: the full-size BaseModel on the meta device (no memory, ~0.1 s), e.g. for
   `comfy.lora.model_lora_keys_unet`; `build_full_unet_keys(family)`: the module paths of its Linear/Conv layers.
 - `sample(model, clip, ...)`: a KSampler run (nodes.common_ksampler), as the graph would do it.
+- `comfy_server(base, *args)`: a real ComfyUI server (`python main.py --cpu`) with this pack, yielding a `Server`
+  (GET/POST, run a prompt and wait for it); tests/test_server_comfy.py and test_browser_comfy.py start theirs here.
 
 Trap: ComfyUI's top-level `nodes.py` and this pack's `nodes/` package share the import name `nodes`. `comfy_or_skip`
 puts COMFYUI_PATH first on sys.path; tests must load pack modules by file path (see `load_pack_module`), never as
@@ -21,10 +23,19 @@ puts COMFYUI_PATH first on sys.path; tests must load pack modules by file path (
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -254,3 +265,119 @@ def model_conds(model, conditioning, noise):
     params.update(cross_attn=cond, device=noise.device, noise=noise, width=noise.shape[3] * 8,
                   height=noise.shape[2] * 8, prompt_type="positive")
     return model.model.extra_conds(**params)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A real ComfyUI server
+
+SERVER_START_TIMEOUT = 120  # s until the server answers
+RUN_TIMEOUT = 120  # s per prompt
+
+
+class Server:
+    def __init__(self, base: Path, port: int, proc: subprocess.Popen, log_path: Path):
+        self.base, self.port, self.proc, self.log_path = base, port, proc, log_path
+        self.url = f"http://127.0.0.1:{port}"
+
+    @property
+    def loras(self) -> Path:
+        return self.base / "models" / "loras"
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.load(r)
+
+    def post(self, path: str, payload) -> tuple[int, dict]:
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def run(self, prompt: dict, workflow: dict | None = None) -> dict:
+        """POST /prompt, wait for /history/{id}; returns the history entry (status + outputs)."""
+        extra = {"extra_pnginfo": {"workflow": workflow}} if workflow else {}
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "spare-test", "extra_data": extra})
+        assert status == 200, f"/prompt refused the graph ({status}): {json.dumps(body)[:3000]}"
+        return self.wait(body["prompt_id"])
+
+    def wait(self, prompt_id: str) -> dict:
+        """Poll /history/{id} until the prompt finished (success or error); interrupt it after RUN_TIMEOUT."""
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"the server died:\n{self.log()[-5000:]}"
+            hist = self.get(f"/history/{prompt_id}")
+            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+                if hist[prompt_id]["status"].get("status_str") in ("success", "error"):
+                    return hist[prompt_id]
+            time.sleep(0.2)
+        self.post("/interrupt", {})
+        raise AssertionError(f"prompt {prompt_id} not finished after {RUN_TIMEOUT}s:\n{self.log()[-5000:]}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the session started for this server only
+                self.proc.wait(timeout=15)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def comfy_server(base: Path, *args: str) -> Iterator[Server]:
+    """`python main.py --cpu` started from COMFYUI_PATH with the interpreter running pytest (or $COMFYUI_PYTHON), with
+    `--base-directory base`: its custom_nodes/ links this pack and tests/comfy_test_pack; models/loras, output, temp,
+    input and user are made there; the database is in memory. `args`: more command-line arguments. Yields the server
+    once it answers and the pack imported; stops it on leaving (printing its log tail on an error)."""
+    comfy = Path(os.environ["COMFYUI_PATH"]).resolve()
+    for d in ("custom_nodes", "models/loras", "output", "temp", "input", "user"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    (base / "custom_nodes" / "spare").symlink_to(PACK_ROOT, target_is_directory=True)
+    (base / "custom_nodes" / "spare_test_pack").symlink_to(PACK_ROOT / "tests" / "comfy_test_pack",
+                                                           target_is_directory=True)
+    port = free_port()
+    log_path = base / "server.log"
+    cmd = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
+           "--port", str(port), "--base-directory", str(base), "--user-directory", str(base / "user"),
+           "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--disable-auto-launch", *args]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONDONTWRITEBYTECODE="1",
+               PYTHONUNBUFFERED="1", SPARE_TESTS_DIR=str(PACK_ROOT / "tests"))
+    started = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=comfy, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    srv = Server(base, port, proc, log_path)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"the server exited ({proc.returncode}) while starting:\n{srv.log()[-5000:]}")
+            if time.monotonic() - started > SERVER_START_TIMEOUT:
+                raise AssertionError(f"the server did not answer within {SERVER_START_TIMEOUT}s:\n"
+                                     f"{srv.log()[-5000:]}")
+            try:
+                srv.get("/system_stats")
+                break
+            except OSError:  # not listening yet (URLError, ConnectionError and socket timeouts are OSErrors)
+                time.sleep(0.3)
+        print(f"\n[server] ready on port {port} after {time.monotonic() - started:.1f}s (base {base})")
+        log = srv.log()
+        assert "IMPORT FAILED" not in "\n".join(ln for ln in log.splitlines() if "custom_nodes" in ln), log[-5000:]
+        yield srv
+    except BaseException:
+        srv.stop()
+        print("[server] log tail:\n" + srv.log()[-5000:])
+        raise
+    srv.stop()
+    print(f"[server] stopped; up {time.monotonic() - started:.1f}s")

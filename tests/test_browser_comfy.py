@@ -30,7 +30,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -38,10 +37,10 @@ from pathlib import Path
 import pytest
 
 import workflow_api as wa
-from test_server_comfy import (ROOT, STYLE_LORA, TEST_PACK, WORKFLOWS, Server, _free_port, _skip_reason,
+from comfy_fixtures import comfy_server
+from test_server_comfy import (ROOT, STYLE_LORA, WORKFLOWS, _skip_reason,
                                check_lora_file, load_workflow, nodes_of, tiny_prompt)
 
-START_TIMEOUT = 120  # s until the server answers
 PAGE_TIMEOUT = 60_000  # ms until the frontend is up
 VIEWPORT = {"width": 1280, "height": 800}  # a laptop window: the workflow tabs sit in a 2nd row over the canvas
 RUN_SHOT = {"width": 1920, "height": 1080}  # docs/screenshots/erase_style_run.png
@@ -86,43 +85,11 @@ def server(tmp_path_factory):
     if reason:
         print("SKIP:", reason)
         pytest.skip(reason)
-    comfy = Path(os.environ["COMFYUI_PATH"]).resolve()
     base = tmp_path_factory.mktemp("comfy_browser_base")
-    for d in ("custom_nodes", "models/loras", "output", "temp", "input", "user/default"):
-        (base / d).mkdir(parents=True)
-    (base / "custom_nodes" / "spare").symlink_to(ROOT, target_is_directory=True)
-    (base / "custom_nodes" / "spare_test_pack").symlink_to(TEST_PACK, target_is_directory=True)
+    (base / "user" / "default").mkdir(parents=True)
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS), encoding="utf-8")
-    port = _free_port()
-    log_path = base / "server.log"
-    cmd = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
-           "--port", str(port), "--base-directory", str(base), "--user-directory", str(base / "user"),
-           "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--disable-auto-launch"]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONDONTWRITEBYTECODE="1",
-               PYTHONUNBUFFERED="1", SPARE_TESTS_DIR=str(ROOT / "tests"))
-    started = time.monotonic()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=comfy, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    srv = Server(base, port, proc, log_path)
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"the server exited ({proc.returncode}) while starting:\n{srv.log()[-5000:]}")
-            if time.monotonic() - started > START_TIMEOUT:
-                raise AssertionError(f"the server did not answer within {START_TIMEOUT}s:\n{srv.log()[-5000:]}")
-            try:
-                srv.get("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(0.3)
-        print(f"\n[server] ready on port {port} after {time.monotonic() - started:.1f}s (base {base})")
+    with comfy_server(base) as srv:  # no --front-end-root: the installed frontend package
         yield srv
-    except BaseException:
-        srv.stop()
-        print("[server] log tail:\n" + srv.log()[-5000:])
-        raise
-    srv.stop()
 
 
 @pytest.fixture(scope="module")

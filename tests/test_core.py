@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 import spare_core as sc
 from spare_core import lora as lora_mod
+from spare_core.adapters import attach
 from spare_core.errors import Cancelled, NonFiniteLossError, SpareInputError
 from spare_core.sampling import generate
 from tiny_denoiser import TinyDiffusionModel
@@ -311,7 +312,7 @@ def test_non_finite_loss_stops_and_reports_step(model, saliency, tmp_path, monke
 
 def test_export_load_apply_matches_student(model, saliency, tmp_path):
     torch.manual_seed(0)
-    adapters = lora_mod.attach(model.network, saliency.selected, rank=3, alpha=6.0)
+    adapters = attach(model.network, saliency.selected, rank=3, alpha=6.0)
     for a in adapters.adapters.values():
         torch.nn.init.normal_(a.up.weight, std=0.05)
     xt, sigma, _ = _probe(model)
@@ -349,7 +350,7 @@ def test_dense_delta_matches_hook(model, saliency):
     conv = torch.nn.Conv2d(3, 4, 3, padding=1)
     for base, x in ((lin, torch.randn(2, 6)), (conv, torch.randn(2, 3, 5, 5))):
         net = torch.nn.Sequential(base)
-        ad = lora_mod.attach(net, ["0"], rank=2, alpha=3.0)
+        ad = attach(net, ["0"], rank=2, alpha=3.0)
         torch.nn.init.normal_(ad.adapters["0"].up.weight)
         w = sc.LoraWeights.from_adapters(ad)
         with torch.no_grad():
@@ -363,7 +364,7 @@ def test_narrow_module_gets_a_capped_rank_with_the_same_scale(tmp_path):
     """rank 8 on a 4-channel output conv (like SD's out.2): that adapter is rank 4 with alpha scaled to keep the
     update scale alpha / rank; the saved file reloads to the same dense delta (loaders scale by alpha / rows)."""
     net = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Conv2d(16, 4, 3, padding=1))
-    ad = lora_mod.attach(net, ["0", "1"], rank=8, alpha=8.0)
+    ad = attach(net, ["0", "1"], rank=8, alpha=8.0)
     assert (ad.adapters["0"].rank, ad.adapters["1"].rank) == (8, 4)
     assert ad.adapters["0"].scale == ad.adapters["1"].scale == 1.0
     for a in ad.adapters.values():
@@ -381,11 +382,11 @@ def test_narrow_module_gets_a_capped_rank_with_the_same_scale(tmp_path):
             net.get_submodule(name).weight += back.delta_weight(name)
         assert torch.allclose(net[1](net[0](x).view(2, 16, 1, 1)), hooked, atol=2e-2)
     with pytest.raises(SpareInputError, match="rank=17 is larger than any selected module"):
-        lora_mod.attach(net, ["1"], rank=17, alpha=17.0)
+        attach(net, ["1"], rank=17, alpha=17.0)
 
 
 def test_save_is_atomic(tmp_path, monkeypatch, saliency, model):
-    ad = lora_mod.attach(model.network, saliency.selected[:1], rank=2, alpha=2.0)
+    ad = attach(model.network, saliency.selected[:1], rank=2, alpha=2.0)
     w = sc.LoraWeights.from_adapters(ad)
     ad.remove()
     target = tmp_path / "x.safetensors"

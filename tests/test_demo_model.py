@@ -175,7 +175,7 @@ def test_stock_lora_loader_maps_every_module(demo, tmp_path, key_format, caplog)
     g = torch.Generator().manual_seed(1)
     modules = {}
     for path, m in sc.candidate_modules(net, "all").items():
-        fan_in, fan_out = sc.lora.module_dims(m)
+        fan_in, fan_out = sc.adapters.module_dims(m)
         down_shape = (2, fan_in) if m.weight.dim() == 2 else (2, *m.weight.shape[1:])
         up_shape = (fan_out, 2) if m.weight.dim() == 2 else (fan_out, 2, 1, 1)
         modules[path] = {"down": torch.randn(down_shape, generator=g) * 0.05,

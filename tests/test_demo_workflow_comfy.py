@@ -117,7 +117,7 @@ def add_judge_branches(prompt: dict) -> tuple[dict, dict]:
 # Running and fetching
 
 def run_long(server: Server, prompt: dict, workflow: dict, timeout: float = RUN_TIMEOUT) -> dict:
-    """Server.run with a longer deadline (test_server_comfy's RUN_TIMEOUT is sized for tiny models)."""
+    """Server.run with a longer deadline (comfy_fixtures.RUN_TIMEOUT is sized for tiny models)."""
     status, body = server.post("/prompt", {"prompt": prompt, "client_id": "spare-test",
                                            "extra_data": {"extra_pnginfo": {"workflow": workflow}}})
     assert status == 200, f"/prompt refused the graph ({status}): {json.dumps(body)[:3000]}"

@@ -254,7 +254,7 @@ def test_full_size_export_maps_every_key(pack, family, caplog):
     ComfyUI's loader maps every key, each to the right weight, logging no 'lora key not loaded'."""
     import comfy.lora
     import spare_core as sc
-    from spare_core.lora import module_dims
+    from spare_core.adapters import module_dims
 
     base = cf.build_full_base_model(family)
     net = base.diffusion_model

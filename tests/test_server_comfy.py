@@ -17,12 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -30,12 +25,11 @@ from pathlib import Path
 import pytest
 
 import workflow_api as wa
+from comfy_fixtures import Server, comfy_server
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "workflows"
 TEST_PACK = ROOT / "tests" / "comfy_test_pack"
-START_TIMEOUT = 120  # s until the server answers
-RUN_TIMEOUT = 120  # s per prompt
 STYLE_LORA = "spare/erase_vangogh_00001_.safetensors"  # what erase_style.json writes into an empty loras folder
 
 # The five nodes and their inputs, in schema order (required; optional after "|").
@@ -67,113 +61,16 @@ def _skip_reason() -> str | None:
 # ---------------------------------------------------------------------------------------------------------------------
 # The server
 
-class Server:
-    def __init__(self, base: Path, port: int, proc: subprocess.Popen, log_path: Path):
-        self.base, self.port, self.proc, self.log_path = base, port, proc, log_path
-        self.url = f"http://127.0.0.1:{port}"
-
-    @property
-    def loras(self) -> Path:
-        return self.base / "models" / "loras"
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            return json.load(r)
-
-    def post(self, path: str, payload) -> tuple[int, dict]:
-        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, json.load(r)
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
-
-    def run(self, prompt: dict, workflow: dict | None = None) -> dict:
-        """POST /prompt, wait for /history/{id}; returns the history entry (status + outputs)."""
-        extra = {"extra_pnginfo": {"workflow": workflow}} if workflow else {}
-        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "spare-test", "extra_data": extra})
-        assert status == 200, f"/prompt refused the graph ({status}): {json.dumps(body)[:3000]}"
-        return self.wait(body["prompt_id"])
-
-    def wait(self, prompt_id: str) -> dict:
-        """Poll /history/{id} until the prompt finished (success or error); interrupt it after RUN_TIMEOUT."""
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"the server died:\n{self.log()[-5000:]}"
-            hist = self.get(f"/history/{prompt_id}")
-            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-                if hist[prompt_id]["status"].get("status_str") in ("success", "error"):
-                    return hist[prompt_id]
-            time.sleep(0.2)
-        self.post("/interrupt", {})
-        raise AssertionError(f"prompt {prompt_id} not finished after {RUN_TIMEOUT}s:\n{self.log()[-5000:]}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # the session started for this server only
-                self.proc.wait(timeout=15)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     reason = _skip_reason()
     if reason:
         print("SKIP:", reason)
         pytest.skip(reason)
-    comfy = Path(os.environ["COMFYUI_PATH"]).resolve()
     base = tmp_path_factory.mktemp("comfy_base")
-    for d in ("custom_nodes", "models/loras", "output", "temp", "input", "user", "frontend"):
-        (base / d).mkdir(parents=True)
-    (base / "custom_nodes" / "spare").symlink_to(ROOT, target_is_directory=True)
-    (base / "custom_nodes" / "spare_test_pack").symlink_to(TEST_PACK, target_is_directory=True)
-    port = _free_port()
-    log_path = base / "server.log"
-    cmd = [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
-           "--port", str(port), "--front-end-root", str(base / "frontend"), "--base-directory", str(base),
-           "--user-directory", str(base / "user"), "--database-url", "sqlite:///:memory:", "--disable-api-nodes",
-           "--disable-auto-launch"]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONDONTWRITEBYTECODE="1",
-               PYTHONUNBUFFERED="1", SPARE_TESTS_DIR=str(ROOT / "tests"))
-    started = time.monotonic()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=comfy, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    srv = Server(base, port, proc, log_path)
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"the server exited ({proc.returncode}) while starting:\n{srv.log()[-5000:]}")
-            if time.monotonic() - started > START_TIMEOUT:
-                raise AssertionError(f"the server did not answer within {START_TIMEOUT}s:\n{srv.log()[-5000:]}")
-            try:
-                srv.get("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, socket.timeout):
-                time.sleep(0.3)
-        print(f"\n[server] ready on port {port} after {time.monotonic() - started:.1f}s (base {base})")
-        log = srv.log()
-        assert "IMPORT FAILED" not in "\n".join(ln for ln in log.splitlines() if "custom_nodes" in ln), log[-5000:]
+    (base / "frontend").mkdir()  # an empty front end: the API is all these tests use
+    with comfy_server(base, "--front-end-root", str(base / "frontend")) as srv:
         yield srv
-    except BaseException:
-        srv.stop()
-        print("[server] log tail:\n" + srv.log()[-5000:])
-        raise
-    srv.stop()
-    print(f"[server] stopped; up {time.monotonic() - started:.1f}s")
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,6 @@ and ESD runs 200 steps instead of 1000 in `--standard` (harness.py, LR_SCALE and
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -37,7 +36,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from spare_core.sampling import T_MIN, generate, guided_x0, sigma_schedule
+from spare_core.sampling import generate, guided_x0, noised, sigma_schedule, uniform_t
 
 
 @dataclass
@@ -144,9 +143,7 @@ def concept_ablation(model, concepts: Sequence[str], anchors: Sequence[str], ste
     losses = []
     for step in range(steps):
         rows = torch.randint(0, x_anchor.shape[0], (batch_size,), generator=gen)
-        t = T_MIN + (1 - 2 * T_MIN) * torch.rand(batch_size, generator=gen)
-        sigma = model.sigma_at(t)
-        xt = model.add_noise(x_anchor[rows], torch.randn(x_anchor[rows].shape, generator=gen), sigma)
+        sigma, xt = noised(model, x_anchor[rows], uniform_t(batch_size, gen), gen)
         with torch.no_grad():
             target = model.predict_x0(xt, sigma, c_a[idx[rows]])
         pred = edited.predict_x0(xt, sigma, c_t[idx[rows]])
@@ -170,9 +167,7 @@ def salun(model, concepts: Sequence[str], surrogates: Sequence[str], retain: Seq
 
     def batch(x, n):
         rows = torch.randint(0, x.shape[0], (n,), generator=gen)
-        t = T_MIN + (1 - 2 * T_MIN) * torch.rand(n, generator=gen)
-        sigma = model.sigma_at(t)
-        return rows, sigma, model.add_noise(x[rows], torch.randn(x[rows].shape, generator=gen), sigma)
+        return (rows, *noised(model, x[rows], uniform_t(n, gen), gen))
 
     def forget_loss(net_model):
         rows, sigma, xt = batch(x_f, batch_size)

@@ -1,0 +1,208 @@
+"""LoRA on a live network, by forward hooks: trainable adapters for the distillation (`LoraAdapter` on one module,
+`attach` / `AdapterSet` on a whole network) and a finished `LoraWeights` added at a strength (`apply_lora`: tests, the
+benchmark, scripts; inside ComfyUI the host's own LoRA loader applies the files).
+
+Why not peft's injection: peft replaces each target module by a wrapper (`base_layer` + adapters), i.e. it
+restructures the network. ComfyUI shares `diffusion_model` between every clone of a MODEL and addresses weight
+patches and LoRA files by module path, so SPARE must never rename or replace modules. Like kohya's sd-scripts, we
+add the low-rank term with a forward hook and keep the base module untouched; removing the hook restores the
+network exactly. The parameterisation and init are peft's (LoRA "gaussian" init: A ~ N(0, 1/r), B = 0;
+scale = alpha / r), so a SPARE adapter is numerically a peft LoRA.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Iterable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .errors import SpareInputError
+
+if TYPE_CHECKING:
+    from .lora import LoraWeights
+
+ADAPTABLE = (nn.Linear, nn.Conv2d)
+
+
+def module_dims(module: nn.Module) -> tuple[int, int]:
+    """(fan_in, fan_out) of a Linear/Conv2d as seen by a LoRA: rank must not exceed min(fan_in, fan_out)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return module.in_channels * kh * kw // module.groups, module.out_channels
+    raise TypeError(f"{type(module).__name__} cannot carry a LoRA (Linear and Conv2d can)")
+
+
+class LoraAdapter(nn.Module):
+    """Low-rank delta for one base module: delta(x) = scale * up(down(dropout(x))), rows of `up` masked.
+
+    Linear: down [r, in], up [out, r]. Conv2d: down is a conv with the base kernel/stride/padding, up is 1x1.
+    `row_mask` (bool [out]) keeps the update in selected output rows only; the product stays rank <= r, so a
+    masked adapter is still a standard LoRA file.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, row_mask: Optional[torch.Tensor] = None,
+                 dropout: float = 0.0):
+        super().__init__()
+        if isinstance(base, nn.Linear):
+            self.down = nn.Linear(base.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, base.out_features, bias=False)
+        elif isinstance(base, nn.Conv2d):
+            if base.groups != 1:
+                raise SpareInputError(f"grouped Conv2d (groups={base.groups}) cannot carry a LoRA")
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                  base.dilation, bias=False)
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            raise TypeError(f"{type(base).__name__} cannot carry a LoRA")
+        self.rank, self.alpha = rank, float(alpha)
+        self.scale = self.alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        nn.init.normal_(self.down.weight, std=1.0 / rank)  # peft init_lora_weights="gaussian"
+        nn.init.zeros_(self.up.weight)
+        self.register_buffer("row_mask", None if row_mask is None else row_mask.to(torch.bool).clone())
+
+    def up_weight(self) -> torch.Tensor:
+        w = self.up.weight
+        if self.row_mask is None:
+            return w
+        return w * self.row_mask.view(-1, *[1] * (w.dim() - 1)).to(w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.down(self.dropout(x))
+        if isinstance(self.up, nn.Linear):
+            return nn.functional.linear(h, self.up_weight()) * self.scale
+        return nn.functional.conv2d(h, self.up_weight()) * self.scale
+
+
+class _Hooks:
+    """Forward-hook handles that `remove()` (or leaving a `with` block) takes off the network."""
+
+    _handles: list
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+class AdapterSet(_Hooks):
+    """Adapters hooked onto a network's modules. `enabled` toggles them (teacher = disabled, student = enabled)."""
+
+    def __init__(self, network: nn.Module, adapters: Mapping[str, LoraAdapter]):
+        self.network = network
+        self.adapters = dict(adapters)
+        self.enabled = True
+        self.strength = 1.0
+        modules = dict(network.named_modules())
+        self._handles = [modules[path].register_forward_hook(self._hook(adapter))
+                         for path, adapter in self.adapters.items()]
+
+    def _hook(self, adapter: LoraAdapter):
+        def hook(module, args, output):
+            if not self.enabled or self.strength == 0.0:
+                return output
+            x = args[0]
+            delta = adapter(x.to(adapter.down.weight.dtype))
+            return output + (self.strength * delta).to(output.dtype)
+        return hook
+
+    def extend(self, adapters: Mapping[str, LoraAdapter]) -> None:
+        """Hook in more adapters (the distillation grows its adapter set when the gap stalls)."""
+        modules = dict(self.network.named_modules())
+        for path, adapter in adapters.items():
+            if path in self.adapters:
+                raise ValueError(f"module '{path}' already carries an adapter")
+            self.adapters[path] = adapter
+            self._handles.append(modules[path].register_forward_hook(self._hook(adapter)))
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for a in self.adapters.values() for p in a.parameters()]
+
+
+def attach(network: nn.Module, paths: Iterable[str], rank: int, alpha: float,
+           row_masks: Optional[Mapping[str, torch.Tensor]] = None, dropout: float = 0.0,
+           device=None, dtype=torch.float32) -> AdapterSet:
+    """Create trainable adapters for `paths` (module paths inside `network`) and hook them in."""
+    adapters = make_adapters(network, paths, rank, alpha, row_masks, dropout, device, dtype)
+    widest = max((a.rank for a in adapters.values()), default=rank)
+    if widest < rank:  # narrow modules are capped (make_adapters); a rank no selected module can take is a mistake
+        raise SpareInputError(f"rank={rank} is larger than any selected module allows (the widest takes "
+                              f"{widest}); use rank <= {widest}")
+    return AdapterSet(network, adapters)
+
+
+def make_adapters(network: nn.Module, paths: Iterable[str], rank: int, alpha: float,
+                  row_masks: Optional[Mapping[str, torch.Tensor]] = None, dropout: float = 0.0,
+                  device=None, dtype=torch.float32) -> dict[str, LoraAdapter]:
+    """Fresh (zero-update) adapters for `paths`, checked against the network; not hooked in."""
+    modules = dict(network.named_modules())
+    adapters = {}
+    for path in paths:
+        if path not in modules:
+            raise SpareInputError(f"saliency names module '{path}', which the model does not have; "
+                                  "was the saliency scanned on a different model?")
+        base = modules[path]
+        # A module narrower than the rank (e.g. SD's 4-channel output conv at rank 8) gets a full-rank update: rank
+        # min(in, out) with alpha scaled so that its update scale stays alpha / rank. The file stores alpha per
+        # module and loaders scale by alpha / down rows, so it loads as trained. (peft would over-parameterise.)
+        r = min(rank, *module_dims(base))
+        mask = None if row_masks is None else row_masks.get(path)
+        adapters[path] = LoraAdapter(base, r, alpha * r / rank, mask, dropout).to(device=device, dtype=dtype)
+    return adapters
+
+
+class AppliedLora(_Hooks):
+    """Forward hooks adding a LoRA at `strength`; `remove()` (or leaving the `with` block) restores the network."""
+
+    def __init__(self, network: nn.Module, lora: LoraWeights, strength: float):
+        self._handles = []
+        if strength == 0.0:
+            return  # strength 0 is the original model, bit for bit: no hook at all
+        modules = dict(network.named_modules())
+        missing = [p for p in lora.modules if p not in modules]
+        if len(missing) == len(lora.modules):
+            raise SpareInputError(f"none of the LoRA's {len(missing)} modules exists in this model "
+                                  f"(first: '{missing[0]}')")
+        for path, m in lora.modules.items():
+            if path in modules:
+                self._handles.append(modules[path].register_forward_hook(self._hook(m, strength)))
+
+    @staticmethod
+    def _hook(m, strength):
+        down, up = m["down"], m["up"]
+        scale = strength * float(m["alpha"]) / down.shape[0]
+        cache = {}
+
+        def weights(x):
+            key = (x.device, x.dtype)
+            if key not in cache:
+                cache.clear()
+                cache[key] = (down.to(x.device, torch.float32), up.to(x.device, torch.float32))
+            return cache[key]
+
+        def hook(module, args, output):
+            x = args[0]
+            d, u = weights(x)
+            if d.dim() == 2:
+                delta = nn.functional.linear(nn.functional.linear(x.float(), d), u)
+            else:
+                delta = nn.functional.conv2d(
+                    nn.functional.conv2d(x.float(), d, None, module.stride, module.padding, module.dilation), u)
+            return output + (scale * delta).to(output.dtype)
+        return hook
+
+
+def apply_lora(network: nn.Module, lora: LoraWeights, strength: float = 1.0) -> AppliedLora:
+    """Add `lora` to `network` in memory at `strength` (0 = original). Use as a context manager or call remove()."""
+    if not math.isfinite(strength):
+        raise SpareInputError(f"strength={strength} must be a finite number")
+    return AppliedLora(network, lora, strength)
