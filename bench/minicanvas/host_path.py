@@ -36,6 +36,7 @@ Only the method "spare" exists as nodes: `--host comfyui` refuses the ablations 
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import inspect
@@ -146,6 +147,7 @@ class ComfyHost:
         self.model, self.clip, self.vae, _ = run_node(demo.DemoModel)
         # Distill writes its LoRA into the loras folder: a temporary one (set while it runs), never ComfyUI's own
         self.loras = tempfile.mkdtemp(prefix="minicanvas_loras_")
+        atexit.register(shutil.rmtree, self.loras, True)  # worker processes (--jobs > 1) never call close()
         self._conds: dict[str, torch.Tensor] = {}
 
     def close(self):
