@@ -361,6 +361,8 @@ def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, h
     host_obj = make_host(host)
     judge = Judge()
     _WORKER.update(host=host_obj, judge=judge)
+    if isinstance(host_obj, LibraryHost):
+        _WORKER["model"] = host_obj.model  # what curve.py / selection.py reuse
     prompts, ls, lo, seeds = grid(budget.seeds)
     base_images = host_obj.sample(None, prompts, seeds, budget.sample_steps)
     base = judge(base_images)
