@@ -3,6 +3,8 @@ every edit with the UnlearnCanvas definitions.
 
     python -m bench.minicanvas --standard --out results.json  # 20 concepts x 3 training seeds, papers' budgets
     python -m bench.minicanvas --quick --out results.json     # 4 concepts, SPARE at product defaults, <= 10 min
+    COMFYUI_PATH=~/comfyui .venv-comfy/bin/python -m bench.minicanvas --host comfyui --methods spare --quick \
+        --out results_comfyui.json   # SPARE through the pack's nodes, grids through ComfyUI's KSampler (host_path.py)
 
 Train/test split: every method trains on UnlearnCanvas' template "A {object} image in {style} style." (forget,
 surrogate and retain prompts); the evaluation grid (10 x 10 non-neutral style x object pairs, `seeds` images per pair)
@@ -10,6 +12,11 @@ asks with the *other* templates of data.TEMPLATES, so an erasure is judged on pr
 shipped classifiers judge it (metrics.py). Same model, grid and seeds for every method; the unerased model is scored
 once ("base"). The training seed (samples, adapter init, retain neighbours) varies over `train_seeds`; every figure
 is reported with a 95% bootstrap interval over concepts and training seeds (metrics.bootstrap_ci).
+
+Hosts (--host): "library" (default) trains through spare_core on the bundled MiniCanvasModel and samples the grids
+with its own sampler; "comfyui" runs the same harness inside ComfyUI (COMFYUI_PATH, ComfyUI's Python environment):
+SPARE through the pack's nodes on the SPARE Demo Model, the grids (the unerased model's too) through ComfyUI's
+KSampler sampling call and VAE decode, the same Judge (host_path.py lists every difference). SPARE only.
 """
 from __future__ import annotations
 
@@ -245,6 +252,40 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None):
     return edited, info
 
 
+class LibraryHost:
+    """The harness' host interface (`erase`, `sample`) over spare_core and the bundled model and sampler (--host
+    library). host_path.ComfyHost is the same interface over ComfyUI and the pack's nodes."""
+
+    name = "library"
+
+    def __init__(self):
+        self.model = load_model()
+
+    def erase(self, method, domain, name, budget, seed=0):
+        return run_method(method, self.model, domain, name, budget, seed=seed)
+
+    def sample(self, edited, prompts, seeds, steps):
+        """Grid images [B, 3, H, W] in [0, 1]; edited None = the unerased model."""
+        if edited is None:
+            return generate(self.model, prompts, seeds, steps)
+        return sample_edited(self.model, edited, prompts, seeds, steps)
+
+    def close(self):
+        pass
+
+
+HOSTS = ("library", "comfyui")
+
+
+def make_host(name: str):
+    if name == "library":
+        return LibraryHost()
+    if name == "comfyui":
+        from . import host_path
+        return host_path.ComfyHost()
+    raise ValueError(f"unknown host {name!r}; known: {', '.join(HOSTS)}")
+
+
 def sample_edited(model, edited, prompts, seeds, steps):
     kind, obj = edited
     if kind == "lora":
@@ -279,10 +320,10 @@ def map_tasks(fn, tasks: list, jobs: int, threads: int) -> list:
 
 def _erase_concept(task) -> list[tuple[str, str, dict]]:
     """Every method on one concept and training seed (in a worker process or inline). [(method, domain, row)]."""
-    methods, domain, name, seed, budget, base_features = task
-    if "model" not in _WORKER:
-        _WORKER["model"], _WORKER["judge"] = load_model(), Judge()
-    model, judge = _WORKER["model"], _WORKER["judge"]
+    methods, domain, name, seed, budget, base_features, host_name = task
+    if "host" not in _WORKER or _WORKER["host"].name != host_name:
+        _WORKER["host"], _WORKER["judge"] = make_host(host_name), Judge()
+    host, judge = _WORKER["host"], _WORKER["judge"]
     prompts, ls, lo, seeds = grid(budget.seeds)
     target = (data.style_index if domain == "style" else data.object_index)(name)
     syn = data.STYLES[target].synonyms[0] if domain == "style" else data.OBJECTS[target].synonyms[0]
@@ -290,13 +331,14 @@ def _erase_concept(task) -> list[tuple[str, str, dict]]:
     keep = (~((ls if domain == "style" else lo) == target)).numpy()
     rows = []
     for method in methods:
-        edited, info = run_method(method, model, domain, name, budget, seed=seed)
-        images = sample_edited(model, edited, prompts, seeds, budget.sample_steps)
+        edited, info = host.erase(method, domain, name, budget, seed=seed)
+        images = host.sample(edited, prompts, seeds, budget.sample_steps)
         m, j = evaluate(judge, images, ls, lo, domain, target)
-        syn_pred = judge(sample_edited(model, edited, sp, sseeds, budget.sample_steps))[domain]
+        syn_pred = judge(host.sample(edited, sp, sseeds, budget.sample_steps))[domain]
         m["synonym_UA"] = metrics.unlearning_accuracy(syn_pred, target)
         m["quality_fd"] = metrics.frechet_distance(j["features"][keep], base_features[keep])
         m.update({k: v for k, v in info.items() if k != "losses"})
+        m["host"] = host_name
         m["concept"], m["seed"] = name, seed
         rows.append((method, domain, m))
         extra = f" steps {info['steps_used']:3d} gap closed {info['gap_closed']:.2f}" if "steps_used" in info else ""
@@ -306,19 +348,25 @@ def _erase_concept(task) -> list[tuple[str, str, dict]]:
     return rows
 
 
-def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1):
+def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, host: str = "library"):
     """Erase every concept with every method, for every training seed. jobs > 1: (concept, seed) tasks are spread
     over that many worker processes of one torch thread each (one process per core beats one process with several
-    threads on small models). Step-trained baselines run `budget.baseline_seeds` training seeds (0 = all)."""
+    threads on small models). Step-trained baselines run `budget.baseline_seeds` training seeds (0 = all).
+    host: "library" (spare_core + the bundled sampler) or "comfyui" (the pack's nodes + KSampler; SPARE only)."""
     threads = int(os.environ.get("MINICANVAS_THREADS", "1"))  # 2 threads on 2 shared cores ran ~100x slower
     torch.set_num_threads(threads)
     budget = budget or Budget()
     concepts = concepts or {"style": STYLES, "object": OBJECTS}
-    model = load_model()
+    if host == "comfyui":
+        from . import host_path
+        host_path.check_methods(methods)
+    host_obj = make_host(host)
     judge = Judge()
-    _WORKER.update(model=model, judge=judge)
+    _WORKER.update(host=host_obj, judge=judge)
+    if isinstance(host_obj, LibraryHost):
+        _WORKER["model"] = host_obj.model  # what curve.py / selection.py reuse
     prompts, ls, lo, seeds = grid(budget.seeds)
-    base_images = generate(model, prompts, seeds, budget.sample_steps)
+    base_images = host_obj.sample(None, prompts, seeds, budget.sample_steps)
     base = judge(base_images)
     base_acc = {"style_acc": 100.0 * (base["style"] == ls).float().mean().item(),
                 "object_acc": 100.0 * (base["object"] == lo).float().mean().item()}
@@ -335,14 +383,19 @@ def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1):
                                       domain=domain)  # its SFA: the other domain in the row before erasure
                 todo = [m for m in methods if m.startswith("spare") or m.startswith("uce") or seed < baseline_seeds]
                 if todo:
-                    tasks.append((todo, domain, name, seed, budget, base["features"]))
-    results = map_tasks(_erase_concept, tasks, jobs, threads)
+                    tasks.append((todo, domain, name, seed, budget, base["features"], host))
+    try:
+        results = map_tasks(_erase_concept, tasks, jobs, threads)
+    finally:
+        host_obj.close()
     per = {m: [] for m in methods}
     for rows in results:
         for method, domain, m in rows:
             m["domain"] = domain
             per[method].append(m)
-    return summarize(per, base_acc, base_per, budget)
+    out = summarize(per, base_acc, base_per, budget)
+    out["host"] = host
+    return out
 
 
 def _ci(rows, key):
@@ -409,6 +462,16 @@ def summarize(per, base_acc, base_per, budget):
                                                      for k, v in budget.__dict__.items()}}
 
 
+def comfyui_version(path: str) -> str:
+    """ComfyUI's version string (comfyui_version.py) and its folder, for the results' meta."""
+    try:
+        with open(os.path.join(path, "comfyui_version.py")) as f:
+            version = next((ln.split("=", 1)[1].strip().strip("\"'") for ln in f if ln.startswith("__version__")), "?")
+    except OSError:
+        version = "?"
+    return f"ComfyUI {version} ({path})"
+
+
 def _mean(rows, key):
     vals = [r[key] for r in rows if r.get(key) is not None]
     return float(np.mean(vals)) if vals else None
@@ -444,9 +507,16 @@ def main(argv=None):
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set,
                     help="every method's retain list: all other (style, object) pairs (default) or the short "
                     "neighbours list")
+    ap.add_argument("--host", choices=HOSTS, default="library",
+                    help="library (default): SPARE through spare_core, grids through the bundled sampler; comfyui: "
+                    "SPARE through the pack's nodes and the grids through ComfyUI's KSampler on the SPARE Demo Model "
+                    "(needs COMFYUI_PATH and ComfyUI's Python environment, .venv-comfy; SPARE only: --methods spare "
+                    "is the default then; see bench/minicanvas/host_path.py)")
     ap.add_argument("--out", default="results.json")
     args = ap.parse_args(argv)
-    if args.methods in (None, "all"):
+    if args.methods is None and args.host == "comfyui":
+        methods = ["spare"]
+    elif args.methods in (None, "all"):
         default = QUICK_METHODS if args.quick else STANDARD_METHODS if args.standard else METHODS
         methods = list(default if args.methods is None else METHODS)
     else:
@@ -454,6 +524,14 @@ def main(argv=None):
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    comfyui_path = None
+    if args.host == "comfyui":
+        from . import host_path
+        try:
+            host_path.check_methods(methods)
+            comfyui_path = host_path.import_comfyui()
+        except (ValueError, host_path.HostUnavailable) as e:
+            ap.error(str(e))
     budget = Budget(spare_weighting=args.spare_weighting, spare_scoring=args.spare_scoring,
                     spare_targets=args.spare_targets, spare_stop=args.spare_stop, retain_set=args.retain_set)
     if args.quick:
@@ -477,13 +555,15 @@ def main(argv=None):
         if bad:
             ap.error(f"unknown concept(s) {bad}; styles: {STYLES}; objects: {OBJECTS}")
     started = time.time()
-    results = run(methods, concepts, budget, jobs=max(1, args.jobs))
+    results = run(methods, concepts, budget, jobs=max(1, args.jobs), host=args.host)
     results["meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                        f"{platform.processor() or platform.platform()}", "command": "python -m bench.minicanvas "
                        + " ".join(sys.argv[1:] if argv is None else argv), "seeds": budget.seeds,
                        "train_seeds": budget.train_seeds, "eval_templates": [data.TEMPLATES[i] for i in EVAL_TEMPLATES],
                        "train_template": data.TEMPLATES[TRAIN_TEMPLATE],
-                       "wall_seconds": round(time.time() - started, 1)}
+                       "wall_seconds": round(time.time() - started, 1), "host": args.host}
+    if comfyui_path:
+        results["meta"]["comfyui"] = comfyui_version(comfyui_path)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(results, f, indent=1)

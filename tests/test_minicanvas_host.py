@@ -1,0 +1,111 @@
+"""`python -m bench.minicanvas --host comfyui` (bench/minicanvas/host_path.py): the MiniCanvas harness with SPARE
+driven through the pack's nodes and the grids through ComfyUI's KSampler, end to end at a tiny budget; the nodes
+train what the library path trains from the same inputs; a batched grid image equals a KSampler run.
+
+The host tests need a ComfyUI checkout in COMFYUI_PATH (scripts/setup_comfyui.sh) and are skipped with the reason
+printed otherwise; the CLI's refusals are tested without it.
+"""
+import os
+
+import pytest
+import torch
+
+from bench.minicanvas import data, harness
+
+import comfy_fixtures as cf
+
+CONCEPT = ("style", "ukiyo")
+TINY = harness.Budget(spare=2, seeds=1, sample_steps=2)
+
+
+def few_prompts(domain, name, seed, retain_set="all-pairs"):
+    """harness.concept_prompts cut to 2 forget / surrogate and 2 retain prompts (the full lists take minutes)."""
+    forget, surrogate, retain, short, short_surrogate = ORIGINAL(domain, name, seed, retain_set)
+    return forget[:2], surrogate[:2], retain[:2], short, short_surrogate
+
+
+ORIGINAL = harness.concept_prompts
+
+
+@pytest.fixture(scope="module")
+def host():
+    cf.comfy_or_skip()
+    from bench.minicanvas import host_path
+    h = host_path.ComfyHost()
+    yield h
+    h.close()
+
+
+def test_cli_refuses_without_comfyui_and_other_methods(monkeypatch, capsys):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    with pytest.raises(SystemExit):
+        harness.main(["--host", "comfyui", "--methods", "spare", "--concepts", "ukiyo", "--out", "unused.json"])
+    assert "COMFYUI_PATH" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        harness.main(["--host", "comfyui", "--methods", "spare,esd-x", "--out", "unused.json"])
+    err = capsys.readouterr().err
+    assert "esd-x" in err and "--host library" in err
+
+
+def test_host_path_end_to_end(host, monkeypatch):
+    monkeypatch.setattr(harness, "concept_prompts", few_prompts)
+    before = host.sample(None, ["A star image in ukiyo style."], [3], 4)
+    out = harness.run(["spare"], {CONCEPT[0]: [CONCEPT[1]]}, TINY, log=print, host="comfyui")
+    assert out["host"] == "comfyui"
+    row = out["methods"]["spare"]["runs"][0]
+    assert row["host"] == "comfyui" and row["steps_used"] == TINY.spare and row["modules"] > 0
+    for k in ("UA", "IRA", "CRA", "synonym_UA"):
+        assert 0.0 <= row[k] <= 100.0, (k, row[k])
+    assert 0.0 <= out["base"]["style_acc"] <= 100.0 and row["seconds"] > 0
+    # the erasure did not leak into the demo MODEL (Apply Erasure patched a clone)
+    assert torch.equal(host.sample(None, ["A star image in ukiyo style."], [3], 4), before)
+
+
+def test_nodes_train_what_the_library_trains(host, monkeypatch):
+    """Same prompts, seeds and settings through both paths: the same modules and (up to float rounding and the node's
+    fp16 LORA_MODEL) the same LoRA; a wrong learning rate or seed would fail this. The LoRA changes the images."""
+    import spare_core as sc
+
+    monkeypatch.setattr(harness, "concept_prompts", few_prompts)
+    domain, name = CONCEPT
+    (_, erased), info = host.erase("spare", domain, name, TINY, seed=1)
+    library = harness.LibraryHost()
+    (_, lora), lib_info = library.erase("spare", domain, name, TINY, seed=1)
+    assert info["steps_used"] == lib_info["steps_used"] and info["trainable_params"] == lib_info["trainable_params"]
+    node_lora = sc.lora.LoraWeights.from_state_dict(_node_sd(host, info), library.model.network)
+    assert set(node_lora.modules) == set(lora.modules)
+    worst = 0.0
+    for path, m in lora.modules.items():
+        for part in ("up", "down"):
+            ref, got = m[part], node_lora.modules[path][part].float()
+            worst = max(worst, ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-8)).item())
+    print(f"max relative difference node vs library LoRA: {worst:.2e}")
+    assert worst < 1e-2, worst  # measured 7.5e-4 (fp16 file); a 20x lr would be ~1
+    prompts = [data.prompt(name, "star", 1), data.prompt("neon", "heart", 2)]
+    base, after = host.sample(None, prompts, [5, 6], 4), host.sample(("model", erased), prompts, [5, 6], 4)
+    assert (after - base).abs().max() > 1e-3
+
+
+def _node_sd(host, info):
+    """The LoRA file the Distill node wrote (the same tensors as its LORA_MODEL output)."""
+    from safetensors.torch import load_file
+    return load_file(os.path.join(host.loras, info["lora_file"]))
+
+
+def test_batched_grid_equals_ksampler(host):
+    """host.sample draws a batch with one noise tensor per image seed; each image equals a KSampler run (batch 1,
+    that seed) with the grid's sampler settings."""
+    import nodes as comfy_nodes  # ComfyUI's nodes.py (first on sys.path)
+    from bench.minicanvas import host_path
+
+    prompts, seeds, steps = ["A ring image in neon style.", "An image of a heart in ukiyo style."], [10_007, 42], 3
+    batched = host.sample(None, prompts, seeds, steps)
+    for i, (p, s) in enumerate(zip(prompts, seeds)):
+        with torch.inference_mode():
+            pos = comfy_nodes.CLIPTextEncode().encode(host.clip, p)[0]
+            neg = comfy_nodes.CLIPTextEncode().encode(host.clip, host_path.GRID_NEGATIVE)[0]
+            latent = {"samples": torch.zeros(1, 3, 32, 32)}
+            (out,) = comfy_nodes.common_ksampler(host.model, s, steps, host_path.GRID_CFG, host_path.GRID_SAMPLER,
+                                                 host_path.GRID_SCHEDULER, pos, neg, latent)
+            image = comfy_nodes.VAEDecode().decode(host.vae, out)[0].permute(0, 3, 1, 2)
+        assert torch.allclose(batched[i:i + 1], image, atol=1e-5), (batched[i:i + 1] - image).abs().max()
