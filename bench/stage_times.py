@@ -16,6 +16,7 @@ import os
 import platform
 import time
 
+import einops
 import torch
 
 import spare_core as sc
@@ -37,7 +38,7 @@ def run(model, concept: str, steps: int, shared: bool) -> dict:
     times, x = {}, None
     if shared:  # SPARE Concept Samples: one draw, round-robin order (sample i -> prompt i % n)
         (x, _), times["concept samples"] = timed(lambda: sc.generate(model, forget, per, 0))
-        x = x.view(len(forget), per, *x.shape[1:]).transpose(0, 1).flatten(0, 1)
+        x = einops.rearrange(x, "(concept sample) ... -> (sample concept) ...", concept=len(forget))
     sal, times["saliency scan"] = timed(lambda: sc.saliency_scan(model, forget, retain=retain, seed=0, latents=x))
     prof, times["timestep profile"] = timed(lambda: sc.timestep_profile(model, forget, surrogate, seed=0,
                                                                          weighting=cfg.weighting, latents=x))

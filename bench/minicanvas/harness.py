@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
+import einops
 import numpy as np
 import torch
 
@@ -206,7 +207,7 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None):
         # wired into Saliency Scan, Timestep Profile and Sparse LoRA Distill).
         x_forget, _ = sc.generate(model, forget, per, seed)  # prompt-major: sample j is prompt j // per
         # the stages' latents convention is sample i -> prompt i % len(prompts): reorder to sample-major
-        x_forget = x_forget.view(len(forget), per, *x_forget.shape[1:]).transpose(0, 1).flatten(0, 1)
+        x_forget = einops.rearrange(x_forget, "(concept sample) ... -> (sample concept) ...", concept=len(forget))
         if method == "spare-no-saliency":
             cands = sc.candidate_modules(model.network, budget.spare_targets)
             sal = sc.Saliency({p: 1.0 for p in cands}, list(cands), None, {"concepts": forget})
