@@ -28,7 +28,7 @@ that is set (e.g. fp16 weights on a CPU compute in fp32). The reported `compute_
 
 Per configuration, in one process on one network:
 1. Distill step: spare_core.distill through nodes/host.py (ComfyDiffusionModel + trainable(), under inference mode as
-   under the executor) for --steps steps, with the Distill node's defaults (rank 4, batch 2 forget + 2 retain
+   under the executor) for --steps steps, with the Distill node's defaults (rank 8, batch 2 forget + 2 retain
    samples, ...) on half of every Linear/Conv2d (every other candidate of targets "all": as many modules as the
    default selection, 0.5; which ones a real scan picks differs). Self-generation is cut to 1 sample x 2 Euler steps,
    as it is not part of a step. Steps after the first are timed (wall, and process CPU seconds: the steadier figure
@@ -293,7 +293,8 @@ def erase_phase(host, sc, model, clip, latent: int, erase_steps: int, checkpoint
 
     given = model.model.process_latent_in(latents.float())
     dm = host.ComfyDiffusionModel(model, clip, px, px)  # SPARE Sparse LoRA Distill
-    config = sc.DistillConfig(concepts=concepts, surrogates=surrogates, retain=distill_retain, rank=4, alpha=4.0,
+    config = sc.DistillConfig(concepts=concepts, surrogates=surrogates, retain=distill_retain,
+                              rank=sc.DistillConfig.rank, alpha=sc.DistillConfig.alpha,
                               steps=erase_steps, lr=1e-4, forget_weight=0.3, retain_weight=1.0, seed=NODE_SEED,
                               samples_per_prompt=NODE_SAMPLES, gradient_checkpointing=checkpointing, weighting="v",
                               stop_reduction=sc.DistillConfig.stop_reduction)
