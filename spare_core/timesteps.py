@@ -110,7 +110,7 @@ def profile(
     seed: int = 0,
     gamma: float = 1.0,
     floor: float = 0.2,
-    draws_per_bin: int = 2,
+    draws_per_bin: int = 1,
     sample_steps: int = 8,
     sample_cfg: float = 5.0,
     weighting: str = "v",

@@ -221,6 +221,31 @@ def test_adapters_only_on_selected_and_base_untouched(model, saliency, trained):
     assert all(p.grad is None for p in model.network.parameters())
 
 
+def test_a_step_is_one_teacher_and_one_student_forward_over_forget_and_retain_rows(model, saliency, monkeypatch):
+    """Each step batches its forget and retain rows into one forward per model (speed: bench/RESULTS.md, "Speed"):
+    the teacher sees the surrogate on the forget rows, the student the concept, both the same retain prompt."""
+    calls = []
+    real = model.predict_x0
+
+    def recording(x, sigma, cond):
+        calls.append((x.shape[0], cond.detach().clone(), torch.is_grad_enabled()))
+        return real(x, sigma, cond)
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=3, lr=1e-3, check_every=100,
+                           **{**FAST, "batch_size": 5})  # 10 rows: no sampling or probe batch has as many
+    monkeypatch.setattr(model, "predict_x0", recording)
+    sc.distill(model, cfg, saliency, latents=torch.randn(2, *model.latent_shape))
+    b = cfg.batch_size
+    encoded = {p: model.encode([p])[0] for p in [CONCEPT, SURROGATE, ""] + RETAIN}
+    training = [c for c in calls if c[0] == 2 * b]
+    assert len(training) == 2 * cfg.steps  # teacher, student per step; nothing else has 2 * batch_size rows
+    for (_, teacher, teacher_grad), (_, student, student_grad) in zip(training[::2], training[1::2]):
+        assert not teacher_grad and student_grad
+        assert all(torch.equal(row, encoded[SURROGATE]) for row in teacher[:b])
+        assert all(torch.equal(row, encoded[CONCEPT]) for row in student[:b])
+        assert torch.equal(teacher[b:], student[b:])  # retain rows: the same prompt for both
+        assert all(any(torch.equal(row, encoded[p]) for p in RETAIN + [""]) for row in student[b:])
+
+
 def test_distill_deterministic_and_row_mask(model):
     sal = sc.saliency_scan(model, [CONCEPT], samples=1, sample_steps=2, repeats=1, top_k=2, row_fraction=0.3)
     cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=5, lr=1e-3, seed=3, **FAST)
