@@ -34,9 +34,9 @@ Per configuration, in one process on one network:
    as it is not part of a step. Steps after the first are timed (wall, and process CPU seconds: the steadier figure
    on a shared CPU); on cuda each step ends with torch.cuda.synchronize().
 2. Floor: what a step cannot do without, on the same network, input shapes and batch, with the same adapters (same
-   modules, rank, fp32) attached through spare_core.adapters.attach and the same checkpointing and autocast: for the
-   forget and the retain pair, a teacher forward (adapters off, no grad) and a student forward, then one backward of
-   the summed loss. No optimizer, clipping, loss scaling, noise draws or syncs. One warm-up, then --steps - 1 timed
+   modules, rank, fp32) attached through spare_core.adapters.attach and the same checkpointing and autocast: as
+   distill does, the forget and the retain rows batched into one teacher forward (adapters off, no grad) and one
+   student forward, then one backward of the summed loss. No optimizer, clipping, loss scaling, noise draws or syncs. One warm-up, then --steps - 1 timed
    repetitions; `step_over_floor` = seconds_per_step / floor_seconds (`floor_cpu_seconds`, `cpu_step_over_floor`:
    the same in process CPU seconds).
 3. Default erase (--erase-steps > 0): the shipped erase_style workflow run the way the nodes run it (same spare_core
@@ -205,12 +205,13 @@ def floor_seconds(sc, dm, cfg, selected: list[str], reps: int, clock) -> tuple[f
 
     dev, b = dm.device, cfg.batch_size
     gen = torch.Generator().manual_seed(0)
-    x0 = torch.randn((b, *dm.latent_shape), generator=gen).to(dev)
-    sigma = dm.sigma_at(torch.rand(b, generator=gen)).float().to(dev)
+    x0 = torch.randn((2 * b, *dm.latent_shape), generator=gen).to(dev)  # b forget rows, then b retain rows
+    sigma = dm.sigma_at(torch.rand(2 * b, generator=gen)).float().to(dev)
     xt = dm.add_noise(x0, torch.randn(x0.shape, generator=gen).to(dev), sigma)
-    rows = torch.zeros(b, dtype=torch.long)
-    concept, surrogate, retain = (dm.select_cond(dm.encode([p]), rows) for p in (CONCEPT, SURROGATE, cfg.retain[0]))
-    pairs = [(concept, surrogate), (retain, retain)]  # (student, teacher) conds: the forget and the retain pair
+    conds = dm.encode([CONCEPT, SURROGATE, cfg.retain[0]])
+    forget_rows, retain_rows = torch.zeros(b, dtype=torch.long), torch.full((b,), 2)
+    student = dm.select_cond(conds, torch.cat([forget_rows, retain_rows]))       # concept, retain
+    teacher = dm.select_cond(conds, torch.cat([forget_rows + 1, retain_rows]))   # surrogate, retain
     autocast = dict(device_type=dev.type, dtype=dm.dtype, enabled=dm.dtype != torch.float32)
     checkpointing = gradient_checkpointing(dm.network) if cfg.gradient_checkpointing else contextlib.nullcontext()
     with frozen(dm.network), torch.inference_mode(False), torch.enable_grad(), checkpointing:
@@ -218,15 +219,14 @@ def floor_seconds(sc, dm, cfg, selected: list[str], reps: int, clock) -> tuple[f
         params = adapters.parameters()
         try:
             def once():
-                loss = 0.0
-                for student, teacher in pairs:  # both pairs on the same x_t: the cost is the same as distinct ones
-                    adapters.enabled = False
-                    with torch.no_grad(), torch.autocast(**autocast):
-                        target = dm.predict_x0(xt, sigma, teacher).float()
-                    adapters.enabled = True
-                    with torch.autocast(**autocast):
-                        pred = dm.predict_x0(xt, sigma, student).float()
-                    loss = loss + ((pred - target) ** 2).mean()
+                adapters.enabled = False
+                with torch.no_grad(), torch.autocast(**autocast):
+                    target = dm.predict_x0(xt, sigma, teacher).float()
+                adapters.enabled = True
+                with torch.autocast(**autocast):
+                    pred = dm.predict_x0(xt, sigma, student).float()
+                per_row = (pred - target).pow(2).flatten(1).mean(1)
+                loss = per_row[:b].mean() + per_row[b:].mean()
                 loss.backward()
                 for p in params:
                     p.grad = None

@@ -289,7 +289,8 @@ def distill(
             def make_probe(x_all, index, student, teacher, seed):
                 rows = torch.linspace(0, x_all.shape[0] - 1, min(PROBE_SIZE, x_all.shape[0])).long()
                 ids = index[rows]
-                x0, c_s, c_t = x_all[rows], model.select_cond(c_all, student(ids)), model.select_cond(c_all, teacher(ids))
+                x0 = x_all[rows]
+                c_s, c_t = model.select_cond(c_all, student(ids)), model.select_cond(c_all, teacher(ids))
                 t = torch.linspace(0.15, 0.95, len(rows))
                 sigma, xt = noised(model, x0, t, torch.Generator().manual_seed(seed))
                 w = loss_weight(sigma, cfg.weighting, sigma_data).view(-1, *[1] * (x0.dim() - 1))

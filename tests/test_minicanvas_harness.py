@@ -177,6 +177,14 @@ def test_demo_refuses_bad_arguments_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
+def test_profile_noise_refuses_bad_arguments_before_any_work(capsys):
+    from bench import profile_noise
+    for args, msg in ((["--concepts", "mauve"], "unknown ['mauve']"), (["--seeds", "1"], "--seeds 1")):
+        with pytest.raises(SystemExit):
+            profile_noise.main(args)
+        assert msg in capsys.readouterr().err
+
+
 def test_report_targets_marks_met_and_missed():
     from bench.minicanvas import report
 

@@ -1,0 +1,73 @@
+"""How precisely the Timestep Profile measures its distribution: the spread of its per-bin probabilities over profile
+seeds, for a number of noise draws per bin and a number of concept samples (bench/RESULTS.md, "Speed").
+
+    .venv/bin/python -m bench.profile_noise --concepts ukiyo,circle --seeds 4
+
+On the bundled MiniCanvas model, one torch thread; each concept's samples are drawn once (4 per prompt, seed 0, what
+SPARE Concept Samples gives the stages) and the profile is measured with seeds 0..N-1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+import spare_core as sc
+from bench.minicanvas import harness
+from bench.minicanvas.model import load as load_model
+
+SETTINGS = ((2, 1.0), (1, 1.0), (2, 0.5))  # (draws per bin, share of the concept samples)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.profile_noise", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concepts", default="ukiyo,circle", help="comma-separated MiniCanvas styles / objects")
+    ap.add_argument("--seeds", type=int, default=4, help="profile seeds per setting (>= 2)")
+    ap.add_argument("--out", help="write the figures as JSON here")
+    args = ap.parse_args(argv)
+    names = harness.STYLES + harness.OBJECTS
+    concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
+    bad = [c for c in concepts if c not in names]
+    if bad or not concepts:
+        ap.error(f"--concepts {args.concepts!r}: unknown {bad}; valid: {', '.join(names)}")
+    if args.seeds < 2:
+        ap.error(f"--seeds {args.seeds}: must be >= 2 (a spread needs two)")
+    torch.set_num_threads(1)
+    model = load_model()
+    rows = []
+    for concept in concepts:
+        domain = "style" if concept in harness.STYLES else "object"
+        forget, surrogate, _, _, _ = harness.concept_prompts(domain, concept, 0)
+        x, _ = sc.generate(model, forget, 4, 0)
+        for draws, share in SETTINGS:
+            n = max(len(forget), round(share * x.shape[0]))
+            started = time.perf_counter()
+            probs = torch.stack([torch.tensor(sc.timestep_profile(model, forget, surrogate, seed=seed, latents=x[:n],
+                                                                  draws_per_bin=draws).probs)
+                                 for seed in range(args.seeds)])
+            row = {"concept": concept, "draws_per_bin": draws, "samples": n,
+                   "seconds_per_profile": (time.perf_counter() - started) / args.seeds,
+                   "mean_probs": [round(p, 4) for p in probs.mean(0).tolist()],
+                   "max_sd": float(probs.std(0).max()), "max_mean_shift_vs_first": None}
+            rows.append(row)
+            first = next(r for r in rows if r["concept"] == concept)
+            row["max_mean_shift_vs_first"] = max(abs(a - b) for a, b in zip(row["mean_probs"], first["mean_probs"]))
+            print(f"{concept:8s} draws {draws} samples {n:3d}: {row['seconds_per_profile']:5.2f} s/profile, "
+                  f"probs sd <= {row['max_sd']:.4f}, mean shift vs {first['draws_per_bin']} draws / "
+                  f"{first['samples']} samples <= {row['max_mean_shift_vs_first']:.4f}, "
+                  f"probs {row['mean_probs']}", flush=True)
+    if args.out:
+        meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                "seeds": args.seeds, "threads": 1}
+        with open(args.out + ".tmp", "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+
+
+if __name__ == "__main__":
+    main()
