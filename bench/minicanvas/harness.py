@@ -40,8 +40,8 @@ from .model import load as load_model  # noqa: F401  (re-exported for curve.py)
 
 STYLES = [c.name for c in data.STYLES if c.name != data.NEUTRAL_STYLE]
 OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJECT]
-METHODS = ("spare", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-anchor", "spare-rank4", "esd-x",
-           "esd-u", "ca", "salun", "uce", "uce-pool")
+METHODS = ("spare", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-anchor", "spare-rank4",
+           "spare-floor05", "esd-x", "esd-u", "ca", "salun", "uce", "uce-pool")
 ANCHOR_SHARE = 0.5  # spare-anchor: half of each forget batch noised from the surrogate's samples (surrogate_anchor)
 # choice: kept from the first model (on which only some objects were drawn recognisably) so that runs compare across
 # sessions; on the shipped model every object's generations are judged right >= 91% of the time.
@@ -216,7 +216,9 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None):
                                    targets=budget.spare_targets, scoring=budget.spare_scoring, latents=x_forget)
         profile = None
         if method != "spare-uniform-t":
-            profile = sc.timestep_profile(model, forget, surrogate, bins=10, seed=seed,
+            # spare-floor05 (experiment): half of the steps spread evenly over the schedule (the default floor 0.2)
+            floor = 0.5 if method == "spare-floor05" else 0.2
+            profile = sc.timestep_profile(model, forget, surrogate, bins=10, seed=seed, floor=floor,
                                           weighting=budget.spare_weighting, latents=x_forget)
         if method == "spare-anchor":  # experiment: CA-style anchor samples in the forget loss (surrogate fidelity)
             defaults = replace(defaults, surrogate_anchor=ANCHOR_SHARE)
