@@ -44,19 +44,20 @@ def main(argv=None):
         domain = "style" if concept in harness.STYLES else "object"
         forget, surrogate, _, _, _ = harness.concept_prompts(domain, concept, 0)
         x, _ = sc.generate(model, forget, 4, 0)
+        first = None
         for draws, share in SETTINGS:
             n = max(len(forget), round(share * x.shape[0]))
             started = time.perf_counter()
             probs = torch.stack([torch.tensor(sc.timestep_profile(model, forget, surrogate, seed=seed, latents=x[:n],
                                                                   draws_per_bin=draws).probs)
                                  for seed in range(args.seeds)])
+            mean = [round(p, 4) for p in probs.mean(0).tolist()]
+            first = first or {"draws_per_bin": draws, "samples": n, "mean_probs": mean}  # SETTINGS[0]: the reference
             row = {"concept": concept, "draws_per_bin": draws, "samples": n,
-                   "seconds_per_profile": (time.perf_counter() - started) / args.seeds,
-                   "mean_probs": [round(p, 4) for p in probs.mean(0).tolist()],
-                   "max_sd": float(probs.std(0).max()), "max_mean_shift_vs_first": None}
+                   "seconds_per_profile": (time.perf_counter() - started) / args.seeds, "mean_probs": mean,
+                   "max_sd": float(probs.std(0).max()),
+                   "max_mean_shift_vs_first": max(abs(a - b) for a, b in zip(mean, first["mean_probs"]))}
             rows.append(row)
-            first = next(r for r in rows if r["concept"] == concept)
-            row["max_mean_shift_vs_first"] = max(abs(a - b) for a, b in zip(row["mean_probs"], first["mean_probs"]))
             print(f"{concept:8s} draws {draws} samples {n:3d}: {row['seconds_per_profile']:5.2f} s/profile, "
                   f"probs sd <= {row['max_sd']:.4f}, mean shift vs {first['draws_per_bin']} draws / "
                   f"{first['samples']} samples <= {row['max_mean_shift_vs_first']:.4f}, "

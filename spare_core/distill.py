@@ -344,7 +344,7 @@ def distill(
                 per_row = row_losses(xt, sigma, student, teacher)
                 forget = per_row[:cfg.batch_size].mean()
                 retain = per_row[cfg.batch_size:].mean() if x_retain is not None else torch.zeros(())
-                loss = cfg.forget_weight * forget + (cfg.retain_weight * retain if x_retain is not None else 0.0)
+                loss = cfg.forget_weight * forget + cfg.retain_weight * retain
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise NonFiniteLossError(step + 1, value)

@@ -216,10 +216,10 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None):
                                    targets=budget.spare_targets, scoring=budget.spare_scoring, latents=x_forget)
         profile = None
         if method != "spare-uniform-t":
-            # spare-floor05 (experiment): half of the steps spread evenly over the schedule (the default floor 0.2)
-            floor = 0.5 if method == "spare-floor05" else 0.2
-            profile = sc.timestep_profile(model, forget, surrogate, bins=10, seed=seed, floor=floor,
-                                          weighting=budget.spare_weighting, latents=x_forget)
+            # spare-floor05 (experiment): half of the steps spread evenly over the schedule (default floor: 0.2)
+            floor = {"floor": 0.5} if method == "spare-floor05" else {}
+            profile = sc.timestep_profile(model, forget, surrogate, bins=10, seed=seed,
+                                          weighting=budget.spare_weighting, latents=x_forget, **floor)
         if method == "spare-anchor":  # experiment: CA-style anchor samples in the forget loss (surrogate fidelity)
             defaults = replace(defaults, surrogate_anchor=ANCHOR_SHARE)
         if method == "spare-rank4":  # the authors' LoRA rank (the default was 4 until measured: RESULTS, "LoRA rank")
