@@ -315,8 +315,8 @@ class SparseLoraDistill(io.ComfyNode):
                                              "GPU for speed."),
                 resolution_input(),
                 io.Int.Input("samples", default=4, min=1, max=64,
-                             tooltip="Self-generated training samples per prompt (concept, surrogate-free retain "
-                                     "lines and the empty prompt). More = steadier, slower start."),
+                             tooltip="Self-generated training samples per prompt (concept, surrogate, retain lines "
+                                     "and the empty prompt). More = steadier, slower start."),
                 loss_weighting_input(),
                 # optional (with its default) so that API-format prompts saved before it existed still run
                 io.Float.Input("stop_at_gap_closed", default=sc.DistillConfig.stop_reduction, min=0.0, max=0.99,
@@ -325,6 +325,13 @@ class SparseLoraDistill(io.ComfyNode):
                                        "probe) has closed by this fraction; 0 = run every step (default). Stopping "
                                        "early saves time but measured worse for other concepts: the retain loss "
                                        "needs the remaining steps to repair them."),
+                io.Float.Input("surrogate_anchor", default=sc.DistillConfig.surrogate_anchor, min=0.0, max=1.0,
+                               step=0.05, optional=True,
+                               tooltip="Share of each training batch made from the SURROGATE's own self-generated "
+                                       "samples (the rest: the concept's). They teach the LoRA to keep a surrogate-"
+                                       "like picture when the concept is asked for, so the concept does not come back "
+                                       "in the last sampler steps. 0.5 erased more on the benchmark than the authors' "
+                                       "0 (bench/RESULTS.md); costs one more batch of samples."),
             ],
             outputs=[
                 io.LoraModel.Output("lora", tooltip="The erasure LoRA (ComfyUI's LORA_MODEL; 'Load LoRA Model' "
@@ -338,7 +345,7 @@ class SparseLoraDistill(io.ComfyNode):
     def execute(cls, model, clip, concepts, surrogates, retain, saliency, rank, alpha, steps, learning_rate,
                 forget_weight, retain_weight, seed, filename_prefix, key_format, gradient_checkpointing, resolution,
                 samples=4, loss_weighting="v", stop_at_gap_closed=sc.DistillConfig.stop_reduction, timesteps=None,
-                latents=None):
+                latents=None, surrogate_anchor=sc.DistillConfig.surrogate_anchor):
         require_supported(model)
         given, (width, height) = given_latents(model, latents, resolution)
         if key_format not in KEY_FORMATS:
@@ -349,7 +356,7 @@ class SparseLoraDistill(io.ComfyNode):
             rank=rank, alpha=alpha,
             steps=steps, lr=learning_rate, forget_weight=forget_weight, retain_weight=retain_weight, seed=seed,
             samples_per_prompt=samples, gradient_checkpointing=gradient_checkpointing, weighting=loss_weighting,
-            stop_reduction=stop_at_gap_closed)
+            stop_reduction=stop_at_gap_closed, surrogate_anchor=surrogate_anchor)
         sc.distill_validate(config, saliency)  # fail fast, before any model loading or sampling
         check_prefix(filename_prefix)  # fail fast; the file's name is chosen when it is saved
         dm.encode(config.concepts + config.surrogates + config.retain + [""])  # cached; CLIP loads before the model

@@ -45,7 +45,7 @@ EXPECTED_NODES = {
     "SPARESparseLoraDistill": (["model", "clip", "concepts", "surrogates", "retain", "saliency", "rank", "alpha",
                                 "steps", "learning_rate", "forget_weight", "retain_weight", "seed", "filename_prefix",
                                 "key_format", "gradient_checkpointing", "resolution", "samples", "loss_weighting"],
-                               ["timesteps", "latents", "stop_at_gap_closed"],
+                               ["timesteps", "latents", "stop_at_gap_closed", "surrogate_anchor"],
                                ["LORA_MODEL", "IMAGE", "STRING"]),
     "SPAREApplyErasure": (["model", "strength", "lora_name"], ["lora"], ["MODEL"]),
 }
