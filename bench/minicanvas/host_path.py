@@ -206,7 +206,7 @@ class ComfyHost:
                     filename_prefix=FILENAME_PREFIX, key_format="comfyui",
                     gradient_checkpointing=defaults.gradient_checkpointing, resolution=WIDGET_RESOLUTION, samples=per,
                     loss_weighting=budget.spare_weighting, stop_at_gap_closed=budget.spare_stop, timesteps=profile,
-                    latents=latents, **common)
+                    latents=latents, surrogate_anchor=defaults.surrogate_anchor, **common)
         finally:
             logging.getLogger("spare").removeHandler(warnings)
         (erased,) = run_node(n.ApplyErasure, model=self.model, strength=1.0, lora_name=n.NO_FILE, lora=lora)
