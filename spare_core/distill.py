@@ -22,8 +22,8 @@ t = 0 a noised concept sample still shows the concept, and there the surrogate-p
 concept (it keeps the circle it is given); so concept samples alone never teach the student what to do with a
 surrogate-like image at low noise, and an erased model finished a circle's silhouette in the last sampler steps.
 Anchor rows teach "concept prompt on a surrogate image -> keep the surrogate". On MiniCanvas (3 training seeds, every
-concept, held-out prompts) this raised object UA (circle 91.7 -> 96.7) and kept retention (bench/RESULTS.md,
-"Anchor samples").
+concept, held-out prompts, paired) this raised object UA (circle 91.7 -> 96.7) and the object kept inside an erased
+style (+13 points), at 0.4 points of cross-domain retention (styles: 0.7) (bench/RESULTS.md, "Anchor samples").
 """
 from __future__ import annotations
 
