@@ -14,13 +14,14 @@ import os
 import platform
 import time
 
+import einops
 import torch
 
 import spare_core as sc
 from bench.minicanvas import harness
 from bench.minicanvas.model import load as load_model
 
-SETTINGS = ((2, 1.0), (1, 1.0), (2, 0.5))  # (draws per bin, share of the concept samples)
+SETTINGS = ((2, 1.0), (1, 1.0), (2, 0.5), (1, 0.5))  # (draws per bin, share of the concept samples)
 
 
 def main(argv=None):
@@ -44,12 +45,15 @@ def main(argv=None):
         domain = "style" if concept in harness.STYLES else "object"
         forget, surrogate, _, _, _ = harness.concept_prompts(domain, concept, 0)
         x, _ = sc.generate(model, forget, 4, 0)
+        # sample-major, as the stages read latents (row i -> concept i % n): the first rows hold samples of every
+        # prompt. (Before 2026-11-29 this script passed them prompt-major: rows were paired with the wrong prompts.)
+        x = einops.rearrange(x, "(concept sample) ... -> (sample concept) ...", concept=len(forget))
         first = None
         for draws, share in SETTINGS:
             n = max(len(forget), round(share * x.shape[0]))
             started = time.perf_counter()
             probs = torch.stack([torch.tensor(sc.timestep_profile(model, forget, surrogate, seed=seed, latents=x[:n],
-                                                                  draws_per_bin=draws).probs)
+                                                                  samples=n // len(forget), draws_per_bin=draws).probs)
                                  for seed in range(args.seeds)])
             mean = [round(p, 4) for p in probs.mean(0).tolist()]
             first = first or {"draws_per_bin": draws, "samples": n, "mean_probs": mean}  # SETTINGS[0]: the reference

@@ -227,7 +227,10 @@ class TimestepProfileNode(io.ComfyNode):
                 io.String.Input("surrogate", multiline=True, default="",
                                 tooltip="What each concept should become, one line per concept line."),
                 io.Int.Input("bins", default=10, min=2, max=50, tooltip="Number of noise-level bins."),
-                io.Int.Input("samples", default=4, min=1, max=64, tooltip="Self-generated samples per concept."),
+                io.Int.Input("samples", default=sc.timesteps.PROFILE_SAMPLES, min=1, max=64,
+                             tooltip="Samples per concept line the gap is measured on: self-generated, or the first "
+                                     "ones of the given latents (2: half of what Concept Samples gives by default, "
+                                     "as precise at half the time: bench/RESULTS.md, \"Speed\")."),
                 seed_input(),
                 io.Float.Input("sharpness", default=1.0, min=0.0, max=4.0, step=0.1,
                                tooltip="Exponent on the measured gap: 0 = uniform, 1 = proportional, >1 = sharper."),
@@ -235,7 +238,7 @@ class TimestepProfileNode(io.ComfyNode):
                                tooltip="Share of samples drawn uniformly so every noise level keeps some training."),
                 resolution_input(),
                 loss_weighting_input(),
-                latents_input(),
+                latents_input("; 'resolution' is then ignored, 'samples' picks the first ones per line"),
             ],
             outputs=[
                 Timesteps.Output("timesteps", tooltip="Timestep distribution for Sparse LoRA Distill."),
@@ -315,8 +318,10 @@ class SparseLoraDistill(io.ComfyNode):
                                              "GPU for speed."),
                 resolution_input(),
                 io.Int.Input("samples", default=4, min=1, max=64,
-                             tooltip="Self-generated training samples per prompt (concept, surrogate, retain lines "
-                                     "and the empty prompt). More = steadier, slower start."),
+                             tooltip="Self-generated training samples per prompt: concept and surrogate lines; "
+                                     "the retain lines and the empty prompt get as many (fewer for a long list: "
+                                     "about 64 in all), drawn in half the Euler steps. More = steadier, slower "
+                                     "start."),
                 loss_weighting_input(),
                 # optional (with its default) so that API-format prompts saved before it existed still run
                 io.Float.Input("stop_at_gap_closed", default=sc.DistillConfig.stop_reduction, min=0.0, max=0.99,

@@ -42,12 +42,22 @@ from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import LoraWeights, metadata_json
 from .model import DiffusionModel
 from .prompts import expand_alternatives, validate_prompts
-from .sampling import LOSS_WEIGHTINGS, data_std, generate, loss_weight, noised, uniform_t
+from .sampling import LOSS_WEIGHTINGS, data_std, forward_rows, generate, loss_weight, noised, uniform_t
 from .saliency import Saliency
 from .timesteps import TimestepProfile, check_pairs
 
 RETAIN_TIMESTEPS = ("uniform", "same")
 RETAIN_SAMPLE_BUDGET = 64  # auto retain samples: about this many in all (a long {a|b} retain list gets 1 per prompt)
+
+
+def anchor_samples(cfg: "DistillConfig") -> int:
+    """Samples per surrogate prompt for the anchor rows (cfg.anchor_samples, or samples_per_prompt)."""
+    return cfg.anchor_samples or cfg.samples_per_prompt
+
+
+def retain_sample_steps(cfg: "DistillConfig") -> int:
+    """Euler steps for the retain samples (cfg.retain_sample_steps, or half of sample_steps)."""
+    return cfg.retain_sample_steps or max(1, cfg.sample_steps // 2)
 
 
 def retain_samples_auto(samples_per_prompt: int, n_prompts: int) -> int:
@@ -94,6 +104,11 @@ class DistillConfig:
                                              # instead of the concept's (Concept Ablation's anchor images); 0 = the
                                              # authors' (concept samples only). 0.5 measured better (a deviation):
                                              # bench/RESULTS.md, "Anchor samples"
+    anchor_samples: int = 0                  # self-generated samples per surrogate prompt for the anchors; 0 =
+                                             # samples_per_prompt (half as many measured no faster to erase circle /
+                                             # cross: bench/RESULTS.md, "Speed")
+    retain_sample_steps: int = 0             # Euler steps for the retain samples; 0 = auto: half of sample_steps (at
+                                             # least 1): for time, measured: bench/RESULTS.md, "Speed"
 
 
 @dataclass
@@ -175,6 +190,9 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
                               "batch noised from surrogate samples)")
     if config.batch_size <= 0 or config.samples_per_prompt <= 0 or config.sample_steps <= 0:
         raise SpareInputError("batch_size, samples_per_prompt and sample_steps must be >= 1")
+    if config.anchor_samples < 0 or config.retain_sample_steps < 0:
+        raise SpareInputError(f"anchor_samples={config.anchor_samples} and retain_sample_steps="
+                              f"{config.retain_sample_steps} must be >= 0 (0 = auto)")
     if config.retain_samples < 0:
         raise SpareInputError(f"retain_samples={config.retain_samples} must be >= 0 (0 = samples_per_prompt)")
     if not 0.0 <= config.dropout < 1.0:
@@ -239,12 +257,12 @@ def distill(
                                       cfg.sample_cfg, should_stop=should_stop)
     n_anchor = round(cfg.surrogate_anchor * cfg.batch_size)
     if n_anchor:  # the surrogates' own samples, surrogate i drawn for concept i (its anchor)
-        x_anchor, i_anchor = generate(model, cfg.surrogates, cfg.samples_per_prompt, cfg.seed + 5, cfg.sample_steps,
+        x_anchor, i_anchor = generate(model, cfg.surrogates, anchor_samples(cfg), cfg.seed + 5, cfg.sample_steps,
                                       cfg.sample_cfg, should_stop=should_stop)
     retain_prompts = cfg.retain + ([""] if cfg.retain_unconditional else [])
     if cfg.retain_weight > 0 and retain_prompts:
         per_retain = cfg.retain_samples or retain_samples_auto(cfg.samples_per_prompt, len(retain_prompts))
-        x_retain, i_retain = generate(model, retain_prompts, per_retain, cfg.seed + 1, cfg.sample_steps,
+        x_retain, i_retain = generate(model, retain_prompts, per_retain, cfg.seed + 1, retain_sample_steps(cfg),
                                       cfg.sample_cfg, should_stop=should_stop)
     else:
         x_retain, retain_prompts = None, []
@@ -280,18 +298,52 @@ def distill(
 
             sigma_data = data_std(x_forget)
 
-            def row_losses(xt, sigma, student, teacher):
-                """Weighted squared student-teacher error per row [B]; student / teacher: rows of c_all. Every row of
-                a step (forget and retain) goes through one teacher and one student forward: the same loss as a
-                forward per part, in ~2/3 of the time on the CPU (bench/RESULTS.md, "Speed")."""
-                w = loss_weight(sigma, cfg.weighting, sigma_data)
+            def teacher_targets(xt, sigma, teacher):
+                """The frozen model's x0 for rows of x_t [N] under prompts `teacher` (rows of c_all), in no-grad
+                forwards of `teacher_rows` rows."""
                 adapters.enabled = False
                 with torch.no_grad(), torch.autocast(**autocast):
-                    target = model.predict_x0(xt, sigma, model.select_cond(c_all, teacher)).float()
+                    out = torch.cat([model.predict_x0(xt[i:i + teacher_rows], sigma[i:i + teacher_rows],
+                                                      model.select_cond(c_all, teacher[i:i + teacher_rows])).float()
+                                     for i in range(0, xt.shape[0], teacher_rows)])
                 adapters.enabled = True
+                return out
+
+            def row_losses(xt, sigma, student, target):
+                """Weighted squared student-teacher error per row [B]; student: rows of c_all, target: the teacher's x0.
+                Every row of a step (forget and retain) goes through one student forward: the same loss as a forward
+                per part, in ~2/3 of the time on the CPU (bench/RESULTS.md, "Speed")."""
+                w = loss_weight(sigma, cfg.weighting, sigma_data)
                 with torch.autocast(**autocast):
                     pred = model.predict_x0(xt, sigma, model.select_cond(c_all, student)).float()
                 return (pred - target).pow(2).flatten(1).mean(1) * w
+
+            def draw_step():
+                """One step's rows: (x_t, sigma, student prompts, teacher prompts), forget rows first."""
+                rows = torch.randint(0, x_forget.shape[0], (cfg.batch_size,), generator=gen)
+                t = profile.sample(cfg.batch_size, gen) if profile is not None else uniform_t(cfg.batch_size, gen)
+                ids, x0 = i_forget[rows], x_forget[rows]
+                if n_anchor:  # the last n_anchor rows: noised surrogate samples of the same concept index
+                    a_rows = torch.randint(0, x_anchor.shape[0], (n_anchor,), generator=gen)
+                    ids = torch.cat([ids[:cfg.batch_size - n_anchor], i_anchor[a_rows]])
+                    x0 = torch.cat([x0[:cfg.batch_size - n_anchor], x_anchor[a_rows]])
+                sigma, xt = noised(model, x0, t, gen)
+                student, teacher = as_concept(ids), as_surrogate(ids)
+                if x_retain is not None:  # drawn after the forget rows' noise (the RNG order of earlier versions)
+                    r_rows = torch.randint(0, x_retain.shape[0], (cfg.batch_size,), generator=gen)
+                    r_t = t.clone() if cfg.retain_timesteps == "same" else uniform_t(cfg.batch_size, gen)
+                    r_sigma, r_xt = noised(model, x_retain[r_rows], r_t, gen)
+                    r_ids = as_retain(i_retain[r_rows])
+                    sigma, xt = torch.cat([sigma, r_sigma]), torch.cat([xt, r_xt])
+                    student, teacher = torch.cat([student, r_ids]), torch.cat([teacher, r_ids])
+                return xt, sigma, student, teacher
+
+            # The teacher's targets do not depend on training: they are computed ahead, for every step up to the next
+            # probe check (so an early stop wastes none), in no-grad forwards of `teacher_rows` rows -- on the CPU 16
+            # rows (4 steps) per forward, ~1/3 less time per row than one step's 4; on a GPU one step's rows, as a
+            # step-by-step teacher would. The draws (and so the run) are those of step-by-step training.
+            teacher_rows = forward_rows(dev, 2 * cfg.batch_size)
+            ahead: list = []
 
             # The probes: fixed batches (same x_t, t, prompts at every check). The forget probe measures the
             # concept->surrogate gap (whether training did anything, when to stop, when to grow); the retain probe
@@ -336,23 +388,14 @@ def distill(
                 lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))  # cosine to 0 at the step cap
                 for group in opt.param_groups:
                     group["lr"] = lr
-                rows = torch.randint(0, x_forget.shape[0], (cfg.batch_size,), generator=gen)
-                t = profile.sample(cfg.batch_size, gen) if profile is not None else uniform_t(cfg.batch_size, gen)
-                ids, x0 = i_forget[rows], x_forget[rows]
-                if n_anchor:  # the last n_anchor rows: noised surrogate samples of the same concept index
-                    a_rows = torch.randint(0, x_anchor.shape[0], (n_anchor,), generator=gen)
-                    ids = torch.cat([ids[:cfg.batch_size - n_anchor], i_anchor[a_rows]])
-                    x0 = torch.cat([x0[:cfg.batch_size - n_anchor], x_anchor[a_rows]])
-                sigma, xt = noised(model, x0, t, gen)
-                student, teacher = as_concept(ids), as_surrogate(ids)
-                if x_retain is not None:  # drawn after the forget rows' noise (the RNG order of earlier versions)
-                    r_rows = torch.randint(0, x_retain.shape[0], (cfg.batch_size,), generator=gen)
-                    r_t = t.clone() if cfg.retain_timesteps == "same" else uniform_t(cfg.batch_size, gen)
-                    r_sigma, r_xt = noised(model, x_retain[r_rows], r_t, gen)
-                    r_ids = as_retain(i_retain[r_rows])
-                    sigma, xt = torch.cat([sigma, r_sigma]), torch.cat([xt, r_xt])
-                    student, teacher = torch.cat([student, r_ids]), torch.cat([teacher, r_ids])
-                per_row = row_losses(xt, sigma, student, teacher)
+                if not ahead:
+                    end = min(cfg.steps, (step // cfg.check_every + 1) * cfg.check_every)
+                    draws = [draw_step() for _ in range(step, end)]
+                    targets = teacher_targets(torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws]),
+                                              torch.cat([d[3] for d in draws])).split([d[0].shape[0] for d in draws])
+                    ahead = [(xt, sigma, student, target) for (xt, sigma, student, _), target in zip(draws, targets)]
+                xt, sigma, student, target = ahead.pop(0)
+                per_row = row_losses(xt, sigma, student, target)
                 forget = per_row[:cfg.batch_size].mean()
                 retain = per_row[cfg.batch_size:].mean() if x_retain is not None else torch.zeros(())
                 loss = cfg.forget_weight * forget + cfg.retain_weight * retain

@@ -15,6 +15,18 @@ from .model import DiffusionModel
 
 T_MIN = 1e-3  # the clean end of the schedule is never sampled exactly (discrete schedules have no sigma at t=0)
 
+# Rows per no-grad forward (self-generation, the distillation's teacher) when the caller does not say. On a GPU: 4
+# samples (8 rows with guidance), the memory of a KSampler at batch 4 on an 8 GB card. On the CPU a forward costs
+# far less per row in larger batches (MiniCanvas, one thread: 4.4 ms per row at 4 rows, 2.8 at 16) and memory is
+# not the limit, so 16 (bench/RESULTS.md, "Speed").
+CPU_FORWARD_ROWS = 16
+GPU_SAMPLE_BATCH = 4
+
+
+def forward_rows(device: torch.device, gpu_rows: int) -> int:
+    """How many rows a no-grad forward takes at once on `device`: `gpu_rows` on an accelerator, more on the CPU."""
+    return max(gpu_rows, CPU_FORWARD_ROWS) if torch.device(device).type == "cpu" else gpu_rows
+
 # How a squared x0-space error ||x0_student - x0_teacher||^2 at noise level sigma is weighted:
 #   "eps": 1 / sigma^2                    -- the error of the noise prediction (the authors' loss: SD is an EPS model)
 #   "v":   1 / sigma^2 + 1 / sigma_data^2 -- the error of the v prediction (Salimans & Ho; EDM's weighting)
@@ -84,14 +96,20 @@ def generate(
     seed: int,
     steps: int = 8,
     cfg: float = 5.0,
-    batch_size: int = 4,
+    batch_size: Optional[int] = None,
     should_stop: Optional[Callable[[], bool]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample `per_prompt` latents for each prompt with Euler + CFG.
 
     Returns (x0 [len(prompts) * per_prompt, C, H, W] float32 on model.device, prompt index [N] long on CPU).
-    Noise is drawn on the CPU from `seed`, so results do not depend on the device's RNG.
+    Noise is drawn on the CPU from `seed`, so results do not depend on the device's RNG. batch_size: samples per
+    forward (None: GPU_SAMPLE_BATCH on an accelerator, CPU_FORWARD_ROWS on the CPU; the samples do not depend on it
+    beyond float rounding).
     """
+    if batch_size is None:
+        batch_size = forward_rows(model.device, GPU_SAMPLE_BATCH)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
     guided = cfg != 1.0
     cond = model.encode(list(prompts) + ([""] if guided else []))  # the last row: the unconditional prompt
     index = torch.arange(len(prompts)).repeat_interleave(per_prompt)

@@ -169,6 +169,20 @@ def test_timestep_profile_distribution(model, tmp_path):
     assert max(sharp.probs) > max(prof.probs)
 
 
+def test_profile_measures_the_first_samples_per_concept_of_given_latents(model):
+    """With latents (sample-major: row i -> concept i % n), the profile measures on the first `samples` of every
+    concept -- by default PROFILE_SAMPLES (2), half of Concept Samples' 4 -- so more rows do not change it."""
+    concepts, surrogates = [CONCEPT, "a blue dog"], [SURROGATE, "a green tree"]
+    x = torch.randn(8, *model.latent_shape, generator=torch.Generator().manual_seed(1))  # 4 per concept
+    kw = dict(bins=4, seed=0, draws_per_bin=1)
+    default = sc.timestep_profile(model, concepts, surrogates, latents=x, **kw)
+    assert sc.timesteps.PROFILE_SAMPLES == 2
+    assert default.divergence == sc.timestep_profile(model, concepts, surrogates, latents=x[:4], **kw).divergence
+    every = sc.timestep_profile(model, concepts, surrogates, latents=x, samples=4, **kw)
+    assert every.divergence != default.divergence
+    assert every.divergence == sc.timestep_profile(model, concepts, surrogates, latents=x, samples=9, **kw).divergence
+
+
 def test_loss_weightings():
     from spare_core.sampling import loss_weight
     sigma = torch.tensor([0.1, 1.0, 10.0])
@@ -225,7 +239,9 @@ def test_adapters_only_on_selected_and_base_untouched(model, saliency, trained):
 
 def test_a_step_is_one_teacher_and_one_student_forward_over_forget_and_retain_rows(model, saliency, monkeypatch):
     """Each step batches its forget and retain rows into one forward per model (speed: bench/RESULTS.md, "Speed"):
-    the teacher sees the surrogate on the forget rows, the student the concept, both the same retain prompt."""
+    the teacher sees the surrogate on the forget rows, the student the concept, both the same retain prompt. (The
+    teacher's forwards run ahead, no-grad, one step's rows each here as on a GPU; on the CPU several steps' rows.)"""
+    monkeypatch.setattr(sys.modules["spare_core.distill"], "forward_rows", lambda device, rows: rows)
     calls = []
     real = model.predict_x0
 
@@ -240,8 +256,9 @@ def test_a_step_is_one_teacher_and_one_student_forward_over_forget_and_retain_ro
     encoded = {p: model.encode([p])[0] for p in [CONCEPT, SURROGATE, ""] + RETAIN}
     training = [c for c in calls if c[0] == 2 * b]
     assert len(training) == 2 * cfg.steps  # teacher, student per step; nothing else has 2 * batch_size rows
-    for (_, teacher, teacher_grad), (_, student, student_grad) in zip(training[::2], training[1::2]):
-        assert not teacher_grad and student_grad
+    teachers, students = [c for c in training if not c[2]], [c for c in training if c[2]]
+    assert len(teachers) == len(students) == cfg.steps
+    for (_, teacher, _), (_, student, _) in zip(teachers, students):
         assert all(torch.equal(row, encoded[SURROGATE]) for row in teacher[:b])
         assert all(torch.equal(row, encoded[CONCEPT]) for row in student[:b])
         assert torch.equal(teacher[b:], student[b:])  # retain rows: the same prompt for both
@@ -683,3 +700,54 @@ def test_surrogate_anchor_trains_on_surrogate_samples_too(model, saliency):
     assert any(not torch.allclose(a, b, atol=1e-6) for a, b in ups)
     with pytest.raises(SpareInputError, match="surrogate_anchor"):
         sc.distill(model, sc.DistillConfig(**base, surrogate_anchor=1.5), saliency)
+
+
+def test_self_generated_samples_do_not_depend_on_the_batch(model):
+    """generate() batches 16 samples per forward on the CPU by default (4 on a GPU): only the speed changes."""
+    assert sc.sampling.forward_rows(torch.device("cpu"), 4) == sc.sampling.CPU_FORWARD_ROWS
+    assert sc.sampling.forward_rows(torch.device("cuda"), 4) == 4
+    one, i_one = generate(model, [CONCEPT, SURROGATE], 3, seed=5, steps=3, batch_size=1)
+    auto, i_auto = generate(model, [CONCEPT, SURROGATE], 3, seed=5, steps=3)
+    assert torch.equal(i_one, i_auto)
+    assert torch.allclose(one, auto, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="batch_size"):
+        generate(model, [CONCEPT], 1, seed=0, batch_size=0)
+
+
+def test_teacher_targets_computed_ahead_equal_step_by_step(model, saliency, monkeypatch):
+    """The teacher's targets are computed ahead in batches (16 rows on the CPU); a run whose teacher takes one step's
+    rows per forward (a GPU's) draws the same rows and trains the same LoRA, up to float rounding -- also with the
+    stopping rule ending the run between windows."""
+    distill_mod = sys.modules["spare_core.distill"]
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=12, lr=1e-2, check_every=5, **FAST)
+    ahead = sc.distill(model, cfg, saliency)
+    monkeypatch.setattr(distill_mod, "forward_rows", lambda device, rows: rows)
+    stepwise = sc.distill(model, cfg, saliency)
+    assert [r["step"] for r in ahead.losses] == list(range(1, 13))
+    assert [r["loss"] for r in ahead.losses] == pytest.approx([r["loss"] for r in stepwise.losses], rel=1e-4)
+    for p, m in ahead.lora.modules.items():
+        assert torch.allclose(m["up"], stepwise.lora.modules[p]["up"], atol=1e-5)
+
+
+def test_auto_anchor_samples_and_retain_sample_steps(model, saliency, monkeypatch):
+    """By default the anchors take as many samples per prompt as the concepts, and the retain samples half the Euler
+    steps of the concept samples (for time: bench/RESULTS.md, "Speed"); set values are honoured; negative ones are
+    refused by name."""
+    distill_mod = sys.modules["spare_core.distill"]
+    calls = {}
+    real_generate = distill_mod.generate
+
+    def generating(m, prompts, per_prompt, seed, steps, *args, **kwargs):
+        calls[tuple(prompts)] = (per_prompt, steps)
+        return real_generate(m, prompts, per_prompt, seed, steps, *args, **kwargs)
+    monkeypatch.setattr(distill_mod, "generate", generating)
+    base = dict(concepts=[CONCEPT], surrogates=[SURROGATE], retain=RETAIN, steps=2, lr=1e-3, samples_per_prompt=4,
+                sample_steps=6, retain_samples=1)
+    sc.distill(model, sc.DistillConfig(**base), saliency)
+    assert calls[(CONCEPT,)] == (4, 6) and calls[(SURROGATE,)] == (4, 6) and calls[(*RETAIN, "")] == (1, 3)
+    calls.clear()
+    sc.distill(model, sc.DistillConfig(**base, anchor_samples=3, retain_sample_steps=6), saliency)
+    assert calls[(SURROGATE,)] == (3, 6) and calls[(*RETAIN, "")] == (1, 6)
+    for bad in ("anchor_samples", "retain_sample_steps"):
+        with pytest.raises(SpareInputError, match=bad):
+            sc.distill(model, sc.DistillConfig(**base, **{bad: -1}), saliency)

@@ -192,7 +192,8 @@ class ComfyHost:
                                   selection=budget.spare_fraction, top_k=0, targets=budget.spare_targets,
                                   resolution=WIDGET_RESOLUTION, scoring=budget.spare_scoring, latents=latents,
                                   gradient_checkpointing=defaults.gradient_checkpointing, **common)
-        profile, _, _ = run_node(n.TimestepProfileNode, concept=concept, surrogate=surrogates, bins=10, samples=per,
+        profile, _, _ = run_node(n.TimestepProfileNode, concept=concept, surrogate=surrogates, bins=10,
+                                 samples=sc.timesteps.PROFILE_SAMPLES,
                                  sharpness=1.0, uniform_floor=0.2, resolution=WIDGET_RESOLUTION,
                                  loss_weighting=budget.spare_weighting, latents=latents, **common)
         warnings = _Warnings()
