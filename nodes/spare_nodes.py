@@ -230,7 +230,7 @@ class TimestepProfileNode(io.ComfyNode):
                 io.Int.Input("samples", default=sc.timesteps.PROFILE_SAMPLES, min=1, max=64,
                              tooltip="Samples per concept line the gap is measured on: self-generated, or the first "
                                      "ones of the given latents (2: half of what Concept Samples gives by default, "
-                                     "as precise at half the time: bench/RESULTS.md, \"Speed\")."),
+                                     "as precise at half the time: bench/RESULTS.md, \"Speed for the time target\")."),
                 seed_input(),
                 io.Float.Input("sharpness", default=1.0, min=0.0, max=4.0, step=0.1,
                                tooltip="Exponent on the measured gap: 0 = uniform, 1 = proportional, >1 = sharper."),

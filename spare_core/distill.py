@@ -65,6 +65,7 @@ def retain_samples_auto(samples_per_prompt: int, n_prompts: int) -> int:
     self-generation stays about RETAIN_SAMPLE_BUDGET samples (13 prompts -> 4 each; 91 prompts -> 1 each: the two
     settings measured on MiniCanvas)."""
     return max(1, min(samples_per_prompt, RETAIN_SAMPLE_BUDGET // max(n_prompts, 1)))
+AHEAD_STEPS = 20  # steps whose teacher targets are held at once (x_t and x0 of 4 rows each: 40 MB for SDXL latents)
 PROBE_SIZE = 8  # probe rows (concept samples spread over every concept, t spread over the schedule)
 
 
@@ -105,10 +106,10 @@ class DistillConfig:
                                              # authors' (concept samples only). 0.5 measured better (a deviation):
                                              # bench/RESULTS.md, "Anchor samples"
     anchor_samples: int = 0                  # self-generated samples per surrogate prompt for the anchors; 0 =
-                                             # samples_per_prompt (half as many measured no faster to erase circle /
-                                             # cross: bench/RESULTS.md, "Speed")
-    retain_sample_steps: int = 0             # Euler steps for the retain samples; 0 = auto: half of sample_steps (at
-                                             # least 1): for time, measured: bench/RESULTS.md, "Speed"
+                                             # samples_per_prompt (half as many saved ~0.9 s and left cross at UA
+                                             # 93.3: kept at 4; bench/RESULTS.md, "Speed for the time target")
+    retain_sample_steps: int = 0             # Euler steps for the retain samples; 0 = half of sample_steps (at least
+                                             # 1): for time, retention unchanged (same section)
 
 
 @dataclass
@@ -339,7 +340,7 @@ def distill(
                 return xt, sigma, student, teacher
 
             # The teacher's targets do not depend on training: they are computed ahead, for every step up to the next
-            # probe check (so an early stop wastes none), in no-grad forwards of `teacher_rows` rows -- on the CPU 16
+            # probe check (so an early stop wastes none; at most AHEAD_STEPS steps), in no-grad forwards of `teacher_rows` rows -- on the CPU 16
             # rows (4 steps) per forward, ~1/3 less time per row than one step's 4; on a GPU one step's rows, as a
             # step-by-step teacher would. The draws (and so the run) are those of step-by-step training.
             teacher_rows = forward_rows(dev, 2 * cfg.batch_size)
@@ -389,7 +390,7 @@ def distill(
                 for group in opt.param_groups:
                     group["lr"] = lr
                 if not ahead:
-                    end = min(cfg.steps, (step // cfg.check_every + 1) * cfg.check_every)
+                    end = min(cfg.steps, (step // cfg.check_every + 1) * cfg.check_every, step + AHEAD_STEPS)
                     draws = [draw_step() for _ in range(step, end)]
                     targets = teacher_targets(torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws]),
                                               torch.cat([d[3] for d in draws])).split([d[0].shape[0] for d in draws])
