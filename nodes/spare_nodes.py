@@ -335,8 +335,8 @@ class SparseLoraDistill(io.ComfyNode):
                                tooltip="Share of each training batch made from the SURROGATE's own self-generated "
                                        "samples (the rest: the concept's). They teach the LoRA to keep a surrogate-"
                                        "like picture when the concept is asked for, so the concept does not come back "
-                                       "in the last sampler steps. On the benchmark 0.5 erased more and kept more of the "
-                                       "picture than the authors' 0, at a small retention cost (bench/RESULTS.md); "
+                                       "in the last sampler steps. On the benchmark 0.5 erased more and kept more of "
+                                       "the picture than the authors' 0, at a small retention cost (bench/RESULTS.md); "
                                        "costs one more set of samples."),
             ],
             outputs=[

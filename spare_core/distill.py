@@ -65,6 +65,8 @@ def retain_samples_auto(samples_per_prompt: int, n_prompts: int) -> int:
     self-generation stays about RETAIN_SAMPLE_BUDGET samples (13 prompts -> 4 each; 91 prompts -> 1 each: the two
     settings measured on MiniCanvas)."""
     return max(1, min(samples_per_prompt, RETAIN_SAMPLE_BUDGET // max(n_prompts, 1)))
+
+
 AHEAD_STEPS = 20  # steps whose teacher targets are held at once (x_t and x0 of 4 rows each: 40 MB for SDXL latents)
 PROBE_SIZE = 8  # probe rows (concept samples spread over every concept, t spread over the schedule)
 
@@ -311,9 +313,9 @@ def distill(
                 return out
 
             def row_losses(xt, sigma, student, target):
-                """Weighted squared student-teacher error per row [B]; student: rows of c_all, target: the teacher's x0.
-                Every row of a step (forget and retain) goes through one student forward: the same loss as a forward
-                per part, in ~2/3 of the time on the CPU (bench/RESULTS.md, "Speed")."""
+                """Weighted squared student-teacher error per row [B]; student: rows of c_all, target: the teacher's
+                x0. Every row of a step (forget and retain) goes through one student forward: the same loss as a
+                forward per part, in ~2/3 of the time on the CPU (bench/RESULTS.md, "Speed")."""
                 w = loss_weight(sigma, cfg.weighting, sigma_data)
                 with torch.autocast(**autocast):
                     pred = model.predict_x0(xt, sigma, model.select_cond(c_all, student)).float()
@@ -340,9 +342,10 @@ def distill(
                 return xt, sigma, student, teacher
 
             # The teacher's targets do not depend on training: they are computed ahead, for every step up to the next
-            # probe check (so an early stop wastes none; at most AHEAD_STEPS steps), in no-grad forwards of `teacher_rows` rows -- on the CPU 16
-            # rows (4 steps) per forward, ~1/3 less time per row than one step's 4; on a GPU one step's rows, as a
-            # step-by-step teacher would. The draws (and so the run) are those of step-by-step training.
+            # probe check (so an early stop wastes none; at most AHEAD_STEPS steps), in no-grad forwards of
+            # `teacher_rows` rows -- on the CPU 16 rows (4 steps) per forward, ~1/3 less time per row than one step's
+            # 4; on a GPU one step's rows, as a step-by-step teacher would. The draws (and so the run) are those of
+            # step-by-step training.
             teacher_rows = forward_rows(dev, 2 * cfg.batch_size)
             ahead: list = []
 

@@ -735,8 +735,8 @@ def test_teacher_targets_computed_ahead_equal_step_by_step(model, saliency, monk
 
 def test_auto_anchor_samples_and_retain_sample_steps(model, saliency, monkeypatch):
     """By default the anchors take as many samples per prompt as the concepts, and the retain samples half the Euler
-    steps of the concept samples (for time: bench/RESULTS.md, "Speed for the time target"); set values are honoured; negative ones are
-    refused by name."""
+    steps of the concept samples (for time: bench/RESULTS.md, "Speed for the time target"); set values are honoured;
+    negative ones are refused by name."""
     distill_mod = sys.modules["spare_core.distill"]
     calls = {}
     real_generate = distill_mod.generate
