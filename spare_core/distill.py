@@ -12,8 +12,8 @@ Every loss is written through x0 (ComfyUI's apply_model returns x0) with a per-n
 ||x0_student - x0_teacher||^2 * w(sigma). weighting="eps" (w = 1/sigma^2) is exactly the eps-prediction loss above
 (the authors'); the default "v" (w = 1/sigma^2 + 1/sigma_data^2, the v-prediction loss) keeps weight on the noisy
 steps where style and layout are decided -- on MiniCanvas, at 60 steps, it moved objects (ring UA 30, crescent 50)
-that eps-weighting left untouched (UA 0; bench/RESULTS.md). AdamW, cosine learning-rate decay, gradient clipping
-(authors: 1.0).
+that eps-weighting left untouched (UA 0; bench/RESULTS.md). AdamW (torch's fused kernel on the CPU and CUDA), cosine
+learning-rate decay, gradient clipping (authors: 1.0).
 Several concepts train into one adapter set: each batch draws samples of every concept.
 
 Anchor samples (a measured deviation from the authors, who noise only concept samples): the forget loss also sees
