@@ -356,8 +356,8 @@ def distill(
             # The probes: fixed batches (same x_t, t, prompts at every check). The forget probe measures the
             # concept->surrogate gap (whether training did anything, when to stop, when to grow); the retain probe
             # measures how far the retain prompts' predictions drifted from the teacher's (the collateral damage).
-            # Rows span every prompt; t spans the schedule; the teacher's targets are computed once; a check measures
-            # both probes in one student forward.
+            # Rows span every prompt; t spans the schedule; the teacher's targets are computed once. On the CPU a check
+            # measures both probes in one student forward (16 rows); on a GPU one probe per forward (8 rows, as ever).
             def make_probe(x_all, index, student, teacher, seed):
                 rows = torch.linspace(0, x_all.shape[0] - 1, min(PROBE_SIZE, x_all.shape[0])).long()
                 ids = index[rows]
@@ -371,6 +371,7 @@ def distill(
                 adapters.enabled = True
                 return xt, sigma, student(ids), target, w
 
+            probe_rows = forward_rows(dev, PROBE_SIZE)
             probes = [make_probe(x_forget, i_forget, as_concept, as_surrogate, cfg.seed + 3)]
             if x_retain is not None:
                 probes.append(make_probe(x_retain, i_retain, as_retain, as_retain, cfg.seed + 4))
@@ -381,7 +382,9 @@ def distill(
                 parts = probes[:1] if only_forget else probes
                 xt, sigma, ids = (torch.cat([p[i] for p in parts]) for i in range(3))
                 with torch.autocast(**autocast):
-                    pred = model.predict_x0(xt, sigma, model.select_cond(c_all, ids)).float()
+                    pred = torch.cat([model.predict_x0(xt[i:i + probe_rows], sigma[i:i + probe_rows],
+                                                       model.select_cond(c_all, ids[i:i + probe_rows])).float()
+                                      for i in range(0, xt.shape[0], probe_rows)])
                 errors = [float(((p - target) ** 2 * w).mean())
                           for p, (_, _, _, target, w) in zip(pred.split([p[0].shape[0] for p in parts]), parts)]
                 return errors[0], (errors[1] if len(errors) > 1 else 0.0)

@@ -806,8 +806,9 @@ def test_fused_adamw_trains_as_the_reference_adamw(model, saliency, monkeypatch)
 
 
 def test_a_check_measures_both_probes_in_one_student_forward(model, saliency, monkeypatch):
-    """Every probe check is one no-grad student forward over the forget probe's rows (concept prompts) then the
-    retain probe's (retain prompts); the check reports the concept gap and the retain drift from it."""
+    """On the CPU every probe check is one no-grad student forward over the forget probe's rows (concept prompts) then
+    the retain probe's (retain prompts); the check reports the concept gap and the retain drift from it. (On a GPU,
+    one forward per probe: the memory of 8 rows, as before.)"""
     calls = []
     real = model.predict_x0
 
@@ -829,3 +830,18 @@ def test_a_check_measures_both_probes_in_one_student_forward(model, saliency, mo
     assert not any(torch.equal(row, concept) for row in cond[n_forget:])
     assert [c["step"] for c in result.checks] == [0, 3, 6]
     assert all(c["retain_drift"] > 0 for c in result.checks[1:]) and result.checks[0]["retain_drift"] == 0.0
+
+
+def test_probe_checks_in_gpu_sized_forwards_measure_the_same(model, saliency, monkeypatch):
+    """With a GPU's row limit (one probe of at most PROBE_SIZE rows per forward) the checks report the same gap and
+    retain drift as the CPU's single forward, up to float rounding."""
+    distill_mod = sys.modules["spare_core.distill"]
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=6, lr=1e-2, check_every=3,
+                           **{**FAST, "samples_per_prompt": 4})  # 4 + 8 probe rows: two forwards at a limit of 8
+    cpu = sc.distill(model, cfg, saliency)
+    monkeypatch.setattr(distill_mod, "forward_rows", lambda device, rows: rows)
+    gpu = sc.distill(model, cfg, saliency)
+    for a, b in zip(cpu.checks, gpu.checks):
+        assert a["gap"] == pytest.approx(b["gap"], rel=1e-4) and a["retain_drift"] == pytest.approx(
+            b["retain_drift"], rel=1e-4, abs=1e-12)
+    assert cpu.checks[-1]["retain_drift"] > 0
