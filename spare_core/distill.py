@@ -31,7 +31,7 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -70,6 +70,16 @@ def retain_samples_auto(samples_per_prompt: int, n_prompts: int) -> int:
 AHEAD_STEPS = 20  # steps whose teacher targets are held at once (x_t and x0 of 4 rows each: 40 MB for SDXL latents)
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # torch's fused AdamW runs there; elsewhere (mps, xpu, directml) torch's default
 PROBE_SIZE = 8  # probe rows (concept samples spread over every concept, t spread over the schedule)
+
+
+class Probe(NamedTuple):
+    """A fixed probe batch: x_t, sigma, the student's prompts (rows of the conditioning batch), the teacher's x0 and
+    the loss weight per row."""
+    xt: torch.Tensor
+    sigma: torch.Tensor
+    student: torch.Tensor
+    target: torch.Tensor
+    w: torch.Tensor
 
 
 @dataclass
@@ -305,14 +315,14 @@ def distill(
 
             sigma_data = data_std(x_forget)
 
-            def teacher_targets(xt, sigma, teacher):
-                """The frozen model's x0 for rows of x_t [N] under prompts `teacher` (rows of c_all), in no-grad
-                forwards of `teacher_rows` rows."""
-                adapters.enabled = False
+            def x0_rows(xt, sigma, prompts, rows, student):
+                """The network's x0 for rows of x_t [N] under `prompts` (rows of c_all), in no-grad forwards of `rows`
+                rows; student=False: the frozen teacher (adapters off)."""
+                adapters.enabled = student
                 with torch.no_grad(), torch.autocast(**autocast):
-                    out = torch.cat([model.predict_x0(xt[i:i + teacher_rows], sigma[i:i + teacher_rows],
-                                                      model.select_cond(c_all, teacher[i:i + teacher_rows])).float()
-                                     for i in range(0, xt.shape[0], teacher_rows)])
+                    out = torch.cat([model.predict_x0(xt[i:i + rows], sigma[i:i + rows],
+                                                      model.select_cond(c_all, prompts[i:i + rows])).float()
+                                     for i in range(0, xt.shape[0], rows)])
                 adapters.enabled = True
                 return out
 
@@ -365,28 +375,22 @@ def distill(
                 t = torch.linspace(0.15, 0.95, len(rows))
                 sigma, xt = noised(model, x0, t, torch.Generator().manual_seed(seed))
                 w = loss_weight(sigma, cfg.weighting, sigma_data).view(-1, *[1] * (x0.dim() - 1))
-                adapters.enabled = False
-                with torch.no_grad(), torch.autocast(**autocast):
-                    target = model.predict_x0(xt, sigma, model.select_cond(c_all, teacher(ids))).float()
-                adapters.enabled = True
-                return xt, sigma, student(ids), target, w
+                target = x0_rows(xt, sigma, teacher(ids), probe_rows, student=False)
+                return Probe(xt, sigma, student(ids), target, w)
 
             probe_rows = forward_rows(dev, PROBE_SIZE)
             probes = [make_probe(x_forget, i_forget, as_concept, as_surrogate, cfg.seed + 3)]
             if x_retain is not None:
                 probes.append(make_probe(x_retain, i_retain, as_retain, as_retain, cfg.seed + 4))
 
-            @torch.no_grad()
             def measure(only_forget: bool = False) -> tuple[float, float]:
-                """(forget gap, retain drift): each probe's weighted squared student-teacher error, one forward."""
+                """(forget gap, retain drift): each probe's weighted squared student-teacher error, the probes' rows
+                in forwards of `probe_rows` (on the CPU both probes in one)."""
                 parts = probes[:1] if only_forget else probes
-                xt, sigma, ids = (torch.cat([p[i] for p in parts]) for i in range(3))
-                with torch.autocast(**autocast):
-                    pred = torch.cat([model.predict_x0(xt[i:i + probe_rows], sigma[i:i + probe_rows],
-                                                       model.select_cond(c_all, ids[i:i + probe_rows])).float()
-                                      for i in range(0, xt.shape[0], probe_rows)])
-                errors = [float(((p - target) ** 2 * w).mean())
-                          for p, (_, _, _, target, w) in zip(pred.split([p[0].shape[0] for p in parts]), parts)]
+                pred = x0_rows(torch.cat([p.xt for p in parts]), torch.cat([p.sigma for p in parts]),
+                               torch.cat([p.student for p in parts]), probe_rows, student=True)
+                errors = [float(((x0 - p.target) ** 2 * p.w).mean())
+                          for x0, p in zip(pred.split([len(p.xt) for p in parts]), parts)]
                 return errors[0], (errors[1] if len(errors) > 1 else 0.0)
 
             probe_before = measure(only_forget=True)[0]
@@ -408,8 +412,9 @@ def distill(
                 if not ahead:
                     end = min(cfg.steps, (step // cfg.check_every + 1) * cfg.check_every, step + AHEAD_STEPS)
                     draws = [draw_step() for _ in range(step, end)]
-                    targets = teacher_targets(torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws]),
-                                              torch.cat([d[3] for d in draws])).split([d[0].shape[0] for d in draws])
+                    targets = x0_rows(torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws]),
+                                      torch.cat([d[3] for d in draws]), teacher_rows, student=False
+                                      ).split([d[0].shape[0] for d in draws])
                     ahead = [(xt, sigma, student, target) for (xt, sigma, student, _), target in zip(draws, targets)]
                 xt, sigma, student, target = ahead.pop(0)
                 per_row = row_losses(xt, sigma, student, target)
