@@ -40,7 +40,7 @@ from .model import load as load_model  # noqa: F401  (re-exported for curve.py)
 
 STYLES = [c.name for c in data.STYLES if c.name != data.NEUTRAL_STYLE]
 OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJECT]
-METHODS = ("spare", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-no-anchor", "spare-rank4",
+METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-no-anchor", "spare-rank4",
            "spare-floor05", "spare-steps160", "spare-anchor2", "esd-x", "esd-u", "ca", "salun", "uce", "uce-pool")
 SHORT_STEPS = 0.8  # spare-steps160 (experiment, time): 0.8 x the step cap (160 of 200), cosine-decayed to that cap
 # choice: kept from the first model (on which only some objects were drawn recognisably) so that runs compare across
@@ -50,13 +50,15 @@ QUICK_CONCEPTS = {"style": ["ukiyo", "neon"], "object": ["ring", "crescent"]}
 QUICK_BASELINE_SCALE = 0.1  # ESD 100, CA 40, SalUn 50 steps
 QUICK_METHODS = ("spare", "esd-x", "ca", "salun", "uce")
 QUICK_SAMPLE_STEPS = 8  # evaluation sampler steps in quick mode (default 12)
-STANDARD_METHODS = ("spare", "uce", "salun", "ca", "esd-x")
+STANDARD_METHODS = ("spare", "spare-all-pairs", "uce", "uce-pool", "salun", "ca", "esd-x")
 STANDARD_ESD_STEPS = 200  # choice: ESD's paper trains 1000 steps (--standard is estimated at ~100 min; RESULTS)
 STANDARD_BASELINE_SEEDS = 1  # the step-trained baselines run one training seed in --standard (time); SPARE, UCE 3
 TRAIN_TEMPLATE = 0                   # UnlearnCanvas' "A {object} image in {style} style.": every training prompt
 EVAL_TEMPLATES = tuple(i for i in range(len(data.TEMPLATES)) if i != TRAIN_TEMPLATE)  # held out for evaluation
 ERASED_UA = 90.0   # a concept counts as erased at UA >= 90 (mean over training seeds)
-CLEAN_UA, CLEAN_DROP = 95.0, 2.0  # clean erasure: UA >= 95 and IRA, CRA within 2 points of the unerased model
+CLEAN_UA, CLEAN_DROP = 95.0, 2.0  # clean erasure: UA >= 95 and IRA, CRA within 2 points of the unerased model,
+CLEAN_UNLISTED_DROP = 3.0         # IRA, CRA on the unlisted classes within 3 points of the unerased model's,
+CLEAN_SFA_DROP = 10.0             # and the other domain kept inside the erased row within 10 points (SFA)
 
 
 @dataclass
@@ -81,7 +83,7 @@ class Budget:
     spare_stop: float = sc.DistillConfig.stop_reduction  # the stopping rule's target (0 = every step)
     spare_grow: tuple = sc.DistillConfig.grow
     spare_overrides: tuple = ()  # (field, value) pairs applied to SPARE's DistillConfig (experiments only)
-    retain_set: str = "all-pairs"  # every method's retain list (concept_prompts)
+    retain_set: str = "half"  # every method's retain list (concept_prompts; "spare-all-pairs" keeps "all-pairs")
     spare_retain: str = ""   # SPARE's own retain list when set (experiments: "neighbours" or "all-pairs")
 
     def scaled(self, factor: float, seeds: int) -> "Budget":
@@ -90,22 +92,41 @@ class Budget:
                        ca=max(1, int(self.ca * factor)), salun=max(1, int(self.salun * factor)), seeds=seeds)
 
 
-RETAIN_SETS = ("all-pairs", "neighbours")
-RETAIN_EXTRA = 3           # random (style, object) pairs added to the neighbour classes in every retain list
+RETAIN_SETS = ("half", "few", "all-pairs", "neighbours")
+RETAIN_EXTRA = 3           # random (style, object) pairs added to the neighbour classes in the "neighbours" list
+FEW_LISTED = 3             # "few": same-domain neighbours named by the builder line (and as many of the other domain)
 LR_SCALE = 20.0  # bundled model's training lr / Stable Diffusion's (2e-3 / 1e-4)
 LR = {"spare": 1e-4 * LR_SCALE, "esd": 1e-5 * LR_SCALE, "ca": 1.6e-5 * LR_SCALE, "salun": 1e-5 * LR_SCALE}
 
 
-def concept_prompts(domain: str, name: str, seed: int, retain_set: str = "all-pairs"):
-    """The prompt lists every method gets for erasing `name`: forget prompts (the concept on every object / in every
-    style), their surrogates (the neutral concept in the same place) and retain prompts; UCE's preserved set and
-    SalUn's retain loss use the same retain list. retain_set "all-pairs" (default): every other (style, object) pair,
-    what one retain line with the builder gives ("A {circle|square|...} image in {neon|pastel|...} style.") and what
-    the authors do (retain on every other theme) -- measured better than the short list (bench/RESULTS.md,
-    "Retention levers"); "neighbours": the short list a user types by hand, every neighbour class of the same
-    domain once (with a random class of the other domain) plus RETAIN_EXTRA random other pairs."""
+def listed_classes(domain: str, name: str, seed: int, retain_set: str) -> list[str]:
+    """The classes of `name`'s own domain that the retain list names (the others are "unlisted": no prompt any method
+    sees names them). "half": half of the other classes (rounded down), drawn anew for every training seed, so the
+    runs average over several splits; "few": FEW_LISTED of them (the builder line a user types in the shipped
+    workflows); "all-pairs" and "neighbours": every other class (nothing unlisted)."""
     if retain_set not in RETAIN_SETS:
         raise ValueError(f"retain_set={retain_set!r}; valid: {', '.join(RETAIN_SETS)}")
+    others = [c for c in (STYLES if domain == "style" else OBJECTS) if c != name]
+    if retain_set in ("all-pairs", "neighbours"):
+        return others
+    k = len(others) // 2 if retain_set == "half" else FEW_LISTED
+    # a generator of its own (not `concept_prompts`' one) so the other lists' draws stay as they were
+    return sorted(random.Random(f"split:{domain}:{name}:{seed}").sample(others, k), key=others.index)
+
+
+def concept_prompts(domain: str, name: str, seed: int, retain_set: str = "half"):
+    """The prompt lists every method gets for erasing `name`: forget prompts (the concept on every object / in every
+    style), their surrogates (the neutral concept in the same place) and retain prompts; UCE's preserved set and
+    SalUn's retain loss use the same retain list.
+
+    retain_set (see listed_classes): "half" (default): every pair of a LISTED class of the concept's domain with every
+    class of the other domain -- one builder line; the unlisted half is never named, so IRA / CRA on it measure what a
+    user meets on the thousands of concepts no list names. "few": one builder line of FEW_LISTED neighbours x
+    FEW_LISTED classes of the other domain (what the shipped workflows type). "all-pairs" (reference; the benchmark's
+    list before the split): every other (style, object) pair, what the authors do (retain on every other theme) --
+    retention then is graded on prompts the methods were told to keep. "neighbours": every neighbour class once (with
+    a random class of the other domain) plus RETAIN_EXTRA random other pairs."""
+    listed = listed_classes(domain, name, seed, retain_set)
     rng = random.Random(seed)
     if domain == "style":
         forget = [data.prompt(name, o) for o in OBJECTS]
@@ -121,6 +142,12 @@ def concept_prompts(domain: str, name: str, seed: int, retain_set: str = "all-pa
         short, short_surrogate = f"A {name} image.", f"A {data.NEUTRAL_OBJECT} image."
     if retain_set == "all-pairs":
         return forget, surrogate, all_pairs(domain, name), short, short_surrogate
+    if retain_set in ("half", "few"):
+        others = OBJECTS if domain == "style" else STYLES
+        cross = others if retain_set == "half" else \
+            sorted(random.Random(f"few:{domain}:{name}:{seed}").sample(others, FEW_LISTED), key=others.index)
+        retain = [data.prompt(c, x) if domain == "style" else data.prompt(x, c) for c in listed for x in cross]
+        return forget, surrogate, retain, short, short_surrogate
     extra = rng.sample([p for p in pairs if p not in neighbours], RETAIN_EXTRA)
     retain = [data.prompt(s, o) for s, o in neighbours + extra]
     return forget, surrogate, retain, short, short_surrogate
@@ -198,6 +225,8 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None):
     forget, surrogate, retain, short, short_surrogate = concept_prompts(domain, name, seed, budget.retain_set)
     if method.startswith("spare") and budget.spare_retain:
         retain = concept_prompts(domain, name, seed, budget.spare_retain)[2]
+    if method == "spare-all-pairs":  # the reference row: SPARE told to keep every other pair (graded on them too)
+        retain = all_pairs(domain, name)
     peak_rss_reset()
     t0 = time.perf_counter()
     if method.startswith("spare"):
@@ -232,6 +261,7 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None):
                       steps=max(1, round(SHORT_STEPS * budget.spare)) if method == "spare-steps160" else budget.spare,
                       lr=LR["spare"], seed=seed, weighting=budget.spare_weighting, stop_reduction=budget.spare_stop,
                       grow=tuple(budget.spare_grow))
+        cfg = replace(cfg, **dict(budget.spare_overrides))  # experiments: any DistillConfig field, last
         result = sc.distill(model, cfg, sal, profile, latents=x_forget, on_check=on_check)
         info = {"trainable_params": result.trainable_params, "lora_bytes": result.lora.num_bytes(),
                 "losses": [r["forget"] for r in result.losses], "steps_used": result.steps_used,
@@ -326,7 +356,7 @@ def map_tasks(fn, tasks: list, jobs: int, threads: int) -> list:
 
 def _erase_concept(task) -> list[tuple[str, str, dict]]:
     """Every method on one concept and training seed (in a worker process or inline). [(method, domain, row)]."""
-    methods, domain, name, seed, budget, base_features, host_name = task
+    methods, domain, name, seed, budget, base, host_name = task
     if "host" not in _WORKER or _WORKER["host"].name != host_name:
         _WORKER["host"], _WORKER["judge"] = make_host(host_name), Judge()
     host, judge = _WORKER["host"], _WORKER["judge"]
@@ -335,23 +365,47 @@ def _erase_concept(task) -> list[tuple[str, str, dict]]:
     syn = data.STYLES[target].synonyms[0] if domain == "style" else data.OBJECTS[target].synonyms[0]
     sp, _, _, sseeds = grid(budget.seeds, domain, name, synonym=syn)
     keep = (~((ls if domain == "style" else lo) == target)).numpy()
+    split = retention_split(domain, name, seed, budget.retain_set)
+    base_split = {f"base_{k}": v
+                  for k, v in split_metrics(domain, split, ls, lo, base["style"], base["object"]).items()}
     rows = []
     for method in methods:
         edited, info = host.erase(method, domain, name, budget, seed=seed)
         images = host.sample(edited, prompts, seeds, budget.sample_steps)
         m, j = evaluate(judge, images, ls, lo, domain, target)
+        m.update(split_metrics(domain, split, ls, lo, j["style"], j["object"]), **base_split)
         syn_pred = judge(host.sample(edited, sp, sseeds, budget.sample_steps))[domain]
         m["synonym_UA"] = metrics.unlearning_accuracy(syn_pred, target)
-        m["quality_fd"] = metrics.frechet_distance(j["features"][keep], base_features[keep])
+        m["quality_fd"] = metrics.frechet_distance(j["features"][keep], base["features"][keep])
         m.update({k: v for k, v in info.items() if k != "losses"})
         m["host"] = host_name
         m["concept"], m["seed"] = name, seed
         rows.append((method, domain, m))
         extra = f" steps {info['steps_used']:3d} gap closed {info['gap_closed']:.2f}" if "steps_used" in info else ""
+        unl = f" unlisted IRA {m['IRA_unlisted']:6.2f} CRA {m['CRA_unlisted']:6.2f}" if "IRA_unlisted" in m else ""
         print(f"{domain:6s} {name:10s} seed {seed} {method:18s} UA {m['UA']:6.2f} IRA {m['IRA']:6.2f} "
-              f"CRA {m['CRA']:6.2f} synUA {m['synonym_UA']:6.2f} FD {m['quality_fd']:7.3f} {info['seconds']:6.1f}s"
-              + extra, flush=True)
+              f"CRA {m['CRA']:6.2f}{unl} SFA {m['SFA']:6.2f} synUA {m['synonym_UA']:6.2f} FD {m['quality_fd']:7.3f} "
+              f"{info['seconds']:6.1f}s" + extra, flush=True)
     return rows
+
+
+def retention_split(domain: str, name: str, seed: int, retain_set: str) -> dict[str, list[int]]:
+    """Class indices of `name`'s domain that the retain list of (seed, retain_set) names ("listed") and does not
+    ("unlisted"; empty for the lists that name every class)."""
+    index = data.style_index if domain == "style" else data.object_index
+    others = [c for c in (STYLES if domain == "style" else OBJECTS) if c != name]
+    listed = listed_classes(domain, name, seed, retain_set)
+    return {"listed": [index(c) for c in listed], "unlisted": [index(c) for c in others if c not in listed]}
+
+
+def split_metrics(domain, split, ls, lo, style_pred, object_pred) -> dict[str, float]:
+    """IRA / CRA on the listed and on the unlisted classes (keys IRA_listed, CRA_listed, IRA_unlisted, ...)."""
+    out = {}
+    for part, classes in split.items():
+        if classes:
+            for k, v in metrics.split_retention(domain, classes, ls, lo, style_pred, object_pred).items():
+                out[f"{k}_{part}"] = v
+    return out
 
 
 def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, host: str = "library"):
@@ -389,7 +443,7 @@ def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, h
                                       domain=domain)  # its SFA: the other domain in the row before erasure
                 todo = [m for m in methods if m.startswith("spare") or m.startswith("uce") or seed < baseline_seeds]
                 if todo:
-                    tasks.append((todo, domain, name, seed, budget, base["features"], host))
+                    tasks.append((todo, domain, name, seed, budget, base, host))
     try:
         results = map_tasks(_erase_concept, tasks, jobs, threads)
     finally:
@@ -402,6 +456,11 @@ def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, h
     out = summarize(per, base_acc, base_per, budget)
     out["host"] = host
     return out
+
+
+SUMMARY_KEYS = ("UA", "IRA", "CRA", "synonym_UA", "SFA", "IRA_listed", "CRA_listed", "IRA_unlisted", "CRA_unlisted",
+                "base_IRA_unlisted", "base_CRA_unlisted", "mean4")
+DROP_KEYS = ("IRA_drop", "CRA_drop", "SFA_drop", "IRA_unlisted_drop", "CRA_unlisted_drop")
 
 
 def _ci(rows, key):
@@ -425,29 +484,38 @@ def summarize(per, base_acc, base_per, budget):
             dr = [r for r in rows if r["domain"] == d]
             if not dr:
                 continue
-            res[d] = {k: _ci(dr, k)["mean"] for k in ("UA", "IRA", "CRA", "synonym_UA", "SFA")}
-            res[d]["ci"] = {k: _ci(dr, k) for k in ("UA", "IRA", "CRA", "synonym_UA", "SFA")}
+            keys = [k for k in SUMMARY_KEYS if all(k in r for r in dr)]
+            res[d] = {k: _ci(dr, k)["mean"] for k in keys}
+            res[d]["ci"] = {k: _ci(dr, k) for k in keys}
         for r in rows:
             r["mean3"] = (r["UA"] + r["IRA"] + r["CRA"]) / 3
             r["IRA_drop"] = base_per[r["concept"]]["IRA"] - r["IRA"]
             r["CRA_drop"] = base_per[r["concept"]]["CRA"] - r["CRA"]
+            r["SFA_drop"] = base_per[r["concept"]]["SFA"] - r["SFA"]
+            if "IRA_unlisted" in r:
+                r["IRA_unlisted_drop"] = r["base_IRA_unlisted"] - r["IRA_unlisted"]
+                r["CRA_unlisted_drop"] = r["base_CRA_unlisted"] - r["CRA_unlisted"]
+                r["mean4"] = (r["UA"] + r["IRA_unlisted"] + r["CRA_unlisted"] + r["SFA"]) / 4
         concepts = {}
         for r in rows:
             concepts.setdefault(r["concept"], []).append(r)
         per_concept = {}
         for c, rs in concepts.items():
-            pc = {k: float(np.mean([r[k] for r in rs])) for k in ("UA", "IRA", "CRA", "synonym_UA", "SFA",
-                                                                    "IRA_drop", "CRA_drop")}
+            pc = {k: float(np.mean([r[k] for r in rs])) for k in SUMMARY_KEYS + DROP_KEYS if all(k in r for r in rs)}
             pc["UA_min"] = float(min(r["UA"] for r in rs))
             pc["seeds"] = len(rs)
             pc["domain"] = rs[0]["domain"]
             pc["erased"] = pc["UA"] >= ERASED_UA
-            pc["clean"] = pc["UA"] >= CLEAN_UA and pc["IRA_drop"] <= CLEAN_DROP and pc["CRA_drop"] <= CLEAN_DROP
+            pc["clean"] = (pc["UA"] >= CLEAN_UA and pc["IRA_drop"] <= CLEAN_DROP and pc["CRA_drop"] <= CLEAN_DROP
+                           and pc["SFA_drop"] <= CLEAN_SFA_DROP
+                           and pc.get("IRA_unlisted_drop", 0.0) <= CLEAN_UNLISTED_DROP
+                           and pc.get("CRA_unlisted_drop", 0.0) <= CLEAN_UNLISTED_DROP)
             if "steps_used" in rs[0]:
                 pc["steps_used"] = float(np.mean([r["steps_used"] for r in rs]))
             per_concept[c] = pc
         res.update({
             "mean3": _ci(rows, "mean3"), "IRA_drop": _ci(rows, "IRA_drop"), "CRA_drop": _ci(rows, "CRA_drop"),
+            **{k: _ci(rows, k) for k in ("mean4", "IRA_unlisted_drop", "CRA_unlisted_drop") if all(k in r for r in rows)},
             "erased": sum(p["erased"] for p in per_concept.values()),
             "clean": sum(p["clean"] for p in per_concept.values()), "concepts": len(per_concept),
             "seeds": max(p["seeds"] for p in per_concept.values()),
@@ -462,7 +530,7 @@ def summarize(per, base_acc, base_per, budget):
     for d in ("style", "object"):
         dr = [b for b in base_per.values() if b["domain"] == d]
         if dr:
-            base[d] = {k: float(np.mean([b[k] for b in dr])) for k in ("IRA", "CRA")}
+            base[d] = {k: float(np.mean([b[k] for b in dr])) for k in ("IRA", "CRA", "SFA")}
     base["per_concept"] = base_per
     return {"methods": out, "base": base, "budget": {k: (list(v) if isinstance(v, tuple) else v)
                                                      for k, v in budget.__dict__.items()}}

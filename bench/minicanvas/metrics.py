@@ -4,6 +4,7 @@ For a concept k erased from domain D (style or object), over a grid of generatio
 - UA  (unlearning accuracy)  = 1 - accuracy of D's classifier on the images whose prompt asks for k
 - IRA (in-domain retain)     = accuracy of D's classifier on the images whose prompt asks for another class of D
 - CRA (cross-domain retain)  = accuracy of the other domain's classifier on those same non-target images
+- unlisted / listed IRA, CRA (ours): IRA and CRA restricted to the classes the retain list did not name / named
 - SFA (surrogate fidelity, ours) = accuracy of the other domain's classifier on the target images (the object
   inside an erased style's row): an erasure that replaces the concept by the surrogate keeps it, one that
   destroys the images does not
@@ -32,6 +33,19 @@ def erasure_metrics(domain: str, target: int, style_true: torch.Tensor, object_t
     # is erased?) -- UA/IRA/CRA cannot tell "replaced by the surrogate" from "destroyed"
     sfa = 100.0 * (other_pred[hit] == other_true[hit]).float().mean().item()
     return {"UA": ua, "IRA": ira, "CRA": cra, "SFA": sfa}
+
+
+def split_retention(domain: str, classes, style_true: torch.Tensor, object_true: torch.Tensor,
+                    style_pred: torch.Tensor, object_pred: torch.Tensor) -> dict[str, float]:
+    """IRA and CRA (percent) restricted to the images whose prompt asks for one of `classes` (class indices of
+    `domain`): e.g. the classes a retain list did not name ("unlisted") or did ("listed")."""
+    own_true, own_pred = (style_true, style_pred) if domain == "style" else (object_true, object_pred)
+    other_true, other_pred = (object_true, object_pred) if domain == "style" else (style_true, style_pred)
+    sel = torch.isin(own_true, torch.as_tensor(list(classes), dtype=own_true.dtype))
+    if not sel.any():
+        raise ValueError(f"no image of the grid asks for the classes {sorted(classes)}")
+    return {"IRA": 100.0 * (own_pred[sel] == own_true[sel]).float().mean().item(),
+            "CRA": 100.0 * (other_pred[sel] == other_true[sel]).float().mean().item()}
 
 
 def unlearning_accuracy(pred: torch.Tensor, target: int) -> float:

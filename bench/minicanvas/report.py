@@ -23,35 +23,61 @@ def _ci(row: dict, key: str) -> str:
     return f"{row[key]:.1f} [{c['lo']:.1f}, {c['hi']:.1f}]" if c else f"{row[key]:.2f}"
 
 
+def _pair(row: dict, a: str, b: str) -> str:
+    """'a / b' means, e.g. unlisted IRA / CRA; '–' when not measured."""
+    return f"{row[a]:.1f} / {row[b]:.1f}" if a in row and b in row else "–"
+
+
+def _mean_ci(m: dict, key: str) -> str:
+    v = m.get(key)
+    return f"{v['mean']:.1f} [{v['lo']:.1f}, {v['hi']:.1f}]" if isinstance(v, dict) else "–"
+
+
 def table(results: dict) -> str:
     """Main table: per method and domain, mean [95% bootstrap interval over concepts and training seeds]."""
     base = results["base"]
-    lines = ["| method | style UA | style IRA | style CRA | style syn-UA | style SFA | object UA | object IRA | "
-             "object CRA | object syn-UA | object SFA | mean(UA,IRA,CRA) | erased / clean | training seeds | "
-             "s / concept | trainable params | LoRA / delta bytes |", "|" + "---|" * 17]
+    retain_set = results.get("budget", {}).get("retain_set", "all-pairs")
+    lines = ["| method | style UA | style SFA | style IRA / CRA unlisted | style IRA / CRA listed | style syn-UA | "
+             "object UA | object SFA | object IRA / CRA unlisted | object IRA / CRA listed | object syn-UA | "
+             "mean(UA, unlisted IRA, unlisted CRA, SFA) | mean(UA, IRA, CRA) | erased / clean | training seeds | "
+             "s / concept | LoRA / delta bytes |", "|" + "---|" * 17]
     for name, m in results["methods"].items():
-        cells = [name]
+        cells = [name + (" (reference: told to keep every pair)" if name == "spare-all-pairs" else "")]
         for d in ("style", "object"):
             row = m.get(d)
-            cells += [_ci(row, k) if k in row else "–" for k in ("UA", "IRA", "CRA", "synonym_UA", "SFA")] \
-                if row else ["–"] * 5
+            if not row:
+                cells += ["–"] * 5
+                continue
+            cells += [_ci(row, "UA"), _ci(row, "SFA"), _pair(row, "IRA_unlisted", "CRA_unlisted"),
+                      _pair(row, "IRA_listed", "CRA_listed") if "IRA_listed" in row else _pair(row, "IRA", "CRA"),
+                      _ci(row, "synonym_UA")]
+        cells.append(_mean_ci(m, "mean4"))
         mean3 = m.get("mean3")
         cells.append(f"{mean3['mean']:.1f} [{mean3['lo']:.1f}, {mean3['hi']:.1f}]" if isinstance(mean3, dict)
                      else f"{_mean3(m):.2f}")
         cells.append(f"{m.get('erased', '?')} / {m.get('clean', '?')} of {m.get('concepts', '?')}")
         cells.append(str(m.get("seeds", "?")))
-        cells += [f"{m['seconds_per_concept']:.1f}", f"{m['trainable_params']:.0f}", f"{m['lora_bytes']:.0f}"]
+        cells += [f"{m['seconds_per_concept']:.1f}", f"{m['lora_bytes']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    ira_cra = []
+    ceiling = []
     for d in ("style", "object"):
         if isinstance(base.get(d), dict):
-            ira_cra.append(f"{d}: IRA {base[d]['IRA']:.2f}, CRA {base[d]['CRA']:.2f}")
+            ceiling.append(f"{d}: IRA {base[d]['IRA']:.1f}, CRA {base[d]['CRA']:.1f}, SFA {base[d].get('SFA', 0):.1f}")
+    unl = []
+    for d in ("style", "object"):
+        rows = [m[d] for m in results["methods"].values() if m.get(d) and "base_IRA_unlisted" in m[d]]
+        if rows:
+            unl.append(f"{d} {rows[0]['base_IRA_unlisted']:.1f} / {rows[0]['base_CRA_unlisted']:.1f}")
     lines.append("")
-    lines.append(f"Unerased model on the same held-out grid: style accuracy {base['style_acc']:.2f}%, object accuracy "
-                 f"{base['object_acc']:.2f}%; its IRA/CRA for the same concepts (the ceiling for retention): "
-                 + "; ".join(ira_cra) + ". Erased = mean UA over training seeds >= 90; clean = UA >= 95 and IRA, CRA "
-                 "each within 2 points of the unerased model. SFA (surrogate fidelity, not UnlearnCanvas'): the "
-                 "other domain's accuracy inside the erased row/column (objects of an erased style), where measured.")
+    lines.append(
+        f"Retain list of every method: `{retain_set}` (bench/minicanvas/harness.py, concept_prompts); \"unlisted\" "
+        "= the classes of the erased concept's domain that no prompt any method saw names, \"listed\" = those it "
+        "names (all of them for all-pairs). Unerased model on the same held-out grid: style accuracy "
+        f"{base['style_acc']:.1f}%, object accuracy {base['object_acc']:.1f}%; its figures for the same concepts (the "
+        "ceiling): " + "; ".join(ceiling) + (("; unlisted IRA / CRA " + ", ".join(unl)) if unl else "") + ". "
+        "SFA (surrogate fidelity, ours): the other domain's accuracy inside the erased row/column (the object drawn "
+        f"in an erased style). Erased = mean UA over training seeds >= 90; clean = UA >= 95, IRA and CRA within 2 "
+        "points of the unerased model, unlisted IRA and CRA within 3, SFA within 10.")
     return "\n".join(lines)
 
 
@@ -83,8 +109,15 @@ def _mean3(row: dict) -> float:
     return sum(r["UA"] + r["IRA"] + r["CRA"] for r in doms) / (3 * len(doms))
 
 
+def _mean4(row: dict):
+    v = row.get("mean4")
+    return v["mean"] if isinstance(v, dict) else None
+
+
 def targets(results: dict) -> str:
-    """SPARE's targets (issue 9), each marked met / missed with the gap (computed, never hand-written)."""
+    """SPARE's targets, each marked met / missed with the gap (computed, never hand-written): the erasure targets
+    (UA, every concept, synonyms), surrogate fidelity, retention on the unlisted and the listed classes, the four-way
+    mean against every baseline and the time."""
     methods, base = results["methods"], results["base"]
     sp = methods.get("spare")
     if not sp:
@@ -103,20 +136,34 @@ def targets(results: dict) -> str:
         worst = min(per, key=lambda c: per[c]["UA"])
         row("every concept UA >= 95 (mean over training seeds)", f"lowest: {worst} {per[worst]['UA']:.1f}",
             per[worst]["UA"] >= 95.0, f"{95.0 - per[worst]['UA']:.2f}")
+    if sp.get("style"):
+        sfa = sp["style"]["SFA"]
+        row("style SFA >= 85 (object kept inside an erased style's row)", f"{sfa:.2f}", sfa >= 85.0, f"{85.0 - sfa:.2f}")
     for d in doms:
         r = sp[d]
         row(f"{d} synonym UA >= 95", f"{r['synonym_UA']:.2f}", r["synonym_UA"] >= 95.0, f"{95.0 - r['synonym_UA']:.2f}")
-        ceiling = base.get(d)
-        if isinstance(ceiling, dict):
-            for k in ("IRA", "CRA"):
+        for k in ("IRA", "CRA"):
+            if f"{k}_unlisted" in r:
+                drop = r[f"base_{k}_unlisted"] - r[f"{k}_unlisted"]
+                row(f"{d} unlisted {k} within 3 of the unerased model ({r[f'base_{k}_unlisted']:.2f})",
+                    f"{r[f'{k}_unlisted']:.2f}", drop <= 3.0, f"{drop - 3.0:.2f}")
+            ceiling = base.get(d)
+            if isinstance(ceiling, dict):
                 drop = ceiling[k] - r[k]
-                row(f"{d} {k} within 1.5 of the unerased model ({ceiling[k]:.2f})", f"{r[k]:.2f}", drop <= 1.5,
-                    f"{drop - 1.5:.2f}")
-    others = {n: _mean3(m) for n, m in methods.items() if not n.startswith("spare") and n not in NOT_AS_PUBLISHED}
-    if others:
-        best = max(others, key=others.get)
-        row(f"mean(UA, IRA, CRA) above every baseline (best: {best} {others[best]:.2f})", f"{_mean3(sp):.2f}",
-            _mean3(sp) > others[best], f"{others[best] - _mean3(sp):.2f}")
+                row(f"{d} {k} (every class) within 1.5 of the unerased model ({ceiling[k]:.2f})", f"{r[k]:.2f}",
+                    drop <= 1.5, f"{drop - 1.5:.2f}")
+    if per and any("IRA_unlisted_drop" in p for p in per.values()):
+        worst = max(per, key=lambda c: max(per[c].get("IRA_unlisted_drop", 0), per[c].get("CRA_unlisted_drop", 0)))
+        w = max(per[worst].get("IRA_unlisted_drop", 0), per[worst].get("CRA_unlisted_drop", 0))
+        row("no concept's unlisted IRA / CRA more than 8 below the unerased model's", f"worst: {worst} -{w:.1f}",
+            w <= 8.0, f"{w - 8.0:.1f} over")
+    mine = _mean4(sp)
+    if mine is not None:
+        others = {n: _mean4(m) for n, m in methods.items() if not n.startswith("spare") and _mean4(m) is not None}
+        if others:
+            best = max(others, key=others.get)
+            row(f"mean(UA, unlisted IRA, unlisted CRA, SFA) above every baseline (best: {best} {others[best]:.2f})",
+                f"{mine:.2f}", mine > others[best], f"{others[best] - mine:.2f}")
     budget = results.get("budget", {})
     for esd in ("esd-x", "esd-u"):
         e = methods.get(esd)
