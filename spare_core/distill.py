@@ -123,6 +123,9 @@ class DistillConfig:
                                              # 93.3: kept at 4; bench/RESULTS.md, "Speed for the time target")
     retain_sample_steps: int = 0             # Euler steps for the retain samples; 0 = half of sample_steps (at least
                                              # 1): for time, retention unchanged (same section)
+    on_policy: float = 0.0                   # at this fraction of the steps, draw the concept prompts once more with
+                                             # the STUDENT (the erased model as it is then) and add those samples to
+                                             # the forget rows (ESD samples from the model being erased); 0 = off
 
 
 @dataclass
@@ -199,6 +202,9 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if config.forget_weight <= 0 or config.retain_weight < 0:
         raise SpareInputError(f"forget_weight={config.forget_weight} must be > 0 and retain_weight="
                               f"{config.retain_weight} must be >= 0")
+    if not 0.0 <= config.on_policy < 1.0:
+        raise SpareInputError(f"on_policy={config.on_policy} must be in [0, 1) (fraction of the steps after which the "
+                              "student's own samples join the forget rows; 0 = off)")
     if not 0.0 <= config.surrogate_anchor <= 1.0:
         raise SpareInputError(f"surrogate_anchor={config.surrogate_anchor} must be in [0, 1] (share of the forget "
                               "batch noised from surrogate samples)")
@@ -403,9 +409,16 @@ def distill(
             def reduction(gap):
                 return 0.0 if probe_before <= 0 else 1.0 - gap / probe_before
 
+            on_policy_step = round(cfg.on_policy * cfg.steps) if cfg.on_policy > 0 else -1
             for step in range(cfg.steps):
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"cancelled at step {step} of {cfg.steps}; nothing was saved")
+                if step == on_policy_step:
+                    # the student's own trajectories for the concept prompts: the states the erased model visits
+                    # (teacher targets of steps already drawn ahead keep the rows they were drawn from)
+                    x_own, i_own = generate(model, cfg.concepts, cfg.samples_per_prompt, cfg.seed + 6,
+                                            cfg.sample_steps, cfg.sample_cfg, should_stop=should_stop)
+                    x_forget, i_forget = torch.cat([x_forget, x_own]), torch.cat([i_forget, i_own])
                 lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))  # cosine to 0 at the step cap
                 for group in opt.param_groups:
                     group["lr"] = lr
