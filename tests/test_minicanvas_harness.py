@@ -158,12 +158,20 @@ def test_paired_comparison_and_sign_test():
 
 def test_demo_verdict_follows_ua():
     from bench.minicanvas import demo
-    base = {"UA": 0.0, "IRA": 100.0, "CRA": 95.0}
-    assert demo.verdict("style", "ukiyo", {"UA": 80.0, "IRA": 100.0, "CRA": 95.0}, base).startswith("NOT erased")
-    ok = demo.verdict("style", "ukiyo", {"UA": 100.0, "IRA": 99.0, "CRA": 94.0}, base)
-    assert ok.startswith("erased") and "kept" in ok
-    hurt = demo.verdict("object", "ring", {"UA": 100.0, "IRA": 80.0, "CRA": 95.0}, base)
+    base = {"UA": 0.0, "IRA": 100.0, "CRA": 95.0, "SFA": 95.0}
+    assert demo.verdict("style", "ukiyo", {"UA": 80.0, "IRA": 100.0, "CRA": 95.0, "SFA": 90.0},
+                        base).startswith("NOT erased")
+    ok = demo.verdict("style", "ukiyo", {"UA": 100.0, "IRA": 99.0, "CRA": 94.0, "SFA": 90.0}, base)
+    assert ok.startswith("erased") and "still drawn" in ok and ok.endswith("other concepts kept")
+    hurt = demo.verdict("object", "ring", {"UA": 100.0, "IRA": 80.0, "CRA": 95.0, "SFA": 95.0}, base)
     assert hurt.startswith("erased") and "collateral damage" in hurt
+    debris = demo.verdict("style", "ukiyo", {"UA": 100.0, "IRA": 99.0, "CRA": 94.0, "SFA": 20.0}, base)
+    assert "the object is lost with it (SFA 20 vs 95" in debris
+    # with a split, the verdict judges the unlisted classes: listed ones kept, unlisted ones hurt
+    split_base = dict(base, IRA_unlisted=100.0, CRA_unlisted=96.0)
+    unl = demo.verdict("style", "ukiyo", {"UA": 100.0, "IRA": 99.0, "CRA": 94.0, "SFA": 90.0, "IRA_unlisted": 88.0,
+                                          "CRA_unlisted": 95.0}, split_base)
+    assert "collateral damage on the concepts the retain list did not name: IRA 88.0 vs 100.0" in unl
 
 
 def test_demo_refuses_bad_arguments_before_any_work(tmp_path, capsys):

@@ -8,9 +8,11 @@ the styles, columns the objects (labelled); the erased style's row (or object's 
 prompts use templates the erasure did not train on. Everything outside the outline should look the same before and
 after; inside it the concept should be gone (the neutral style / object drawn instead).
 
-The verdict is measured, never assumed: UA (share of the erased row/column the classifier no longer recognises as
-the concept), IRA and CRA (the other rows/columns still recognised), against the unerased model. Below UA 90 the demo
-says NOT erased.
+The verdict is measured, never assumed, against the unerased model: UA (share of the erased row/column the classifier
+no longer recognises as the concept), SFA (surrogate fidelity: the object still recognised inside an erased style's row,
+or the style inside an erased object's column -- replaced, not destroyed), IRA and CRA (the other rows/columns still
+recognised), also on the "unlisted" classes: the retain list names half of the other classes (the benchmark's default
+list), and the other half shows what happens to concepts nobody listed. Below UA 90 the demo says NOT erased.
 """
 from __future__ import annotations
 
@@ -32,17 +34,27 @@ LABEL_W, LABEL_H = 70, 46
 
 
 def verdict(domain: str, concept: str, m: dict, base: dict) -> str:
-    """The demo's conclusion, from the measurement only."""
-    ira_drop, cra_drop = base["IRA"] - m["IRA"], base["CRA"] - m["CRA"]
+    """The demo's conclusion, from the measurement only: erased or not (UA), replaced by the surrogate or destroyed
+    (SFA: the other domain still drawn inside the erased row/column), and other concepts kept -- on the classes the
+    retain list did not name (unlisted) when there are such, else on all of them."""
     if m["UA"] < ERASED_UA:
         head = f"NOT erased: {domain} '{concept}' is still recognised in {100 - m['UA']:.0f}% of its images (UA " \
                f"{m['UA']:.0f} < {ERASED_UA:.0f})"
     else:
         head = f"erased {domain} '{concept}' (UA {m['UA']:.0f})"
-    damage = max(ira_drop, cra_drop)
-    tail = "other concepts kept" if damage <= harness.CLEAN_DROP else \
-        f"collateral damage: IRA {m['IRA']:.1f} vs {base['IRA']:.1f}, CRA {m['CRA']:.1f} vs {base['CRA']:.1f} unerased"
-    return f"{head}; {tail}"
+    inside = "object" if domain == "style" else "style"
+    if base["SFA"] - m["SFA"] <= harness.CLEAN_SFA_DROP:
+        middle = f"the {inside} is still drawn in its place (SFA {m['SFA']:.0f})"
+    else:
+        middle = f"but the {inside} is lost with it (SFA {m['SFA']:.0f} vs {base['SFA']:.0f} unerased)"
+    keys, line, where = ("IRA", "CRA"), harness.CLEAN_DROP, ""
+    if "IRA_unlisted" in m and "IRA_unlisted" in base:
+        keys, line, where = ("IRA_unlisted", "CRA_unlisted"), harness.CLEAN_UNLISTED_DROP, " the retain list did not name"
+    damage = max(base[k] - m[k] for k in keys)
+    tail = f"other concepts{where} kept" if damage <= line else \
+        f"collateral damage on the concepts{where}: IRA {m[keys[0]]:.1f} vs {base[keys[0]]:.1f}, CRA " \
+        f"{m[keys[1]]:.1f} vs {base[keys[1]]:.1f} unerased"
+    return f"{head}; {middle}; {tail}"
 
 
 def labelled_grid(before: torch.Tensor, after: torch.Tensor, domain: str, target_index: int, title: str):
@@ -119,8 +131,11 @@ def main(argv=None):
           "before and after ...", flush=True)
     before = harness.generate(model, prompts, seeds, budget.sample_steps)
     after = harness.sample_edited(model, edited, prompts, seeds, budget.sample_steps)
-    m, _ = harness.evaluate(judge, after, ls, lo, domain, target)
-    b, _ = harness.evaluate(judge, before, ls, lo, domain, target)
+    m, j_after = harness.evaluate(judge, after, ls, lo, domain, target)
+    b, j_before = harness.evaluate(judge, before, ls, lo, domain, target)
+    split = harness.retention_split(domain, args.concept, args.seed, budget.retain_set)
+    m.update(harness.split_metrics(domain, split, ls, lo, j_after["style"], j_after["object"]))
+    b.update(harness.split_metrics(domain, split, ls, lo, j_before["style"], j_before["object"]))
     text = verdict(domain, args.concept, m, b)
     os.makedirs(args.out, exist_ok=True)
     lora_path = sc.save_lora(os.path.join(args.out, f"erase_{args.concept}.safetensors"), edited[1])
@@ -129,14 +144,14 @@ def main(argv=None):
     tmp = png + ".tmp.png"
     image.save(tmp)
     os.replace(tmp, png)
-    print(f"UA {m['UA']:.2f}  IRA {m['IRA']:.2f}  CRA {m['CRA']:.2f}   (unerased: UA {b['UA']:.2f}  IRA {b['IRA']:.2f}"
-          f"  CRA {b['CRA']:.2f})")
+    unl = lambda r: f"  unlisted IRA {r['IRA_unlisted']:.1f}  CRA {r['CRA_unlisted']:.1f}" if "IRA_unlisted" in r else ""
+    print(f"UA {m['UA']:.1f}  SFA {m['SFA']:.1f}  IRA {m['IRA']:.1f}  CRA {m['CRA']:.1f}{unl(m)}   (unerased: UA "
+          f"{b['UA']:.1f}  SFA {b['SFA']:.1f}  IRA {b['IRA']:.1f}  CRA {b['CRA']:.1f}{unl(b)})")
+    names = data.STYLE_NAMES if domain == "style" else data.OBJECT_NAMES
+    print(f"retain list: {len(split['listed'])} of the other {domain}s named ("
+          + ", ".join(names[i] for i in split["listed"]) + "); unlisted: "
+          + (", ".join(names[i] for i in split["unlisted"]) or "none"))
     print(text)
-    inside = "object" if domain == "style" else "style"
-    print(f"surrogate fidelity (not in UA/IRA/CRA): inside the erased {'row' if domain == 'style' else 'column'} the "
-          f"{inside} is still recognised in {m['SFA']:.0f}% of the images (unerased {b['SFA']:.0f}%)"
-          + ("; the concept is gone but so is much of the picture (bench/RESULTS.md)" if m["SFA"] < b["SFA"] - 20
-             else ""))
     if info.get("warning"):
         print(f"warning: {info['warning']}")
     print(f"wrote {lora_path} and {png} (left: before, right: after; rows = styles, columns = objects; "

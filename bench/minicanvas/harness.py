@@ -587,6 +587,8 @@ def main(argv=None):
                     help="loss weighting of SPARE and its ablations (default v; eps = the authors')")
     ap.add_argument("--spare-scoring", choices=sc.saliency.SCORINGS, default=Budget.spare_scoring)
     ap.add_argument("--spare-targets", choices=sc.saliency.TARGET_SETS, default=Budget.spare_targets)
+    ap.add_argument("--spare-fraction", type=float, default=Budget.spare_fraction,
+                    help="share of the candidate modules the saliency scan selects (default: the product's)")
     ap.add_argument("--spare-stop", type=float, default=Budget.spare_stop,
                     help="SPARE's stopping rule target (gap closed); 0 = run every step")
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set,
@@ -621,7 +623,8 @@ def main(argv=None):
         except (ValueError, host_path.HostUnavailable) as e:
             ap.error(str(e))
     budget = Budget(spare_weighting=args.spare_weighting, spare_scoring=args.spare_scoring,
-                    spare_targets=args.spare_targets, spare_stop=args.spare_stop, retain_set=args.retain_set)
+                    spare_targets=args.spare_targets, spare_stop=args.spare_stop, retain_set=args.retain_set,
+                    spare_fraction=args.spare_fraction)
     overrides = []
     for item in args.spare_set:
         key, _, value = item.partition("=")
