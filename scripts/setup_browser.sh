@@ -5,7 +5,7 @@
 #     wheel; `playwright install` (which downloads browser builds) is NEVER run: the test drives /usr/bin/chromium;
 #   - ComfyUI's frontend packages at the versions $COMFYUI_PATH/requirements.txt pins (comfyui-frontend-package,
 #     comfyui-workflow-templates, comfyui-embedded-docs), so that the server serves the real web UI;
-#   - spandrel (one of ComfyUI's "non essential" requirements, left out by scripts/setup_comfyui.sh): without it
+#   - spandrel (one of ComfyUI's "non essential" requirements): without it
 #     comfy_extras/nodes_upscale_model.py does not import, UpscaleModelLoader is missing from /object_info, and
 #     frontend 1.27.10 then fails to build every Load Checkpoint / LoRA loader node (its model-to-node map holds an
 #     undefined entry: "Cannot read properties of undefined (reading 'has')" in isAssetBrowserEligible), so they show
@@ -13,7 +13,8 @@
 #
 #   COMFYUI_PATH=/work/comfyui bash scripts/setup_browser.sh
 #
-# Idempotent: each step is skipped when what it installs is already there.
+# Idempotent: each step is skipped when what it installs is already there (a venv made by scripts/setup_comfyui.sh
+# has the frontend packages and spandrel already: it installs all of ComfyUI's requirements.txt but torchaudio).
 set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -32,8 +33,19 @@ if [ ! -f "$COMFYUI_PATH/requirements.txt" ]; then
 fi
 
 # --- 1. Chromium --------------------------------------------------------------------------------------------------
+# Debian's /usr/bin/chromium is a shell launcher that sources /etc/chromium.d/*. Its dev-shm snippet runs
+# `[ $(findmnt -bnr -o avail -T /dev/shm) -lt ... ]`, which fails ("[: 25275944960: unexpected operator") where
+# /dev/shm is mounted twice (containers: findmnt prints two lines); the launcher then goes on. The version is asked of
+# the binary it launches (/usr/lib/chromium/chromium), which never runs that snippet.
+chromium_version() {
+    local bin=$CHROMIUM
+    if [ "$CHROMIUM" = /usr/bin/chromium ] && [ -x /usr/lib/chromium/chromium ]; then
+        bin=/usr/lib/chromium/chromium
+    fi
+    "$bin" --version
+}
 if [ -x "$CHROMIUM" ]; then
-    echo "chromium: $("$CHROMIUM" --version 2>/dev/null || echo "$CHROMIUM") already installed"
+    echo "chromium: $(chromium_version) already installed"
 else
     SUDO=()
     if [ "$(id -u)" -ne 0 ]; then
@@ -42,15 +54,18 @@ else
     export DEBIAN_FRONTEND=noninteractive
     "${SUDO[@]}" apt-get update -qq
     "${SUDO[@]}" apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
-    echo "chromium: $("$CHROMIUM" --version) installed"
+    echo "chromium: $(chromium_version) installed"
 fi
 
 # --- 2. Playwright (the Python package; no browser download) -------------------------------------------------------
+version_of() {  # the installed version of a distribution, without importing it (importing torch takes seconds)
+    "$PY" -c "import sys; from importlib.metadata import version; print(version(sys.argv[1]))" "$1"
+}
 if "$PY" -c "import playwright.sync_api" 2>/dev/null; then
-    echo "playwright: $("$PY" -m pip show playwright 2>/dev/null | sed -n 's/^Version: //p') already installed"
+    echo "playwright: $(version_of playwright) already installed"
 else
     "$PY" -m pip install --quiet --disable-pip-version-check playwright
-    echo "playwright: $("$PY" -m pip show playwright | sed -n 's/^Version: //p') installed"
+    echo "playwright: $(version_of playwright) installed"
 fi
 
 # --- 3. ComfyUI's frontend, at ComfyUI's pins ----------------------------------------------------------------------
@@ -88,10 +103,10 @@ else
     echo "frontend: ${PINS[*]} installed"
 fi
 
-# --- 4. spandrel (UpscaleModelLoader; see the top) -----------------------------------------------------------------
-if "$PY" -c "import spandrel" 2>/dev/null; then
-    echo "spandrel: already installed"
+# --- 4. spandrel (UpscaleModelLoader; see the top; scripts/setup_comfyui.sh installs it already) ---------------------
+if version_of spandrel >/dev/null 2>&1; then
+    echo "spandrel: $(version_of spandrel) already installed"
 else
     "$PY" -m pip install --quiet --disable-pip-version-check spandrel
-    echo "spandrel: $("$PY" -m pip show spandrel | sed -n 's/^Version: //p') installed"
+    echo "spandrel: $(version_of spandrel) installed"
 fi

@@ -10,8 +10,9 @@
 # Given a work tree, <dest> is made a symlink to it unless it already exists.
 #
 # The venv goes to $VENV (default: <repo>/.venv-comfy, git-ignored by `.venv-*/`). It gets torch + torchvision
-# (torchvision is a hard import of comfy/model_base.py; this pair is the one that works on our machines), ComfyUI's
-# minimal runtime dependencies, pytest and peft. ComfyUI itself is never copied into this repository.
+# (torchvision is a hard import of comfy/model_base.py; this pair is the one that works on our machines), what
+# ComfyUI's requirements.txt lists (but torchaudio: see step 2), requests, pytest and peft. ComfyUI itself is never
+# copied into this repository.
 set -euo pipefail
 
 if [ $# -ne 2 ]; then
@@ -71,10 +72,20 @@ DEST=$(realpath "$DEST")
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip install --quiet)
-"${PIP[@]}" torch==2.14.1 torchvision==0.29.1
-"${PIP[@]}" numpy einops transformers tokenizers sentencepiece safetensors aiohttp yarl pyyaml Pillow scipy tqdm \
-    psutil torchsde av pydantic pydantic-settings alembic SQLAlchemy requests pytest peft
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
+"${PIP[@]}" "${TORCH_PINS[@]}"
+# Then everything ComfyUI's own requirements.txt lists (so that none of ComfyUI's own nodes prints IMPORT FAILED:
+# kornia, spandrel, the frontend packages, ...), with torch/torchvision held at the pair above, plus `requests`
+# (main.py needs it; requirements.txt leaves it out), pytest and peft. Left out: torchaudio. No torchaudio on PyPI
+# matches torch 2.14.1 (the newest, 2.11.1, requires torch==2.11.1), so ComfyUI's audio nodes (nodes_audio.py,
+# nodes_audio_encoder.py) stay IMPORT FAILED; nothing in this pack or its tests uses them.
+REQS=$(mktemp)
+CONSTRAINTS=$(mktemp)
+trap 'rm -f "$REQS" "$CONSTRAINTS"' EXIT
+grep -vE '^[[:space:]]*(torch|torchvision|torchaudio)[[:space:]]*([<>=!~;].*)?$' "$DEST/requirements.txt" >"$REQS"
+printf '%s\n' "${TORCH_PINS[@]}" >"$CONSTRAINTS"
+"${PIP[@]}" -c "$CONSTRAINTS" -r "$REQS" requests pytest peft
 
 # --- 3. smoke test: ComfyUI's model code imports headless on CPU ----------------------------------------------------
 COMFYUI_PATH="$DEST" "$VENV/bin/python" - <<'EOF'

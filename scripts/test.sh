@@ -18,11 +18,11 @@
 # but holds no ComfyUI stops it too. ComfyUI is never put into this checkout.
 #
 # The tests run in the venv <repo>/.venv-comfy ($VENV): scripts/setup_comfyui.sh (torch 2.14.1, torchvision 0.29.1,
-# ComfyUI's dependencies, pytest, peft; redone only when that script or ComfyUI's requirements.txt changed), then
-# scripts/setup_browser.sh (Chromium, Playwright, ComfyUI's frontend; idempotent; SPARE_NO_BROWSER=1 skips it and the
-# browser test then skips, saying why). Set-up output goes to <venv>/setup.log (.venv/setup.log for --core); the
-# console shows one status line, then pytest. OMP_NUM_THREADS defaults to 1 on every path: the test models are tiny
-# (two threads on two busy cores ran ~100x slower).
+# ComfyUI's requirements.txt but torchaudio, pytest, peft; redone only when that script or ComfyUI's requirements.txt
+# changed), then scripts/setup_browser.sh (Chromium, Playwright, ComfyUI's frontend; idempotent; SPARE_NO_BROWSER=1
+# skips it and the browser test then skips, saying why). Set-up output goes to <venv>/setup.log (.venv/setup.log for
+# --core); the console shows one status line, then pytest. OMP_NUM_THREADS defaults to 1 on every path: the test
+# models are tiny (two threads on two busy cores ran ~100x slower).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)

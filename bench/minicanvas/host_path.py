@@ -151,9 +151,19 @@ class ComfyHost:
         self._conds: dict[str, torch.Tensor] = {}
 
     def close(self):
+        """Unload and drop the MODEL, CLIP and VAE (and the cached conditionings) now, while ComfyUI's modules are
+        alive. The harness keeps the closed host in `harness._WORKER`: a host that kept its patchers would have them
+        collected only at interpreter exit, after comfy.model_patcher's globals are gone, and each
+        `ModelPatcher.__del__` would print "Exception ignored ... 'NoneType' object has no attribute 'ON_DETACH'".
+        The host cannot be used after close()."""
+        import gc
+
         import comfy.model_management
 
+        self.model = self.clip = self.vae = None
+        self._conds.clear()
         comfy.model_management.unload_all_models()
+        gc.collect()  # patchers in reference cycles go now too, not at exit
         shutil.rmtree(self.loras, ignore_errors=True)
 
     @contextlib.contextmanager
