@@ -212,7 +212,7 @@ if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && i
 sys.exit(any(u.find_spec(m) is None for m in ('torch', 'torchvision', 'peft', 'pytest')))" 2>/dev/null; then
     printf 'venv %s ready; ' "$(short "$VENV")"
 else
-    printf 'setting up venv %s (the first time: minutes) ... ' "$(short "$VENV")"
+    printf 'setting up venv %s (minutes the first time) ... ' "$(short "$VENV")"
     t0=$SECONDS
     setup_step bash scripts/setup_comfyui.sh "$src" "$comfy"
     echo "$want" >"$stamp"
