@@ -267,6 +267,11 @@ def test_retain_lists_never_name_an_unlisted_class():
             all_split = harness.retention_split(domain, name, seed, "all-pairs")
             assert all_split["unlisted"] == [] and len(all_split["listed"]) == 9
         assert len(splits) > 1  # the split changes with the training seed
+        # growK (experiment): the same unlisted classes whatever K; K listed, none of them unlisted or named twice
+        grows = [harness.retention_split(domain, name, 0, f"grow{k}") for k in (1, 3, 6)]
+        assert grows[0]["unlisted"] == grows[1]["unlisted"] == grows[2]["unlisted"]
+        assert [len(g["listed"]) for g in grows] == [1, 3, 6] and set(grows[0]["listed"]) < set(grows[2]["listed"])
+        assert not set(grows[2]["listed"]) & set(grows[2]["unlisted"])
 
 
 def test_uce_edits_only_the_unet_spatial_cross_attention():

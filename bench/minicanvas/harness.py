@@ -93,7 +93,8 @@ class Budget:
                        ca=max(1, int(self.ca * factor)), salun=max(1, int(self.salun * factor)), seeds=seeds)
 
 
-RETAIN_SETS = ("half", "few", "all-pairs", "neighbours")
+RETAIN_SETS = ("half", "few", "all-pairs", "neighbours", "grow1", "grow3", "grow6")
+GROW_UNLISTED = 3          # "growK": the same 3 unlisted classes for every K; K of the other 6 listed
 RETAIN_EXTRA = 3           # random (style, object) pairs added to the neighbour classes in the "neighbours" list
 FEW_LISTED = 3             # "few": same-domain neighbours named by the builder line (and as many of the other domain)
 LR_SCALE = 20.0  # bundled model's training lr / Stable Diffusion's (2e-3 / 1e-4)
@@ -110,9 +111,18 @@ def listed_classes(domain: str, name: str, seed: int, retain_set: str) -> list[s
     others = [c for c in (STYLES if domain == "style" else OBJECTS) if c != name]
     if retain_set in ("all-pairs", "neighbours"):
         return others
+    if retain_set.startswith("grow"):  # experiment: does listing MORE classes protect the same unlisted ones?
+        return sorted(grow_order(domain, name, seed)[GROW_UNLISTED:GROW_UNLISTED + int(retain_set[4:])],
+                      key=others.index)
     k = len(others) // 2 if retain_set == "half" else FEW_LISTED
     # a generator of its own (not `concept_prompts`' one) so the other lists' draws stay as they were
     return sorted(random.Random(f"split:{domain}:{name}:{seed}").sample(others, k), key=others.index)
+
+
+def grow_order(domain: str, name: str, seed: int) -> list[str]:
+    """The other classes in a seeded order: the first GROW_UNLISTED are the "growK" lists' unlisted classes."""
+    others = [c for c in (STYLES if domain == "style" else OBJECTS) if c != name]
+    return random.Random(f"grow:{domain}:{name}:{seed}").sample(others, len(others))
 
 
 def concept_prompts(domain: str, name: str, seed: int, retain_set: str = "half"):
@@ -143,9 +153,9 @@ def concept_prompts(domain: str, name: str, seed: int, retain_set: str = "half")
         short, short_surrogate = f"A {name} image.", f"A {data.NEUTRAL_OBJECT} image."
     if retain_set == "all-pairs":
         return forget, surrogate, all_pairs(domain, name), short, short_surrogate
-    if retain_set in ("half", "few"):
+    if retain_set in ("half", "few") or retain_set.startswith("grow"):
         others = OBJECTS if domain == "style" else STYLES
-        cross = others if retain_set == "half" else \
+        cross = others if retain_set != "few" else \
             sorted(random.Random(f"few:{domain}:{name}:{seed}").sample(others, FEW_LISTED), key=others.index)
         retain = [data.prompt(c, x) if domain == "style" else data.prompt(x, c) for c in listed for x in cross]
         return forget, surrogate, retain, short, short_surrogate
@@ -407,7 +417,9 @@ def retention_split(domain: str, name: str, seed: int, retain_set: str) -> dict[
     index = data.style_index if domain == "style" else data.object_index
     others = [c for c in (STYLES if domain == "style" else OBJECTS) if c != name]
     listed = listed_classes(domain, name, seed, retain_set)
-    return {"listed": [index(c) for c in listed], "unlisted": [index(c) for c in others if c not in listed]}
+    unlisted = grow_order(domain, name, seed)[:GROW_UNLISTED] if retain_set.startswith("grow") else \
+        [c for c in others if c not in listed]
+    return {"listed": [index(c) for c in listed], "unlisted": [index(c) for c in unlisted]}
 
 
 def split_metrics(domain, split, ls, lo, style_pred, object_pred) -> dict[str, float]:
