@@ -1,0 +1,179 @@
+"""Why an erasure draws debris and hurts concepts nobody listed: three measurements on one concept.
+
+    python -m bench.minicanvas.diagnose targets --concept ukiyo              # the forget loss's targets, per sigma
+    python -m bench.minicanvas.diagnose trajectory --concept ukiyo          # the erased model's sampling path
+    python -m bench.minicanvas.diagnose strength --concept ukiyo            # the erasure at LoRA strengths < 1
+
+- targets: SPARE's forget loss asks the student, on x_t noised from a sample, for the surrogate-prompt teacher's x0.
+  For samples of the concept and of the surrogate, at each sigma, the classifiers judge that target x0: is the other
+  domain (the object of an erased style) still there, and which style / object is it? Targets that lose the object
+  teach the student to lose it.
+- trajectory: one sampling run (the evaluation sampler) of the concept's prompts with the erased model, of the
+  surrogate's prompts with the unerased model (where the erased model should go) and of the concept's prompts
+  unerased; at each step the x0 prediction is judged (share of the other domain kept, the majority class).
+- strength: the whole held-out grid at LoRA strengths 1 ... 0.35: UA, SFA and IRA / CRA on the unlisted classes.
+
+Training: SPARE at the product defaults (`harness.run_method("spare", ...)`, retain list `--retain-set`, training
+seed `--seed`), with `--set FIELD=VALUE` overrides of DistillConfig (as the harness' `--spare-set`). Everything is
+judged on the training template (targets) or the held-out evaluation templates (trajectory, strength). Prints a
+table; `--out` also writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+
+import torch
+
+import spare_core as sc
+
+from . import data, harness
+from .model import sample_loop, to_image
+
+SIGMAS = (30.0, 10.0, 5.0, 2.0, 1.0, 0.3)
+STRENGTHS = (1.0, 0.75, 0.5, 0.35)
+CFG = 4.0  # the evaluation sampler's guidance (model.sample's default)
+
+
+def _prompts(domain: str, name: str, cls: str, template: int = 0) -> tuple[list[str], torch.Tensor]:
+    """The concept's (or the surrogate's) row / column: prompts and the other domain's labels."""
+    others = harness.OBJECTS if domain == "style" else harness.STYLES
+    prompts = [data.prompt(cls, o, template) if domain == "style" else data.prompt(o, cls, template) for o in others]
+    index = data.object_index if domain == "style" else data.style_index
+    return prompts, torch.tensor([index(o) for o in others])
+
+
+def _judge(judge, x0: torch.Tensor, labels: torch.Tensor, domain: str) -> tuple[float, str]:
+    """(% of the other domain kept, majority class of the erased domain) for x0 in [-1, 1]."""
+    j = judge(to_image(x0))
+    other, own = ("object", "style") if domain == "style" else ("style", "object")
+    names = data.STYLE_NAMES if domain == "style" else data.OBJECT_NAMES
+    return 100.0 * (j[other] == labels).float().mean().item(), names[int(j[own].mode().values)]
+
+
+def targets(model, judge, domain: str, name: str, seed: int) -> list[dict]:
+    surrogate = data.NEUTRAL_STYLE if domain == "style" else data.NEUTRAL_OBJECT
+    concept_prompts, labels = _prompts(domain, name, name)
+    surrogate_prompts, _ = _prompts(domain, name, surrogate)
+    per = 4
+    x_concept, i_concept = sc.generate(model, concept_prompts, per, seed)
+    x_surrogate, i_surrogate = sc.generate(model, surrogate_prompts, per, seed + 5)
+    cond = model.encode(surrogate_prompts)
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for sigma in SIGMAS:
+        for source, x, idx in (("concept", x_concept, i_concept), ("surrogate", x_surrogate, i_surrogate)):
+            s = torch.full((len(x),), sigma)
+            xt = model.add_noise(x, torch.randn(x.shape, generator=g), s)
+            with torch.no_grad():
+                x0 = model.predict_x0(xt, s, model.select_cond(cond, idx))
+            kept, cls = _judge(judge, x0, labels[idx], domain)
+            rows.append({"sigma": sigma, "samples": source, "kept": kept, "class": cls})
+    return rows
+
+
+def trajectory(model, judge, domain: str, name: str, lora, steps: int = 12) -> list[dict]:
+    surrogate = data.NEUTRAL_STYLE if domain == "style" else data.NEUTRAL_OBJECT
+    rows = []
+    for label, cls, erased in (("erased, concept prompt", name, True), ("unerased, surrogate prompt", surrogate, False),
+                               ("unerased, concept prompt", name, False)):
+        prompts, labels = [], []
+        for t in harness.EVAL_TEMPLATES:
+            p, lab = _prompts(domain, name, cls, t)
+            prompts += p
+            labels.append(lab)
+        labels = torch.cat(labels)
+        guided = model.guided_x0(model.encode(prompts), model.encode([""] * len(prompts)), CFG)
+        x = model.initial_noise(len(prompts), list(range(700, 700 + len(prompts)))) * model.cfg.sigma_max
+        path = []
+
+        def denoise(x, s):
+            if erased:
+                with sc.apply_lora(model.network, lora, 1.0):
+                    x0 = guided(x, s)
+            else:
+                x0 = guided(x, s)
+            kept, c = _judge(judge, x0, labels, domain)
+            path.append({"sigma": float(s[0]), "kept": kept, "class": c})
+            return x0
+        with torch.no_grad():
+            sample_loop(denoise, x, model.karras_sigmas(steps), "dpmpp_2m")
+        rows.append({"run": label, "path": path})
+    return rows
+
+
+def strength(model, judge, domain: str, name: str, lora, seed: int, retain_set: str, steps: int = 12) -> list[dict]:
+    prompts, ls, lo, seeds = harness.grid(1)
+    target = (data.style_index if domain == "style" else data.object_index)(name)
+    split = harness.retention_split(domain, name, seed, retain_set)
+    rows = []
+    for st in STRENGTHS:
+        with sc.apply_lora(model.network, lora, st):
+            images = harness.generate(model, prompts, seeds, steps)
+        m, j = harness.evaluate(judge, images, ls, lo, domain, target)
+        m.update(harness.split_metrics(domain, split, ls, lo, j["style"], j["object"]))
+        rows.append({"strength": st, **m})
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.diagnose", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("targets", "trajectory", "strength"))
+    ap.add_argument("--concept", default="ukiyo", help=f"a style {harness.STYLES} or an object {harness.OBJECTS}")
+    ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--retain-set", choices=harness.RETAIN_SETS, default=harness.Budget.retain_set)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a DistillConfig field for the erasure (repeatable), e.g. --set surrogate_anchor=1.0")
+    ap.add_argument("--out", help="also write the rows as JSON")
+    args = ap.parse_args(argv)
+    if args.concept not in harness.STYLES + harness.OBJECTS:
+        ap.error(f"unknown concept {args.concept!r}; styles: {harness.STYLES}; objects: {harness.OBJECTS}")
+    overrides = []
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in sc.DistillConfig.__dataclass_fields__ or not value:
+            ap.error(f"--set {item!r}: expected FIELD=VALUE with FIELD a DistillConfig field")
+        overrides.append((key, type(getattr(sc.DistillConfig([], []), key))(json.loads(value))))
+    torch.set_num_threads(int(os.environ.get("MINICANVAS_THREADS", "1")))
+    domain = "style" if args.concept in harness.STYLES else "object"
+    model, judge = harness.load_model(), harness.Judge()
+    if args.what == "targets":
+        rows = targets(model, judge, domain, args.concept, args.seed)
+        print(f"forget targets (surrogate-prompt teacher's x0) for '{args.concept}': % of the "
+              f"{'object' if domain == 'style' else 'style'} kept / majority {domain}")
+        for r in rows:
+            print(f"  sigma {r['sigma']:5.1f}  x_t from {r['samples']:9s} samples: kept {r['kept']:5.1f}%  "
+                  f"{domain} {r['class']}")
+    else:
+        budget = replace(harness.Budget(), retain_set=args.retain_set, spare_overrides=tuple(overrides))
+        (_, lora), info = harness.run_method("spare", model, domain, args.concept, budget, seed=args.seed)
+        print(f"erased '{args.concept}' (seed {args.seed}, retain {args.retain_set}, {dict(overrides)}): "
+              f"{info['steps_used']} steps, gap closed {100 * info['gap_closed']:.0f}%", flush=True)
+        if args.what == "trajectory":
+            rows = trajectory(model, judge, domain, args.concept, lora)
+            print(f"x0 prediction along the sampling path (sigma: % of the other domain kept, majority {domain})")
+            for r in rows:
+                print(f"  {r['run']:27s} " + " ".join(f"{p['sigma']:.2g}:{p['kept']:.0f}{p['class'][:3]}"
+                                                     for p in r["path"]))
+        else:
+            rows = strength(model, judge, domain, args.concept, lora, args.seed, args.retain_set)
+            for r in rows:
+                print(f"  strength {r['strength']:.2f}: UA {r['UA']:5.1f}  SFA {r['SFA']:5.1f}  IRA {r['IRA']:5.1f}  "
+                      f"CRA {r['CRA']:5.1f}  unlisted IRA {r.get('IRA_unlisted', float('nan')):5.1f}  CRA "
+                      f"{r.get('CRA_unlisted', float('nan')):5.1f}")
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"command": "python -m bench.minicanvas.diagnose " + " ".join(sys.argv[1:] if argv is None
+                                                                                    else argv), "rows": rows}, f,
+                      indent=1)
+        os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
