@@ -6,8 +6,8 @@
 #   bash scripts/demo.sh --steps 5                       # still ukiyo: the defaults hold whatever else is given
 #   bash scripts/demo.sh --concept ring --out out/ring   # any other style/object of the bundled model (see --help)
 #
-# Defaults: --concept ukiyo --out out/demo (bench/minicanvas/demo.py's own --concept default is another concept:
-# this script always passes its own, and a --concept given here comes after it, so it wins). Set-up output goes to
+# Defaults: --concept ukiyo --out out/demo (the same as bench/minicanvas/demo.py's own; this script passes them
+# explicitly, and a --concept given here comes after them, so it wins). Set-up output goes to
 # .venv/setup.log; the console shows one line for it.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,7 @@
 """The MiniCanvas demo: erase one named concept from the bundled model with SPARE at the product's defaults, write the
 LoRA and a labelled before/after picture, and print the measured verdict.
 
-    python -m bench.minicanvas.demo --concept neon --out out/demo
+    python -m bench.minicanvas.demo --concept ukiyo --out out/demo
 
 The picture: two grids side by side, BEFORE (left) and AFTER (right) the erasure, same prompts and seeds. Rows are
 the styles, columns the objects (labelled); the erased style's row (or object's column) is outlined in red. The
@@ -97,7 +97,8 @@ def labelled_grid(before: torch.Tensor, after: torch.Tensor, domain: str, target
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--concept", default="neon", help=f"a style {harness.STYLES} or an object {harness.OBJECTS}")
+    ap.add_argument("--concept", default="ukiyo", help=f"a style {harness.STYLES} or an object {harness.OBJECTS} "
+                    "(default: %(default)s)")
     ap.add_argument("--steps", type=int, default=harness.Budget().spare,
                     help="SPARE's step cap (the stopping rule may end training earlier)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
