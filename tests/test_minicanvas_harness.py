@@ -230,6 +230,20 @@ def test_report_targets_marks_met_and_missed():
     assert "100.0 s" in esd and "0.05x" in esd and esd.endswith("| yes |")
 
 
+def test_spare_variants_are_named_by_their_fields(capsys):
+    from bench.minicanvas import harness
+    assert harness.split_variant("spare") == ("spare", ())
+    assert harness.split_variant("spare+surrogate_anchor=1+rank=4") == ("spare", (("surrogate_anchor", 1.0),
+                                                                                  ("rank", 4)))
+    assert isinstance(harness.split_variant("spare+surrogate_anchor=1")[1][0][1], float)  # typed as the field
+    for bad, msg in (("spare+colour=1", "colour"), ("uce+rank=4", "only spare"), ("spare+rank", "FIELD=VALUE")):
+        with pytest.raises(ValueError, match=msg):
+            harness.split_variant(bad)
+    with pytest.raises(SystemExit):
+        harness.main(["--methods", "spare+colour=1", "--out", "unused.json"])
+    assert "colour" in capsys.readouterr().err
+
+
 def test_split_retention_by_hand():
     # 3 styles x 1 object, two images each; styles 1 and 2 are "unlisted"
     style_true = torch.tensor([0, 0, 1, 1, 2, 2])

@@ -132,12 +132,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.concept not in harness.STYLES + harness.OBJECTS:
         ap.error(f"unknown concept {args.concept!r}; styles: {harness.STYLES}; objects: {harness.OBJECTS}")
-    overrides = []
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in sc.DistillConfig.__dataclass_fields__ or not value:
-            ap.error(f"--set {item!r}: expected FIELD=VALUE with FIELD a DistillConfig field")
-        overrides.append((key, type(getattr(sc.DistillConfig([], []), key))(json.loads(value))))
+    try:
+        overrides = [harness.parse_override(item) for item in args.set]
+    except ValueError as e:
+        ap.error(f"--set {e}")
     torch.set_num_threads(int(os.environ.get("MINICANVAS_THREADS", "1")))
     domain = "style" if args.concept in harness.STYLES else "object"
     model, judge = harness.load_model(), harness.Judge()

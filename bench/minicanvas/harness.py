@@ -238,10 +238,32 @@ def generate(model, prompts, seeds, steps):
     return model.sample(prompts, seed=seeds, steps=steps)
 
 
+def parse_override(item: str) -> tuple[str, object]:
+    """"field=value" -> (field, value typed as DistillConfig's default for that field); ValueError names the field."""
+    key, _, value = item.partition("=")
+    fields = sc.DistillConfig.__dataclass_fields__
+    if key not in fields or not value:
+        raise ValueError(f"{item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+    return key, type(getattr(sc.DistillConfig([], []), key))(json.loads(value))
+
+
+def split_variant(method: str) -> tuple[str, tuple]:
+    """"spare+surrogate_anchor=1.0+lr=0.001" -> ("spare", (("surrogate_anchor", 1.0), ("lr", 0.001))): a SPARE
+    variant named by the DistillConfig fields it sets, so an experiment needs no new method name (its row in the
+    results keeps the full name)."""
+    base, *items = method.split("+")
+    if items and base != "spare":
+        raise ValueError(f"{method!r}: only spare takes +FIELD=VALUE variants")
+    return base, tuple(parse_override(i) for i in items)
+
+
 def run_method(method, model, domain, name, budget, seed=0, on_check=None):
     """Train one method for one concept with training seed `seed`. Returns (("lora", LoraWeights) or ("model",
     edited model), info dict). SPARE runs through the same spare_core functions and defaults as the nodes (samples
     per prompt, batch size, step cap, stopping rule); only the learning rate is scaled (LR_SCALE)."""
+    method, variant = split_variant(method)
+    if variant:  # "spare+field=value+...": SPARE at the product defaults with these DistillConfig fields set
+        budget = replace(budget, spare_overrides=tuple(budget.spare_overrides) + variant)
     forget, surrogate, retain, short, short_surrogate = concept_prompts(domain, name, seed, budget.retain_set)
     if method.startswith("spare") and budget.spare_retain:
         retain = concept_prompts(domain, name, seed, budget.spare_retain)[2]
@@ -590,7 +612,8 @@ def main(argv=None):
                       help="4 concepts, 1 training seed, SPARE at the product defaults, baselines' budgets x "
                       f"{QUICK_BASELINE_SCALE} (<= 10 min on 2 cores)")
     ap.add_argument("--methods", help="comma-separated subset of " + ", ".join(METHODS) + " or 'all' (default: "
-                    "standard: " + ", ".join(STANDARD_METHODS) + "; quick: " + ", ".join(QUICK_METHODS) + ")")
+                    "standard: " + ", ".join(STANDARD_METHODS) + "; quick: " + ", ".join(QUICK_METHODS) + "); "
+                    "spare+FIELD=VALUE[+...] is SPARE with DistillConfig fields set, e.g. spare+surrogate_anchor=1.0")
     ap.add_argument("--concepts", help="comma-separated style/object names to erase (default: all, or quick set)")
     ap.add_argument("--seeds", type=int, help="images per grid pair (default 2, quick 1)")
     ap.add_argument("--train-seeds", type=int, help="training seeds per concept (default 1, standard 3)")
@@ -626,7 +649,13 @@ def main(argv=None):
         methods = list(default if args.methods is None else METHODS)
     else:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = []
+    for m in methods:
+        try:
+            if split_variant(m)[0] not in METHODS:
+                unknown.append(m)
+        except ValueError as e:
+            ap.error(str(e))
     if unknown:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     comfyui_path = None
@@ -640,13 +669,10 @@ def main(argv=None):
     budget = Budget(spare_weighting=args.spare_weighting, spare_scoring=args.spare_scoring,
                     spare_targets=args.spare_targets, spare_stop=args.spare_stop, retain_set=args.retain_set,
                     spare_fraction=args.spare_fraction)
-    overrides = []
-    for item in args.spare_set:
-        key, _, value = item.partition("=")
-        fields = sc.DistillConfig.__dataclass_fields__
-        if key not in fields or not value:
-            ap.error(f"--spare-set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
-        overrides.append((key, type(getattr(sc.DistillConfig([], []), key))(json.loads(value))))
+    try:
+        overrides = [parse_override(item) for item in args.spare_set]
+    except ValueError as e:
+        ap.error(f"--spare-set {e}")
     budget = replace(budget, spare_overrides=tuple(overrides))
     if args.quick:
         budget = replace(budget.scaled(QUICK_BASELINE_SCALE, 1), spare=Budget.spare,
