@@ -42,7 +42,7 @@ from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import LoraWeights, metadata_json
 from .model import DiffusionModel
 from .prompts import expand_alternatives, validate_prompts
-from .sampling import LOSS_WEIGHTINGS, data_std, forward_rows, generate, loss_weight, noise_to_signal, noised, uniform_t
+from .sampling import LOSS_WEIGHTINGS, data_std, forward_rows, generate, loss_weight, noised, uniform_t
 from .saliency import Saliency
 from .timesteps import TimestepProfile, check_pairs
 
@@ -123,14 +123,6 @@ class DistillConfig:
                                              # 93.3: kept at 4; bench/RESULTS.md, "Speed for the time target")
     retain_sample_steps: int = 0             # Euler steps for the retain samples; 0 = half of sample_steps (at least
                                              # 1): for time, retention unchanged (same section)
-    concept_min_noise: float = 0.0           # forget rows are noised from CONCEPT samples only where the noise is at
-                                             # least this many times the signal (sigma / sigma_data); below it, from
-                                             # the surrogate's samples. There the surrogate-prompt teacher, given a
-                                             # concept picture half drawn, answers with debris; 0 = everywhere
-    on_policy: float = 0.0                   # at this fraction of the steps, draw the concept prompts once more with
-                                             # the STUDENT (the erased model as it is then); its samples replace the
-                                             # concept samples in the forget rows (ESD samples from the model being
-                                             # erased); 0 = off
 
 
 @dataclass
@@ -207,12 +199,6 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if config.forget_weight <= 0 or config.retain_weight < 0:
         raise SpareInputError(f"forget_weight={config.forget_weight} must be > 0 and retain_weight="
                               f"{config.retain_weight} must be >= 0")
-    if not (config.concept_min_noise >= 0 and math.isfinite(config.concept_min_noise)):
-        raise SpareInputError(f"concept_min_noise={config.concept_min_noise} must be >= 0 (0 = concept samples at "
-                              "every noise level)")
-    if not 0.0 <= config.on_policy < 1.0:
-        raise SpareInputError(f"on_policy={config.on_policy} must be in [0, 1) (fraction of the steps after which the "
-                              "student's own samples join the forget rows; 0 = off)")
     if not 0.0 <= config.surrogate_anchor <= 1.0:
         raise SpareInputError(f"surrogate_anchor={config.surrogate_anchor} must be in [0, 1] (share of the forget "
                               "batch noised from surrogate samples)")
@@ -284,7 +270,7 @@ def distill(
         x_forget, i_forget = generate(model, cfg.concepts, cfg.samples_per_prompt, cfg.seed, cfg.sample_steps,
                                       cfg.sample_cfg, should_stop=should_stop)
     n_anchor = round(cfg.surrogate_anchor * cfg.batch_size)
-    if n_anchor or cfg.concept_min_noise > 0:  # the surrogates' own samples, surrogate i drawn for concept i (its anchor)
+    if n_anchor:  # the surrogates' own samples, surrogate i drawn for concept i (its anchor)
         x_anchor, i_anchor = generate(model, cfg.surrogates, anchor_samples(cfg), cfg.seed + 5, cfg.sample_steps,
                                       cfg.sample_cfg, should_stop=should_stop)
     retain_prompts = cfg.retain + ([""] if cfg.retain_unconditional else [])
@@ -311,7 +297,7 @@ def distill(
         # backward; ordinary copies can.
         x_forget = x_forget.clone()
         x_retain = x_retain.clone() if x_retain is not None else None
-        if n_anchor or cfg.concept_min_noise > 0:
+        if n_anchor:
             x_anchor = x_anchor.clone()
         adapters = attach(model.network, saliency.selected, cfg.rank, cfg.alpha, saliency.row_masks, cfg.dropout,
                           device=dev)
@@ -358,12 +344,6 @@ def distill(
                     a_rows = torch.randint(0, x_anchor.shape[0], (n_anchor,), generator=gen)
                     ids = torch.cat([ids[:cfg.batch_size - n_anchor], i_anchor[a_rows]])
                     x0 = torch.cat([x0[:cfg.batch_size - n_anchor], x_anchor[a_rows]])
-                if cfg.concept_min_noise > 0:  # concept rows below the noise floor: surrogate samples instead
-                    low = noise_to_signal(model, model.sigma_at(t), sigma_data) < cfg.concept_min_noise
-                    low[cfg.batch_size - n_anchor:] = False
-                    swap = torch.randint(0, x_anchor.shape[0], (cfg.batch_size,), generator=gen)[low]
-                    ids, x0 = ids.clone(), x0.clone()
-                    ids[low], x0[low] = i_anchor[swap], x_anchor[swap]
                 sigma, xt = noised(model, x0, t, gen)
                 student, teacher = as_concept(ids), as_surrogate(ids)
                 if x_retain is not None:  # drawn after the forget rows' noise (the RNG order of earlier versions)
@@ -423,16 +403,9 @@ def distill(
             def reduction(gap):
                 return 0.0 if probe_before <= 0 else 1.0 - gap / probe_before
 
-            on_policy_step = round(cfg.on_policy * cfg.steps) if cfg.on_policy > 0 else -1
             for step in range(cfg.steps):
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"cancelled at step {step} of {cfg.steps}; nothing was saved")
-                if step == on_policy_step:
-                    # the student's own trajectories for the concept prompts: the states the erased model visits
-                    # (teacher targets of steps already drawn ahead keep the rows they were drawn from)
-                    x_own, i_own = generate(model, cfg.concepts, cfg.samples_per_prompt, cfg.seed + 6,
-                                            cfg.sample_steps, cfg.sample_cfg, should_stop=should_stop)
-                    x_forget, i_forget = x_own, i_own
                 lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))  # cosine to 0 at the step cap
                 for group in opt.param_groups:
                     group["lr"] = lr

@@ -42,13 +42,12 @@ from .model import DiffusionModel
 from .prompts import validate_prompts
 from .sampling import generate, noised, uniform_t
 
-TARGET_SETS = ("all", "attention", "cross_attention", "cross_attention_kv")
+TARGET_SETS = ("all", "attention", "cross_attention")
 SCORINGS = ("gradient", "taylor", "contrastive")
 DEFAULT_TARGETS = "all"        # the authors': every Linear/Conv2d of the denoiser
 DEFAULT_SCORING = "gradient"   # the authors'; "taylor" measured no better on MiniCanvas (bench/RESULTS.md)
 DEFAULT_FRACTION = 0.5         # the authors' sparsity_inclusiveness
 ATTENTION_LEAVES = ("to_q", "to_k", "to_v", "to_out", "to_out.0")  # SD/SDXL (ComfyUI LDM) projection names
-TEXT_SIDE_LEAVES = ("to_k", "to_v")  # the projections whose input is the text context (in cross-attention)
 CROSS_ATTENTION_PARENT = "attn2"  # LDM name of the cross-attention block (attn1 = self-attention)
 
 
@@ -56,9 +55,7 @@ def candidate_modules(network: nn.Module, targets: str = DEFAULT_TARGETS) -> dic
     """Modules that may carry an adapter, by module path.
 
     "all": every Linear/Conv2d (the authors' candidates); "attention": the attention projections (to_q, to_k, to_v,
-    to_out); "cross_attention": those of cross-attention (attn2) only; "cross_attention_kv": cross-attention's key
-    and value projections only -- the modules whose input is the prompt's tokens, so an adapter there changes what a
-    token means, not how every image is drawn (Concept Ablation's and UCE's choice).
+    to_out); "cross_attention": those of cross-attention (attn2) only.
     """
     if targets not in TARGET_SETS:
         raise SpareInputError(f"targets='{targets}' is not one of {', '.join(TARGET_SETS)}")
@@ -67,10 +64,9 @@ def candidate_modules(network: nn.Module, targets: str = DEFAULT_TARGETS) -> dic
         if not isinstance(module, ADAPTABLE) or (isinstance(module, nn.Conv2d) and module.groups != 1):
             continue
         if targets != "all":
-            leaves = TEXT_SIDE_LEAVES if targets == "cross_attention_kv" else ATTENTION_LEAVES
-            if not any(path == leaf or path.endswith("." + leaf) for leaf in leaves):
+            if not any(path == leaf or path.endswith("." + leaf) for leaf in ATTENTION_LEAVES):
                 continue
-            if targets.startswith("cross_attention") and f".{CROSS_ATTENTION_PARENT}." not in f".{path}":
+            if targets == "cross_attention" and f".{CROSS_ATTENTION_PARENT}." not in f".{path}":
                 continue
         out[path] = module
     return out

@@ -50,16 +50,6 @@ def data_std(x0: torch.Tensor) -> float:
     return max(float(x0.float().std()), 1e-2)
 
 
-def noise_to_signal(model: DiffusionModel, sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """Noise std over signal std of x_t at each sigma [B] (CPU float32), for data of std `sigma_data`, read off the
-    model's own forward process (x0 + sigma * eps for EPS/V models, (1 - sigma) * x0 + sigma * eps for flow ones)."""
-    sigma = sigma.float().reshape(-1).cpu()
-    one, zero = torch.ones(len(sigma), 1, 1, 1), torch.zeros(len(sigma), 1, 1, 1)
-    signal = model.add_noise(one, zero, sigma.to(model.device)).reshape(-1).float().cpu()
-    noise = model.add_noise(zero, one, sigma.to(model.device)).reshape(-1).float().cpu()
-    return noise / (signal.clamp_min(1e-8) * sigma_data)
-
-
 def uniform_t(n: int, generator: torch.Generator) -> torch.Tensor:
     """n positions t uniform in [T_MIN, 1 - T_MIN] (float32, CPU): the authors' timestep sampling."""
     return T_MIN + (1 - 2 * T_MIN) * torch.rand(n, generator=generator)

@@ -702,59 +702,6 @@ def test_surrogate_anchor_trains_on_surrogate_samples_too(model, saliency):
         sc.distill(model, sc.DistillConfig(**base, surrogate_anchor=1.5), saliency)
 
 
-def test_concept_min_noise_noises_concept_samples_only_above_the_floor(model, saliency, monkeypatch):
-    """concept_min_noise: a forget row is noised from a concept sample only where the noise is at least that many
-    times the signal; below it from a surrogate sample. Samples are made recognisable (concept +1, surrogate -1) and
-    every forget row's clean sample and noise level is recorded."""
-    distill_mod = sys.modules["spare_core.distill"]
-
-    def constant_samples(m, prompts, per_prompt, seed, steps, *args, **kwargs):
-        value = 10.0 if prompts == [CONCEPT] else -10.0 if prompts == [SURROGATE] else 0.0
-        noise = torch.randn((len(prompts) * per_prompt, *m.latent_shape), generator=torch.Generator().manual_seed(1))
-        return noise + value, torch.arange(len(prompts)).repeat_interleave(per_prompt)
-    seen = []
-    real_noised = distill_mod.noised
-
-    def recording(m, x0, t, gen):
-        sigma, xt = real_noised(m, x0, t, gen)
-        seen.append((x0.flatten(1).mean(1).sign(), sigma.clone()))
-        return sigma, xt
-    monkeypatch.setattr(distill_mod, "generate", constant_samples)
-    monkeypatch.setattr(distill_mod, "noised", recording)
-    base = dict(concepts=[CONCEPT], surrogates=[SURROGATE], steps=40, lr=1e-3, surrogate_anchor=0.0,
-                retain_unconditional=False, **FAST)  # no retain rows: every noised() call is a forget row or probe
-    floor = 3.0
-    sc.distill(model, sc.DistillConfig(**base, concept_min_noise=floor), saliency)
-    forget = seen[1:]  # [0] is the forget probe
-    values = torch.cat([v for v, _ in forget])
-    sigma_data = sc.sampling.data_std(constant_samples(model, [CONCEPT], 2, 0, 0)[0])  # what distill estimates
-    ratio = sc.sampling.noise_to_signal(model, torch.cat([s for _, s in forget]), sigma_data)
-    assert len(values) == 80 and set(values.tolist()) == {1.0, -1.0}
-    assert torch.equal(values == 1.0, ratio >= floor)  # concept samples exactly where noise >= floor x signal
-    seen.clear()
-    sc.distill(model, sc.DistillConfig(**base), saliency)  # 0 (default): concept samples at every noise level
-    assert set(torch.cat([v for v, _ in seen[1:]]).tolist()) == {1.0}
-    with pytest.raises(SpareInputError, match="concept_min_noise"):
-        sc.distill(model, sc.DistillConfig(**base, concept_min_noise=-1.0), saliency)
-
-
-def test_noise_to_signal_reads_the_forward_process():
-    class Eps:
-        device = torch.device("cpu")
-
-        def add_noise(self, x0, noise, sigma):
-            return x0 + sigma.view(-1, 1, 1, 1) * noise
-
-    class Flow:
-        device = torch.device("cpu")
-
-        def add_noise(self, x0, noise, sigma):
-            return (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
-    sigma = torch.tensor([0.5, 2.0])
-    assert torch.allclose(sc.sampling.noise_to_signal(Eps(), sigma, 0.5), torch.tensor([1.0, 4.0]))
-    assert torch.allclose(sc.sampling.noise_to_signal(Flow(), torch.tensor([0.5, 0.8]), 1.0), torch.tensor([1.0, 4.0]))
-
-
 def test_self_generated_samples_do_not_depend_on_the_batch(model):
     """generate() batches 16 samples per forward on the CPU by default (4 on a GPU): only the speed changes."""
     assert sc.sampling.forward_rows(torch.device("cpu"), 4) == sc.sampling.CPU_FORWARD_ROWS

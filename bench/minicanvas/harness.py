@@ -40,7 +40,7 @@ from .model import load as load_model  # noqa: F401  (re-exported for curve.py)
 
 STYLES = [c.name for c in data.STYLES if c.name != data.NEUTRAL_STYLE]
 OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJECT]
-METHODS = ("spare", "spare-all-pairs", "spare-generic", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-no-anchor", "spare-rank4",
+METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-no-anchor", "spare-rank4",
            "spare-floor05", "spare-steps160", "spare-anchor2", "esd-x", "esd-u", "ca", "salun", "uce", "uce-pool")
 SHORT_STEPS = 0.8  # spare-steps160 (experiment, time): 0.8 x the step cap (160 of 200), cosine-decayed to that cap
 # choice: kept from the first model (on which only some objects were drawn recognisably) so that runs compare across
@@ -164,15 +164,6 @@ def concept_prompts(domain: str, name: str, seed: int, retain_set: str = "half")
     return forget, surrogate, retain, short, short_surrogate
 
 
-def generic_corpus(domain: str, name: str) -> list[str]:
-    """Prompts that name no class of the erased concept's domain: the other domain's classes alone ("A star image.",
-    "An image in lava style.") and with the neutral concept -- the model draws them in its own choice of the erased
-    domain's classes (listed, unlisted and the concept's), so retaining them covers what no list names."""
-    if domain == "style":
-        return [t.format(object=o) for o in OBJECTS for t in data.OBJECT_ONLY_TEMPLATES[:1]]
-    return [t.format(style=s) for s in STYLES for t in data.STYLE_ONLY_TEMPLATES[:1]]
-
-
 def all_pairs(domain: str, name: str) -> list[str]:
     """Every (style, object) training prompt that does not name the concept (90 for MiniCanvas): the authors retain
     on every image of every other theme."""
@@ -269,8 +260,6 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None):
         retain = concept_prompts(domain, name, seed, budget.spare_retain)[2]
     if method == "spare-all-pairs":  # the reference row: SPARE told to keep every other pair (graded on them too)
         retain = all_pairs(domain, name)
-    if method == "spare-generic":  # experiment: a generic corpus beside the list (names no unlisted class)
-        retain = retain + generic_corpus(domain, name)
     peak_rss_reset()
     t0 = time.perf_counter()
     if method.startswith("spare"):
