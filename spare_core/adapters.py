@@ -8,21 +8,19 @@ patches and LoRA files by module path, so SPARE must never rename or replace mod
 add the low-rank term with a forward hook and keep the base module untouched; removing the hook restores the
 network exactly. The parameterisation and init are peft's (LoRA "gaussian" init: A ~ N(0, 1/r), B = 0;
 scale = alpha / r), so a SPARE adapter is numerically a peft LoRA.
+
+This module imports the file format (lora.py: `LoraWeights`, `ADAPTABLE`), never the reverse.
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
 from .errors import SpareInputError
-
-if TYPE_CHECKING:
-    from .lora import LoraWeights
-
-ADAPTABLE = (nn.Linear, nn.Conv2d)
+from .lora import ADAPTABLE, LoraWeights  # noqa: F401  (ADAPTABLE lives with the file format; re-exported here)
 
 
 def module_dims(module: nn.Module) -> tuple[int, int]:

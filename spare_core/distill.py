@@ -35,7 +35,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .adapters import attach, make_adapters
 from .autograd import frozen, gradient_checkpointing
 from .errors import Cancelled, NonFiniteLossError, SpareInputError

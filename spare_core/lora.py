@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapters import ADAPTABLE, AdapterSet
 from .errors import SpareInputError
 from .files import atomic_write, read_safetensors
 
@@ -29,6 +28,7 @@ KEY_FORMATS = ("comfyui", "kohya")
 UP_SUFFIXES = (".lora_up.weight", ".lora_B.weight")
 DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight")
 ALPHA_SUFFIX = ".alpha"
+ADAPTABLE = (nn.Linear, nn.Conv2d)  # the module types a LoRA carries an update for (down/up: Linear or Conv2d weights)
 
 
 @dataclass
@@ -39,7 +39,9 @@ class LoraWeights:
     metadata: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_adapters(cls, adapters: AdapterSet, metadata: Optional[Mapping[str, str]] = None) -> "LoraWeights":
+    def from_adapters(cls, adapters, metadata: Optional[Mapping[str, str]] = None) -> "LoraWeights":
+        """The weights an `adapters.AdapterSet` has trained (read through its `adapters` mapping: the file format does
+        not import the training hooks; adapters.py imports this module)."""
         modules = {}
         for path, a in adapters.adapters.items():
             modules[path] = {"down": a.down.weight.detach().float().cpu().clone(),

@@ -34,10 +34,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapters import ADAPTABLE
 from .autograd import frozen, gradient_checkpointing
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .files import atomic_write, read_safetensors
+from .lora import ADAPTABLE
 from .model import DiffusionModel
 from .prompts import validate_prompts
 from .sampling import generate, noised, uniform_t
