@@ -107,6 +107,11 @@ def test_harness_end_to_end_reduced(tmp_path):
     assert r["base"]["style_acc"] > 30 and r["base"]["object_acc"] > 50, r["base"]
     text = report.table(r) + report.targets(r) + report.per_concept_table(r)
     assert "neon" in text and "[" in text
+    # the half split: 4 listed and 5 unlisted styles, measured for the method and for the unerased model alike
+    for x in spare_runs:
+        assert {"IRA_unlisted", "CRA_unlisted", "IRA_listed", "base_IRA_unlisted", "mean4"} <= set(x)
+    compact = report.compact_table(r).splitlines()
+    assert compact[-1].startswith("| unerased model |") and len(compact) == 5  # head, rule, spare, uce, unerased
 
 
 def test_evaluation_prompts_never_trained_on():

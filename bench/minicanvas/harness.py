@@ -495,7 +495,7 @@ def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, h
 
 
 SUMMARY_KEYS = ("UA", "IRA", "CRA", "synonym_UA", "SFA", "IRA_listed", "CRA_listed", "IRA_unlisted", "CRA_unlisted",
-                "base_IRA_unlisted", "base_CRA_unlisted", "mean4")
+                "base_IRA_listed", "base_CRA_listed", "base_IRA_unlisted", "base_CRA_unlisted", "mean4")
 DROP_KEYS = ("IRA_drop", "CRA_drop", "SFA_drop", "IRA_unlisted_drop", "CRA_unlisted_drop")
 
 

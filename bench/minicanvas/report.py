@@ -81,6 +81,39 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def compact_table(results: dict) -> str:
+    """The README's table: per method, styles and objects averaged where both ran -- UA, SFA of the styles, IRA / CRA
+    on the listed and on the unlisted classes, each mean [95% interval over concepts and training seeds]; the unerased
+    model's figures on the same classes in the last row."""
+    def cell(m, d, k):
+        row = m.get(d) or {}
+        return _ci(row, k) if k in row else "–"
+
+    lines = ["| method | style UA | object UA | SFA (styles) | IRA / CRA, listed classes (style; object) | "
+             "IRA / CRA, unlisted classes (style; object) |", "|---|---|---|---|---|---|"]
+    for name, m in results["methods"].items():
+        pairs = [f"{_pair(m[d], a, b)}" for d in ("style", "object") if m.get(d)
+                 for a, b in [(("IRA_listed", "CRA_listed") if "IRA_listed" in m[d] else ("IRA", "CRA"))]]
+        unl = [_pair(m[d], "IRA_unlisted", "CRA_unlisted") for d in ("style", "object") if m.get(d)]
+        lines.append(f"| {name} | {cell(m, 'style', 'UA')} | {cell(m, 'object', 'UA')} | {cell(m, 'style', 'SFA')} | "
+                     f"{'; '.join(pairs)} | {'; '.join(unl)} |")
+    # the unerased model on the same classes (each run stores it for its own split): mean over the first method's runs
+    runs = next(iter(results["methods"].values())).get("runs", [])
+    cells = {}
+    for part in ("listed", "unlisted"):
+        doms = []
+        for d in ("style", "object"):
+            rs = [r for r in runs if r["domain"] == d and f"base_IRA_{part}" in r]
+            if rs:
+                doms.append(f"{sum(r[f'base_IRA_{part}'] for r in rs) / len(rs):.1f} / "
+                            f"{sum(r[f'base_CRA_{part}'] for r in rs) / len(rs):.1f}")
+        cells[part] = "; ".join(doms) or "–"
+    sfa = results["base"].get("style", {}).get("SFA")
+    lines.append(f"| unerased model | 0 | 0 | {'–' if sfa is None else f'{sfa:.1f}'} | {cells['listed']} | "
+                 f"{cells['unlisted']} |")
+    return "\n".join(ln for ln in lines if ln)
+
+
 def per_concept_table(results: dict, methods=None) -> str:
     """UA / IRA / CRA per concept (mean over training seeds; min UA over seeds) for each method."""
     ms = {n: m for n, m in results["methods"].items() if m.get("per_concept") and (methods is None or n in methods)}
@@ -240,9 +273,13 @@ def main(argv=None):
     ap.add_argument("--md", default=os.path.join("bench", "RESULTS.md"))
     ap.add_argument("--png", default=os.path.join("bench", "results.png"))
     ap.add_argument("--notes", help="a markdown file appended verbatim (the analysis of these numbers)")
+    ap.add_argument("--compact", action="store_true", help="print the README's compact table and exit")
     args = ap.parse_args(argv)
     with open(args.results) as f:
         results = json.load(f)
+    if args.compact:
+        print(compact_table(results))
+        return
     curve = None
     if args.curve:
         with open(args.curve) as f:
