@@ -31,7 +31,7 @@ ORIGINAL = harness.concept_prompts
 def host():
     cf.comfy_or_skip()
     from bench.minicanvas import host_path
-    h = host_path.ComfyHost()
+    h = host_path.ComfyHost(harness)
     yield h
     h.close()
 

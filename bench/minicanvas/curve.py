@@ -39,11 +39,10 @@ def ua_curve(model, judge, domain, name, budgets, seeds=2, sample_steps=12, log=
 
 def _concept_curve(task):
     name, budgets, seeds = task
-    if "model" not in harness._WORKER:
-        harness._WORKER["model"], harness._WORKER["judge"] = harness.load_model(), harness.Judge()
+    model, judge = harness.worker_model()
     domain = "style" if name in harness.STYLES else "object"
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    return name, ua_curve(harness._WORKER["model"], harness._WORKER["judge"], domain, name, budgets, seeds, log=log)
+    return name, ua_curve(model, judge, domain, name, budgets, seeds, log=log)
 
 
 def main(argv=None):

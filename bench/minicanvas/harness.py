@@ -36,7 +36,7 @@ import spare_core as sc
 
 from . import baselines, data, metrics
 from .classifiers import load_classifiers
-from .model import load as load_model  # noqa: F401  (re-exported for curve.py)
+from .model import load as load_model
 
 STYLES = [c.name for c in data.STYLES if c.name != data.NEUTRAL_STYLE]
 OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJECT]
@@ -351,7 +351,7 @@ def make_host(name: str):
         return LibraryHost()
     if name == "comfyui":
         from . import host_path
-        return host_path.ComfyHost()
+        return host_path.ComfyHost(sys.modules[__name__])  # the harness' inputs, passed: host_path does not import us
     raise ValueError(f"unknown host {name!r}; known: {', '.join(HOSTS)}")
 
 
@@ -369,6 +369,14 @@ def evaluate(judge, images, labels_s, labels_o, domain, target):
 
 
 _WORKER: dict = {}
+
+
+def worker_model():
+    """(model, judge) of this process, loaded on first use: what curve.py and selection.py erase and judge with (after
+    `run` with the library host: that host's model and the run's judge)."""
+    if "model" not in _WORKER:
+        _WORKER["model"], _WORKER["judge"] = load_model(), Judge()
+    return _WORKER["model"], _WORKER["judge"]
 
 
 def _worker_init(threads: int) -> None:

@@ -75,7 +75,7 @@ def split(concept: str, seed: int = 0, grid_seeds: int = 1, sample_steps: int = 
 
     domain = "style" if concept in harness.STYLES else "object"
     budget = harness.Budget() if not steps else replace(harness.Budget(), spare=steps)
-    comfy, library, judge = host_path.ComfyHost(), harness.LibraryHost(), harness.Judge()
+    comfy, library, judge = host_path.ComfyHost(harness), harness.LibraryHost(), harness.Judge()
     try:
         prompts, _, _, seeds = harness.grid(grid_seeds)
         # CPU seconds as well as wall: on shared cores only the former compare (one torch thread each)

@@ -50,7 +50,6 @@ import torch
 
 import spare_core as sc
 
-from . import harness
 from .model import MiniCanvasModel
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -135,11 +134,16 @@ class _Warnings(logging.Handler):
 
 
 class ComfyHost:
-    """The harness' host interface (`erase`, `sample`) over an in-process ComfyUI and the pack's nodes."""
+    """The harness' host interface (`erase`, `sample`) over an in-process ComfyUI and the pack's nodes.
+
+    `harness`: the module whose inputs `erase` runs (bench.minicanvas.harness: concept_prompts, LR, peak_rss_reset and
+    peak_rss_mb, looked up on each call). harness.make_host passes it in: this module does not import the harness
+    that imports it."""
 
     name = "comfyui"
 
-    def __init__(self):
+    def __init__(self, harness):
+        self.harness = harness
         self.comfyui_path = import_comfyui()
         import folder_paths
 
@@ -186,6 +190,7 @@ class ComfyHost:
                              f"and baselines have no nodes), not {method!r}")
         if budget.spare_overrides or budget.spare_grow:
             raise ValueError("--host comfyui: Budget.spare_overrides / spare_grow have no node inputs")
+        harness = self.harness
         forget, surrogate, retain, _, _ = harness.concept_prompts(domain, name, seed, budget.retain_set)
         if budget.spare_retain:
             retain = harness.concept_prompts(domain, name, seed, budget.spare_retain)[2]

@@ -60,9 +60,7 @@ SNAPSHOT_STEPS = (20, 40, 60, 100, 140)  # checks judged on the grid (plus the c
 
 def _task(task):
     option, domain, name, seed, budget = task
-    if "model" not in harness._WORKER:
-        harness._WORKER["model"], harness._WORKER["judge"] = harness.load_model(), harness.Judge()
-    model, judge = harness._WORKER["model"], harness._WORKER["judge"]
+    model, judge = harness.worker_model()
     env = os.environ.get("SPARE_SNAPSHOT_STEPS")
     snapshot_steps = SNAPSHOT_STEPS if env is None else tuple(int(x) for x in env.split(",") if x.strip())
     b = replace(budget, spare_stop=0.0, spare_grow=(), **OPTIONS[option])
