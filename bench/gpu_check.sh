@@ -3,17 +3,17 @@
 #
 #   bash bench/gpu_check.sh                                            # from the repo root, on a GPU machine
 #
-# With the `device` tool (the GPU machine gets the working tree, not ../shared): first
-#   mkdir -p shared/vendor && cp ../shared/vendor/comfyui-v0.3.64-*.tar.gz shared/vendor/   (git-ignored)
-# then run `bash bench/gpu_check.sh` with carry ["shared"] and a timeout of ~540 s; the figures come back in $OUT.
+# On a GPU machine that gets only a copy of the working tree: put a ComfyUI snapshot tarball in shared/vendor/ at the
+# repo root first (git-ignored; e.g. comfyui-v0.3.64-<commit>.tar.gz) and copy that folder along, or set COMFYUI_PATH
+# there; allow the run ~540 s; the figures are written under $OUT.
 #   GPU_CHECK_ALLOW_CPU=1 OUT=/tmp/gpucheck_out bash bench/gpu_check.sh  # the same path as a tiny CPU smoke run
 #
 # Stages, each logged:
 #   1. device: nvidia-smi must list a GPU (else exit 2), unless GPU_CHECK_ALLOW_CPU=1 (then the tiny CPU smoke
 #      configurations run instead: SD1.5 fp32 at 64 px, 2 steps, a 2-step erase, one torch thread).
-#   2. ComfyUI: $COMFYUI_PATH, else the snapshot tarball ($COMFYUI_SNAPSHOT, ../shared/vendor/comfyui-v*.tar.gz or
-#      shared/vendor/comfyui-v*.tar.gz) unpacked OUTSIDE the repo, to $GPU_CHECK_COMFY_DIR (default
-#      ${TMPDIR:-/tmp}/spare-comfyui/<snapshot name>). None found: exit 2.
+#   2. ComfyUI: $COMFYUI_PATH, else the snapshot tarball ($COMFYUI_SNAPSHOT, else the newest comfyui-v*.tar.gz in
+#      shared/vendor/ at the repo root or in CI's folder beside the clone) unpacked OUTSIDE the repo, to
+#      $GPU_CHECK_COMFY_DIR (default ${TMPDIR:-/tmp}/spare-comfyui/<snapshot name>). None found: exit 2.
 #   3. Python: the first of $GPU_CHECK_PYTHON (alone, when set), python3, $GPU_CHECK_VENV/bin/python (default
 #      .venv-gpu), .venv-comfy/bin/python whose torch sees CUDA and that imports what the benchmark imports. A Python
 #      with CUDA torch but missing modules gets a venv at $GPU_CHECK_VENV that sees its packages (a .pth file) and
@@ -78,11 +78,12 @@ if [ -n "${COMFYUI_PATH:-}" ]; then
 else
     snapshot=${COMFYUI_SNAPSHOT:-}
     if [ -z "$snapshot" ]; then
+        # CI's folder beside the clone (as scripts/test.sh), or shared/vendor/ in the repo (git-ignored)
         snapshot=$(ls -1 "$REPO"/../shared/vendor/comfyui-v*.tar.gz "$REPO"/shared/vendor/comfyui-v*.tar.gz \
             2>/dev/null | sort | tail -n 1)
     fi
     [ -n "$snapshot" ] && [ -f "$snapshot" ] || die 2 "no ComfyUI found: set COMFYUI_PATH to a ComfyUI checkout, or \
-COMFYUI_SNAPSHOT to a snapshot .tar.gz, or put comfyui-v*.tar.gz in ../shared/vendor/ or shared/vendor/ (repo root)"
+COMFYUI_SNAPSHOT to a snapshot .tar.gz, or put comfyui-v*.tar.gz in shared/vendor/ (repo root)"
     dest=${GPU_CHECK_COMFY_DIR:-${TMPDIR:-/tmp}/spare-comfyui/$(basename "$snapshot" .tar.gz)}
     case "$(realpath -m "$dest")/" in
         "$REPO"/*) die 2 "GPU_CHECK_COMFY_DIR=$dest lies inside the repo; ComfyUI must be unpacked outside it" ;;

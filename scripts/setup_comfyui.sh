@@ -2,7 +2,8 @@
 # Set up a real ComfyUI (outside this repository) plus a virtual environment to run the host tests against it.
 #
 #   bash scripts/setup_comfyui.sh <ComfyUI snapshot .tar.gz, git dir or checkout> <dest dir>
-#   e.g. bash scripts/setup_comfyui.sh ../shared/vendor/comfyui-v0.3.64-a125cd84.tar.gz /work/comfyui
+#   e.g. bash scripts/setup_comfyui.sh ~/src/ComfyUI ~/comfyui        (a ComfyUI checkout: ~/comfyui links to it)
+#        bash scripts/setup_comfyui.sh comfyui-v0.3.64-a125cd84.tar.gz ~/comfyui   (a snapshot: unpacked there)
 #
 # <source> is a snapshot tarball (unpacked to <dest>), a ComfyUI work tree (a directory holding main.py and comfy/) or a bare git copy of
 # github.com/Comfy-Org/ComfyUI; a bare copy is exported with `git archive` to <dest>. The one tokenizer blob that
@@ -31,7 +32,7 @@ esac
 
 # --- 1. the ComfyUI work tree ------------------------------------------------------------------------------------
 if [ -f "$SRC" ] && case "$SRC" in *.tar.gz|*.tgz) true ;; *) false ;; esac; then
-    # A snapshot tarball (e.g. ../shared/vendor/comfyui-v0.3.64-*.tar.gz): unpack it once.
+    # A snapshot tarball (e.g. comfyui-v0.3.64-<commit>.tar.gz, a `git archive` of ComfyUI): unpack it once.
     if [ -f "$DEST/main.py" ]; then
         echo "$DEST already holds a ComfyUI tree; not unpacking"
     else

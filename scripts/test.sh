@@ -8,9 +8,9 @@
 #
 # ComfyUI comes from the first of these that gives one:
 #   1. COMFYUI_PATH=/path/to/ComfyUI   an existing ComfyUI folder (the usual case for a user);
-#   2. a ComfyUI snapshot tarball: $COMFYUI_SNAPSHOT, else ../shared/vendor/comfyui-v*.tar.gz beside this checkout
-#      (CI's case), unpacked to $COMFYUI_DIR (default ~/.cache/spare-comfyui/<snapshot name>).
-#      COMFYUI_SNAPSHOT=none: no snapshot, not even the one beside the checkout;
+#   2. a ComfyUI snapshot tarball (comfyui-v<version>-<commit>.tar.gz): $COMFYUI_SNAPSHOT, else the one CI keeps
+#      beside its clone (.ci/run), unpacked to $COMFYUI_DIR (default ~/.cache/spare-comfyui/<snapshot name>).
+#      COMFYUI_SNAPSHOT=none: no snapshot, not even CI's;
 #   3. ComfyUI v0.3.64 from GitHub, when the network allows it: `git clone --depth 1 --branch v0.3.64
 #      https://github.com/comfyanonymous/ComfyUI` into ~/.cache/spare-comfyui/comfyui-v0.3.64-git (at most
 #      $COMFYUI_CLONE_TIMEOUT s, default 120; a clone made before is reused). COMFYUI_CLONE=0: do not try.
@@ -121,7 +121,6 @@ howto() {  # $1: what was tried
 test.sh: no ComfyUI to run the host and browser tests against. Provide one of:
   1. an existing ComfyUI folder:  COMFYUI_PATH=/path/to/ComfyUI bash scripts/test.sh
   2. a ComfyUI snapshot tarball:  COMFYUI_SNAPSHOT=/path/to/comfyui-v0.3.64-<commit>.tar.gz bash scripts/test.sh
-     (one at ../shared/vendor/comfyui-v*.tar.gz beside this checkout is found without it)
   3. network access to github.com: the script then clones ComfyUI $COMFYUI_TAG itself
      (git clone --depth 1 --branch $COMFYUI_TAG $COMFYUI_GIT, into $(short "$CACHE")/)
 Or run the core tests only, without ComfyUI:  bash scripts/test.sh --core
@@ -155,8 +154,9 @@ if [ -z "$comfy" ]; then
             exit 2
         fi
     else
+        # CI's snapshot: the newest in the folder CI keeps beside its clone (.ci/run); a user's clone has none there
         snapshot=$(ls -1 "$REPO"/../shared/vendor/comfyui-v*.tar.gz 2>/dev/null | sort | tail -n 1 || true)
-        [ -n "$snapshot" ] || tried="$tried; snapshot: none at ../shared/vendor/comfyui-v*.tar.gz"
+        [ -n "$snapshot" ] || tried="$tried; snapshot: COMFYUI_SNAPSHOT unset (and no CI snapshot beside the checkout)"
     fi
     if [ -n "$snapshot" ] && [ "$snapshot" != none ]; then
         snapshot=$(realpath "$snapshot")

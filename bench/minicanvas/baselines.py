@@ -1,5 +1,5 @@
 """Baseline erasure methods, re-implemented from their papers' objectives on the same `DiffusionModel` interface
-that SPARE uses (see ../shared/docs/method.md). Each returns an edited *copy* of the model (the input is untouched)
+that SPARE uses (spare_core/model.py). Each returns an edited *copy* of the model (the input is untouched)
 and a record of what was trained.
 
 - ESD (Gandikota et al. 2023): eps_theta(x_t, c) -> eps*(x_t) - eta * (eps*(x_t, c) - eps*(x_t)), eta = 1, frozen

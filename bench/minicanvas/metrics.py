@@ -1,4 +1,5 @@
-"""UnlearnCanvas metrics, as pure functions on classifier predictions (see ../shared/docs/method.md).
+"""UnlearnCanvas metrics, as pure functions on classifier predictions. UnlearnCanvas: Zhang et al. 2024, arXiv
+2402.11846, github.com/OPTML-Group/UnlearnCanvas (UA, IRA, CRA below are its definitions; "ours" marks additions).
 
 For a concept k erased from domain D (style or object), over a grid of generations (style s, object o):
 - UA  (unlearning accuracy)  = 1 - accuracy of D's classifier on the images whose prompt asks for k
