@@ -3,7 +3,7 @@
 Stages, each one module: saliency.py (which modules carry the concept), timesteps.py (where in the noise schedule),
 distill.py (sparse LoRA trained by self-distillation), lora.py (the LoRA file format). adapters.py hooks LoRAs onto a
 network: the trainable adapters distill.py trains, and apply_lora for a finished LoRA (it imports lora.py, not the
-reverse).
+reverse). No module imports one that imports it back, not even through this file (tests/test_import_graph.py).
 Shared helpers, so that stages do not import each other: files.py (atomic writes, reading .safetensors),
 autograd.py (freezing, gradient checkpointing), prompts.py (prompt checks, the {a|b} retain builder), sampling.py.
 Everything operates on a `DiffusionModel` (model.py): ComfyUI's objects are adapted in nodes/host.py.
