@@ -49,7 +49,8 @@ def verdict(domain: str, concept: str, m: dict, base: dict) -> str:
         middle = f"but the {inside} is lost with it (SFA {m['SFA']:.0f} vs {base['SFA']:.0f} unerased)"
     keys, line, where = ("IRA", "CRA"), harness.CLEAN_DROP, ""
     if "IRA_unlisted" in m and "IRA_unlisted" in base:
-        keys, line, where = ("IRA_unlisted", "CRA_unlisted"), harness.CLEAN_UNLISTED_DROP, " the retain list did not name"
+        keys, line = ("IRA_unlisted", "CRA_unlisted"), harness.CLEAN_UNLISTED_DROP
+        where = " the retain list did not name"
     damage = max(base[k] - m[k] for k in keys)
     tail = f"other concepts{where} kept" if damage <= line else \
         f"collateral damage on the concepts{where}: IRA {m[keys[0]]:.1f} vs {base[keys[0]]:.1f}, CRA " \
@@ -145,7 +146,8 @@ def main(argv=None):
     tmp = png + ".tmp.png"
     image.save(tmp)
     os.replace(tmp, png)
-    unl = lambda r: f"  unlisted IRA {r['IRA_unlisted']:.1f}  CRA {r['CRA_unlisted']:.1f}" if "IRA_unlisted" in r else ""
+    def unl(r):
+        return f"  unlisted IRA {r['IRA_unlisted']:.1f}  CRA {r['CRA_unlisted']:.1f}" if "IRA_unlisted" in r else ""
     print(f"UA {m['UA']:.1f}  SFA {m['SFA']:.1f}  IRA {m['IRA']:.1f}  CRA {m['CRA']:.1f}{unl(m)}   (unerased: UA "
           f"{b['UA']:.1f}  SFA {b['SFA']:.1f}  IRA {b['IRA']:.1f}  CRA {b['CRA']:.1f}{unl(b)})")
     names = data.STYLE_NAMES if domain == "style" else data.OBJECT_NAMES

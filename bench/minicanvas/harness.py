@@ -40,8 +40,8 @@ from .model import load as load_model
 
 STYLES = [c.name for c in data.STYLES if c.name != data.NEUTRAL_STYLE]
 OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJECT]
-METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-no-anchor", "spare-rank4",
-           "spare-floor05", "spare-steps160", "spare-anchor2", "esd-x", "esd-u", "ca", "salun", "uce", "uce-pool")
+METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-no-anchor",
+           "spare-rank4", "spare-floor05", "spare-steps160", "spare-anchor2", "esd-x", "esd-u", "ca", "salun", "uce", "uce-pool")
 SHORT_STEPS = 0.8  # spare-steps160 (experiment, time): 0.8 x the step cap (160 of 200), cosine-decayed to that cap
 # choice: kept from the first model (on which only some objects were drawn recognisably) so that runs compare across
 # sessions; on the shipped model every object's generations are judged right >= 91% of the time.
@@ -559,7 +559,8 @@ def summarize(per, base_acc, base_per, budget):
             per_concept[c] = pc
         res.update({
             "mean3": _ci(rows, "mean3"), "IRA_drop": _ci(rows, "IRA_drop"), "CRA_drop": _ci(rows, "CRA_drop"),
-            **{k: _ci(rows, k) for k in ("mean4", "IRA_unlisted_drop", "CRA_unlisted_drop") if all(k in r for r in rows)},
+            **{k: _ci(rows, k) for k in ("mean4", "IRA_unlisted_drop", "CRA_unlisted_drop")
+               if all(k in r for r in rows)},
             "erased": sum(p["erased"] for p in per_concept.values()),
             "clean": sum(p["clean"] for p in per_concept.values()), "concepts": len(per_concept),
             "seeds": max(p["seeds"] for p in per_concept.values()),
@@ -603,8 +604,8 @@ def main(argv=None):
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--standard", action="store_true",
                       help="every style and object, 3 training seeds, " + ", ".join(STANDARD_METHODS) + " at the "
-                      f"papers' budgets (ESD {STANDARD_ESD_STEPS} steps; the step-trained baselines and the all-pairs reference "
-                      "row 1 training seed); every method's retain list leaves half of the other classes out")
+                      f"papers' budgets (ESD {STANDARD_ESD_STEPS} steps; the step-trained baselines and the all-pairs "
+                      "reference row 1 training seed); every method's retain list leaves half of the other classes out")
     mode.add_argument("--quick", action="store_true",
                       help="4 concepts, 1 training seed, SPARE at the product defaults, baselines' budgets x "
                       f"{QUICK_BASELINE_SCALE} (<= 10 min on 2 cores)")

@@ -171,7 +171,8 @@ def targets(results: dict) -> str:
             per[worst]["UA"] >= 95.0, f"{95.0 - per[worst]['UA']:.2f}")
     if sp.get("style"):
         sfa = sp["style"]["SFA"]
-        row("style SFA >= 85 (object kept inside an erased style's row)", f"{sfa:.2f}", sfa >= 85.0, f"{85.0 - sfa:.2f}")
+        row("style SFA >= 85 (object kept inside an erased style's row)", f"{sfa:.2f}", sfa >= 85.0,
+            f"{85.0 - sfa:.2f}")
     for d in doms:
         r = sp[d]
         row(f"{d} synonym UA >= 95", f"{r['synonym_UA']:.2f}", r["synonym_UA"] >= 95.0, f"{95.0 - r['synonym_UA']:.2f}")
