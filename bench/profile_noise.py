@@ -1,5 +1,5 @@
 """How precisely the Timestep Profile measures its distribution: the spread of its per-bin probabilities over profile
-seeds, for a number of noise draws per bin and a number of concept samples (bench/RESULTS.md, "Speed").
+seeds, for a number of noise draws per bin and a number of concept samples (bench/HISTORY.md, "Speed").
 
     .venv/bin/python -m bench.profile_noise --concepts ukiyo,circle --seeds 4
 

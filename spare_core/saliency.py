@@ -15,7 +15,7 @@ salient set is the top fraction (or top k) of modules by score. Three scores (`s
 
 The default is the authors' "gradient" over every Linear/Conv2d: on MiniCanvas (20 concepts, held-out prompts) it
 erased 17 of 20 concepts (this pack's first default, contrastive over attention only, had erased 14 in the issue's
-measurement), and "taylor" did not beat it (16 of 20, retention within the interval) -- bench/RESULTS.md,
+measurement), and "taylor" did not beat it (16 of 20, retention within the interval) -- bench/HISTORY.md,
 "Saliency selection". An optional per-row mask (per-weight granularity that survives export as a standard LoRA)
 keeps, inside the selected modules, only the output rows whose saliency is in the global top `row_fraction`.
 
@@ -45,7 +45,7 @@ from .sampling import generate, noised, uniform_t
 TARGET_SETS = ("all", "attention", "cross_attention")
 SCORINGS = ("gradient", "taylor", "contrastive")
 DEFAULT_TARGETS = "all"        # the authors': every Linear/Conv2d of the denoiser
-DEFAULT_SCORING = "gradient"   # the authors'; "taylor" measured no better on MiniCanvas (bench/RESULTS.md)
+DEFAULT_SCORING = "gradient"   # the authors'; "taylor" measured no better on MiniCanvas (bench/HISTORY.md)
 DEFAULT_FRACTION = 0.5         # the authors' sparsity_inclusiveness
 ATTENTION_LEAVES = ("to_q", "to_k", "to_v", "to_out", "to_out.0")  # SD/SDXL (ComfyUI LDM) projection names
 CROSS_ATTENTION_PARENT = "attn2"  # LDM name of the cross-attention block (attn1 = self-attention)

@@ -18,7 +18,7 @@ T_MIN = 1e-3  # the clean end of the schedule is never sampled exactly (discrete
 # Rows per no-grad forward (self-generation, the distillation's teacher) when the caller does not say. On a GPU: 4
 # samples (8 rows with guidance), the memory of a KSampler at batch 4 on an 8 GB card. On the CPU a forward costs
 # far less per row in larger batches (MiniCanvas, one thread: 4.4 ms per row at 4 rows, 2.8 at 16) and memory is
-# not the limit, so 16 (bench/RESULTS.md, "Speed for the time target").
+# not the limit, so 16 (bench/HISTORY.md, "Speed for the time target").
 CPU_FORWARD_ROWS = 16
 GPU_SAMPLE_BATCH = 4
 

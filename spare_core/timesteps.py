@@ -28,7 +28,7 @@ from .prompts import validate_prompts
 from .sampling import LOSS_WEIGHTINGS, T_MIN, data_std, generate, loss_weight, noised
 
 # Samples per concept the profile measures on: half of what Concept Samples draws (4), for time. The profile moves by
-# less than a hundredth of a bin's probability against 4 per concept (bench/RESULTS.md, "Speed for the time target").
+# less than a hundredth of a bin's probability against 4 per concept (bench/HISTORY.md, "Speed for the time target").
 PROFILE_SAMPLES = 2
 
 

@@ -220,6 +220,16 @@ def test_report_targets_marks_met_and_missed():
     assert "ring 93.0" in lines["every concept UA >= 95 (mean over training seeds)"]
     assert "NO (short by 0.50)" in lines["object CRA (every class) within 1.5 of the unerased model (98.00)"]
     assert lines["style IRA (every class) within 1.5 of the unerased model (98.00)"].endswith("| yes |")
+    # with the listed / unlisted split, the 1.5-point line is graded on the listed classes only
+    split = json.loads(json.dumps(results))
+    sp = split["methods"]["spare"]
+    for d, listed in (("style", 99.0), ("object", 97.0)):
+        sp[d].update(IRA_listed=listed, CRA_listed=listed)
+    sp["runs"] = [{"domain": d, "base_IRA_listed": 99.5, "base_CRA_listed": 99.5} for d in ("style", "object")]
+    split_lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in report.targets(split).splitlines()}
+    assert not any("every class" in k for k in split_lines)
+    assert split_lines["style listed IRA within 1.5 of the unerased model (99.50)"].endswith("| yes |")
+    assert "NO (short by 1.00)" in split_lines["object listed CRA within 1.5 of the unerased model (99.50)"]
     assert lines["style SFA >= 85 (object kept inside an erased style's row)"].endswith("| yes |")
     assert lines["style unlisted IRA within 3 of the unerased model (98.00)"].endswith("| yes |")  # 3.0 down
     worst = next(v for k, v in lines.items() if k.startswith("no concept's unlisted IRA / CRA"))
@@ -307,3 +317,20 @@ def test_uce_edits_only_the_unet_spatial_cross_attention():
         assert changed and all(n.endswith(("to_k.weight", "to_v.weight")) for n in changed)
         assert all(baselines.is_unet_cross_attention(n) for n in changed if not n.startswith("text_pool."))
         assert any(n.startswith("text_pool.") for n in changed) == include_pool
+
+
+def test_report_plot_draws_one_labelled_group_per_method(tmp_path):
+    from PIL import Image
+    from bench.minicanvas import report
+    row = {"UA": 100.0, "SFA": 50.0, "IRA_unlisted": 80.0, "CRA_unlisted": 90.0, "IRA_listed": 99.0,
+           "base_IRA_unlisted": 100.0, "base_CRA_unlisted": 96.0}
+    results = {"base": {"style": {"SFA": 95.0}}, "methods": {
+        "spare": {"style": dict(row), "object": dict(row, SFA=100.0)}, "uce": {"style": dict(row, UA=0.0)}}}
+    assert report._bar_values(results["methods"]["spare"])["SFA"] == 50.0  # styles only: objects keep their style
+    assert report._bar_ceiling(results, results["methods"]["spare"], "CRA_unlisted") == 96.0
+    assert report._bar_ceiling(results, results["methods"]["spare"], "UA") is None
+    one, two = tmp_path / "one.png", tmp_path / "two.png"
+    report.plot({**results, "methods": {"spare": results["methods"]["spare"]}}, None, str(one))
+    report.plot(results, None, str(two))
+    h1, h2 = Image.open(one).size[1], Image.open(two).size[1]
+    assert h2 - h1 == len(report.PLOT_BARS) * 12 + 18  # one more bar group

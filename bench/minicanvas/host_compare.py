@@ -1,7 +1,7 @@
 """Library path vs ComfyUI path of the MiniCanvas harness: the side-by-side table of two result files, and where
 the two paths part (one concept trained both ways in one process).
 
-    # the two runs (bench/RESULTS.md, "Library vs ComfyUI host")
+    # the two runs (bench/HISTORY.md, "Library vs ComfyUI host")
     python -m bench.minicanvas --host library --methods spare --concepts ukiyo,neon,ring,crescent --seeds 1 \
         --out bench/runs/host_library.json
     COMFYUI_PATH=~/comfyui python -m bench.minicanvas --host comfyui ... --out bench/runs/host_comfyui.json

@@ -15,7 +15,7 @@ executor executes it: `Node.execute(...)` under `torch.inference_mode()`. Per co
 
 Inputs are the harness' own (`harness.concept_prompts`, `harness.Budget`, `harness.LR["spare"]`), one prompt per line.
 What the nodes cannot express, or do differently from `--host library` (each is a difference of the product, not of
-the method; how far the results move is measured in bench/RESULTS.md, "Library vs ComfyUI host"):
+the method; how far the results move is measured in bench/HISTORY.md, "Library vs ComfyUI host"):
 - the model is ComfyUI's: `BaseModel.apply_model` (V_PREDICTION_EDM, timestep 0.25 log sigma converted back to
   MiniCanvas' 1000 t) and ComfyUI's model_sampling (sigma_at = percent_to_sigma) instead of MiniCanvasModel's own
   formulas: equal up to float rounding, which training steps can amplify;

@@ -115,22 +115,35 @@ def compact_table(results: dict) -> str:
 
 
 def per_concept_table(results: dict, methods=None) -> str:
-    """UA / IRA / CRA per concept (mean over training seeds; min UA over seeds) for each method."""
+    """Per concept (mean over training seeds; min UA over seeds) for each method: UA (min) / SFA / IRA / CRA on the
+    classes no retain list named where the file has the listed / unlisted split, else UA (min) / IRA / CRA."""
     ms = {n: m for n, m in results["methods"].items() if m.get("per_concept") and (methods is None or n in methods)}
     if not ms:
         return ""
     names = list(next(iter(ms.values()))["per_concept"])
     for m in ms.values():
         names += [c for c in m["per_concept"] if c not in names]
+    split = any("IRA_unlisted" in p for m in ms.values() for p in m["per_concept"].values())
     base = results["base"].get("per_concept", {})
-    head = "| concept | unerased IRA / CRA | " + " | ".join(f"{n} UA (min) / IRA / CRA" for n in ms) + " |"
+    if split:  # every method shares the split (drawn per concept and training seed), so one method's ceiling serves
+        base = {c: {"IRA": p["base_IRA_unlisted"], "CRA": p["base_CRA_unlisted"]}
+                for m in reversed(list(ms.values())) for c, p in m["per_concept"].items() if "base_IRA_unlisted" in p}
+    what = "UA (min) / SFA / unlisted IRA / CRA" if split else "UA (min) / IRA / CRA"
+    head = f"| concept | unerased {'unlisted ' if split else ''}IRA / CRA | " + \
+        " | ".join(f"{n} {what}" for n in ms) + " |"
     lines = [head, "|" + "---|" * (2 + len(ms))]
     for c in names:
         b = base.get(c)
         cells = [c, f"{b['IRA']:.0f} / {b['CRA']:.0f}" if b else "–"]
         for m in ms.values():
             p = m["per_concept"].get(c)
-            cells.append(f"{p['UA']:.0f} ({p['UA_min']:.0f}) / {p['IRA']:.0f} / {p['CRA']:.0f}" if p else "–")
+            if not p:
+                cells.append("–")
+            elif split:
+                cells.append(f"{p['UA']:.0f} ({p['UA_min']:.0f}) / {p['SFA']:.0f} / {p['IRA_unlisted']:.0f} / "
+                             f"{p['CRA_unlisted']:.0f}")
+            else:
+                cells.append(f"{p['UA']:.0f} ({p['UA_min']:.0f}) / {p['IRA']:.0f} / {p['CRA']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -145,6 +158,16 @@ def _mean3(row: dict) -> float:
 def _mean4(row: dict):
     v = row.get("mean4")
     return v["mean"] if isinstance(v, dict) else None
+
+
+def _listed_ceiling(method: dict, domain: str, key: str):
+    """The unerased model's accuracy on the classes the retain lists named (mean over the method's runs of the
+    domain), or None where the file has no listed / unlisted split."""
+    if f"{key}_listed" not in method.get(domain, {}):
+        return None
+    vals = [r[f"base_{key}_listed"] for r in method.get("runs", ())
+            if r.get("domain") == domain and r.get(f"base_{key}_listed") is not None]
+    return sum(vals) / len(vals) if vals else None
 
 
 def targets(results: dict) -> str:
@@ -181,8 +204,13 @@ def targets(results: dict) -> str:
                 drop = r[f"base_{k}_unlisted"] - r[f"{k}_unlisted"]
                 row(f"{d} unlisted {k} within 3 of the unerased model ({r[f'base_{k}_unlisted']:.2f})",
                     f"{r[f'{k}_unlisted']:.2f}", drop <= 3.0, f"{drop - 3.0:.2f}")
-            ceiling = base.get(d)
-            if isinstance(ceiling, dict):
+            listed = _listed_ceiling(sp, d, k)
+            if listed is not None:  # the classes the retain list named: kept as well as before the split
+                drop = listed - r[f"{k}_listed"]
+                row(f"{d} listed {k} within 1.5 of the unerased model ({listed:.2f})", f"{r[f'{k}_listed']:.2f}",
+                    drop <= 1.5, f"{drop - 1.5:.2f}")
+            elif isinstance(base.get(d), dict):  # a results file from before the listed / unlisted split
+                ceiling = base[d]
                 drop = ceiling[k] - r[k]
                 row(f"{d} {k} (every class) within 1.5 of the unerased model ({ceiling[k]:.2f})", f"{r[k]:.2f}",
                     drop <= 1.5, f"{drop - 1.5:.2f}")
@@ -211,31 +239,79 @@ def targets(results: dict) -> str:
     return "\n".join(lines)
 
 
+PLOT_BARS = (("UA", "UA (erased)"), ("SFA", "SFA (styles: object kept)"),
+             ("IRA_unlisted", "unlisted IRA"), ("CRA_unlisted", "unlisted CRA"), ("IRA_listed", "listed IRA"))
+
+
+def _bar_values(m: dict) -> dict:
+    """The plotted figures of one method: means over styles and objects, SFA of the styles only (an erased object's
+    column keeps its style in every method)."""
+    doms = [m[k] for k in ("style", "object") if m.get(k)]
+    out = {}
+    for key, _ in PLOT_BARS:
+        src = [m["style"]] if key == "SFA" and m.get("style") else doms
+        vals = [r[key] for r in src if r.get(key) is not None]
+        if vals:
+            out[key] = sum(vals) / len(vals)
+    return out
+
+
+def _bar_ceiling(results: dict, m: dict, key: str):
+    """The unerased model's figure for a bar (same classes, same grid), or None (UA has none)."""
+    doms = [d for d in ("style", "object") if m.get(d)]
+    if key == "SFA":
+        return results.get("base", {}).get("style", {}).get("SFA")
+    if key.endswith("_unlisted"):
+        vals = [m[d].get(f"base_{key}") for d in doms]
+    elif key.endswith("_listed"):
+        vals = [_listed_ceiling(m, d, key[:-len("_listed")]) for d in doms]
+    else:
+        return None
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
 def plot(results: dict, curve: dict | None, path: str) -> None:
-    w, h = 1000, 420
-    img = Image.new("RGB", (w, h), (24, 24, 28))
-    d = ImageDraw.Draw(img)
+    """One labelled bar group per method (0-100 %, the unerased model's figure as a white tick where known); with a
+    curve.json, the UA-vs-steps curve below."""
     font = ImageFont.load_default()
-    # left: UA vs retention
-    box = (50, 40, 470, 370)
-    d.rectangle(box, outline=(70, 70, 80))
-    d.text((50, 8), "UA vs retention ((IRA+CRA)/2), mean of styles and objects", fill=(230, 230, 230), font=font)
-    d.text((50, 380), "retention % ->  (axes 0-100)", fill=(230, 230, 230), font=font)
-    d.text((4, 24), "UA %", fill=(230, 230, 230), font=font)
-    for i, (name, m) in enumerate(results["methods"].items()):
-        doms = [m[k] for k in ("style", "object") if m.get(k)]
-        ua = sum(r["UA"] for r in doms) / len(doms)
-        ret = sum((r["IRA"] + r["CRA"]) / 2 for r in doms) / len(doms)
-        x = box[0] + (box[2] - box[0]) * ret / 100
-        y = box[3] - (box[3] - box[1]) * ua / 100
-        c = COLOURS[i % len(COLOURS)]
-        d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=c)
-        d.text((x + 6, y - 6), name, fill=c, font=font)
-    # right: UA vs steps
-    box = (540, 40, 980, 370)
-    d.rectangle(box, outline=(70, 70, 80))
-    d.text((540, 8), "mean UA vs training steps: profile (orange) / uniform (blue)", fill=(230, 230, 230), font=font)
+    methods = list(results["methods"].items())
+    bar_h, gap, left, right = 12, 18, 230, 940
+    group_h = len(PLOT_BARS) * bar_h + gap
+    h = 70 + len(methods) * group_h + (300 if curve else 0)
+    img = Image.new("RGB", (1000, h), (24, 24, 28))
+    d = ImageDraw.Draw(img)
+    d.text((10, 8), "Erase one concept, judged on held-out prompts (mean over concepts and training seeds; "
+           "white tick = the unerased model)", fill=(230, 230, 230), font=font)
+    for j, (key, label) in enumerate(PLOT_BARS):
+        d.rectangle([10 + 190 * j, 28, 20 + 190 * j, 38], fill=COLOURS[j % len(COLOURS)])
+        d.text((24 + 190 * j, 27), label, fill=(230, 230, 230), font=font)
+    top = 56
+    for pct in range(0, 101, 20):
+        x = left + (right - left) * pct / 100
+        d.line([x, top - 4, x, top + len(methods) * group_h - gap], fill=(60, 60, 70))
+        d.text((x - 8, top + len(methods) * group_h - gap + 2), f"{pct}%", fill=(180, 180, 180), font=font)
+    base = results.get("base", {})
+    for i, (name, m) in enumerate(methods):
+        y0 = top + i * group_h
+        d.text((10, y0 + 2 * bar_h), name, fill=(230, 230, 230), font=font)
+        vals = _bar_values(m)
+        for j, (key, _) in enumerate(PLOT_BARS):
+            if key not in vals:
+                continue
+            y = y0 + j * bar_h
+            x = left + (right - left) * vals[key] / 100
+            d.rectangle([left, y + 1, x, y + bar_h - 2], fill=COLOURS[j % len(COLOURS)])
+            d.text((x + 4, y), f"{vals[key]:.1f}", fill=(230, 230, 230), font=font)
+            ceiling = _bar_ceiling(results, m, key)
+            if ceiling is not None:
+                cx = left + (right - left) * ceiling / 100
+                d.line([cx, y, cx, y + bar_h - 1], fill=(255, 255, 255), width=2)
     if curve:
+        box = (60, h - 270, 940, h - 30)
+        d.rectangle(box, outline=(70, 70, 80))
+        d.text((60, h - 290), "mean UA vs training steps: profile (orange) / uniform (blue)", fill=(230, 230, 230),
+               font=font)
         series = {}
         for per in curve["concepts"].values():
             for method, pts in per.items():
@@ -254,8 +330,8 @@ def plot(results: dict, curve: dict | None, path: str) -> None:
             if len(pts) > 1:
                 d.line(pts, fill=colour, width=2)
         for j, s in enumerate(steps):
-            d.text((box[0] + (box[2] - box[0]) * (j + 0.5) / len(steps) - 8, 375), str(s), fill=(230, 230, 230),
-                   font=font)
+            d.text((box[0] + (box[2] - box[0]) * (j + 0.5) / len(steps) - 8, box[3] + 5), f"{s} steps",
+                   fill=(230, 230, 230), font=font)
     img.save(path)
 
 

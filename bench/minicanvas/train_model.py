@@ -9,7 +9,7 @@ guidance. Objective: V-prediction MSE (EDM's loss weighting in x0 space). Noise 
 batch at t ~ U[0, 1] (sigma = sigma_at(t), log-uniform), the rest at log sigma ~ N(P_MEAN, P_STD) (EDM's log-normal,
 centred higher than EDM's -1.2). A log-normal centred on low noise left the prompt nearly unused (on 32 x 32 images
 the style is decided at sigma > 3); moving its mean from 0.3 to 0.8 doubled the share of recognisable objects
-(31% -> 61% of generations on the first data, bench/RESULTS.md); the uniform part keeps the low noise levels that
+(31% -> 61% of generations on the first data, bench/HISTORY.md); the uniform part keeps the low noise levels that
 clean up. AdamW with warmup + cosine decay; the shipped weights are the EMA of the trained ones. The defaults are
 the shipped run (2800 steps, 26.9 min on 1 core). Deterministic given --seed (on the same torch build) unless
 --max-minutes cuts.
