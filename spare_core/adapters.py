@@ -126,15 +126,6 @@ class AdapterSet(_Hooks):
             return torch.add(output, delta, alpha=adapter.scale * self.strength)
         return hook
 
-    def extend(self, adapters: Mapping[str, LoraAdapter]) -> None:
-        """Hook in more adapters (the distillation grows its adapter set when the gap stalls)."""
-        modules = dict(self.network.named_modules())
-        for path, adapter in adapters.items():
-            if path in self.adapters:
-                raise ValueError(f"module '{path}' already carries an adapter")
-            self.adapters[path] = adapter
-            self._handles.append(modules[path].register_forward_hook(self._hook(adapter)))
-
     def parameters(self) -> list[nn.Parameter]:
         return [p for a in self.adapters.values() for p in a.parameters()]
 

@@ -36,7 +36,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from ._version import __version__
-from .adapters import attach, make_adapters
+from .adapters import attach
 from .autograd import frozen, gradient_checkpointing
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import LoraWeights, metadata_json
@@ -46,7 +46,6 @@ from .sampling import LOSS_WEIGHTINGS, data_std, forward_rows, generate, loss_we
 from .saliency import Saliency
 from .timesteps import TimestepProfile, check_pairs
 
-RETAIN_TIMESTEPS = ("uniform", "same")
 RETAIN_SAMPLE_BUDGET = 64  # auto retain samples: about this many in all (a long {a|b} retain list gets 1 per prompt)
 
 
@@ -109,10 +108,6 @@ class DistillConfig:
     # --- erase until erased (ours; the authors train a fixed number of steps) ---
     stop_reduction: float = 0.0              # stop once the probe gap has closed by this fraction (0 = run all steps)
     check_every: int = 20                    # steps between probe-gap checks
-    grow: tuple = ()                         # if the gap stalls short of stop_reduction, grow the adapter set to these
-                                             # fractions of the candidates in saliency order, e.g. (0.75, 1.0)
-    stall: float = 0.02                      # "stalled" = the reduction rose by less than this over the last check
-    retain_timesteps: str = "uniform"        # t of the retain loss: "uniform", or "same" as the forget batch's t
     retain_samples: int = 0                  # samples per retain prompt; 0 = auto (retain_samples_auto)
     surrogate_anchor: float = 0.5            # share of each forget batch noised from the SURROGATE's own samples
                                              # instead of the concept's (Concept Ablation's anchor images); 0 = the
@@ -216,19 +211,11 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if not 0.0 <= config.stop_reduction < 1.0:
         raise SpareInputError(f"stop_reduction={config.stop_reduction} must be in [0, 1) (0 = run every step; "
                               "typical 0.8)")
-    if config.retain_timesteps not in RETAIN_TIMESTEPS:
-        raise SpareInputError(f"retain_timesteps='{config.retain_timesteps}' is not one of "
-                              f"{', '.join(RETAIN_TIMESTEPS)}")
     if config.check_every <= 0:
         raise SpareInputError(f"check_every={config.check_every} must be >= 1")
-    grow = tuple(float(g) for g in (config.grow or ()))
-    if any(not 0.0 < g <= 1.0 for g in grow) or list(grow) != sorted(grow):
-        raise SpareInputError(f"grow={config.grow} must be increasing fractions in (0, 1], e.g. (0.75, 1.0)")
     if saliency is None or not saliency.selected:
         raise SpareInputError("the saliency selects no module; rescan with a larger selection (fraction or top-k)")
-    out = DistillConfig(**{**asdict(config), "concepts": concepts, "surrogates": surrogates, "retain": retain,
-                           "grow": grow})
-    return out
+    return DistillConfig(**{**asdict(config), "concepts": concepts, "surrogates": surrogates, "retain": retain})
 
 
 def distill(
@@ -252,8 +239,7 @@ def distill(
 
     Erase until erased: every `check_every` steps the concept->surrogate gap is measured on a fixed probe batch;
     training stops once it has closed by `stop_reduction`, at the latest after `steps` (the learning rate is
-    cosine-decayed to the cap, so a run stopped at step k equals the first k steps of the full run). If the gap
-    stalls short of the target and `grow` lists larger fractions, more modules (next in saliency order) get adapters.
+    cosine-decayed to the cap, so a run stopped at step k equals the first k steps of the full run).
     """
     cfg = validate(config, saliency)
     started = time.perf_counter()
@@ -348,8 +334,7 @@ def distill(
                 student, teacher = as_concept(ids), as_surrogate(ids)
                 if x_retain is not None:  # drawn after the forget rows' noise (the RNG order of earlier versions)
                     r_rows = torch.randint(0, x_retain.shape[0], (cfg.batch_size,), generator=gen)
-                    r_t = t.clone() if cfg.retain_timesteps == "same" else uniform_t(cfg.batch_size, gen)
-                    r_sigma, r_xt = noised(model, x_retain[r_rows], r_t, gen)
+                    r_sigma, r_xt = noised(model, x_retain[r_rows], uniform_t(cfg.batch_size, gen), gen)
                     r_ids = as_retain(i_retain[r_rows])
                     sigma, xt = torch.cat([sigma, r_sigma]), torch.cat([xt, r_xt])
                     student, teacher = torch.cat([student, r_ids]), torch.cat([teacher, r_ids])
@@ -364,7 +349,7 @@ def distill(
             ahead: list = []
 
             # The probes: fixed batches (same x_t, t, prompts at every check). The forget probe measures the
-            # concept->surrogate gap (whether training did anything, when to stop, when to grow); the retain probe
+            # concept->surrogate gap (whether training did anything, when to stop); the retain probe
             # measures how far the retain prompts' predictions drifted from the teacher's (the collateral damage).
             # Rows span every prompt; t spans the schedule; the teacher's targets are computed once. On the CPU a check
             # measures both probes in one student forward (16 rows); on a GPU one probe per forward (8 rows, as ever).
@@ -396,8 +381,6 @@ def distill(
             probe_before = measure(only_forget=True)[0]
             checks = [{"step": 0, "gap": probe_before, "reduction": 0.0, "retain_drift": 0.0,
                        "modules": len(adapters.adapters)}]
-            ranked = sorted(saliency.scores, key=lambda p: saliency.scores[p], reverse=True)
-            grow_left = list(cfg.grow)
             stopped_early = False
 
             def reduction(gap):
@@ -447,18 +430,6 @@ def distill(
                         if progress is not None:
                             progress(cfg.steps, cfg.steps, value)  # complete the bar
                         break
-                    if grow_left and cfg.stop_reduction > 0 and len(checks) >= 3 \
-                            and done - checks[-2]["reduction"] < cfg.stall:
-                        # stalled short of the target: give the erasure more modules (next ones in saliency order)
-                        target_n = math.ceil(grow_left.pop(0) * len(ranked))
-                        new = [p for p in ranked[:target_n] if p not in adapters.adapters]
-                        if new:
-                            added = make_adapters(model.network, new, cfg.rank, cfg.alpha, None, cfg.dropout,
-                                                  device=dev)
-                            adapters.extend(added)
-                            params = adapters.parameters()
-                            opt.add_param_group({"params": [p for a in added.values() for p in a.parameters()]})
-                            checks[-1]["grew_to"] = len(adapters.adapters)
             meta = {
                 "spare.version": __version__,
                 "spare.concepts": metadata_json(cfg.concepts),

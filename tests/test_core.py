@@ -459,8 +459,6 @@ def test_save_is_atomic(tmp_path, monkeypatch, saliency, model):
     ("weighting", "snr", "weighting='snr' is not one of v, eps"),
     ("stop_reduction", 1.0, "stop_reduction=1.0 must be in"),
     ("check_every", 0, "check_every=0"),
-    ("grow", (1.0, 0.75), "grow="),
-    ("retain_timesteps", "profile", "retain_timesteps='profile' is not one of uniform, same"),
 ])
 def test_bad_distill_inputs(model, saliency, field, value, match):
     kwargs = dict(concepts=[CONCEPT], surrogates=[SURROGATE], steps=1, **FAST)
@@ -579,20 +577,12 @@ def test_stopping_rule_runs_to_the_cap_when_it_cannot_erase(model, saliency):
     assert result.warning  # the shortfall is reported, not hidden
 
 
-def test_stalled_gap_grows_the_adapter_set_in_saliency_order(model, saliency):
-    n = len(saliency.scores)
-    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=30, lr=1e-9, stop_reduction=0.6, check_every=5,
-                           grow=(0.75, 1.0), **FAST)
-    result = sc.distill(model, cfg, saliency)
-    grown = [c for c in result.checks if "grew_to" in c]
-    assert [c["grew_to"] for c in grown] == [-(-3 * n // 4), n]
-    ranked = sorted(saliency.scores, key=saliency.scores.get, reverse=True)
-    assert set(result.lora.modules) == set(ranked)
-    assert _no_hooks(model.network)
-    # without `grow` the set stays the saliency's
+def test_a_stalled_gap_keeps_the_saliency_selection(model, saliency):
+    """Short of the target the adapter set stays the saliency's (no module is added mid-run)."""
     plain = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=10, lr=1e-9, stop_reduction=0.6,
                                                check_every=5, **FAST), saliency)
     assert set(plain.lora.modules) == set(saliency.selected)
+    assert all(c["modules"] == len(saliency.selected) for c in plain.checks) and _no_hooks(model.network)
 
 
 # ---- the retain-set builder ----

@@ -82,7 +82,6 @@ class Budget:
     spare_targets: str = sc.saliency.DEFAULT_TARGETS
     spare_fraction: float = sc.saliency.DEFAULT_FRACTION
     spare_stop: float = sc.DistillConfig.stop_reduction  # the stopping rule's target (0 = every step)
-    spare_grow: tuple = sc.DistillConfig.grow
     spare_overrides: tuple = ()  # (field, value) pairs applied to SPARE's DistillConfig (experiments only)
     retain_set: str = "half"  # every method's retain list (concept_prompts; "spare-all-pairs" keeps "all-pairs")
     spare_retain: str = ""   # SPARE's own retain list when set (experiments: "neighbours" or "all-pairs")
@@ -292,8 +291,7 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None):
         cfg = replace(defaults, retain=[] if no_retain else retain, retain_unconditional=not no_retain,
                       retain_weight=0.0 if no_retain else defaults.retain_weight,
                       steps=max(1, round(SHORT_STEPS * budget.spare)) if method == "spare-steps160" else budget.spare,
-                      lr=LR["spare"], seed=seed, weighting=budget.spare_weighting, stop_reduction=budget.spare_stop,
-                      grow=tuple(budget.spare_grow))
+                      lr=LR["spare"], seed=seed, weighting=budget.spare_weighting, stop_reduction=budget.spare_stop)
         cfg = replace(cfg, **dict(budget.spare_overrides))  # experiments: any DistillConfig field, last
         result = sc.distill(model, cfg, sal, profile, latents=x_forget, on_check=on_check)
         info = {"trainable_params": result.trainable_params, "lora_bytes": result.lora.num_bytes(),
