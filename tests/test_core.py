@@ -762,8 +762,9 @@ def test_adapter_hook_adds_strength_times_scale_times_low_rank_in_the_output_dty
             xin = x.to(dtype)
             with torch.no_grad():
                 hooked = net(xin)
-                ad.enabled = False
-                plain = net(xin)
+                with ad.disabled():  # the teacher: the base module exactly
+                    plain = net(xin)
+                assert ad.enabled and torch.equal(net(xin), hooked)  # on again after the block
                 expected = plain.float() + 0.5 * 1.5 * a.up(a.down(xin.float()))
                 ad.remove()
                 assert torch.equal(net(xin), plain)  # disabled = the base module exactly
