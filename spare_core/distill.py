@@ -545,8 +545,9 @@ def check_record(step: int, gap: float, drift: float, gap_before: float, adapter
 
 def lora_metadata(cfg: DistillConfig, profile: Optional[TimestepProfile], gap_before: float,
                   final: dict) -> dict[str, str]:
-    """What the LoRA file records of its training, from the validated config and the final probe check. save_lora
-    adds the format fields (lora.file_metadata); kohya's ss_* fields are the ones its loaders and UIs read."""
+    """What the LoRA file records of its training, from the validated config and the final probe check. The file's
+    other fields (the base model, the key format) are added when it is saved (lora.file_metadata); kohya's ss_*
+    fields are the ones its loaders and UIs read."""
     return {
         "spare.version": __version__,
         "spare.concepts": metadata_json(cfg.concepts),

@@ -369,12 +369,14 @@ def test_export_load_apply_matches_student(model, saliency, tmp_path):
         base = model.predict_x0(xt, sigma, cond)
     assert not torch.allclose(student, base, atol=1e-4)
     for fmt in ("comfyui", "kohya"):
-        path = sc.save_lora(str(tmp_path / f"{fmt}.safetensors"), weights, key_format=fmt, dtype=torch.float32)
+        path = sc.save_lora(str(tmp_path / f"{fmt}.safetensors"), weights, key_format=fmt, dtype=torch.float32,
+                            metadata={"host": "y", "ss_network_dim": "99"})  # the format fields come from the weights
         with safe_open(path, "pt") as f:
             keys = list(f.keys())
             meta = f.metadata()
         prefix = "diffusion_model." if fmt == "comfyui" else "lora_unet_"
         assert all(k.startswith(prefix) for k in keys) and meta["ss_network_dim"] == "3" and meta["note"] == "x"
+        assert meta["host"] == "y" and meta["spare.key_format"] == fmt and "host" not in weights.metadata
         assert len(keys) == 3 * len(saliency.selected)
         loaded = sc.load_lora(path, model.network)
         with sc.apply_lora(model.network, loaded, 1.0), torch.no_grad():
