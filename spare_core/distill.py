@@ -260,14 +260,14 @@ def distill(
             opt, scaler = make_optimizer(model, cfg, params)
             batches = training_batches(model, adapters, data, cfg, profile, torch.Generator().manual_seed(cfg.seed + 2))
             probes = make_probes(model, adapters, data, cfg)
-            gap_before = measure_probes(model, data, probes[:1])[0]
+            gap_before = measure_probes(model, data, probes[:1])[0]  # the concept->surrogate gap before training
             checks = [check_record(0, gap_before, 0.0, gap_before, adapters)]
             losses, stopped_early = [], False
             for step in range(cfg.steps):
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"cancelled at step {step} of {cfg.steps}; nothing was saved")
                 lr = lr_at(step, cfg)
-                batch, target = next(batches)
+                batch, target = next(batches)  # target: the teacher's x0 (the network without adapters)
                 forget, retain = forget_retain_loss(model, data, cfg, batch, target)
                 loss = cfg.forget_weight * forget + cfg.retain_weight * retain
                 value = float(loss.detach())
@@ -450,7 +450,7 @@ def forget_retain_loss(model: DiffusionModel, data: TrainingData, cfg: DistillCo
     return forget, retain
 
 
-# --- the optimizer ----------------------------------------------------------------------------------------------------
+# --- training: autograd mode, optimizer, learning rate ----------------------------------------------------------------
 
 @contextlib.contextmanager
 def training_mode(model: DiffusionModel, cfg: DistillConfig):
