@@ -41,7 +41,8 @@ from .model import load as load_model
 STYLES = [c.name for c in data.STYLES if c.name != data.NEUTRAL_STYLE]
 OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJECT]
 METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-no-anchor",
-           "spare-rank4", "spare-floor05", "spare-steps160", "spare-anchor2", "esd-x", "esd-u", "ca", "salun", "uce", "uce-pool")
+           "spare-rank4", "spare-floor05", "spare-steps160", "spare-anchor2", "esd-x", "esd-u", "ca", "salun", "uce",
+           "uce-pool")
 SHORT_STEPS = 0.8  # spare-steps160 (experiment, time): 0.8 x the step cap (160 of 200), cosine-decayed to that cap
 # choice: kept from the first model (on which only some objects were drawn recognisably) so that runs compare across
 # sessions; on the shipped model every object's generations are judged right >= 91% of the time.
