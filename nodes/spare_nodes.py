@@ -369,11 +369,10 @@ class SparseLoraDistill(io.ComfyNode):
         with trainable(dm):
             result = sc.distill(dm, config, saliency, timesteps, given, progress=Progress("distill"),
                                 should_stop=should_stop)
-        result.lora.metadata["spare.base_model"] = type(model.model).__name__
-        result.lora.metadata.update(family_metadata(model))
         folder, name = output_path(filename_prefix)
         path = os.path.join(folder, name)
-        sc.save_lora(path, result.lora, key_format=key_format, prefix=dm.key_prefix)
+        sc.save_lora(path, result.lora, key_format=key_format, prefix=dm.key_prefix,
+                     metadata={"spare.base_model": type(model.model).__name__, **family_metadata(model)})
         rel = os.path.relpath(path, loras_root()).replace(os.sep, "/")
         log.info("SPARE: saved %s (rank %d, %.1fs): %s", rel, rank, result.seconds, result.report())
         title = f"{result.steps_used} steps, concept->surrogate gap closed {100 * result.forget_reduction:.0f}%"

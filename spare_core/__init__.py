@@ -22,7 +22,8 @@ from .prompts import expand_alternatives  # noqa: E402
 
 __all__ = [
     "__version__", "Cancelled", "NonFiniteLossError", "SpareInputError", "DiffusionModel", "LoraWeights",
-    "apply_lora", "load_lora", "read_safetensors", "save_lora", "Saliency", "candidate_modules", "saliency_scan", "TimestepProfile",
+    "apply_lora", "load_lora", "read_safetensors", "save_lora", "Saliency", "candidate_modules", "saliency_scan",
+    "TimestepProfile",
     "timestep_profile", "uniform_profile", "DistillConfig", "DistillResult", "distill", "distill_validate", "generate",
     "LOSS_WEIGHTINGS", "expand_alternatives",
 ]

@@ -13,6 +13,7 @@ This module imports the file format (lora.py: `LoraWeights`, `ADAPTABLE`), never
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterable, Mapping, Optional
 
@@ -99,7 +100,8 @@ class _Hooks:
 
 
 class AdapterSet(_Hooks):
-    """Adapters hooked onto a network's modules. `enabled` toggles them (teacher = disabled, student = enabled)."""
+    """Adapters hooked onto a network's modules. `enabled` toggles them: `with adapters.disabled():` runs the
+    network as it was (the distillation's teacher); outside, the network with the adapters (the student)."""
 
     def __init__(self, network: nn.Module, adapters: Mapping[str, LoraAdapter]):
         self.network = network
@@ -126,14 +128,15 @@ class AdapterSet(_Hooks):
             return torch.add(output, delta, alpha=adapter.scale * self.strength)
         return hook
 
-    def extend(self, adapters: Mapping[str, LoraAdapter]) -> None:
-        """Hook in more adapters (the distillation grows its adapter set when the gap stalls)."""
-        modules = dict(self.network.named_modules())
-        for path, adapter in adapters.items():
-            if path in self.adapters:
-                raise ValueError(f"module '{path}' already carries an adapter")
-            self.adapters[path] = adapter
-            self._handles.append(modules[path].register_forward_hook(self._hook(adapter)))
+    @contextlib.contextmanager
+    def disabled(self):
+        """Inside the block the network runs without the adapters (the distillation's frozen teacher); leaving it
+        switches them back on as they were."""
+        enabled, self.enabled = self.enabled, False
+        try:
+            yield self
+        finally:
+            self.enabled = enabled
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for a in self.adapters.values() for p in a.parameters()]

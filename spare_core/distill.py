@@ -11,9 +11,9 @@ default, half of every forget batch from the SURROGATE's own samples (`surrogate
 Every loss is written through x0 (ComfyUI's apply_model returns x0) with a per-noise-level weight w(sigma):
 ||x0_student - x0_teacher||^2 * w(sigma). weighting="eps" (w = 1/sigma^2) is exactly the eps-prediction loss above
 (the authors'); the default "v" (w = 1/sigma^2 + 1/sigma_data^2, the v-prediction loss) keeps weight on the noisy
-steps where style and layout are decided -- on MiniCanvas, at 60 steps, it moved objects (ring UA 30, crescent 50)
-that eps-weighting left untouched (UA 0; bench/RESULTS.md). AdamW (torch's fused kernel on the CPU and CUDA), cosine
-learning-rate decay, gradient clipping (authors: 1.0).
+steps where style and layout are decided: on MiniCanvas it erased objects that eps-weighting left untouched
+(bench/RESULTS.md). AdamW (torch's fused kernel on the CPU and CUDA), cosine learning-rate decay, gradient clipping
+(authors: 1.0).
 Several concepts train into one adapter set: each batch draws samples of every concept.
 
 Anchor samples (a measured deviation from the authors, who noise only concept samples): the forget loss also sees
@@ -21,22 +21,27 @@ x_t noised from the surrogate's own samples, with the same concept-prompt studen
 t = 0 a noised concept sample still shows the concept, and there the surrogate-prompt teacher agrees with the
 concept (it keeps the circle it is given); so concept samples alone never teach the student what to do with a
 surrogate-like image at low noise, and an erased model finished a circle's silhouette in the last sampler steps.
-Anchor rows teach "concept prompt on a surrogate image -> keep the surrogate". On MiniCanvas (3 training seeds, every
-concept, held-out prompts, paired) this raised object UA (circle 91.7 -> 96.7) and the object kept inside an erased
-style (+13 points), at 0.4 points of cross-domain retention (styles: 0.7) (bench/RESULTS.md, "Anchor samples").
+Anchor rows teach "concept prompt on a surrogate image -> keep the surrogate". On MiniCanvas this raised object
+erasure and the object kept inside an erased style, at a small cost in cross-domain retention (bench/RESULTS.md,
+"Anchor samples").
+
+Reading order: `distill` (the loop, on one screen), then the helpers it calls, in sections: the data
+(`make_training_data`, `get_batch`, `training_batches` with the teacher's targets), the networks (`x0_no_grad`,
+`forget_retain_loss`), the optimizer (`training_mode`, `lr_at`, `optimizer_step`), the probes (`make_probes`,
+`measure_probes`) and the file's record (`lora_metadata`).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, NamedTuple, Optional
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
 from ._version import __version__
-from .adapters import attach, make_adapters
+from .adapters import AdapterSet, attach
 from .autograd import frozen, gradient_checkpointing
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import LoraWeights, metadata_json
@@ -46,7 +51,6 @@ from .sampling import LOSS_WEIGHTINGS, data_std, forward_rows, generate, loss_we
 from .saliency import Saliency
 from .timesteps import TimestepProfile, check_pairs
 
-RETAIN_TIMESTEPS = ("uniform", "same")
 RETAIN_SAMPLE_BUDGET = 64  # auto retain samples: about this many in all (a long {a|b} retain list gets 1 per prompt)
 
 
@@ -89,7 +93,8 @@ class DistillConfig:
     concepts: list[str]                      # prompts naming what to erase, e.g. ["Van Gogh style"]
     surrogates: list[str]                    # what each concept becomes, one per concept, e.g. ["a painting"]
     retain: list[str] = field(default_factory=list)  # prompts whose outputs must not move; {a|b} expands (prompts.py)
-    retain_unconditional: bool = True        # also keep the empty prompt's prediction (classifier-free guidance uses it)
+    retain_unconditional: bool = True        # also keep the empty prompt's prediction (classifier-free guidance
+                                             # uses it)
     rank: int = 8                            # LoRA rank (authors: 4; 8 measured better: bench/RESULTS.md, "LoRA rank")
     alpha: float = 8.0                       # LoRA alpha; update scale = alpha / rank = 1 (authors: 4 / 4)
     steps: int = 200                         # optimizer steps
@@ -109,18 +114,14 @@ class DistillConfig:
     # --- erase until erased (ours; the authors train a fixed number of steps) ---
     stop_reduction: float = 0.0              # stop once the probe gap has closed by this fraction (0 = run all steps)
     check_every: int = 20                    # steps between probe-gap checks
-    grow: tuple = ()                         # if the gap stalls short of stop_reduction, grow the adapter set to these
-                                             # fractions of the candidates in saliency order, e.g. (0.75, 1.0)
-    stall: float = 0.02                      # "stalled" = the reduction rose by less than this over the last check
-    retain_timesteps: str = "uniform"        # t of the retain loss: "uniform", or "same" as the forget batch's t
     retain_samples: int = 0                  # samples per retain prompt; 0 = auto (retain_samples_auto)
     surrogate_anchor: float = 0.5            # share of each forget batch noised from the SURROGATE's own samples
                                              # instead of the concept's (Concept Ablation's anchor images); 0 = the
                                              # authors' (concept samples only). 0.5 measured better (a deviation):
                                              # bench/RESULTS.md, "Anchor samples"
     anchor_samples: int = 0                  # self-generated samples per surrogate prompt for the anchors; 0 =
-                                             # samples_per_prompt (half as many saved ~0.9 s and left cross at UA
-                                             # 93.3: kept at 4; bench/RESULTS.md, "Speed for the time target")
+                                             # samples_per_prompt (why not fewer: bench/RESULTS.md, "Speed for the
+                                             # time target")
     retain_sample_steps: int = 0             # Euler steps for the retain samples; 0 = half of sample_steps (at least
                                              # 1): for time, retention unchanged (same section)
 
@@ -216,19 +217,11 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if not 0.0 <= config.stop_reduction < 1.0:
         raise SpareInputError(f"stop_reduction={config.stop_reduction} must be in [0, 1) (0 = run every step; "
                               "typical 0.8)")
-    if config.retain_timesteps not in RETAIN_TIMESTEPS:
-        raise SpareInputError(f"retain_timesteps='{config.retain_timesteps}' is not one of "
-                              f"{', '.join(RETAIN_TIMESTEPS)}")
     if config.check_every <= 0:
         raise SpareInputError(f"check_every={config.check_every} must be >= 1")
-    grow = tuple(float(g) for g in (config.grow or ()))
-    if any(not 0.0 < g <= 1.0 for g in grow) or list(grow) != sorted(grow):
-        raise SpareInputError(f"grow={config.grow} must be increasing fractions in (0, 1], e.g. (0.75, 1.0)")
     if saliency is None or not saliency.selected:
         raise SpareInputError("the saliency selects no module; rescan with a larger selection (fraction or top-k)")
-    out = DistillConfig(**{**asdict(config), "concepts": concepts, "surrogates": surrogates, "retain": retain,
-                           "grow": grow})
-    return out
+    return DistillConfig(**{**asdict(config), "concepts": concepts, "surrogates": surrogates, "retain": retain})
 
 
 def distill(
@@ -239,7 +232,7 @@ def distill(
     latents: Optional[torch.Tensor] = None,
     progress: Optional[Callable[[int, int, float], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
-    on_check: Optional[Callable[[dict, object], None]] = None,
+    on_check: Optional[Callable[[dict, AdapterSet], None]] = None,
 ) -> DistillResult:
     """Train a sparse LoRA on `saliency.selected` that maps each concept to its surrogate. The network is left
     exactly as it was (no parameter written, every hook removed), also on error or cancellation.
@@ -247,19 +240,105 @@ def distill(
     latents: optional concept samples [N, C, H, W] (model latent space) instead of self-generated ones; sample i
     belongs to concept i % len(concepts). progress(step, steps, loss) is called after every step; should_stop()
     before every step (return True to cancel: Cancelled is raised and nothing is returned). on_check(check,
-    adapters) is called at every probe check with the check's record (step, gap, reduction, retain_drift,
-    modules): a research hook, e.g. to snapshot the LoRA there.
+    adapters) is called at every probe check inside the run with the check's record (step, gap, reduction,
+    retain_drift, modules) and the live adapters: no node uses it; the benchmark does (bench/minicanvas/selection.py
+    snapshots the LoRA there, bench/minicanvas/demo.py prints a progress line).
 
     Erase until erased: every `check_every` steps the concept->surrogate gap is measured on a fixed probe batch;
     training stops once it has closed by `stop_reduction`, at the latest after `steps` (the learning rate is
-    cosine-decayed to the cap, so a run stopped at step k equals the first k steps of the full run). If the gap
-    stalls short of the target and `grow` lists larger fractions, more modules (next in saliency order) get adapters.
+    cosine-decayed to the cap, so a run stopped at step k equals the first k steps of the full run).
     """
     cfg = validate(config, saliency)
     started = time.perf_counter()
-    dev = model.device
+    data = make_training_data(model, cfg, latents, should_stop)
+    with training_mode(model, cfg):
+        data = data.trainable_copies()
+        adapters = attach(model.network, saliency.selected, cfg.rank, cfg.alpha, saliency.row_masks, cfg.dropout,
+                          device=model.device)
+        try:
+            params = adapters.parameters()
+            opt, scaler = make_optimizer(model, cfg, params)
+            batches = training_batches(model, adapters, data, cfg, profile, torch.Generator().manual_seed(cfg.seed + 2))
+            probes = make_probes(model, adapters, data, cfg)
+            gap_before = measure_probes(model, data, probes[:1])[0]  # the concept->surrogate gap before training
+            checks = [check_record(0, gap_before, 0.0, gap_before, adapters)]
+            losses, stopped_early = [], False
+            for step in range(cfg.steps):
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"cancelled at step {step} of {cfg.steps}; nothing was saved")
+                lr = lr_at(step, cfg)
+                batch, target = next(batches)  # target: the teacher's x0 (the network without adapters)
+                forget, retain = forget_retain_loss(model, data, cfg, batch, target)
+                loss = cfg.forget_weight * forget + cfg.retain_weight * retain
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(step + 1, value)
+                optimizer_step(opt, scaler, loss, params, lr, cfg.grad_clip)
+                losses.append({"step": step + 1, "loss": value, "forget": float(forget.detach()),
+                               "retain": float(retain.detach()), "lr": lr})
+                if progress is not None:
+                    progress(step + 1, cfg.steps, value)
+                if (step + 1) % cfg.check_every == 0 and step + 1 < cfg.steps:
+                    checks.append(check_record(step + 1, *measure_probes(model, data, probes), gap_before, adapters))
+                    if on_check is not None:
+                        on_check(checks[-1], adapters)
+                    if cfg.stop_reduction > 0 and checks[-1]["reduction"] >= cfg.stop_reduction:
+                        stopped_early = True
+                        if progress is not None:
+                            progress(cfg.steps, cfg.steps, value)  # complete the bar
+                        break
+            checks.append(check_record(len(losses), *measure_probes(model, data, probes), gap_before, adapters))
+            lora = LoraWeights.from_adapters(adapters, lora_metadata(cfg, profile, gap_before, checks[-1]))
+            trainable = sum(p.numel() for p in params)
+        finally:
+            adapters.remove()
+    return DistillResult(lora, losses, time.perf_counter() - started, trainable, cfg,
+                         (gap_before, checks[-1]["gap"]), checks, stopped_early)
 
-    # --- data: concept samples (forget) and retain samples, all from the model itself unless given ---
+
+# --- the data: samples and prompts ------------------------------------------------------------------------------------
+
+@dataclass
+class TrainingData:
+    """What training draws its rows from. `cond` encodes every prompt once (the text side is frozen: no graph), so
+    that a step's forget and retain rows share one forward per model: rows [0, n) concepts, [n, 2n) surrogates,
+    [2n, ...) retain prompts (`concept_rows`, `surrogate_rows`, `retain_rows` map a prompt index to its row)."""
+
+    cond: torch.Tensor
+    n_concepts: int
+    x_forget: torch.Tensor                   # concept samples; sample j belongs to concept i_forget[j]
+    i_forget: torch.Tensor
+    n_anchor: int                            # rows of each forget batch drawn from the surrogates' samples
+    x_anchor: Optional[torch.Tensor]         # the surrogates' own samples (None when n_anchor == 0)
+    i_anchor: Optional[torch.Tensor]
+    x_retain: Optional[torch.Tensor]         # retain samples (None: no retain loss)
+    i_retain: Optional[torch.Tensor]
+    sigma_data: float                        # std of the concept samples (the "v" loss weighting's sigma_data)
+
+    def concept_rows(self, i: torch.Tensor) -> torch.Tensor:
+        return i
+
+    def surrogate_rows(self, i: torch.Tensor) -> torch.Tensor:
+        return i + self.n_concepts
+
+    def retain_rows(self, i: torch.Tensor) -> torch.Tensor:
+        return i + 2 * self.n_concepts
+
+    def trainable_copies(self) -> "TrainingData":
+        """Data made under inference mode (a LATENT input, samples generated by the executor) cannot be saved for
+        backward; ordinary copies can."""
+        def copy(x):
+            return None if x is None else x.clone()
+        return replace(self, x_forget=copy(self.x_forget), x_anchor=copy(self.x_anchor),
+                       x_retain=copy(self.x_retain))
+
+
+def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optional[torch.Tensor],
+                       should_stop: Optional[Callable[[], bool]]) -> TrainingData:
+    """Concept samples (forget: `latents` when given), the surrogates' own samples (anchors, when surrogate_anchor >
+    0) and retain samples (when there is a retain loss), all from the model itself unless given; and the prompts'
+    conditioning."""
+    dev = model.device
     if latents is not None:
         if latents.dim() != 4 or tuple(latents.shape[1:]) != tuple(model.latent_shape):
             raise SpareInputError(f"latents have shape {tuple(latents.shape)}; expected [N, "
@@ -270,219 +349,218 @@ def distill(
         x_forget, i_forget = generate(model, cfg.concepts, cfg.samples_per_prompt, cfg.seed, cfg.sample_steps,
                                       cfg.sample_cfg, should_stop=should_stop)
     n_anchor = round(cfg.surrogate_anchor * cfg.batch_size)
+    x_anchor = i_anchor = None
     if n_anchor:  # the surrogates' own samples, surrogate i drawn for concept i (its anchor)
         x_anchor, i_anchor = generate(model, cfg.surrogates, anchor_samples(cfg), cfg.seed + 5, cfg.sample_steps,
                                       cfg.sample_cfg, should_stop=should_stop)
     retain_prompts = cfg.retain + ([""] if cfg.retain_unconditional else [])
+    x_retain = i_retain = None
     if cfg.retain_weight > 0 and retain_prompts:
         per_retain = cfg.retain_samples or retain_samples_auto(cfg.samples_per_prompt, len(retain_prompts))
         x_retain, i_retain = generate(model, retain_prompts, per_retain, cfg.seed + 1, retain_sample_steps(cfg),
                                       cfg.sample_cfg, should_stop=should_stop)
     else:
-        x_retain, retain_prompts = None, []
-    # One conditioning batch for every prompt (the text side is frozen: no graph), so that a step's forget and retain
-    # rows share one forward per model: rows [0, n) concepts, [n, 2n) surrogates, [2n, ...) retain prompts.
-    n_concepts = len(cfg.concepts)
+        retain_prompts = []
     with torch.no_grad():
-        c_all = model.encode(cfg.concepts + cfg.surrogates + retain_prompts)
-    as_concept, as_surrogate, as_retain = (lambda i: i), (lambda i: i + n_concepts), (lambda i: i + 2 * n_concepts)
+        cond = model.encode(cfg.concepts + cfg.surrogates + retain_prompts)
+    return TrainingData(cond, len(cfg.concepts), x_forget, i_forget, n_anchor, x_anchor, i_anchor, x_retain, i_retain,
+                        data_std(x_forget))
 
-    # --- train under a forked RNG so the caller's global RNG is untouched and runs are reproducible ---
-    devices = [dev] if dev.type == "cuda" else []
+
+class Batch(NamedTuple):
+    """One step's rows, forget rows first: x_t, sigma, and the rows of `TrainingData.cond` the student and the teacher
+    see (forget rows: concept / surrogate prompt; retain rows: the retain prompt for both)."""
+    xt: torch.Tensor
+    sigma: torch.Tensor
+    student: torch.Tensor
+    teacher: torch.Tensor
+
+
+def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, profile: Optional[TimestepProfile],
+              gen: torch.Generator) -> Batch:
+    """Draw one step's rows: batch_size forget rows at t ~ the timestep profile (the last n_anchor of them noised from
+    the surrogates' samples), then batch_size retain rows at t ~ uniform."""
+    rows = torch.randint(0, data.x_forget.shape[0], (cfg.batch_size,), generator=gen)
+    t = profile.sample(cfg.batch_size, gen) if profile is not None else uniform_t(cfg.batch_size, gen)
+    ids, x0 = data.i_forget[rows], data.x_forget[rows]
+    if data.n_anchor:  # the last n_anchor rows: noised surrogate samples of the same concept index
+        keep = cfg.batch_size - data.n_anchor
+        a_rows = torch.randint(0, data.x_anchor.shape[0], (data.n_anchor,), generator=gen)
+        ids = torch.cat([ids[:keep], data.i_anchor[a_rows]])
+        x0 = torch.cat([x0[:keep], data.x_anchor[a_rows]])
+    sigma, xt = noised(model, x0, t, gen)
+    student, teacher = data.concept_rows(ids), data.surrogate_rows(ids)
+    if data.x_retain is not None:  # drawn after the forget rows' noise (the RNG order of earlier versions)
+        r_rows = torch.randint(0, data.x_retain.shape[0], (cfg.batch_size,), generator=gen)
+        r_sigma, r_xt = noised(model, data.x_retain[r_rows], uniform_t(cfg.batch_size, gen), gen)
+        r_ids = data.retain_rows(data.i_retain[r_rows])
+        sigma, xt = torch.cat([sigma, r_sigma]), torch.cat([xt, r_xt])
+        student, teacher = torch.cat([student, r_ids]), torch.cat([teacher, r_ids])
+    return Batch(xt, sigma, student, teacher)
+
+
+def training_batches(model: DiffusionModel, adapters: AdapterSet, data: TrainingData, cfg: DistillConfig,
+                     profile: Optional[TimestepProfile], gen: torch.Generator) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """Each step's batch with the teacher's x0 for it, step after step.
+
+    The teacher's targets do not depend on training: they are computed ahead, for every step up to the next probe
+    check (so an early stop wastes none; at most AHEAD_STEPS steps), in no-grad forwards of `forward_rows` rows -- on
+    the CPU several steps' rows per forward (less time per row), on a GPU one step's rows, as a step-by-step teacher
+    would (bench/RESULTS.md, "Speed"). The draws (and so the run) are those of step-by-step training."""
+    rows = forward_rows(model.device, 2 * cfg.batch_size)
+    step = 0
+    while step < cfg.steps:
+        end = min(cfg.steps, (step // cfg.check_every + 1) * cfg.check_every, step + AHEAD_STEPS)
+        batches = [get_batch(model, data, cfg, profile, gen) for _ in range(step, end)]
+        with adapters.disabled():  # the teacher: the network as it was
+            targets = x0_no_grad(model, data, torch.cat([b.xt for b in batches]),
+                                 torch.cat([b.sigma for b in batches]), torch.cat([b.teacher for b in batches]), rows)
+        yield from zip(batches, targets.split([b.xt.shape[0] for b in batches]))
+        step = end
+
+
+# --- the networks: teacher and student --------------------------------------------------------------------------------
+
+def autocast(model: DiffusionModel):
+    """Mixed precision in the model's dtype (off for a float32 model)."""
+    return torch.autocast(device_type=model.device.type, dtype=model.dtype, enabled=model.dtype != torch.float32)
+
+
+def x0_no_grad(model: DiffusionModel, data: TrainingData, xt: torch.Tensor, sigma: torch.Tensor,
+               prompts: torch.Tensor, rows: int) -> torch.Tensor:
+    """The network's x0 for x_t [N] under `prompts` (rows of data.cond), in no-grad forwards of `rows` rows, with the
+    adapters as they are (inside `adapters.disabled()`: the teacher)."""
+    with torch.no_grad(), autocast(model):
+        return torch.cat([model.predict_x0(xt[i:i + rows], sigma[i:i + rows],
+                                           model.select_cond(data.cond, prompts[i:i + rows])).float()
+                          for i in range(0, xt.shape[0], rows)])
+
+
+def forget_retain_loss(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, batch: Batch,
+                       target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(forget, retain): the student's weighted squared error to the teacher's x0, w(sigma) * ||x0_s - x0_t||^2,
+    averaged over the forget rows and over the retain rows (0 without retain rows). Every row of a step goes through
+    one student forward: the same loss as a forward per part, in less time on the CPU (bench/RESULTS.md, "Speed")."""
+    w = loss_weight(batch.sigma, cfg.weighting, data.sigma_data)
+    with autocast(model):
+        pred = model.predict_x0(batch.xt, batch.sigma, model.select_cond(data.cond, batch.student)).float()
+    per_row = (pred - target).pow(2).flatten(1).mean(1) * w
+    forget = per_row[:cfg.batch_size].mean()
+    retain = per_row[cfg.batch_size:].mean() if data.x_retain is not None else torch.zeros(())
+    return forget, retain
+
+
+# --- training: autograd mode, optimizer, learning rate ----------------------------------------------------------------
+
+@contextlib.contextmanager
+def training_mode(model: DiffusionModel, cfg: DistillConfig):
+    """Where training runs: under a forked RNG seeded with cfg.seed (the caller's global RNG is untouched and runs
+    are reproducible), the network's own parameters frozen, autograd on (also when called under inference mode, as
+    ComfyUI runs nodes), with gradient checkpointing if asked."""
+    devices = [model.device] if model.device.type == "cuda" else []
     checkpointing = gradient_checkpointing(model.network) if cfg.gradient_checkpointing else contextlib.nullcontext()
     with torch.random.fork_rng(devices=devices), frozen(model.network), torch.inference_mode(False), \
             torch.enable_grad(), checkpointing:
         torch.manual_seed(cfg.seed)
-        # Data made under inference mode (a LATENT input, samples generated by the executor) cannot be saved for
-        # backward; ordinary copies can.
-        x_forget = x_forget.clone()
-        x_retain = x_retain.clone() if x_retain is not None else None
-        if n_anchor:
-            x_anchor = x_anchor.clone()
-        adapters = attach(model.network, saliency.selected, cfg.rank, cfg.alpha, saliency.row_masks, cfg.dropout,
-                          device=dev)
-        try:
-            params = adapters.parameters()
-            # torch's fused AdamW (one kernel for every adapter tensor; the update rule is AdamW's) where torch has
-            # it: the default per-tensor loop on the CPU costs ~4 ms per step for ~140 adapter tensors, fused ~0.6.
-            fused = True if dev.type in FUSED_ADAMW_DEVICES else None
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-            gen = torch.Generator().manual_seed(cfg.seed + 2)
-            losses = []
-            autocast = dict(device_type=dev.type, dtype=model.dtype, enabled=model.dtype != torch.float32)
-            # fp16 activations can underflow in backward: scale the loss (no-op for fp32/bf16 and on the CPU).
-            scaler = torch.amp.GradScaler(dev.type, enabled=model.dtype == torch.float16 and dev.type == "cuda")
+        yield
 
-            sigma_data = data_std(x_forget)
 
-            def x0_rows(xt, sigma, prompts, rows, student):
-                """The network's x0 for rows of x_t [N] under `prompts` (rows of c_all), in no-grad forwards of `rows`
-                rows; student=False: the frozen teacher (adapters off)."""
-                adapters.enabled = student
-                with torch.no_grad(), torch.autocast(**autocast):
-                    out = torch.cat([model.predict_x0(xt[i:i + rows], sigma[i:i + rows],
-                                                      model.select_cond(c_all, prompts[i:i + rows])).float()
-                                     for i in range(0, xt.shape[0], rows)])
-                adapters.enabled = True
-                return out
+def make_optimizer(model: DiffusionModel, cfg: DistillConfig, params: list) -> tuple:
+    """AdamW on the adapters, and the loss scaler that fp16 training needs."""
+    # torch's fused AdamW (one kernel for every adapter tensor; the update rule is AdamW's) where torch has it: the
+    # default per-tensor loop is slower on the CPU (bench/RESULTS.md, "Speed").
+    fused = True if model.device.type in FUSED_ADAMW_DEVICES else None
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    # fp16 activations can underflow in backward: scale the loss (no-op for fp32/bf16 and on the CPU).
+    scaler = torch.amp.GradScaler(model.device.type,
+                                  enabled=model.dtype == torch.float16 and model.device.type == "cuda")
+    return opt, scaler
 
-            def row_losses(xt, sigma, student, target):
-                """Weighted squared student-teacher error per row [B]; student: rows of c_all, target: the teacher's
-                x0. Every row of a step (forget and retain) goes through one student forward: the same loss as a
-                forward per part, in ~2/3 of the time on the CPU (bench/RESULTS.md, "Speed")."""
-                w = loss_weight(sigma, cfg.weighting, sigma_data)
-                with torch.autocast(**autocast):
-                    pred = model.predict_x0(xt, sigma, model.select_cond(c_all, student)).float()
-                return (pred - target).pow(2).flatten(1).mean(1) * w
 
-            def draw_step():
-                """One step's rows: (x_t, sigma, student prompts, teacher prompts), forget rows first."""
-                rows = torch.randint(0, x_forget.shape[0], (cfg.batch_size,), generator=gen)
-                t = profile.sample(cfg.batch_size, gen) if profile is not None else uniform_t(cfg.batch_size, gen)
-                ids, x0 = i_forget[rows], x_forget[rows]
-                if n_anchor:  # the last n_anchor rows: noised surrogate samples of the same concept index
-                    a_rows = torch.randint(0, x_anchor.shape[0], (n_anchor,), generator=gen)
-                    ids = torch.cat([ids[:cfg.batch_size - n_anchor], i_anchor[a_rows]])
-                    x0 = torch.cat([x0[:cfg.batch_size - n_anchor], x_anchor[a_rows]])
-                sigma, xt = noised(model, x0, t, gen)
-                student, teacher = as_concept(ids), as_surrogate(ids)
-                if x_retain is not None:  # drawn after the forget rows' noise (the RNG order of earlier versions)
-                    r_rows = torch.randint(0, x_retain.shape[0], (cfg.batch_size,), generator=gen)
-                    r_t = t.clone() if cfg.retain_timesteps == "same" else uniform_t(cfg.batch_size, gen)
-                    r_sigma, r_xt = noised(model, x_retain[r_rows], r_t, gen)
-                    r_ids = as_retain(i_retain[r_rows])
-                    sigma, xt = torch.cat([sigma, r_sigma]), torch.cat([xt, r_xt])
-                    student, teacher = torch.cat([student, r_ids]), torch.cat([teacher, r_ids])
-                return xt, sigma, student, teacher
+def lr_at(step: int, cfg: DistillConfig) -> float:
+    """The learning rate at `step`: cosine decay from cfg.lr to 0 at the step cap."""
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
 
-            # The teacher's targets do not depend on training: they are computed ahead, for every step up to the next
-            # probe check (so an early stop wastes none; at most AHEAD_STEPS steps), in no-grad forwards of
-            # `teacher_rows` rows -- on the CPU 16 rows (4 steps) per forward, ~1/3 less time per row than one step's
-            # 4; on a GPU one step's rows, as a step-by-step teacher would. The draws (and so the run) are those of
-            # step-by-step training.
-            teacher_rows = forward_rows(dev, 2 * cfg.batch_size)
-            ahead: list = []
 
-            # The probes: fixed batches (same x_t, t, prompts at every check). The forget probe measures the
-            # concept->surrogate gap (whether training did anything, when to stop, when to grow); the retain probe
-            # measures how far the retain prompts' predictions drifted from the teacher's (the collateral damage).
-            # Rows span every prompt; t spans the schedule; the teacher's targets are computed once. On the CPU a check
-            # measures both probes in one student forward (16 rows); on a GPU one probe per forward (8 rows, as ever).
-            def make_probe(x_all, index, student, teacher, seed):
-                rows = torch.linspace(0, x_all.shape[0] - 1, min(PROBE_SIZE, x_all.shape[0])).long()
-                ids = index[rows]
-                x0 = x_all[rows]
-                t = torch.linspace(0.15, 0.95, len(rows))
-                sigma, xt = noised(model, x0, t, torch.Generator().manual_seed(seed))
-                w = loss_weight(sigma, cfg.weighting, sigma_data).view(-1, *[1] * (x0.dim() - 1))
-                target = x0_rows(xt, sigma, teacher(ids), probe_rows, student=False)
-                return Probe(xt, sigma, student(ids), target, w)
+def optimizer_step(opt, scaler, loss: torch.Tensor, params: list, lr: float, grad_clip: float) -> None:
+    """Backward, clip the gradient norm to grad_clip (0: no clipping), one AdamW step at learning rate lr."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(opt)
+    scaler.update()
 
-            probe_rows = forward_rows(dev, PROBE_SIZE)
-            probes = [make_probe(x_forget, i_forget, as_concept, as_surrogate, cfg.seed + 3)]
-            if x_retain is not None:
-                probes.append(make_probe(x_retain, i_retain, as_retain, as_retain, cfg.seed + 4))
 
-            def measure(only_forget: bool = False) -> tuple[float, float]:
-                """(forget gap, retain drift): each probe's weighted squared student-teacher error, the probes' rows
-                in forwards of `probe_rows` (on the CPU both probes in one)."""
-                parts = probes[:1] if only_forget else probes
-                pred = x0_rows(torch.cat([p.xt for p in parts]), torch.cat([p.sigma for p in parts]),
-                               torch.cat([p.student for p in parts]), probe_rows, student=True)
-                errors = [float(((x0 - p.target) ** 2 * p.w).mean())
-                          for x0, p in zip(pred.split([len(p.xt) for p in parts]), parts)]
-                return errors[0], (errors[1] if len(errors) > 1 else 0.0)
+# --- the probes: is the concept erased, are the retain prompts kept ---------------------------------------------------
+# Fixed batches (the same x_t, t, prompts at every check). The forget probe measures the concept->surrogate gap
+# (whether training did anything, when to stop); the retain probe how far the retain prompts' predictions drifted
+# from the teacher's (the collateral damage). Rows span every prompt; t spans the schedule; the teacher's targets are
+# computed once. On the CPU a check measures both probes in one student forward; on a GPU one probe per forward.
 
-            probe_before = measure(only_forget=True)[0]
-            checks = [{"step": 0, "gap": probe_before, "reduction": 0.0, "retain_drift": 0.0,
-                       "modules": len(adapters.adapters)}]
-            ranked = sorted(saliency.scores, key=lambda p: saliency.scores[p], reverse=True)
-            grow_left = list(cfg.grow)
-            stopped_early = False
+def make_probe(model: DiffusionModel, adapters: AdapterSet, data: TrainingData, cfg: DistillConfig,
+               x_all: torch.Tensor, index: torch.Tensor, student: Callable, teacher: Callable, seed: int) -> Probe:
+    rows = torch.linspace(0, x_all.shape[0] - 1, min(PROBE_SIZE, x_all.shape[0])).long()
+    ids = index[rows]
+    x0 = x_all[rows]
+    t = torch.linspace(0.15, 0.95, len(rows))
+    sigma, xt = noised(model, x0, t, torch.Generator().manual_seed(seed))
+    w = loss_weight(sigma, cfg.weighting, data.sigma_data).view(-1, *[1] * (x0.dim() - 1))
+    with adapters.disabled():
+        target = x0_no_grad(model, data, xt, sigma, teacher(ids), forward_rows(model.device, PROBE_SIZE))
+    return Probe(xt, sigma, student(ids), target, w)
 
-            def reduction(gap):
-                return 0.0 if probe_before <= 0 else 1.0 - gap / probe_before
 
-            for step in range(cfg.steps):
-                if should_stop is not None and should_stop():
-                    raise Cancelled(f"cancelled at step {step} of {cfg.steps}; nothing was saved")
-                lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))  # cosine to 0 at the step cap
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                if not ahead:
-                    end = min(cfg.steps, (step // cfg.check_every + 1) * cfg.check_every, step + AHEAD_STEPS)
-                    draws = [draw_step() for _ in range(step, end)]
-                    targets = x0_rows(torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws]),
-                                      torch.cat([d[3] for d in draws]), teacher_rows, student=False
-                                      ).split([d[0].shape[0] for d in draws])
-                    ahead = [(xt, sigma, student, target) for (xt, sigma, student, _), target in zip(draws, targets)]
-                xt, sigma, student, target = ahead.pop(0)
-                per_row = row_losses(xt, sigma, student, target)
-                forget = per_row[:cfg.batch_size].mean()
-                retain = per_row[cfg.batch_size:].mean() if x_retain is not None else torch.zeros(())
-                loss = cfg.forget_weight * forget + cfg.retain_weight * retain
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(step + 1, value)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                losses.append({"step": step + 1, "loss": value, "forget": float(forget.detach()),
-                               "retain": float(retain.detach()), "lr": lr})
-                if progress is not None:
-                    progress(step + 1, cfg.steps, value)
-                if (step + 1) % cfg.check_every == 0 and step + 1 < cfg.steps:
-                    gap, drift = measure()
-                    done = reduction(gap)
-                    checks.append({"step": step + 1, "gap": gap, "reduction": done, "retain_drift": drift,
-                                   "modules": len(adapters.adapters)})
-                    if on_check is not None:
-                        on_check(checks[-1], adapters)
-                    if cfg.stop_reduction > 0 and done >= cfg.stop_reduction:
-                        stopped_early = True
-                        if progress is not None:
-                            progress(cfg.steps, cfg.steps, value)  # complete the bar
-                        break
-                    if grow_left and cfg.stop_reduction > 0 and len(checks) >= 3 \
-                            and done - checks[-2]["reduction"] < cfg.stall:
-                        # stalled short of the target: give the erasure more modules (next ones in saliency order)
-                        target_n = math.ceil(grow_left.pop(0) * len(ranked))
-                        new = [p for p in ranked[:target_n] if p not in adapters.adapters]
-                        if new:
-                            added = make_adapters(model.network, new, cfg.rank, cfg.alpha, None, cfg.dropout,
-                                                  device=dev)
-                            adapters.extend(added)
-                            params = adapters.parameters()
-                            opt.add_param_group({"params": [p for a in added.values() for p in a.parameters()]})
-                            checks[-1]["grew_to"] = len(adapters.adapters)
-            meta = {
-                "spare.version": __version__,
-                "spare.concepts": metadata_json(cfg.concepts),
-                "spare.surrogates": metadata_json(cfg.surrogates),
-                "spare.retain": metadata_json(cfg.retain),
-                "spare.modules": str(len(saliency.selected)),
-                "spare.timesteps": "uniform" if profile is None or profile.meta.get("uniform") else "profile",
-                "spare.config": metadata_json({k: v for k, v in asdict(cfg).items()
-                                               if k not in ("concepts", "surrogates", "retain")}),
-                "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
-                "ss_max_train_steps": str(cfg.steps), "ss_seed": str(cfg.seed), "ss_learning_rate": str(cfg.lr),
-            }
-            probe_after, drift = measure()
-            checks.append({"step": len(losses), "gap": probe_after, "reduction": reduction(probe_after),
-                           "retain_drift": drift, "modules": len(adapters.adapters)})
-            meta["spare.retain_drift"] = f"{checks[-1]['retain_drift']:.6g}"
-            meta["spare.forget_reduction"] = f"{reduction(probe_after):.4f}"
-            meta["spare.steps_used"] = str(len(losses))
-            meta["spare.gap"] = f"{probe_before:.6g} -> {probe_after:.6g}"
-            meta["spare.modules"] = str(len(adapters.adapters))
-            meta["ss_max_train_steps"] = str(len(losses))
-            trainable = sum(p.numel() for p in adapters.parameters())
-            lora = LoraWeights.from_adapters(adapters, meta)
-        finally:
-            adapters.remove()
-    return DistillResult(lora, losses, time.perf_counter() - started, trainable, cfg, (probe_before, probe_after),
-                         checks, stopped_early)
+def make_probes(model: DiffusionModel, adapters: AdapterSet, data: TrainingData, cfg: DistillConfig) -> list[Probe]:
+    """The forget probe (concept prompt vs the surrogate-prompt teacher), and the retain probe if there are retain
+    samples."""
+    probes = [make_probe(model, adapters, data, cfg, data.x_forget, data.i_forget, data.concept_rows,
+                         data.surrogate_rows, cfg.seed + 3)]
+    if data.x_retain is not None:
+        probes.append(make_probe(model, adapters, data, cfg, data.x_retain, data.i_retain, data.retain_rows,
+                                 data.retain_rows, cfg.seed + 4))
+    return probes
+
+
+def measure_probes(model: DiffusionModel, data: TrainingData, probes: list[Probe]) -> tuple[float, float]:
+    """(forget gap, retain drift): each probe's weighted squared student-teacher error, the probes' rows in forwards
+    of `forward_rows` rows (on the CPU both probes in one); drift 0 without a retain probe."""
+    pred = x0_no_grad(model, data, torch.cat([p.xt for p in probes]), torch.cat([p.sigma for p in probes]),
+                      torch.cat([p.student for p in probes]), forward_rows(model.device, PROBE_SIZE))
+    errors = [float(((x0 - p.target) ** 2 * p.w).mean())
+              for x0, p in zip(pred.split([len(p.xt) for p in probes]), probes)]
+    return errors[0], (errors[1] if len(errors) > 1 else 0.0)
+
+
+def check_record(step: int, gap: float, drift: float, gap_before: float, adapters: AdapterSet) -> dict:
+    """One probe check as DistillResult.checks holds it; reduction = the share of the starting gap closed."""
+    return {"step": step, "gap": gap, "reduction": 0.0 if step == 0 or gap_before <= 0 else 1.0 - gap / gap_before,
+            "retain_drift": drift, "modules": len(adapters.adapters)}
+
+
+# --- the file ---------------------------------------------------------------------------------------------------------
+
+def lora_metadata(cfg: DistillConfig, profile: Optional[TimestepProfile], gap_before: float,
+                  final: dict) -> dict[str, str]:
+    """What the LoRA file records of its training, from the validated config and the final probe check. The file's
+    other fields (the base model, the key format) are added when it is saved (lora.file_metadata); kohya's ss_*
+    fields are the ones its loaders and UIs read."""
+    return {
+        "spare.version": __version__,
+        "spare.concepts": metadata_json(cfg.concepts),
+        "spare.surrogates": metadata_json(cfg.surrogates),
+        "spare.retain": metadata_json(cfg.retain),
+        "spare.modules": str(final["modules"]),
+        "spare.timesteps": "uniform" if profile is None or profile.meta.get("uniform") else "profile",
+        "spare.config": metadata_json({k: v for k, v in asdict(cfg).items()
+                                       if k not in ("concepts", "surrogates", "retain")}),
+        "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
+        "ss_max_train_steps": str(final["step"]), "ss_seed": str(cfg.seed), "ss_learning_rate": str(cfg.lr),
+        "spare.retain_drift": f"{final['retain_drift']:.6g}",
+        "spare.forget_reduction": f"{final['reduction']:.4f}",
+        "spare.steps_used": str(final["step"]),
+        "spare.gap": f"{gap_before:.6g} -> {final['gap']:.6g}",
+    }

@@ -51,6 +51,6 @@ def read_safetensors(path: str, what: str = "LoRA file", name: Optional[str] = N
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e:  # SafetensorError, OSError, ...: the message says which
-        raise SpareInputError(f"{what} '{name or os.path.basename(path)}' is not a readable .safetensors file ({e}); it may "
-                              "be truncated, still being copied, or in another format (.ckpt/.pt): give a "
-                              ".safetensors file") from e
+        raise SpareInputError(f"{what} '{name or os.path.basename(path)}' is not a readable .safetensors file "
+                              f"({e}); it may be truncated, still being copied, or in another format (.ckpt/.pt): "
+                              "give a .safetensors file") from e

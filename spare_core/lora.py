@@ -124,21 +124,28 @@ class LoraWeights:
         return scale * (up.flatten(1) @ down.flatten(1)).view(up.shape[0], *down.shape[1:])
 
 
+def file_metadata(lora: LoraWeights, key_format: str, extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """Every metadata field of a saved LoRA file, in one place: the LoRA's own record (a distilled one:
+    distill.lora_metadata, what was trained and how), the caller's `extra` fields (the node: the base model), then
+    the format fields, read off the weights so that they always match them (kohya's ss_network_*: A1111, Forge and
+    kohya's tools read them; ss_network_alpha only when every module has the same alpha)."""
+    alphas = {float(m["alpha"]) for m in lora.modules.values()}
+    return {**{k: str(v) for k, v in {**lora.metadata, **(extra or {})}.items()},
+            "ss_network_dim": str(lora.rank), "ss_network_module": "networks.lora", "spare.key_format": key_format,
+            **({"ss_network_alpha": str(alphas.pop())} if len(alphas) == 1 else {})}
+
+
 def save_lora(path: str, lora: LoraWeights, key_format: str = "comfyui", prefix: str = "diffusion_model.",
-              dtype=torch.float16) -> str:
-    """Write a .safetensors LoRA atomically (temporary file in the same folder, then rename). Returns `path`."""
+              dtype=torch.float16, metadata: Optional[Mapping[str, str]] = None) -> str:
+    """Write a .safetensors LoRA atomically (temporary file in the same folder, then rename). Returns `path`.
+    metadata: fields the file carries besides the LoRA's own (file_metadata)."""
     if not str(path).endswith(".safetensors"):
         raise SpareInputError(f"LoRA path '{path}' must end with .safetensors")
     sd = lora.state_dict(key_format, prefix, dtype)
     for k, v in sd.items():
         if not torch.isfinite(v.float()).all():
             raise SpareInputError(f"refusing to save: tensor '{k}' contains NaN/Inf")
-    meta = {k: str(v) for k, v in lora.metadata.items()}
-    meta.update({"ss_network_dim": str(lora.rank), "ss_network_module": "networks.lora",
-                 "spare.key_format": key_format})
-    alphas = {float(m["alpha"]) for m in lora.modules.values()}
-    if len(alphas) == 1:
-        meta["ss_network_alpha"] = str(alphas.pop())
+    meta = file_metadata(lora, key_format, metadata)
     atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
     return path
 

@@ -369,12 +369,14 @@ def test_export_load_apply_matches_student(model, saliency, tmp_path):
         base = model.predict_x0(xt, sigma, cond)
     assert not torch.allclose(student, base, atol=1e-4)
     for fmt in ("comfyui", "kohya"):
-        path = sc.save_lora(str(tmp_path / f"{fmt}.safetensors"), weights, key_format=fmt, dtype=torch.float32)
+        path = sc.save_lora(str(tmp_path / f"{fmt}.safetensors"), weights, key_format=fmt, dtype=torch.float32,
+                            metadata={"host": "y", "ss_network_dim": "99"})  # the format fields come from the weights
         with safe_open(path, "pt") as f:
             keys = list(f.keys())
             meta = f.metadata()
         prefix = "diffusion_model." if fmt == "comfyui" else "lora_unet_"
         assert all(k.startswith(prefix) for k in keys) and meta["ss_network_dim"] == "3" and meta["note"] == "x"
+        assert meta["host"] == "y" and meta["spare.key_format"] == fmt and "host" not in weights.metadata
         assert len(keys) == 3 * len(saliency.selected)
         loaded = sc.load_lora(path, model.network)
         with sc.apply_lora(model.network, loaded, 1.0), torch.no_grad():
@@ -459,8 +461,6 @@ def test_save_is_atomic(tmp_path, monkeypatch, saliency, model):
     ("weighting", "snr", "weighting='snr' is not one of v, eps"),
     ("stop_reduction", 1.0, "stop_reduction=1.0 must be in"),
     ("check_every", 0, "check_every=0"),
-    ("grow", (1.0, 0.75), "grow="),
-    ("retain_timesteps", "profile", "retain_timesteps='profile' is not one of uniform, same"),
 ])
 def test_bad_distill_inputs(model, saliency, field, value, match):
     kwargs = dict(concepts=[CONCEPT], surrogates=[SURROGATE], steps=1, **FAST)
@@ -579,20 +579,12 @@ def test_stopping_rule_runs_to_the_cap_when_it_cannot_erase(model, saliency):
     assert result.warning  # the shortfall is reported, not hidden
 
 
-def test_stalled_gap_grows_the_adapter_set_in_saliency_order(model, saliency):
-    n = len(saliency.scores)
-    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=30, lr=1e-9, stop_reduction=0.6, check_every=5,
-                           grow=(0.75, 1.0), **FAST)
-    result = sc.distill(model, cfg, saliency)
-    grown = [c for c in result.checks if "grew_to" in c]
-    assert [c["grew_to"] for c in grown] == [-(-3 * n // 4), n]
-    ranked = sorted(saliency.scores, key=saliency.scores.get, reverse=True)
-    assert set(result.lora.modules) == set(ranked)
-    assert _no_hooks(model.network)
-    # without `grow` the set stays the saliency's
+def test_a_stalled_gap_keeps_the_saliency_selection(model, saliency):
+    """Short of the target the adapter set stays the saliency's (no module is added mid-run)."""
     plain = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=10, lr=1e-9, stop_reduction=0.6,
                                                check_every=5, **FAST), saliency)
     assert set(plain.lora.modules) == set(saliency.selected)
+    assert all(c["modules"] == len(saliency.selected) for c in plain.checks) and _no_hooks(model.network)
 
 
 # ---- the retain-set builder ----
@@ -772,8 +764,9 @@ def test_adapter_hook_adds_strength_times_scale_times_low_rank_in_the_output_dty
             xin = x.to(dtype)
             with torch.no_grad():
                 hooked = net(xin)
-                ad.enabled = False
-                plain = net(xin)
+                with ad.disabled():  # the teacher: the base module exactly
+                    plain = net(xin)
+                assert ad.enabled and torch.equal(net(xin), hooked)  # on again after the block
                 expected = plain.float() + 0.5 * 1.5 * a.up(a.down(xin.float()))
                 ad.remove()
                 assert torch.equal(net(xin), plain)  # disabled = the base module exactly

@@ -29,9 +29,9 @@ the method; how far the results move is measured in bench/HISTORY.md, "Library v
   batch equals a KSampler run with that seed (tests/test_minicanvas_host.py);
 - `resolution` widgets are ignored (the LATENT sets the size; MiniCanvas draws 32 px only) and passed as 64, their
   minimum; the Distill node also writes its LoRA file (into a temporary loras folder) and that time is counted;
-- DistillConfig fields without a widget (batch size, grad clip, dropout, grow, retain_unconditional, ...) are at
-  their defaults, which is what the harness uses too; experiments that change them (`Budget.spare_overrides`,
-  `spare_grow`) are refused here.
+- DistillConfig fields without a widget (batch size, grad clip, dropout, retain_unconditional, ...) are at
+  their defaults, which is what the harness uses too; experiments that change them (`Budget.spare_overrides`) are
+  refused here.
 Only the method "spare" exists as nodes: `--host comfyui` refuses the ablations and the baselines.
 """
 from __future__ import annotations
@@ -188,8 +188,8 @@ class ComfyHost:
         if method not in METHODS:
             raise ValueError(f"--host comfyui runs {', '.join(METHODS)} only (the nodes implement SPARE; the ablations "
                              f"and baselines have no nodes), not {method!r}")
-        if budget.spare_overrides or budget.spare_grow:
-            raise ValueError("--host comfyui: Budget.spare_overrides / spare_grow have no node inputs")
+        if budget.spare_overrides:
+            raise ValueError("--host comfyui: Budget.spare_overrides have no node inputs")
         harness = self.harness
         forget, surrogate, retain, _, _ = harness.concept_prompts(domain, name, seed, budget.retain_set)
         if budget.spare_retain:

@@ -38,7 +38,6 @@ OPTIONS = {
     "gradient-f100": dict(_SHORT, spare_scoring="gradient", spare_fraction=1.0),
     "gradient-400": dict(_SHORT, spare_scoring="gradient", spare=400),
     # retention levers, on the authors' selection (gradient, all; the measured default)
-    "retain-same-t": dict(_SHORT, spare_scoring="gradient", spare_overrides=(("retain_timesteps", "same"),)),
     "retain-w3": dict(_SHORT, spare_scoring="gradient", spare_overrides=(("retain_weight", 3.0),)),
     "samples8": dict(_SHORT, spare_scoring="gradient", spare_overrides=(("samples_per_prompt", 8),)),
     "retain-all": dict(_SHORT, spare_scoring="gradient", spare_retain="all-pairs",
@@ -51,7 +50,6 @@ OPTIONS = {
     "anchor": dict(spare_scoring="gradient", spare_targets="all", spare_overrides=(("surrogate_anchor", 0.5),)),
     "rank8": dict(spare_scoring="gradient", spare_targets="all", spare_overrides=(("rank", 8), ("alpha", 8.0))),
     "forget-w06": dict(spare_scoring="gradient", spare_targets="all", spare_overrides=(("forget_weight", 0.6),)),
-    "same-t": dict(spare_scoring="gradient", spare_targets="all", spare_overrides=(("retain_timesteps", "same"),)),
     "batch4": dict(spare_scoring="gradient", spare_targets="all", spare_overrides=(("batch_size", 4),)),
 }
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
@@ -63,7 +61,7 @@ def _task(task):
     model, judge = harness.worker_model()
     env = os.environ.get("SPARE_SNAPSHOT_STEPS")
     snapshot_steps = SNAPSHOT_STEPS if env is None else tuple(int(x) for x in env.split(",") if x.strip())
-    b = replace(budget, spare_stop=0.0, spare_grow=(), **OPTIONS[option])
+    b = replace(budget, spare_stop=0.0, **OPTIONS[option])
     snaps = []
     edited, info = harness.run_method("spare", model, domain, name, b, seed=seed,
                                       on_check=lambda check, ad: snaps.append(
