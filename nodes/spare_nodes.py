@@ -96,9 +96,11 @@ class Progress:
 
 
 def resolution_input(default=512):
-    return io.Int.Input("resolution", default=default, min=64, max=2048, step=64,
+    # min/step 32: the bundled MiniCanvas demo model draws 32 x 32 only, and its workflow should say so
+    return io.Int.Input("resolution", default=default, min=32, max=2048, step=32,
                         tooltip="Side in pixels of the self-generated training samples. 512 suits SD1.5/SD2; SDXL "
-                                "works at 512 too (faster, less VRAM) but 768-1024 matches its training.")
+                                "works at 512 too (faster, less VRAM) but 768-1024 matches its training. A model "
+                                "that draws one size only (the MiniCanvas demo model: 32) uses that size.")
 
 
 def loss_weighting_input():
