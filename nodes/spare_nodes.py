@@ -54,28 +54,53 @@ def should_stop() -> bool:
 
 
 class Progress:
-    """ComfyUI progress bar plus a log line with ETA every ~10%."""
+    """ComfyUI progress bar plus a log line every ~10%, with an ETA from the measured time per step.
 
-    def __init__(self, label: str):
-        self.label, self.bar, self.started, self.last_logged = label, None, time.perf_counter(), -1
+    The first report's time includes the warm-up (loading the model, drawing the samples, the first step's set-up),
+    which is no guide to the rest: the ETA is measured from the first report on and shown once TIMED_STEPS steps have
+    been timed since then (before that the line says so)."""
+
+    TIMED_STEPS = 3
+
+    def __init__(self, label: str, clock=time.perf_counter):
+        self.label, self.bar, self.clock, self.last_logged = label, None, clock, -1
+        self.started = clock()
+        self.first: tuple[int, float] | None = None  # (done, time) at the first report
+
+    def eta(self, done: int, total: int, now: float) -> float | None:
+        """Seconds left, from the steps timed since the first report; None until TIMED_STEPS of them."""
+        if self.first is None or done - self.first[0] < self.TIMED_STEPS:
+            return None
+        return (now - self.first[1]) / (done - self.first[0]) * max(total - done, 0)
 
     def __call__(self, done: int, total: int, loss: float | None = None):
+        now = self.clock()
+        if self.first is None:
+            self.first = (done, now)
         if self.bar is None:
             self.bar = comfy.utils.ProgressBar(total)
         self.bar.update_absolute(done, total)
         tenth = done * 10 // max(total, 1)
         if tenth != self.last_logged or done == total:
             self.last_logged = tenth
-            elapsed = time.perf_counter() - self.started
-            eta = elapsed / max(done, 1) * (total - done)
+            eta = self.eta(done, total, now)
+            if done >= total:
+                when = "done"
+            elif eta is None:
+                when = f"ETA after {self.TIMED_STEPS} more steps are timed"
+            else:
+                when = f"ETA {eta:.0f}s"
             extra = f", loss {loss:.4g}" if loss is not None else ""
-            log.info("SPARE %s: %d/%d (%.0fs elapsed, ETA %.0fs%s)", self.label, done, total, elapsed, eta, extra)
+            log.info("SPARE %s: %d/%d (%.0fs elapsed, %s%s)", self.label, done, total, now - self.started, when,
+                     extra)
 
 
 def resolution_input(default=512):
-    return io.Int.Input("resolution", default=default, min=64, max=2048, step=64,
+    # min/step 32: the bundled MiniCanvas demo model draws 32 x 32 only, and its workflow should say so
+    return io.Int.Input("resolution", default=default, min=32, max=2048, step=32,
                         tooltip="Side in pixels of the self-generated training samples. 512 suits SD1.5/SD2; SDXL "
-                                "works at 512 too (faster, less VRAM) but 768-1024 matches its training.")
+                                "works at 512 too (faster, less VRAM) but 768-1024 matches its training. A model "
+                                "that draws one size only (the MiniCanvas demo model: 32) uses that size.")
 
 
 def loss_weighting_input():

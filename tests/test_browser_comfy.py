@@ -4,7 +4,8 @@ headless Chromium, driven by Playwright, against a real ComfyUI server with this
 - Each workflows/*.json is loaded the way a drag-and-drop loads it (`app.handleFile(new File([json], name))`): no
   "missing nodes" dialog, no node the frontend failed to build (red placeholder), no console error mentioning the
   pack, the frontend's own prompt (`app.graphToPrompt()`) equal to tests/workflow_api.py's, and the Note (top left)
-  visible at the saved view.
+  visible at the saved view; for the demo workflow also its result previews (Before, After, Surrogate) inside the
+  visible canvas at the saved view, at a zoom >= 100% (a screenshot of that view is kept).
 - erase_style.json is then edited in the page into the tiny prompt of tests/test_server_comfy.py (Load Checkpoint ->
   SPARETestTinyCheckpoint, 64 px, 1 sample, 3 distill steps, 2 sampler steps) and queued with the Run path
   (`app.queuePrompt(0)`); the page must show the five previews (concept samples, saliency heatmap, timestep profile,
@@ -16,8 +17,9 @@ Run:
     COMFYUI_PATH=/work/comfyui OMP_NUM_THREADS=1 .venv-comfy/bin/python -m pytest tests/test_browser_comfy.py -q -s
 
 SPARE_SCREENSHOTS=1 also writes the screenshots into the repository: workflows/<name>.jpg (the template browser's
-thumbnail of each workflow: a 512x512 JPEG of the saved view, UI hidden; the card shows it in a 256x256 box) and
-docs/screenshots/erase_style_run.png (the previews after the tiny run). Without it they go to the pytest temp folder.
+thumbnail of each workflow: a 512x512 JPEG of the saved view, UI hidden -- for the demo, the Note and its result
+previews framed; the card shows it in a 256x256 box), docs/screenshots/demo_minicanvas_saved_view.png (the demo at its
+saved view in a 1280x800 window) and docs/screenshots/erase_style_run.png (the previews after the tiny run). Without it they go to the pytest temp folder.
 Chromium: $SPARE_CHROMIUM, else /usr/bin/chromium, else `chromium` on PATH (Playwright's own browser download is never
 used).
 """
@@ -49,6 +51,10 @@ SCREENSHOTS = os.environ.get("SPARE_SCREENSHOTS", "") not in ("", "0")
 # The test's own user settings: no first-run template browser, no minimap or fps text in the screenshots.
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}
 MISSING_NODES_TEXT = ("Some Nodes Are Missing", "the following node types were not found")
+# Workflows whose result must be on screen at the saved view: the titles (prefixes) of their result previews. Their
+# thumbnail frames the Note and these previews (the template card is square; the saved view is a laptop window).
+RESULT_PREVIEWS = {"demo_minicanvas.json": ("Before", "After", "Surrogate")}
+MIN_TEXT_SCALE = 1.0  # the saved view of a workflow with result previews: node text at >= 100% (Note text >= 10 px)
 
 
 def _chromium() -> str | None:
@@ -207,6 +213,18 @@ JS_NOTE_VISIBILITY = """() => {
             titleCoveredBy: cover((x0 + x1) / 2, titleY), topLeftCoveredBy: cover(x0 + 10, bodyTop + 10)};
 }"""
 
+# Client rectangles (title bar included) of the PreviewImage nodes whose titles start with these prefixes.
+JS_NODE_BOXES = """(prefixes) => {
+    const th = LiteGraph.NODE_TITLE_HEIGHT;
+    return prefixes.map(p => {
+        const n = app.graph.nodes.find(n => n.type === "PreviewImage" && (n.title || "").startsWith(p));
+        if (!n) return {prefix: p, title: null};
+        const [x0, y0] = app.canvasPosToClientPos([n.pos[0], n.pos[1] - th]);
+        const [x1, y1] = app.canvasPosToClientPos([n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
+        return {prefix: p, title: n.title, type: n.type, rect: [x0, y0, x1, y1].map(Math.round)};
+    });
+}"""
+
 JS_SETTINGS = """async (values) => {
     const s = app.extensionManager.setting, before = {};
     for (const [k, v] of Object.entries(values)) { before[k] = s.get(k); await s.set(k, v); }
@@ -217,7 +235,9 @@ JS_SETTINGS = """async (values) => {
 # The client rectangle where the canvas shows (menus, side bar and tab rows cut into it), found along the middle lines.
 JS_FREE_AREA = """() => {
     const c = app.canvas.canvas, r = c.getBoundingClientRect();
-    const at = (x, y) => document.elementFromPoint(x, y) === c;
+    // the canvas, or a node's DOM widget over it (a text box): part of the canvas, not a panel
+    const at = (x, y) => { const e = document.elementFromPoint(x, y);
+        return e === c || !!(e && e.closest && e.closest('.dom-widget, textarea')); };
     const mx = innerWidth / 2, my = innerHeight / 2, fr = [0.1, 0.3, 0.5, 0.7];  // not the bottom corners' buttons
     let left = 0, top = 0, right = innerWidth - 1, bottom = innerHeight - 1;
     for (const f of fr) { const y = innerHeight * f; while (left < mx && !at(left, y)) left++; }
@@ -312,8 +332,9 @@ def _screenshot_dir(tmp_path_factory) -> tuple[Path, Path]:
     return d, d
 
 
-def _save_thumbnail(page, wf: dict, path: Path) -> None:
-    """The saved view of the loaded workflow, UI hidden (focus mode), as a THUMB_PX square JPEG."""
+def _save_thumbnail(page, wf: dict, path: Path, frame: list[dict] | None = None) -> None:
+    """The saved view of the loaded workflow (or, with `frame`, the view that fits these nodes), UI hidden (focus
+    mode), as a THUMB_PX square JPEG."""
     from PIL import Image
 
     old = page.viewport_size
@@ -325,7 +346,10 @@ def _save_thumbnail(page, wf: dict, path: Path) -> None:
     ds = wf.get("extra", {}).get("ds", {"scale": 1, "offset": [0, 0]})
     try:
         page.wait_for_timeout(300)
-        page.evaluate(JS_SET_VIEW, [ds["scale"], *ds["offset"]])
+        if frame:
+            _frame(page, frame)
+        else:
+            page.evaluate(JS_SET_VIEW, [ds["scale"], *ds["offset"]])
         page.evaluate(JS_HIDE_CORNER_BUTTON)
         png = page.screenshot()
     finally:
@@ -380,15 +404,38 @@ def test_workflow_loads_in_the_frontend(server, object_info, page, name, tmp_pat
     assert note["body"] >= 0.9 and note["firstLines"] >= 0.75 and not note["topLeftCoveredBy"], \
         f"{name}: the Note is not visible at the saved view: {note}"
 
+    thumbs, docs = _screenshot_dir(tmp_path_factory)
+    frame = None
+    if name in RESULT_PREVIEWS:
+        # the result previews lie inside the part of the canvas no panel covers, at a zoom where text is readable
+        area = page.evaluate(JS_FREE_AREA)
+        boxes = page.evaluate(JS_NODE_BOXES, list(RESULT_PREVIEWS[name]))
+        docs.mkdir(parents=True, exist_ok=True)
+        shot = docs / f"{Path(name).stem}_saved_view.png"
+        page.screenshot(path=str(shot))  # what a user sees on opening it (VIEWPORT, panels and tabs included)
+        print(f"[{name}] screenshot of the saved view: {shot}")
+        print(f"[{name}] free canvas area {area}; result previews: " +
+              "; ".join(f"{b['title']} at {b.get('rect')}" for b in boxes))
+        for b in boxes:
+            assert b["title"] and b["type"] == "PreviewImage", f"{name}: no PreviewImage titled '{b['prefix']}...'"
+            x0, y0, x1, y1 = b["rect"]
+            assert (x0 >= area["left"] and y0 >= area["top"] and x1 <= area["right"] and y1 <= area["bottom"]), \
+                f"{name}: preview '{b['title']}' {b['rect']} is not inside the visible canvas {area} at the saved view"
+        assert ds["scale"] >= MIN_TEXT_SCALE, f"{name}: saved zoom {ds['scale']:.0%} < {MIN_TEXT_SCALE:.0%}"
+        titles = {n.get("title", "") for n in wf["nodes"]}
+        frame = [n for n in wf["nodes"] if n["type"] == "Note"
+                 or n["type"] == "PreviewImage"
+                 and any(n.get("title", "").startswith(p) for p in RESULT_PREVIEWS[name])]
+        assert len(frame) == 1 + len(RESULT_PREVIEWS[name]), titles
+
     shipped = WORKFLOWS / (Path(name).stem + ".jpg")  # the template browser's card image, if there is one
     if shipped.is_file():
         url = f"{server.url}/api/workflow_templates/spare/{shipped.name}"
         with urllib.request.urlopen(url, timeout=30) as r:
             assert r.status == 200 and r.read(3) == b"\xff\xd8\xff", url
 
-    thumbs, _ = _screenshot_dir(tmp_path_factory)
     path = thumbs / (Path(name).stem + ".jpg")
-    _save_thumbnail(page, wf, path)
+    _save_thumbnail(page, wf, path, frame)
     print(f"[{name}] thumbnail {path} ({path.stat().st_size // 1024} KiB)")
 
 

@@ -18,7 +18,8 @@ SaveImage. The images are fetched back through /view and judged by bench/minican
   style the erasure removed);
 - the other nine styles through the erased model: >= 80% classified as the style asked for;
 - the workflow's own AFTER preview (4 images of its prompt "A star image in neon style.", upscaled 4x nearest) is not
-  neon, its BEFORE preview is.
+  neon, its BEFORE preview is, and its SURROGATE preview (the original model on "A star image in plain style.") is
+  plain.
 Measured with one thread on a 2-core machine whose other core ran a benchmark: the file takes ~95 s (server start
 ~8 s; the workflow with its 116 judge images ~78 s; the stock-loader prompt and the judging a few seconds).
 """
@@ -287,10 +288,17 @@ def test_erased_style_is_judged_erased(server, demo_run, verdicts):
         images = fetch_images(server, entry, node_id)
         assert images.shape[-1] % 32 == 0, images.shape
         small = F.interpolate(images, size=(32, 32), mode="area")
-        kind = "after" if source(shipped, ks, "model") == apply_id else "before"
+        text = shipped[source(shipped, ks, "positive")]["inputs"]["text"]
+        if source(shipped, ks, "model") == apply_id:
+            kind = "after"
+        else:  # the original model: BEFORE draws the erased style, SURROGATE the neutral one
+            kind = "surrogate" if harness.data.NEUTRAL_STYLE in text else "before"
+        assert kind not in seen, (kind, node_id)
         seen[kind] = [harness.data.STYLE_NAMES[p] for p in judge(small)["style"].tolist()]
     print(f"[judge] the workflow's previews ({len(seen.get('after', []))} images each): before {seen.get('before')}, "
-          f"after {seen.get('after')}  [run {seconds:.0f}s]")
-    assert set(seen) == {"before", "after"}, seen
+          f"after {seen.get('after')}, surrogate {seen.get('surrogate')}  [run {seconds:.0f}s]")
+    assert set(seen) == {"before", "after", "surrogate"}, seen
+    neutral = harness.data.NEUTRAL_STYLE
+    assert seen["surrogate"].count(neutral) >= 0.8 * len(seen["surrogate"]), seen
     assert seen["before"].count(ERASED) >= 0.8 * len(seen["before"]), seen
     assert seen["after"].count(ERASED) <= 0.1 * len(seen["after"]), seen

@@ -334,3 +334,28 @@ def test_report_plot_draws_one_labelled_group_per_method(tmp_path):
     report.plot(results, None, str(two))
     h1, h2 = Image.open(one).size[1], Image.open(two).size[1]
     assert h2 - h1 == len(report.PLOT_BARS) * 12 + 18  # one more bar group
+
+
+def test_demo_picture_has_the_surrogate_reference():
+    """demo.py's picture: the surrogate prompts are the erased row's / column's grid prompts with the neutral concept
+    (same templates, same seeds), and the picture grows by a SURROGATE row (style) or column (object)."""
+    import torch
+
+    from bench.minicanvas import demo, harness
+
+    prompts, _, _, seeds = harness.grid(1)
+    n_o, n_s = len(harness.OBJECTS), len(harness.STYLES)
+    ti = harness.STYLES.index("ukiyo")
+    sp, ss = demo.surrogate_prompts("style", ti)
+    assert len(sp) == n_o and ss == seeds[ti * n_o:(ti + 1) * n_o]
+    assert all(p == q.replace("ukiyo", "plain") for p, q in zip(sp, prompts[ti * n_o:(ti + 1) * n_o]))
+    oi = harness.OBJECTS.index("ring")
+    sp, ss = demo.surrogate_prompts("object", oi)
+    assert len(sp) == n_s and ss == seeds[oi::n_o]
+    assert all(p == q.replace("ring", "blob") for p, q in zip(sp, prompts[oi::n_o]))
+    grid = torch.rand(n_s * n_o, 3, 32, 32)
+    plain = demo.labelled_grid(grid, grid, "style", ti, "t")
+    row = demo.labelled_grid(grid, grid, "style", ti, "t", torch.rand(n_o, 3, 32, 32))
+    col = demo.labelled_grid(grid, grid, "object", oi, "t", torch.rand(n_s, 3, 32, 32))
+    assert row.width == plain.width and row.height > plain.height + 64
+    assert col.width > plain.width + 64

@@ -358,3 +358,19 @@ def test_one_sample_set_feeds_every_stage(pack):
     assert index.tolist() == [0, 0, 1, 1]
     want = model.model.process_latent_out(x[torch.tensor([0, 2, 1, 3])])
     torch.testing.assert_close(two["samples"], want)
+
+
+def test_progress_eta_ignores_the_warm_up(pack, caplog):
+    """The first report comes after the warm-up (model load, sampling, first step): a 20 s warm-up then 0.1 s steps
+    must not give 'ETA 3980s' at step 1, and the ETA from step 4 on is the measured step time x the steps left."""
+    nodes_mod, _ = pack
+    clock = iter([0.0, 20.0] + [20.0 + 0.1 * i for i in range(1, 200)])
+    progress = nodes_mod.Progress("distill", clock=lambda: next(clock))
+    with caplog.at_level(logging.INFO):
+        progress(1, 200)
+        assert progress.eta(1, 200, 20.0) is None
+        for done in range(2, 5):
+            progress(done, 200)
+    first = [r.getMessage() for r in caplog.records if "SPARE distill: 1/200" in r.getMessage()]
+    assert first and "ETA after" in first[0] and "ETA 3980" not in first[0], first
+    assert progress.eta(4, 200, 20.3) == pytest.approx(0.1 * 196)

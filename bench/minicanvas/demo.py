@@ -6,7 +6,10 @@ LoRA and a labelled before/after picture, and print the measured verdict.
 The picture: two grids side by side, BEFORE (left) and AFTER (right) the erasure, same prompts and seeds. Rows are
 the styles, columns the objects (labelled); the erased style's row (or object's column) is outlined in red. The
 prompts use templates the erasure did not train on. Everything outside the outline should look the same before and
-after; inside it the concept should be gone (the neutral style / object drawn instead).
+after; inside it the concept should be gone (the neutral style / object drawn instead). The SURROGATE row (a style
+concept: under the AFTER grid) or column (an object: right of it) is what "drawn instead" should look like: the
+unerased model drawing the surrogate prompt ('plain' style / 'blob' object) for the same objects / styles, templates
+and seeds as the erased row / column.
 
 The verdict is measured, never assumed, against the unerased model: UA (share of the erased row/column the classifier
 no longer recognises as the concept), SFA (surrogate fidelity: the object still recognised inside an erased style's row,
@@ -58,8 +61,29 @@ def verdict(domain: str, concept: str, m: dict, base: dict) -> str:
     return f"{head}; {middle}; {tail}"
 
 
-def labelled_grid(before: torch.Tensor, after: torch.Tensor, domain: str, target_index: int, title: str):
-    """PIL image: BEFORE | AFTER grids (rows = styles, columns = objects), erased row/column outlined."""
+def surrogate_prompts(domain: str, target_index: int) -> tuple[list[str], list[int]]:
+    """The erased row's (style) / column's (object) grid prompts (harness.grid: same templates and seeds) with the
+    concept replaced by the neutral one ('plain' style / 'blob' object): what that row should look like after a clean
+    erasure."""
+    templates, n_o = harness.EVAL_TEMPLATES, len(harness.OBJECTS)
+    if domain == "style":
+        cells = [(target_index, oi) for oi in range(n_o)]
+    else:
+        cells = [(si, target_index) for si in range(len(harness.STYLES))]
+    prompts, seeds = [], []
+    for si, oi in cells:
+        style = data.NEUTRAL_STYLE if domain == "style" else harness.STYLES[si]
+        obj = data.NEUTRAL_OBJECT if domain == "object" else harness.OBJECTS[oi]
+        prompts.append(data.prompt(style, obj, templates[(si + oi) % len(templates)]))
+        seeds.append(10_000 + 100 * (si * n_o + oi))
+    return prompts, seeds
+
+
+def labelled_grid(before: torch.Tensor, after: torch.Tensor, domain: str, target_index: int, title: str,
+                  surrogate: torch.Tensor | None = None):
+    """PIL image: BEFORE | AFTER grids (rows = styles, columns = objects), erased row/column outlined; with
+    `surrogate` (the unerased model on surrogate_prompts), a SURROGATE row under AFTER (a style) or column right of
+    it (an object), outlined in green."""
     from PIL import Image, ImageDraw, ImageFont
 
     n_s, n_o = len(harness.STYLES), len(harness.OBJECTS)
@@ -67,12 +91,24 @@ def labelled_grid(before: torch.Tensor, after: torch.Tensor, domain: str, target
     pad = 2
     grid_w, grid_h = n_o * (size + pad), n_s * (size + pad)
     gap = 24
-    width = LABEL_W + 2 * grid_w + gap + 10
-    height = LABEL_H + 22 + grid_h + 10
+    extra_w = extra_h = 0
+    if surrogate is not None:
+        if domain == "style":
+            extra_h = gap + size + pad + 16
+        else:
+            extra_w, extra_h = gap + size + pad + 30, 14
+    width = LABEL_W + 2 * grid_w + gap + 10 + extra_w
+    height = LABEL_H + 22 + grid_h + 10 + extra_h
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
+
+    def tile(img):
+        arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        return Image.fromarray(arr).resize((size, size), Image.NEAREST)
+
     draw.text((6, 4), title, fill=(0, 0, 0), font=font)
+    top = LABEL_H + 22
     for g, (images, label) in enumerate(((before, "BEFORE"), (after, "AFTER"))):
         x0 = LABEL_W + g * (grid_w + gap)
         draw.text((x0 + grid_w // 2 - 18, 20), label, fill=(0, 0, 0), font=font)
@@ -80,18 +116,35 @@ def labelled_grid(before: torch.Tensor, after: torch.Tensor, domain: str, target
             draw.text((x0 + oi * (size + pad) + 2, LABEL_H + 6), o[:8], fill=(60, 60, 60), font=font)
         for si in range(n_s):
             for oi in range(n_o):
-                img = images[si * n_o + oi]
-                arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-                tile = Image.fromarray(arr).resize((size, size), Image.NEAREST)
-                canvas.paste(tile, (x0 + oi * (size + pad), LABEL_H + 22 + si * (size + pad)))
-        top = LABEL_H + 22
+                canvas.paste(tile(images[si * n_o + oi]), (x0 + oi * (size + pad), top + si * (size + pad)))
         if domain == "style":
             box = (x0 - 2, top + target_index * (size + pad) - 2, x0 + grid_w, top + (target_index + 1) * (size + pad))
         else:
             box = (x0 + target_index * (size + pad) - 2, top - 2, x0 + (target_index + 1) * (size + pad), top + grid_h)
         draw.rectangle(box, outline=(220, 0, 0), width=2)
     for si, s in enumerate(harness.STYLES):
-        draw.text((4, LABEL_H + 22 + si * (size + pad) + size // 2 - 5), s[:11], fill=(60, 60, 60), font=font)
+        draw.text((4, top + si * (size + pad) + size // 2 - 5), s[:11], fill=(60, 60, 60), font=font)
+    if surrogate is not None:
+        green, x_after = (0, 150, 0), LABEL_W + grid_w + gap
+        if domain == "style":
+            y = top + grid_h + gap
+            for oi in range(n_o):
+                canvas.paste(tile(surrogate[oi]), (x_after + oi * (size + pad), y))
+            draw.rectangle((x_after - 2, y - 2, x_after + grid_w, y + size + pad), outline=green, width=2)
+            text = f"SURROGATE '{data.NEUTRAL_STYLE}': the unerased model, same objects and seeds as the red row ->"
+            draw.text((x_after - 10 - draw.textlength(text, font=font), y + size // 2 - 5), text, fill=green, font=font)
+            note = ("a clean erasure turns the red row in AFTER into this row; the other rows stay as in BEFORE")
+            draw.text((x_after, y + size + pad + 4), note, fill=(60, 60, 60), font=font)
+        else:
+            x = x_after + grid_w + gap
+            for si in range(n_s):
+                canvas.paste(tile(surrogate[si]), (x, top + si * (size + pad)))
+            draw.rectangle((x - 2, top - 2, x + size + pad, top + grid_h), outline=green, width=2)
+            draw.text((x - 6, 20), "SURROGATE", fill=green, font=font)
+            draw.text((x, LABEL_H + 6), f"'{data.NEUTRAL_OBJECT}'", fill=green, font=font)
+            note = ("SURROGATE: the unerased model drawing the neutral object in the same styles and seeds as the "
+                    "red column; a clean erasure turns the red column in AFTER into it")
+            draw.text((LABEL_W, height - 12), note, fill=(60, 60, 60), font=font)
     return canvas
 
 
@@ -135,6 +188,8 @@ def main(argv=None):
     after = harness.sample_edited(model, edited, prompts, seeds, budget.sample_steps)
     m, j_after = harness.evaluate(judge, after, ls, lo, domain, target)
     b, j_before = harness.evaluate(judge, before, ls, lo, domain, target)
+    sur_prompts, sur_seeds = surrogate_prompts(domain, target)
+    surrogate = harness.generate(model, sur_prompts, sur_seeds, budget.sample_steps)
     split = harness.retention_split(domain, args.concept, args.seed, budget.retain_set)
     m.update(harness.split_metrics(domain, split, ls, lo, j_after["style"], j_after["object"]))
     b.update(harness.split_metrics(domain, split, ls, lo, j_before["style"], j_before["object"]))
@@ -142,7 +197,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     lora_path = sc.save_lora(os.path.join(args.out, f"erase_{args.concept}.safetensors"), edited[1])
     png = os.path.join(args.out, f"before_after_{args.concept}.png")
-    image = labelled_grid(before, after, domain, target, f"SPARE: {text}")
+    image = labelled_grid(before, after, domain, target, f"SPARE: {text}", surrogate)
     tmp = png + ".tmp.png"
     image.save(tmp)
     os.replace(tmp, png)
@@ -157,8 +212,10 @@ def main(argv=None):
     print(text)
     if info.get("warning"):
         print(f"warning: {info['warning']}")
+    where = "row (under AFTER)" if domain == "style" else "column (right of AFTER)"
     print(f"wrote {lora_path} and {png} (left: before, right: after; rows = styles, columns = objects; "
-          f"the erased {'row' if domain == 'style' else 'column'} outlined in red)")
+          f"the erased {'row' if domain == 'style' else 'column'} outlined in red; the surrogate {where}, the "
+          "unerased model's reference for it, in green)")
     return 0 if m["UA"] >= ERASED_UA else 1
 
 
