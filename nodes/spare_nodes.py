@@ -204,8 +204,8 @@ class SaliencyScan(io.ComfyNode):
                 resolution_input(),
                 # optional (with its default) so that API-format prompts saved before it existed still run
                 io.Combo.Input("scoring", options=SCORINGS, default=sc.saliency.DEFAULT_SCORING, optional=True,
-                               tooltip="How modules are ranked: gradient = mean |gradient| (the authors'; measured "
-                                       "best with taylor), taylor = |weight x gradient| (scale-free), contrastive = "
+                               tooltip="How modules are ranked: gradient = mean |gradient| of the concept's denoising loss "
+                                       "(the authors'), taylor = |weight x gradient| (scale-free), contrastive = "
                                        "concept share minus retain share."),
                 latents_input(),
                 gradient_checkpointing_input(", somewhat slower; the scores are the same.", optional=True),
@@ -254,8 +254,7 @@ class TimestepProfileNode(io.ComfyNode):
                 io.Int.Input("bins", default=10, min=2, max=50, tooltip="Number of noise-level bins."),
                 io.Int.Input("samples", default=sc.timesteps.PROFILE_SAMPLES, min=1, max=64,
                              tooltip="Samples per concept line the gap is measured on: self-generated, or the first "
-                                     "ones of the given latents (2: half of what Concept Samples gives by default, "
-                                     "as precise at half the time: bench/RESULTS.md, \"Speed for the time target\")."),
+                                     "ones of the given latents. More = a steadier profile, slower."),
                 seed_input(),
                 io.Float.Input("sharpness", default=1.0, min=0.0, max=4.0, step=0.1,
                                tooltip="Exponent on the measured gap: 0 = uniform, 1 = proportional, >1 = sharper."),
@@ -317,8 +316,8 @@ class SparseLoraDistill(io.ComfyNode):
                                 tooltip="From SPARE Timestep Profile; uniform timesteps when not connected."),
                 latents_input(", instead of self-generated ones; their size sets the training resolution"),
                 io.Int.Input("rank", default=8, min=1, max=128,
-                             tooltip="LoRA rank. 8 erased more and kept more than the authors' 4 on the "
-                             "benchmark (bench/RESULTS.md); larger = a bigger file."),
+                             tooltip="LoRA rank: how much the update can express (the authors' 4; default 8). "
+                             "Larger = a bigger file and more that can move."),
                 io.Float.Input("alpha", default=8.0, min=0.01, max=256.0, step=0.01,
                                tooltip="LoRA alpha; update scale = alpha / rank (default 8 / 8 = 1, like the "
                                "authors' 4 / 4)."),
@@ -353,16 +352,16 @@ class SparseLoraDistill(io.ComfyNode):
                                step=0.01, optional=True,
                                tooltip="Stop once the concept->surrogate gap (measured every 20 steps on a fixed "
                                        "probe) has closed by this fraction; 0 = run every step (default). Stopping "
-                                       "early saves time but measured worse for other concepts: the retain loss "
-                                       "needs the remaining steps to repair them."),
+                                       "early saves time, but the retain loss then has fewer steps to repair what "
+                                       "the erasure moved in other concepts."),
                 io.Float.Input("surrogate_anchor", default=sc.DistillConfig.surrogate_anchor, min=0.0, max=1.0,
-                               step=0.05, optional=True,
-                               tooltip="Share of each training batch made from the SURROGATE's own self-generated "
-                                       "samples (the rest: the concept's). They teach the LoRA to keep a surrogate-"
-                                       "like picture when the concept is asked for, so the concept does not come back "
-                                       "in the last sampler steps. On the benchmark 0.5 erased more and kept more of "
-                                       "the picture than the authors' 0, at a small retention cost (bench/RESULTS.md); "
-                                       "costs one more set of samples."),
+                               step=0.5, optional=True,
+                               tooltip="Share of each training batch's forget rows made from the SURROGATE's own "
+                                       "self-generated samples (the rest: the concept's; whole rows of a batch of 2, "
+                                       "so 0, 0.5 or 1). Surrogate samples teach the LoRA to turn the concept's "
+                                       "prompt into the surrogate's picture, keeping the rest of the picture; the "
+                                       "concept's own samples teach it to repaint them, which can leave debris. "
+                                       "0 = the authors' method."),
             ],
             outputs=[
                 io.LoraModel.Output("lora", tooltip="The erasure LoRA (ComfyUI's LORA_MODEL; 'Load LoRA Model' "

@@ -1,8 +1,8 @@
 """Stage 2 of SPARE: sparse low-rank adapters trained by self-distillation.
 
 Teacher = the network with adapters off (frozen); student = network + adapters on the salient modules only.
-For a concept c with surrogate s, retain prompts r, x_t from the concept's (self-generated) samples -- and, by
-default, half of every forget batch from the SURROGATE's own samples (`surrogate_anchor`, below):
+For a concept c with surrogate s, retain prompts r, x_t from the concept's (self-generated) samples -- by default
+replaced, in every forget row, by the SURROGATE's own samples (`surrogate_anchor`, below):
 
   forget = || eps_student(x_t, t, c) - sg eps_teacher(x_t, t, s) ||^2     (t ~ timestep profile)
   retain = || eps_student(x_r,t, t, r) - sg eps_teacher(x_r,t, t, r) ||^2  (t ~ uniform; r includes "" by default)
@@ -16,14 +16,15 @@ steps where style and layout are decided: on MiniCanvas it erased objects that e
 (authors: 1.0).
 Several concepts train into one adapter set: each batch draws samples of every concept.
 
-Anchor samples (a measured deviation from the authors, who noise only concept samples): the forget loss also sees
-x_t noised from the surrogate's own samples, with the same concept-prompt student and surrogate-prompt teacher. Near
-t = 0 a noised concept sample still shows the concept, and there the surrogate-prompt teacher agrees with the
-concept (it keeps the circle it is given); so concept samples alone never teach the student what to do with a
-surrogate-like image at low noise, and an erased model finished a circle's silhouette in the last sampler steps.
-Anchor rows teach "concept prompt on a surrogate image -> keep the surrogate". On MiniCanvas this raised object
-erasure and the object kept inside an erased style, at a small cost in cross-domain retention (bench/RESULTS.md,
-"Anchor samples").
+Anchor samples (a measured deviation from the authors, who noise only concept samples): the forget loss sees x_t
+noised from the surrogate's own samples, with the same concept-prompt student and surrogate-prompt teacher. Given a
+half-drawn concept picture (mid noise) and the surrogate's prompt, the teacher repaints it and loses the rest of the
+picture (MiniCanvas, ukiyo at sigma 2: the object survives in 27% of the targets; from surrogate samples in 100%);
+near t = 0 it keeps the concept it is given. Concept samples alone therefore teach the student debris at mid noise
+and nothing at low noise. Anchor rows teach "concept prompt on a surrogate picture -> the surrogate's picture".
+Every row (1.0, the default) kept more of the picture and more of the classes no retain list names than half of
+them or none (bench/RESULTS.md, "Erase only the concept"). The share is applied in whole rows of the batch
+(round(surrogate_anchor * batch_size)): with batch 2, 0.75 is 1.0.
 
 Reading order: `distill` (the loop, on one screen), then the helpers it calls, in sections: the data
 (`make_training_data`, `get_batch`, `training_batches` with the teacher's targets), the networks (`x0_no_grad`,
@@ -95,7 +96,7 @@ class DistillConfig:
     retain: list[str] = field(default_factory=list)  # prompts whose outputs must not move; {a|b} expands (prompts.py)
     retain_unconditional: bool = True        # also keep the empty prompt's prediction (classifier-free guidance
                                              # uses it)
-    rank: int = 8                            # LoRA rank (authors: 4; 8 measured better: bench/RESULTS.md, "LoRA rank")
+    rank: int = 8                            # LoRA rank (authors: 4; 8 measured better: bench/HISTORY.md, "LoRA rank")
     alpha: float = 8.0                       # LoRA alpha; update scale = alpha / rank = 1 (authors: 4 / 4)
     steps: int = 200                         # optimizer steps
     lr: float = 1e-4                         # AdamW learning rate, cosine-decayed to 0 (authors: 1e-4)
@@ -115,12 +116,12 @@ class DistillConfig:
     stop_reduction: float = 0.0              # stop once the probe gap has closed by this fraction (0 = run all steps)
     check_every: int = 20                    # steps between probe-gap checks
     retain_samples: int = 0                  # samples per retain prompt; 0 = auto (retain_samples_auto)
-    surrogate_anchor: float = 0.5            # share of each forget batch noised from the SURROGATE's own samples
+    surrogate_anchor: float = 1.0            # share of each forget batch noised from the SURROGATE's own samples
                                              # instead of the concept's (Concept Ablation's anchor images); 0 = the
-                                             # authors' (concept samples only). 0.5 measured better (a deviation):
-                                             # bench/RESULTS.md, "Anchor samples"
+                                             # authors' (concept samples only). 1.0 measured best (a deviation):
+                                             # bench/RESULTS.md, "Erase only the concept"
     anchor_samples: int = 0                  # self-generated samples per surrogate prompt for the anchors; 0 =
-                                             # samples_per_prompt (why not fewer: bench/RESULTS.md, "Speed for the
+                                             # samples_per_prompt (why not fewer: bench/HISTORY.md, "Speed for the
                                              # time target")
     retain_sample_steps: int = 0             # Euler steps for the retain samples; 0 = half of sample_steps (at least
                                              # 1): for time, retention unchanged (same section)
@@ -406,7 +407,7 @@ def training_batches(model: DiffusionModel, adapters: AdapterSet, data: Training
     The teacher's targets do not depend on training: they are computed ahead, for every step up to the next probe
     check (so an early stop wastes none; at most AHEAD_STEPS steps), in no-grad forwards of `forward_rows` rows -- on
     the CPU several steps' rows per forward (less time per row), on a GPU one step's rows, as a step-by-step teacher
-    would (bench/RESULTS.md, "Speed"). The draws (and so the run) are those of step-by-step training."""
+    would (bench/HISTORY.md, "Speed"). The draws (and so the run) are those of step-by-step training."""
     rows = forward_rows(model.device, 2 * cfg.batch_size)
     step = 0
     while step < cfg.steps:
@@ -440,7 +441,7 @@ def forget_retain_loss(model: DiffusionModel, data: TrainingData, cfg: DistillCo
                        target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(forget, retain): the student's weighted squared error to the teacher's x0, w(sigma) * ||x0_s - x0_t||^2,
     averaged over the forget rows and over the retain rows (0 without retain rows). Every row of a step goes through
-    one student forward: the same loss as a forward per part, in less time on the CPU (bench/RESULTS.md, "Speed")."""
+    one student forward: the same loss as a forward per part, in less time on the CPU (bench/HISTORY.md, "Speed")."""
     w = loss_weight(batch.sigma, cfg.weighting, data.sigma_data)
     with autocast(model):
         pred = model.predict_x0(batch.xt, batch.sigma, model.select_cond(data.cond, batch.student)).float()
@@ -468,7 +469,7 @@ def training_mode(model: DiffusionModel, cfg: DistillConfig):
 def make_optimizer(model: DiffusionModel, cfg: DistillConfig, params: list) -> tuple:
     """AdamW on the adapters, and the loss scaler that fp16 training needs."""
     # torch's fused AdamW (one kernel for every adapter tensor; the update rule is AdamW's) where torch has it: the
-    # default per-tensor loop is slower on the CPU (bench/RESULTS.md, "Speed").
+    # default per-tensor loop is slower on the CPU (bench/HISTORY.md, "Speed").
     fused = True if model.device.type in FUSED_ADAMW_DEVICES else None
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     # fp16 activations can underflow in backward: scale the loss (no-op for fp32/bf16 and on the CPU).

@@ -229,7 +229,7 @@ def test_adapters_only_on_selected_and_base_untouched(model, saliency, trained):
     assert set(result.lora.modules) == set(saliency.selected)
     rank = result.lora.rank
     assert result.trainable_params == sum(m["down"].numel() + m["up"].numel() for m in result.lora.modules.values())
-    assert rank == sc.DistillConfig.rank == 8  # the default (bench/RESULTS.md, "LoRA rank")
+    assert rank == sc.DistillConfig.rank == 8  # the default (bench/HISTORY.md, "LoRA rank")
     assert _no_hooks(model.network)
     _, _, after = _probe(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical base outputs
@@ -238,7 +238,7 @@ def test_adapters_only_on_selected_and_base_untouched(model, saliency, trained):
 
 
 def test_a_step_is_one_teacher_and_one_student_forward_over_forget_and_retain_rows(model, saliency, monkeypatch):
-    """Each step batches its forget and retain rows into one forward per model (speed: bench/RESULTS.md, "Speed"):
+    """Each step batches its forget and retain rows into one forward per model (speed: bench/HISTORY.md, "Speed"):
     the teacher sees the surrogate on the forget rows, the student the concept, both the same retain prompt. (The
     teacher's forwards run ahead, no-grad, one step's rows each here as on a GPU; on the CPU several steps' rows.)"""
     monkeypatch.setattr(sys.modules["spare_core.distill"], "forward_rows", lambda device, rows: rows)
@@ -645,10 +645,10 @@ def test_saliency_checkpointing_same_scores(model):
     assert all("forward" not in m.__dict__ for m in model.network.modules())
 
 
-def test_by_default_half_of_each_forget_batch_is_noised_surrogate_samples(model, saliency, monkeypatch):
-    """The default forget batch (surrogate_anchor 0.5, a measured deviation: bench/RESULTS.md, "Anchor samples"): its
-    last half are the surrogate's own self-generated samples, the rest the concept's; 0 = the authors' (concept
-    samples only, no surrogate sample drawn)."""
+def test_by_default_every_forget_row_is_noised_from_surrogate_samples(model, saliency, monkeypatch):
+    """The default forget batch (surrogate_anchor 1.0, a measured deviation: bench/RESULTS.md, "Erase only the
+    concept"): every row is one of the surrogate's own self-generated samples; 0.5: the last half of the rows, the
+    rest the concept's; 0 = the authors' (concept samples only, no surrogate sample drawn)."""
     distill_mod = sys.modules["spare_core.distill"]  # the module (spare_core.distill is the function)
     made, batches = {}, []
     real_generate, real_noised = distill_mod.generate, distill_mod.noised
@@ -667,14 +667,16 @@ def test_by_default_half_of_each_forget_batch_is_noised_surrogate_samples(model,
     # no retain rows; the probes take 2 rows: every 4-row noising is a training step's forget batch
     cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=3, lr=1e-3, check_every=100, retain_unconditional=False,
                            **{**FAST, "batch_size": 4})
-    assert cfg.surrogate_anchor == 0.5
-    sc.distill(model, cfg, saliency, latents=concept)
-    anchors = made[(SURROGATE,)]
-    forget = [x for x in batches if x.shape[0] == 4]
-    assert len(forget) == cfg.steps
-    for x in forget:
-        assert torch.equal(x[:2], concept)
-        assert all(any(torch.equal(row, a) for a in anchors) for row in x[2:])
+    assert cfg.surrogate_anchor == 1.0
+    for share, n_concept in ((1.0, 0), (0.5, 2)):
+        made.clear(), batches.clear()
+        sc.distill(model, sc.DistillConfig(**{**asdict(cfg), "surrogate_anchor": share}), saliency, latents=concept)
+        anchors = made[(SURROGATE,)]
+        forget = [x for x in batches if x.shape[0] == 4]
+        assert len(forget) == cfg.steps
+        for x in forget:
+            assert torch.equal(x[:n_concept], concept[:n_concept])
+            assert all(any(torch.equal(row, a) for a in anchors) for row in x[n_concept:])
 
     made.clear(), batches.clear()
     sc.distill(model, sc.DistillConfig(**{**asdict(cfg), "surrogate_anchor": 0.0}), saliency, latents=concept)
@@ -718,7 +720,9 @@ def test_teacher_targets_computed_ahead_equal_step_by_step(model, saliency, monk
     assert [r["step"] for r in ahead.losses] == list(range(1, 13))
     assert [r["loss"] for r in ahead.losses] == pytest.approx([r["loss"] for r in stepwise.losses], rel=1e-4)
     for p, m in ahead.lora.modules.items():
-        assert torch.allclose(m["up"], stepwise.lora.modules[p]["up"], atol=1e-5)
+        # float rounding of the batched teacher, carried through 12 AdamW steps at lr 1e-2: relative, not absolute
+        diff = (m["up"] - stepwise.lora.modules[p]["up"]).norm() / stepwise.lora.modules[p]["up"].norm()
+        assert diff < 1e-3, (p, float(diff))
     # windows capped at AHEAD_STEPS (a check_every longer than the cap): the same run again
     monkeypatch.setattr(distill_mod, "AHEAD_STEPS", 5)
     capped = sc.distill(model, sc.DistillConfig(**{**asdict(cfg), "check_every": 100}), saliency)
@@ -727,7 +731,7 @@ def test_teacher_targets_computed_ahead_equal_step_by_step(model, saliency, monk
 
 def test_auto_anchor_samples_and_retain_sample_steps(model, saliency, monkeypatch):
     """By default the anchors take as many samples per prompt as the concepts, and the retain samples half the Euler
-    steps of the concept samples (for time: bench/RESULTS.md, "Speed for the time target"); set values are honoured;
+    steps of the concept samples (for time: bench/HISTORY.md, "Speed for the time target"); set values are honoured;
     negative ones are refused by name."""
     distill_mod = sys.modules["spare_core.distill"]
     calls = {}
@@ -777,7 +781,7 @@ def test_adapter_hook_adds_strength_times_scale_times_low_rank_in_the_output_dty
 
 
 def test_fused_adamw_trains_as_the_reference_adamw(model, saliency, monkeypatch):
-    """The distillation's optimizer is torch's fused AdamW on the CPU (for speed: bench/RESULTS.md); it trains the
+    """The distillation's optimizer is torch's fused AdamW on the CPU (for speed: bench/HISTORY.md); it trains the
     same LoRA as the per-tensor AdamW, up to float rounding."""
     distill_mod = sys.modules["spare_core.distill"]
     made = []

@@ -45,7 +45,7 @@ OPTIONS = {
     "retain-all-w3": dict(_SHORT, spare_scoring="gradient", spare_retain="all-pairs",
                           spare_overrides=(("retain_samples", 1), ("retain_weight", 3.0))),
     # the shipped defaults (every other pair retained, auto samples) and levers for the concepts they leave partly
-    # erased (ring / cross: bench/RESULTS.md, "--standard")
+    # erased (ring / cross: bench/HISTORY.md, "--standard")
     "default": dict(spare_scoring="gradient", spare_targets="all"),
     "anchor": dict(spare_scoring="gradient", spare_targets="all", spare_overrides=(("surrogate_anchor", 0.5),)),
     "rank8": dict(spare_scoring="gradient", spare_targets="all", spare_overrides=(("rank", 8), ("alpha", 8.0))),
