@@ -28,7 +28,9 @@ import comfy.latent_formats
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.utils
+from spare_core import families
 from spare_core.errors import SpareInputError
+from spare_core.families import Family
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,77 @@ def is_demo_model(model) -> bool:
     return bool(getattr(getattr(model, "model", model), "spare_demo_model", False))
 
 
+# --- which family a MODEL is ---------------------------------------------------------------------------------------
+# DiT families by their comfy.model_base class, matched exactly: a subclass is another model (ChromaRadiance is a
+# pixel-space Chroma, not tested here) and stays refused.
+DIT_BASE_MODELS = {"Flux": families.FLUX, "Chroma": families.CHROMA, "SD3": families.SD3,
+                   "QwenImage": families.QWEN_IMAGE, "Lumina2": families.LUMINA2}
+SUPPORTED_TEXT = ("SD1.x, SD2.x, SDXL, Flux.1 (dev, schnell, Krea, Kontext's text path), Chroma, SD3/SD3.5, "
+                  "Qwen-Image, Lumina 2")
+
+
+def model_family(model) -> Family | None:
+    """The spare_core family of a MODEL (ModelPatcher) or BaseModel; None for a model SPARE does not support."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    base = getattr(model, "model", model)
+    net = getattr(base, "diffusion_model", None)
+    if is_demo_model(base) or isinstance(net, UNetModel):
+        return families.UNET
+    family = DIT_BASE_MODELS.get(type(base).__name__)
+    if family is families.FLUX and not getattr(getattr(net, "params", None), "guidance_embed", True):
+        return families.FLUX_SCHNELL
+    return family
+
+
+def require_family(model) -> Family:
+    """The model's family, or a clear refusal naming the model and the supported families."""
+    family = model_family(model)
+    if family is None:
+        base = getattr(model, "model", model)
+        net = getattr(base, "diffusion_model", None)
+        raise SpareInputError(f"model: {type(base).__name__} models ({type(net).__name__} denoiser) are not "
+                              f"supported; SPARE for ComfyUI erases concepts from {SUPPORTED_TEXT}.")
+    return family
+
+
+def latent_shape(model, width: int, height: int) -> tuple[int, ...]:
+    """Shape of one latent of the MODEL at width x height pixels: (C, H, W), or (C, 1, H, W) for latent formats with a
+    frame axis (Qwen-Image's Wan 2.1 latents; ComfyUI's samplers add the axis the same way, comfy/sample.py
+    fix_empty_latent_channels)."""
+    base = getattr(model, "model", model)
+    fmt = base.latent_format
+    down = latent_downscale(model)
+    frames = (1,) * (getattr(fmt, "latent_dimensions", 2) - 2)
+    return (fmt.latent_channels, *frames, height // down, width // down)
+
+
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                   if hasattr(torch, n))
+
+
+class RowConds:
+    """Conditionings of prompts that cannot share one forward: DiTs attend jointly over text and image tokens, so
+    prompts of different token lengths (T5 beyond its padding, Qwen's and Gemma's unpadded embeddings) or different
+    constants (Lumina 2's num_tokens) must not be padded or repeated into one batch (repeating tokens, as
+    CONDCrossAttn.concat does for the UNets' cross-attention, changes joint attention). Holds one {kwarg: value} per
+    prompt row; `ComfyDiffusionModel.predict_x0` runs each group of equal signatures in one forward."""
+
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _signature(cond: dict[str, Any]) -> tuple:
+    return tuple((k, tuple(v.shape) if torch.is_tensor(v) else repr(v)) for k, v in sorted(cond.items()))
+
+
+def _cond_value(c):
+    return c.cond if hasattr(c, "cond") else c
+
+
 class ComfyDiffusionModel:
     """spare_core.model.DiffusionModel for a ComfyUI MODEL + CLIP.
 
@@ -71,7 +144,9 @@ class ComfyDiffusionModel:
 
     key_prefix = "diffusion_model."
 
-    def __init__(self, model, clip, width: int = 512, height: int = 512):
+    def __init__(self, model, clip, width: int = 512, height: int = 512, guidance: float | None = None):
+        self.family = require_family(model)
+        self.guidance = guidance  # Flux-dev's guidance input (ComfyUI's default 3.5 when None); other families ignore it
         self.patcher = model  # comfy.model_patcher.ModelPatcher
         self.clip = clip      # comfy.sd.CLIP
         self.base = model.model  # comfy.model_base.BaseModel (shared by every clone of `model`)
@@ -82,12 +157,17 @@ class ComfyDiffusionModel:
             log.info("SPARE: %s draws %d x %d px only; using that instead of %d x %d", type(self.base).__name__,
                      fixed[0], fixed[1], self.width, self.height)
             self.width, self.height = fixed
-        channels = self.base.latent_format.latent_channels
-        down = latent_downscale(model)
-        self.latent_shape = (channels, self.height // down, self.width // down)
+        self.latent_shape = latent_shape(model, self.width, self.height)
         self.device = torch.device(model.load_device)
-        # The dtype the network computes in: weights may be stored in another one (manual cast, e.g. fp8 weights).
+        # The dtype the network computes in: weights may be stored in another one (manual cast, e.g. fp8 weights,
+        # computed in bf16/fp16/fp32 through comfy.ops).
         self.dtype = self.base.manual_cast_dtype or self.base.get_dtype()
+        if self.dtype in FP8_DTYPES:
+            raise SpareInputError(
+                f"model: its weights are {self.dtype} and ComfyUI computes in {self.dtype} on {self.device} (fp8 "
+                "matrix multiplication); SPARE trains in the compute dtype and needs bf16, fp16 or fp32 there. Load "
+                "the model with weight_dtype 'default' (or without --fast fp8 options): fp8-stored weights computed "
+                "in bf16/fp16 work")
         # get_model_object honours object patches (e.g. ModelSamplingDiscrete/"shift" nodes on this clone).
         self.model_sampling = model.get_model_object("model_sampling")
         self._cond_cache: dict[str, dict[str, Any]] = {}  # prompt -> its extra_conds output
@@ -111,6 +191,10 @@ class ComfyDiffusionModel:
         per_prompt = [self._cond_cache[p] for p in prompts]
         if not per_prompt:
             raise ValueError("encode() needs at least one prompt")
+        if self.family.dit:
+            rows = [{k: _cond_value(c) for k, c in pc.items()} for pc in per_prompt]
+            if len({_signature(r) for r in rows}) > 1:
+                return RowConds(rows)
         batched: dict[str, Any] = {}
         for key, first in per_prompt[0].items():
             items = [pc[key] for pc in per_prompt]
@@ -134,13 +218,17 @@ class ComfyDiffusionModel:
         params = dict(extra)
         params.update(cross_attn=cond, device=self.device, noise=noise, width=self.width, height=self.height,
                       prompt_type="positive")
+        if self.guidance is not None and self.family is families.FLUX:
+            params["guidance"] = float(self.guidance)  # what a FluxGuidance node puts on the CONDITIONING
         out = self.base.extra_conds(**params)
         for c in out.values():  # keep the tensors on the model's device
             if torch.is_tensor(getattr(c, "cond", None)):
                 c.cond = c.cond.to(self.device)
         return out
 
-    def select_cond(self, cond: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+    def select_cond(self, cond: dict[str, Any] | RowConds, index: torch.Tensor) -> dict[str, Any] | RowConds:
+        if isinstance(cond, RowConds):
+            return RowConds([cond.rows[i] for i in index.tolist()])
         out = {}
         for key, value in cond.items():
             if torch.is_tensor(value):
@@ -150,7 +238,35 @@ class ComfyDiffusionModel:
         return out
 
     # --- the denoiser --------------------------------------------------------------------------------------------------
-    def predict_x0(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+    def predict_x0(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any] | RowConds) -> torch.Tensor:
+        if isinstance(cond, RowConds):
+            return self._predict_rows(x, sigma, cond)
+        return self._predict(x, sigma, cond)
+
+    def _predict_rows(self, x: torch.Tensor, sigma: torch.Tensor, cond: RowConds) -> torch.Tensor:
+        """One forward per group of rows whose conditionings share shapes and constants (see RowConds)."""
+        batch = x.shape[0]
+        rows = cond.rows * batch if len(cond) == 1 and batch > 1 else cond.rows
+        if len(rows) != batch:
+            raise ValueError(f"{len(rows)} conditioning rows for a batch of {batch}")
+        sigma = sigma.reshape(-1).to(x.device)
+        sigma = sigma.expand(batch) if sigma.numel() == 1 else sigma
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(_signature(row), []).append(i)
+        out = None
+        for members in groups.values():
+            idx = torch.tensor(members, device=x.device)
+            first = rows[members[0]]
+            kwargs = {k: torch.cat([rows[i][k] for i in members]) if torch.is_tensor(v) else v
+                      for k, v in first.items()}
+            pred = self._predict(x.index_select(0, idx), sigma.index_select(0, idx), kwargs)
+            if out is None:
+                out = pred.new_empty((batch, *pred.shape[1:]))
+            out = out.index_copy(0, idx, pred)  # out of place: autograd tracks every group
+        return out
+
+    def _predict(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         batch = x.shape[0]
         kwargs = {}
         for key, value in cond.items():

@@ -24,7 +24,7 @@ import spare_core as sc
 from spare_core import render
 from spare_core.errors import SpareInputError
 
-from .host import ComfyDiffusionModel, is_demo_model, latent_downscale, trainable
+from .host import ComfyDiffusionModel, latent_downscale, model_family, require_family, trainable
 
 log = logging.getLogger("spare")
 
@@ -98,9 +98,10 @@ class Progress:
 def resolution_input(default=512):
     # min/step 32: the bundled MiniCanvas demo model draws 32 x 32 only, and its workflow should say so
     return io.Int.Input("resolution", default=default, min=32, max=2048, step=32,
-                        tooltip="Side in pixels of the self-generated training samples. 512 suits SD1.5/SD2; SDXL "
-                                "works at 512 too (faster, less VRAM) but 768-1024 matches its training. A model "
-                                "that draws one size only (the MiniCanvas demo model: 32) uses that size.")
+                        tooltip="Side in pixels of the self-generated training samples. 512 suits SD1.5/SD2; SDXL, "
+                                "Flux, SD3.5, Qwen-Image and Lumina 2 work at 512 too (faster, less VRAM) but "
+                                "768-1024 matches their training. A model that draws one size only (the MiniCanvas "
+                                "demo model: 32) uses that size.")
 
 
 def loss_weighting_input():
@@ -124,6 +125,18 @@ def gradient_checkpointing_input(cost: str, optional: bool = False):
     costs in this node."""
     return io.Boolean.Input("gradient_checkpointing", default=True, optional=optional,
                             tooltip=f"Recompute activations in backward: much less VRAM{cost}")
+
+
+FLUX_GUIDANCE = 3.5  # ComfyUI's default for Flux-dev (model_base.Flux.extra_conds, the FluxGuidance node)
+
+
+def guidance_input():
+    # optional (with its default) so that workflows and API prompts saved before it existed still run
+    return io.Float.Input("guidance", default=FLUX_GUIDANCE, min=0.0, max=100.0, step=0.1, optional=True,
+                          tooltip="Flux-dev's guidance input (what a FluxGuidance node sets; ComfyUI's default 3.5), "
+                                  "used for every sample and training step. Use the value you generate with. Other "
+                                  "models ignore it; guidance-distilled Flux is sampled without a negative prompt "
+                                  "(cfg 1) whatever cfg says.")
 
 
 def seed_input():
@@ -153,6 +166,7 @@ class ConceptSamples(io.ComfyNode):
                              tooltip="Sampler steps per sample (Euler). 8 is what the stages use on their own."),
                 io.Float.Input("cfg", default=sc.DistillConfig.sample_cfg, min=1.0, max=30.0, step=0.1,
                                tooltip="Classifier-free guidance scale (the stages use 5)."),
+                guidance_input(),
             ],
             outputs=[io.Latent.Output("latents", tooltip="The samples as a LATENT (VAE space, like a KSampler's), "
                                                          "ordered concept 1, 2, ..., 1, 2, ...: connect it to the "
@@ -160,10 +174,10 @@ class ConceptSamples(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, concept, samples, seed, resolution, steps, cfg):
+    def execute(cls, model, clip, concept, samples, seed, resolution, steps, cfg, guidance=FLUX_GUIDANCE):
         require_supported(model)
         concepts = require_lines(concept, "concept")
-        dm = ComfyDiffusionModel(model, clip, resolution, resolution)
+        dm = ComfyDiffusionModel(model, clip, resolution, resolution, guidance)
         dm.encode(concepts + [""])
         dm.load()
         with torch.inference_mode():
@@ -199,8 +213,10 @@ class SaliencyScan(io.ComfyNode):
                 io.Int.Input("top_k", default=0, min=0, max=10000,
                              tooltip="If > 0, select exactly this many modules instead of a fraction."),
                 io.Combo.Input("targets", options=TARGETS, default=sc.saliency.DEFAULT_TARGETS,
-                               tooltip="Candidate modules: every Linear/Conv of the UNet (authors; erases what "
-                                       "attention-only misses), attention projections only, or cross-attention only."),
+                               tooltip="Candidate modules: all = every Linear/Conv of a UNet (the authors'; erases "
+                                       "what attention-only misses) or every Linear inside a DiT's blocks; attention "
+                                       "= the attention projections only; cross_attention = where the text enters "
+                                       "(a UNet's cross-attention, a DiT's text-stream attention)."),
                 resolution_input(),
                 # optional (with its default) so that API-format prompts saved before it existed still run
                 io.Combo.Input("scoring", options=SCORINGS, default=sc.saliency.DEFAULT_SCORING, optional=True,
@@ -209,6 +225,7 @@ class SaliencyScan(io.ComfyNode):
                                        "concept share minus retain share."),
                 latents_input(),
                 gradient_checkpointing_input(", somewhat slower; the scores are the same.", optional=True),
+                guidance_input(),
             ],
             outputs=[
                 Saliency.Output("saliency", tooltip="The selected modules, for Sparse LoRA Distill."),
@@ -219,10 +236,11 @@ class SaliencyScan(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, retain, samples, seed, selection, top_k, targets, resolution,
-                scoring=sc.saliency.DEFAULT_SCORING, latents=None, gradient_checkpointing=True):
+                scoring=sc.saliency.DEFAULT_SCORING, latents=None, gradient_checkpointing=True,
+                guidance=FLUX_GUIDANCE):
         require_supported(model)
         given, (width, height) = given_latents(model, latents, resolution)
-        dm = ComfyDiffusionModel(model, clip, width, height)
+        dm = ComfyDiffusionModel(model, clip, width, height, guidance)
         concepts = require_lines(concept, "concept")
         retain_prompts = sc.expand_alternatives(lines(retain))
         dm.encode(concepts + retain_prompts + [""])  # encode (and cache) before the model is loaded for training
@@ -263,6 +281,7 @@ class TimestepProfileNode(io.ComfyNode):
                 resolution_input(),
                 loss_weighting_input(),
                 latents_input("; 'resolution' is then ignored, 'samples' picks the first ones per line"),
+                guidance_input(),
             ],
             outputs=[
                 Timesteps.Output("timesteps", tooltip="Timestep distribution for Sparse LoRA Distill."),
@@ -273,10 +292,10 @@ class TimestepProfileNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, surrogate, bins, samples, seed, sharpness, uniform_floor, resolution,
-                loss_weighting="v", latents=None):
+                loss_weighting="v", latents=None, guidance=FLUX_GUIDANCE):
         require_supported(model)
         given, (width, height) = given_latents(model, latents, resolution)
-        dm = ComfyDiffusionModel(model, clip, width, height)
+        dm = ComfyDiffusionModel(model, clip, width, height, guidance)
         dm.encode(require_lines(concept, "concept") + require_lines(surrogate, "surrogate") + [""])
         dm.load()
         with torch.inference_mode():
@@ -362,6 +381,7 @@ class SparseLoraDistill(io.ComfyNode):
                                        "prompt into the surrogate's picture, keeping the rest of the picture; the "
                                        "concept's own samples teach it to repaint them, which can leave debris. "
                                        "0 = the authors' method."),
+                guidance_input(),
             ],
             outputs=[
                 io.LoraModel.Output("lora", tooltip="The erasure LoRA (ComfyUI's LORA_MODEL; 'Load LoRA Model' "
@@ -375,12 +395,12 @@ class SparseLoraDistill(io.ComfyNode):
     def execute(cls, model, clip, concepts, surrogates, retain, saliency, rank, alpha, steps, learning_rate,
                 forget_weight, retain_weight, seed, filename_prefix, key_format, gradient_checkpointing, resolution,
                 samples=4, loss_weighting="v", stop_at_gap_closed=sc.DistillConfig.stop_reduction, timesteps=None,
-                latents=None, surrogate_anchor=sc.DistillConfig.surrogate_anchor):
+                latents=None, surrogate_anchor=sc.DistillConfig.surrogate_anchor, guidance=FLUX_GUIDANCE):
         require_supported(model)
         given, (width, height) = given_latents(model, latents, resolution)
         if key_format not in KEY_FORMATS:
             raise SpareInputError(f"key_format='{key_format}' is not one of {', '.join(KEY_FORMATS)}")
-        dm = ComfyDiffusionModel(model, clip, width, height)
+        dm = ComfyDiffusionModel(model, clip, width, height, guidance)
         config = sc.DistillConfig(
             concepts=lines(concepts), surrogates=lines(surrogates), retain=sc.expand_alternatives(lines(retain)),
             rank=rank, alpha=alpha,
@@ -473,37 +493,38 @@ def patch_model(model, lora_sd: dict, strength: float, source: str):
     return patched
 
 
-def require_supported(model) -> None:
-    """SPARE trains UNet families (SD1.x, SD2.x, SDXL: ComfyUI's openaimodel.UNetModel) and the bundled MiniCanvas demo
-    model (nodes/demo_model.py). DiT families (Flux, SD3, ...) are refused by name: their training path (in-place
-    residual adds in Flux's blocks break backward) and LoRA keys are not proven here."""
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    net = model.model.diffusion_model
-    if not isinstance(net, UNetModel) and not is_demo_model(model):
-        raise SpareInputError(
-            f"model: {type(model.model).__name__} models ({type(net).__name__} denoiser) are not supported yet; "
-            "SPARE for ComfyUI erases concepts from SD1.5, SD2.x and SDXL (UNet) models.")
+def require_supported(model):
+    """The MODEL's spare_core family (nodes/host.py: SD1.x/SD2.x/SDXL UNets, the bundled MiniCanvas demo model, and the
+    DiT families Flux, Chroma, SD3, Qwen-Image, Lumina 2), or a clear refusal that lists the supported ones."""
+    return require_family(model)
 
 
 def model_space_latents(model, latent: dict) -> torch.Tensor:
     """A LATENT (KSampler / VAE Encode output: VAE space) as the diffusion model's samples, as ComfyUI's samplers
     convert it (`BaseModel.process_latent_in`: SD1.5 x 0.18215, SDXL x 0.13025)."""
     samples = latent.get("samples") if isinstance(latent, dict) else None
-    if not torch.is_tensor(samples) or samples.dim() != 4:
+    fmt = model.model.latent_format
+    dims = getattr(fmt, "latent_dimensions", 2)
+    if torch.is_tensor(samples) and dims == 3 and samples.dim() == 4:
+        samples = samples.unsqueeze(2)  # an image LATENT for a model with a frame axis (Qwen-Image), as KSampler does
+    if not torch.is_tensor(samples) or samples.dim() != dims + 2:
         shape = tuple(samples.shape) if torch.is_tensor(samples) else type(samples).__name__
-        raise SpareInputError(f"latents: expected a LATENT with 'samples' [batch, channels, height, width], got {shape}")
-    channels = model.model.latent_format.latent_channels
+        want = "[batch, channels, height, width]" if dims == 2 else "[batch, channels, frames, height, width]"
+        raise SpareInputError(f"latents: expected a LATENT with 'samples' {want} for this model, got {shape}")
+    channels = fmt.latent_channels
     if samples.shape[1] != channels:
         raise SpareInputError(f"latents have {samples.shape[1]} channels but this model's latents have {channels}: "
-                              "connect a LATENT made for this model (its KSampler or VAE Encode)")
+                              "connect a LATENT made for this model (its KSampler, VAE Encode or empty-latent node)")
+    if dims == 3 and samples.shape[2] != 1:
+        raise SpareInputError(f"latents have {samples.shape[2]} frames; SPARE trains on images (1 frame)")
     return model.model.process_latent_in(samples.float())
 
 
 def family_metadata(model) -> dict:
     """The base-model fields kohya's sd-scripts write (`ss_base_model_version`, `ss_v2`, `modelspec.architecture`):
     A1111 reads them to decide which checkpoints a LoRA is listed for (without them an SDXL LoRA is listed as SD1),
-    Forge to detect the version. Families outside SD1.x/SD2.x/SDXL get none."""
+    Forge to detect the version. DiT families get `modelspec.architecture` as kohya's sd-scripts name them
+    (spare_core/families.py) and `spare.family`."""
     import comfy.model_base
     import comfy.supported_models as sm
 
@@ -517,7 +538,10 @@ def family_metadata(model) -> dict:
     elif isinstance(config, sm.SD15):
         version, arch, v2 = "sd_v1", "stable-diffusion-v1/lora", "False"
     else:
-        return {}
+        family = model_family(model)
+        if family is None or not family.dit:
+            return {}
+        return {"modelspec.architecture": family.architecture, "spare.family": family.name}
     return {"ss_base_model_version": version, "ss_v2": v2, "modelspec.architecture": arch}
 
 

@@ -11,6 +11,7 @@ Everything operates on a `DiffusionModel` (model.py): ComfyUI's objects are adap
 from ._version import __version__
 from .errors import Cancelled, NonFiniteLossError, SpareInputError  # noqa: E402
 from .model import DiffusionModel  # noqa: E402
+from .families import FAMILIES, Family  # noqa: E402
 from .files import read_safetensors  # noqa: E402
 from .adapters import apply_lora  # noqa: E402
 from .lora import LoraWeights, load_lora, save_lora  # noqa: E402
@@ -21,6 +22,7 @@ from .sampling import LOSS_WEIGHTINGS, generate  # noqa: E402
 from .prompts import expand_alternatives  # noqa: E402
 
 __all__ = [
+    "FAMILIES", "Family",
     "__version__", "Cancelled", "NonFiniteLossError", "SpareInputError", "DiffusionModel", "LoraWeights",
     "apply_lora", "load_lora", "read_safetensors", "save_lora", "Saliency", "candidate_modules", "saliency_scan",
     "TimestepProfile",

@@ -43,7 +43,8 @@ import torch
 
 from ._version import __version__
 from .adapters import AdapterSet, attach
-from .autograd import frozen, gradient_checkpointing
+from .autograd import backward_safe, frozen
+from .families import family_of
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import LoraWeights, metadata_json
 from .model import DiffusionModel
@@ -341,7 +342,7 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
     conditioning."""
     dev = model.device
     if latents is not None:
-        if latents.dim() != 4 or tuple(latents.shape[1:]) != tuple(model.latent_shape):
+        if tuple(latents.shape[1:]) != tuple(model.latent_shape):
             raise SpareInputError(f"latents have shape {tuple(latents.shape)}; expected [N, "
                                   f"{', '.join(map(str, model.latent_shape))}] for this model")
         x_forget = latents.float().to(dev)
@@ -457,9 +458,10 @@ def forget_retain_loss(model: DiffusionModel, data: TrainingData, cfg: DistillCo
 def training_mode(model: DiffusionModel, cfg: DistillConfig):
     """Where training runs: under a forked RNG seeded with cfg.seed (the caller's global RNG is untouched and runs
     are reproducible), the network's own parameters frozen, autograd on (also when called under inference mode, as
-    ComfyUI runs nodes), with gradient checkpointing if asked."""
+    ComfyUI runs nodes), with gradient checkpointing if asked and exact gradients through in-place residual adds
+    (autograd.backward_safe)."""
     devices = [model.device] if model.device.type == "cuda" else []
-    checkpointing = gradient_checkpointing(model.network) if cfg.gradient_checkpointing else contextlib.nullcontext()
+    checkpointing = backward_safe(model.network, cfg.gradient_checkpointing, family_of(model).inplace_residuals)
     with torch.random.fork_rng(devices=devices), frozen(model.network), torch.inference_mode(False), \
             torch.enable_grad(), checkpointing:
         torch.manual_seed(cfg.seed)

@@ -33,11 +33,14 @@ class DiffusionModel(Protocol):
     """Prefix of the network's weights in a LoRA file, e.g. "diffusion_model." for ComfyUI."""
 
     latent_shape: tuple[int, ...]
-    """Shape (C, H, W) of one latent sample used for self-generated training data."""
+    """Shape of one latent sample used for self-generated training data: (C, H, W), or (C, T, H, W) for families whose
+    latents carry a frame axis (Qwen-Image: T = 1)."""
 
     device: torch.device
     dtype: torch.dtype
     """Dtype the network computes in (fp32 on CPU; fp16/bf16 models train under autocast)."""
+
+    # Optional: `family` (a spare_core.families.Family or its name), the model family; absent = a UNet (families.UNET).
 
     def encode(self, prompts: Sequence[str]) -> Any:
         """Text conditioning for a batch of prompts (opaque to SPARE). SPARE calls it under torch.no_grad()."""

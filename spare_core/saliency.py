@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -34,8 +34,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .autograd import frozen, gradient_checkpointing
+from . import families
+from .autograd import backward_safe, frozen
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
+from .families import Family
 from .files import atomic_write, read_safetensors
 from .lora import ADAPTABLE
 from .model import DiffusionModel
@@ -47,15 +49,15 @@ SCORINGS = ("gradient", "taylor", "contrastive")
 DEFAULT_TARGETS = "all"        # the authors': every Linear/Conv2d of the denoiser
 DEFAULT_SCORING = "gradient"   # the authors'; "taylor" measured no better on MiniCanvas (bench/HISTORY.md)
 DEFAULT_FRACTION = 0.5         # the authors' sparsity_inclusiveness
-ATTENTION_LEAVES = ("to_q", "to_k", "to_v", "to_out", "to_out.0")  # SD/SDXL (ComfyUI LDM) projection names
-CROSS_ATTENTION_PARENT = "attn2"  # LDM name of the cross-attention block (attn1 = self-attention)
 
 
-def candidate_modules(network: nn.Module, targets: str = DEFAULT_TARGETS) -> dict[str, nn.Module]:
-    """Modules that may carry an adapter, by module path.
+def candidate_modules(network: nn.Module, targets: str = DEFAULT_TARGETS,
+                      family: Family = families.UNET) -> dict[str, nn.Module]:
+    """Modules that may carry an adapter, by module path (the rules per family: spare_core/families.py).
 
-    "all": every Linear/Conv2d (the authors' candidates); "attention": the attention projections (to_q, to_k, to_v,
-    to_out); "cross_attention": those of cross-attention (attn2) only.
+    "all": every Linear/Conv2d (UNets; the authors' candidates) or every Linear inside the transformer blocks (DiTs);
+    "attention": the attention projections (UNets: to_q, to_k, to_v, to_out); "cross_attention": where the text
+    enters (UNets: the cross-attention attn2; joint-attention DiTs: the text stream's attention projections).
     """
     if targets not in TARGET_SETS:
         raise SpareInputError(f"targets='{targets}' is not one of {', '.join(TARGET_SETS)}")
@@ -63,10 +65,12 @@ def candidate_modules(network: nn.Module, targets: str = DEFAULT_TARGETS) -> dic
     for path, module in network.named_modules():
         if not isinstance(module, ADAPTABLE) or (isinstance(module, nn.Conv2d) and module.groups != 1):
             continue
+        if not families.in_blocks(path, family):
+            continue
         if targets != "all":
-            if not any(path == leaf or path.endswith("." + leaf) for leaf in ATTENTION_LEAVES):
+            if not any(path == leaf or path.endswith("." + leaf) for leaf in family.attention):
                 continue
-            if targets == "cross_attention" and f".{CROSS_ATTENTION_PARENT}." not in f".{path}":
+            if targets == "cross_attention" and not any(part in f".{path}" for part in family.text_attention):
                 continue
         out[path] = module
     return out
@@ -181,7 +185,7 @@ def _accumulate(model: DiffusionModel, modules, x0, cond, index, seed, repeats, 
     n = x0.shape[0]
     total = repeats * math.ceil(n / batch_size)
     done = 0
-    ckpt = gradient_checkpointing(model.network) if checkpointing else nullcontext()
+    ckpt = backward_safe(model.network, checkpointing, families.family_of(model).inplace_residuals)
     with frozen(model.network), _weight_grads(modules, on_grad), torch.inference_mode(False), torch.enable_grad(), \
             ckpt:
         for _ in range(repeats):
@@ -260,10 +264,11 @@ def scan(
         raise SpareInputError(f"scoring='{scoring}' is not one of {', '.join(SCORINGS)}")
     if row_fraction is not None and not 0.0 < row_fraction <= 1.0:
         raise SpareInputError(f"row_fraction={row_fraction} must be in (0, 1]")
-    modules = candidate_modules(model.network, targets)
+    family = families.family_of(model)
+    modules = candidate_modules(model.network, targets, family)
     if not modules:
-        raise SpareInputError(f"the model has no {targets} modules (Linear/Conv2d named to_q/to_k/to_v/to_out); "
-                              "try targets='all'")
+        raise SpareInputError(f"the model has no {targets} modules ({family.label}: Linear/Conv2d named "
+                              f"{', '.join(family.attention)}); try targets='all'")
 
     def gen_or_given(prompts, seed_offset):
         return generate(model, prompts, samples, seed + seed_offset, sample_steps, sample_cfg,

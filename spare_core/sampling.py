@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .errors import Cancelled
+from .families import family_of
 from .model import DiffusionModel
 
 T_MIN = 1e-3  # the clean end of the schedule is never sampled exactly (discrete schedules have no sigma at t=0)
@@ -101,7 +102,8 @@ def generate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample `per_prompt` latents for each prompt with Euler + CFG.
 
-    Returns (x0 [len(prompts) * per_prompt, C, H, W] float32 on model.device, prompt index [N] long on CPU).
+    A guidance-distilled family (Flux-dev, Flux-schnell: guidance is the network's input) is sampled at cfg 1, as
+    ComfyUI's Flux workflows do. Returns (x0 [len(prompts) * per_prompt, C, H, W] float32 on model.device, prompt index [N] long on CPU).
     Noise is drawn on the CPU from `seed`, so results do not depend on the device's RNG. batch_size: samples per
     forward (None: GPU_SAMPLE_BATCH on an accelerator, CPU_FORWARD_ROWS on the CPU; the samples do not depend on it
     beyond float rounding).
@@ -110,6 +112,8 @@ def generate(
         batch_size = forward_rows(model.device, GPU_SAMPLE_BATCH)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if family_of(model).guidance_distilled:
+        cfg = 1.0  # Flux-dev/schnell take guidance as an input and are sampled without a negative prompt
     guided = cfg != 1.0
     cond = model.encode(list(prompts) + ([""] if guided else []))  # the last row: the unconditional prompt
     index = torch.arange(len(prompts)).repeat_interleave(per_prompt)

@@ -277,27 +277,28 @@ def test_full_size_export_maps_every_key(pack, family, caplog):
         assert set(patches) == {f"diffusion_model.{p}.weight" for p in candidates}
 
 
-def test_dit_families_are_refused_by_name(pack):
-    """A real (meta-device) Flux MODEL: every training node refuses it with a message naming the family."""
+def test_unsupported_families_are_refused_by_name(pack):
+    """A real (meta-device, full-size) AuraFlow MODEL, a family SPARE does not train: every training node refuses it
+    with a message naming the model and listing the supported families."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models as sm
     from spare_core.errors import SpareInputError
     nodes_mod, _ = pack
-    config = sm.Flux({"image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
-                      "patch_size": 2, "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0,
-                      "num_heads": 4, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 6, 6], "theta": 10000,
-                      "qkv_bias": True})
-    flux = comfy.model_patcher.ModelPatcher(config.get_model({}, device=torch.device("meta")),
+    config = sm.AuraFlow({"cond_seq_dim": 2048})
+    aura = comfy.model_patcher.ModelPatcher(config.get_model({}, device=torch.device("meta")),
                                             load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
     _, clip = cf.build_tiny("sd15")
-    with pytest.raises(SpareInputError, match="Flux models .* are not supported yet"):
-        scan(nodes_mod, flux, clip)
-    with pytest.raises(SpareInputError, match="Flux models"):
-        run(nodes_mod.TimestepProfileNode, model=flux, clip=clip, concept="a", surrogate="b", bins=4, samples=1,
+    with pytest.raises(SpareInputError, match="AuraFlow models .* are not supported; .*Flux.1 .*Qwen-Image"):
+        scan(nodes_mod, aura, clip)
+    with pytest.raises(SpareInputError, match="AuraFlow models"):
+        run(nodes_mod.TimestepProfileNode, model=aura, clip=clip, concept="a", surrogate="b", bins=4, samples=1,
             seed=0, sharpness=1.0, uniform_floor=0.2, resolution=RES)
-    with pytest.raises(SpareInputError, match="Flux models"):
-        distill(nodes_mod, flux, clip, None)
+    with pytest.raises(SpareInputError, match="AuraFlow models"):
+        distill(nodes_mod, aura, clip, None)
+    with pytest.raises(SpareInputError, match="AuraFlow models"):
+        run(nodes_mod.ConceptSamples, model=aura, clip=clip, concept="a", samples=1, seed=0, resolution=RES,
+            steps=1, cfg=1.0)
 
 
 def test_bf16_model_trains_under_autocast(pack):

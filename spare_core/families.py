@@ -1,0 +1,76 @@
+"""Model families SPARE trains, described by their module names (host-independent: no ComfyUI import).
+
+A host (nodes/host.py) tells which family a loaded model belongs to; spare_core reads from the family where the
+candidate modules are, whether the network adds residuals in place (autograd.backward_safe), whether the model is
+sampled without classifier-free guidance, and what a LoRA file says about its base model.
+
+Candidates (saliency.candidate_modules), per family and `targets`:
+- "all": the authors' rule, every Linear/Conv2d the saliency may pick. For the UNets that is the whole network (the
+  authors' SD code). For the DiTs it is every Linear *inside the transformer blocks* (`blocks`): the projections,
+  MLPs and per-block modulation of both streams. Left out: the embedders before the blocks (`img_in`, `txt_in` /
+  `context_embedder`, `time_in`, `vector_in`, `guidance_in`) and the final layer, which every prompt passes through,
+  so an update there moves everything. These DiT defaults are provisional: ESD/UCE-style erasers published on Flux
+  train narrower sets (EraseAnything: rank 8 on the text stream's q/k; UCE's Flux script: closed form on `txt_in` /
+  `vector_in`), and which set erases best with the least collateral is to be measured on a trained tiny Flux
+  (bench/minicanvas). Fused projections (Flux's `qkv`, `linear1`) are scored and adapted whole, not as q/k/v/MLP row
+  slices.
+- "attention": the attention projections inside the blocks (`attention` leaf names).
+- "cross_attention": where the text enters. UNets: the cross-attention (attn2) projections. Joint-attention DiTs have
+  no cross-attention; there it is the text stream's attention projections (`text_attention`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    label: str                       # what users call it, for messages
+    blocks: tuple[str, ...] = ()     # top-level module lists holding the transformer blocks; () = the whole network
+    attention: tuple[str, ...] = ()  # leaf names (module path endings) of attention projections
+    text_attention: tuple[str, ...] = ()  # path fragments of the text-conditioned attention projections
+    inplace_residuals: bool = False  # blocks add residuals in place (autograd.backward_safe makes gradients exact)
+    guidance_distilled: bool = False  # guidance is an input of the network: sampled at cfg 1 (no negative prompt)
+    architecture: str = ""           # modelspec.architecture of its LoRA files (kohya's sai_model_spec names)
+    dit: bool = True
+
+
+UNET = Family("unet", "SD1.x / SD2.x / SDXL (UNet)", attention=("to_q", "to_k", "to_v", "to_out", "to_out.0"),
+              text_attention=(".attn2.",), dit=False)
+FLUX = Family("flux", "Flux.1-dev (and Krea, Kontext)", blocks=("double_blocks", "single_blocks"),
+              attention=("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2"),
+              text_attention=(".txt_attn.",), inplace_residuals=True, guidance_distilled=True,
+              architecture="flux-1-dev/lora")
+FLUX_SCHNELL = Family("flux_schnell", "Flux.1-schnell", FLUX.blocks, FLUX.attention, FLUX.text_attention,
+                      inplace_residuals=True, guidance_distilled=True, architecture="flux-1-schnell/lora")
+CHROMA = Family("chroma", "Chroma", FLUX.blocks, FLUX.attention, FLUX.text_attention, inplace_residuals=True,
+                architecture="chroma/lora")
+SD3 = Family("sd3", "SD3 / SD3.5", blocks=("joint_blocks",), attention=("attn.qkv", "attn.proj", "attn2.qkv",
+                                                                          "attn2.proj"),
+             text_attention=(".context_block.attn.",),
+             architecture="stable-diffusion-3/lora")
+QWEN_IMAGE = Family("qwen_image", "Qwen-Image", blocks=("transformer_blocks",),
+                    attention=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+                               "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
+                    text_attention=(".attn.add_q_proj", ".attn.add_k_proj", ".attn.add_v_proj", ".attn.to_add_out"),
+                    architecture="qwen-image/lora")
+LUMINA2 = Family("lumina2", "Lumina 2 (NextDiT; Z-Image's backbone)",
+                 blocks=("noise_refiner", "context_refiner", "layers"),
+                 attention=("attention.qkv", "attention.out"), text_attention=("context_refiner.",),
+                 architecture="lumina-2/lora")
+
+FAMILIES = {f.name: f for f in (UNET, FLUX, FLUX_SCHNELL, CHROMA, SD3, QWEN_IMAGE, LUMINA2)}
+
+
+def family_of(model) -> Family:
+    """The family a DiffusionModel declares (`model.family`: a Family or its name); UNET when it declares none (the
+    MiniCanvas model, the tests' tiny denoiser and SD UNets are UNets)."""
+    f = getattr(model, "family", None)
+    if f is None:
+        return UNET
+    return f if isinstance(f, Family) else FAMILIES[f]
+
+
+def in_blocks(path: str, family: Family) -> bool:
+    return not family.blocks or path.split(".", 1)[0] in family.blocks
