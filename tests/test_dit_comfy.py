@@ -1,0 +1,239 @@
+"""The DiT families (Flux-dev, Flux-schnell, Chroma, SD3, Qwen-Image, Lumina 2) through the pack, on tiny models built
+from ComfyUI's own classes (tests/comfy_fixtures.py: the family's comfy.supported_models config, model_base class
+and text encoders, random weights, CPU):
+
+- the whole graph: Concept Samples -> Saliency Scan -> Timestep Profile -> Sparse LoRA Distill -> Apply Erasure and
+  ComfyUI's stock LoraLoaderModelOnly (0 keys dropped, both key formats, the family in the file's metadata); the
+  input MODEL bit-identical; the concept's prediction moves toward the surrogate's, more than a retain prompt's moves;
+- exact gradients: LoRA and weight gradients through the family's blocks in fp64 against central finite differences,
+  with and without gradient checkpointing; for the families whose blocks add residuals in place (Flux, Chroma), the
+  same backward without `backward_safe` fails;
+- conditioning: prompts of different token lengths are never repeated or padded into one joint-attention forward.
+
+Needs a ComfyUI checkout in COMFYUI_PATH (scripts/setup_comfyui.sh); skipped with the reason printed otherwise.
+"""
+import logging
+import os
+
+import pytest
+import torch
+
+import comfy_fixtures as cf
+from test_nodes_comfy import pack, run  # noqa: F401  (the pack fixture: the pack loaded as ComfyUI loads it)
+
+DIT_FAMILIES = getattr(cf, "DIT_FAMILIES", ())
+RES = 64  # pixels: latent 8 x 8 (Flux/SD3/Qwen patch 2: 16 image tokens)
+SHORT, LONG = "a red cat", ("a red cat sitting on a wooden chair in a sunny garden with many flowers, painted "
+                            "carefully in oil with thick brush strokes, warm evening light and long soft shadows "
+                            "over green grass, " * 2).strip()
+
+
+@pytest.fixture(scope="module")
+def host():
+    cf.comfy_or_skip()
+    return cf.load_pack_module("nodes/host.py")
+
+
+def x0(model, clip, prompts, guidance=None, clean=None):
+    """x0 predictions of a MODEL (with its own patches) for `prompts` at fixed noisy inputs: `clean` (model-space
+    samples [N, ...]) noised at t = 0.3, 0.5, 0.7, 0.9 with fixed noise, per prompt; without `clean`, one input per
+    prompt from a fixed generator. Returns [len(prompts), ...]: per prompt, its predictions stacked."""
+    host = cf.load_pack_module("nodes/host.py")
+    dm = host.ComfyDiffusionModel(model, clip, RES, RES, guidance)
+    dm.load()
+    g = torch.Generator().manual_seed(0)
+    if clean is None:
+        n = len(prompts)
+        x = torch.randn((4, *dm.latent_shape), generator=g)[:n] * 0.5  # the same inputs for any prompt count <= 4
+        noise = torch.randn((4, *dm.latent_shape), generator=g)[:n]
+        sigma = dm.sigma_at(torch.full((n,), 0.6))
+        with torch.inference_mode():
+            return dm.predict_x0(dm.add_noise(x, noise, sigma), sigma, dm.encode(prompts)).float().clone()
+    t = torch.tensor([0.3, 0.5, 0.7, 0.9]).repeat_interleave(clean.shape[0])
+    x = clean.float().repeat(4, *[1] * (clean.dim() - 1))
+    noise = torch.randn(x.shape, generator=g)
+    sigma = dm.sigma_at(t)
+    xt = dm.add_noise(x, noise, sigma)
+    out = []
+    with torch.inference_mode():
+        for p in prompts:
+            cond = dm.select_cond(dm.encode([p]), torch.zeros(len(t), dtype=torch.long))
+            out.append(dm.predict_x0(xt, sigma, cond).float().clone())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("family", DIT_FAMILIES)
+def test_dit_graph_end_to_end(pack, host, family, caplog):  # noqa: F811
+    nodes_mod, loras = pack
+    import nodes as comfy_nodes
+    from safetensors import safe_open
+
+    from spare_core import families
+
+    model, clip = cf.build_tiny(family, seed=1)
+    fam = host.model_family(model)
+    assert fam is families.FAMILIES[family]
+    before = cf.sample(model, clip, "a red cat", seed=3, steps=2, size=RES)
+    weights_before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+
+    latents = run(nodes_mod.ConceptSamples, model=model, clip=clip, concept="a red cat", samples=2, seed=0,
+                  resolution=RES, steps=2, cfg=4.0)[0]
+    assert latents["samples"].shape[0] == 2 and torch.isfinite(latents["samples"]).all()
+    saliency, heatmap, summary = run(nodes_mod.SaliencyScan, model=model, clip=clip, concept="a red cat",
+                                     retain="a blue dog", samples=1, seed=0, selection=0.5, top_k=0, targets="all",
+                                     resolution=RES, latents=latents, gradient_checkpointing=True)
+    # every candidate lies inside the transformer blocks (spare_core/families.py)
+    assert saliency.selected and all(p.split(".")[0] in fam.blocks for p in saliency.scores)
+    timesteps = run(nodes_mod.TimestepProfileNode, model=model, clip=clip, concept="a red cat",
+                    surrogate="a plain house", bins=4, samples=1, seed=0, sharpness=1.0, uniform_floor=0.2,
+                    resolution=RES, latents=latents)[0]
+    clean = model.model.process_latent_in(latents["samples"].float())  # the concept's samples, model space
+    probe_prompts = ["a red cat", "a plain house", "a blue dog"]
+    base_x0 = x0(model, clip, probe_prompts, clean=clean)
+    for key_format, checkpointing in (("comfyui", True), ("kohya", False)):
+        lora_sd, curve, filename = run(
+            nodes_mod.SparseLoraDistill, model=model, clip=clip, concepts="a red cat", surrogates="a plain house",
+            retain="a blue dog", saliency=saliency, timesteps=timesteps, rank=4, alpha=4.0, steps=int(os.environ.get('STEPS','40')),
+            learning_rate=float(os.environ.get('LR','1e-2')), forget_weight=1.0, retain_weight=1.0, samples=2, seed=0,
+            filename_prefix=f"spare/{family}_{key_format}", key_format=key_format,
+            gradient_checkpointing=checkpointing, resolution=RES)
+        path = os.path.join(str(loras), filename)
+        with safe_open(path, "pt") as f:
+            keys, meta = list(f.keys()), f.metadata()
+        assert keys and all(k.startswith("diffusion_model." if key_format == "comfyui" else "lora_unet_")
+                            for k in keys)
+        assert meta["modelspec.architecture"] == fam.architecture and meta["spare.family"] == family
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            stock = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, filename, 1.0)[0]
+        assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+        applied = run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=filename)[0]
+        erased = x0(applied, clip, probe_prompts, clean=clean)
+        assert torch.allclose(x0(stock, clip, ["a red cat"]), x0(applied, clip, ["a red cat"]), atol=1e-4)
+        # the concept's prediction moves toward the surrogate's, more than the retain prompt's does
+        def toward_surrogate(row):
+            return float((base_x0[row] - base_x0[1]).norm() - (erased[row] - base_x0[1]).norm())
+        assert toward_surrogate(0) > max(toward_surrogate(2), 0.0), (family, key_format, toward_surrogate(0),
+                                                                     toward_surrogate(2))
+    # the input MODEL is untouched
+    after = cf.sample(model, clip, "a red cat", seed=3, steps=2, size=RES)
+    assert torch.equal(before, after)
+    assert all(torch.equal(v, weights_before[k]) for k, v in model.model.diffusion_model.state_dict().items())
+
+
+def _to64(value):
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.detach().clone().double()
+    return value
+
+
+def _cond64(host, cond):
+    if isinstance(cond, host.RowConds):
+        return host.RowConds([{k: _to64(v) for k, v in row.items()} for row in cond.rows])
+    return {k: _to64(v) for k, v in cond.items()}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("family", DIT_FAMILIES)
+def test_gradients_are_exact(host, family, checkpointing):
+    """fp64: the gradient of a loss through the family's network (called as apply_model calls it) w.r.t. LoRA adapters (what Distill trains) and
+    w.r.t. candidate weights (what Saliency Scan scores) equals central finite differences along a random direction.
+    For the families that add residuals in place, the same backward without backward_safe raises."""
+    from spare_core import families
+    from spare_core.adapters import attach
+    from spare_core.autograd import backward_safe, frozen, gradient_checkpointing
+    from spare_core.saliency import candidate_modules
+
+    model, clip = cf.build_tiny(family, seed=2)
+    dm = host.ComfyDiffusionModel(model, clip, RES, RES)
+    fam = families.FAMILIES[family]
+    cond = dm.encode([SHORT, SHORT])  # one length: the network gets one batch (lengths: the test below)
+    net = dm.network
+    with host.trainable(dm):
+        net.double()
+        if hasattr(net, "dtype"):
+            net.dtype = torch.float64
+        dm.base.manual_cast_dtype = None
+        cond = _cond64(host, cond)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn((2, *dm.latent_shape), generator=g, dtype=torch.float64)
+        sigma = dm.sigma_at(torch.tensor([0.3, 0.7])).double()
+        modules = candidate_modules(net, "all", fam)
+        paths = list(modules)[::3]
+        adapters = attach(net, paths, 2, 2.0, dtype=torch.float64)
+        with torch.no_grad():
+            for a in adapters.adapters.values():  # a nonzero up: the down projection's gradient is then nonzero
+                a.up.weight.normal_(0, 0.1, generator=g)
+        weights = [modules[p].weight for p in paths[:2]]
+        params = adapters.parameters() + weights
+
+        # The network called as BaseModel._apply_model calls it, but in fp64 throughout: apply_model casts the
+        # network's output to fp32, whose rounding would swamp a finite difference.
+        ms = dm.model_sampling
+        xc, timestep = ms.calculate_input(sigma, x).double(), ms.timestep(sigma).double()
+        extra = {k: v for k, v in cond.items() if k != "c_crossattn"}
+
+        def loss():
+            out = net(xc, timestep, context=cond["c_crossattn"], transformer_options={}, **extra)
+            return (out ** 2).mean()
+
+        try:
+            with adapters, frozen(net):
+                for w in weights:
+                    w.requires_grad_(True)
+                with backward_safe(net, checkpointing, fam.inplace_residuals):
+                    grads = torch.autograd.grad(loss(), params)
+                if fam.inplace_residuals:
+                    unsafe = gradient_checkpointing(net) if checkpointing else torch.enable_grad()
+                    with unsafe, pytest.raises(RuntimeError, match="inplace operation"):
+                        torch.autograd.grad(loss(), params)
+                for w in weights:
+                    w.requires_grad_(False)
+                direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+                h = 1e-4
+                with torch.no_grad():
+                    for p, d in zip(params, direction):
+                        p.add_(h * d)
+                    up = loss()
+                    for p, d in zip(params, direction):
+                        p.sub_(2 * h * d)
+                    down = loss()
+                    for p, d in zip(params, direction):
+                        p.add_(h * d)
+        finally:
+            net.float()
+            if hasattr(net, "dtype"):
+                net.dtype = torch.float32
+    numeric = float((up - down) / (2 * h))
+    analytic = float(sum((gr * d).sum() for gr, d in zip(grads, direction)))
+    assert abs(analytic - numeric) <= 1e-5 * abs(numeric) + 1e-12, (family, analytic, numeric)
+
+
+@pytest.mark.parametrize("family", DIT_FAMILIES)
+def test_prompts_of_different_lengths_are_not_batched_together(host, family):
+    """A batch of a short and a long prompt predicts what each prompt predicts alone: prompts whose conditionings
+    differ in length go through separate forwards (no token repetition, no padding)."""
+    model, clip = cf.build_tiny(family, seed=4)
+    dm = host.ComfyDiffusionModel(model, clip, RES, RES)
+    dm.load()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, *dm.latent_shape), generator=g)
+    sigma = dm.sigma_at(torch.tensor([0.4, 0.7]))
+    with torch.inference_mode():
+        cond = dm.encode([SHORT, LONG])
+        both = dm.predict_x0(x, sigma, cond)
+        alone = torch.cat([dm.predict_x0(x[i:i + 1], sigma[i:i + 1], dm.encode([p]))
+                           for i, p in enumerate((SHORT, LONG))])
+    assert torch.allclose(both, alone, atol=1e-5)
+    if isinstance(cond, host.RowConds):  # the encoder gave the two prompts different lengths
+        assert len({tuple(row["c_crossattn"].shape) for row in cond.rows}) == 2
+
+
+def test_guidance_reaches_flux_dev(pack, host):  # noqa: F811
+    """Flux-dev's guidance input is what the network sees: other values, other predictions."""
+    if "flux" not in DIT_FAMILIES:
+        pytest.skip("no tiny Flux-dev fixture")
+    model, clip = cf.build_tiny("flux", seed=5)
+    a, b = x0(model, clip, [SHORT], guidance=1.5), x0(model, clip, [SHORT], guidance=5.0)
+    assert not torch.allclose(a, b, atol=1e-6)
+    assert torch.equal(x0(model, clip, [SHORT]), x0(model, clip, [SHORT], guidance=3.5))  # ComfyUI's default
