@@ -34,18 +34,18 @@ STYLE_LORA = "spare/erase_vangogh_00001_.safetensors"  # what erase_style.json w
 
 # The five nodes and their inputs, in schema order (required; optional after "|").
 EXPECTED_NODES = {
-    "SPAREConceptSamples": (["model", "clip", "concept", "samples", "seed", "resolution", "steps", "cfg"], [],
+    "SPAREConceptSamples": (["model", "clip", "concept", "samples", "seed", "resolution", "steps", "cfg"], ["guidance"],
                             ["LATENT"]),
     "SPARESaliencyScan": (["model", "clip", "concept", "retain", "samples", "seed", "selection", "top_k", "targets",
-                           "resolution"], ["scoring", "latents", "gradient_checkpointing"],
+                           "resolution"], ["scoring", "latents", "gradient_checkpointing", "guidance"],
                           ["SPARE_SALIENCY", "IMAGE", "STRING"]),
     "SPARETimestepProfile": (["model", "clip", "concept", "surrogate", "bins", "samples", "seed", "sharpness",
-                              "uniform_floor", "resolution", "loss_weighting"], ["latents"],
+                              "uniform_floor", "resolution", "loss_weighting"], ["latents", "guidance"],
                              ["SPARE_TIMESTEPS", "IMAGE", "STRING"]),
     "SPARESparseLoraDistill": (["model", "clip", "concepts", "surrogates", "retain", "saliency", "rank", "alpha",
                                 "steps", "learning_rate", "forget_weight", "retain_weight", "seed", "filename_prefix",
                                 "key_format", "gradient_checkpointing", "resolution", "samples", "loss_weighting"],
-                               ["timesteps", "latents", "stop_at_gap_closed", "surrogate_anchor"],
+                               ["timesteps", "latents", "stop_at_gap_closed", "surrogate_anchor", "guidance"],
                                ["LORA_MODEL", "IMAGE", "STRING"]),
     "SPAREApplyErasure": (["model", "strength", "lora_name"], ["lora"], ["MODEL"]),
 }
@@ -204,7 +204,7 @@ def test_converter_validates_against_object_info(object_info):
 
     bad = json.loads(json.dumps(wf))
     next(n for n in bad["nodes"] if n["type"] == "SPARESaliencyScan")["widgets_values"].pop()
-    with pytest.raises(wa.WorkflowError, match="widgets_values has 9 values.*10 widget values"):
+    with pytest.raises(wa.WorkflowError, match="widgets_values has 10 values.*11 widget values"):
         wa.ui_to_api(bad, object_info)
 
     bad = json.loads(json.dumps(wf))
@@ -215,7 +215,7 @@ def test_converter_validates_against_object_info(object_info):
     bad = json.loads(json.dumps(wf))  # a seed companion value on a SPARE seed (control_after_generate=False)
     values = next(n for n in bad["nodes"] if n["type"] == "SPARETimestepProfile")["widgets_values"]
     values.insert(values.index(0) + 1, "fixed")
-    with pytest.raises(wa.WorkflowError, match="widgets_values has 10 values"):
+    with pytest.raises(wa.WorkflowError, match="widgets_values has 11 values"):
         wa.ui_to_api(bad, object_info)
 
     # frontend-only nodes: a PrimitiveNode feeding a widget converted to an input, through a Reroute
