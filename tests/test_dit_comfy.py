@@ -237,3 +237,38 @@ def test_guidance_reaches_flux_dev(pack, host):  # noqa: F811
     a, b = x0(model, clip, [SHORT], guidance=1.5), x0(model, clip, [SHORT], guidance=5.0)
     assert not torch.allclose(a, b, atol=1e-6)
     assert torch.equal(x0(model, clip, [SHORT]), x0(model, clip, [SHORT], guidance=3.5))  # ComfyUI's default
+
+
+def test_noise_levels_follow_a_shift_node_on_the_model(host):
+    """A ModelSamplingFlux node put on the MODEL (resolution-dependent shift) moves the noise levels SPARE trains at
+    exactly as it moves the sampler's: sigma_at goes through the clone's own model_sampling."""
+    if "flux" not in DIT_FAMILIES:
+        pytest.skip("no tiny Flux-dev fixture")
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+    model, clip = cf.build_tiny("flux", seed=6)
+    (shifted,) = ModelSamplingFlux().patch(model, max_shift=1.15, base_shift=0.5, width=256, height=256)
+    t = torch.tensor([0.2, 0.5, 0.8])
+    plain = host.ComfyDiffusionModel(model, clip, RES, RES).sigma_at(t)
+    moved = host.ComfyDiffusionModel(shifted, clip, RES, RES).sigma_at(t)
+    ms = shifted.get_model_object("model_sampling")
+    assert not torch.allclose(plain, moved)
+    assert torch.allclose(moved, torch.tensor([float(ms.percent_to_sigma(1 - v)) for v in t.tolist()]), atol=1e-6)
+
+
+def test_a_latent_of_another_family_is_refused(pack):  # noqa: F811
+    """An SD (4-channel) LATENT given to a 16-channel DiT: a clear error naming the input, and no file written."""
+    nodes_mod, loras = pack
+    from spare_core.errors import SpareInputError
+    if not DIT_FAMILIES:
+        pytest.skip("no tiny DiT fixture")
+    family = DIT_FAMILIES[0]
+    model, clip = cf.build_tiny(family, seed=7)
+    before = sorted(p.name for p in loras.rglob("*"))
+    with pytest.raises(SpareInputError, match="latents have 4 channels but this model's latents have 16"):
+        run(nodes_mod.SaliencyScan, model=model, clip=clip, concept="a red cat", retain="", samples=1, seed=0,
+            selection=0.5, top_k=0, targets="all", resolution=RES, latents={"samples": torch.zeros(1, 4, 8, 8)})
+    with pytest.raises(SpareInputError, match="latents: expected a LATENT"):
+        run(nodes_mod.TimestepProfileNode, model=model, clip=clip, concept="a red cat", surrogate="a house", bins=4,
+            samples=1, seed=0, sharpness=1.0, uniform_floor=0.2, resolution=RES,
+            latents={"samples": torch.zeros(1, 16, 2, 2, 8, 8)})
+    assert sorted(p.name for p in loras.rglob("*")) == before
