@@ -6,7 +6,8 @@ network: the trainable adapters distill.py trains, and apply_lora for a finished
 reverse). No module imports one that imports it back, not even through this file (tests/test_import_graph.py).
 Shared helpers, so that stages do not import each other: files.py (atomic writes, reading .safetensors),
 autograd.py (freezing, gradient checkpointing), prompts.py (prompt checks, the {a|b} retain builder), sampling.py.
-Everything operates on a `DiffusionModel` (model.py): ComfyUI's objects are adapted in nodes/host.py.
+Everything operates on a `DiffusionModel` (model.py): ComfyUI's objects are adapted in nodes/host.py. families.py says
+what differs per model family (candidate modules, in-place residuals, guidance distillation, file metadata).
 """
 from ._version import __version__
 from .errors import Cancelled, NonFiniteLossError, SpareInputError  # noqa: E402
