@@ -272,3 +272,30 @@ def test_a_latent_of_another_family_is_refused(pack):  # noqa: F811
             samples=1, seed=0, sharpness=1.0, uniform_floor=0.2, resolution=RES,
             latents={"samples": torch.zeros(1, 16, 2, 2, 8, 8)})
     assert sorted(p.name for p in loras.rglob("*")) == before
+
+
+@pytest.mark.parametrize("family", DIT_FAMILIES)
+def test_full_size_export_maps_every_key(pack, family, caplog):  # noqa: F811
+    """spare_core's export (both key formats) of a LoRA on every candidate of the full-size network (meta device):
+    ComfyUI's loader maps every key to its weight, logging no 'lora key not loaded'."""
+    import comfy.lora
+
+    import spare_core as sc
+    from spare_core import families
+    try:
+        base = cf.build_full_base_model(family)
+    except (KeyError, NotImplementedError) as e:
+        pytest.skip(f"no full-size {family} configuration in the fixtures: {e}")
+    net = base.diffusion_model
+    candidates = sc.candidate_modules(net, "all", families.FAMILIES[family])
+    assert len(candidates) > 50
+    modules = {p: {"down": torch.zeros(1, m.weight.shape[1]), "up": torch.zeros(m.weight.shape[0], 1),
+                   "alpha": torch.tensor(1.0)} for p, m in candidates.items()}
+    key_map = comfy.lora.model_lora_keys_unet(base, {})
+    for key_format in ("comfyui", "kohya"):
+        sd = sc.LoraWeights(modules, {}).state_dict(key_format, "diffusion_model.")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            patches = comfy.lora.load_lora(sd, key_map)
+        assert not [r for r in caplog.records if "not loaded" in r.getMessage()]
+        assert set(patches) == {f"diffusion_model.{p}.weight" for p in candidates}
