@@ -326,9 +326,9 @@ def test_report_plot_draws_one_labelled_group_per_method(tmp_path):
            "base_IRA_unlisted": 100.0, "base_CRA_unlisted": 96.0}
     results = {"base": {"style": {"SFA": 95.0}}, "methods": {
         "spare": {"style": dict(row), "object": dict(row, SFA=100.0)}, "uce": {"style": dict(row, UA=0.0)}}}
-    assert report._bar_values(results["methods"]["spare"])["SFA"] == 50.0  # styles only: objects keep their style
-    assert report._bar_ceiling(results, results["methods"]["spare"], "CRA_unlisted") == 96.0
-    assert report._bar_ceiling(results, results["methods"]["spare"], "UA") is None
+    assert report.bar_values(results["methods"]["spare"])["SFA"] == 50.0  # styles only: objects keep their style
+    assert report.bar_ceiling(results, results["methods"]["spare"], "CRA_unlisted") == 96.0
+    assert report.bar_ceiling(results, results["methods"]["spare"], "UA") is None
     one, two = tmp_path / "one.png", tmp_path / "two.png"
     report.plot({**results, "methods": {"spare": results["methods"]["spare"]}}, None, str(one))
     report.plot(results, None, str(two))

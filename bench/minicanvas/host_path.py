@@ -158,8 +158,8 @@ class ComfyHost:
         """Unload and drop the MODEL, CLIP and VAE (and the cached conditionings) now, while ComfyUI's modules are
         alive. dispatch.run keeps the closed host as its process' worker host (set_worker): a host that kept its
         patchers would have them collected only at interpreter exit, after comfy.model_patcher's globals are gone,
-        and each `ModelPatcher.__del__` would print "Exception ignored ... 'NoneType' object has no attribute 'ON_DETACH'".
-        The host cannot be used after close()."""
+        and each `ModelPatcher.__del__` would print "Exception ignored ... 'NoneType' object has no attribute
+        'ON_DETACH'". The host cannot be used after close()."""
         import gc
 
         import comfy.model_management
