@@ -70,7 +70,7 @@ def table(results: dict) -> str:
             unl.append(f"{d} {rows[0]['base_IRA_unlisted']:.1f} / {rows[0]['base_CRA_unlisted']:.1f}")
     lines.append("")
     lines.append(
-        f"Retain list of every method: `{retain_set}` (bench/minicanvas/harness.py, concept_prompts); \"unlisted\" "
+        f"Retain list of every method: `{retain_set}` (bench/minicanvas/budgets.py, concept_prompts); \"unlisted\" "
         "= the classes of the erased concept's domain that no prompt any method saw names, \"listed\" = those it "
         "names (all of them for all-pairs). Unerased model on the same held-out grid: style accuracy "
         f"{base['style_acc']:.1f}%, object accuracy {base['object_acc']:.1f}%; its figures for the same concepts (the "
