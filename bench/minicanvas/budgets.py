@@ -19,7 +19,8 @@ STYLES = [c.name for c in data.STYLES if c.name != data.NEUTRAL_STYLE]
 OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJECT]
 METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-no-anchor",
            "spare-rank4", "spare-floor05", "spare-steps160", "spare-anchor2", "esd-x", "esd-u", "ca", "salun", "uce",
-           "uce-pool")
+           "uce-pool")  # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); the other spare-* names
+# are SPARE_VARIANTS (below): SPARE with a few settings changed
 SHORT_STEPS = 0.8  # spare-steps160 (experiment, time): 0.8 x the step cap (160 of 200), cosine-decayed to that cap
 PROFILE_FLOOR_05 = 0.5  # spare-floor05 (experiment): half of the steps spread evenly over the schedule (default 0.2)
 # choice: kept from the first model (on which only some objects were drawn recognisably) so that runs compare across
@@ -35,6 +36,7 @@ STANDARD_BASELINE_SEEDS = 1  # the step-trained baselines run one training seed 
 REFERENCE_METHODS = ("spare-all-pairs",)  # reference rows: as many training seeds as the step-trained baselines
 TRAIN_TEMPLATE = 0                   # UnlearnCanvas' "A {object} image in {style} style.": every training prompt
 EVAL_TEMPLATES = tuple(i for i in range(len(data.TEMPLATES)) if i != TRAIN_TEMPLATE)  # held out for evaluation
+
 
 @dataclass
 class Budget:
@@ -199,4 +201,3 @@ SPARE_VARIANTS = {
     # experiment (time): 0.8 x the step cap (160 of 200), cosine-decayed to that cap
     "spare-steps160": SpareVariant(step_scale=SHORT_STEPS),
 }
-

@@ -16,9 +16,10 @@ CLEAN_UNLISTED_DROP = 3.0         # IRA, CRA on the unlisted classes within 3 po
 CLEAN_SFA_DROP = 10.0             # and the other domain kept inside the erased row within 10 points (SFA)
 
 
-
-
 class Judge:
+    """The shipped style and object classifiers: images [B, 3, H, W] in [0, 1] -> predicted style and object
+    indices and the features the quality FD compares."""
+
     def __init__(self):
         self.style, self.object = load_classifiers()
 
@@ -56,7 +57,6 @@ def grid(seeds: int, domain=None, name=None, synonym=None, templates=EVAL_TEMPLA
 def evaluate(judge, images, labels_s, labels_o, domain, target):
     j = judge(images)
     return metrics.erasure_metrics(domain, target, labels_s, labels_o, j["style"], j["object"]), j
-
 
 
 def split_metrics(domain, split, ls, lo, style_pred, object_pred) -> dict[str, float]:

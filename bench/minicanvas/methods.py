@@ -15,7 +15,6 @@ from . import baselines, budgets, memory
 from .budgets import METHODS, SPARE_VARIANTS, all_pairs, split_variant
 
 
-
 def default_inputs():
     """What an erasure reads its prompt lists, learning rates and memory probe from, looked up on each call:
     concept_prompts and LR (budgets.py), peak_rss_reset and peak_rss_mb (memory.py). A host takes any object with
