@@ -18,7 +18,7 @@ import einops
 import torch
 
 import spare_core as sc
-from bench.minicanvas import harness
+from bench.minicanvas.budgets import OBJECTS, STYLES, concept_prompts
 from bench.minicanvas.model import load as load_model
 
 SETTINGS = ((2, 1.0), (1, 1.0), (2, 0.5), (1, 0.5))  # (draws per bin, share of the concept samples)
@@ -31,7 +31,7 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=4, help="profile seeds per setting (>= 2)")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args(argv)
-    names = harness.STYLES + harness.OBJECTS
+    names = STYLES + OBJECTS
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
     bad = [c for c in concepts if c not in names]
     if bad or not concepts:
@@ -42,8 +42,8 @@ def main(argv=None):
     model = load_model()
     rows = []
     for concept in concepts:
-        domain = "style" if concept in harness.STYLES else "object"
-        forget, surrogate, _, _, _ = harness.concept_prompts(domain, concept, 0)
+        domain = "style" if concept in STYLES else "object"
+        forget, surrogate, _, _, _ = concept_prompts(domain, concept, 0)
         x, _ = sc.generate(model, forget, 4, 0)
         # sample-major, as the stages read latents (row i -> concept i % n): the first rows hold samples of every
         # prompt. (Before 2026-11-29 this script passed them prompt-major: rows were paired with the wrong prompts.)

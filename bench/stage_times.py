@@ -20,7 +20,7 @@ import einops
 import torch
 
 import spare_core as sc
-from bench.minicanvas import harness
+from bench.minicanvas.budgets import LR, OBJECTS, STYLES, concept_prompts
 from bench.minicanvas.model import load as load_model
 
 
@@ -31,9 +31,9 @@ def timed(fn):
 
 
 def run(model, concept: str, steps: int, shared: bool) -> dict:
-    domain = "style" if concept in harness.STYLES else "object"
-    forget, surrogate, retain, _, _ = harness.concept_prompts(domain, concept, 0)
-    cfg = sc.DistillConfig(forget, surrogate, retain=retain, steps=steps, lr=harness.LR["spare"], seed=0)
+    domain = "style" if concept in STYLES else "object"
+    forget, surrogate, retain, _, _ = concept_prompts(domain, concept, 0)
+    cfg = sc.DistillConfig(forget, surrogate, retain=retain, steps=steps, lr=LR["spare"], seed=0)
     per = cfg.samples_per_prompt
     times, x = {}, None
     if shared:  # SPARE Concept Samples: one draw, round-robin order (sample i -> prompt i % n)
@@ -50,7 +50,7 @@ def run(model, concept: str, steps: int, shared: bool) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.stage_times", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    names = harness.STYLES + harness.OBJECTS
+    names = STYLES + OBJECTS
     ap.add_argument("--concept", default="ukiyo", choices=names)
     ap.add_argument("--steps", type=int, default=sc.DistillConfig.steps, help="distill steps (default: product's)")
     ap.add_argument("--out", help="write the figures as JSON here")

@@ -109,3 +109,58 @@ def test_the_check_sees_every_kind_of_import(tmp_path):
     # the real graph was read: the package imports its stages, the hooks import the file format
     core = graph("spare_core")
     assert "spare_core.distill" in core["spare_core"] and "spare_core.lora" in core["spare_core.adapters"]
+
+
+# The MiniCanvas harness, split by job (bench/minicanvas/harness.py's docstring): each module imports only the ones
+# listed before it here, and nothing in the package imports the front door (harness.py) or the CLI except those two.
+HARNESS_LAYERS = ("budgets", "memory", "judge", "methods", "summary", "dispatch", "cli", "harness")
+
+
+def test_harness_modules_are_layered():
+    edges = graph("bench.minicanvas")
+    names = [f"bench.minicanvas.{m}" for m in HARNESS_LAYERS]
+    for i, name in enumerate(names):
+        later = set(names[i + 1:]) & edges[name]
+        assert not later, f"{name} imports {sorted(later)}, which come after it in HARNESS_LAYERS"
+    front = {"bench.minicanvas.harness", "bench.minicanvas.cli"}
+    users = {n for n, e in edges.items() if e & front} - front - {"bench.minicanvas.__main__"}
+    assert not users, f"{sorted(users)} import the harness' front door or CLI: import from the module of the job"
+
+
+def private_reach_ins(package: str, root: Path = ROOT) -> list[str]:
+    """`module._name` or `from .module import _name` across the modules of `package` (a module's own underscore names
+    are its business; another module's are not)."""
+    known = modules(package, root)
+    found = []
+    for name, path in known.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        siblings = set()  # local names bound to a module of the package
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                here = package if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+                base = here.split(".")[: len(here.split(".")) - max(node.level - 1, 0)] if node.level else []
+                source = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module or ""
+                for a in node.names:
+                    if f"{source}.{a.name}" in known:
+                        siblings.add(a.asname or a.name)
+                    elif source in known and a.name.startswith("_") and not a.name.startswith("__"):
+                        found.append(f"{name}: from {source} import {a.name}")
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in siblings
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                found.append(f"{name}:{node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_private_reach_ins():
+    assert not private_reach_ins("bench.minicanvas")
+
+
+def test_the_reach_in_check_sees_both_forms(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    files = {"__init__.py": "", "a.py": "_STATE = {}\ndef f(): pass\n",
+             "b.py": "from . import a\nfrom .a import _STATE, f\nx = a._STATE\ny = a.f\n"}
+    for name, text in files.items():
+        (pkg / name).write_text(text)
+    assert private_reach_ins("pkg", tmp_path) == ["pkg.b: from pkg.a import _STATE", "pkg.b:3: a._STATE"]

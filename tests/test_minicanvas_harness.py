@@ -326,9 +326,9 @@ def test_report_plot_draws_one_labelled_group_per_method(tmp_path):
            "base_IRA_unlisted": 100.0, "base_CRA_unlisted": 96.0}
     results = {"base": {"style": {"SFA": 95.0}}, "methods": {
         "spare": {"style": dict(row), "object": dict(row, SFA=100.0)}, "uce": {"style": dict(row, UA=0.0)}}}
-    assert report._bar_values(results["methods"]["spare"])["SFA"] == 50.0  # styles only: objects keep their style
-    assert report._bar_ceiling(results, results["methods"]["spare"], "CRA_unlisted") == 96.0
-    assert report._bar_ceiling(results, results["methods"]["spare"], "UA") is None
+    assert report.bar_values(results["methods"]["spare"])["SFA"] == 50.0  # styles only: objects keep their style
+    assert report.bar_ceiling(results, results["methods"]["spare"], "CRA_unlisted") == 96.0
+    assert report.bar_ceiling(results, results["methods"]["spare"], "UA") is None
     one, two = tmp_path / "one.png", tmp_path / "two.png"
     report.plot({**results, "methods": {"spare": results["methods"]["spare"]}}, None, str(one))
     report.plot(results, None, str(two))
@@ -359,3 +359,54 @@ def test_demo_picture_has_the_surrogate_reference():
     col = demo.labelled_grid(grid, grid, "object", oi, "t", torch.rand(n_s, 3, 32, 32))
     assert row.width == plain.width and row.height > plain.height + 64
     assert col.width > plain.width + 64
+
+
+def test_spare_variants_reach_the_stages(monkeypatch):
+    """The named SPARE rows (budgets.SPARE_VARIANTS) are SPARE with their settings: what run_method hands the timestep
+    profile and distill, read from stand-ins for the spare_core stages (nothing trains). Budget.spare_overrides win
+    over a variant's, as before the variants were named."""
+    import spare_core as sc
+    from dataclasses import replace
+
+    from bench.minicanvas import budgets, methods
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def distill(model, cfg, sal, profile, latents=None, on_check=None):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(sc, "generate", lambda model, prompts, per, seed: (torch.zeros(len(prompts) * per, 1), None))
+    monkeypatch.setattr(sc, "saliency_scan", lambda *a, **k: "saliency")
+    monkeypatch.setattr(sc, "timestep_profile", lambda *a, **k: seen.update(profile=k) or "profile")
+    monkeypatch.setattr(sc, "distill", distill)
+
+    def stages(method, budget=budgets.Budget()):
+        seen.clear()
+        with pytest.raises(Stop):
+            methods.run_method(method, None, "style", "ukiyo", budget, seed=1)
+        return seen["cfg"], seen["profile"]
+
+    assert set(budgets.SPARE_VARIANTS) <= set(budgets.METHODS)
+    base, base_profile = stages("spare")
+    assert base.steps == budgets.Budget.spare and "floor" not in base_profile
+    assert base.retain == budgets.concept_prompts("style", "ukiyo", 1)[2]
+    cfg, _ = stages("spare-rank4")
+    assert (cfg.rank, cfg.alpha) == (4, 4.0) and replace(cfg, rank=base.rank, alpha=base.alpha) == base
+    cfg, _ = stages("spare-no-anchor")
+    assert cfg.surrogate_anchor == 0.0 and replace(cfg, surrogate_anchor=base.surrogate_anchor) == base
+    cfg, _ = stages("spare-anchor2")
+    assert cfg.anchor_samples == base.samples_per_prompt // 2 and replace(cfg, anchor_samples=0) == base
+    cfg, profile = stages("spare-floor05")
+    assert profile["floor"] == 0.5 and cfg == base
+    cfg, _ = stages("spare-steps160")
+    assert cfg.steps == round(0.8 * budgets.Budget.spare) and replace(cfg, steps=base.steps) == base
+    cfg, _ = stages("spare-all-pairs")
+    assert cfg.retain == budgets.all_pairs("style", "ukiyo") and replace(cfg, retain=base.retain) == base
+    cfg, _ = stages("spare-rank4", budgets.Budget(spare_overrides=(("rank", 8),)))
+    assert (cfg.rank, cfg.alpha) == (8, 4.0)  # the budget's override wins over the variant's
+    cfg, _ = stages("spare+rank=2")
+    assert cfg.rank == 2

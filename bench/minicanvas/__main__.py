@@ -1,3 +1,3 @@
-from .harness import main
+from .cli import main
 
 main()

@@ -24,7 +24,7 @@ which gave UCE a second, non-spatial text path to rewrite). ESD-u ("everything b
 Deviations from the papers: SalUn's retain loss distils the frozen model's prediction on retain samples instead of
 denoising real images (there are none), and its forget and retain samples are self-generated; CA's anchor images are
 self-generated; ESD's partial sampling uses Euler with cfg 3 (its code: DDIM); learning rates are the papers' x 20
-and ESD runs 200 steps instead of 1000 in `--standard` (harness.py, LR_SCALE and STANDARD_ESD_STEPS).
+and ESD runs 200 steps instead of 1000 in `--standard` (budgets.py, LR_SCALE and STANDARD_ESD_STEPS).
 """
 from __future__ import annotations
 

@@ -15,22 +15,26 @@ import time
 
 import torch
 
-from . import data, harness, metrics
+from . import data, metrics
+from .budgets import OBJECTS, STYLES, Budget
+from .dispatch import map_tasks, worker_model
+from .judge import grid
+from .methods import run_method, sample_edited
 
 
 def ua_curve(model, judge, domain, name, budgets, seeds=2, sample_steps=12, log=print):
     target = (data.style_index if domain == "style" else data.object_index)(name)
-    prompts, ls, lo, sd = harness.grid(seeds)
+    prompts, ls, lo, sd = grid(seeds)
     rows = ((ls if domain == "style" else lo) == target).nonzero().flatten().tolist()
     prompts, sd = [prompts[i] for i in rows], [sd[i] for i in rows]
     out = {}
     for method in ("spare", "spare-uniform-t"):
         out[method] = []
         for steps in budgets:
-            budget = harness.Budget().scaled(1.0, seeds)
+            budget = Budget().scaled(1.0, seeds)
             budget.spare = steps
-            edited, info = harness.run_method(method, model, domain, name, budget)
-            images = harness.sample_edited(model, edited, prompts, sd, sample_steps)
+            edited, info = run_method(method, model, domain, name, budget)
+            images = sample_edited(model, edited, prompts, sd, sample_steps)
             ua = metrics.unlearning_accuracy(judge(images)[domain], target)
             out[method].append({"steps": steps, "UA": ua, "seconds": info["seconds"]})
             log(f"{domain} {name:10s} {method:16s} steps {steps:4d} UA {ua:6.2f} ({info['seconds']:.1f}s)")
@@ -39,8 +43,8 @@ def ua_curve(model, judge, domain, name, budgets, seeds=2, sample_steps=12, log=
 
 def _concept_curve(task):
     name, budgets, seeds = task
-    model, judge = harness.worker_model()
-    domain = "style" if name in harness.STYLES else "object"
+    model, judge = worker_model()
+    domain = "style" if name in STYLES else "object"
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     return name, ua_curve(model, judge, domain, name, budgets, seeds, log=log)
 
@@ -62,11 +66,11 @@ def main(argv=None):
                        + " ".join(argv if argv is not None else __import__("sys").argv[1:]), "seeds": args.seeds},
               "concepts": {}}
     names = [c.strip() for c in args.concepts.split(",") if c.strip()]
-    bad = [n for n in names if n not in harness.STYLES and n not in harness.OBJECTS]
+    bad = [n for n in names if n not in STYLES and n not in OBJECTS]
     if bad:
-        ap.error(f"unknown concept(s) {bad}; styles: {harness.STYLES}; objects: {harness.OBJECTS}")
+        ap.error(f"unknown concept(s) {bad}; styles: {STYLES}; objects: {OBJECTS}")
     tasks = [(n, budgets, args.seeds) for n in names]
-    done = harness.map_tasks(_concept_curve, tasks, args.jobs, threads)
+    done = map_tasks(_concept_curve, tasks, args.jobs, threads)
     result["concepts"] = dict(done)
     result["meta"]["wall_seconds"] = round(time.time() - started, 1)
     with open(args.out + ".tmp", "w") as f:

@@ -28,10 +28,13 @@ import torch
 
 import spare_core as sc
 
-from . import data, harness
+from . import data
+from .budgets import EVAL_TEMPLATES, OBJECTS, STYLES, Budget, retention_split
+from .judge import (CLEAN_DROP, CLEAN_SFA_DROP, CLEAN_UNLISTED_DROP, ERASED_UA, Judge, evaluate, grid,
+                    split_metrics)
+from .methods import generate, run_method, sample_edited
 from .model import load as load_model
 
-ERASED_UA = harness.ERASED_UA
 CELL_SCALE = 2          # nearest-neighbour upscale of each 32 px image
 LABEL_W, LABEL_H = 70, 46
 
@@ -46,13 +49,13 @@ def verdict(domain: str, concept: str, m: dict, base: dict) -> str:
     else:
         head = f"erased {domain} '{concept}' (UA {m['UA']:.0f})"
     inside = "object" if domain == "style" else "style"
-    if base["SFA"] - m["SFA"] <= harness.CLEAN_SFA_DROP:
+    if base["SFA"] - m["SFA"] <= CLEAN_SFA_DROP:
         middle = f"the {inside} is still drawn in its place (SFA {m['SFA']:.0f})"
     else:
         middle = f"but the {inside} is lost with it (SFA {m['SFA']:.0f} vs {base['SFA']:.0f} unerased)"
-    keys, line, where = ("IRA", "CRA"), harness.CLEAN_DROP, ""
+    keys, line, where = ("IRA", "CRA"), CLEAN_DROP, ""
     if "IRA_unlisted" in m and "IRA_unlisted" in base:
-        keys, line = ("IRA_unlisted", "CRA_unlisted"), harness.CLEAN_UNLISTED_DROP
+        keys, line = ("IRA_unlisted", "CRA_unlisted"), CLEAN_UNLISTED_DROP
         where = " the retain list did not name"
     damage = max(base[k] - m[k] for k in keys)
     tail = f"other concepts{where} kept" if damage <= line else \
@@ -62,18 +65,18 @@ def verdict(domain: str, concept: str, m: dict, base: dict) -> str:
 
 
 def surrogate_prompts(domain: str, target_index: int) -> tuple[list[str], list[int]]:
-    """The erased row's (style) / column's (object) grid prompts (harness.grid: same templates and seeds) with the
+    """The erased row's (style) / column's (object) grid prompts (grid: same templates and seeds) with the
     concept replaced by the neutral one ('plain' style / 'blob' object): what that row should look like after a clean
     erasure."""
-    templates, n_o = harness.EVAL_TEMPLATES, len(harness.OBJECTS)
+    templates, n_o = EVAL_TEMPLATES, len(OBJECTS)
     if domain == "style":
         cells = [(target_index, oi) for oi in range(n_o)]
     else:
-        cells = [(si, target_index) for si in range(len(harness.STYLES))]
+        cells = [(si, target_index) for si in range(len(STYLES))]
     prompts, seeds = [], []
     for si, oi in cells:
-        style = data.NEUTRAL_STYLE if domain == "style" else harness.STYLES[si]
-        obj = data.NEUTRAL_OBJECT if domain == "object" else harness.OBJECTS[oi]
+        style = data.NEUTRAL_STYLE if domain == "style" else STYLES[si]
+        obj = data.NEUTRAL_OBJECT if domain == "object" else OBJECTS[oi]
         prompts.append(data.prompt(style, obj, templates[(si + oi) % len(templates)]))
         seeds.append(10_000 + 100 * (si * n_o + oi))
     return prompts, seeds
@@ -86,7 +89,7 @@ def labelled_grid(before: torch.Tensor, after: torch.Tensor, domain: str, target
     it (an object), outlined in green."""
     from PIL import Image, ImageDraw, ImageFont
 
-    n_s, n_o = len(harness.STYLES), len(harness.OBJECTS)
+    n_s, n_o = len(STYLES), len(OBJECTS)
     size = before.shape[-1] * CELL_SCALE
     pad = 2
     grid_w, grid_h = n_o * (size + pad), n_s * (size + pad)
@@ -112,7 +115,7 @@ def labelled_grid(before: torch.Tensor, after: torch.Tensor, domain: str, target
     for g, (images, label) in enumerate(((before, "BEFORE"), (after, "AFTER"))):
         x0 = LABEL_W + g * (grid_w + gap)
         draw.text((x0 + grid_w // 2 - 18, 20), label, fill=(0, 0, 0), font=font)
-        for oi, o in enumerate(harness.OBJECTS):
+        for oi, o in enumerate(OBJECTS):
             draw.text((x0 + oi * (size + pad) + 2, LABEL_H + 6), o[:8], fill=(60, 60, 60), font=font)
         for si in range(n_s):
             for oi in range(n_o):
@@ -122,7 +125,7 @@ def labelled_grid(before: torch.Tensor, after: torch.Tensor, domain: str, target
         else:
             box = (x0 + target_index * (size + pad) - 2, top - 2, x0 + (target_index + 1) * (size + pad), top + grid_h)
         draw.rectangle(box, outline=(220, 0, 0), width=2)
-    for si, s in enumerate(harness.STYLES):
+    for si, s in enumerate(STYLES):
         draw.text((4, top + si * (size + pad) + size // 2 - 5), s[:11], fill=(60, 60, 60), font=font)
     if surrogate is not None:
         green, x_after = (0, 150, 0), LABEL_W + grid_w + gap
@@ -151,48 +154,48 @@ def labelled_grid(before: torch.Tensor, after: torch.Tensor, domain: str, target
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--concept", default="ukiyo", help=f"a style {harness.STYLES} or an object {harness.OBJECTS} "
+    ap.add_argument("--concept", default="ukiyo", help=f"a style {STYLES} or an object {OBJECTS} "
                     "(default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=harness.Budget().spare,
+    ap.add_argument("--steps", type=int, default=Budget().spare,
                     help="SPARE's step cap (the stopping rule may end training earlier)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--out", default="out/demo", help="folder for the LoRA and the picture (created if missing)")
     args = ap.parse_args(argv)
-    if args.concept in harness.STYLES:
+    if args.concept in STYLES:
         domain = "style"
-    elif args.concept in harness.OBJECTS:
+    elif args.concept in OBJECTS:
         domain = "object"
     else:
-        ap.error(f"unknown concept {args.concept!r}; styles: {harness.STYLES}; objects: {harness.OBJECTS}")
+        ap.error(f"unknown concept {args.concept!r}; styles: {STYLES}; objects: {OBJECTS}")
     if args.steps <= 0:
-        ap.error(f"--steps {args.steps}: must be >= 1 (default {harness.Budget().spare})")
+        ap.error(f"--steps {args.steps}: must be >= 1 (default {Budget().spare})")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         ap.error(f"--out {args.out!r} is an existing file; give a folder")
     torch.set_num_threads(int(os.environ.get("MINICANVAS_THREADS", "1")))  # 2 threads on 2 shared cores ran ~100x slower
     model = load_model()
-    judge = harness.Judge()
-    budget = harness.Budget(spare=args.steps, seeds=1)
-    prompts, ls, lo, seeds = harness.grid(1)
+    judge = Judge()
+    budget = Budget(spare=args.steps, seeds=1)
+    prompts, ls, lo, seeds = grid(1)
     target = (data.style_index if domain == "style" else data.object_index)(args.concept)
     print(f"erasing {domain} '{args.concept}' with SPARE (product defaults, cap {args.steps} steps) ...", flush=True)
     t0 = time.perf_counter()
     def progress(check, adapters):  # every probe check (20 steps): a line, so a minute of training is not silent
         print(f"  step {check['step']:4d}/{args.steps}: concept->surrogate gap closed {100 * check['reduction']:3.0f}%"
               f" ({time.perf_counter() - t0:.0f}s)", flush=True)
-    edited, info = harness.run_method("spare", model, domain, args.concept, budget, seed=args.seed,
+    edited, info = run_method("spare", model, domain, args.concept, budget, seed=args.seed,
                                       on_check=progress)
     print(f"trained in {time.perf_counter() - t0:.0f}s: {info['steps_used']} steps, gap closed "
           f"{100 * info['gap_closed']:.0f}%, {info['modules']} modules; judging {len(prompts)} held-out prompts "
           "before and after ...", flush=True)
-    before = harness.generate(model, prompts, seeds, budget.sample_steps)
-    after = harness.sample_edited(model, edited, prompts, seeds, budget.sample_steps)
-    m, j_after = harness.evaluate(judge, after, ls, lo, domain, target)
-    b, j_before = harness.evaluate(judge, before, ls, lo, domain, target)
+    before = generate(model, prompts, seeds, budget.sample_steps)
+    after = sample_edited(model, edited, prompts, seeds, budget.sample_steps)
+    m, j_after = evaluate(judge, after, ls, lo, domain, target)
+    b, j_before = evaluate(judge, before, ls, lo, domain, target)
     sur_prompts, sur_seeds = surrogate_prompts(domain, target)
-    surrogate = harness.generate(model, sur_prompts, sur_seeds, budget.sample_steps)
-    split = harness.retention_split(domain, args.concept, args.seed, budget.retain_set)
-    m.update(harness.split_metrics(domain, split, ls, lo, j_after["style"], j_after["object"]))
-    b.update(harness.split_metrics(domain, split, ls, lo, j_before["style"], j_before["object"]))
+    surrogate = generate(model, sur_prompts, sur_seeds, budget.sample_steps)
+    split = retention_split(domain, args.concept, args.seed, budget.retain_set)
+    m.update(split_metrics(domain, split, ls, lo, j_after["style"], j_after["object"]))
+    b.update(split_metrics(domain, split, ls, lo, j_before["style"], j_before["object"]))
     text = verdict(domain, args.concept, m, b)
     os.makedirs(args.out, exist_ok=True)
     lora_path = sc.save_lora(os.path.join(args.out, f"erase_{args.concept}.safetensors"), edited[1])

@@ -13,7 +13,7 @@
   unerased; at each step the x0 prediction is judged (share of the other domain kept, the majority class).
 - strength: the whole held-out grid at LoRA strengths 1 ... 0.35: UA, SFA and IRA / CRA on the unlisted classes.
 
-Training: SPARE at the product defaults (`harness.run_method("spare", ...)`, retain list `--retain-set`, training
+Training: SPARE at the product defaults (`run_method("spare", ...)`, retain list `--retain-set`, training
 seed `--seed`), with `--set FIELD=VALUE` overrides of DistillConfig (as the harness' `--spare-set`). Everything is
 judged on the training template (targets) or the held-out evaluation templates (trajectory, strength). Prints a
 table; `--out` also writes JSON.
@@ -30,8 +30,11 @@ import torch
 
 import spare_core as sc
 
-from . import data, harness
-from .model import sample_loop, to_image
+from . import data
+from .budgets import EVAL_TEMPLATES, OBJECTS, RETAIN_SETS, STYLES, Budget, parse_override, retention_split
+from .judge import Judge, evaluate, grid, split_metrics
+from .methods import generate, run_method
+from .model import load as load_model, sample_loop, to_image
 
 SIGMAS = (30.0, 10.0, 5.0, 2.0, 1.0, 0.3)
 STRENGTHS = (1.0, 0.75, 0.5, 0.35)
@@ -40,7 +43,7 @@ CFG = 4.0  # the evaluation sampler's guidance (model.sample's default)
 
 def _prompts(domain: str, name: str, cls: str, template: int = 0) -> tuple[list[str], torch.Tensor]:
     """The concept's (or the surrogate's) row / column: prompts and the other domain's labels."""
-    others = harness.OBJECTS if domain == "style" else harness.STYLES
+    others = OBJECTS if domain == "style" else STYLES
     prompts = [data.prompt(cls, o, template) if domain == "style" else data.prompt(o, cls, template) for o in others]
     index = data.object_index if domain == "style" else data.style_index
     return prompts, torch.tensor([index(o) for o in others])
@@ -81,7 +84,7 @@ def trajectory(model, judge, domain: str, name: str, lora, steps: int = 12) -> l
     for label, cls, erased in (("erased, concept prompt", name, True), ("unerased, surrogate prompt", surrogate, False),
                                ("unerased, concept prompt", name, False)):
         prompts, labels = [], []
-        for t in harness.EVAL_TEMPLATES:
+        for t in EVAL_TEMPLATES:
             p, lab = _prompts(domain, name, cls, t)
             prompts += p
             labels.append(lab)
@@ -106,15 +109,15 @@ def trajectory(model, judge, domain: str, name: str, lora, steps: int = 12) -> l
 
 
 def strength(model, judge, domain: str, name: str, lora, seed: int, retain_set: str, steps: int = 12) -> list[dict]:
-    prompts, ls, lo, seeds = harness.grid(1)
+    prompts, ls, lo, seeds = grid(1)
     target = (data.style_index if domain == "style" else data.object_index)(name)
-    split = harness.retention_split(domain, name, seed, retain_set)
+    split = retention_split(domain, name, seed, retain_set)
     rows = []
     for st in STRENGTHS:
         with sc.apply_lora(model.network, lora, st):
-            images = harness.generate(model, prompts, seeds, steps)
-        m, j = harness.evaluate(judge, images, ls, lo, domain, target)
-        m.update(harness.split_metrics(domain, split, ls, lo, j["style"], j["object"]))
+            images = generate(model, prompts, seeds, steps)
+        m, j = evaluate(judge, images, ls, lo, domain, target)
+        m.update(split_metrics(domain, split, ls, lo, j["style"], j["object"]))
         rows.append({"strength": st, **m})
     return rows
 
@@ -123,22 +126,22 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("targets", "trajectory", "strength"))
-    ap.add_argument("--concept", default="ukiyo", help=f"a style {harness.STYLES} or an object {harness.OBJECTS}")
+    ap.add_argument("--concept", default="ukiyo", help=f"a style {STYLES} or an object {OBJECTS}")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
-    ap.add_argument("--retain-set", choices=harness.RETAIN_SETS, default=harness.Budget.retain_set)
+    ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a DistillConfig field for the erasure (repeatable), e.g. --set surrogate_anchor=1.0")
     ap.add_argument("--out", help="also write the rows as JSON")
     args = ap.parse_args(argv)
-    if args.concept not in harness.STYLES + harness.OBJECTS:
-        ap.error(f"unknown concept {args.concept!r}; styles: {harness.STYLES}; objects: {harness.OBJECTS}")
+    if args.concept not in STYLES + OBJECTS:
+        ap.error(f"unknown concept {args.concept!r}; styles: {STYLES}; objects: {OBJECTS}")
     try:
-        overrides = [harness.parse_override(item) for item in args.set]
+        overrides = [parse_override(item) for item in args.set]
     except ValueError as e:
         ap.error(f"--set {e}")
     torch.set_num_threads(int(os.environ.get("MINICANVAS_THREADS", "1")))
-    domain = "style" if args.concept in harness.STYLES else "object"
-    model, judge = harness.load_model(), harness.Judge()
+    domain = "style" if args.concept in STYLES else "object"
+    model, judge = load_model(), Judge()
     if args.what == "targets":
         rows = targets(model, judge, domain, args.concept, args.seed)
         print(f"forget targets (surrogate-prompt teacher's x0) for '{args.concept}': % of the "
@@ -147,8 +150,8 @@ def main(argv=None):
             print(f"  sigma {r['sigma']:5.1f}  x_t from {r['samples']:9s} samples: kept {r['kept']:5.1f}%  "
                   f"{domain} {r['class']}")
     else:
-        budget = replace(harness.Budget(), retain_set=args.retain_set, spare_overrides=tuple(overrides))
-        (_, lora), info = harness.run_method("spare", model, domain, args.concept, budget, seed=args.seed)
+        budget = replace(Budget(), retain_set=args.retain_set, spare_overrides=tuple(overrides))
+        (_, lora), info = run_method("spare", model, domain, args.concept, budget, seed=args.seed)
         print(f"erased '{args.concept}' (seed {args.seed}, retain {args.retain_set}, {dict(overrides)}): "
               f"{info['steps_used']} steps, gap closed {100 * info['gap_closed']:.0f}%", flush=True)
         if args.what == "trajectory":

@@ -20,7 +20,11 @@ from dataclasses import replace
 
 import torch
 
-from . import data, harness
+from . import data
+from .budgets import EVAL_TEMPLATES, OBJECTS, STYLES, Budget
+from .dispatch import LibraryHost
+from .judge import Judge, grid
+from .methods import default_inputs
 
 
 def table(library: dict, comfyui: dict) -> str:
@@ -73,11 +77,11 @@ def split(concept: str, seed: int = 0, grid_seeds: int = 1, sample_steps: int = 
     import spare_core as sc
     from . import host_path
 
-    domain = "style" if concept in harness.STYLES else "object"
-    budget = harness.Budget() if not steps else replace(harness.Budget(), spare=steps)
-    comfy, library, judge = host_path.ComfyHost(harness), harness.LibraryHost(), harness.Judge()
+    domain = "style" if concept in STYLES else "object"
+    budget = Budget() if not steps else replace(Budget(), spare=steps)
+    comfy, library, judge = host_path.ComfyHost(default_inputs()), LibraryHost(), Judge()
     try:
-        prompts, _, _, seeds = harness.grid(grid_seeds)
+        prompts, _, _, seeds = grid(grid_seeds)
         # CPU seconds as well as wall: on shared cores only the former compare (one torch thread each)
         c0, t0 = time.process_time(), time.perf_counter()
         (_, lib_lora), lib_info = library.erase("spare", domain, concept, budget, seed=seed)
@@ -121,9 +125,9 @@ def main(argv=None):
     t.add_argument("library")
     t.add_argument("comfyui")
     s = sub.add_parser("split", help="one concept trained both ways: where the paths part (needs COMFYUI_PATH)")
-    s.add_argument("--concept", default="ukiyo", choices=harness.STYLES + harness.OBJECTS)
+    s.add_argument("--concept", default="ukiyo", choices=STYLES + OBJECTS)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--sample-steps", type=int, default=harness.Budget.sample_steps)
+    s.add_argument("--sample-steps", type=int, default=Budget.sample_steps)
     s.add_argument("--steps", type=int, default=0, help="SPARE's steps (default: the harness', 200)")
     s.add_argument("--out")
     args = ap.parse_args(argv)
@@ -136,7 +140,7 @@ def main(argv=None):
     out["meta"] = {"date": time.strftime("%Y-%m-%d"), "command": "python -m bench.minicanvas.host_compare split "
                    f"--concept {args.concept} --seed {args.seed} --sample-steps {args.sample_steps}"
                    + (f" --steps {args.steps}" if args.steps else ""),
-                   "templates": [data.TEMPLATES[i] for i in harness.EVAL_TEMPLATES]}
+                   "templates": [data.TEMPLATES[i] for i in EVAL_TEMPLATES]}
     print(json.dumps(out, indent=1))
     if args.out:
         with open(args.out, "w") as f:

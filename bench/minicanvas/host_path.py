@@ -13,7 +13,7 @@ executor executes it: `Node.execute(...)` under `torch.inference_mode()`. Per co
         -> SPARE Apply Erasure (strength 1) -> MODEL             (the erase workflows' wiring; workflows/)
     grid: CLIP encode -> KSampler's sampling call -> VAE decode -> the harness' Judge
 
-Inputs are the harness' own (`harness.concept_prompts`, `harness.Budget`, `harness.LR["spare"]`), one prompt per line.
+Inputs are the harness' own (`budgets.concept_prompts`, `budgets.Budget`, `budgets.LR["spare"]`), one prompt per line.
 What the nodes cannot express, or do differently from `--host library` (each is a difference of the product, not of
 the method; how far the results move is measured in bench/HISTORY.md, "Library vs ComfyUI host"):
 - the model is ComfyUI's: `BaseModel.apply_model` (V_PREDICTION_EDM, timestep 0.25 log sigma converted back to
@@ -136,14 +136,14 @@ class _Warnings(logging.Handler):
 class ComfyHost:
     """The harness' host interface (`erase`, `sample`) over an in-process ComfyUI and the pack's nodes.
 
-    `harness`: the module whose inputs `erase` runs (bench.minicanvas.harness: concept_prompts, LR, peak_rss_reset and
-    peak_rss_mb, looked up on each call). harness.make_host passes it in: this module does not import the harness
-    that imports it."""
+    `inputs`: what `erase` reads on each call: concept_prompts, LR, peak_rss_reset and peak_rss_mb (the module
+    bench.minicanvas.harness, or methods.default_inputs()). dispatch.make_host passes them in: this module does not
+    import the dispatch that imports it."""
 
     name = "comfyui"
 
-    def __init__(self, harness):
-        self.harness = harness
+    def __init__(self, inputs):
+        self.inputs = inputs
         self.comfyui_path = import_comfyui()
         import folder_paths
 
@@ -156,10 +156,10 @@ class ComfyHost:
 
     def close(self):
         """Unload and drop the MODEL, CLIP and VAE (and the cached conditionings) now, while ComfyUI's modules are
-        alive. The harness keeps the closed host in `harness._WORKER`: a host that kept its patchers would have them
-        collected only at interpreter exit, after comfy.model_patcher's globals are gone, and each
-        `ModelPatcher.__del__` would print "Exception ignored ... 'NoneType' object has no attribute 'ON_DETACH'".
-        The host cannot be used after close()."""
+        alive. dispatch.run keeps the closed host as its process' worker host (set_worker): a host that kept its
+        patchers would have them collected only at interpreter exit, after comfy.model_patcher's globals are gone,
+        and each `ModelPatcher.__del__` would print "Exception ignored ... 'NoneType' object has no attribute
+        'ON_DETACH'". The host cannot be used after close()."""
         import gc
 
         import comfy.model_management
@@ -183,23 +183,23 @@ class ComfyHost:
 
     # --- training: the erase workflow -------------------------------------------------------------------------------
     def erase(self, method, domain, name, budget, seed=0):
-        """`harness.run_method` through the nodes, for one concept and training seed: (("model", erased MODEL), info
+        """`methods.run_method` through the nodes, for one concept and training seed: (("model", erased MODEL), info
         with the harness' keys, read from the Distill node's LoRA file metadata and LORA_MODEL)."""
         if method not in METHODS:
             raise ValueError(f"--host comfyui runs {', '.join(METHODS)} only (the nodes implement SPARE; the ablations "
                              f"and baselines have no nodes), not {method!r}")
         if budget.spare_overrides:
             raise ValueError("--host comfyui: Budget.spare_overrides have no node inputs")
-        harness = self.harness
-        forget, surrogate, retain, _, _ = harness.concept_prompts(domain, name, seed, budget.retain_set)
+        inputs = self.inputs
+        forget, surrogate, retain, _, _ = inputs.concept_prompts(domain, name, seed, budget.retain_set)
         if budget.spare_retain:
-            retain = harness.concept_prompts(domain, name, seed, budget.spare_retain)[2]
+            retain = inputs.concept_prompts(domain, name, seed, budget.spare_retain)[2]
         defaults = sc.DistillConfig(forget, surrogate)
         per = defaults.samples_per_prompt
         concept, surrogates, retain_text = "\n".join(forget), "\n".join(surrogate), "\n".join(retain)
         n = self.nodes
         common = dict(model=self.model, clip=self.clip, seed=seed)
-        harness.peak_rss_reset()
+        inputs.peak_rss_reset()
         t0 = time.perf_counter()
         (latents,) = run_node(n.ConceptSamples, concept=concept, samples=per, resolution=WIDGET_RESOLUTION,
                               steps=defaults.sample_steps, cfg=defaults.sample_cfg, **common)
@@ -217,7 +217,7 @@ class ComfyHost:
             with self._loras_folder():
                 lora, _, filename = run_node(
                     n.SparseLoraDistill, concepts=concept, surrogates=surrogates, retain=retain_text, saliency=saliency,
-                    rank=defaults.rank, alpha=defaults.alpha, steps=budget.spare, learning_rate=harness.LR["spare"],
+                    rank=defaults.rank, alpha=defaults.alpha, steps=budget.spare, learning_rate=inputs.LR["spare"],
                     forget_weight=defaults.forget_weight, retain_weight=defaults.retain_weight,
                     filename_prefix=FILENAME_PREFIX, key_format="comfyui",
                     gradient_checkpointing=defaults.gradient_checkpointing, resolution=WIDGET_RESOLUTION, samples=per,
@@ -235,7 +235,7 @@ class ComfyHost:
                 "modules": int(meta["spare.modules"]),
                 "retain_drift": float(meta["spare.retain_drift"]) if "spare.retain_drift" in meta else None,
                 "warning": "; ".join(warnings.messages) or None, "lora_file": filename,
-                "seconds": seconds, "peak_rss_mb": harness.peak_rss_mb()}
+                "seconds": seconds, "peak_rss_mb": inputs.peak_rss_mb()}
         return ("model", erased), info
 
     def _metadata(self, filename: str) -> dict:

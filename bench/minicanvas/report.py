@@ -70,7 +70,7 @@ def table(results: dict) -> str:
             unl.append(f"{d} {rows[0]['base_IRA_unlisted']:.1f} / {rows[0]['base_CRA_unlisted']:.1f}")
     lines.append("")
     lines.append(
-        f"Retain list of every method: `{retain_set}` (bench/minicanvas/harness.py, concept_prompts); \"unlisted\" "
+        f"Retain list of every method: `{retain_set}` (bench/minicanvas/budgets.py, concept_prompts); \"unlisted\" "
         "= the classes of the erased concept's domain that no prompt any method saw names, \"listed\" = those it "
         "names (all of them for all-pairs). Unerased model on the same held-out grid: style accuracy "
         f"{base['style_acc']:.1f}%, object accuracy {base['object_acc']:.1f}%; its figures for the same concepts (the "
@@ -243,7 +243,7 @@ PLOT_BARS = (("UA", "UA (erased)"), ("SFA", "SFA (styles: object kept)"),
              ("IRA_unlisted", "unlisted IRA"), ("CRA_unlisted", "unlisted CRA"), ("IRA_listed", "listed IRA"))
 
 
-def _bar_values(m: dict) -> dict:
+def bar_values(m: dict) -> dict:
     """The plotted figures of one method: means over styles and objects, SFA of the styles only (an erased object's
     column keeps its style in every method)."""
     doms = [m[k] for k in ("style", "object") if m.get(k)]
@@ -256,7 +256,7 @@ def _bar_values(m: dict) -> dict:
     return out
 
 
-def _bar_ceiling(results: dict, m: dict, key: str):
+def bar_ceiling(results: dict, m: dict, key: str):
     """The unerased model's figure for a bar (same classes, same grid), or None (UA has none)."""
     doms = [d for d in ("style", "object") if m.get(d)]
     if key == "SFA":
@@ -295,7 +295,7 @@ def plot(results: dict, curve: dict | None, path: str) -> None:
     for i, (name, m) in enumerate(methods):
         y0 = top + i * group_h
         d.text((10, y0 + 2 * bar_h), name, fill=(230, 230, 230), font=font)
-        vals = _bar_values(m)
+        vals = bar_values(m)
         for j, (key, _) in enumerate(PLOT_BARS):
             if key not in vals:
                 continue
@@ -303,7 +303,7 @@ def plot(results: dict, curve: dict | None, path: str) -> None:
             x = left + (right - left) * vals[key] / 100
             d.rectangle([left, y + 1, x, y + bar_h - 2], fill=COLOURS[j % len(COLOURS)])
             d.text((x + 4, y), f"{vals[key]:.1f}", fill=(230, 230, 230), font=font)
-            ceiling = _bar_ceiling(results, m, key)
+            ceiling = bar_ceiling(results, m, key)
             if ceiling is not None:
                 cx = left + (right - left) * ceiling / 100
                 d.line([cx, y, cx, y + bar_h - 1], fill=(255, 255, 255), width=2)

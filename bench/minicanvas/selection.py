@@ -4,7 +4,7 @@
 
 For every concept, training seed and saliency option, SPARE runs with the product defaults to its step cap without
 the stopping rule; at every probe check (DistillConfig.check_every) the LoRA is snapshotted with the probe gap's
-reduction, and each snapshot is judged on the held-out evaluation grid (harness.grid). Because the learning rate
+reduction, and each snapshot is judged on the held-out evaluation grid (grid). Because the learning rate
 decays to the cap, the snapshot at step k is exactly what a run stopped there would return, so one run per setting
 gives: the final erasure of each selection, and the UA / IRA / CRA a stopping threshold r would have produced
 (stop at the first check where the reduction reaches r). `summarize` prints both tables.
@@ -22,9 +22,14 @@ import torch
 
 import spare_core as sc
 
-from . import data, harness, metrics
+from . import data, metrics
+from .budgets import OBJECTS, STYLES, Budget
+from .dispatch import map_tasks, worker_model
+from .judge import CLEAN_DROP, CLEAN_UA, ERASED_UA, Judge, evaluate, grid
+from .methods import generate, run_method, sample_edited
+from .model import load as load_model
 
-# name -> harness.Budget fields (SPARE's selection, retain list, DistillConfig overrides). Every option pins its retain
+# name -> Budget fields (SPARE's selection, retain list, DistillConfig overrides). Every option pins its retain
 # list: the selection and stopping measurements (bench/runs/selection.json) used the short "neighbours" list.
 _SHORT = dict(spare_retain="neighbours", spare_targets="all")  # the measurements' retain list, every Linear/Conv
 OPTIONS = {
@@ -58,25 +63,25 @@ SNAPSHOT_STEPS = (20, 40, 60, 100, 140)  # checks judged on the grid (plus the c
 
 def _task(task):
     option, domain, name, seed, budget = task
-    model, judge = harness.worker_model()
+    model, judge = worker_model()
     env = os.environ.get("SPARE_SNAPSHOT_STEPS")
     snapshot_steps = SNAPSHOT_STEPS if env is None else tuple(int(x) for x in env.split(",") if x.strip())
     b = replace(budget, spare_stop=0.0, **OPTIONS[option])
     snaps = []
-    edited, info = harness.run_method("spare", model, domain, name, b, seed=seed,
+    edited, info = run_method("spare", model, domain, name, b, seed=seed,
                                       on_check=lambda check, ad: snaps.append(
                                           (check, sc.LoraWeights.from_adapters(ad)
                                            if check["step"] in snapshot_steps else None)))
     snaps.append(({"step": info["steps_used"], "reduction": info["gap_closed"],
                    "retain_drift": info.get("retain_drift")}, edited[1]))
-    prompts, ls, lo, seeds = harness.grid(budget.seeds)
+    prompts, ls, lo, seeds = grid(budget.seeds)
     target = (data.style_index if domain == "style" else data.object_index)(name)
     points = []
     for check, lora in snaps:
         if lora is None:
             continue
-        images = harness.sample_edited(model, ("lora", lora), prompts, seeds, budget.sample_steps)
-        m, _ = harness.evaluate(judge, images, ls, lo, domain, target)
+        images = sample_edited(model, ("lora", lora), prompts, seeds, budget.sample_steps)
+        m, _ = evaluate(judge, images, ls, lo, domain, target)
         points.append({"step": check["step"], "reduction": check["reduction"],
                        "retain_drift": check.get("retain_drift"), **m})
     print(f"{option:22s} {domain:6s} {name:9s} seed {seed}: " + " ".join(
@@ -86,11 +91,11 @@ def _task(task):
 
 
 def base_metrics(budget):
-    model, judge = harness.load_model(), harness.Judge()
-    prompts, ls, lo, seeds = harness.grid(budget.seeds)
-    j = judge(harness.generate(model, prompts, seeds, budget.sample_steps))
+    model, judge = load_model(), Judge()
+    prompts, ls, lo, seeds = grid(budget.seeds)
+    j = judge(generate(model, prompts, seeds, budget.sample_steps))
     out = {}
-    for domain, names in (("style", harness.STYLES), ("object", harness.OBJECTS)):
+    for domain, names in (("style", STYLES), ("object", OBJECTS)):
         for n in names:
             t = (data.style_index if domain == "style" else data.object_index)(n)
             out[n] = metrics.erasure_metrics(domain, t, ls, lo, j["style"], j["object"])
@@ -130,10 +135,10 @@ def summarize(result: dict, thresholds=THRESHOLDS) -> str:
             per_c = {}
             for row in rows:
                 per_c.setdefault(row["concept"], []).append(row)
-            erased = sum(np.mean([x["UA"] for x in v]) >= harness.ERASED_UA for v in per_c.values())
-            clean = sum(np.mean([x["UA"] for x in v]) >= harness.CLEAN_UA
-                        and np.mean([x["IRA_drop"] for x in v]) <= harness.CLEAN_DROP
-                        and np.mean([x["CRA_drop"] for x in v]) <= harness.CLEAN_DROP for v in per_c.values())
+            erased = sum(np.mean([x["UA"] for x in v]) >= ERASED_UA for v in per_c.values())
+            clean = sum(np.mean([x["UA"] for x in v]) >= CLEAN_UA
+                        and np.mean([x["IRA_drop"] for x in v]) <= CLEAN_DROP
+                        and np.mean([x["CRA_drop"] for x in v]) <= CLEAN_DROP for v in per_c.values())
             steps = np.mean([row["step"] for row in rows])
             lines.append(f"| {option} | {'cap' if rule is None else f'stop at {rule:g}'} | {steps:.0f} | "
                          f"{cell['UA']} | {cell['IRA_drop']} | {cell['CRA_drop']} | {erased}/{len(per_c)} | "
@@ -172,16 +177,16 @@ def main(argv=None):
     bad = [o for o in options if o not in OPTIONS]
     if bad:
         ap.error(f"unknown option(s) {bad}; choose from {', '.join(OPTIONS)}")
-    names = [c.strip() for c in args.concepts.split(",")] if args.concepts else harness.STYLES + harness.OBJECTS
+    names = [c.strip() for c in args.concepts.split(",")] if args.concepts else STYLES + OBJECTS
     threads = int(os.environ.get("MINICANVAS_THREADS", "1"))
     torch.set_num_threads(threads)
-    budget = replace(harness.Budget(), seeds=args.seeds, sample_steps=args.sample_steps)
+    budget = replace(Budget(), seeds=args.seeds, sample_steps=args.sample_steps)
     # read by _task in each worker (spawned after this line, so the module global travels as an environment variable)
     os.environ["SPARE_SNAPSHOT_STEPS"] = args.snapshots
     started = time.time()
-    tasks = [(o, "style" if n in harness.STYLES else "object", n, seed, budget)
+    tasks = [(o, "style" if n in STYLES else "object", n, seed, budget)
              for seed in range(args.first_seed, args.first_seed + args.train_seeds) for n in names for o in options]
-    runs = harness.map_tasks(_task, tasks, args.jobs, threads)
+    runs = map_tasks(_task, tasks, args.jobs, threads)
     result = {"meta": {"date": time.strftime("%Y-%m-%d"), "command": "python -m bench.minicanvas.selection "
                        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
                        "wall_seconds": round(time.time() - started, 1)},

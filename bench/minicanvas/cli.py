@@ -1,0 +1,159 @@
+"""MiniCanvas harness: erase concepts from the bundled model with SPARE, its ablations and the baselines, and score
+every edit with the UnlearnCanvas definitions.
+
+    python -m bench.minicanvas --standard --out results.json  # 20 concepts x 3 training seeds, papers' budgets
+    python -m bench.minicanvas --quick --out results.json     # 4 concepts, SPARE at product defaults, <= 10 min
+    COMFYUI_PATH=~/comfyui .venv-comfy/bin/python -m bench.minicanvas --host comfyui --methods spare --quick \
+        --out results_comfyui.json   # SPARE through the pack's nodes, grids through ComfyUI's KSampler (host_path.py)
+
+Train/test split: every method trains on UnlearnCanvas' template "A {object} image in {style} style." (forget,
+surrogate and retain prompts); the evaluation grid (10 x 10 non-neutral style x object pairs, `seeds` images per pair)
+asks with the *other* templates of data.TEMPLATES, so an erasure is judged on prompts it never trained on. The
+shipped classifiers judge it (metrics.py). Same model, grid and seeds for every method; the unerased model is scored
+once ("base"). The training seed (samples, adapter init, retain neighbours) varies over `train_seeds`; every figure
+is reported with a 95% bootstrap interval over concepts and training seeds (metrics.bootstrap_ci).
+
+Hosts (--host): "library" (default) trains through spare_core on the bundled MiniCanvasModel and samples the grids
+with its own sampler; "comfyui" runs the same harness inside ComfyUI (COMFYUI_PATH, ComfyUI's Python environment):
+SPARE through the pack's nodes on the SPARE Demo Model, the grids (the unerased model's too) through ComfyUI's
+KSampler sampling call and VAE decode, the same Judge (host_path.py lists every difference). SPARE only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+
+import spare_core as sc
+
+from . import data
+from .budgets import (EVAL_TEMPLATES, METHODS, OBJECTS, QUICK_BASELINE_SCALE, QUICK_CONCEPTS, QUICK_METHODS,
+                      QUICK_SAMPLE_STEPS, RETAIN_SETS, STANDARD_BASELINE_SEEDS, STANDARD_ESD_STEPS, STANDARD_METHODS,
+                      STYLES, TRAIN_TEMPLATE, Budget, parse_override, split_variant)
+from .dispatch import HOSTS, run
+
+
+def comfyui_version(path: str) -> str:
+    """ComfyUI's version string (comfyui_version.py) and its folder, for the results' meta."""
+    try:
+        with open(os.path.join(path, "comfyui_version.py")) as f:
+            version = next((ln.split("=", 1)[1].strip().strip("\"'") for ln in f if ln.startswith("__version__")), "?")
+    except OSError:
+        version = "?"
+    return f"ComfyUI {version} ({path})"
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bench.minicanvas", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--standard", action="store_true",
+                      help="every style and object, 3 training seeds, " + ", ".join(STANDARD_METHODS) + " at the "
+                      f"papers' budgets (ESD {STANDARD_ESD_STEPS} steps; the step-trained baselines and the all-pairs "
+                      "reference row 1 training seed); every method's retain list leaves half of the other classes out")
+    mode.add_argument("--quick", action="store_true",
+                      help="4 concepts, 1 training seed, SPARE at the product defaults, baselines' budgets x "
+                      f"{QUICK_BASELINE_SCALE} (<= 10 min on 2 cores)")
+    ap.add_argument("--methods", help="comma-separated subset of " + ", ".join(METHODS) + " or 'all' (default: "
+                    "standard: " + ", ".join(STANDARD_METHODS) + "; quick: " + ", ".join(QUICK_METHODS) + "); "
+                    "spare+FIELD=VALUE[+...] is SPARE with DistillConfig fields set, e.g. spare+surrogate_anchor=1.0")
+    ap.add_argument("--concepts", help="comma-separated style/object names to erase (default: all, or quick set)")
+    ap.add_argument("--seeds", type=int, help="images per grid pair (default 2, quick 1)")
+    ap.add_argument("--train-seeds", type=int, help="training seeds per concept (default 1, standard 3)")
+    ap.add_argument("--budget-scale", type=float, help="multiply every method's steps, SPARE's cap included")
+    ap.add_argument("--sample-steps", type=int, help="sampler steps of the evaluation grids (default 12, quick 8)")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="worker processes, one (concept, seed) at a time each (default: 2 or the core count)")
+    ap.add_argument("--spare-weighting", choices=sc.LOSS_WEIGHTINGS, default=Budget.spare_weighting,
+                    help="loss weighting of SPARE and its ablations (default v; eps = the authors')")
+    ap.add_argument("--spare-scoring", choices=sc.saliency.SCORINGS, default=Budget.spare_scoring)
+    ap.add_argument("--spare-targets", choices=sc.saliency.TARGET_SETS, default=Budget.spare_targets)
+    ap.add_argument("--spare-fraction", type=float, default=Budget.spare_fraction,
+                    help="share of the candidate modules the saliency scan selects (default: the product's)")
+    ap.add_argument("--spare-stop", type=float, default=Budget.spare_stop,
+                    help="SPARE's stopping rule target (gap closed); 0 = run every step")
+    ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set,
+                    help="every method's retain list: all other (style, object) pairs (default) or the short "
+                    "neighbours list")
+    ap.add_argument("--host", choices=HOSTS, default="library",
+                    help="library (default): SPARE through spare_core, grids through the bundled sampler; comfyui: "
+                    "SPARE through the pack's nodes and the grids through ComfyUI's KSampler on the SPARE Demo Model "
+                    "(needs COMFYUI_PATH and ComfyUI's Python environment, .venv-comfy; SPARE only: --methods spare "
+                    "is the default then; see bench/minicanvas/host_path.py)")
+    ap.add_argument("--spare-set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="experiments: set a DistillConfig field for SPARE and its variants (repeatable), e.g. "
+                    "--spare-set surrogate_anchor=1.0")
+    ap.add_argument("--out", default="results.json")
+    args = ap.parse_args(argv)
+    if args.methods is None and args.host == "comfyui":
+        methods = ["spare"]
+    elif args.methods in (None, "all"):
+        default = QUICK_METHODS if args.quick else STANDARD_METHODS if args.standard else METHODS
+        methods = list(default if args.methods is None else METHODS)
+    else:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = []
+    for m in methods:
+        try:
+            if split_variant(m)[0] not in METHODS:
+                unknown.append(m)
+        except ValueError as e:
+            ap.error(str(e))
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    comfyui_path = None
+    if args.host == "comfyui":
+        from . import host_path
+        try:
+            host_path.check_methods(methods)
+            comfyui_path = host_path.import_comfyui()
+        except (ValueError, host_path.HostUnavailable) as e:
+            ap.error(str(e))
+    budget = Budget(spare_weighting=args.spare_weighting, spare_scoring=args.spare_scoring,
+                    spare_targets=args.spare_targets, spare_stop=args.spare_stop, retain_set=args.retain_set,
+                    spare_fraction=args.spare_fraction)
+    try:
+        overrides = [parse_override(item) for item in args.spare_set]
+    except ValueError as e:
+        ap.error(f"--spare-set {e}")
+    budget = replace(budget, spare_overrides=tuple(overrides))
+    if args.quick:
+        budget = replace(budget.scaled(QUICK_BASELINE_SCALE, 1), spare=Budget.spare,
+                         sample_steps=QUICK_SAMPLE_STEPS)
+    if args.standard:
+        budget = replace(budget, esd=STANDARD_ESD_STEPS, train_seeds=3, baseline_seeds=STANDARD_BASELINE_SEEDS)
+    if args.budget_scale is not None:
+        budget = budget.scaled(args.budget_scale, budget.seeds)
+    if args.seeds:
+        budget.seeds = args.seeds
+    if args.train_seeds:
+        budget.train_seeds = args.train_seeds
+    if args.sample_steps:
+        budget.sample_steps = args.sample_steps
+    concepts = QUICK_CONCEPTS if args.quick else None
+    if args.concepts:
+        names = [c.strip() for c in args.concepts.split(",") if c.strip()]
+        concepts = {"style": [n for n in names if n in STYLES], "object": [n for n in names if n in OBJECTS]}
+        bad = [n for n in names if n not in STYLES and n not in OBJECTS]
+        if bad:
+            ap.error(f"unknown concept(s) {bad}; styles: {STYLES}; objects: {OBJECTS}")
+    started = time.time()
+    results = run(methods, concepts, budget, jobs=max(1, args.jobs), host=args.host)
+    results["meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                       f"{platform.processor() or platform.platform()}", "command": "python -m bench.minicanvas "
+                       + " ".join(sys.argv[1:] if argv is None else argv), "seeds": budget.seeds,
+                       "train_seeds": budget.train_seeds, "eval_templates": [data.TEMPLATES[i] for i in EVAL_TEMPLATES],
+                       "train_template": data.TEMPLATES[TRAIN_TEMPLATE],
+                       "wall_seconds": round(time.time() - started, 1), "host": args.host}
+    if comfyui_path:
+        results["meta"]["comfyui"] = comfyui_version(comfyui_path)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out} in {time.time() - started:.0f}s")

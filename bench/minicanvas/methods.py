@@ -1,0 +1,115 @@
+"""MiniCanvas harness, training: one method on one concept and training seed (run_method: SPARE, its ablations and
+variants through spare_core, the baselines through baselines.py), and sampling the model it leaves.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from types import SimpleNamespace
+
+import einops
+
+import spare_core as sc
+
+from . import baselines, budgets, memory
+from .budgets import METHODS, SPARE_VARIANTS, all_pairs, split_variant
+
+
+def default_inputs():
+    """What an erasure reads its prompt lists, learning rates and memory probe from, looked up on each call:
+    concept_prompts and LR (budgets.py), peak_rss_reset and peak_rss_mb (memory.py). A host takes any object with
+    these four names instead: bench.minicanvas.harness passes itself, so a test that replaces harness.concept_prompts
+    (shorter lists) changes what both hosts train on."""
+    return SimpleNamespace(concept_prompts=budgets.concept_prompts, LR=budgets.LR,
+                           peak_rss_reset=memory.peak_rss_reset, peak_rss_mb=memory.peak_rss_mb)
+
+
+def generate(model, prompts, seeds, steps):
+    """Grid images of the unerased `model`: the bundled sampler, one seed per image."""
+    return model.sample(prompts, seed=seeds, steps=steps)
+
+
+def sample_edited(model, edited, prompts, seeds, steps):
+    """Grid images of an erased model: ("lora", LoraWeights) applied to `model`, or ("model", the edited model)."""
+    kind, obj = edited
+    if kind == "lora":
+        with sc.apply_lora(model.network, obj, 1.0):
+            return generate(model, prompts, seeds, steps)
+    return generate(obj, prompts, seeds, steps)
+
+
+def run_method(method, model, domain, name, budget, seed=0, on_check=None, inputs=None):
+    """Train one method for one concept with training seed `seed`. Returns (("lora", LoraWeights) or ("model",
+    edited model), info dict). SPARE runs through the same spare_core functions and defaults as the nodes (samples
+    per prompt, batch size, step cap, stopping rule); only the learning rate is scaled (LR_SCALE). A name of
+    SPARE_VARIANTS is SPARE with that variant's settings; "spare+FIELD=VALUE[+...]" is SPARE with DistillConfig fields
+    set. `inputs`: where the prompt lists, learning rates and memory probe come from (default_inputs())."""
+    inputs = inputs or default_inputs()
+    method, extra = split_variant(method)
+    variant = SPARE_VARIANTS.get(method)
+    if variant is not None:
+        method = "spare"
+    # SPARE at the product defaults with these DistillConfig fields set (of a field set twice, the last one wins)
+    budget = replace(budget, spare_overrides=(variant.overrides if variant is not None else ())
+                     + tuple(budget.spare_overrides) + extra)
+    forget, surrogate, retain, short, short_surrogate = inputs.concept_prompts(domain, name, seed, budget.retain_set)
+    if method.startswith("spare") and budget.spare_retain:
+        retain = inputs.concept_prompts(domain, name, seed, budget.spare_retain)[2]
+    if variant is not None and variant.retain:  # the variant's own retain list wins
+        retain = all_pairs(domain, name) if variant.retain == "all-pairs" else \
+            inputs.concept_prompts(domain, name, seed, variant.retain)[2]
+    inputs.peak_rss_reset()
+    t0 = time.perf_counter()
+    if method.startswith("spare"):
+        defaults = replace(sc.DistillConfig(forget, surrogate), **dict(budget.spare_overrides))
+        per = defaults.samples_per_prompt
+        # The concept samples are generated once and fed to all three stages (in ComfyUI: one KSampler's LATENT
+        # wired into Saliency Scan, Timestep Profile and Sparse LoRA Distill).
+        x_forget, _ = sc.generate(model, forget, per, seed)  # prompt-major: sample j is prompt j // per
+        # the stages' latents convention is sample i -> prompt i % len(prompts): reorder to sample-major
+        x_forget = einops.rearrange(x_forget, "(concept sample) ... -> (sample concept) ...", concept=len(forget))
+        if method == "spare-no-saliency":
+            cands = sc.candidate_modules(model.network, budget.spare_targets)
+            sal = sc.Saliency({p: 1.0 for p in cands}, list(cands), None, {"concepts": forget})
+        else:
+            sal = sc.saliency_scan(model, forget, retain=retain, seed=seed, fraction=budget.spare_fraction,
+                                   targets=budget.spare_targets, scoring=budget.spare_scoring, latents=x_forget)
+        profile = None
+        if method != "spare-uniform-t":
+            floor = {"floor": variant.profile_floor} if variant is not None and variant.profile_floor is not None \
+                else {}
+            profile = sc.timestep_profile(model, forget, surrogate, bins=10, seed=seed,
+                                          weighting=budget.spare_weighting, latents=x_forget, **floor)
+        steps = budget.spare
+        if variant is not None and variant.step_scale != 1.0:
+            steps = max(1, round(variant.step_scale * budget.spare))
+        no_retain = method == "spare-no-retain"
+        cfg = replace(defaults, retain=[] if no_retain else retain, retain_unconditional=not no_retain,
+                      retain_weight=0.0 if no_retain else defaults.retain_weight, steps=steps,
+                      lr=inputs.LR["spare"], seed=seed, weighting=budget.spare_weighting,
+                      stop_reduction=budget.spare_stop)
+        cfg = replace(cfg, **dict(budget.spare_overrides))  # experiments: any DistillConfig field, last
+        result = sc.distill(model, cfg, sal, profile, latents=x_forget, on_check=on_check)
+        info = {"trainable_params": result.trainable_params, "lora_bytes": result.lora.num_bytes(),
+                "losses": [r["forget"] for r in result.losses], "steps_used": result.steps_used,
+                "gap_closed": result.forget_reduction, "modules": len(result.lora.modules),
+                "retain_drift": result.checks[-1].get("retain_drift"),
+                "warning": result.warning}
+        edited = ("lora", result.lora)
+    elif method in ("esd-x", "esd-u"):
+        out = baselines.esd(model, forget, variant=method[-1], steps=budget.esd, lr=inputs.LR["esd"], seed=seed)
+        info, edited = {"trainable_params": out.trainable_params, "lora_bytes": out.changed_bytes}, ("model", out.model)
+    elif method == "ca":
+        out = baselines.concept_ablation(model, forget, surrogate, steps=budget.ca, lr=inputs.LR["ca"], seed=seed)
+        info, edited = {"trainable_params": out.trainable_params, "lora_bytes": out.changed_bytes}, ("model", out.model)
+    elif method == "salun":
+        out = baselines.salun(model, forget, surrogate, retain, steps=budget.salun, lr=inputs.LR["salun"], seed=seed)
+        info, edited = {"trainable_params": out.trainable_params, "lora_bytes": out.changed_bytes}, ("model", out.model)
+    elif method in ("uce", "uce-pool"):
+        out = baselines.uce(model, forget, surrogate, retain, include_pool=method == "uce-pool")
+        info, edited = {"trainable_params": out.trainable_params, "lora_bytes": out.changed_bytes}, ("model", out.model)
+    else:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    info["seconds"] = time.perf_counter() - t0
+    info["peak_rss_mb"] = inputs.peak_rss_mb()
+    return edited, info
