@@ -216,7 +216,9 @@ def build_tiny_clip(family: str, seed: int = 0):
 
 
 def build_tiny(family: str, seed: int = 0):
-    """(ModelPatcher, CLIP) of a tiny real ComfyUI model of `family` ("sd15", "sd2v" or "sdxl")."""
+    """(ModelPatcher, CLIP) of a tiny real ComfyUI model of `family` ("sd15", "sd2v", "sdxl" or one of DIT_FAMILIES)."""
+    if family in TINY_DIT:
+        return build_tiny_dit_model(family, seed), build_tiny_dit_clip(family, seed)
     return build_tiny_model(family, seed), build_tiny_clip(family, seed)
 
 
@@ -238,6 +240,71 @@ def build_full_unet_keys(family: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# DiT families: tiny real networks (comfy.supported_models config -> model_base class) and real text encoders
+
+DIT_FAMILIES = ("flux",)
+
+# Tiny T5-XXL (same code and tokenizer as the real one, vocab 32128): context width = d_model.
+TINY_T5 = {"d_model": TE_WIDTH, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
+
+# Hidden 64, 4 heads of 16; RoPE axes_dim sums to the head dim (16).
+_FLUX_COMMON = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
+                "context_in_dim": TE_WIDTH, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 4, "depth": 1,
+                "depth_single_blocks": 1, "axes_dim": [4, 6, 6], "theta": 10000, "qkv_bias": True}
+TINY_DIT = {
+    # Flux: context from T5 (width TE_WIDTH), pooled vector from CLIP-L (width TE_WIDTH).
+    "flux": {**_FLUX_COMMON, "vec_in_dim": TE_WIDTH, "guidance_embed": True},
+    "flux_schnell": {**_FLUX_COMMON, "vec_in_dim": TE_WIDTH, "guidance_embed": False},
+}
+
+
+def _dit_config_cls(family: str):
+    import comfy.supported_models as sm
+
+    return {"flux": sm.Flux, "flux_schnell": sm.FluxSchnell, "chroma": getattr(sm, "Chroma", None),
+            "sd3": sm.SD3, "qwen_image": getattr(sm, "QwenImage", None), "lumina2": getattr(sm, "Lumina2", None)}[family]
+
+
+def _dit_model_config(family: str, unet_config: dict):
+    import torch
+
+    config = _dit_config_cls(family)(dict(unet_config))
+    config.set_inference_dtype(torch.float32, None)
+    return config
+
+
+def _dit_te_options(family: str) -> dict:
+    """model_options for comfy.sd.CLIP: tiny widths for each text encoder of the family."""
+    import torch
+
+    opts = {"dtype": torch.float32}
+    if family in ("flux", "flux_schnell"):
+        opts.update(clip_l_model_config=dict(TINY_TE), t5xxl_model_config=dict(TINY_T5))
+    return opts
+
+
+def build_tiny_dit_model(family: str, seed: int = 0):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    config = _dit_model_config(family, TINY_DIT[family])
+    model = config.get_model({})
+    init_params_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def build_tiny_dit_clip(family: str, seed: int = 0):
+    import comfy.sd
+
+    config = _dit_model_config(family, TINY_DIT[family])
+    target = config.clip_target({})
+    clip = comfy.sd.CLIP(target, model_options=_dit_te_options(family))
+    init_params_(clip.cond_stage_model, seed + 1)
+    return clip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Using them as the graph would
 
 def encode(clip, text: str):
@@ -251,7 +318,12 @@ def sample(model, clip, positive: str = "a photo of a cat", negative: str = "", 
     import torch
     import nodes as comfy_nodes  # ComfyUI's nodes.py (comfy_or_skip put COMFYUI_PATH first on sys.path)
 
+    import comfy.sample
+
+    # EmptyLatentImage (4 channels) / EmptySD3LatentImage (16); fix_empty_latent_channels adapts an empty latent to
+    # the model (channel count, and Qwen-Image's frame axis) as common_ksampler does.
     latent = {"samples": torch.zeros(1, model.model.latent_format.latent_channels, size // 8, size // 8)}
+    latent["samples"] = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler,
                                          encode(clip, positive), encode(clip, negative), latent)
     return out["samples"]
