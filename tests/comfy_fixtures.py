@@ -242,7 +242,7 @@ def build_full_unet_keys(family: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # DiT families: tiny real networks (comfy.supported_models config -> model_base class) and real text encoders
 
-DIT_FAMILIES = ("flux",)
+DIT_FAMILIES = ("flux", "flux_schnell", "chroma")
 
 # Tiny T5-XXL (same code and tokenizer as the real one, vocab 32128): context width = d_model.
 TINY_T5 = {"d_model": TE_WIDTH, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
@@ -255,6 +255,10 @@ TINY_DIT = {
     # Flux: context from T5 (width TE_WIDTH), pooled vector from CLIP-L (width TE_WIDTH).
     "flux": {**_FLUX_COMMON, "vec_in_dim": TE_WIDTH, "guidance_embed": True},
     "flux_schnell": {**_FLUX_COMMON, "vec_in_dim": TE_WIDTH, "guidance_embed": False},
+    # Chroma: T5 only (no vector_in); the Approximator (distilled_guidance_layer) reads 64 = 16 timestep + 16
+    # guidance + 32 modulation-index features and writes hidden_size.
+    "chroma": {**_FLUX_COMMON, "image_model": "chroma", "in_channels": 64, "out_channels": 64, "in_dim": 64,
+               "out_dim": 64, "hidden_dim": 32, "n_layers": 1},
 }
 
 
@@ -280,6 +284,8 @@ def _dit_te_options(family: str) -> dict:
     opts = {"dtype": torch.float32}
     if family in ("flux", "flux_schnell"):
         opts.update(clip_l_model_config=dict(TINY_TE), t5xxl_model_config=dict(TINY_T5))
+    elif family == "chroma":
+        opts.update(t5xxl_model_config=dict(TINY_T5))
     return opts
 
 
