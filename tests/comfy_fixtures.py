@@ -242,7 +242,7 @@ def build_full_unet_keys(family: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # DiT families: tiny real networks (comfy.supported_models config -> model_base class) and real text encoders
 
-DIT_FAMILIES = ("flux", "flux_schnell", "chroma")
+DIT_FAMILIES = ("flux", "flux_schnell", "chroma", "sd3")
 
 # Tiny T5-XXL (same code and tokenizer as the real one, vocab 32128): context width = d_model.
 TINY_T5 = {"d_model": TE_WIDTH, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
@@ -259,6 +259,16 @@ TINY_DIT = {
     # guidance + 32 modulation-index features and writes hidden_size.
     "chroma": {**_FLUX_COMMON, "image_model": "chroma", "in_channels": 64, "out_channels": 64, "in_dim": 64,
                "out_dim": 64, "hidden_dim": 32, "n_layers": 1},
+    # SD3.5 (MMDiT, model_detection's keys): hidden = 64 * depth with depth heads of 64 -> depth 1 (one joint block,
+    # one head). Context: CLIP-L ++ CLIP-G (penultimate layers, 2 * TE_WIDTH) zero-padded to 4096 (hard-coded in
+    # SD3ClipModel) and concatenated with the T5 tokens, so the tiny T5 keeps d_model 4096 (one layer, 2 small heads).
+    # Pooled (y): CLIP-L ++ CLIP-G pooled = 2 * TE_WIDTH.
+    "sd3": {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 1, "input_size": None,
+            "adm_in_channels": 2 * TE_WIDTH,
+            "context_embedder_config": {"target": "torch.nn.Linear",
+                                        "params": {"in_features": 4096, "out_features": 64}},
+            "num_patches": 64, "pos_embed_max_size": 8, "qk_norm": "rms", "pos_embed_scaling_factor": None,
+            "x_block_self_attn_layers": []},
 }
 
 
@@ -284,9 +294,25 @@ def _dit_te_options(family: str) -> dict:
     opts = {"dtype": torch.float32}
     if family in ("flux", "flux_schnell"):
         opts.update(clip_l_model_config=dict(TINY_TE), t5xxl_model_config=dict(TINY_T5))
+    elif family == "sd3":
+        opts.update(clip_l_model_config=dict(TINY_TE), clip_g_model_config=dict(TINY_TE),
+                    t5xxl_model_config={**TINY_T5, "d_model": 4096, "num_layers": 1})
     elif family == "chroma":
         opts.update(t5xxl_model_config=dict(TINY_T5))
     return opts
+
+
+def _te_presence(family: str) -> dict:
+    """The state_dict entries by which the family's clip_target detects which text encoders a checkpoint holds
+    (SD3: all three, as a checkpoint with clip_l, clip_g and t5xxl; the others need none)."""
+    import torch
+
+    if family == "sd3":
+        one = torch.zeros(1)
+        return {"text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": one,
+                "text_encoders.clip_g.transformer.text_model.final_layer_norm.weight": one,
+                "text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight": one}
+    return {}
 
 
 def build_tiny_dit_model(family: str, seed: int = 0):
@@ -296,6 +322,12 @@ def build_tiny_dit_model(family: str, seed: int = 0):
     config = _dit_model_config(family, TINY_DIT[family])
     model = config.get_model({})
     init_params_(model.diffusion_model, seed)
+    if family == "sd3":  # MMDiT's pos_embed is a torch.empty buffer (loaded from the checkpoint), not a parameter
+        import torch
+        gen = torch.Generator().manual_seed(seed + 7)
+        with torch.no_grad():
+            pe = model.diffusion_model.pos_embed
+            pe.copy_(0.1 * torch.randn(pe.shape, generator=gen))
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 
@@ -304,7 +336,7 @@ def build_tiny_dit_clip(family: str, seed: int = 0):
     import comfy.sd
 
     config = _dit_model_config(family, TINY_DIT[family])
-    target = config.clip_target({})
+    target = config.clip_target(_te_presence(family))
     clip = comfy.sd.CLIP(target, model_options=_dit_te_options(family))
     init_params_(clip.cond_stage_model, seed + 1)
     return clip
