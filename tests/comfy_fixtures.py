@@ -242,7 +242,7 @@ def build_full_unet_keys(family: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # DiT families: tiny real networks (comfy.supported_models config -> model_base class) and real text encoders
 
-DIT_FAMILIES = ("flux", "flux_schnell", "chroma", "sd3")
+DIT_FAMILIES = ("flux", "flux_schnell", "chroma", "sd3", "qwen_image")
 
 # Tiny T5-XXL (same code and tokenizer as the real one, vocab 32128): context width = d_model.
 TINY_T5 = {"d_model": TE_WIDTH, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
@@ -269,7 +269,16 @@ TINY_DIT = {
                                         "params": {"in_features": 4096, "out_features": 64}},
             "num_patches": 64, "pos_embed_max_size": 8, "qk_norm": "rms", "pos_embed_scaling_factor": None,
             "x_block_self_attn_layers": []},
+    # Qwen-Image: model_detection gives image_model, in_channels (16 * 2 * 2) and num_layers; the widths are the
+    # class defaults there, set tiny here (4 heads of 16, RoPE axes 4+6+6); context = Qwen2.5-VL hidden states.
+    "qwen_image": {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 1,
+                   "attention_head_dim": 16, "num_attention_heads": 4, "joint_attention_dim": TE_WIDTH,
+                   "axes_dims_rope": (4, 6, 6)},
 }
+# Tiny Qwen2.5-VL text model (real tokenizer, vocab 152064): head_dim (128) and the vision tower (hidden 1280) are
+# fixed by ComfyUI's classes; the vision tower is built (torch.empty) but never filled nor run for text prompts.
+TINY_QWEN25 = {"hidden_size": TE_WIDTH, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 1,
+               "num_key_value_heads": 1}
 
 
 def _dit_config_cls(family: str):
@@ -297,6 +306,8 @@ def _dit_te_options(family: str) -> dict:
     elif family == "sd3":
         opts.update(clip_l_model_config=dict(TINY_TE), clip_g_model_config=dict(TINY_TE),
                     t5xxl_model_config={**TINY_T5, "d_model": 4096, "num_layers": 1})
+    elif family == "qwen_image":
+        opts.update(qwen25_7b_model_config=dict(TINY_QWEN25))
     elif family == "chroma":
         opts.update(t5xxl_model_config=dict(TINY_T5))
     return opts
@@ -338,7 +349,10 @@ def build_tiny_dit_clip(family: str, seed: int = 0):
     config = _dit_model_config(family, TINY_DIT[family])
     target = config.clip_target(_te_presence(family))
     clip = comfy.sd.CLIP(target, model_options=_dit_te_options(family))
-    init_params_(clip.cond_stage_model, seed + 1)
+    if family == "qwen_image":  # the text model only (the vision tower is unused for text and large)
+        init_params_(clip.cond_stage_model.qwen25_7b.transformer.model, seed + 1)
+    else:
+        init_params_(clip.cond_stage_model, seed + 1)
     return clip
 
 
