@@ -242,7 +242,7 @@ def build_full_unet_keys(family: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # DiT families: tiny real networks (comfy.supported_models config -> model_base class) and real text encoders
 
-DIT_FAMILIES = ("flux", "flux_schnell", "chroma", "sd3", "qwen_image")
+DIT_FAMILIES = ("flux", "flux_schnell", "chroma", "sd3", "qwen_image", "lumina2")
 
 # Tiny T5-XXL (same code and tokenizer as the real one, vocab 32128): context width = d_model.
 TINY_T5 = {"d_model": TE_WIDTH, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
@@ -274,7 +274,16 @@ TINY_DIT = {
     "qwen_image": {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 1,
                    "attention_head_dim": 16, "num_attention_heads": 4, "joint_attention_dim": TE_WIDTH,
                    "axes_dims_rope": (4, 6, 6)},
+    # Lumina 2 (NextDiT, model_detection's keys): dim 64, 4 heads of 16 (2 kv heads), RoPE axes 4+6+6; context =
+    # Gemma 2 hidden states (cap_feat_dim).
+    "lumina2": {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": TE_WIDTH,
+                "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "axes_dims": [4, 6, 6],
+                "axes_lens": [300, 512, 512]},
 }
+# Tiny Gemma 2 (real SentencePiece tokenizer, vocab 256000; head_dim 256 is fixed by ComfyUI's config class). Lumina 2
+# takes the penultimate layer (layer_idx -2 needs 3 layers).
+TINY_GEMMA2 = {"hidden_size": TE_WIDTH, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 1,
+               "num_key_value_heads": 1}
 # Tiny Qwen2.5-VL text model (real tokenizer, vocab 152064): head_dim (128) and the vision tower (hidden 1280) are
 # fixed by ComfyUI's classes; the vision tower is built (torch.empty) but never filled nor run for text prompts.
 TINY_QWEN25 = {"hidden_size": TE_WIDTH, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 1,
@@ -308,6 +317,8 @@ def _dit_te_options(family: str) -> dict:
                     t5xxl_model_config={**TINY_T5, "d_model": 4096, "num_layers": 1})
     elif family == "qwen_image":
         opts.update(qwen25_7b_model_config=dict(TINY_QWEN25))
+    elif family == "lumina2":
+        opts.update(gemma2_2b_model_config=dict(TINY_GEMMA2))
     elif family == "chroma":
         opts.update(t5xxl_model_config=dict(TINY_T5))
     return opts
@@ -343,12 +354,37 @@ def build_tiny_dit_model(family: str, seed: int = 0):
                                             offload_device=mm.unet_offload_device())
 
 
+_SPM_CACHE: dict = {}
+
+
+def _tiny_spiece_model() -> bytes:
+    """A small SentencePiece model trained here (Gemma 2's tokenizer ships inside the text-encoder checkpoint as
+    `spiece_model`, not in the ComfyUI repo, and there are no weight files in tests): ComfyUI's real Gemma2BTokenizer
+    / SPieceTokenizer code reads it from tokenizer_data exactly as from a checkpoint. Ids as Gemma's: pad 0, eos 1,
+    bos 2, unk 3."""
+    if "m" not in _SPM_CACHE:
+        import io
+        import sentencepiece as spm
+
+        words = ("a red cat sitting on a wooden chair in a sunny garden with many flowers painted carefully in oil "
+                 "with thick brush strokes warm evening light and long soft shadows over green grass blue dog plain "
+                 "house photo of the style by an artist").split()
+        corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=120,
+                                       model_type="unigram", pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+                                       minloglevel=2, hard_vocab_limit=False)
+        _SPM_CACHE["m"] = buf.getvalue()
+    return _SPM_CACHE["m"]
+
+
 def build_tiny_dit_clip(family: str, seed: int = 0):
     import comfy.sd
 
     config = _dit_model_config(family, TINY_DIT[family])
     target = config.clip_target(_te_presence(family))
-    clip = comfy.sd.CLIP(target, model_options=_dit_te_options(family))
+    tokenizer_data = {"spiece_model": _tiny_spiece_model()} if family == "lumina2" else {}
+    clip = comfy.sd.CLIP(target, model_options=_dit_te_options(family), tokenizer_data=tokenizer_data)
     if family == "qwen_image":  # the text model only (the vision tower is unused for text and large)
         init_params_(clip.cond_stage_model.qwen25_7b.transformer.model, seed + 1)
     else:
