@@ -13,6 +13,12 @@ What it builds, per family ("sd15", "sd2v" = SD2.x v-prediction, "sdxl"):
   filled deterministically from `seed`.
 - `build_full_base_model(family)`: the full-size BaseModel on the meta device (no memory, ~0.1 s), e.g. for
   `comfy.lora.model_lora_keys_unet`; `build_full_unet_keys(family)`: the module paths of its Linear/Conv layers.
+- DiT families (DIT_FAMILIES: "flux" = Flux-dev, "flux_schnell", "chroma", "sd3" = SD3.5, "qwen_image", "lumina2"):
+  `build_tiny` / `build_full_base_model` do the same from the family's comfy.supported_models config (TINY_DIT /
+  `_full_dit_config`: model_detection.py's keys) and its real ClipTarget + tokenizer, with tiny T5 / CLIP-L / CLIP-G /
+  Qwen2.5-VL / Gemma 2 widths through model_options["<name>_model_config"]. Conditioning (tiny): Flux [1, 256+, 32] +
+  pooled [1, 32]; Chroma [1, n, 32]; SD3 [1, 77k + 77+, 4096] + pooled [1, 64]; Qwen-Image [1, n, 32]; Lumina 2
+  [1, n, 32] + attention_mask. Lumina 2's SentencePiece model is trained here (Gemma's ships only in checkpoints).
 - `sample(model, clip, ...)`: a KSampler run (nodes.common_ksampler), as the graph would do it.
 - `comfy_server(base, *args)`: a real ComfyUI server (`python main.py --cpu`) with this pack, yielding a `Server`
   (GET/POST, run a prompt and wait for it); tests/test_server_comfy.py and test_browser_comfy.py start theirs here.
@@ -226,6 +232,8 @@ def build_full_base_model(family: str):
     """The full-size BaseModel of a family on the meta device: real module tree and state_dict keys, no memory."""
     import torch
 
+    if family in TINY_DIT:
+        return _dit_model_config(family, _full_dit_config(family)).get_model({}, device=torch.device("meta"))
     config = _model_config(family, _full_unet_config(family), tiny=False)
     return _base_model(family, config, device=torch.device("meta"))
 
@@ -322,6 +330,32 @@ def _dit_te_options(family: str) -> dict:
     elif family == "chroma":
         opts.update(t5xxl_model_config=dict(TINY_T5))
     return opts
+
+
+def _full_dit_config(family: str) -> dict:
+    """The full-size unet_config of a DiT family as comfy/model_detection.py detects it (Flux-dev, Flux-schnell,
+    Chroma, SD3.5-large, Qwen-Image, Lumina 2)."""
+    flux = {**_FLUX_COMMON, "context_in_dim": 4096, "hidden_size": 3072, "num_heads": 24, "depth": 19,
+            "depth_single_blocks": 38, "axes_dim": [16, 56, 56]}
+    if family in ("flux", "flux_schnell"):
+        return {**flux, "vec_in_dim": 768, "guidance_embed": family == "flux"}
+    if family == "chroma":
+        return {**flux, "image_model": "chroma", "in_channels": 64, "out_channels": 64, "in_dim": 64,
+                "out_dim": 3072, "hidden_dim": 5120, "n_layers": 5}
+    if family == "sd3":
+        return {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 38, "input_size": None,
+                "adm_in_channels": 2048,
+                "context_embedder_config": {"target": "torch.nn.Linear",
+                                            "params": {"in_features": 4096, "out_features": 2432}},
+                "num_patches": 36864, "pos_embed_max_size": 192, "qk_norm": "rms", "pos_embed_scaling_factor": None,
+                "x_block_self_attn_layers": []}
+    if family == "qwen_image":
+        return {"image_model": "qwen_image", "in_channels": 64, "num_layers": 60}
+    if family == "lumina2":
+        return {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 2304, "cap_feat_dim": 2304,
+                "n_layers": 26, "n_heads": 24, "n_kv_heads": 8, "qk_norm": True, "axes_dims": [32, 32, 32],
+                "axes_lens": [300, 512, 512]}
+    raise ValueError(family)
 
 
 def _te_presence(family: str) -> dict:

@@ -64,3 +64,17 @@ def test_lora_keys_cover_every_linear(tiny, family):
         target = f"diffusion_model.{name}.weight"
         assert key_map.get(f"diffusion_model.{name}") == target, name
         assert key_map.get("lora_unet_" + name.replace(".", "_")) == target, name
+
+
+@pytest.mark.parametrize("family", cf.DIT_FAMILIES)
+def test_full_base_model_on_meta(family):
+    """Full-size configs as model_detection.py detects them: the real class, no memory, every Linear LoRA-mappable.
+    Parameter counts: Flux 11.9B, Chroma 8.9B, SD3.5-large 8.1B, Qwen-Image 20.4B, Lumina 2 2.6B."""
+    cf.comfy_or_skip()
+    import comfy.lora
+
+    model = cf.build_full_base_model(family)
+    assert all(p.device.type == "meta" for p in model.diffusion_model.parameters())
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    linears = [n for n, m in model.diffusion_model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(key_map.get(f"diffusion_model.{n}") == f"diffusion_model.{n}.weight" for n in linears)
