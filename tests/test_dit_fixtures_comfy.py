@@ -32,9 +32,11 @@ def test_sample_finite(tiny, family):
 
 @pytest.mark.parametrize("family", cf.DIT_FAMILIES)
 def test_clip_encodes(tiny, family):
-    # Token lengths: Flux / Chroma / SD3 T5 pads to at least 256 tokens, so "a red cat" and the 120-word prompt
-    # (~ 170 T5 tokens) both give 256; CLIP-L/G give 77 per chunk (the long prompt: 2 chunks). Qwen-Image and
-    # Lumina2 do not pad: the lengths differ. The test only records them (printed) and checks widths/finiteness.
+    # Token lengths, measured ("a red cat" -> the 120-word prompt): Flux / Flux-schnell T5 256 -> 256 (T5 pads to
+    # at least 256; the long prompt stays under), pooled CLIP-L [1, 32]; Chroma (T5, no padding) 5 -> 145; SD3
+    # 154 -> 299 (77 CLIP-L/G tokens per 75-token chunk ++ T5 tokens, min 77), pooled [1, 64]; Qwen-Image 8 -> 125
+    # (the template's system prompt is dropped); Lumina 2 4 -> 121 (+ attention_mask). So lengths differ for all but
+    # Flux. Printed with -s.
     model, clip = tiny(family)
     unet = model.model.model_config.unet_config
     for text in ("a red cat", LONG):
