@@ -13,6 +13,12 @@ What it builds, per family ("sd15", "sd2v" = SD2.x v-prediction, "sdxl"):
   filled deterministically from `seed`.
 - `build_full_base_model(family)`: the full-size BaseModel on the meta device (no memory, ~0.1 s), e.g. for
   `comfy.lora.model_lora_keys_unet`; `build_full_unet_keys(family)`: the module paths of its Linear/Conv layers.
+- DiT families (DIT_FAMILIES: "flux" = Flux-dev, "flux_schnell", "chroma", "sd3" = SD3.5, "qwen_image", "lumina2"):
+  `build_tiny` / `build_full_base_model` do the same from the family's comfy.supported_models config (TINY_DIT /
+  `_full_dit_config`: model_detection.py's keys) and its real ClipTarget + tokenizer, with tiny T5 / CLIP-L / CLIP-G /
+  Qwen2.5-VL / Gemma 2 widths through model_options["<name>_model_config"]. Conditioning (tiny): Flux [1, 256+, 32] +
+  pooled [1, 32]; Chroma [1, n, 32]; SD3 [1, 77k + 77+, 4096] + pooled [1, 64]; Qwen-Image [1, n, 32]; Lumina 2
+  [1, n, 32] + attention_mask. Lumina 2's SentencePiece model is trained here (Gemma's ships only in checkpoints).
 - `sample(model, clip, ...)`: a KSampler run (nodes.common_ksampler), as the graph would do it.
 - `comfy_server(base, *args)`: a real ComfyUI server (`python main.py --cpu`) with this pack, yielding a `Server`
   (GET/POST, run a prompt and wait for it); tests/test_server_comfy.py and test_browser_comfy.py start theirs here.
@@ -216,7 +222,9 @@ def build_tiny_clip(family: str, seed: int = 0):
 
 
 def build_tiny(family: str, seed: int = 0):
-    """(ModelPatcher, CLIP) of a tiny real ComfyUI model of `family` ("sd15", "sd2v" or "sdxl")."""
+    """(ModelPatcher, CLIP) of a tiny real ComfyUI model of `family` ("sd15", "sd2v", "sdxl" or one of DIT_FAMILIES)."""
+    if family in TINY_DIT:
+        return build_tiny_dit_model(family, seed), build_tiny_dit_clip(family, seed)
     return build_tiny_model(family, seed), build_tiny_clip(family, seed)
 
 
@@ -224,6 +232,8 @@ def build_full_base_model(family: str):
     """The full-size BaseModel of a family on the meta device: real module tree and state_dict keys, no memory."""
     import torch
 
+    if family in TINY_DIT:
+        return _dit_model_config(family, _full_dit_config(family)).get_model({}, device=torch.device("meta"))
     config = _model_config(family, _full_unet_config(family), tiny=False)
     return _base_model(family, config, device=torch.device("meta"))
 
@@ -235,6 +245,185 @@ def build_full_unet_keys(family: str) -> list[str]:
     return sorted(name for name, m in model.diffusion_model.named_modules()
                   if getattr(m, "weight", None) is not None and m.weight.ndim >= 2
                   and type(m).__name__ in ("Linear", "Conv2d", "Conv1d", "Conv3d"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DiT families: tiny real networks (comfy.supported_models config -> model_base class) and real text encoders
+
+DIT_FAMILIES = ("flux", "flux_schnell", "chroma", "sd3", "qwen_image", "lumina2")
+
+# Tiny T5-XXL (same code and tokenizer as the real one, vocab 32128): context width = d_model.
+TINY_T5 = {"d_model": TE_WIDTH, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
+
+# Hidden 64, 4 heads of 16; RoPE axes_dim sums to the head dim (16).
+_FLUX_COMMON = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
+                "context_in_dim": TE_WIDTH, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 4, "depth": 1,
+                "depth_single_blocks": 1, "axes_dim": [4, 6, 6], "theta": 10000, "qkv_bias": True}
+TINY_DIT = {
+    # Flux: context from T5 (width TE_WIDTH), pooled vector from CLIP-L (width TE_WIDTH).
+    "flux": {**_FLUX_COMMON, "vec_in_dim": TE_WIDTH, "guidance_embed": True},
+    "flux_schnell": {**_FLUX_COMMON, "vec_in_dim": TE_WIDTH, "guidance_embed": False},
+    # Chroma: T5 only (no vector_in); the Approximator (distilled_guidance_layer) reads 64 = 16 timestep + 16
+    # guidance + 32 modulation-index features and writes hidden_size.
+    "chroma": {**_FLUX_COMMON, "image_model": "chroma", "in_channels": 64, "out_channels": 64, "in_dim": 64,
+               "out_dim": 64, "hidden_dim": 32, "n_layers": 1},
+    # SD3.5 (MMDiT, model_detection's keys): hidden = 64 * depth with depth heads of 64 -> depth 1 (one joint block,
+    # one head). Context: CLIP-L ++ CLIP-G (penultimate layers, 2 * TE_WIDTH) zero-padded to 4096 (hard-coded in
+    # SD3ClipModel) and concatenated with the T5 tokens, so the tiny T5 keeps d_model 4096 (one layer, 2 small heads).
+    # Pooled (y): CLIP-L ++ CLIP-G pooled = 2 * TE_WIDTH.
+    "sd3": {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 1, "input_size": None,
+            "adm_in_channels": 2 * TE_WIDTH,
+            "context_embedder_config": {"target": "torch.nn.Linear",
+                                        "params": {"in_features": 4096, "out_features": 64}},
+            "num_patches": 64, "pos_embed_max_size": 8, "qk_norm": "rms", "pos_embed_scaling_factor": None,
+            "x_block_self_attn_layers": []},
+    # Qwen-Image: model_detection gives image_model, in_channels (16 * 2 * 2) and num_layers; the widths are the
+    # class defaults there, set tiny here (4 heads of 16, RoPE axes 4+6+6); context = Qwen2.5-VL hidden states.
+    "qwen_image": {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 1,
+                   "attention_head_dim": 16, "num_attention_heads": 4, "joint_attention_dim": TE_WIDTH,
+                   "axes_dims_rope": (4, 6, 6)},
+    # Lumina 2 (NextDiT, model_detection's keys): dim 64, 4 heads of 16 (2 kv heads), RoPE axes 4+6+6; context =
+    # Gemma 2 hidden states (cap_feat_dim).
+    "lumina2": {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": TE_WIDTH,
+                "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "axes_dims": [4, 6, 6],
+                "axes_lens": [300, 512, 512]},
+}
+# Tiny Gemma 2 (real SentencePiece tokenizer, vocab 256000; head_dim 256 is fixed by ComfyUI's config class). Lumina 2
+# takes the penultimate layer (layer_idx -2 needs 3 layers).
+TINY_GEMMA2 = {"hidden_size": TE_WIDTH, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 1,
+               "num_key_value_heads": 1}
+# Tiny Qwen2.5-VL text model (real tokenizer, vocab 152064): head_dim (128) and the vision tower (hidden 1280) are
+# fixed by ComfyUI's classes; the vision tower is built (torch.empty) but never filled nor run for text prompts.
+TINY_QWEN25 = {"hidden_size": TE_WIDTH, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 1,
+               "num_key_value_heads": 1}
+
+
+def _dit_config_cls(family: str):
+    import comfy.supported_models as sm
+
+    return {"flux": sm.Flux, "flux_schnell": sm.FluxSchnell, "chroma": getattr(sm, "Chroma", None),
+            "sd3": sm.SD3, "qwen_image": getattr(sm, "QwenImage", None), "lumina2": getattr(sm, "Lumina2", None)}[family]
+
+
+def _dit_model_config(family: str, unet_config: dict):
+    import torch
+
+    config = _dit_config_cls(family)(dict(unet_config))
+    config.set_inference_dtype(torch.float32, None)
+    return config
+
+
+def _dit_te_options(family: str) -> dict:
+    """model_options for comfy.sd.CLIP: tiny widths for each text encoder of the family."""
+    import torch
+
+    opts = {"dtype": torch.float32}
+    if family in ("flux", "flux_schnell"):
+        opts.update(clip_l_model_config=dict(TINY_TE), t5xxl_model_config=dict(TINY_T5))
+    elif family == "sd3":
+        opts.update(clip_l_model_config=dict(TINY_TE), clip_g_model_config=dict(TINY_TE),
+                    t5xxl_model_config={**TINY_T5, "d_model": 4096, "num_layers": 1})
+    elif family == "qwen_image":
+        opts.update(qwen25_7b_model_config=dict(TINY_QWEN25))
+    elif family == "lumina2":
+        opts.update(gemma2_2b_model_config=dict(TINY_GEMMA2))
+    elif family == "chroma":
+        opts.update(t5xxl_model_config=dict(TINY_T5))
+    return opts
+
+
+def _full_dit_config(family: str) -> dict:
+    """The full-size unet_config of a DiT family as comfy/model_detection.py detects it (Flux-dev, Flux-schnell,
+    Chroma, SD3.5-large, Qwen-Image, Lumina 2)."""
+    flux = {**_FLUX_COMMON, "context_in_dim": 4096, "hidden_size": 3072, "num_heads": 24, "depth": 19,
+            "depth_single_blocks": 38, "axes_dim": [16, 56, 56]}
+    if family in ("flux", "flux_schnell"):
+        return {**flux, "vec_in_dim": 768, "guidance_embed": family == "flux"}
+    if family == "chroma":
+        return {**flux, "image_model": "chroma", "in_channels": 64, "out_channels": 64, "in_dim": 64,
+                "out_dim": 3072, "hidden_dim": 5120, "n_layers": 5}
+    if family == "sd3":
+        return {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 38, "input_size": None,
+                "adm_in_channels": 2048,
+                "context_embedder_config": {"target": "torch.nn.Linear",
+                                            "params": {"in_features": 4096, "out_features": 2432}},
+                "num_patches": 36864, "pos_embed_max_size": 192, "qk_norm": "rms", "pos_embed_scaling_factor": None,
+                "x_block_self_attn_layers": []}
+    if family == "qwen_image":
+        return {"image_model": "qwen_image", "in_channels": 64, "num_layers": 60}
+    if family == "lumina2":
+        return {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 2304, "cap_feat_dim": 2304,
+                "n_layers": 26, "n_heads": 24, "n_kv_heads": 8, "qk_norm": True, "axes_dims": [32, 32, 32],
+                "axes_lens": [300, 512, 512]}
+    raise ValueError(family)
+
+
+def _te_presence(family: str) -> dict:
+    """The state_dict entries by which the family's clip_target detects which text encoders a checkpoint holds
+    (SD3: all three, as a checkpoint with clip_l, clip_g and t5xxl; the others need none)."""
+    import torch
+
+    if family == "sd3":
+        one = torch.zeros(1)
+        return {"text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": one,
+                "text_encoders.clip_g.transformer.text_model.final_layer_norm.weight": one,
+                "text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight": one}
+    return {}
+
+
+def build_tiny_dit_model(family: str, seed: int = 0):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    config = _dit_model_config(family, TINY_DIT[family])
+    model = config.get_model({})
+    init_params_(model.diffusion_model, seed)
+    if family == "sd3":  # MMDiT's pos_embed is a torch.empty buffer (loaded from the checkpoint), not a parameter
+        import torch
+        gen = torch.Generator().manual_seed(seed + 7)
+        with torch.no_grad():
+            pe = model.diffusion_model.pos_embed
+            pe.copy_(0.1 * torch.randn(pe.shape, generator=gen))
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+_SPM_CACHE: dict = {}
+
+
+def _tiny_spiece_model() -> bytes:
+    """A small SentencePiece model trained here (Gemma 2's tokenizer ships inside the text-encoder checkpoint as
+    `spiece_model`, not in the ComfyUI repo, and there are no weight files in tests): ComfyUI's real Gemma2BTokenizer
+    / SPieceTokenizer code reads it from tokenizer_data exactly as from a checkpoint. Ids as Gemma's: pad 0, eos 1,
+    bos 2, unk 3."""
+    if "m" not in _SPM_CACHE:
+        import io
+        import sentencepiece as spm
+
+        words = ("a red cat sitting on a wooden chair in a sunny garden with many flowers painted carefully in oil "
+                 "with thick brush strokes warm evening light and long soft shadows over green grass blue dog plain "
+                 "house photo of the style by an artist").split()
+        corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=120,
+                                       model_type="unigram", pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+                                       minloglevel=2, hard_vocab_limit=False)
+        _SPM_CACHE["m"] = buf.getvalue()
+    return _SPM_CACHE["m"]
+
+
+def build_tiny_dit_clip(family: str, seed: int = 0):
+    import comfy.sd
+
+    config = _dit_model_config(family, TINY_DIT[family])
+    target = config.clip_target(_te_presence(family))
+    tokenizer_data = {"spiece_model": _tiny_spiece_model()} if family == "lumina2" else {}
+    clip = comfy.sd.CLIP(target, model_options=_dit_te_options(family), tokenizer_data=tokenizer_data)
+    if family == "qwen_image":  # the text model only (the vision tower is unused for text and large)
+        init_params_(clip.cond_stage_model.qwen25_7b.transformer.model, seed + 1)
+    else:
+        init_params_(clip.cond_stage_model, seed + 1)
+    return clip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -251,7 +440,12 @@ def sample(model, clip, positive: str = "a photo of a cat", negative: str = "", 
     import torch
     import nodes as comfy_nodes  # ComfyUI's nodes.py (comfy_or_skip put COMFYUI_PATH first on sys.path)
 
+    import comfy.sample
+
+    # EmptyLatentImage (4 channels) / EmptySD3LatentImage (16); fix_empty_latent_channels adapts an empty latent to
+    # the model (channel count, and Qwen-Image's frame axis) as common_ksampler does.
     latent = {"samples": torch.zeros(1, model.model.latent_format.latent_channels, size // 8, size // 8)}
+    latent["samples"] = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler,
                                          encode(clip, positive), encode(clip, negative), latent)
     return out["samples"]
