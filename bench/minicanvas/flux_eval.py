@@ -7,6 +7,9 @@ The grid is harness.grid(seeds) (10 x 10 non-neutral style x object pairs, `seed
 template other than UnlearnCanvas' training template 0, the harness' seeds), the judge harness.Judge, exactly as the
 harness scores its unerased ("base") model. Intervals: 95% bootstrap over the 100 pairs (metrics.bootstrap_ci with one
 group per pair, the images of the pair inside it).
+
+Shipped weights (3600 steps): style 100.0% [100.0, 100.0], object 100.0% [100.0, 100.0] with the defaults (200
+images, dpmpp_2m 12 steps, cfg 4, shift 1.15); train_flux.py's docstring lists the other settings measured.
 """
 from __future__ import annotations
 

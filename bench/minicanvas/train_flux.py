@@ -24,6 +24,12 @@ The recipe is train_model.py's (the UNet miniature's) where it applies:
 The defaults are the shipped run (--steps 3600 --lr 2e-3; it ran with --max-minutes 38 as a safety cut).
 Pilots (400 steps, 5 minutes): lr 1e-3 and 2e-3 both gave style 100% and object 7-8.5% on held-out templates
 (objects not yet conditioned on the prompt; 2e-3 ended at a slightly lower loss, 0.249 vs 0.260).
+Shipped run: `python -m bench.minicanvas.train_flux --steps 3600 --lr 2e-3 --max-minutes 38` (OMP_NUM_THREADS=1):
+all 3600 steps in 26.7 min wall (26.2 min CPU), loss 1.40 -> 0.098 (mean of the last 50 steps). Unerased accuracy
+on held-out templates (flux_eval.py: harness.grid, harness.Judge, dpmpp_2m 12 steps, shift 1.15, 95% bootstrap over
+pairs): cfg 4, 2 seeds/pair (200 images, the harness' base grid): style 100.0 [100, 100], object 100.0 [100, 100];
+4 seeds/pair (400 images): cfg 4 style 100.0, object 100.0; cfg 2 style 100.0, object 99.8 [99.0, 100]; euler 12
+steps cfg 4 (200): 100.0 / 100.0.
 """
 from __future__ import annotations
 
