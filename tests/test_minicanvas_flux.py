@@ -1,0 +1,107 @@
+"""MiniCanvas-Flux (bench/minicanvas/flux_model.py): ComfyUI's own Flux class, tiny, in pixel space.
+
+Builds a tiny instance (no weight file), checks its state dict is a ComfyUI Flux state dict (keys, and ComfyUI's
+model_detection recognises it as "flux"), ComfyUI's flow formulas and schedule, deterministic sampling, a 2-step
+training run through train_flux.main and a reload; the shipped weights when present. Needs a ComfyUI checkout in
+COMFYUI_PATH (skipped with the reason printed otherwise).
+"""
+import json
+
+import pytest
+import torch
+
+import comfy_fixtures as cf
+
+TINY = dict(hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1, mlp_ratio=2.0, axes_dim=(8, 12, 12),
+            text_dim=32, text_layers=1, text_heads=2)
+
+
+@pytest.fixture(scope="module")
+def fm():
+    cf.comfy_or_skip()
+    from bench.minicanvas import flux_model
+    return flux_model
+
+
+@pytest.fixture(scope="module")
+def tiny(fm):
+    torch.manual_seed(0)
+    return fm.MiniCanvasFlux(fm.FluxMiniConfig(**TINY))
+
+
+def test_is_comfyui_flux(fm, tiny):
+    import comfy.ldm.flux.model
+    import comfy.model_detection
+
+    assert type(tiny.network) is comfy.ldm.flux.model.Flux
+    sd = tiny.state_dict()
+    for key in ("double_blocks.0.img_attn.qkv.weight", "double_blocks.0.txt_attn.proj.weight",
+                "double_blocks.0.img_mod.lin.weight", "double_blocks.0.img_attn.norm.key_norm.scale",
+                "single_blocks.0.linear1.weight", "single_blocks.0.linear2.weight", "single_blocks.0.modulation.lin.weight",
+                "img_in.weight", "txt_in.weight", "time_in.in_layer.weight", "vector_in.in_layer.weight",
+                "final_layer.linear.weight", "final_layer.adaLN_modulation.1.weight"):
+        assert fm.KEY_PREFIX + key in sd, key
+    assert not any(k.startswith(fm.KEY_PREFIX + "guidance_in") for k in sd)
+    cfg = comfy.model_detection.detect_unet_config(sd, fm.KEY_PREFIX)
+    assert cfg["image_model"] == "flux" and cfg["in_channels"] == 12 and cfg["vec_in_dim"] == TINY["text_dim"]
+    assert (cfg["depth"], cfg["depth_single_blocks"], cfg["guidance_embed"]) == (1, 1, False)
+    assert tiny.latent_shape == (12, 16, 16)
+
+
+def test_flow_formulas_and_schedule(fm, tiny):
+    import comfy.model_sampling
+    import comfy.samplers
+
+    ms = comfy.model_sampling.ModelSamplingFlux()
+    ms.set_parameters(shift=tiny.cfg.shift)
+    assert torch.allclose(fm.flow_sigmas(12, tiny.cfg.shift), comfy.samplers.simple_scheduler(ms, 12), atol=1e-6)
+    x0, eps, s = torch.randn(2, 12, 16, 16), torch.randn(2, 12, 16, 16), torch.tensor([0.3, 0.9])
+    x_t = tiny.add_noise(x0, eps, s)
+    const = comfy.model_sampling.CONST()
+    assert torch.allclose(x_t, const.noise_scaling(s, eps, x0))
+    # with the exact v, denoised recovers x0 (CONST.calculate_denoised)
+    assert torch.allclose(const.calculate_denoised(s, tiny.v_target(x0, eps), x_t), x0, atol=1e-5)
+    with torch.no_grad():
+        v = tiny.predict_v(x_t, s, tiny.encode(["A star image in ukiyo style.", ""]))
+        assert torch.allclose(tiny.predict_x0(x_t, s, tiny.encode(["A star image in ukiyo style.", ""])),
+                              x_t - s.view(-1, 1, 1, 1) * v)
+
+
+def test_sampling_is_deterministic(fm, tiny):
+    torch.manual_seed(1)
+    with torch.no_grad():  # non-zero output layers, so that the prompt and noise matter
+        for p in tiny.network.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts = ["A star image in ukiyo style.", "ring, neon style"]
+    for sampler in ("euler", "dpmpp_2m"):
+        a = tiny.sample(prompts, seed=3, steps=3, cfg=3.0, sampler=sampler)
+        b = tiny.sample(prompts, seed=3, steps=3, cfg=3.0, sampler=sampler)
+        assert a.shape == (2, 3, 32, 32) and 0 <= a.min() and a.max() <= 1
+        assert torch.equal(a, b)
+        one = tiny.sample(prompts[1:], seed=[4], steps=3, cfg=3.0, sampler=sampler)
+        assert torch.allclose(a[1:], one, atol=1e-5)   # image i uses seed + i, whatever the batch
+        assert not torch.allclose(a, tiny.sample(prompts, seed=5, steps=3, cfg=3.0, sampler=sampler))
+
+
+def test_two_step_training_run(fm, tmp_path):
+    from bench.minicanvas import train_flux
+
+    out = tmp_path / "f.safetensors"
+    train_flux.main(["--steps", "2", "--variants", "1", "--batch", "4", "--hidden", "64", "--heads", "2",
+                     "--depth", "1", "--single", "1", "--mlp-ratio", "2", "--out", str(out), "--grid", ""])
+    model = fm.load(out)
+    assert type(model.network).__name__ == "Flux" and model.cfg.hidden_size == 64
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["flux_params"]["in_channels"] == 12 and meta["training"]["steps_done"] == "2"
+    img = model.sample(["A star image in ukiyo style."], seed=0, steps=2)
+    assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
+
+
+def test_shipped_weights(fm):
+    if not fm.MODEL_FILE.exists():
+        pytest.skip("no shipped MiniCanvas-Flux weights")
+    model = fm.load()
+    assert fm.CONFIG_FILE.exists()
+    assert fm.MODEL_FILE.stat().st_size < 20e6
+    a = model.sample(["A star image in ukiyo style."], seed=0, steps=4)
+    assert torch.equal(a, model.sample(["A star image in ukiyo style."], seed=0, steps=4))
