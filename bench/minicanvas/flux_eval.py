@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python -m bench.minicanvas.flux_eval                      # shipped weights
     OMP_NUM_THREADS=1 python -m bench.minicanvas.flux_eval --weights PATH --seeds 2 --steps 12 --cfg 4
 
-The grid is harness.grid(seeds) (10 x 10 non-neutral style x object pairs, `seeds` images per pair, every prompt in a
-template other than UnlearnCanvas' training template 0, the harness' seeds), the judge harness.Judge, exactly as the
+The grid is judge.grid(seeds) (10 x 10 non-neutral style x object pairs, `seeds` images per pair, every prompt in a
+template other than UnlearnCanvas' training template 0, the harness' seeds), the judge judge.Judge, exactly as the
 harness scores its unerased ("base") model. Intervals: 95% bootstrap over the 100 pairs (metrics.bootstrap_ci with one
 group per pair, the images of the pair inside it).
 
@@ -29,7 +29,7 @@ from .flux_model import DEFAULT_CFG, DEFAULT_STEPS, MODEL_FILE, load
 
 def evaluate(model, seeds: int = 2, steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, sampler: str = "dpmpp_2m",
              shift: float | None = None) -> dict:
-    from .harness import Judge, grid
+    from .judge import Judge, grid
 
     prompts, ls, lo, sd = grid(seeds)
     t0 = time.time()
