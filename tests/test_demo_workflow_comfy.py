@@ -248,7 +248,7 @@ def test_lora_file_is_written_and_loads_with_every_key(server, demo_run, caplog)
 
 
 def test_erased_style_is_judged_erased(server, demo_run, verdicts):
-    _, harness, _ = _bench()
+    data, harness, _ = _bench()
     _, shipped, prompt, judged, entry, seconds = demo_run
     erased = [v for v in verdicts.values() if v[0] == "erased" and v[1] == "erased"]
     base = [v for v in verdicts.values() if v[0] == "base"]
@@ -292,7 +292,7 @@ def test_erased_style_is_judged_erased(server, demo_run, verdicts):
         if source(shipped, ks, "model") == apply_id:
             kind = "after"
         else:  # the original model: BEFORE draws the erased style, SURROGATE the neutral one
-            kind = "surrogate" if harness.data.NEUTRAL_STYLE in text else "before"
+            kind = "surrogate" if data.NEUTRAL_STYLE in text else "before"
         assert kind not in seen, (kind, node_id)
         seen[kind] = [harness.data.STYLE_NAMES[p] for p in judge(small)["style"].tolist()]
     print(f"[judge] the workflow's previews ({len(seen.get('after', []))} images each): before {seen.get('before')}, "
