@@ -294,11 +294,11 @@ def test_erased_style_is_judged_erased(server, demo_run, verdicts):
         else:  # the original model: BEFORE draws the erased style, SURROGATE the neutral one
             kind = "surrogate" if data.NEUTRAL_STYLE in text else "before"
         assert kind not in seen, (kind, node_id)
-        seen[kind] = [harness.data.STYLE_NAMES[p] for p in judge(small)["style"].tolist()]
+        seen[kind] = [data.STYLE_NAMES[p] for p in judge(small)["style"].tolist()]
     print(f"[judge] the workflow's previews ({len(seen.get('after', []))} images each): before {seen.get('before')}, "
           f"after {seen.get('after')}, surrogate {seen.get('surrogate')}  [run {seconds:.0f}s]")
     assert set(seen) == {"before", "after", "surrogate"}, seen
-    neutral = harness.data.NEUTRAL_STYLE
+    neutral = data.NEUTRAL_STYLE
     assert seen["surrogate"].count(neutral) >= 0.8 * len(seen["surrogate"]), seen
     assert seen["before"].count(ERASED) >= 0.8 * len(seen["before"]), seen
     assert seen["after"].count(ERASED) <= 0.1 * len(seen["after"]), seen
