@@ -3,6 +3,7 @@
     python -m bench.minicanvas.diagnose targets --concept ukiyo              # the forget loss's targets, per sigma
     python -m bench.minicanvas.diagnose trajectory --concept ukiyo          # the erased model's sampling path
     python -m bench.minicanvas.diagnose strength --concept ukiyo            # the erasure at LoRA strengths < 1
+    python -m bench.minicanvas.diagnose cfg --concept ukiyo                 # the erased model at guidance 1 ... 4
 
 - targets: SPARE's forget loss asks the student, on x_t noised from a sample, for the surrogate-prompt teacher's x0.
   For samples of the concept and of the surrogate, at each sigma, the classifiers judge that target x0: is the other
@@ -12,6 +13,9 @@
   surrogate's prompts with the unerased model (where the erased model should go) and of the concept's prompts
   unerased; at each step the x0 prediction is judged (share of the other domain kept, the majority class).
 - strength: the whole held-out grid at LoRA strengths 1 ... 0.35: UA, SFA and IRA / CRA on the unlisted classes.
+- cfg: the whole held-out grid, erased and unerased, at the sampler's guidance scale 1 ... 4: a residual error of
+  the erased conditional prediction is multiplied by the guidance scale; if SFA rises as guidance falls, debris is
+  the amplified residual of an imperfect fit, not a wrong target.
 
 Training: SPARE at the product defaults (`run_method("spare", ...)`, retain list `--retain-set`, training
 seed `--seed`), with `--set FIELD=VALUE` overrides of DistillConfig (as the harness' `--spare-set`). Everything is
@@ -38,6 +42,7 @@ from .model import load as load_model, sample_loop, to_image
 
 SIGMAS = (30.0, 10.0, 5.0, 2.0, 1.0, 0.3)
 STRENGTHS = (1.0, 0.75, 0.5, 0.35)
+GUIDANCES = (1.0, 2.0, 4.0)
 CFG = 4.0  # the evaluation sampler's guidance (model.sample's default)
 
 
@@ -122,10 +127,28 @@ def strength(model, judge, domain: str, name: str, lora, seed: int, retain_set: 
     return rows
 
 
+def guidance(model, judge, domain: str, name: str, lora, seed: int, retain_set: str, steps: int = 12) -> list[dict]:
+    prompts, ls, lo, seeds = grid(1)
+    target = (data.style_index if domain == "style" else data.object_index)(name)
+    split = retention_split(domain, name, seed, retain_set)
+    rows = []
+    for g in GUIDANCES:
+        for erased in (False, True):
+            if erased:
+                with sc.apply_lora(model.network, lora, 1.0):
+                    images = model.sample(prompts, seed=seeds, steps=steps, cfg=g)
+            else:
+                images = model.sample(prompts, seed=seeds, steps=steps, cfg=g)
+            m, j = evaluate(judge, images, ls, lo, domain, target)
+            m.update(split_metrics(domain, split, ls, lo, j["style"], j["object"]))
+            rows.append({"cfg": g, "erased": erased, **m})
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("targets", "trajectory", "strength"))
+    ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg"))
     ap.add_argument("--concept", default="ukiyo", help=f"a style {STYLES} or an object {OBJECTS}")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set)
@@ -160,6 +183,12 @@ def main(argv=None):
             for r in rows:
                 print(f"  {r['run']:27s} " + " ".join(f"{p['sigma']:.2g}:{p['kept']:.0f}{p['class'][:3]}"
                                                      for p in r["path"]))
+        elif args.what == "cfg":
+            rows = guidance(model, judge, domain, args.concept, lora, args.seed, args.retain_set)
+            for r in rows:
+                print(f"  cfg {r['cfg']:.1f} {'erased  ' if r['erased'] else 'unerased'}: UA {r['UA']:5.1f}  "
+                      f"SFA {r['SFA']:5.1f}  IRA {r['IRA']:5.1f}  CRA {r['CRA']:5.1f}  unlisted IRA "
+                      f"{r.get('IRA_unlisted', float('nan')):5.1f}  CRA {r.get('CRA_unlisted', float('nan')):5.1f}")
         else:
             rows = strength(model, judge, domain, args.concept, lora, args.seed, args.retain_set)
             for r in rows:
