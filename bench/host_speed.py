@@ -78,7 +78,6 @@ SCAN_RETAIN = ["Claude Monet style", "Pablo Picasso style", "Rembrandt style", "
 DISTILL_RETAIN = ["{a portrait|a landscape|a city street|a cat|a bowl of fruit} in {Claude Monet|Pablo Picasso|"
                   "Rembrandt|Ukiyo-e woodblock print} style", "a photo of a city street", "a photo of a dog"]
 # The nodes' default inputs (nodes/spare_nodes.py define_schema) where spare_core's defaults differ or are not used.
-NODE_SAMPLES = 4  # "samples" of every node
 NODE_SEED = 0
 
 
@@ -177,10 +176,10 @@ def step_phase(host, sc, model, clip, latent: int, steps: int, checkpointing: bo
     import torch
 
     dm = host.ComfyDiffusionModel(model, clip, latent * 8, latent * 8)
-    candidates = list(sc.candidate_modules(dm.network, sc.saliency.DEFAULT_TARGETS))
-    saliency = sc.Saliency({p: 0.0 for p in candidates}, candidates[::2], None, {})
+    candidates = list(sc.candidate_modules(dm.network, sc.ScanConfig.targets))
+    saliency = sc.Saliency({p: 0.0 for p in candidates}, candidates[::2], {})
     cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=["a photo of a dog"], steps=steps,
-                           samples_per_prompt=1, sample_steps=2, gradient_checkpointing=checkpointing)
+                           samples=1, sample_steps=2, gradient_checkpointing=checkpointing)
     clock = Clock(dm.device)
     stamps = []
     dm.encode(cfg.concepts + cfg.surrogates + cfg.retain + [""])  # before loading for training, as the node does
@@ -215,7 +214,7 @@ def floor_seconds(sc, dm, cfg, selected: list[str], reps: int, clock) -> tuple[f
     autocast = dict(device_type=dev.type, dtype=dm.dtype, enabled=dm.dtype != torch.float32)
     checkpointing = gradient_checkpointing(dm.network) if cfg.gradient_checkpointing else contextlib.nullcontext()
     with frozen(dm.network), torch.inference_mode(False), torch.enable_grad(), checkpointing:
-        adapters = sc.adapters.attach(dm.network, selected, cfg.rank, cfg.alpha, None, cfg.dropout, device=dev)
+        adapters = sc.adapters.attach(dm.network, selected, cfg.rank, cfg.alpha, cfg.dropout, device=dev)
         params = adapters.parameters()
         try:
             def once():
@@ -266,10 +265,8 @@ def erase_phase(host, sc, model, clip, latent: int, erase_steps: int, checkpoint
     dm = host.ComfyDiffusionModel(model, clip, px, px)
     dm.encode(concepts + [""])
     dm.load()
-    x, index = sc.generate(dm, concepts, NODE_SAMPLES, NODE_SEED, sc.DistillConfig.sample_steps,
-                           sc.DistillConfig.sample_cfg)
-    order = torch.argsort(torch.arange(len(index)) % NODE_SAMPLES * len(concepts) + index, stable=True)
-    latents = model.model.process_latent_out(x[order.to(x.device)].float()).to(mm.intermediate_device())
+    x = sc.concept_samples(dm, concepts, sc.DistillConfig.samples, NODE_SEED)  # Concept Samples at its defaults
+    latents = model.model.process_latent_out(x.float()).to(mm.intermediate_device())
     lap("concept_samples")
 
     # each stage converts the LATENT back to model space (nodes/spare_nodes.py model_space_latents)
@@ -277,27 +274,22 @@ def erase_phase(host, sc, model, clip, latent: int, erase_steps: int, checkpoint
     dm = host.ComfyDiffusionModel(model, clip, px, px)  # SPARE Saliency Scan
     dm.encode(concepts + scan_retain + [""])
     with host.trainable(dm):
-        saliency = sc.saliency_scan(dm, concepts, retain=scan_retain, samples=NODE_SAMPLES, seed=NODE_SEED,
-                                    fraction=sc.saliency.DEFAULT_FRACTION, top_k=None,
-                                    targets=sc.saliency.DEFAULT_TARGETS, scoring=sc.saliency.DEFAULT_SCORING,
-                                    latents=given, gradient_checkpointing=checkpointing)
+        # the node's defaults (spare_core.ScanConfig) but the run's memory switch
+        saliency = sc.saliency_scan(dm, concepts, scan_retain, sc.ScanConfig(seed=NODE_SEED), latents=given,
+                                    gradient_checkpointing=checkpointing)
     lap("saliency_scan")
 
     given = model.model.process_latent_in(latents.float())
     dm = host.ComfyDiffusionModel(model, clip, px, px)  # SPARE Timestep Profile
     dm.encode(concepts + surrogates + [""])
     dm.load()
-    profile = sc.timestep_profile(dm, concepts, surrogates, bins=10, samples=NODE_SAMPLES, seed=NODE_SEED, gamma=1.0,
-                                  floor=0.2, weighting="v", latents=given)
+    profile = sc.timestep_profile(dm, concepts, surrogates, sc.ProfileConfig(seed=NODE_SEED), latents=given)
     lap("timestep_profile")
 
     given = model.model.process_latent_in(latents.float())
     dm = host.ComfyDiffusionModel(model, clip, px, px)  # SPARE Sparse LoRA Distill
-    config = sc.DistillConfig(concepts=concepts, surrogates=surrogates, retain=distill_retain,
-                              rank=sc.DistillConfig.rank, alpha=sc.DistillConfig.alpha,
-                              steps=erase_steps, lr=1e-4, forget_weight=0.3, retain_weight=1.0, seed=NODE_SEED,
-                              samples_per_prompt=NODE_SAMPLES, gradient_checkpointing=checkpointing, weighting="v",
-                              stop_reduction=sc.DistillConfig.stop_reduction)
+    config = sc.DistillConfig(concepts=concepts, surrogates=surrogates, retain=distill_retain, steps=erase_steps,
+                              seed=NODE_SEED, gradient_checkpointing=checkpointing)  # else the node's defaults
     sc.distill_validate(config, saliency)
     dm.encode(config.concepts + config.surrogates + config.retain + [""])
     stamps = []

@@ -1,5 +1,6 @@
 """How precisely the Timestep Profile measures its distribution: the spread of its per-bin probabilities over profile
-seeds, for a number of noise draws per bin and a number of concept samples (bench/HISTORY.md, "Speed").
+seeds, for a number of concept samples (bench/HISTORY.md, "Speed"; the product's single noise draw per bin was chosen
+there against two, with an earlier version of this script).
 
     .venv/bin/python -m bench.profile_noise --concepts ukiyo,circle --seeds 4
 
@@ -14,14 +15,13 @@ import os
 import platform
 import time
 
-import einops
 import torch
 
 import spare_core as sc
 from bench.minicanvas.budgets import OBJECTS, STYLES, concept_prompts
 from bench.minicanvas.model import load as load_model
 
-SETTINGS = ((2, 1.0), (1, 1.0), (2, 0.5), (1, 0.5))  # (draws per bin, share of the concept samples)
+SHARES = (1.0, 0.5)  # share of the concept samples the profile measures on
 
 
 def main(argv=None):
@@ -44,27 +44,23 @@ def main(argv=None):
     for concept in concepts:
         domain = "style" if concept in STYLES else "object"
         forget, surrogate, _, _, _ = concept_prompts(domain, concept, 0)
-        x, _ = sc.generate(model, forget, 4, 0)
-        # sample-major, as the stages read latents (row i -> concept i % n): the first rows hold samples of every
-        # prompt. (Before 2026-11-29 this script passed them prompt-major: rows were paired with the wrong prompts.)
-        x = einops.rearrange(x, "(concept sample) ... -> (sample concept) ...", concept=len(forget))
+        x = sc.concept_samples(model, forget, sc.DistillConfig.samples, 0)  # the first rows: every prompt once
         first = None
-        for draws, share in SETTINGS:
+        for share in SHARES:
             n = max(len(forget), round(share * x.shape[0]))
             started = time.perf_counter()
             probs = torch.stack([torch.tensor(sc.timestep_profile(model, forget, surrogate, seed=seed, latents=x[:n],
-                                                                  samples=n // len(forget), draws_per_bin=draws).probs)
+                                                                  samples=n // len(forget)).probs)
                                  for seed in range(args.seeds)])
             mean = [round(p, 4) for p in probs.mean(0).tolist()]
-            first = first or {"draws_per_bin": draws, "samples": n, "mean_probs": mean}  # SETTINGS[0]: the reference
-            row = {"concept": concept, "draws_per_bin": draws, "samples": n,
+            first = first or {"samples": n, "mean_probs": mean}  # SHARES[0]: the reference
+            row = {"concept": concept, "samples": n,
                    "seconds_per_profile": (time.perf_counter() - started) / args.seeds, "mean_probs": mean,
                    "max_sd": float(probs.std(0).max()),
                    "max_mean_shift_vs_first": max(abs(a - b) for a, b in zip(mean, first["mean_probs"]))}
             rows.append(row)
-            print(f"{concept:8s} draws {draws} samples {n:3d}: {row['seconds_per_profile']:5.2f} s/profile, "
-                  f"probs sd <= {row['max_sd']:.4f}, mean shift vs {first['draws_per_bin']} draws / "
-                  f"{first['samples']} samples <= {row['max_mean_shift_vs_first']:.4f}, "
+            print(f"{concept:8s} samples {n:3d}: {row['seconds_per_profile']:5.2f} s/profile, "
+                  f"probs sd <= {row['max_sd']:.4f}, mean shift vs {first['samples']} samples <= {row['max_mean_shift_vs_first']:.4f}, "
                   f"probs {row['mean_probs']}", flush=True)
     if args.out:
         meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",

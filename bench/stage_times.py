@@ -16,7 +16,6 @@ import os
 import platform
 import time
 
-import einops
 import torch
 
 import spare_core as sc
@@ -33,15 +32,16 @@ def timed(fn):
 def run(model, concept: str, steps: int, shared: bool) -> dict:
     domain = "style" if concept in STYLES else "object"
     forget, surrogate, retain, _, _ = concept_prompts(domain, concept, 0)
-    cfg = sc.DistillConfig(forget, surrogate, retain=retain, steps=steps, lr=LR["spare"], seed=0)
-    per = cfg.samples_per_prompt
+    cfg = sc.DistillConfig(forget, surrogate, retain=retain, steps=steps, learning_rate=LR["spare"], seed=0,
+                           gradient_checkpointing=False)
     times, x = {}, None
-    if shared:  # SPARE Concept Samples: one draw, round-robin order (sample i -> prompt i % n)
-        (x, _), times["concept samples"] = timed(lambda: sc.generate(model, forget, per, 0))
-        x = einops.rearrange(x, "(concept sample) ... -> (sample concept) ...", concept=len(forget))
-    sal, times["saliency scan"] = timed(lambda: sc.saliency_scan(model, forget, retain=retain, seed=0, latents=x))
-    prof, times["timestep profile"] = timed(lambda: sc.timestep_profile(model, forget, surrogate, seed=0,
-                                                                         weighting=cfg.weighting, latents=x))
+    if shared:  # SPARE Concept Samples: one draw (the stages' sample-major order)
+        x, times["concept samples"] = timed(lambda: sc.concept_samples(model, forget, cfg.samples, 0))
+    # the stages one by one (spare_core.erase runs the same calls), each timed
+    sal, times["saliency scan"] = timed(lambda: sc.saliency_scan(model, forget, retain, seed=0,
+                                                                 gradient_checkpointing=False, latents=x))
+    prof, times["timestep profile"] = timed(lambda: sc.timestep_profile(
+        model, forget, surrogate, seed=0, loss_weighting=cfg.loss_weighting, latents=x))
     result, times["distill"] = timed(lambda: sc.distill(model, cfg, sal, prof, latents=x))
     times["total"] = sum(times.values())
     return times

@@ -10,7 +10,6 @@ import logging
 import os
 import time
 
-import einops
 import torch
 
 import comfy.lora
@@ -32,8 +31,6 @@ CATEGORY = "SPARE"
 Saliency = io.Custom("SPARE_SALIENCY")
 Timesteps = io.Custom("SPARE_TIMESTEPS")
 KEY_FORMATS = list(sc.lora.KEY_FORMATS)
-TARGETS = list(sc.saliency.TARGET_SETS)
-SCORINGS = list(sc.saliency.SCORINGS)
 NO_FILE = "(none: use the lora input)"
 
 
@@ -95,6 +92,30 @@ class Progress:
                      extra)
 
 
+def option_input(config, name: str, **extra):
+    """The node input for field `name` of a spare_core config dataclass (spare_core/config.py): its name, default,
+    tooltip and range come from the field, so no node repeats them. `extra`: ComfyUI-only settings (optional=True,
+    round=False, a longer tooltip, ...)."""
+    d = sc.config.describe(config, name)
+    kw = {"default": d["default"], "tooltip": d["help"]}
+    kw.update({k: d[k] for k in ("min", "max", "step") if d.get(k) is not None})
+    kw.update(extra)
+    if d.get("choices"):
+        kw.pop("min", None), kw.pop("max", None), kw.pop("step", None)
+        return io.Combo.Input(name, options=list(d["choices"]), **kw)
+    if d["type"].startswith("list"):  # prompts: one per line
+        kw["default"] = "\n".join(kw["default"] or [])
+        return io.String.Input(name, multiline=True, **kw)
+    kind = type(d["default"])
+    if kind is bool:
+        return io.Boolean.Input(name, **kw)
+    if kind is int:
+        return io.Int.Input(name, **kw)
+    if kind is float:
+        return io.Float.Input(name, **kw)
+    raise TypeError(f"{config.__name__}.{name}: no node input for {kind.__name__}")
+
+
 def resolution_input(default=512):
     # min/step 32: the bundled MiniCanvas demo model draws 32 x 32 only, and its workflow should say so
     return io.Int.Input("resolution", default=default, min=32, max=2048, step=32,
@@ -104,13 +125,6 @@ def resolution_input(default=512):
                                 "demo model: 32) uses that size.")
 
 
-def loss_weighting_input():
-    return io.Combo.Input("loss_weighting", options=list(sc.LOSS_WEIGHTINGS), default=sc.DistillConfig.weighting,
-                          tooltip="How noise levels are weighted: v = also the noisy steps where style and layout are "
-                                  "decided (erases in fewer steps); eps = the authors' noise-prediction loss. Use the "
-                                  "same in Timestep Profile and Sparse LoRA Distill.")
-
-
 def latents_input(use: str = "; 'samples' and 'resolution' are then ignored"):
     """The optional shared concept samples (SPARE Concept Samples' output) of the three stages; `use`: what they
     change in this node."""
@@ -118,13 +132,6 @@ def latents_input(use: str = "; 'samples' and 'resolution' are then ignored"):
                            tooltip="Concept samples from SPARE Concept Samples (or a KSampler with the concept prompt), "
                                    f"shared with the other stages{use}. Sample i belongs to concept line i % (number "
                                    "of lines).")
-
-
-def gradient_checkpointing_input(cost: str, optional: bool = False):
-    """The memory switch of the two training stages (on by default, as in ComfyUI's own trainer); `cost`: what it
-    costs in this node."""
-    return io.Boolean.Input("gradient_checkpointing", default=True, optional=optional,
-                            tooltip=f"Recompute activations in backward: much less VRAM{cost}")
 
 
 FLUX_GUIDANCE = 3.5  # ComfyUI's default for Flux-dev (model_base.Flux.extra_conds, the FluxGuidance node)
@@ -139,9 +146,8 @@ def guidance_input():
                                   "(cfg 1) whatever cfg says.")
 
 
-def seed_input():
-    return io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
-                        tooltip="Seed for self-generated samples, timesteps and adapter init: same seed, same result.")
+def seed_input(config=sc.DistillConfig):
+    return option_input(config, "seed", control_after_generate=False)
 
 
 class ConceptSamples(io.ComfyNode):
@@ -159,13 +165,13 @@ class ConceptSamples(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="The model's text encoder."),
                 io.String.Input("concept", multiline=True, default="",
                                 tooltip="Prompt(s) naming the concept, one per line (the same text as in the stages)."),
-                io.Int.Input("samples", default=4, min=1, max=64, tooltip="Samples per concept line (authors: 4)."),
+                option_input(sc.DistillConfig, "samples", tooltip="Samples per concept line (authors: 4)."),
                 seed_input(),
                 resolution_input(),
                 io.Int.Input("steps", default=sc.DistillConfig.sample_steps, min=1, max=200,
-                             tooltip="Sampler steps per sample (Euler). 8 is what the stages use on their own."),
+                             tooltip="Sampler steps per sample (Euler), as the stages draw their own."),
                 io.Float.Input("cfg", default=sc.DistillConfig.sample_cfg, min=1.0, max=30.0, step=0.1,
-                               tooltip="Classifier-free guidance scale (the stages use 5)."),
+                               tooltip="Classifier-free guidance scale, as the stages draw their own."),
                 guidance_input(),
             ],
             outputs=[io.Latent.Output("latents", tooltip="The samples as a LATENT (VAE space, like a KSampler's), "
@@ -180,10 +186,8 @@ class ConceptSamples(io.ComfyNode):
         dm = ComfyDiffusionModel(model, clip, resolution, resolution, guidance)
         dm.encode(concepts + [""])
         dm.load()
-        with torch.inference_mode():
-            x, _ = sc.generate(dm, concepts, samples, seed, steps, cfg, should_stop=should_stop)
-        # generate() orders concept-major (c1 c1 .. c2 c2 ..); the stages read sample i as concept i % n
-        x = einops.rearrange(x, "(concept sample) ... -> (sample concept) ...", sample=samples)
+        with torch.inference_mode():  # sample-major (c1 c2 .. c1 c2 ..): what the stages' latents input expects
+            x = sc.concept_samples(dm, concepts, samples, seed, steps, cfg, should_stop=should_stop)
         out = model.model.process_latent_out(x.float()).to(comfy.model_management.intermediate_device())
         return io.NodeOutput({"samples": out})
 
@@ -205,26 +209,16 @@ class SaliencyScan(io.ComfyNode):
                                 tooltip="Optional prompts that must keep working, one per line. Used by the "
                                         "'contrastive' scoring only (modules that matter as much for them as for the "
                                         "concept are scored down); retention itself is Distill's job."),
-                io.Int.Input("samples", default=4, min=1, max=64,
-                             tooltip="Self-generated samples per prompt used to measure gradients."),
-                seed_input(),
-                io.Float.Input("selection", default=0.5, min=0.01, max=1.0, step=0.01,
-                               tooltip="Fraction of candidate modules to select (authors: 0.5)."),
-                io.Int.Input("top_k", default=0, min=0, max=10000,
-                             tooltip="If > 0, select exactly this many modules instead of a fraction."),
-                io.Combo.Input("targets", options=TARGETS, default=sc.saliency.DEFAULT_TARGETS,
-                               tooltip="Candidate modules: all = every Linear/Conv of a UNet (the authors'; erases "
-                                       "what attention-only misses) or every Linear inside a DiT's blocks; attention "
-                                       "= the attention projections only; cross_attention = where the text enters "
-                                       "(a UNet's cross-attention, a DiT's text-stream attention)."),
+                option_input(sc.ScanConfig, "samples"),
+                seed_input(sc.ScanConfig),
+                option_input(sc.ScanConfig, "selection"),
+                option_input(sc.ScanConfig, "top_k"),
+                option_input(sc.ScanConfig, "targets"),
                 resolution_input(),
                 # optional (with its default) so that API-format prompts saved before it existed still run
-                io.Combo.Input("scoring", options=SCORINGS, default=sc.saliency.DEFAULT_SCORING, optional=True,
-                               tooltip="How modules are ranked: gradient = mean |gradient| of the concept's denoising loss "
-                                       "(the authors'), taylor = |weight x gradient| (scale-free), contrastive = "
-                                       "concept share minus retain share."),
+                option_input(sc.ScanConfig, "scoring", optional=True),
                 latents_input(),
-                gradient_checkpointing_input(", somewhat slower; the scores are the same.", optional=True),
+                option_input(sc.ScanConfig, "gradient_checkpointing", optional=True),
                 guidance_input(),
             ],
             outputs=[
@@ -236,7 +230,7 @@ class SaliencyScan(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, retain, samples, seed, selection, top_k, targets, resolution,
-                scoring=sc.saliency.DEFAULT_SCORING, latents=None, gradient_checkpointing=True,
+                scoring=sc.ScanConfig.scoring, latents=None, gradient_checkpointing=sc.ScanConfig.gradient_checkpointing,
                 guidance=FLUX_GUIDANCE):
         require_supported(model)
         given, (width, height) = given_latents(model, latents, resolution)
@@ -245,9 +239,9 @@ class SaliencyScan(io.ComfyNode):
         retain_prompts = sc.expand_alternatives(lines(retain))
         dm.encode(concepts + retain_prompts + [""])  # encode (and cache) before the model is loaded for training
         with trainable(dm):
-            sal = sc.saliency_scan(dm, concepts, retain=retain_prompts, samples=samples,
-                                   seed=seed, fraction=selection, top_k=top_k or None, targets=targets,
-                                   scoring=scoring, latents=given, gradient_checkpointing=gradient_checkpointing,
+            config = sc.ScanConfig(samples=samples, seed=seed, selection=selection, top_k=top_k, targets=targets,
+                                   scoring=scoring, gradient_checkpointing=gradient_checkpointing)
+            sal = sc.saliency_scan(dm, concepts, retain_prompts, config, latents=given,
                                    progress=Progress("saliency"), should_stop=should_stop)
         title = f"SPARE saliency: {', '.join(sal.meta['concepts'])[:60]}"
         return io.NodeOutput(sal, image(render.saliency_heatmap(sal.scores, sal.selected, title)), sal.summary())
@@ -269,17 +263,13 @@ class TimestepProfileNode(io.ComfyNode):
                                 tooltip="Prompt(s) naming the concept, one per line."),
                 io.String.Input("surrogate", multiline=True, default="",
                                 tooltip="What each concept should become, one line per concept line."),
-                io.Int.Input("bins", default=10, min=2, max=50, tooltip="Number of noise-level bins."),
-                io.Int.Input("samples", default=sc.timesteps.PROFILE_SAMPLES, min=1, max=64,
-                             tooltip="Samples per concept line the gap is measured on: self-generated, or the first "
-                                     "ones of the given latents. More = a steadier profile, slower."),
-                seed_input(),
-                io.Float.Input("sharpness", default=1.0, min=0.0, max=4.0, step=0.1,
-                               tooltip="Exponent on the measured gap: 0 = uniform, 1 = proportional, >1 = sharper."),
-                io.Float.Input("uniform_floor", default=0.2, min=0.0, max=1.0, step=0.05,
-                               tooltip="Share of samples drawn uniformly so every noise level keeps some training."),
+                option_input(sc.ProfileConfig, "bins"),
+                option_input(sc.ProfileConfig, "samples"),
+                seed_input(sc.ProfileConfig),
+                option_input(sc.ProfileConfig, "sharpness"),
+                option_input(sc.ProfileConfig, "uniform_floor"),
                 resolution_input(),
-                loss_weighting_input(),
+                option_input(sc.ProfileConfig, "loss_weighting"),
                 latents_input("; 'resolution' is then ignored, 'samples' picks the first ones per line"),
                 guidance_input(),
             ],
@@ -292,17 +282,18 @@ class TimestepProfileNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, surrogate, bins, samples, seed, sharpness, uniform_floor, resolution,
-                loss_weighting="v", latents=None, guidance=FLUX_GUIDANCE):
+                loss_weighting=sc.ProfileConfig.loss_weighting, latents=None, guidance=FLUX_GUIDANCE):
         require_supported(model)
         given, (width, height) = given_latents(model, latents, resolution)
         dm = ComfyDiffusionModel(model, clip, width, height, guidance)
         dm.encode(require_lines(concept, "concept") + require_lines(surrogate, "surrogate") + [""])
         dm.load()
         with torch.inference_mode():
+            config = sc.ProfileConfig(bins=bins, samples=samples, seed=seed, sharpness=sharpness,
+                                      uniform_floor=uniform_floor, loss_weighting=loss_weighting)
             prof = sc.timestep_profile(dm, require_lines(concept, "concept"), require_lines(surrogate, "surrogate"),
-                                       bins=bins, samples=samples, seed=seed, gamma=sharpness, floor=uniform_floor,
-                                       weighting=loss_weighting, latents=given,
-                                       progress=Progress("timestep profile"), should_stop=should_stop)
+                                       config, latents=given, progress=Progress("timestep profile"),
+                                       should_stop=should_stop)
         return io.NodeOutput(prof, image(render.timestep_plot(prof.edges, prof.divergence, prof.probs)),
                              prof.summary())
 
@@ -321,33 +312,19 @@ class SparseLoraDistill(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (left unchanged; the erasure is the LoRA)."),
                 io.Clip.Input("clip", tooltip="The model's text encoder."),
-                io.String.Input("concepts", multiline=True, default="",
-                                tooltip="Concept prompt(s) to erase, one per line."),
-                io.String.Input("surrogates", multiline=True, default="",
-                                tooltip="What each concept becomes, one line per concept line (e.g. 'a painting')."),
-                io.String.Input("retain", multiline=True, default="",
-                                tooltip="Prompts that must not change, one per line: neighbour styles, other people, "
-                                        "everyday subjects. {a|b|c} groups expand to every combination, e.g. 'a {cat|"
-                                        "street|portrait} in {Monet|Picasso} style'. The empty prompt is always "
-                                        "retained."),
+                option_input(sc.DistillConfig, "concepts"),
+                option_input(sc.DistillConfig, "surrogates"),
+                option_input(sc.DistillConfig, "retain"),
                 Saliency.Input("saliency", tooltip="From SPARE Saliency Scan: which modules get adapters."),
                 Timesteps.Input("timesteps", optional=True,
                                 tooltip="From SPARE Timestep Profile; uniform timesteps when not connected."),
                 latents_input(", instead of self-generated ones; their size sets the training resolution"),
-                io.Int.Input("rank", default=8, min=1, max=128,
-                             tooltip="LoRA rank: how much the update can express (the authors' 4; default 8). "
-                             "Larger = a bigger file and more that can move."),
-                io.Float.Input("alpha", default=8.0, min=0.01, max=256.0, step=0.01,
-                               tooltip="LoRA alpha; update scale = alpha / rank (default 8 / 8 = 1, like the "
-                               "authors' 4 / 4)."),
-                io.Int.Input("steps", default=sc.DistillConfig.steps, min=1, max=100000,
-                             tooltip="Training steps (with stop_at_gap_closed > 0: the most steps)."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=False,
-                               tooltip="AdamW learning rate, cosine-decayed (authors: 1e-4)."),
-                io.Float.Input("forget_weight", default=0.3, min=0.0, max=100.0, step=0.05,
-                               tooltip="Weight of the concept -> surrogate loss (authors: 0.3)."),
-                io.Float.Input("retain_weight", default=1.0, min=0.0, max=100.0, step=0.05,
-                               tooltip="Weight of the keep-retain-prompts loss (authors: 1.0)."),
+                option_input(sc.DistillConfig, "rank"),
+                option_input(sc.DistillConfig, "alpha"),
+                option_input(sc.DistillConfig, "steps"),
+                option_input(sc.DistillConfig, "learning_rate", round=False),
+                option_input(sc.DistillConfig, "forget_weight"),
+                option_input(sc.DistillConfig, "retain_weight"),
                 seed_input(),
                 io.String.Input("filename_prefix", default="spare/erase",
                                 tooltip="File name prefix inside the loras folder; a counter is appended."),
@@ -356,31 +333,13 @@ class SparseLoraDistill(io.ComfyNode):
                                        "lora_unet_* keys with LDM module names, read by A1111 (1.5.0+) and Forge "
                                        "(their loader code; not tested in them here). kohya's own sd-scripts cannot "
                                        "load them for SD1.x/SD2.x."),
-                gradient_checkpointing_input(" (what lets SD1.5/SDXL train on 8-16 GB cards), up to ~20% slower per "
-                                             "step. On by default, as in ComfyUI's own trainer; turn off on a large "
-                                             "GPU for speed."),
+                option_input(sc.DistillConfig, "gradient_checkpointing"),
                 resolution_input(),
-                io.Int.Input("samples", default=4, min=1, max=64,
-                             tooltip="Self-generated training samples per prompt: concept and surrogate lines; "
-                                     "the retain lines and the empty prompt get as many (fewer for a long list: "
-                                     "about 64 in all), drawn in half the Euler steps. More = steadier, slower "
-                                     "start."),
-                loss_weighting_input(),
-                # optional (with its default) so that API-format prompts saved before it existed still run
-                io.Float.Input("stop_at_gap_closed", default=sc.DistillConfig.stop_reduction, min=0.0, max=0.99,
-                               step=0.01, optional=True,
-                               tooltip="Stop once the concept->surrogate gap (measured every 20 steps on a fixed "
-                                       "probe) has closed by this fraction; 0 = run every step (default). Stopping "
-                                       "early saves time, but the retain loss then has fewer steps to repair what "
-                                       "the erasure moved in other concepts."),
-                io.Float.Input("surrogate_anchor", default=sc.DistillConfig.surrogate_anchor, min=0.0, max=1.0,
-                               step=0.5, optional=True,
-                               tooltip="Share of each training batch's forget rows made from the SURROGATE's own "
-                                       "self-generated samples (the rest: the concept's; whole rows of a batch of 2, "
-                                       "so 0, 0.5 or 1). Surrogate samples teach the LoRA to turn the concept's "
-                                       "prompt into the surrogate's picture, keeping the rest of the picture; the "
-                                       "concept's own samples teach it to repaint them, which can leave debris. "
-                                       "0 = the authors' method."),
+                option_input(sc.DistillConfig, "samples"),
+                option_input(sc.DistillConfig, "loss_weighting"),
+                # optional (with their defaults) so that API-format prompts saved before they existed still run
+                option_input(sc.DistillConfig, "stop_at_gap_closed", optional=True),
+                option_input(sc.DistillConfig, "surrogate_anchor", optional=True),
                 guidance_input(),
             ],
             outputs=[
@@ -394,8 +353,9 @@ class SparseLoraDistill(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concepts, surrogates, retain, saliency, rank, alpha, steps, learning_rate,
                 forget_weight, retain_weight, seed, filename_prefix, key_format, gradient_checkpointing, resolution,
-                samples=4, loss_weighting="v", stop_at_gap_closed=sc.DistillConfig.stop_reduction, timesteps=None,
-                latents=None, surrogate_anchor=sc.DistillConfig.surrogate_anchor, guidance=FLUX_GUIDANCE):
+                samples=sc.DistillConfig.samples, loss_weighting=sc.DistillConfig.loss_weighting,
+                stop_at_gap_closed=sc.DistillConfig.stop_at_gap_closed, timesteps=None, latents=None,
+                surrogate_anchor=sc.DistillConfig.surrogate_anchor, guidance=FLUX_GUIDANCE):
         require_supported(model)
         given, (width, height) = given_latents(model, latents, resolution)
         if key_format not in KEY_FORMATS:
@@ -403,16 +363,15 @@ class SparseLoraDistill(io.ComfyNode):
         dm = ComfyDiffusionModel(model, clip, width, height, guidance)
         config = sc.DistillConfig(
             concepts=lines(concepts), surrogates=lines(surrogates), retain=sc.expand_alternatives(lines(retain)),
-            rank=rank, alpha=alpha,
-            steps=steps, lr=learning_rate, forget_weight=forget_weight, retain_weight=retain_weight, seed=seed,
-            samples_per_prompt=samples, gradient_checkpointing=gradient_checkpointing, weighting=loss_weighting,
-            stop_reduction=stop_at_gap_closed, surrogate_anchor=surrogate_anchor)
+            rank=rank, alpha=alpha, steps=steps, learning_rate=learning_rate, forget_weight=forget_weight,
+            retain_weight=retain_weight, seed=seed, gradient_checkpointing=gradient_checkpointing, samples=samples,
+            loss_weighting=loss_weighting, stop_at_gap_closed=stop_at_gap_closed, surrogate_anchor=surrogate_anchor)
         sc.distill_validate(config, saliency)  # fail fast, before any model loading or sampling
         check_prefix(filename_prefix)  # fail fast; the file's name is chosen when it is saved
         dm.encode(config.concepts + config.surrogates + config.retain + [""])  # cached; CLIP loads before the model
         with trainable(dm):
             result = sc.distill(dm, config, saliency, timesteps, given, progress=Progress("distill"),
-                                should_stop=should_stop)
+                                should_stop=should_stop, on_check=log_check)
         folder, name = output_path(filename_prefix)
         path = os.path.join(folder, name)
         sc.save_lora(path, result.lora, key_format=key_format, prefix=dm.key_prefix,
@@ -425,6 +384,12 @@ class SparseLoraDistill(io.ComfyNode):
             title = f"NOT ERASED? gap closed only {100 * result.forget_reduction:.0f}% - see console"
         sd = result.lora.state_dict(key_format, dm.key_prefix)
         return io.NodeOutput(sd, image(render.loss_plot(result.losses, title, result.checks)), rel)
+
+
+def log_check(check: dict, adapters) -> None:
+    """Every probe check of a distillation (DistillConfig.check_every steps): how far the erasure has come."""
+    log.info("SPARE distill: step %d, concept->surrogate gap closed %.0f%% (retain drift %.3g)", check["step"],
+             100 * check["reduction"], check["retain_drift"])
 
 
 class ApplyErasure(io.ComfyNode):

@@ -35,15 +35,12 @@ def module_dims(module: nn.Module) -> tuple[int, int]:
 
 
 class LoraAdapter(nn.Module):
-    """Low-rank delta for one base module: delta(x) = scale * up(down(dropout(x))), rows of `up` masked.
+    """Low-rank delta for one base module: delta(x) = scale * up(down(dropout(x))).
 
     Linear: down [r, in], up [out, r]. Conv2d: down is a conv with the base kernel/stride/padding, up is 1x1.
-    `row_mask` (bool [out]) keeps the update in selected output rows only; the product stays rank <= r, so a
-    masked adapter is still a standard LoRA file.
     """
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, row_mask: Optional[torch.Tensor] = None,
-                 dropout: float = 0.0):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         if isinstance(base, nn.Linear):
             self.down = nn.Linear(base.in_features, rank, bias=False)
@@ -61,22 +58,10 @@ class LoraAdapter(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         nn.init.normal_(self.down.weight, std=1.0 / rank)  # peft init_lora_weights="gaussian"
         nn.init.zeros_(self.up.weight)
-        self.register_buffer("row_mask", None if row_mask is None else row_mask.to(torch.bool).clone())
-
-    def up_weight(self) -> torch.Tensor:
-        w = self.up.weight
-        if self.row_mask is None:
-            return w
-        return w * self.row_mask.view(-1, *[1] * (w.dim() - 1)).to(w.dtype)
 
     def low_rank(self, x: torch.Tensor) -> torch.Tensor:
         """up(down(dropout(x))) without the scale: the hook adds it scaled in one op (`torch.add(..., alpha=)`)."""
-        h = self.down(self.dropout(x))
-        if self.row_mask is None:
-            return self.up(h)
-        if isinstance(self.up, nn.Linear):
-            return nn.functional.linear(h, self.up_weight())
-        return nn.functional.conv2d(h, self.up_weight())
+        return self.up(self.down(self.dropout(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.low_rank(x) * self.scale
@@ -142,11 +127,10 @@ class AdapterSet(_Hooks):
         return [p for a in self.adapters.values() for p in a.parameters()]
 
 
-def attach(network: nn.Module, paths: Iterable[str], rank: int, alpha: float,
-           row_masks: Optional[Mapping[str, torch.Tensor]] = None, dropout: float = 0.0,
+def attach(network: nn.Module, paths: Iterable[str], rank: int, alpha: float, dropout: float = 0.0,
            device=None, dtype=torch.float32) -> AdapterSet:
     """Create trainable adapters for `paths` (module paths inside `network`) and hook them in."""
-    adapters = make_adapters(network, paths, rank, alpha, row_masks, dropout, device, dtype)
+    adapters = make_adapters(network, paths, rank, alpha, dropout, device, dtype)
     widest = max((a.rank for a in adapters.values()), default=rank)
     if widest < rank:  # narrow modules are capped (make_adapters); a rank no selected module can take is a mistake
         raise SpareInputError(f"rank={rank} is larger than any selected module allows (the widest takes "
@@ -154,8 +138,7 @@ def attach(network: nn.Module, paths: Iterable[str], rank: int, alpha: float,
     return AdapterSet(network, adapters)
 
 
-def make_adapters(network: nn.Module, paths: Iterable[str], rank: int, alpha: float,
-                  row_masks: Optional[Mapping[str, torch.Tensor]] = None, dropout: float = 0.0,
+def make_adapters(network: nn.Module, paths: Iterable[str], rank: int, alpha: float, dropout: float = 0.0,
                   device=None, dtype=torch.float32) -> dict[str, LoraAdapter]:
     """Fresh (zero-update) adapters for `paths`, checked against the network; not hooked in."""
     modules = dict(network.named_modules())
@@ -169,8 +152,7 @@ def make_adapters(network: nn.Module, paths: Iterable[str], rank: int, alpha: fl
         # min(in, out) with alpha scaled so that its update scale stays alpha / rank. The file stores alpha per
         # module and loaders scale by alpha / down rows, so it loads as trained. (peft would over-parameterise.)
         r = min(rank, *module_dims(base))
-        mask = None if row_masks is None else row_masks.get(path)
-        adapters[path] = LoraAdapter(base, r, alpha * r / rank, mask, dropout).to(device=device, dtype=dtype)
+        adapters[path] = LoraAdapter(base, r, alpha * r / rank, dropout).to(device=device, dtype=dtype)
     return adapters
 
 

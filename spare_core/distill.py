@@ -9,7 +9,7 @@ replaced, in every forget row, by the SURROGATE's own samples (`surrogate_anchor
   loss   = forget_weight * forget + retain_weight * retain                 (authors: 0.3 and 1.0)
 
 Every loss is written through x0 (ComfyUI's apply_model returns x0) with a per-noise-level weight w(sigma):
-||x0_student - x0_teacher||^2 * w(sigma). weighting="eps" (w = 1/sigma^2) is exactly the eps-prediction loss above
+||x0_student - x0_teacher||^2 * w(sigma). loss_weighting="eps" (w = 1/sigma^2) is exactly the eps-prediction loss above
 (the authors'); the default "v" (w = 1/sigma^2 + 1/sigma_data^2, the v-prediction loss) keeps weight on the noisy
 steps where style and layout are decided: on MiniCanvas it erased objects that eps-weighting left untouched
 (bench/RESULTS.md). AdamW (torch's fused kernel on the CPU and CUDA), cosine learning-rate decay, gradient clipping
@@ -44,12 +44,13 @@ import torch
 from ._version import __version__
 from .adapters import AdapterSet, attach
 from .autograd import backward_safe, frozen
+from .config import LOSS_WEIGHTINGS, SAMPLE_CFG, SAMPLE_STEPS, option
 from .families import family_of
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import LoraWeights, metadata_json
 from .model import DiffusionModel
 from .prompts import expand_alternatives, validate_prompts
-from .sampling import LOSS_WEIGHTINGS, data_std, forward_rows, generate, loss_weight, noised, uniform_t
+from .sampling import data_std, forward_rows, generate, loss_weight, noised, uniform_t
 from .saliency import Saliency
 from .timesteps import TimestepProfile, check_pairs
 
@@ -57,8 +58,8 @@ RETAIN_SAMPLE_BUDGET = 64  # auto retain samples: about this many in all (a long
 
 
 def anchor_samples(cfg: "DistillConfig") -> int:
-    """Samples per surrogate prompt for the anchor rows (cfg.anchor_samples, or samples_per_prompt)."""
-    return cfg.anchor_samples or cfg.samples_per_prompt
+    """Samples per surrogate prompt for the anchor rows (cfg.anchor_samples, or cfg.samples)."""
+    return cfg.anchor_samples or cfg.samples
 
 
 def retain_sample_steps(cfg: "DistillConfig") -> int:
@@ -66,11 +67,11 @@ def retain_sample_steps(cfg: "DistillConfig") -> int:
     return cfg.retain_sample_steps or max(1, cfg.sample_steps // 2)
 
 
-def retain_samples_auto(samples_per_prompt: int, n_prompts: int) -> int:
-    """Samples per retain prompt when not set: samples_per_prompt for a short list, fewer for a long one, so that
+def retain_samples_auto(samples: int, n_prompts: int) -> int:
+    """Samples per retain prompt when not set: `samples` (per concept prompt) for a short list, fewer for a long one, so that
     self-generation stays about RETAIN_SAMPLE_BUDGET samples (13 prompts -> 4 each; 91 prompts -> 1 each: the two
     settings measured on MiniCanvas)."""
-    return max(1, min(samples_per_prompt, RETAIN_SAMPLE_BUDGET // max(n_prompts, 1)))
+    return max(1, min(samples, RETAIN_SAMPLE_BUDGET // max(n_prompts, 1)))
 
 
 AHEAD_STEPS = 20  # steps whose teacher targets are held at once (x_t and x0 of 4 rows each: 40 MB for SDXL latents)
@@ -90,42 +91,64 @@ class Probe(NamedTuple):
 
 @dataclass
 class DistillConfig:
-    """What the user sets for Sparse LoRA Distill. Defaults follow the authors where they published one."""
+    """Stage 2, Sparse LoRA Distill: what the node sets (field = node input), with the engine options no node shows
+    (node=False). Defaults follow the authors where they published one; the deviations name their evidence."""
 
-    concepts: list[str]                      # prompts naming what to erase, e.g. ["Van Gogh style"]
-    surrogates: list[str]                    # what each concept becomes, one per concept, e.g. ["a painting"]
-    retain: list[str] = field(default_factory=list)  # prompts whose outputs must not move; {a|b} expands (prompts.py)
-    retain_unconditional: bool = True        # also keep the empty prompt's prediction (classifier-free guidance
-                                             # uses it)
-    rank: int = 8                            # LoRA rank (authors: 4; 8 measured better: bench/HISTORY.md, "LoRA rank")
-    alpha: float = 8.0                       # LoRA alpha; update scale = alpha / rank = 1 (authors: 4 / 4)
-    steps: int = 200                         # optimizer steps
-    lr: float = 1e-4                         # AdamW learning rate, cosine-decayed to 0 (authors: 1e-4)
-    forget_weight: float = 0.3               # weight of the forget (concept -> surrogate) loss (authors: 0.3)
-    retain_weight: float = 1.0               # weight of the retain loss (authors: 1.0)
-    batch_size: int = 2                      # forget samples per step (and as many retain samples)
-    grad_clip: float = 1.0                   # max gradient norm (authors: 1.0); 0 disables
-    dropout: float = 0.0                     # LoRA dropout (authors: 0.1)
-    seed: int = 0                            # everything random derives from it (deterministic on CPU)
-    samples_per_prompt: int = 4              # self-generated samples per concept / retain prompt
-    sample_steps: int = 8                    # Euler steps to self-generate them
-    sample_cfg: float = 5.0                  # classifier-free guidance scale for self-generation
-    weight_decay: float = 0.0                # AdamW weight decay on the adapters
-    gradient_checkpointing: bool = False     # recompute block activations in backward: less memory, ~30% slower
-    weighting: str = "v"                     # loss weight over noise levels: "v", or "eps" (authors); sampling.py
-    # --- erase until erased (ours; the authors train a fixed number of steps) ---
-    stop_reduction: float = 0.0              # stop once the probe gap has closed by this fraction (0 = run all steps)
-    check_every: int = 20                    # steps between probe-gap checks
-    retain_samples: int = 0                  # samples per retain prompt; 0 = auto (retain_samples_auto)
-    surrogate_anchor: float = 1.0            # share of each forget batch noised from the SURROGATE's own samples
-                                             # instead of the concept's (Concept Ablation's anchor images); 0 = the
-                                             # authors' (concept samples only). 1.0 measured best (a deviation):
-                                             # bench/RESULTS.md, "Erase only the concept"
-    anchor_samples: int = 0                  # self-generated samples per surrogate prompt for the anchors; 0 =
-                                             # samples_per_prompt (why not fewer: bench/HISTORY.md, "Speed for the
-                                             # time target")
-    retain_sample_steps: int = 0             # Euler steps for the retain samples; 0 = half of sample_steps (at least
-                                             # 1): for time, retention unchanged (same section)
+    concepts: list[str] = option(help="Concept prompt(s) to erase, one per line.")
+    surrogates: list[str] = option(help="What each concept becomes, one line per concept line (e.g. 'a painting').")
+    retain: list[str] = option(
+        help="Prompts that must not change, one per line: neighbour styles, other people, everyday subjects. "
+             "{a|b|c} groups expand to every combination, e.g. 'a {cat|street|portrait} in {Monet|Picasso} style'. "
+             "The empty prompt is always retained.", factory=list)
+    rank: int = option(8, "LoRA rank: how much the update can express (the authors' 4; default 8). Larger = a bigger "
+                          "file and more that can move.", min=1, max=128)
+    alpha: float = option(8.0, "LoRA alpha; update scale = alpha / rank (default 8 / 8 = 1, like the authors' 4 / 4).",
+                          min=0.01, max=256.0, step=0.01)
+    steps: int = option(200, "Training steps (with stop_at_gap_closed > 0: the most steps).", min=1, max=100000)
+    learning_rate: float = option(1e-4, "AdamW learning rate, cosine-decayed to 0 (authors: 1e-4).",
+                                  min=1e-7, max=1.0, step=1e-5)
+    forget_weight: float = option(0.3, "Weight of the forget (concept -> surrogate) loss (authors: 0.3).",
+                                  min=0.0, max=100.0, step=0.05)
+    retain_weight: float = option(1.0, "Weight of the retain loss (authors: 1.0). Higher = other prompts move less, "
+                                       "the concept erases more slowly.", min=0.0, max=100.0, step=0.05)
+    seed: int = option(0, "Seed for self-generated samples, timesteps and adapter init: same seed, same result.",
+                       min=0, max=0xffffffffffffffff)
+    gradient_checkpointing: bool = option(
+        True, "Recompute activations in backward (what lets SD1.5/SDXL train on 8-16 GB cards), up to ~20% slower "
+              "per step. On by default, as in ComfyUI's own trainer; turn off on a large GPU for speed.")
+    samples: int = option(4, "Self-generated training samples per prompt: concept and surrogate lines; the retain "
+                             "lines and the empty prompt get as many (fewer for a long list: about 64 in all), drawn "
+                             "in half the Euler steps. More = steadier, slower start.", min=1, max=64)
+    loss_weighting: str = option(
+        "v", "How noise levels are weighted: v = also the noisy steps where style and layout are decided (erases in "
+             "fewer steps); eps = the authors' noise-prediction loss. Use the same in Timestep Profile and Sparse "
+             "LoRA Distill.", choices=LOSS_WEIGHTINGS)
+    # erase until erased (ours; the authors train a fixed number of steps)
+    stop_at_gap_closed: float = option(
+        0.0, "Stop once the concept->surrogate gap (measured every check_every steps on a fixed probe) has closed by "
+             "this fraction; 0 = run every step (default). Stopping early saves time, but the retain loss then has "
+             "fewer steps to repair what the erasure moved in other concepts.", min=0.0, max=0.99, step=0.01)
+    surrogate_anchor: float = option(
+        1.0, "Share of each training batch's forget rows made from the SURROGATE's own self-generated samples (the "
+             "rest: the concept's; whole rows of a batch of 2, so 0, 0.5 or 1). Surrogate samples teach the LoRA to "
+             "turn the concept's prompt into the surrogate's picture, keeping the rest of the picture; the concept's "
+             "own samples teach it to repaint them, which can leave debris. 0 = the authors' method.",
+        min=0.0, max=1.0, step=0.5)
+    # engine options no node shows
+    retain_unconditional: bool = option(True, "Also keep the empty prompt's prediction (classifier-free guidance "
+                                              "uses it).", node=False)
+    batch_size: int = option(2, "Forget samples per step (and as many retain samples).", node=False)
+    grad_clip: float = option(1.0, "Max gradient norm (authors: 1.0); 0 disables.", node=False)
+    dropout: float = option(0.0, "LoRA dropout (authors: 0.1).", node=False)
+    sample_steps: int = option(SAMPLE_STEPS, "Euler steps to self-generate the samples.", node=False)
+    sample_cfg: float = option(SAMPLE_CFG, "Classifier-free guidance scale of the self-generation.", node=False)
+    weight_decay: float = option(0.0, "AdamW weight decay on the adapters.", node=False)
+    check_every: int = option(20, "Steps between probe-gap checks.", node=False)
+    retain_samples: int = option(0, "Samples per retain prompt; 0 = auto (retain_samples_auto).", node=False)
+    anchor_samples: int = option(0, "Self-generated samples per surrogate prompt for the anchors; 0 = `samples` "
+                                    "(why not fewer: bench/HISTORY.md, \"Speed for the time target\").", node=False)
+    retain_sample_steps: int = option(0, "Euler steps for the retain samples; 0 = half of sample_steps (at least 1): "
+                                         "for time, retention unchanged (same section).", node=False)
 
 
 @dataclass
@@ -158,7 +181,7 @@ class DistillResult:
         if self.forget_reduction < 0.2:
             return (f"the forget loss dropped only {100 * self.forget_reduction:.0f}% over {len(self.losses)} steps: "
                     "the concept is probably not erased yet; raise steps or learning_rate, or select more modules")
-        goal = self.config.stop_reduction
+        goal = self.config.stop_at_gap_closed
         if goal > 0 and self.forget_reduction < goal:
             return (f"the concept-to-surrogate gap closed by {100 * self.forget_reduction:.0f}% after "
                     f"{len(self.losses)} steps, short of the {100 * goal:.0f}% target: the erasure may be partial; "
@@ -197,27 +220,28 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
         raise SpareInputError(f"alpha={config.alpha} must be > 0 (typical: equal to rank)")
     if config.steps <= 0:
         raise SpareInputError(f"steps={config.steps} must be >= 1")
-    if not (config.lr > 0 and math.isfinite(config.lr)):
-        raise SpareInputError(f"learning rate={config.lr} must be a positive number (typical: 1e-4)")
+    if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
+        raise SpareInputError(f"learning_rate={config.learning_rate} must be a positive number (typical: 1e-4)")
     if config.forget_weight <= 0 or config.retain_weight < 0:
         raise SpareInputError(f"forget_weight={config.forget_weight} must be > 0 and retain_weight="
                               f"{config.retain_weight} must be >= 0")
     if not 0.0 <= config.surrogate_anchor <= 1.0:
         raise SpareInputError(f"surrogate_anchor={config.surrogate_anchor} must be in [0, 1] (share of the forget "
                               "batch noised from surrogate samples)")
-    if config.batch_size <= 0 or config.samples_per_prompt <= 0 or config.sample_steps <= 0:
-        raise SpareInputError("batch_size, samples_per_prompt and sample_steps must be >= 1")
+    if config.batch_size <= 0 or config.samples <= 0 or config.sample_steps <= 0:
+        raise SpareInputError(f"batch_size={config.batch_size}, samples={config.samples} and sample_steps="
+                              f"{config.sample_steps} must be >= 1")
     if config.anchor_samples < 0 or config.retain_sample_steps < 0:
         raise SpareInputError(f"anchor_samples={config.anchor_samples} and retain_sample_steps="
                               f"{config.retain_sample_steps} must be >= 0 (0 = auto)")
     if config.retain_samples < 0:
-        raise SpareInputError(f"retain_samples={config.retain_samples} must be >= 0 (0 = samples_per_prompt)")
+        raise SpareInputError(f"retain_samples={config.retain_samples} must be >= 0 (0 = auto)")
     if not 0.0 <= config.dropout < 1.0:
         raise SpareInputError(f"dropout={config.dropout} must be in [0, 1)")
-    if config.weighting not in LOSS_WEIGHTINGS:
-        raise SpareInputError(f"weighting='{config.weighting}' is not one of {', '.join(LOSS_WEIGHTINGS)}")
-    if not 0.0 <= config.stop_reduction < 1.0:
-        raise SpareInputError(f"stop_reduction={config.stop_reduction} must be in [0, 1) (0 = run every step; "
+    if config.loss_weighting not in LOSS_WEIGHTINGS:
+        raise SpareInputError(f"loss_weighting='{config.loss_weighting}' is not one of {', '.join(LOSS_WEIGHTINGS)}")
+    if not 0.0 <= config.stop_at_gap_closed < 1.0:
+        raise SpareInputError(f"stop_at_gap_closed={config.stop_at_gap_closed} must be in [0, 1) (0 = run every step; "
                               "typical 0.8)")
     if config.check_every <= 0:
         raise SpareInputError(f"check_every={config.check_every} must be >= 1")
@@ -243,11 +267,11 @@ def distill(
     belongs to concept i % len(concepts). progress(step, steps, loss) is called after every step; should_stop()
     before every step (return True to cancel: Cancelled is raised and nothing is returned). on_check(check,
     adapters) is called at every probe check inside the run with the check's record (step, gap, reduction,
-    retain_drift, modules) and the live adapters: no node uses it; the benchmark does (bench/minicanvas/selection.py
-    snapshots the LoRA there, bench/minicanvas/demo.py prints a progress line).
+    retain_drift, modules) and the live adapters: the node logs the gap closed there, the benchmark snapshots the
+    LoRA (bench/minicanvas/selection.py).
 
     Erase until erased: every `check_every` steps the concept->surrogate gap is measured on a fixed probe batch;
-    training stops once it has closed by `stop_reduction`, at the latest after `steps` (the learning rate is
+    training stops once it has closed by `stop_at_gap_closed`, at the latest after `steps` (the learning rate is
     cosine-decayed to the cap, so a run stopped at step k equals the first k steps of the full run).
     """
     cfg = validate(config, saliency)
@@ -255,7 +279,7 @@ def distill(
     data = make_training_data(model, cfg, latents, should_stop)
     with training_mode(model, cfg):
         data = data.trainable_copies()
-        adapters = attach(model.network, saliency.selected, cfg.rank, cfg.alpha, saliency.row_masks, cfg.dropout,
+        adapters = attach(model.network, saliency.selected, cfg.rank, cfg.alpha, cfg.dropout,
                           device=model.device)
         try:
             params = adapters.parameters()
@@ -284,7 +308,7 @@ def distill(
                     checks.append(check_record(step + 1, *measure_probes(model, data, probes), gap_before, adapters))
                     if on_check is not None:
                         on_check(checks[-1], adapters)
-                    if cfg.stop_reduction > 0 and checks[-1]["reduction"] >= cfg.stop_reduction:
+                    if cfg.stop_at_gap_closed > 0 and checks[-1]["reduction"] >= cfg.stop_at_gap_closed:
                         stopped_early = True
                         if progress is not None:
                             progress(cfg.steps, cfg.steps, value)  # complete the bar
@@ -348,7 +372,7 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
         x_forget = latents.float().to(dev)
         i_forget = torch.arange(x_forget.shape[0]) % len(cfg.concepts)
     else:
-        x_forget, i_forget = generate(model, cfg.concepts, cfg.samples_per_prompt, cfg.seed, cfg.sample_steps,
+        x_forget, i_forget = generate(model, cfg.concepts, cfg.samples, cfg.seed, cfg.sample_steps,
                                       cfg.sample_cfg, should_stop=should_stop)
     n_anchor = round(cfg.surrogate_anchor * cfg.batch_size)
     x_anchor = i_anchor = None
@@ -358,7 +382,7 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
     retain_prompts = cfg.retain + ([""] if cfg.retain_unconditional else [])
     x_retain = i_retain = None
     if cfg.retain_weight > 0 and retain_prompts:
-        per_retain = cfg.retain_samples or retain_samples_auto(cfg.samples_per_prompt, len(retain_prompts))
+        per_retain = cfg.retain_samples or retain_samples_auto(cfg.samples, len(retain_prompts))
         x_retain, i_retain = generate(model, retain_prompts, per_retain, cfg.seed + 1, retain_sample_steps(cfg),
                                       cfg.sample_cfg, should_stop=should_stop)
     else:
@@ -443,7 +467,7 @@ def forget_retain_loss(model: DiffusionModel, data: TrainingData, cfg: DistillCo
     """(forget, retain): the student's weighted squared error to the teacher's x0, w(sigma) * ||x0_s - x0_t||^2,
     averaged over the forget rows and over the retain rows (0 without retain rows). Every row of a step goes through
     one student forward: the same loss as a forward per part, in less time on the CPU (bench/HISTORY.md, "Speed")."""
-    w = loss_weight(batch.sigma, cfg.weighting, data.sigma_data)
+    w = loss_weight(batch.sigma, cfg.loss_weighting, data.sigma_data)
     with autocast(model):
         pred = model.predict_x0(batch.xt, batch.sigma, model.select_cond(data.cond, batch.student)).float()
     per_row = (pred - target).pow(2).flatten(1).mean(1) * w
@@ -473,7 +497,7 @@ def make_optimizer(model: DiffusionModel, cfg: DistillConfig, params: list) -> t
     # torch's fused AdamW (one kernel for every adapter tensor; the update rule is AdamW's) where torch has it: the
     # default per-tensor loop is slower on the CPU (bench/HISTORY.md, "Speed").
     fused = True if model.device.type in FUSED_ADAMW_DEVICES else None
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
     # fp16 activations can underflow in backward: scale the loss (no-op for fp32/bf16 and on the CPU).
     scaler = torch.amp.GradScaler(model.device.type,
                                   enabled=model.dtype == torch.float16 and model.device.type == "cuda")
@@ -481,8 +505,8 @@ def make_optimizer(model: DiffusionModel, cfg: DistillConfig, params: list) -> t
 
 
 def lr_at(step: int, cfg: DistillConfig) -> float:
-    """The learning rate at `step`: cosine decay from cfg.lr to 0 at the step cap."""
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+    """The learning rate at `step`: cosine decay from cfg.learning_rate to 0 at the step cap."""
+    return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
 
 
 def optimizer_step(opt, scaler, loss: torch.Tensor, params: list, lr: float, grad_clip: float) -> None:
@@ -511,7 +535,7 @@ def make_probe(model: DiffusionModel, adapters: AdapterSet, data: TrainingData, 
     x0 = x_all[rows]
     t = torch.linspace(0.15, 0.95, len(rows))
     sigma, xt = noised(model, x0, t, torch.Generator().manual_seed(seed))
-    w = loss_weight(sigma, cfg.weighting, data.sigma_data).view(-1, *[1] * (x0.dim() - 1))
+    w = loss_weight(sigma, cfg.loss_weighting, data.sigma_data).view(-1, *[1] * (x0.dim() - 1))
     with adapters.disabled():
         target = x0_no_grad(model, data, xt, sigma, teacher(ids), forward_rows(model.device, PROBE_SIZE))
     return Probe(xt, sigma, student(ids), target, w)
@@ -561,7 +585,7 @@ def lora_metadata(cfg: DistillConfig, profile: Optional[TimestepProfile], gap_be
         "spare.config": metadata_json({k: v for k, v in asdict(cfg).items()
                                        if k not in ("concepts", "surrogates", "retain")}),
         "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
-        "ss_max_train_steps": str(final["step"]), "ss_seed": str(cfg.seed), "ss_learning_rate": str(cfg.lr),
+        "ss_max_train_steps": str(final["step"]), "ss_seed": str(cfg.seed), "ss_learning_rate": str(cfg.learning_rate),
         "spare.retain_drift": f"{final['retain_drift']:.6g}",
         "spare.forget_reduction": f"{final['reduction']:.4f}",
         "spare.steps_used": str(final["step"]),

@@ -45,7 +45,7 @@ class LoraWeights:
         modules = {}
         for path, a in adapters.adapters.items():
             modules[path] = {"down": a.down.weight.detach().float().cpu().clone(),
-                             "up": a.up_weight().detach().float().cpu().clone(),
+                             "up": a.up.weight.detach().float().cpu().clone(),
                              "alpha": torch.tensor(a.alpha, dtype=torch.float32)}
         return cls(modules, dict(metadata or {}))
 

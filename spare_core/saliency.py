@@ -16,8 +16,7 @@ salient set is the top fraction (or top k) of modules by score. Three scores (`s
 The default is the authors' "gradient" over every Linear/Conv2d: on MiniCanvas (20 concepts, held-out prompts) it
 erased 17 of 20 concepts (this pack's first default, contrastive over attention only, had erased 14 in the issue's
 measurement), and "taylor" did not beat it (16 of 20, retention within the interval) -- bench/HISTORY.md,
-"Saliency selection". An optional per-row mask (per-weight granularity that survives export as a standard LoRA)
-keeps, inside the selected modules, only the output rows whose saliency is in the global top `row_fraction`.
+"Saliency selection".
 
 Loss space: eps-space MSE, written through x0 as ||(x0_hat - x0) / sigma||^2 (x_t = x0 + sigma * eps).
 """
@@ -27,7 +26,7 @@ import json
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -35,6 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import families
+from .config import DEFAULT_TARGETS, SCORINGS, TARGET_SETS, ScanConfig, check_options
 from .autograd import backward_safe, frozen
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .families import Family
@@ -44,11 +44,8 @@ from .model import DiffusionModel
 from .prompts import validate_prompts
 from .sampling import generate, noised, uniform_t
 
-TARGET_SETS = ("all", "attention", "cross_attention")
-SCORINGS = ("gradient", "taylor", "contrastive")
-DEFAULT_TARGETS = "all"        # the authors': every Linear/Conv2d of the denoiser
-DEFAULT_SCORING = "gradient"   # the authors'; "taylor" measured no better on MiniCanvas (bench/HISTORY.md)
-DEFAULT_FRACTION = 0.5         # the authors' sparsity_inclusiveness
+SCAN_REPEATS = 2     # passes over the samples, each at fresh timesteps and noise
+SCAN_BATCH = 2       # samples per backward
 
 
 def candidate_modules(network: nn.Module, targets: str = DEFAULT_TARGETS,
@@ -81,12 +78,11 @@ class Saliency:
     """Result of a saliency scan.
 
     scores: module path -> score (higher = more responsible for the concept), every candidate module.
-    selected: the salient module paths, best first. row_masks: optional bool [out] per selected module.
+    selected: the salient module paths, best first. meta: the scan's options and prompts.
     """
 
     scores: dict[str, float]
     selected: list[str]
-    row_masks: Optional[dict[str, torch.Tensor]] = None
     meta: dict = field(default_factory=dict)
 
     def summary(self, top: int = 10) -> str:
@@ -94,23 +90,17 @@ class Saliency:
         lines = [f"SPARE saliency for {self.meta.get('concepts')}: {len(self.selected)} of {n} candidate modules "
                  f"selected ({self.meta.get('targets', '?')} targets, {self.meta.get('samples', '?')} samples, "
                  f"seed {self.meta.get('seed', '?')})."]
-        if self.row_masks:
-            kept = sum(int(m.sum()) for m in self.row_masks.values())
-            total = sum(m.numel() for m in self.row_masks.values())
-            lines.append(f"Row masks keep {kept} of {total} output rows ({100.0 * kept / max(total, 1):.1f}%).")
         lines.append(f"Top {min(top, len(self.selected))}:")
         for path in self.selected[:top]:
             lines.append(f"  {self.scores[path]: .4e}  {path}")
         return "\n".join(lines)
 
     def save(self, path: str) -> str:
-        """Write `<path>` (safetensors: scores + row masks) with the rest as JSON metadata, atomically."""
+        """Write `<path>` (safetensors: the scores) with the rest as JSON metadata, atomically."""
         if not path.endswith(".safetensors"):
             raise SpareInputError(f"saliency path '{path}' must end with .safetensors")
         names = list(self.scores)
         tensors = {"scores": torch.tensor([self.scores[n] for n in names], dtype=torch.float64)}
-        for p, m in (self.row_masks or {}).items():
-            tensors[f"row_mask/{p}"] = m.to(torch.uint8).contiguous()
         meta = {"spare.kind": "saliency", "names": json.dumps(names), "selected": json.dumps(self.selected),
                 "meta": json.dumps(self.meta)}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -125,8 +115,7 @@ class Saliency:
             raise SpareInputError(f"'{path}' is not a SPARE saliency file")
         names = json.loads(meta["names"])
         scores = dict(zip(names, tensors["scores"].tolist()))
-        masks = {k[len("row_mask/"):]: v.bool() for k, v in tensors.items() if k.startswith("row_mask/")}
-        return cls(scores, json.loads(meta["selected"]), masks or None, json.loads(meta["meta"]))
+        return cls(scores, json.loads(meta["selected"]), json.loads(meta["meta"]))
 
 
 @contextmanager
@@ -157,20 +146,19 @@ def _weight_grads(modules: dict[str, nn.Module], on_grad):
 LOSS_SCALE_FP16 = 2.0 ** 16  # initial scale for fp16 weights (torch.amp.GradScaler's default init_scale)
 
 
-def _accumulate(model: DiffusionModel, modules, x0, cond, index, seed, repeats, batch_size, should_stop, progress,
-                scoring="gradient", checkpointing=False):
-    """Sum of |grad| (scoring "gradient"/"contrastive") or |weight * grad| ("taylor") per module weight and per output
-    row, of the eps-space denoising loss on x0 samples.
+def _accumulate(model: DiffusionModel, modules, x0, cond, index, seed, should_stop, progress, scoring="gradient",
+                checkpointing=False, repeats: int = SCAN_REPEATS, batch_size: int = SCAN_BATCH):
+    """Sum of |grad| (scoring "gradient"/"contrastive") or |weight * grad| ("taylor") per module weight, of the
+    eps-space denoising loss on x0 samples (`repeats` passes, `batch_size` samples per backward).
 
     fp16 weights get fp16 gradients, whose small values underflow to 0 and would distort the ranking: the loss is
     scaled (LOSS_SCALE_FP16) and the gradients unscaled in float32, like torch.amp.GradScaler does; a batch whose
     scaled gradients overflow is redone at half the scale. (GradScaler itself works on an optimizer's .grad fields;
     here each gradient is consumed by a hook as soon as it exists, so the scaling is written out.)"""
     sums = {p: 0.0 for p in modules}
-    rows = {p: torch.zeros(m.weight.shape[0], dtype=torch.float64) for p, m in modules.items()}
     fp16 = model.dtype == torch.float16 or any(m.weight.dtype == torch.float16 for m in modules.values())
     state = {"scale": LOSS_SCALE_FP16 if fp16 else 1.0, "overflow": False}
-    batch_sums, batch_rows = {}, {}
+    batch_sums = {}
 
     def on_grad(path, g):
         g = g.detach().float() / state["scale"]
@@ -179,7 +167,6 @@ def _accumulate(model: DiffusionModel, modules, x0, cond, index, seed, repeats, 
             return
         a = (g * modules[path].weight.detach().float()).abs() if scoring == "taylor" else g.abs()
         batch_sums[path] = float(a.sum())
-        batch_rows[path] = a.flatten(1).sum(1).double().cpu()
 
     gen = torch.Generator().manual_seed(seed)
     n = x0.shape[0]
@@ -198,7 +185,6 @@ def _accumulate(model: DiffusionModel, modules, x0, cond, index, seed, repeats, 
                 s = sigma.view(-1, *[1] * (xb.dim() - 1))
                 while True:
                     batch_sums.clear()
-                    batch_rows.clear()
                     state["overflow"] = False
                     with torch.autocast(model.device.type, dtype=model.dtype, enabled=model.dtype != torch.float32):
                         pred = model.predict_x0(xt, sigma, c)
@@ -212,105 +198,78 @@ def _accumulate(model: DiffusionModel, modules, x0, cond, index, seed, repeats, 
                                              "(the model's fp16 weights overflow on these samples)")
                 for p in batch_sums:
                     sums[p] += batch_sums[p]
-                    rows[p] += batch_rows[p]
                 done += 1
                 if progress is not None:
                     progress(done, total)
-    return sums, rows
+    return sums
 
 
 def scan(
     model: DiffusionModel,
     concepts: Sequence[str],
     retain: Sequence[str] = (),
-    samples: int = 4,
-    seed: int = 0,
-    fraction: float = DEFAULT_FRACTION,
-    top_k: Optional[int] = None,
-    targets: str = DEFAULT_TARGETS,
-    scoring: str = DEFAULT_SCORING,
-    retain_weight: float = 1.0,
-    row_fraction: Optional[float] = None,
-    repeats: int = 2,
-    batch_size: int = 2,
-    sample_steps: int = 8,
-    sample_cfg: float = 5.0,
+    config: Optional[ScanConfig] = None,
     latents: Optional[torch.Tensor] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
-    gradient_checkpointing: bool = False,
+    **options,
 ) -> Saliency:
     """Score every candidate module of `model.network` for `concepts` and select the salient ones.
 
     concepts: prompts naming the concept(s) to erase. retain: prompts whose behaviour must not move (used by
-    scoring="contrastive" only, with weight `retain_weight`). scoring: "taylor", "gradient" (the authors') or
-    "contrastive" (module docstring). samples: self-generated samples per prompt.
-    fraction / top_k: how many modules to select (top_k wins when given). latents: optional concept samples
-    [N, C, H, W] in the model's latent space, used instead of self-generated ones. gradient_checkpointing: recompute
-    the blocks' activations in backward (less memory, same scores).
+    scoring="contrastive" only). config: a ScanConfig (default: the product's); keyword `options` set its fields
+    (samples, seed, selection, top_k, targets, scoring, gradient_checkpointing, sample_steps, sample_cfg).
+    latents: optional concept samples [N, C, H, W] in the model's latent space (sample i belongs to concept
+    i % len(concepts)), used instead of self-generated ones.
     """
+    check_options(ScanConfig, options)
+    cfg = replace(config or ScanConfig(), **options)
     concepts = validate_prompts(concepts, "concept")
     retain = [r.strip() for r in retain if r.strip()]
     overlap = {c.lower() for c in concepts} & {r.lower() for r in retain}
     if overlap:
         raise SpareInputError(f"retain prompts contain the concept itself ({sorted(overlap)}); remove it from retain")
-    if samples <= 0:
-        raise SpareInputError(f"samples={samples} must be >= 1")
-    if top_k is None and not 0.0 < fraction <= 1.0:
-        raise SpareInputError(f"fraction={fraction} must be in (0, 1]")
-    if top_k is not None and top_k <= 0:
-        raise SpareInputError(f"top_k={top_k} must be >= 1")
-    if scoring not in SCORINGS:
-        raise SpareInputError(f"scoring='{scoring}' is not one of {', '.join(SCORINGS)}")
-    if row_fraction is not None and not 0.0 < row_fraction <= 1.0:
-        raise SpareInputError(f"row_fraction={row_fraction} must be in (0, 1]")
+    if cfg.samples <= 0:
+        raise SpareInputError(f"samples={cfg.samples} must be >= 1")
+    if not cfg.top_k and not 0.0 < cfg.selection <= 1.0:
+        raise SpareInputError(f"selection={cfg.selection} must be in (0, 1]")
+    if cfg.top_k < 0:
+        raise SpareInputError(f"top_k={cfg.top_k} must be >= 0 (0 = use selection)")
+    if cfg.scoring not in SCORINGS:
+        raise SpareInputError(f"scoring='{cfg.scoring}' is not one of {', '.join(SCORINGS)}")
     family = families.family_of(model)
-    modules = candidate_modules(model.network, targets, family)
+    modules = candidate_modules(model.network, cfg.targets, family)
     if not modules:
-        raise SpareInputError(f"the model has no {targets} modules ({family.label}: Linear/Conv2d named "
+        raise SpareInputError(f"the model has no {cfg.targets} modules ({family.label}: Linear/Conv2d named "
                               f"{', '.join(family.attention)}); try targets='all'")
 
-    def gen_or_given(prompts, seed_offset):
-        return generate(model, prompts, samples, seed + seed_offset, sample_steps, sample_cfg,
+    def self_generated(prompts, seed_offset):
+        return generate(model, prompts, cfg.samples, cfg.seed + seed_offset, cfg.sample_steps, cfg.sample_cfg,
                         should_stop=should_stop)
 
     if latents is not None:
         x_f = latents.float().to(model.device)
         idx_f = torch.arange(x_f.shape[0]) % len(concepts)
     else:
-        x_f, idx_f = gen_or_given(concepts, 0)
+        x_f, idx_f = self_generated(concepts, 0)
     with torch.no_grad():  # the text side is frozen: conditionings carry no graph
         c_forget = model.encode(concepts)
         c_retain = model.encode(retain) if retain else None
-    f_sum, f_rows = _accumulate(model, modules, x_f, c_forget, idx_f, seed + 1, repeats, batch_size,
-                                should_stop, progress, scoring, gradient_checkpointing)
+    f_sum = _accumulate(model, modules, x_f, c_forget, idx_f, cfg.seed + 1, should_stop, progress, cfg.scoring,
+                        cfg.gradient_checkpointing)
     numel = {p: m.weight.numel() for p, m in modules.items()}
     forget = {p: f_sum[p] / numel[p] for p in modules}
-    if scoring == "contrastive" and retain and retain_weight > 0:
-        x_r, idx_r = gen_or_given(retain, 1000)
-        r_sum, _ = _accumulate(model, modules, x_r, c_retain, idx_r, seed + 2, repeats, batch_size,
-                               should_stop, None, "gradient", gradient_checkpointing)
+    if cfg.scoring == "contrastive" and retain:
+        x_r, idx_r = self_generated(retain, 1000)
+        r_sum = _accumulate(model, modules, x_r, c_retain, idx_r, cfg.seed + 2, should_stop, None, "gradient",
+                            cfg.gradient_checkpointing)
         retain_mean = {p: r_sum[p] / numel[p] for p in modules}
         f_tot, r_tot = sum(forget.values()) or 1.0, sum(retain_mean.values()) or 1.0
-        scores = {p: forget[p] / f_tot - retain_weight * retain_mean[p] / r_tot for p in modules}
+        scores = {p: forget[p] / f_tot - retain_mean[p] / r_tot for p in modules}
     else:
         scores = forget
     ranked = sorted(scores, key=lambda p: scores[p], reverse=True)
-    k = top_k if top_k is not None else max(1, math.ceil(fraction * len(ranked)))
+    k = cfg.top_k or max(1, math.ceil(cfg.selection * len(ranked)))
     selected = ranked[:min(k, len(ranked))]
-    row_masks = None
-    if row_fraction is not None:
-        row_means = {p: f_rows[p] / (numel[p] / f_rows[p].numel()) for p in selected}
-        all_rows = torch.cat([row_means[p] for p in selected])
-        keep = max(1, math.ceil(row_fraction * all_rows.numel()))
-        threshold = torch.topk(all_rows, keep).values.min()
-        row_masks = {}
-        for p in selected:
-            m = row_means[p] >= threshold
-            if not m.any():  # every selected module keeps at least its best row
-                m[row_means[p].argmax()] = True
-            row_masks[p] = m
-    meta = {"concepts": list(concepts), "retain": list(retain), "samples": samples, "seed": seed,
-            "targets": targets, "scoring": scoring, "fraction": fraction, "top_k": top_k, "row_fraction": row_fraction,
-            "retain_weight": retain_weight, "latents_given": latents is not None}
-    return Saliency(scores, selected, row_masks, meta)
+    meta = {"concepts": list(concepts), "retain": list(retain), **asdict(cfg), "latents_given": latents is not None}
+    return Saliency(scores, selected, meta)

@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from .config import LOSS_WEIGHTINGS
 from .errors import Cancelled
 from .families import family_of
 from .model import DiffusionModel
@@ -33,7 +34,6 @@ def forward_rows(device: torch.device, gpu_rows: int) -> int:
 #   "v":   1 / sigma^2 + 1 / sigma_data^2 -- the error of the v prediction (Salimans & Ho; EDM's weighting)
 # "eps" all but ignores the high noise levels where an image's style and layout are decided (the weight falls as
 # 1 / sigma^2); "v" keeps a floor of 1 / sigma_data^2 there. sigma_data is the std of the model's own samples.
-LOSS_WEIGHTINGS = ("v", "eps")
 
 
 def loss_weight(sigma: torch.Tensor, weighting: str, sigma_data: float) -> torch.Tensor:

@@ -51,13 +51,13 @@ class Budget:
     salun: int = 500
     sample_steps: int = 12   # DPM++ 2M steps for the evaluation grids
     seeds: int = 2           # images per grid pair (each with another held-out template)
-    spare_weighting: str = sc.DistillConfig.weighting  # SPARE's loss weighting ("eps" = the authors')
+    spare_weighting: str = sc.DistillConfig.loss_weighting  # SPARE's loss weighting ("eps" = the authors')
     train_seeds: int = 1     # training seeds per concept (SPARE and every baseline)
     baseline_seeds: int = 0  # training seeds of the step-trained baselines (0 = train_seeds)
-    spare_scoring: str = sc.saliency.DEFAULT_SCORING
-    spare_targets: str = sc.saliency.DEFAULT_TARGETS
-    spare_fraction: float = sc.saliency.DEFAULT_FRACTION
-    spare_stop: float = sc.DistillConfig.stop_reduction  # the stopping rule's target (0 = every step)
+    spare_scoring: str = sc.config.DEFAULT_SCORING
+    spare_targets: str = sc.config.DEFAULT_TARGETS
+    spare_fraction: float = sc.config.DEFAULT_SELECTION
+    spare_stop: float = sc.DistillConfig.stop_at_gap_closed  # the stopping rule's target (0 = every step)
     spare_overrides: tuple = ()  # (field, value) pairs applied to SPARE's DistillConfig (experiments only)
     retain_set: str = "half"  # every method's retain list (concept_prompts; "spare-all-pairs" keeps "all-pairs")
     spare_retain: str = ""   # SPARE's own retain list when set (experiments: "neighbours" or "all-pairs")
@@ -166,7 +166,7 @@ def parse_override(item: str) -> tuple[str, object]:
 
 
 def split_variant(method: str) -> tuple[str, tuple]:
-    """"spare+surrogate_anchor=1.0+lr=0.001" -> ("spare", (("surrogate_anchor", 1.0), ("lr", 0.001))): a SPARE
+    """"spare+surrogate_anchor=1.0+learning_rate=0.001" -> ("spare", (("surrogate_anchor", 1.0), ("learning_rate", 0.001))): a SPARE
     variant named by the DistillConfig fields it sets, so an experiment needs no new method name (its row in the
     results keeps the full name)."""
     base, *items = method.split("+")
@@ -194,8 +194,8 @@ SPARE_VARIANTS = {
     "spare-no-anchor": SpareVariant(overrides=(("surrogate_anchor", 0.0),)),
     # the authors' LoRA rank (the default was 4 until measured: RESULTS, "LoRA rank")
     "spare-rank4": SpareVariant(overrides=(("rank", 4), ("alpha", 4.0))),
-    # experiment (time): 2 anchor samples per surrogate prompt instead of 4 (half of samples_per_prompt's default)
-    "spare-anchor2": SpareVariant(overrides=(("anchor_samples", max(1, sc.DistillConfig.samples_per_prompt // 2)),)),
+    # experiment (time): 2 anchor samples per surrogate prompt instead of 4 (half of samples's default)
+    "spare-anchor2": SpareVariant(overrides=(("anchor_samples", max(1, sc.DistillConfig.samples // 2)),)),
     # experiment: half of the steps spread evenly over the schedule (default floor: 0.2)
     "spare-floor05": SpareVariant(profile_floor=PROFILE_FLOOR_05),
     # experiment (time): 0.8 x the step cap (160 of 200), cosine-decayed to that cap

@@ -71,8 +71,8 @@ def main(argv=None):
                     help="worker processes, one (concept, seed) at a time each (default: 2 or the core count)")
     ap.add_argument("--spare-weighting", choices=sc.LOSS_WEIGHTINGS, default=Budget.spare_weighting,
                     help="loss weighting of SPARE and its ablations (default v; eps = the authors')")
-    ap.add_argument("--spare-scoring", choices=sc.saliency.SCORINGS, default=Budget.spare_scoring)
-    ap.add_argument("--spare-targets", choices=sc.saliency.TARGET_SETS, default=Budget.spare_targets)
+    ap.add_argument("--spare-scoring", choices=sc.config.SCORINGS, default=Budget.spare_scoring)
+    ap.add_argument("--spare-targets", choices=sc.config.TARGET_SETS, default=Budget.spare_targets)
     ap.add_argument("--spare-fraction", type=float, default=Budget.spare_fraction,
                     help="share of the candidate modules the saliency scan selects (default: the product's)")
     ap.add_argument("--spare-stop", type=float, default=Budget.spare_stop,

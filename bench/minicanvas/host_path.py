@@ -194,8 +194,8 @@ class ComfyHost:
         forget, surrogate, retain, _, _ = inputs.concept_prompts(domain, name, seed, budget.retain_set)
         if budget.spare_retain:
             retain = inputs.concept_prompts(domain, name, seed, budget.spare_retain)[2]
-        defaults = sc.DistillConfig(forget, surrogate)
-        per = defaults.samples_per_prompt
+        defaults, prof = sc.DistillConfig(forget, surrogate), sc.ProfileConfig()  # the nodes' defaults
+        per = defaults.samples
         concept, surrogates, retain_text = "\n".join(forget), "\n".join(surrogate), "\n".join(retain)
         n = self.nodes
         common = dict(model=self.model, clip=self.clip, seed=seed)
@@ -206,10 +206,10 @@ class ComfyHost:
         saliency, _, _ = run_node(n.SaliencyScan, concept=concept, retain=retain_text, samples=per,
                                   selection=budget.spare_fraction, top_k=0, targets=budget.spare_targets,
                                   resolution=WIDGET_RESOLUTION, scoring=budget.spare_scoring, latents=latents,
-                                  gradient_checkpointing=defaults.gradient_checkpointing, **common)
-        profile, _, _ = run_node(n.TimestepProfileNode, concept=concept, surrogate=surrogates, bins=10,
-                                 samples=sc.timesteps.PROFILE_SAMPLES,
-                                 sharpness=1.0, uniform_floor=0.2, resolution=WIDGET_RESOLUTION,
+                                  gradient_checkpointing=False, **common)
+        profile, _, _ = run_node(n.TimestepProfileNode, concept=concept, surrogate=surrogates, bins=prof.bins,
+                                 samples=prof.samples, sharpness=prof.sharpness, uniform_floor=prof.uniform_floor,
+                                 resolution=WIDGET_RESOLUTION,
                                  loss_weighting=budget.spare_weighting, latents=latents, **common)
         warnings = _Warnings()
         logging.getLogger("spare").addHandler(warnings)
@@ -220,7 +220,7 @@ class ComfyHost:
                     rank=defaults.rank, alpha=defaults.alpha, steps=budget.spare, learning_rate=inputs.LR["spare"],
                     forget_weight=defaults.forget_weight, retain_weight=defaults.retain_weight,
                     filename_prefix=FILENAME_PREFIX, key_format="comfyui",
-                    gradient_checkpointing=defaults.gradient_checkpointing, resolution=WIDGET_RESOLUTION, samples=per,
+                    gradient_checkpointing=False, resolution=WIDGET_RESOLUTION, samples=per,
                     loss_weighting=budget.spare_weighting, stop_at_gap_closed=budget.spare_stop, timesteps=profile,
                     latents=latents, surrogate_anchor=defaults.surrogate_anchor, **common)
         finally:

@@ -7,8 +7,6 @@ import time
 from dataclasses import replace
 from types import SimpleNamespace
 
-import einops
-
 import spare_core as sc
 
 from . import baselines, budgets, memory
@@ -61,35 +59,27 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
     inputs.peak_rss_reset()
     t0 = time.perf_counter()
     if method.startswith("spare"):
-        defaults = replace(sc.DistillConfig(forget, surrogate), **dict(budget.spare_overrides))
-        per = defaults.samples_per_prompt
-        # The concept samples are generated once and fed to all three stages (in ComfyUI: one KSampler's LATENT
-        # wired into Saliency Scan, Timestep Profile and Sparse LoRA Distill).
-        x_forget, _ = sc.generate(model, forget, per, seed)  # prompt-major: sample j is prompt j // per
-        # the stages' latents convention is sample i -> prompt i % len(prompts): reorder to sample-major
-        x_forget = einops.rearrange(x_forget, "(concept sample) ... -> (sample concept) ...", concept=len(forget))
-        if method == "spare-no-saliency":
-            cands = sc.candidate_modules(model.network, budget.spare_targets)
-            sal = sc.Saliency({p: 1.0 for p in cands}, list(cands), None, {"concepts": forget})
-        else:
-            sal = sc.saliency_scan(model, forget, retain=retain, seed=seed, fraction=budget.spare_fraction,
-                                   targets=budget.spare_targets, scoring=budget.spare_scoring, latents=x_forget)
-        profile = None
-        if method != "spare-uniform-t":
-            floor = {"floor": variant.profile_floor} if variant is not None and variant.profile_floor is not None \
-                else {}
-            profile = sc.timestep_profile(model, forget, surrogate, bins=10, seed=seed,
-                                          weighting=budget.spare_weighting, latents=x_forget, **floor)
+        # The product pipeline (spare_core.erase: concept samples shared by the three stages, as the nodes wire one
+        # Concept Samples LATENT into them) at the product defaults; the harness sets the training seed, the scaled
+        # learning rate, the step cap and its own retain list, and experiments set any DistillConfig field, last.
+        no_retain = method == "spare-no-retain"
         steps = budget.spare
         if variant is not None and variant.step_scale != 1.0:
             steps = max(1, round(variant.step_scale * budget.spare))
-        no_retain = method == "spare-no-retain"
-        cfg = replace(defaults, retain=[] if no_retain else retain, retain_unconditional=not no_retain,
-                      retain_weight=0.0 if no_retain else defaults.retain_weight, steps=steps,
-                      lr=inputs.LR["spare"], seed=seed, weighting=budget.spare_weighting,
-                      stop_reduction=budget.spare_stop)
-        cfg = replace(cfg, **dict(budget.spare_overrides))  # experiments: any DistillConfig field, last
-        result = sc.distill(model, cfg, sal, profile, latents=x_forget, on_check=on_check)
+        cfg = sc.DistillConfig(forget, surrogate, retain=[] if no_retain else retain, steps=steps,
+                               learning_rate=inputs.LR["spare"], seed=seed, loss_weighting=budget.spare_weighting,
+                               stop_at_gap_closed=budget.spare_stop, gradient_checkpointing=False)
+        if no_retain:
+            cfg = replace(cfg, retain_unconditional=False, retain_weight=0.0)
+        cfg = replace(cfg, **dict(budget.spare_overrides))
+        scan_cfg = sc.ScanConfig(selection=budget.spare_fraction, targets=budget.spare_targets,
+                                 scoring=budget.spare_scoring)
+        profile_cfg = None if method == "spare-uniform-t" else sc.ProfileConfig()
+        if profile_cfg is not None and variant is not None and variant.profile_floor is not None:
+            profile_cfg = replace(profile_cfg, uniform_floor=variant.profile_floor)
+        given = sc.pipeline.every_candidate(model, forget, budget.spare_targets) \
+            if method == "spare-no-saliency" else None
+        result = sc.erase(model, cfg, scan_cfg, profile_cfg, saliency=given, on_check=on_check).result
         info = {"trainable_params": result.trainable_params, "lora_bytes": result.lora.num_bytes(),
                 "losses": [r["forget"] for r in result.losses], "steps_used": result.steps_used,
                 "gap_closed": result.forget_reduction, "modules": len(result.lora.modules),

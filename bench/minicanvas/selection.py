@@ -44,7 +44,7 @@ OPTIONS = {
     "gradient-400": dict(_SHORT, spare_scoring="gradient", spare=400),
     # retention levers, on the authors' selection (gradient, all; the measured default)
     "retain-w3": dict(_SHORT, spare_scoring="gradient", spare_overrides=(("retain_weight", 3.0),)),
-    "samples8": dict(_SHORT, spare_scoring="gradient", spare_overrides=(("samples_per_prompt", 8),)),
+    "samples8": dict(_SHORT, spare_scoring="gradient", spare_overrides=(("samples", 8),)),
     "retain-all": dict(_SHORT, spare_scoring="gradient", spare_retain="all-pairs",
                        spare_overrides=(("retain_samples", 1),)),
     "retain-all-w3": dict(_SHORT, spare_scoring="gradient", spare_retain="all-pairs",
@@ -103,7 +103,7 @@ def base_metrics(budget):
 
 
 def stop_point(points, r):
-    """The snapshot a run with stop_reduction r returns: the first judged check reaching r, else the last. (Checks
+    """The snapshot a run with stop_at_gap_closed r returns: the first judged check reaching r, else the last. (Checks
     between judged snapshots are not judged: the rule is emulated at SNAPSHOT_STEPS only.)"""
     for p in points[:-1]:
         if p["reduction"] >= r:
