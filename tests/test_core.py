@@ -17,7 +17,7 @@ from spare_core.sampling import generate
 from tiny_denoiser import TinyDiffusionModel
 
 CONCEPT, SURROGATE, RETAIN = "a red cat", "a plain house", ["a blue dog", "a green tree"]
-FAST = dict(samples_per_prompt=2, sample_steps=4, batch_size=2)
+FAST = dict(samples=2, sample_steps=4, batch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +27,12 @@ def model():
 
 @pytest.fixture(scope="module")
 def saliency(model):
-    return sc.saliency_scan(model, [CONCEPT], retain=RETAIN, samples=2, sample_steps=4, fraction=0.5, seed=0)
+    return sc.saliency_scan(model, [CONCEPT], retain=RETAIN, samples=2, sample_steps=4, selection=0.5, seed=0)
 
 
 @pytest.fixture(scope="module")
 def trained(model, saliency):
-    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=60, lr=1e-2, seed=0, **FAST)
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=60, learning_rate=1e-2, seed=0, **FAST)
     before = _probe(model)
     result = sc.distill(model, cfg, saliency)
     return result, before
@@ -72,7 +72,7 @@ def test_saliency_selects_top_fraction_of_every_linear_and_conv(model, saliency)
     ranked = sorted(saliency.scores, key=saliency.scores.get, reverse=True)
     assert saliency.selected == ranked[: len(saliency.selected)]
     assert len(set(saliency.scores.values())) > len(saliency.scores) // 2  # real, varied gradient scores
-    assert saliency.meta["scoring"] == sc.saliency.DEFAULT_SCORING
+    assert saliency.meta["scoring"] == sc.ScanConfig.scoring
     assert "selected" in saliency.summary()
     attention = sc.candidate_modules(model.network, "attention")
     assert all(p.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0") for p in attention)
@@ -94,14 +94,14 @@ class GatedModel(TinyDiffusionModel):
         return super().predict_x0(x, sigma, cond) + 5.0 * gate * self.network.concept_path(x * c_in)
 
 
-@pytest.mark.parametrize("scoring", sc.saliency.SCORINGS)
+@pytest.mark.parametrize("scoring", sc.config.SCORINGS)
 def test_every_scoring_ranks_first_the_module_the_concept_dominates(scoring):
     gated = GatedModel()
-    sal = sc.saliency_scan(gated, [CONCEPT], retain=RETAIN, samples=2, sample_steps=3, repeats=1, top_k=5,
+    sal = sc.saliency_scan(gated, [CONCEPT], retain=RETAIN, samples=2, sample_steps=3, top_k=5,
                            scoring=scoring, seed=0)
     assert sal.selected[0] == "concept_path", sal.summary()
     # and the ranking is not a fixed order: without the gate's concept the module ranks low
-    other = sc.saliency_scan(gated, ["a blue dog"], samples=2, sample_steps=3, repeats=1, top_k=5,
+    other = sc.saliency_scan(gated, ["a blue dog"], samples=2, sample_steps=3, top_k=5,
                              scoring=scoring, seed=0)
     assert other.scores["concept_path"] == 0.0 if scoring != "contrastive" else "concept_path" not in other.selected[:1]
 
@@ -117,31 +117,40 @@ def test_taylor_score_is_invariant_to_input_scale():
                 m.weight.mul_(0.25)
     encode_b = model_b.encode
     model_b.encode = lambda prompts: encode_b(prompts) * 4.0
-    kw = dict(samples=1, sample_steps=2, repeats=1, seed=0)
+    kw = dict(samples=1, sample_steps=2, seed=0)
     ta, tb = (sc.saliency_scan(m, [CONCEPT], scoring="taylor", **kw) for m in (model_a, model_b))
     ga, gb = (sc.saliency_scan(m, [CONCEPT], scoring="gradient", **kw) for m in (model_a, model_b))
     assert tb.scores[path] == pytest.approx(ta.scores[path], rel=1e-3)
     assert gb.scores[path] == pytest.approx(4.0 * ga.scores[path], rel=1e-3)
 
 
-def test_saliency_top_k_rows_and_roundtrip(model, tmp_path):
-    sal = sc.saliency_scan(model, [CONCEPT], samples=1, sample_steps=2, repeats=1, top_k=3, targets="all",
-                           row_fraction=0.25)
+def test_saliency_top_k_and_roundtrip(model, tmp_path):
+    sal = sc.saliency_scan(model, [CONCEPT], samples=1, sample_steps=2, top_k=3, targets="all")
     assert len(sal.selected) == 3
     assert any(isinstance(dict(model.network.named_modules())[p], torch.nn.Conv2d) for p in sal.scores)
-    kept = sum(int(m.sum()) for m in sal.row_masks.values())
-    total = sum(m.numel() for m in sal.row_masks.values())
-    assert 0 < kept < total
+    assert sal.meta["top_k"] == 3 and sal.meta["selection"] == sc.ScanConfig.selection
     path = sal.save(str(tmp_path / "s.safetensors"))
     back = sc.Saliency.load(path)
-    assert back.selected == sal.selected and back.scores == pytest.approx(sal.scores)
-    assert all(torch.equal(back.row_masks[p], sal.row_masks[p]) for p in sal.selected)
+    assert back.selected == sal.selected and back.scores == pytest.approx(sal.scores) and back.meta == sal.meta
+
+
+def test_stage_options_are_config_fields(model):
+    """Keyword options of the stages are their config's fields: a config object and keywords give the same scan; a
+    name that is no field is refused, naming the valid ones."""
+    kw = dict(samples=1, sample_steps=2, top_k=3)
+    a = sc.saliency_scan(model, [CONCEPT], **kw)
+    b = sc.saliency_scan(model, [CONCEPT], (), sc.ScanConfig(**kw))
+    assert a.selected == b.selected and a.scores == b.scores
+    with pytest.raises(TypeError, match="unknown ScanConfig option.*fraction.*valid"):
+        sc.saliency_scan(model, [CONCEPT], fraction=0.5)
+    with pytest.raises(TypeError, match="unknown ProfileConfig option.*gamma"):
+        sc.timestep_profile(model, [CONCEPT], [SURROGATE], gamma=1.0)
 
 
 def test_saliency_leaves_network_untouched(model):
     flags = [p.requires_grad for p in model.network.parameters()]
     xt, sigma, before = _probe(model)
-    sc.saliency_scan(model, [CONCEPT], samples=1, sample_steps=2, repeats=1)
+    sc.saliency_scan(model, [CONCEPT], samples=1, sample_steps=2)
     assert [p.requires_grad for p in model.network.parameters()] == flags
     assert all(p.grad is None for p in model.network.parameters())
     _, _, after = _probe(model)
@@ -151,8 +160,8 @@ def test_saliency_leaves_network_untouched(model):
 # ---- stage 3: timestep profile ----
 
 def test_timestep_profile_distribution(model, tmp_path):
-    prof = sc.timestep_profile(model, [CONCEPT], [SURROGATE], bins=5, samples=2, sample_steps=2, gamma=1.0,
-                               floor=0.2, draws_per_bin=1)
+    prof = sc.timestep_profile(model, [CONCEPT], [SURROGATE], bins=5, samples=2, sample_steps=2, sharpness=1.0,
+                               uniform_floor=0.2)
     assert len(prof.probs) == 5 and sum(prof.probs) == pytest.approx(1.0)
     assert min(prof.probs) >= 0.2 / 5 - 1e-9  # the uniform floor
     peak = max(range(5), key=lambda i: prof.divergence[i])
@@ -164,8 +173,8 @@ def test_timestep_profile_distribution(model, tmp_path):
     assert back.probs == prof.probs
     flat = sc.uniform_profile(4)
     assert flat.probs == [0.25] * 4
-    sharp = sc.timestep_profile(model, [CONCEPT], [SURROGATE], bins=5, samples=2, sample_steps=2, gamma=3.0,
-                                floor=0.0, draws_per_bin=1)
+    sharp = sc.timestep_profile(model, [CONCEPT], [SURROGATE], bins=5, samples=2, sample_steps=2, sharpness=3.0,
+                                uniform_floor=0.0)
     assert max(sharp.probs) > max(prof.probs)
 
 
@@ -174,9 +183,9 @@ def test_profile_measures_the_first_samples_per_concept_of_given_latents(model):
     concept -- by default PROFILE_SAMPLES (2), half of Concept Samples' 4 -- so more rows do not change it."""
     concepts, surrogates = [CONCEPT, "a blue dog"], [SURROGATE, "a green tree"]
     x = torch.randn(8, *model.latent_shape, generator=torch.Generator().manual_seed(1))  # 4 per concept
-    kw = dict(bins=4, seed=0, draws_per_bin=1)
+    kw = dict(bins=4, seed=0)
     default = sc.timestep_profile(model, concepts, surrogates, latents=x, **kw)
-    assert sc.timesteps.PROFILE_SAMPLES == 2
+    assert sc.ProfileConfig.samples == 2
     assert default.divergence == sc.timestep_profile(model, concepts, surrogates, latents=x[:4], **kw).divergence
     every = sc.timestep_profile(model, concepts, surrogates, latents=x, samples=4, **kw)
     assert every.divergence != default.divergence
@@ -195,15 +204,15 @@ def test_loss_weightings():
 def test_profile_weighting_moves_mass_to_high_noise(model):
     """Same draws (same seed), two weightings: "v" adds 1/sigma_data^2 to every weight, which matters most where
     1/sigma^2 is small, i.e. at the noisy end; so the v-profile's divergence relative to eps grows with t."""
-    kw = dict(bins=5, samples=2, sample_steps=2, gamma=1.0, floor=0.0, draws_per_bin=1, seed=3)
-    eps = sc.timestep_profile(model, [CONCEPT], [SURROGATE], weighting="eps", **kw)
-    v = sc.timestep_profile(model, [CONCEPT], [SURROGATE], weighting="v", **kw)
+    kw = dict(bins=5, samples=2, sample_steps=2, sharpness=1.0, uniform_floor=0.0, seed=3)
+    eps = sc.timestep_profile(model, [CONCEPT], [SURROGATE], loss_weighting="eps", **kw)
+    v = sc.timestep_profile(model, [CONCEPT], [SURROGATE], loss_weighting="v", **kw)
     ratio = [a / b for a, b in zip(v.divergence, eps.divergence)]
     assert all(r >= 1.0 for r in ratio), ratio
     assert ratio == sorted(ratio) and ratio[-1] > 1.05 * ratio[0], ratio
-    assert v.probs[-1] > eps.probs[-1] and v.meta["weighting"] == "v"
-    with pytest.raises(SpareInputError, match="weighting='x0'"):
-        sc.timestep_profile(model, [CONCEPT], [SURROGATE], weighting="x0", **kw)
+    assert v.probs[-1] > eps.probs[-1] and v.meta["loss_weighting"] == "v"
+    with pytest.raises(SpareInputError, match="loss_weighting='x0'"):
+        sc.timestep_profile(model, [CONCEPT], [SURROGATE], loss_weighting="x0", **kw)
 
 
 # ---- stage 2: distillation ----
@@ -248,7 +257,7 @@ def test_a_step_is_one_teacher_and_one_student_forward_over_forget_and_retain_ro
     def recording(x, sigma, cond):
         calls.append((x.shape[0], cond.detach().clone(), torch.is_grad_enabled()))
         return real(x, sigma, cond)
-    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=3, lr=1e-3, check_every=100,
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=3, learning_rate=1e-3, check_every=100,
                            **{**FAST, "batch_size": 5})  # 10 rows: no sampling or probe batch has as many
     monkeypatch.setattr(model, "predict_x0", recording)
     sc.distill(model, cfg, saliency, latents=torch.randn(2, *model.latent_shape))
@@ -265,23 +274,21 @@ def test_a_step_is_one_teacher_and_one_student_forward_over_forget_and_retain_ro
         assert all(any(torch.equal(row, encoded[p]) for p in RETAIN + [""]) for row in student[b:])
 
 
-def test_distill_deterministic_and_row_mask(model):
-    sal = sc.saliency_scan(model, [CONCEPT], samples=1, sample_steps=2, repeats=1, top_k=2, row_fraction=0.3)
-    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=5, lr=1e-3, seed=3, **FAST)
+def test_distill_deterministic(model):
+    sal = sc.saliency_scan(model, [CONCEPT], samples=1, sample_steps=2, top_k=2)
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=5, learning_rate=1e-3, seed=3, **FAST)
     a, b = sc.distill(model, cfg, sal), sc.distill(model, cfg, sal)
     for p in a.lora.modules:
         assert torch.equal(a.lora.modules[p]["up"], b.lora.modules[p]["up"])
         assert torch.equal(a.lora.modules[p]["down"], b.lora.modules[p]["down"])
-        masked_rows = ~sal.row_masks[p]
-        assert torch.count_nonzero(a.lora.modules[p]["up"][masked_rows]) == 0
-        assert torch.count_nonzero(a.lora.modules[p]["up"][~masked_rows]) > 0
-    c = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=5, lr=1e-3, seed=4, **FAST), sal)
+        assert torch.count_nonzero(a.lora.modules[p]["up"]) > 0
+    c = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=5, learning_rate=1e-3, seed=4, **FAST), sal)
     assert not all(torch.equal(a.lora.modules[p]["down"], c.lora.modules[p]["down"]) for p in a.lora.modules)
 
 
 def test_multi_concept_one_lora(model, saliency):
     concepts, surrogates = ["a red cat", "a yellow bird"], ["a plain house", "a plain box"]
-    cfg = sc.DistillConfig(concepts, surrogates, retain=["a green tree"], steps=60, lr=1e-2, **FAST)
+    cfg = sc.DistillConfig(concepts, surrogates, retain=["a green tree"], steps=60, learning_rate=1e-2, **FAST)
     res = sc.distill(model, cfg, saliency)
     assert json.loads(res.lora.metadata["spare.concepts"]) == concepts
     g = torch.Generator().manual_seed(5)
@@ -303,7 +310,7 @@ def test_given_latents_are_used(model, saliency):
     g = torch.Generator().manual_seed(3)
     lat_a = torch.randn((3, *model.latent_shape), generator=g)
     lat_b = 0.25 * lat_a  # same content, another scale (what a VAE-space LATENT passed unconverted would be)
-    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=3, lr=1e-2, **FAST)
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=3, learning_rate=1e-2, **FAST)
 
     def ups(res):
         return torch.cat([m["up"].flatten() for m in res.lora.modules.values()])
@@ -457,9 +464,9 @@ def test_save_is_atomic(tmp_path, monkeypatch, saliency, model):
     ("rank", 0, "rank=0"),
     ("rank", 33, "rank=33 is larger than any selected module"),
     ("steps", 0, "steps=0"),
-    ("lr", -1.0, "learning rate"),
-    ("weighting", "snr", "weighting='snr' is not one of v, eps"),
-    ("stop_reduction", 1.0, "stop_reduction=1.0 must be in"),
+    ("learning_rate", -1.0, "learning_rate"),
+    ("loss_weighting", "snr", "loss_weighting='snr' is not one of v, eps"),
+    ("stop_at_gap_closed", 1.0, "stop_at_gap_closed=1.0 must be in"),
     ("check_every", 0, "check_every=0"),
 ])
 def test_bad_distill_inputs(model, saliency, field, value, match):
@@ -471,11 +478,11 @@ def test_bad_distill_inputs(model, saliency, field, value, match):
 
 
 def test_empty_salient_set(model, saliency):
-    empty = sc.Saliency(saliency.scores, [], None, {})
+    empty = sc.Saliency(saliency.scores, [], {})
     with pytest.raises(SpareInputError, match="selects no module"):
         sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=1), empty)
-    with pytest.raises(SpareInputError, match="fraction"):
-        sc.saliency_scan(model, [CONCEPT], fraction=0.0)
+    with pytest.raises(SpareInputError, match="selection"):
+        sc.saliency_scan(model, [CONCEPT], selection=0.0)
     with pytest.raises(SpareInputError, match="concept #1 is empty"):
         sc.saliency_scan(model, [""])
 
@@ -518,7 +525,7 @@ def test_generate_is_deterministic(model):
 
 
 def test_gradient_checkpointing_same_result(model, saliency):
-    base = dict(concepts=[CONCEPT], surrogates=[SURROGATE], steps=4, lr=1e-3, **FAST)
+    base = dict(concepts=[CONCEPT], surrogates=[SURROGATE], steps=4, learning_rate=1e-3, **FAST)
     a = sc.distill(model, sc.DistillConfig(**base), saliency)
     b = sc.distill(model, sc.DistillConfig(**base, gradient_checkpointing=True), saliency)
     for p in a.lora.modules:
@@ -552,14 +559,14 @@ def test_gradient_checkpointing_recomputes(model, saliency):
 def test_training_that_did_nothing_is_reported(model, saliency, trained):
     result, _ = trained
     assert result.forget_reduction > 0.2 and result.warning is None
-    idle = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=10, lr=1e-9, **FAST), saliency)
+    idle = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=10, learning_rate=1e-9, **FAST), saliency)
     assert idle.forget_reduction < 0.2 and "probably not erased" in idle.warning
 
 
 # ---- erase until erased: the stopping rule ----
 
 def test_stopping_rule_stops_early_on_an_easy_concept(model, saliency):
-    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=300, lr=1e-2, stop_reduction=0.6,
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=300, learning_rate=1e-2, stop_at_gap_closed=0.6,
                            check_every=5, **FAST)
     result = sc.distill(model, cfg, saliency)
     assert result.stopped_early and result.steps_used < 300 and result.steps_used % 5 == 0
@@ -572,7 +579,7 @@ def test_stopping_rule_stops_early_on_an_easy_concept(model, saliency):
 
 
 def test_stopping_rule_runs_to_the_cap_when_it_cannot_erase(model, saliency):
-    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=30, lr=1e-9, stop_reduction=0.6, check_every=5, **FAST)
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=30, learning_rate=1e-9, stop_at_gap_closed=0.6, check_every=5, **FAST)
     result = sc.distill(model, cfg, saliency)
     assert not result.stopped_early and result.steps_used == 30
     assert result.forget_reduction < 0.6 and "step cap" in result.report()
@@ -581,7 +588,7 @@ def test_stopping_rule_runs_to_the_cap_when_it_cannot_erase(model, saliency):
 
 def test_a_stalled_gap_keeps_the_saliency_selection(model, saliency):
     """Short of the target the adapter set stays the saliency's (no module is added mid-run)."""
-    plain = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=10, lr=1e-9, stop_reduction=0.6,
+    plain = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=10, learning_rate=1e-9, stop_at_gap_closed=0.6,
                                                check_every=5, **FAST), saliency)
     assert set(plain.lora.modules) == set(saliency.selected)
     assert all(c["modules"] == len(saliency.selected) for c in plain.checks) and _no_hooks(model.network)
@@ -623,7 +630,7 @@ def test_saliency_on_fp16_weights_scales_the_loss(monkeypatch):
     loss scaling the fp16 scores match the fp32 ones (to fp16 precision)."""
     from spare_core import saliency as sal_mod
     x = generate(TinyDiffusionModel(0), [CONCEPT], 2, seed=0, steps=4)[0]
-    kw = dict(samples=2, sample_steps=4, fraction=0.5, seed=0, latents=x)
+    kw = dict(samples=2, sample_steps=4, selection=0.5, seed=0, latents=x)
     ref = sc.saliency_scan(_Damped(0), [CONCEPT], **kw)
     half = _Damped(0)
     half.network.half()
@@ -665,7 +672,7 @@ def test_by_default_every_forget_row_is_noised_from_surrogate_samples(model, sal
     monkeypatch.setattr(distill_mod, "noised", noising)
     concept = torch.full((2, *model.latent_shape), 7.0)  # given concept samples, told apart from any generated one
     # no retain rows; the probes take 2 rows: every 4-row noising is a training step's forget batch
-    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=3, lr=1e-3, check_every=100, retain_unconditional=False,
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=3, learning_rate=1e-3, check_every=100, retain_unconditional=False,
                            **{**FAST, "batch_size": 4})
     assert cfg.surrogate_anchor == 1.0
     for share, n_concept in ((1.0, 0), (0.5, 2)):
@@ -687,7 +694,7 @@ def test_by_default_every_forget_row_is_noised_from_surrogate_samples(model, sal
 def test_surrogate_anchor_trains_on_surrogate_samples_too(model, saliency):
     """surrogate_anchor > 0: part of each forget batch is noised from the surrogate's own samples (another LoRA than
     the authors' concept-samples-only training); out of [0, 1] is refused by name."""
-    base = dict(concepts=[CONCEPT], surrogates=[SURROGATE], steps=3, lr=1e-2, **FAST)
+    base = dict(concepts=[CONCEPT], surrogates=[SURROGATE], steps=3, learning_rate=1e-2, **FAST)
     plain = sc.distill(model, sc.DistillConfig(**base, surrogate_anchor=0.0), saliency)
     anchored = sc.distill(model, sc.DistillConfig(**base, surrogate_anchor=0.5), saliency)
     ups = [(plain.lora.modules[p]["up"], anchored.lora.modules[p]["up"]) for p in plain.lora.modules]
@@ -713,7 +720,7 @@ def test_teacher_targets_computed_ahead_equal_step_by_step(model, saliency, monk
     rows per forward (a GPU's) draws the same rows and trains the same LoRA, up to float rounding -- also with the
     stopping rule ending the run between windows."""
     distill_mod = sys.modules["spare_core.distill"]
-    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=12, lr=1e-2, check_every=5, **FAST)
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=12, learning_rate=1e-2, check_every=5, **FAST)
     ahead = sc.distill(model, cfg, saliency)
     monkeypatch.setattr(distill_mod, "forward_rows", lambda device, rows: rows)
     stepwise = sc.distill(model, cfg, saliency)
@@ -741,7 +748,7 @@ def test_auto_anchor_samples_and_retain_sample_steps(model, saliency, monkeypatc
         calls[tuple(prompts)] = (per_prompt, steps)
         return real_generate(m, prompts, per_prompt, seed, steps, *args, **kwargs)
     monkeypatch.setattr(distill_mod, "generate", generating)
-    base = dict(concepts=[CONCEPT], surrogates=[SURROGATE], retain=RETAIN, steps=2, lr=1e-3, samples_per_prompt=4,
+    base = dict(concepts=[CONCEPT], surrogates=[SURROGATE], retain=RETAIN, steps=2, learning_rate=1e-3, samples=4,
                 sample_steps=6, retain_samples=1)
     sc.distill(model, sc.DistillConfig(**base), saliency)
     assert calls[(CONCEPT,)] == (4, 6) and calls[(SURROGATE,)] == (4, 6) and calls[(*RETAIN, "")] == (1, 3)
@@ -791,7 +798,7 @@ def test_fused_adamw_trains_as_the_reference_adamw(model, saliency, monkeypatch)
         made.append(kwargs.get("fused"))
         return real(*args, **kwargs)
     monkeypatch.setattr(torch.optim, "AdamW", recording)
-    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=12, lr=1e-2, **FAST)
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=12, learning_rate=1e-2, **FAST)
     fused = sc.distill(model, cfg, saliency)
     monkeypatch.setattr(distill_mod, "FUSED_ADAMW_DEVICES", ())
     loop = sc.distill(model, cfg, saliency)
@@ -813,7 +820,7 @@ def test_a_check_measures_both_probes_in_one_student_forward(model, saliency, mo
         calls.append((x.shape[0], cond.detach().clone(), torch.is_grad_enabled()))
         return real(x, sigma, cond)
     checked = []
-    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=6, lr=1e-2, check_every=3, **FAST)
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=6, learning_rate=1e-2, check_every=3, **FAST)
     monkeypatch.setattr(model, "predict_x0", recording)
     result = sc.distill(model, cfg, saliency,
                         on_check=lambda check, adapters: checked.append((len(calls), adapters.enabled)))
@@ -833,8 +840,8 @@ def test_probe_checks_in_gpu_sized_forwards_measure_the_same(model, saliency, mo
     """With a GPU's row limit (one probe of at most PROBE_SIZE rows per forward) the checks report the same gap and
     retain drift as the CPU's single forward, up to float rounding."""
     distill_mod = sys.modules["spare_core.distill"]
-    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=6, lr=1e-2, check_every=3,
-                           **{**FAST, "samples_per_prompt": 4})  # 4 + 8 probe rows: two forwards at a limit of 8
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=6, learning_rate=1e-2, check_every=3,
+                           **{**FAST, "samples": 4})  # 4 + 8 probe rows: two forwards at a limit of 8
     cpu = sc.distill(model, cfg, saliency)
     monkeypatch.setattr(distill_mod, "forward_rows", lambda device, rows: rows)
     gpu = sc.distill(model, cfg, saliency)

@@ -120,7 +120,7 @@ def spied(monkeypatch):
 def test_stages_make_gradients_safe_for_families_with_inplace_residuals(spied):
     model = TinyDiffusionModel(seed=0)
     sal = sc.saliency_scan(model, ["a red cat"], samples=1, sample_steps=2, seed=0)
-    cfg = sc.DistillConfig(["a red cat"], ["a plain house"], steps=2, seed=0, samples_per_prompt=1, sample_steps=2)
+    cfg = sc.DistillConfig(["a red cat"], ["a plain house"], steps=2, seed=0, samples=1, sample_steps=2)
     sc.distill(model, cfg, sal)
     assert spied == []  # a UNet: no copies
     model.family = dataclasses.replace(families.UNET, name="inplace-toy", inplace_residuals=True)

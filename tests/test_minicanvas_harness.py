@@ -362,8 +362,8 @@ def test_demo_picture_has_the_surrogate_reference():
 
 
 def test_spare_variants_reach_the_stages(monkeypatch):
-    """The named SPARE rows (budgets.SPARE_VARIANTS) are SPARE with their settings: what run_method hands the timestep
-    profile and distill, read from stand-ins for the spare_core stages (nothing trains). Budget.spare_overrides win
+    """The named SPARE rows (budgets.SPARE_VARIANTS) are SPARE with their settings: what run_method hands the product
+    pipeline (spare_core.erase: the distill and profile configs), read from a stand-in for it (nothing trains). Budget.spare_overrides win
     over a variant's, as before the variants were named."""
     import spare_core as sc
     from dataclasses import replace
@@ -375,14 +375,11 @@ def test_spare_variants_reach_the_stages(monkeypatch):
     class Stop(Exception):
         pass
 
-    def distill(model, cfg, sal, profile, latents=None, on_check=None):
-        seen["cfg"] = cfg
+    def erase(model, cfg, scan_cfg, profile_cfg, saliency=None, on_check=None):
+        seen.update(cfg=cfg, profile=profile_cfg)
         raise Stop
 
-    monkeypatch.setattr(sc, "generate", lambda model, prompts, per, seed: (torch.zeros(len(prompts) * per, 1), None))
-    monkeypatch.setattr(sc, "saliency_scan", lambda *a, **k: "saliency")
-    monkeypatch.setattr(sc, "timestep_profile", lambda *a, **k: seen.update(profile=k) or "profile")
-    monkeypatch.setattr(sc, "distill", distill)
+    monkeypatch.setattr(sc, "erase", erase)
 
     def stages(method, budget=budgets.Budget()):
         seen.clear()
@@ -392,16 +389,16 @@ def test_spare_variants_reach_the_stages(monkeypatch):
 
     assert set(budgets.SPARE_VARIANTS) <= set(budgets.METHODS)
     base, base_profile = stages("spare")
-    assert base.steps == budgets.Budget.spare and "floor" not in base_profile
+    assert base.steps == budgets.Budget.spare and base_profile == sc.ProfileConfig()
     assert base.retain == budgets.concept_prompts("style", "ukiyo", 1)[2]
     cfg, _ = stages("spare-rank4")
     assert (cfg.rank, cfg.alpha) == (4, 4.0) and replace(cfg, rank=base.rank, alpha=base.alpha) == base
     cfg, _ = stages("spare-no-anchor")
     assert cfg.surrogate_anchor == 0.0 and replace(cfg, surrogate_anchor=base.surrogate_anchor) == base
     cfg, _ = stages("spare-anchor2")
-    assert cfg.anchor_samples == base.samples_per_prompt // 2 and replace(cfg, anchor_samples=0) == base
+    assert cfg.anchor_samples == base.samples // 2 and replace(cfg, anchor_samples=0) == base
     cfg, profile = stages("spare-floor05")
-    assert profile["floor"] == 0.5 and cfg == base
+    assert profile.uniform_floor == 0.5 and cfg == base
     cfg, _ = stages("spare-steps160")
     assert cfg.steps == round(0.8 * budgets.Budget.spare) and replace(cfg, steps=base.steps) == base
     cfg, _ = stages("spare-all-pairs")

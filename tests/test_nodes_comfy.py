@@ -375,3 +375,21 @@ def test_progress_eta_ignores_the_warm_up(pack, caplog):
     first = [r.getMessage() for r in caplog.records if "SPARE distill: 1/200" in r.getMessage()]
     assert first and "ETA after" in first[0] and "ETA 3980" not in first[0], first
     assert progress.eta(4, 200, 20.3) == pytest.approx(0.1 * 196)
+
+
+def test_stage_inputs_come_from_the_configs(pack):
+    """Every option a stage node shows is a field of its spare_core config (spare_core/config.py, distill.py) with the
+    same name, default and tooltip, and every such field has its input: one place for a default or a help text."""
+    import spare_core as sc
+
+    nodes_mod, _ = pack
+    stages = {nodes_mod.SaliencyScan: sc.ScanConfig, nodes_mod.TimestepProfileNode: sc.ProfileConfig,
+              nodes_mod.SparseLoraDistill: sc.DistillConfig}
+    for node, config in stages.items():
+        inputs = {i.id: i for i in node.define_schema().inputs}
+        for name in sc.config.node_options(config):
+            assert name in inputs, f"{node.__name__} has no input for {config.__name__}.{name}"
+            d = sc.config.describe(config, name)
+            default = "\n".join(d["default"] or []) if d["type"].startswith("list") else d["default"]
+            assert inputs[name].default == default, (node.__name__, name)
+            assert inputs[name].tooltip == d["help"], (node.__name__, name)
