@@ -304,7 +304,7 @@ def erase_phase(host, sc, model, clip, latent: int, erase_steps: int, checkpoint
     return {"erase_steps": erase_steps, "erase_retain": retain, "erase_retain_prompts": len(config.retain),
             "erase_seconds": round(clock()[0] - start[0], 2), "erase_stage_seconds": seconds,
             "erase_distill_seconds_per_step": round(wall, 4), "erase_adapted_modules": result.lora_modules,
-            "erase_forget_reduction": round(result.forget_reduction, 3)}
+            "erase_gap_closed": round(result.gap_closed, 3)}
 
 
 def one(args) -> dict:

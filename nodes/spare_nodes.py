@@ -378,10 +378,10 @@ class SparseLoraDistill(io.ComfyNode):
                      metadata={"spare.base_model": type(model.model).__name__, **family_metadata(model)})
         rel = os.path.relpath(path, loras_root()).replace(os.sep, "/")
         log.info("SPARE: saved %s (rank %d, %.1fs): %s", rel, rank, result.seconds, result.report())
-        title = f"{result.steps_used} steps, concept->surrogate gap closed {100 * result.forget_reduction:.0f}%"
+        title = f"{result.steps_used} steps, concept->surrogate gap closed {100 * result.gap_closed:.0f}%"
         if result.warning:
             log.warning("SPARE: %s", result.warning)
-            title = f"NOT ERASED? gap closed only {100 * result.forget_reduction:.0f}% - see console"
+            title = f"NOT ERASED? gap closed only {100 * result.gap_closed:.0f}% - see console"
         sd = result.lora.state_dict(key_format, dm.key_prefix)
         return io.NodeOutput(sd, image(render.loss_plot(result.losses, title, result.checks)), rel)
 
@@ -389,7 +389,7 @@ class SparseLoraDistill(io.ComfyNode):
 def log_check(check: dict, adapters) -> None:
     """Every probe check of a distillation (DistillConfig.check_every steps): how far the erasure has come."""
     log.info("SPARE distill: step %d, concept->surrogate gap closed %.0f%% (retain drift %.3g)", check["step"],
-             100 * check["reduction"], check["retain_drift"])
+             100 * check["gap_closed"], check["retain_drift"])
 
 
 class ApplyErasure(io.ComfyNode):

@@ -160,7 +160,7 @@ class DistillResult:
     config: DistillConfig
 
     probe: tuple[float, float] = (0.0, 0.0)  # forget loss on a fixed probe batch, before and after training
-    checks: list = field(default_factory=list)  # per check: step, gap, reduction, retain_drift, modules
+    checks: list = field(default_factory=list)  # per check: step, gap, gap_closed, retain_drift, modules
     stopped_early: bool = False              # the stopping rule ended training before `config.steps`
 
     @property
@@ -168,7 +168,7 @@ class DistillResult:
         return len(self.losses)
 
     @property
-    def forget_reduction(self) -> float:
+    def gap_closed(self) -> float:
         """Relative drop of the forget loss on the fixed probe batch (0 = no progress, 1 = gap closed). The per-step
         losses are not used: they swing with the sampled timestep."""
         before, after = self.probe
@@ -178,12 +178,12 @@ class DistillResult:
     def warning(self) -> str | None:
         """A plain-words warning when training visibly did not work (a trainer that reports success while nothing
         was learned is a known failure of other tools); None when the forget loss dropped by at least 20%."""
-        if self.forget_reduction < 0.2:
-            return (f"the forget loss dropped only {100 * self.forget_reduction:.0f}% over {len(self.losses)} steps: "
+        if self.gap_closed < 0.2:
+            return (f"the forget loss dropped only {100 * self.gap_closed:.0f}% over {len(self.losses)} steps: "
                     "the concept is probably not erased yet; raise steps or learning_rate, or select more modules")
         goal = self.config.stop_at_gap_closed
-        if goal > 0 and self.forget_reduction < goal:
-            return (f"the concept-to-surrogate gap closed by {100 * self.forget_reduction:.0f}% after "
+        if goal > 0 and self.gap_closed < goal:
+            return (f"the concept-to-surrogate gap closed by {100 * self.gap_closed:.0f}% after "
                     f"{len(self.losses)} steps, short of the {100 * goal:.0f}% target: the erasure may be partial; "
                     "raise steps or learning_rate, or select more modules")
         return None
@@ -194,7 +194,7 @@ class DistillResult:
         why = "gap target reached" if self.stopped_early else "step cap"
         drift = self.checks[-1].get("retain_drift", 0.0) if self.checks else 0.0
         return (f"{self.steps_used} of {self.config.steps} steps ({why}); concept->surrogate gap {before:.4g} -> "
-                f"{after:.4g} (closed {100 * self.forget_reduction:.0f}%); retain drift {drift:.4g}; "
+                f"{after:.4g} (closed {100 * self.gap_closed:.0f}%); retain drift {drift:.4g}; "
                 f"{self.lora_modules} modules")
 
     @property
@@ -266,7 +266,7 @@ def distill(
     latents: optional concept samples [N, C, H, W] (model latent space) instead of self-generated ones; sample i
     belongs to concept i % len(concepts). progress(step, steps, loss) is called after every step; should_stop()
     before every step (return True to cancel: Cancelled is raised and nothing is returned). on_check(check,
-    adapters) is called at every probe check inside the run with the check's record (step, gap, reduction,
+    adapters) is called at every probe check inside the run with the check's record (step, gap, gap_closed,
     retain_drift, modules) and the live adapters: the node logs the gap closed there, the benchmark snapshots the
     LoRA (bench/minicanvas/selection.py).
 
@@ -308,7 +308,7 @@ def distill(
                     checks.append(check_record(step + 1, *measure_probes(model, data, probes), gap_before, adapters))
                     if on_check is not None:
                         on_check(checks[-1], adapters)
-                    if cfg.stop_at_gap_closed > 0 and checks[-1]["reduction"] >= cfg.stop_at_gap_closed:
+                    if cfg.stop_at_gap_closed > 0 and checks[-1]["gap_closed"] >= cfg.stop_at_gap_closed:
                         stopped_early = True
                         if progress is not None:
                             progress(cfg.steps, cfg.steps, value)  # complete the bar
@@ -563,8 +563,8 @@ def measure_probes(model: DiffusionModel, data: TrainingData, probes: list[Probe
 
 
 def check_record(step: int, gap: float, drift: float, gap_before: float, adapters: AdapterSet) -> dict:
-    """One probe check as DistillResult.checks holds it; reduction = the share of the starting gap closed."""
-    return {"step": step, "gap": gap, "reduction": 0.0 if step == 0 or gap_before <= 0 else 1.0 - gap / gap_before,
+    """One probe check as DistillResult.checks holds it; gap_closed = the share of the starting gap closed."""
+    return {"step": step, "gap": gap, "gap_closed": 0.0 if step == 0 or gap_before <= 0 else 1.0 - gap / gap_before,
             "retain_drift": drift, "modules": len(adapters.adapters)}
 
 
@@ -587,7 +587,7 @@ def lora_metadata(cfg: DistillConfig, profile: Optional[TimestepProfile], gap_be
         "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
         "ss_max_train_steps": str(final["step"]), "ss_seed": str(cfg.seed), "ss_learning_rate": str(cfg.learning_rate),
         "spare.retain_drift": f"{final['retain_drift']:.6g}",
-        "spare.forget_reduction": f"{final['reduction']:.4f}",
+        "spare.gap_closed": f"{final['gap_closed']:.4f}",
         "spare.steps_used": str(final["step"]),
         "spare.gap": f"{gap_before:.6g} -> {final['gap']:.6g}",
     }

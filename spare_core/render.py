@@ -248,7 +248,7 @@ def loss_plot(losses: Sequence[dict], title: str = "", checks: Sequence[dict] = 
                                      "gap closed (%)" if checks else "", GREEN)
     items = [("line", "forget loss", ACCENT), ("line", "retain loss", SECOND)]
     if checks:
-        last = 100 * checks[-1].get("reduction", 0.0)
+        last = 100 * checks[-1].get("gap_closed", 0.0)
         items.append(("dot", f"concept->surrogate gap closed (last {last:.0f}%)", GREEN))
     _legend(d, items, 38)
     x0, y0, x1, y1 = _inside(box)
@@ -285,6 +285,6 @@ def loss_plot(losses: Sequence[dict], title: str = "", checks: Sequence[dict] = 
             d.line(list(zip(xs, [y_of(v) for v in _smooth(raw, window)])), fill=colour, width=3)
     for c in checks:
         x = x0 + (x1 - x0) * min(c["step"], n) / max(n, 1)
-        y = y1 - (y1 - y0) * min(max(c.get("reduction", 0.0), 0.0), 1.0)
+        y = y1 - (y1 - y0) * min(max(c.get("gap_closed", 0.0), 0.0), 1.0)
         d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=GREEN)
     return _to_array(img)

@@ -558,9 +558,9 @@ def test_gradient_checkpointing_recomputes(model, saliency):
 
 def test_training_that_did_nothing_is_reported(model, saliency, trained):
     result, _ = trained
-    assert result.forget_reduction > 0.2 and result.warning is None
+    assert result.gap_closed > 0.2 and result.warning is None
     idle = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=10, learning_rate=1e-9, **FAST), saliency)
-    assert idle.forget_reduction < 0.2 and "probably not erased" in idle.warning
+    assert idle.gap_closed < 0.2 and "probably not erased" in idle.warning
 
 
 # ---- erase until erased: the stopping rule ----
@@ -570,9 +570,9 @@ def test_stopping_rule_stops_early_on_an_easy_concept(model, saliency):
                            check_every=5, **FAST)
     result = sc.distill(model, cfg, saliency)
     assert result.stopped_early and result.steps_used < 300 and result.steps_used % 5 == 0
-    assert result.forget_reduction >= 0.6 and result.warning is None
+    assert result.gap_closed >= 0.6 and result.warning is None
     # it stopped at the first check that reached the target, not later
-    assert all(c["reduction"] < 0.6 for c in result.checks[1:-2])
+    assert all(c["gap_closed"] < 0.6 for c in result.checks[1:-2])
     assert result.lora.metadata["spare.steps_used"] == str(result.steps_used)
     assert "gap target reached" in result.report()
     assert _no_hooks(model.network)
@@ -582,7 +582,7 @@ def test_stopping_rule_runs_to_the_cap_when_it_cannot_erase(model, saliency):
     cfg = sc.DistillConfig([CONCEPT], [SURROGATE], steps=30, learning_rate=1e-9, stop_at_gap_closed=0.6, check_every=5, **FAST)
     result = sc.distill(model, cfg, saliency)
     assert not result.stopped_early and result.steps_used == 30
-    assert result.forget_reduction < 0.6 and "step cap" in result.report()
+    assert result.gap_closed < 0.6 and "step cap" in result.report()
     assert result.warning  # the shortfall is reported, not hidden
 
 

@@ -180,7 +180,7 @@ def main(argv=None):
     print(f"erasing {domain} '{args.concept}' with SPARE (product defaults, cap {args.steps} steps) ...", flush=True)
     t0 = time.perf_counter()
     def progress(check, adapters):  # every probe check (20 steps): a line, so a minute of training is not silent
-        print(f"  step {check['step']:4d}/{args.steps}: concept->surrogate gap closed {100 * check['reduction']:3.0f}%"
+        print(f"  step {check['step']:4d}/{args.steps}: concept->surrogate gap closed {100 * check['gap_closed']:3.0f}%"
               f" ({time.perf_counter() - t0:.0f}s)", flush=True)
     edited, info = run_method("spare", model, domain, args.concept, budget, seed=args.seed,
                                       on_check=progress)

@@ -231,7 +231,7 @@ class ComfyHost:
         matrices = [t for k, t in lora.items() if k.endswith((".lora_up.weight", ".lora_down.weight"))]
         info = {"trainable_params": sum(t.numel() for t in matrices),
                 "lora_bytes": sum(t.numel() * t.element_size() for t in matrices),
-                "steps_used": int(meta["spare.steps_used"]), "gap_closed": float(meta["spare.forget_reduction"]),
+                "steps_used": int(meta["spare.steps_used"]), "gap_closed": float(meta["spare.gap_closed"]),
                 "modules": int(meta["spare.modules"]),
                 "retain_drift": float(meta["spare.retain_drift"]) if "spare.retain_drift" in meta else None,
                 "warning": "; ".join(warnings.messages) or None, "lora_file": filename,

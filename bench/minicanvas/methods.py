@@ -82,7 +82,7 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
         result = sc.erase(model, cfg, scan_cfg, profile_cfg, saliency=given, on_check=on_check).result
         info = {"trainable_params": result.trainable_params, "lora_bytes": result.lora.num_bytes(),
                 "losses": [r["forget"] for r in result.losses], "steps_used": result.steps_used,
-                "gap_closed": result.forget_reduction, "modules": len(result.lora.modules),
+                "gap_closed": result.gap_closed, "modules": len(result.lora.modules),
                 "retain_drift": result.checks[-1].get("retain_drift"),
                 "warning": result.warning}
         edited = ("lora", result.lora)

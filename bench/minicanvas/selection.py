@@ -3,11 +3,11 @@
     python -m bench.minicanvas.selection --scorings taylor,gradient,contrastive --out bench/runs/selection.json
 
 For every concept, training seed and saliency option, SPARE runs with the product defaults to its step cap without
-the stopping rule; at every probe check (DistillConfig.check_every) the LoRA is snapshotted with the probe gap's
-reduction, and each snapshot is judged on the held-out evaluation grid (grid). Because the learning rate
+the stopping rule; at every probe check (DistillConfig.check_every) the LoRA is snapshotted with the share of the probe
+gap closed, and each snapshot is judged on the held-out evaluation grid (grid). Because the learning rate
 decays to the cap, the snapshot at step k is exactly what a run stopped there would return, so one run per setting
 gives: the final erasure of each selection, and the UA / IRA / CRA a stopping threshold r would have produced
-(stop at the first check where the reduction reaches r). `summarize` prints both tables.
+(stop at the first check where the gap closed reaches r). `summarize` prints both tables.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def _task(task):
                                       on_check=lambda check, ad: snaps.append(
                                           (check, sc.LoraWeights.from_adapters(ad)
                                            if check["step"] in snapshot_steps else None)))
-    snaps.append(({"step": info["steps_used"], "reduction": info["gap_closed"],
+    snaps.append(({"step": info["steps_used"], "gap_closed": info["gap_closed"],
                    "retain_drift": info.get("retain_drift")}, edited[1]))
     prompts, ls, lo, seeds = grid(budget.seeds)
     target = (data.style_index if domain == "style" else data.object_index)(name)
@@ -82,10 +82,10 @@ def _task(task):
             continue
         images = sample_edited(model, ("lora", lora), prompts, seeds, budget.sample_steps)
         m, _ = evaluate(judge, images, ls, lo, domain, target)
-        points.append({"step": check["step"], "reduction": check["reduction"],
+        points.append({"step": check["step"], "gap_closed": check["gap_closed"],
                        "retain_drift": check.get("retain_drift"), **m})
     print(f"{option:22s} {domain:6s} {name:9s} seed {seed}: " + " ".join(
-        f"{p['step']}:{p['reduction']:.2f}/{p['UA']:.0f}/{p['IRA']:.0f}/{p['CRA']:.0f}" for p in points), flush=True)
+        f"{p['step']}:{p['gap_closed']:.2f}/{p['UA']:.0f}/{p['IRA']:.0f}/{p['CRA']:.0f}" for p in points), flush=True)
     return {"option": option, "domain": domain, "concept": name, "seed": seed, "seconds": info["seconds"],
             "modules": info["modules"], "points": points}
 
@@ -106,7 +106,7 @@ def stop_point(points, r):
     """The snapshot a run with stop_at_gap_closed r returns: the first judged check reaching r, else the last. (Checks
     between judged snapshots are not judged: the rule is emulated at SNAPSHOT_STEPS only.)"""
     for p in points[:-1]:
-        if p["reduction"] >= r:
+        if p["gap_closed"] >= r:
             return p
     return points[-1]
 
