@@ -19,7 +19,7 @@ Several concepts train into one adapter set: each batch draws samples of every c
 Anchor samples (a measured deviation from the authors, who noise only concept samples): the forget loss sees x_t
 noised from the surrogate's own samples, with the same concept-prompt student and surrogate-prompt teacher. Given a
 half-drawn concept picture (mid noise) and the surrogate's prompt, the teacher repaints it and loses the rest of the
-picture (MiniCanvas, ukiyo at sigma 2: the object survives in 27% of the targets; from surrogate samples in 100%);
+picture (measured per noise level: `python -m bench.minicanvas.diagnose targets`);
 near t = 0 it keeps the concept it is given. Concept samples alone therefore teach the student debris at mid noise
 and nothing at low noise. Anchor rows teach "concept prompt on a surrogate picture -> the surrogate's picture".
 Every row (1.0, the default) kept more of the picture and more of the classes no retain list names than half of

@@ -13,10 +13,9 @@ salient set is the top fraction (or top k) of modules by score. Three scores (`s
 - "contrastive": a module's share of the forget gradient minus its share of the retain gradient (this pack's first
   score). For a style it subtracts the other styles' use of the very modules a style lives in.
 
-The default is the authors' "gradient" over every Linear/Conv2d: on MiniCanvas (20 concepts, held-out prompts) it
-erased 17 of 20 concepts (this pack's first default, contrastive over attention only, had erased 14 in the issue's
-measurement), and "taylor" did not beat it (16 of 20, retention within the interval) -- bench/HISTORY.md,
-"Saliency selection".
+The default is the authors' "gradient" over every Linear/Conv2d: on MiniCanvas it erased more concepts than this
+pack's first default (contrastive over attention only), and "taylor" did not beat it (bench/HISTORY.md, "Saliency
+selection").
 
 Loss space: eps-space MSE, written through x0 as ||(x0_hat - x0) / sigma||^2 (x_t = x0 + sigma * eps).
 """
