@@ -19,7 +19,7 @@ import torch
 
 import spare_core as sc
 from bench.minicanvas.budgets import OBJECTS, STYLES, concept_prompts
-from bench.minicanvas.model import load as load_model
+from spare_core.minicanvas.model import load as load_model
 
 SETTINGS = ((2, 1.0), (1, 1.0), (2, 0.5), (1, 0.5))  # (draws per bin, share of the concept samples)
 

@@ -1,4 +1,4 @@
-"""SPARE Demo Model (MiniCanvas): the bundled benchmark model (bench/minicanvas) as ComfyUI MODEL, CLIP, VAE and an
+"""SPARE Demo Model (MiniCanvas): the bundled MiniCanvas model (spare_core.minicanvas) as ComfyUI MODEL, CLIP, VAE and an
 empty LATENT, so the pack can be tried on a CPU without any checkpoint.
 
 MiniCanvas draws 32 x 32 px images in pixel space (the "latent" is the image in [-1, 1], 3 channels) from prompts
@@ -23,13 +23,10 @@ bundled sampler):
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
 import json
 import logging
 import math
 import os
-import sys
 
 import torch
 from torch import nn
@@ -44,31 +41,12 @@ import comfy.supported_models_base
 from comfy_api.latest import io
 
 from spare_core.errors import SpareInputError
+from spare_core.minicanvas import data as mc_data
+from spare_core.minicanvas import model as mc
 
 log = logging.getLogger("spare")
 
-PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MINICANVAS_DIR = os.path.join(PACK_ROOT, "bench", "minicanvas")
-WEIGHTS_FILE = os.path.join(MINICANVAS_DIR, "weights", "minicanvas_model.safetensors")
-_PACKAGE = "spare_pack_minicanvas"  # private import name (see `minicanvas()`)
-
-
-def minicanvas():
-    """bench/minicanvas/model.py, imported by file path under a private package name: the pack root is never put on
-    sys.path (it would expose `nodes`, ComfyUI's own module name, and `bench`)."""
-    name = _PACKAGE + ".model"
-    if name not in sys.modules:
-        if _PACKAGE not in sys.modules:
-            spec = importlib.util.spec_from_file_location(_PACKAGE, os.path.join(MINICANVAS_DIR, "__init__.py"),
-                                                          submodule_search_locations=[MINICANVAS_DIR])
-            package = importlib.util.module_from_spec(spec)
-            sys.modules[_PACKAGE] = package
-            spec.loader.exec_module(package)
-        importlib.import_module(name)
-    return sys.modules[name]
-
-
-mc = minicanvas()
+WEIGHTS_FILE = str(mc.MODEL_FILE)
 
 
 def config_from_dict(d: dict):
@@ -176,7 +154,7 @@ class MiniCanvasTokenizer:
             segments = comfy.sd1_clip.token_weights(text, 1.0)
         words: list[tuple[str, float]] = []
         for segment, weight in segments:
-            words += [(w, weight) for w in mc.data.tokenize_words(comfy.sd1_clip.unescape_important(segment))]
+            words += [(w, weight) for w in mc_data.tokenize_words(comfy.sd1_clip.unescape_important(segment))]
         unknown = list(dict.fromkeys(w for w, _ in words if w not in self.ids or w in mc.SPECIAL_TOKENS))
         if unknown:
             raise SpareInputError(

@@ -1,5 +1,5 @@
 """SPARE Demo Model (MiniCanvas) in a real ComfyUI: the stock graph (CLIPTextEncode -> KSampler -> VAEDecode) on the
-demo MODEL/CLIP/VAE reproduces the bundled sampler (bench/minicanvas/model.py `MiniCanvasModel.sample`), unknown words
+demo MODEL/CLIP/VAE reproduces the bundled sampler (spare_core/minicanvas/model.py `MiniCanvasModel.sample`), unknown words
 are refused by name, the node's outputs have the model's shapes, stock LoRA loaders map every module, and the host
 adapter (nodes/host.py) sees the same model as the benchmark.
 
@@ -50,7 +50,7 @@ def demo(pack):
 
 @pytest.fixture(scope="module")
 def bundled():
-    from bench.minicanvas.model import load
+    from spare_core.minicanvas.model import load
     return load()
 
 

@@ -51,7 +51,8 @@ FIRST_JUDGE_ID = 1000  # ids of the nodes the test adds (the workflow's own ids 
 
 def _bench():
     """bench.minicanvas's data, harness (Judge, STYLES, OBJECTS, ERASED_UA, EVAL_TEMPLATES) and metrics."""
-    from bench.minicanvas import data, harness, metrics
+    from bench.minicanvas import harness, metrics
+    from spare_core.minicanvas import data
     return data, harness, metrics
 
 
