@@ -20,6 +20,18 @@ bundled sampler):
   MiniCanvas' own `to_image`. Latent format: ComfyUI's pixel-space one (latent_formats.ChromaRadiance, identity).
 - LoRA keys: the network's state dict is MiniCanvas' own ("diffusion_model.input_blocks.1.1.transformer_blocks.0.
   attn2.to_k.weight", ...), so `comfy.lora.model_lora_keys_unet` maps every module for the stock LoRA loaders.
+
+MiniCanvas-Flux (spare_core/minicanvas/flux_model.py; tests/test_demo_flux_comfy.py compares KSampler with the bundled
+sampler) is ComfyUI's own classes throughout:
+- denoiser: `MiniCanvasFlux`, a `comfy.model_base.Flux` (ModelType.FLUX: CONST + ModelSamplingFlux with the shift it
+  was trained with, 1.15) around `comfy.ldm.flux.model.Flux` built from the weights' FluxParams; KSampler's euler on
+  the "simple" scheduler is the bundled euler sampler step for step. The same [-1, 1] post-CFG clamp as MiniCanvas.
+- text encoder: the MiniCanvas tokenizer; the encoder returns the per-token states (Flux's `context`) and the pooled
+  vector, which CLIPTextEncode puts in the CONDITIONING as pooled_output and model_base.Flux passes as `y`.
+- VAE: ComfyUI's pixel-space VAE with a 2 x 2 pixel-(un)shuffle as its model: the latent is the image in [-1, 1]
+  unshuffled to 12 x 16 x 16, as the model was trained.
+- family: Flux's blocks and modules, but sampled with CFG (`MINICANVAS_FLUX_FAMILY`; nodes/host.py reads the
+  BaseModel's `spare_family`): it has no guidance embedding and is not guidance-distilled.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""workflows/demo_minicanvas.json on a real ComfyUI server with real weights (the bundled MiniCanvas model), judged
-by the shipped classifiers: the style it erases ("neon") is gone from the erased model's images, the other styles
+"""workflows/demo_minicanvas.json and demo_minicanvas_flux.json on a real ComfyUI server with real weights (the bundled
+MiniCanvas model, and MiniCanvas-Flux: ComfyUI's own Flux class, tiny), judged by the shipped classifiers; every test
+runs once per workflow (the `demo` fixture): the style it erases ("neon") is gone from the erased model's images, the other styles
 are still drawn, and the LoRA file it writes loads through ComfyUI's stock loader with every key mapped.
 
 Skipped, with the reason printed, when COMFYUI_PATH is unset. Run:
@@ -9,7 +10,7 @@ The server is the one tests/test_server_comfy.py builds (its `server` fixture, i
 module gets its own server). The workflow is converted by tests/workflow_api.py against the server's /object_info and
 run as shipped: every SPARE node keeps its settings (the test proves that the shipped settings erase), and so do the
 before/after KSamplers. The test's copy of the API prompt only gains judge branches: KSamplers with the workflow's own
-sampler settings (dpmpp_2m, karras, 20 steps, cfg 4, empty negative), one image each, through the erased MODEL (Apply
+sampler settings (UNet: dpmpp_2m, karras, 20 steps, cfg 4; Flux: euler, simple, 12 steps, cfg 4; empty negative), one image each, through the erased MODEL (Apply
 Erasure's output) and through the unerased one (the demo model's), on prompts written with the held-out templates
 (data.TEMPLATES other than index 0, which every training prompt of the workflow uses), each saved at 32 x 32 by
 SaveImage. The images are fetched back through /view and judged by bench/minicanvas's Judge (harness.py):
@@ -20,8 +21,9 @@ SaveImage. The images are fetched back through /view and judged by bench/minican
 - the workflow's own AFTER preview (4 images of its prompt "A star image in neon style.", upscaled 4x nearest) is not
   neon, its BEFORE preview is, and its SURROGATE preview (the original model on "A star image in plain style.") is
   plain.
-Measured with one thread on a 2-core machine whose other core ran a benchmark: the file takes ~95 s (server start
-~8 s; the workflow with its 116 judge images ~78 s; the stock-loader prompt and the judging a few seconds).
+Measured with one thread on a 2-core machine whose other core ran a benchmark: the file takes ~125 s (server start
+~8 s; each workflow with its 116 judge images: UNet ~70 s, Flux ~42 s; the stock-loader prompts and the judging a few
+seconds).
 """
 from __future__ import annotations
 
