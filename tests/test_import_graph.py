@@ -209,8 +209,8 @@ def test_the_bench_check_sees_path_and_module_imports(tmp_path):
     (pkg / "a.py").write_text(
         '"""Docstrings may name bench/minicanvas."""\nimport os\nimport importlib.util\n'
         'D = os.path.join(os.path.dirname(__file__), "bench", "minicanvas")\n'
-        'S = importlib.util.spec_from_file_location("x", "bench/minicanvas/model.py")\n'
+        'S = importlib.util.spec_from_file_location("x", "bench/minicanvas/judge.py")\n'
         'from bench.minicanvas import judge\nimport bench.minicanvas.harness\n')
-    assert bench_reach_ins(pkg) == ["pkg/a.py:4: 'bench'", "pkg/a.py:5: 'bench/minicanvas/model.py'",
+    assert bench_reach_ins(pkg) == ["pkg/a.py:4: 'bench'", "pkg/a.py:5: 'bench/minicanvas/judge.py'",
                                     "pkg/a.py:6: from bench.minicanvas import ...",
                                     "pkg/a.py:7: import bench.minicanvas.harness"]
