@@ -21,7 +21,7 @@ if importlib.util.find_spec("comfy_api") is not None:
     from comfy_api.latest import ComfyExtension, io
 
     from .nodes.spare_nodes import NODES
-    try:  # SPARE Demo Model (MiniCanvas): the bundled bench/minicanvas model as MODEL/CLIP/VAE/LATENT
+    try:  # SPARE Demo Model (MiniCanvas): the bundled spare_core.minicanvas models as MODEL/CLIP/VAE/LATENT
         from .nodes.demo_model import DEMO_NODES
     except Exception:  # a broken demo must not take the SPARE nodes down with it; the traceback is logged
         import logging

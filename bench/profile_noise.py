@@ -19,7 +19,7 @@ import torch
 
 import spare_core as sc
 from bench.minicanvas.budgets import OBJECTS, STYLES, concept_prompts
-from bench.minicanvas.model import load as load_model
+from spare_core.minicanvas.model import load as load_model
 
 SHARES = (1.0, 0.5)  # share of the concept samples the profile measures on
 

@@ -20,7 +20,7 @@ import torch
 
 import spare_core as sc
 from bench.minicanvas.budgets import LR, OBJECTS, STYLES, concept_prompts
-from bench.minicanvas.model import load as load_model
+from spare_core.minicanvas.model import load as load_model
 
 
 def timed(fn):

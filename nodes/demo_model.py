@@ -1,5 +1,6 @@
-"""SPARE Demo Model (MiniCanvas): the bundled benchmark model (bench/minicanvas) as ComfyUI MODEL, CLIP, VAE and an
-empty LATENT, so the pack can be tried on a CPU without any checkpoint.
+"""SPARE Demo Model (MiniCanvas): the bundled MiniCanvas models (spare_core.minicanvas) as ComfyUI MODEL, CLIP, VAE and
+an empty LATENT, so the pack can be tried on a CPU without any checkpoint. Two models: MiniCanvas (a UNet, below) and
+MiniCanvas-Flux (ComfyUI's own Flux class, tiny; its section at the end).
 
 MiniCanvas draws 32 x 32 px images in pixel space (the "latent" is the image in [-1, 1], 3 channels) from prompts
 written with a fixed vocabulary of 53 words (styles, objects and template words; see `known_words()`).
@@ -19,17 +20,26 @@ bundled sampler):
   MiniCanvas' own `to_image`. Latent format: ComfyUI's pixel-space one (latent_formats.ChromaRadiance, identity).
 - LoRA keys: the network's state dict is MiniCanvas' own ("diffusion_model.input_blocks.1.1.transformer_blocks.0.
   attn2.to_k.weight", ...), so `comfy.lora.model_lora_keys_unet` maps every module for the stock LoRA loaders.
+
+MiniCanvas-Flux (spare_core/minicanvas/flux_model.py; tests/test_demo_flux_comfy.py compares KSampler with the bundled
+sampler) is ComfyUI's own classes throughout:
+- denoiser: `MiniCanvasFlux`, a `comfy.model_base.Flux` (ModelType.FLUX: CONST + ModelSamplingFlux with the shift it
+  was trained with, 1.15) around `comfy.ldm.flux.model.Flux` built from the weights' FluxParams; KSampler's euler on
+  the "simple" scheduler is the bundled euler sampler step for step. The same [-1, 1] post-CFG clamp as MiniCanvas.
+- text encoder: the MiniCanvas tokenizer; the encoder returns the per-token states (Flux's `context`) and the pooled
+  vector, which CLIPTextEncode puts in the CONDITIONING as pooled_output and model_base.Flux passes as `y`.
+- VAE: ComfyUI's pixel-space VAE with a 2 x 2 pixel-(un)shuffle as its model: the latent is the image in [-1, 1]
+  unshuffled to 12 x 16 x 16, as the model was trained.
+- family: Flux's blocks and modules, but sampled with CFG (`MINICANVAS_FLUX_FAMILY`; nodes/host.py reads the
+  BaseModel's `spare_family`): it has no guidance embedding and is not guidance-distilled.
 """
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
 import json
 import logging
 import math
 import os
-import sys
 
 import torch
 from torch import nn
@@ -43,32 +53,16 @@ import comfy.sd1_clip
 import comfy.supported_models_base
 from comfy_api.latest import io
 
+from spare_core import families
 from spare_core.errors import SpareInputError
+from spare_core.minicanvas import data as mc_data
+from spare_core.minicanvas import flux_model as mcf
+from spare_core.minicanvas import model as mc
 
 log = logging.getLogger("spare")
 
-PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MINICANVAS_DIR = os.path.join(PACK_ROOT, "bench", "minicanvas")
-WEIGHTS_FILE = os.path.join(MINICANVAS_DIR, "weights", "minicanvas_model.safetensors")
-_PACKAGE = "spare_pack_minicanvas"  # private import name (see `minicanvas()`)
-
-
-def minicanvas():
-    """bench/minicanvas/model.py, imported by file path under a private package name: the pack root is never put on
-    sys.path (it would expose `nodes`, ComfyUI's own module name, and `bench`)."""
-    name = _PACKAGE + ".model"
-    if name not in sys.modules:
-        if _PACKAGE not in sys.modules:
-            spec = importlib.util.spec_from_file_location(_PACKAGE, os.path.join(MINICANVAS_DIR, "__init__.py"),
-                                                          submodule_search_locations=[MINICANVAS_DIR])
-            package = importlib.util.module_from_spec(spec)
-            sys.modules[_PACKAGE] = package
-            spec.loader.exec_module(package)
-        importlib.import_module(name)
-    return sys.modules[name]
-
-
-mc = minicanvas()
+WEIGHTS_FILE = str(mc.MODEL_FILE)
+FLUX_WEIGHTS_FILE = str(mcf.MODEL_FILE)
 
 
 def config_from_dict(d: dict):
@@ -176,7 +170,7 @@ class MiniCanvasTokenizer:
             segments = comfy.sd1_clip.token_weights(text, 1.0)
         words: list[tuple[str, float]] = []
         for segment, weight in segments:
-            words += [(w, weight) for w in mc.data.tokenize_words(comfy.sd1_clip.unescape_important(segment))]
+            words += [(w, weight) for w in mc_data.tokenize_words(comfy.sd1_clip.unescape_important(segment))]
         unknown = list(dict.fromkeys(w for w, _ in words if w not in self.ids or w in mc.SPECIAL_TOKENS))
         if unknown:
             raise SpareInputError(
@@ -293,10 +287,12 @@ def load_vae():
 
 
 def empty_latent(model, batch_size: int = 1) -> dict:
-    """An empty LATENT of the model's size: zeros [batch, 3, 32, 32]."""
+    """An empty LATENT of the model's size: zeros [batch, 3, 32, 32] (MiniCanvas), [batch, 12, 16, 16]
+    (MiniCanvas-Flux)."""
     width, height = model.model.spare_native_size
+    down = model.model.spare_latent_downscale
     channels = model.model.latent_format.latent_channels
-    return {"samples": torch.zeros([batch_size, channels, height, width],
+    return {"samples": torch.zeros([batch_size, channels, height // down, width // down],
                                    device=comfy.model_management.intermediate_device())}
 
 
@@ -309,7 +305,191 @@ def load_demo(path: str = WEIGHTS_FILE, batch_size: int = 1):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# MiniCanvas-Flux: ComfyUI's own Flux (comfy.model_base.Flux around comfy.ldm.flux.model.Flux), tiny
+
+# The family SPARE trains it as: Flux's blocks and modules (double_blocks / single_blocks, in-place residuals), but
+# sampled with classifier-free guidance like the UNet demo: the model has no guidance embedding and was trained with
+# 10% of its prompts dropped to "" (spare_core/minicanvas/flux_model.py), so it is not guidance-distilled, and
+# families.FLUX / FLUX_SCHNELL would make SPARE draw its concept samples at cfg 1. Named "flux" (its LoRA files say
+# spare.family "flux"); not in families.FAMILIES, whose "flux" is Flux.1-dev.
+MINICANVAS_FLUX_FAMILY = families.Family(
+    "flux", "MiniCanvas-Flux (the Flux.1 architecture, sampled with CFG)", families.FLUX.blocks,
+    families.FLUX.attention, families.FLUX.text_attention, inplace_residuals=True, guidance_distilled=False,
+    architecture="flux-1-minicanvas/lora")
+
+
+class MiniCanvasFluxLatent(comfy.latent_formats.LatentFormat):
+    """MiniCanvas-Flux's "latent": the image in [-1, 1] pixel-unshuffled 2 x 2 (12 x 16 x 16), no scaling."""
+
+    latent_channels = 12
+    scale_factor = 1.0
+
+
+def flux_config_from_meta(meta: dict) -> mcf.FluxMiniConfig:
+    """FluxMiniConfig from the weights file's metadata ("config" and "vocab", as flux_model.load reads them)."""
+    d = json.loads(meta["config"])
+    d["axes_dim"] = tuple(d["axes_dim"])
+    return mcf.FluxMiniConfig(vocab=json.loads(meta["vocab"]), **d)
+
+
+class MiniCanvasFluxModelConfig(comfy.supported_models_base.BASE):
+    """The model config of MiniCanvas-Flux: Flux's unet_config (FluxParams as model_detection gives them) and
+    ModelSamplingFlux's shift from the weights. Never matched by checkpoint detection."""
+
+    unet_config = {}
+    unet_extra_config = {}
+    latent_format = MiniCanvasFluxLatent
+    supported_inference_dtypes = [torch.float32]
+    memory_usage_factor = 1.0
+
+    def __init__(self, cfg: mcf.FluxMiniConfig):
+        super().__init__({"image_model": "flux", **cfg.flux_params()})
+        self.set_inference_dtype(torch.float32, None)  # fp32 on every device: 2.3M parameters
+        self.sampling_settings = {"shift": float(cfg.shift)}
+
+    @classmethod
+    def matches(cls, unet_config, state_dict=None):
+        return False
+
+
+class MiniCanvasFlux(comfy.model_base.Flux):
+    """comfy.model_base.Flux with ModelType.FLUX: CONST (rectified flow: x_t = (1 - sigma) x0 + sigma eps, denoised
+    = x_t - sigma v) on ModelSamplingFlux's sigmas with the trained shift, timestep = sigma, exactly the formulas
+    MiniCanvas-Flux was trained and is sampled with (flux_model.py). Attributes read by nodes/host.py as for
+    `MiniCanvas`, plus `spare_family`."""
+
+    spare_latent_downscale = 2  # pixels per latent cell (pixel-unshuffle 2)
+    spare_demo_model = True
+    spare_family = MINICANVAS_FLUX_FAMILY
+
+    def __init__(self, model_config: MiniCanvasFluxModelConfig, image_size: int, device=None):
+        super().__init__(model_config, model_type=comfy.model_base.ModelType.FLUX, device=device)
+        self.spare_native_size = (image_size, image_size)
+
+
+class PixelUnshuffleVAE(nn.Module):
+    """The "VAE" of MiniCanvas-Flux as ComfyUI's VAE calls it (after its process_input x * 2 - 1 / before its
+    process_output (x + 1) / 2 clamped): pixels [-1, 1] <-> pixel-unshuffled latents, flux_model.to_latent /
+    from_latent. `pixel_space_vae` is the parameter ComfyUI's pixel-space VAE has (a model must have one to load)."""
+
+    def __init__(self, factor: int = 2):
+        super().__init__()
+        self.factor = factor
+        self.pixel_space_vae = nn.Parameter(torch.tensor(1.0))
+
+    def encode(self, pixels: torch.Tensor, *_args, **_kwargs) -> torch.Tensor:
+        return torch.nn.functional.pixel_unshuffle(pixels, self.factor)
+
+    def decode(self, samples: torch.Tensor, *_args, **_kwargs) -> torch.Tensor:
+        return torch.nn.functional.pixel_shuffle(samples, self.factor)
+
+
+class MiniCanvasFluxTextModel(nn.Module, comfy.sd1_clip.ClipTokenWeightEncoder):
+    """The CLIP's cond_stage_model for MiniCanvas-Flux: flux_model.FluxTextEncoder (keys "text_encoder.*" as in the
+    weights file): per-token states [1, max_tokens, text_dim] for Flux's `txt_in` and the pooled vector [1, text_dim]
+    for its `vector_in` (CONDITIONING's pooled_output, which model_base.Flux passes as `y`)."""
+
+    def __init__(self, device=None, dtype=None, model_options={}, flux_config=None):
+        super().__init__()
+        self.text_encoder = mcf.FluxTextEncoder(flux_config)
+        ids = {w: i for i, w in enumerate(flux_config.vocab)}
+        self.special_tokens = {"start": ids["<bos>"], "end": ids["<eos>"], "pad": ids["<pad>"]}
+        dtype = dtype or torch.float32
+        self.dtypes = {dtype}
+        self.to(device=device, dtype=dtype)
+
+    def encode(self, token_lists):
+        weight = self.text_encoder.encoder.token_embedding.weight
+        tokens = torch.tensor([[int(t) for t in row] for row in token_lists], dtype=torch.long, device=weight.device)
+        ctx, pooled = self.text_encoder(tokens)
+        return ctx.float(), pooled.float()
+
+    def reset_clip_options(self):
+        pass
+
+    def set_clip_options(self, options):
+        pass
+
+    def load_sd(self, sd):
+        return self.load_state_dict(sd, strict=False)
+
+
+def read_flux_weights(path: str = FLUX_WEIGHTS_FILE) -> tuple[mcf.FluxMiniConfig, dict, dict]:
+    """(config, diffusion-model state dict, text-encoder state dict), fp32, from the shipped MiniCanvas-Flux file."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise SpareInputError(f"the MiniCanvas-Flux weights are missing: {path} (reinstall the pack)")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        if "config" not in meta or "vocab" not in meta:
+            raise SpareInputError(f"{path} is not a MiniCanvas-Flux weights file (no 'config' / 'vocab' metadata)")
+        cfg = flux_config_from_meta(meta)
+        net, text = {}, {}
+        for k in f.keys():
+            if k.startswith(mcf.KEY_PREFIX):
+                net[k[len(mcf.KEY_PREFIX):]] = f.get_tensor(k).float()
+            elif k.startswith(mcf.TEXT_PREFIX):  # kept: the CLIP's model holds the encoder as `text_encoder`
+                text[k] = f.get_tensor(k).float()
+    return cfg, net, text
+
+
+def load_flux_model(path: str = FLUX_WEIGHTS_FILE, cfg=None, net_sd: dict | None = None):
+    """The MiniCanvas-Flux MODEL: a ModelPatcher around `MiniCanvasFlux`, with the [-1, 1] clamp as post-CFG function
+    (the bundled sampler's static thresholding; the latent is the unshuffled image, so the clamp is the same)."""
+    if cfg is None or net_sd is None:
+        cfg, net_sd, _ = read_flux_weights(path)
+    mm = comfy.model_management
+    base = MiniCanvasFlux(MiniCanvasFluxModelConfig(cfg), cfg.image_size)
+    # comfy.ops layers are not initialised: every weight must come from the file (_check_loaded refuses a gap)
+    _check_loaded("diffusion model", base.diffusion_model.load_state_dict(net_sd, strict=False))
+    base.eval()
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    patcher.set_model_sampler_post_cfg_function(clamp_guided_x0)
+    return patcher
+
+
+def load_flux_clip(path: str = FLUX_WEIGHTS_FILE, cfg=None, text_sd: dict | None = None):
+    """The MiniCanvas-Flux CLIP (the MiniCanvas tokenizer; fp32)."""
+    if cfg is None or text_sd is None:
+        cfg, _, text_sd = read_flux_weights(path)
+    target = comfy.supported_models_base.ClipTarget(
+        functools.partial(MiniCanvasTokenizer, vocab=cfg.vocab, max_tokens=cfg.max_tokens),
+        functools.partial(MiniCanvasFluxTextModel, flux_config=cfg))
+    parameters = sum(t.numel() for t in text_sd.values())
+    clip = comfy.sd.CLIP(target, parameters=parameters, model_options={"dtype": torch.float32})
+    _check_loaded("text encoder", clip.load_sd(text_sd))
+    return clip
+
+
+def load_flux_vae(factor: int = 2):
+    """ComfyUI's pixel-space VAE with MiniCanvas-Flux's pixel-(un)shuffle as its model: IMAGE [B, 32, 32, 3] <->
+    LATENT [B, 12, 16, 16]."""
+    vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+    vae.first_stage_model = PixelUnshuffleVAE(factor).eval().to(vae.vae_dtype)
+    vae.latent_channels = 3 * factor * factor
+    vae.downscale_ratio = vae.upscale_ratio = factor
+    vae.patcher = comfy.model_patcher.ModelPatcher(vae.first_stage_model, load_device=vae.patcher.load_device,
+                                                   offload_device=vae.patcher.offload_device)
+    return vae
+
+
+def load_flux_demo(path: str = FLUX_WEIGHTS_FILE, batch_size: int = 1):
+    """(MODEL, CLIP, VAE, LATENT) of the bundled MiniCanvas-Flux model."""
+    cfg, net_sd, text_sd = read_flux_weights(path)
+    model = load_flux_model(path, cfg, net_sd)
+    clip = load_flux_clip(path, cfg, text_sd)
+    return model, clip, load_flux_vae(cfg.pixel_unshuffle), empty_latent(model, batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The node
+
+UNET_CHOICE = "MiniCanvas (UNet)"
+FLUX_CHOICE = "MiniCanvas-Flux (DiT)"
+DEMOS = {UNET_CHOICE: load_demo, FLUX_CHOICE: load_flux_demo}
+
 
 class DemoModel(io.ComfyNode):
     @classmethod
@@ -319,27 +499,36 @@ class DemoModel(io.ComfyNode):
             node_id="SPAREDemoModel",
             display_name="SPARE Demo Model (MiniCanvas)",
             category="SPARE",
-            description="The bundled MiniCanvas model, to try SPARE on a CPU without a checkpoint: 32 x 32 px images "
+            description="A bundled MiniCanvas model, to try SPARE on a CPU without a checkpoint: 32 x 32 px images "
                         "of a shape (object) in a style, from prompts such as 'A star image in ukiyo style.'. It "
-                        f"knows only these words: {words}. Sample it with KSampler (euler or dpmpp_2m, karras, "
-                        "20 steps, cfg 4) and VAE Decode; upscale the images (nearest) to see them. For more "
-                        "images per run, put Repeat Latent Batch after LATENT.",
-            # No inputs: a widget here (e.g. a batch size) would be part of the cache key of every node downstream,
-            # so changing it would re-run the SPARE stages (re-train the LoRA). Batch with Repeat Latent Batch.
-            inputs=[],
+                        f"knows only these words: {words}. Sample MiniCanvas (UNet) with KSampler (euler or "
+                        "dpmpp_2m, karras, 20 steps, cfg 4), MiniCanvas-Flux (DiT, ComfyUI's own Flux class) with "
+                        "KSampler (euler, simple, 12 steps, cfg 4), then VAE Decode; upscale the images (nearest) "
+                        "to see them. For more images per run, put Repeat Latent Batch after LATENT.",
+            # No other input: a widget here (e.g. a batch size) would be part of the cache key of every node
+            # downstream, so changing it would re-run the SPARE stages (re-train the LoRA). Batch with Repeat Latent
+            # Batch. `model` is optional with its default so that workflows and API prompts saved before it existed
+            # still load the UNet.
+            inputs=[io.Combo.Input("model", options=list(DEMOS), default=UNET_CHOICE, optional=True,
+                                   tooltip="MiniCanvas (UNet): an SD 1.x-style UNet, v-prediction. MiniCanvas-Flux "
+                                           "(DiT): ComfyUI's Flux class, tiny, rectified flow (ModelSamplingFlux, "
+                                           "shift 1.15), sampled with CFG; SPARE erases from it as from Flux.")],
             outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="MiniCanvas' denoiser (pixel space, v-prediction)."),
-                io.Clip.Output(display_name="CLIP", tooltip="MiniCanvas' text encoder (a fixed vocabulary: unknown "
+                io.Model.Output(display_name="MODEL", tooltip="The denoiser (pixel space: MiniCanvas v-prediction, "
+                                                              "MiniCanvas-Flux rectified flow)."),
+                io.Clip.Output(display_name="CLIP", tooltip="The model's text encoder (a fixed vocabulary: unknown "
                                                             "words are an error naming them)."),
-                io.Vae.Output(display_name="VAE", tooltip="Pass-through pixel-space VAE."),
-                io.Latent.Output(display_name="LATENT", tooltip="An empty 32 x 32 latent (one image) for KSampler."),
+                io.Vae.Output(display_name="VAE", tooltip="Pixel-space VAE (MiniCanvas-Flux: 2 x 2 pixel-unshuffle)."),
+                io.Latent.Output(display_name="LATENT", tooltip="An empty 32 x 32 px latent (one image) for KSampler."),
             ],
         )
 
     @classmethod
-    def execute(cls):
-        model, clip, vae, latent = load_demo()
-        return io.NodeOutput(model, clip, vae, latent)
+    def execute(cls, model: str = UNET_CHOICE):
+        if model not in DEMOS:
+            raise SpareInputError(f"model: {model!r} is not a bundled demo model; choose one of "
+                                  f"{', '.join(repr(k) for k in DEMOS)}")
+        return io.NodeOutput(*DEMOS[model]())
 
 
 DEMO_NODES = [DemoModel]

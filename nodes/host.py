@@ -59,8 +59,8 @@ def native_size(model) -> tuple[int, int] | None:
 
 
 def is_demo_model(model) -> bool:
-    """The bundled MiniCanvas demo model (nodes/demo_model.py): not an openaimodel.UNetModel, but SPARE's own
-    benchmark model, so SPARE supports it."""
+    """A bundled MiniCanvas demo model (nodes/demo_model.py: MiniCanvas, not an openaimodel.UNetModel but SPARE's own
+    benchmark model, or MiniCanvas-Flux), so SPARE supports it."""
     return bool(getattr(getattr(model, "model", model), "spare_demo_model", False))
 
 
@@ -78,6 +78,9 @@ def model_family(model) -> Family | None:
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     base = getattr(model, "model", model)
+    declared = getattr(base, "spare_family", None)
+    if declared is not None:  # a bundled demo model says which family it trains as (MiniCanvas-Flux: Flux with CFG)
+        return declared
     net = getattr(base, "diffusion_model", None)
     if is_demo_model(base) or isinstance(net, UNetModel):
         return families.UNET

@@ -4,7 +4,7 @@ headless Chromium, driven by Playwright, against a real ComfyUI server with this
 - Each workflows/*.json is loaded the way a drag-and-drop loads it (`app.handleFile(new File([json], name))`): no
   "missing nodes" dialog, no node the frontend failed to build (red placeholder), no console error mentioning the
   pack, the frontend's own prompt (`app.graphToPrompt()`) equal to tests/workflow_api.py's, and the Note (top left)
-  visible at the saved view; for the demo workflow also its result previews (Before, After, Surrogate) inside the
+  visible at the saved view; for the demo workflows also their result previews (Before, After, Surrogate) inside the
   visible canvas at the saved view, at a zoom >= 100% (a screenshot of that view is kept).
 - erase_style.json is then edited in the page into the tiny prompt of tests/test_server_comfy.py (Load Checkpoint ->
   SPARETestTinyCheckpoint, 64 px, 1 sample, 3 distill steps, 2 sampler steps) and queued with the Run path
@@ -18,8 +18,8 @@ Run:
 
 SPARE_SCREENSHOTS=1 also writes the screenshots into the repository: workflows/<name>.jpg (the template browser's
 thumbnail of each workflow: a 512x512 JPEG of the saved view, UI hidden -- for the demo, the Note and its result
-previews framed; the card shows it in a 256x256 box), docs/screenshots/demo_minicanvas_saved_view.png (the demo at its
-saved view in a 1280x800 window) and docs/screenshots/erase_style_run.png (the previews after the tiny run). Without it they go to the pytest temp folder.
+previews framed; the card shows it in a 256x256 box), docs/screenshots/<demo>_saved_view.png (each demo workflow,
+demo_minicanvas and demo_minicanvas_flux, at its saved view in a 1280x800 window) and docs/screenshots/erase_style_run.png (the previews after the tiny run). Without it they go to the pytest temp folder.
 Chromium: $SPARE_CHROMIUM, else /usr/bin/chromium, else `chromium` on PATH (Playwright's own browser download is never
 used).
 """
@@ -53,7 +53,8 @@ SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Co
 MISSING_NODES_TEXT = ("Some Nodes Are Missing", "the following node types were not found")
 # Workflows whose result must be on screen at the saved view: the titles (prefixes) of their result previews. Their
 # thumbnail frames the Note and these previews (the template card is square; the saved view is a laptop window).
-RESULT_PREVIEWS = {"demo_minicanvas.json": ("Before", "After", "Surrogate")}
+RESULT_PREVIEWS = {"demo_minicanvas.json": ("Before", "After", "Surrogate"),
+                   "demo_minicanvas_flux.json": ("Before", "After", "Surrogate")}
 MIN_TEXT_SCALE = 1.0  # the saved view of a workflow with result previews: node text at >= 100% (Note text >= 10 px)
 
 

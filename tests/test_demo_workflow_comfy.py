@@ -1,5 +1,6 @@
-"""workflows/demo_minicanvas.json on a real ComfyUI server with real weights (the bundled MiniCanvas model), judged
-by the shipped classifiers: the style it erases ("neon") is gone from the erased model's images, the other styles
+"""workflows/demo_minicanvas.json and demo_minicanvas_flux.json on a real ComfyUI server with real weights (the bundled
+MiniCanvas model, and MiniCanvas-Flux: ComfyUI's own Flux class, tiny), judged by the shipped classifiers; every test
+runs once per workflow (the `demo` fixture): the style it erases ("neon") is gone from the erased model's images, the other styles
 are still drawn, and the LoRA file it writes loads through ComfyUI's stock loader with every key mapped.
 
 Skipped, with the reason printed, when COMFYUI_PATH is unset. Run:
@@ -9,7 +10,7 @@ The server is the one tests/test_server_comfy.py builds (its `server` fixture, i
 module gets its own server). The workflow is converted by tests/workflow_api.py against the server's /object_info and
 run as shipped: every SPARE node keeps its settings (the test proves that the shipped settings erase), and so do the
 before/after KSamplers. The test's copy of the API prompt only gains judge branches: KSamplers with the workflow's own
-sampler settings (dpmpp_2m, karras, 20 steps, cfg 4, empty negative), one image each, through the erased MODEL (Apply
+sampler settings (UNet: dpmpp_2m, karras, 20 steps, cfg 4; Flux: euler, simple, 12 steps, cfg 4; empty negative), one image each, through the erased MODEL (Apply
 Erasure's output) and through the unerased one (the demo model's), on prompts written with the held-out templates
 (data.TEMPLATES other than index 0, which every training prompt of the workflow uses), each saved at 32 x 32 by
 SaveImage. The images are fetched back through /view and judged by bench/minicanvas's Judge (harness.py):
@@ -20,8 +21,9 @@ SaveImage. The images are fetched back through /view and judged by bench/minican
 - the workflow's own AFTER preview (4 images of its prompt "A star image in neon style.", upscaled 4x nearest) is not
   neon, its BEFORE preview is, and its SURROGATE preview (the original model on "A star image in plain style.") is
   plain.
-Measured with one thread on a 2-core machine whose other core ran a benchmark: the file takes ~95 s (server start
-~8 s; the workflow with its 116 judge images ~78 s; the stock-loader prompt and the judging a few seconds).
+Measured with one thread on a 2-core machine whose other core ran a benchmark: the file takes ~125 s (server start
+~8 s; each workflow with its 116 judge images: UNet ~70 s, Flux ~42 s; the stock-loader prompts and the judging a few
+seconds).
 """
 from __future__ import annotations
 
@@ -40,8 +42,9 @@ import workflow_api as wa
 from test_server_comfy import (  # noqa: F401  (server, object_info: fixtures, used by name)
     Server, assert_no_lost_keys, assert_success, check_lora_file, load_workflow, nodes_of, object_info, server)
 
-WORKFLOW = "demo_minicanvas.json"
-LORA = "spare/erase_neon_minicanvas_00001_.safetensors"  # what the workflow writes into an empty loras folder
+# (workflow, the LoRA it writes into an empty loras folder, nodes/demo_model.py's loader of its MODEL)
+DEMOS = {"unet": ("demo_minicanvas.json", "spare/erase_neon_minicanvas_00001_.safetensors", "load_model"),
+         "flux": ("demo_minicanvas_flux.json", "spare/erase_neon_minicanvas_flux_00001_.safetensors", "load_flux_model")}
 ERASED = "neon"
 RUN_TIMEOUT = 420  # s for the workflow (the erase alone: ~70 s on one free core)
 KEEP_MIN = 80.0  # % of the other styles' images still classified as the style asked for (erased model)
@@ -51,7 +54,8 @@ FIRST_JUDGE_ID = 1000  # ids of the nodes the test adds (the workflow's own ids 
 
 def _bench():
     """bench.minicanvas's data, harness (Judge, STYLES, OBJECTS, ERASED_UA, EVAL_TEMPLATES) and metrics."""
-    from bench.minicanvas import data, harness, metrics
+    from bench.minicanvas import harness, metrics
+    from spare_core.minicanvas import data
     return data, harness, metrics
 
 
@@ -153,26 +157,33 @@ def fetch_images(server: Server, entry: dict, node_id: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 # The run (once for the module)
 
+@pytest.fixture(scope="module", params=list(DEMOS))
+def demo(request):
+    """(workflow file, LoRA file, loader name) of one demo workflow; every test runs for each."""
+    return DEMOS[request.param]
+
+
 @pytest.fixture(scope="module")
-def demo_run(server, object_info):
+def demo_run(server, object_info, demo):
     """The shipped workflow plus the judge branches, run once: (workflow, shipped API prompt, run prompt, judged
     SaveImage ids, history entry, seconds)."""
-    wf = load_workflow(WORKFLOW)
+    workflow = demo[0]
+    wf = load_workflow(workflow)
     shipped = wa.ui_to_api(wf, object_info)
     prompt, judged = add_judge_branches(shipped)
     t = time.monotonic()
     entry = run_long(server, prompt, wf)
     seconds = time.monotonic() - t
-    print(f"\n[demo_minicanvas] {seconds:.1f}s ({len(prompt)} nodes, {len(judged)} judge images)")
+    print(f"\n[{workflow}] {seconds:.1f}s ({len(prompt)} nodes, {len(judged)} judge images)")
     return wf, shipped, prompt, judged, entry, seconds
 
 
 @pytest.fixture(scope="module")
-def verdicts(server, demo_run):
+def verdicts(server, demo_run, demo):
     """{SaveImage id: (kind, label, style, object, text, seed, predicted style name)} from the shipped judge."""
     data, harness, _ = _bench()
     _, _, _, judged, entry, _ = demo_run
-    assert_success(entry, server, WORKFLOW)
+    assert_success(entry, server, demo[0])
     ids = list(judged)
     images = torch.cat([fetch_images(server, entry, i) for i in ids])
     assert images.shape == (len(ids), 3, 32, 32), images.shape  # full resolution, before any upscale
@@ -183,41 +194,42 @@ def verdicts(server, demo_run):
 # ---------------------------------------------------------------------------------------------------------------------
 # Tests
 
-def test_demo_workflow_runs_as_shipped(server, demo_run):
+def test_demo_workflow_runs_as_shipped(server, demo_run, demo):
+    workflow, lora_file, _ = demo
     wf, shipped, prompt, _, entry, _ = demo_run
-    assert_success(entry, server, WORKFLOW)
+    assert_success(entry, server, workflow)
     # the workflow's own nodes ran unchanged (the test only added nodes)
     assert {k: prompt[k] for k in shipped} == shipped
     (distill,) = nodes_of(shipped, "SPARESparseLoraDistill").values()
-    assert distill["inputs"]["filename_prefix"] + "_00001_.safetensors" == LORA
+    assert distill["inputs"]["filename_prefix"] + "_00001_.safetensors" == lora_file
     # every preview of the workflow (concept samples, heatmap, timestep plot, loss curve, before, after) was made
     for node_id in nodes_of(shipped, "PreviewImage"):
         assert entry["outputs"].get(node_id, {}).get("images"), (node_id, entry["outputs"].get(node_id))
 
 
-def test_lora_file_is_written_and_loads_with_every_key(server, demo_run, caplog):
+def test_lora_file_is_written_and_loads_with_every_key(server, demo_run, demo, caplog):
     """The LoRA file: SPARE's format (check_lora_file), every key mapped by comfy.lora.model_lora_keys_unet on the
     demo model (in this process, counted), no "lora key not loaded" in the server log, and the stock
     LoraLoaderModelOnly on the file draws what Apply Erasure drew from the in-memory LoRA."""
+    workflow, lora_file, loader = demo
     _, shipped, prompt, judged, entry, _ = demo_run
-    assert_success(entry, server, WORKFLOW)
-    keys, meta = check_lora_file(server.loras / LORA, "comfyui")
+    assert_success(entry, server, workflow)
+    keys, meta = check_lora_file(server.loras / lora_file, "comfyui")
     assert_no_lost_keys(server)
     modules = {k[:-len(".lora_up.weight")] for k in keys if k.endswith(".lora_up.weight")}
-    print(f"[lora] {LORA}: {len(keys)} tensors, {len(modules)} modules, "
-          f"{(server.loras / LORA).stat().st_size / 1024:.0f} KiB, base model {meta.get('spare.base_model')}")
+    print(f"[lora] {lora_file}: {len(keys)} tensors, {len(modules)} modules, "
+          f"{(server.loras / lora_file).stat().st_size / 1024:.0f} KiB, base model {meta.get('spare.base_model')}")
 
     import comfy_fixtures as cf
     cf.comfy_or_skip()
     import comfy.lora
     import comfy.utils
-    demo = cf.load_pack_module("nodes/demo_model.py")
-    model = demo.load_model()
+    model = getattr(cf.load_pack_module("nodes/demo_model.py"), loader)()
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     assert modules and all(m in key_map for m in modules), sorted(modules - set(key_map))[:5]
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        patches = comfy.lora.load_lora(comfy.utils.load_torch_file(str(server.loras / LORA), safe_load=True),
+        patches = comfy.lora.load_lora(comfy.utils.load_torch_file(str(server.loras / lora_file), safe_load=True),
                                        key_map, log_missing=True)
     assert not [r for r in caplog.records if "not loaded" in r.getMessage()], caplog.text
     assert len(patches) == len(modules), (len(patches), len(modules))
@@ -228,7 +240,7 @@ def test_lora_file_is_written_and_loads_with_every_key(server, demo_run, caplog)
     picks = [next(i for i, j in judged.items() if j[0] == "erased" and j[1] == label) for label in ("erased", "other")]
     second = {demo_id: shipped[demo_id],
               "900": {"class_type": "LoraLoaderModelOnly",
-                      "inputs": {"model": [demo_id, 0], "lora_name": LORA, "strength_model": 1.0}}}
+                      "inputs": {"model": [demo_id, 0], "lora_name": lora_file, "strength_model": 1.0}}}
     negative = next(iter(nodes_of(shipped, "KSampler").values()))["inputs"]["negative"]
     second[negative[0]] = shipped[negative[0]]
     for save_id in picks:
@@ -238,7 +250,7 @@ def test_lora_file_is_written_and_loads_with_every_key(server, demo_run, caplog)
         second.update({enc: prompt[enc], dec: prompt[dec], save_id: prompt[save_id],
                        ks: dict(prompt[ks], inputs=dict(prompt[ks]["inputs"], model=["900", 0]))})
     entry2 = run_long(server, second, {}, timeout=120)
-    assert_success(entry2, server, "stock LoraLoaderModelOnly on " + LORA)
+    assert_success(entry2, server, "stock LoraLoaderModelOnly on " + lora_file)
     assert_no_lost_keys(server)
     for save_id in picks:
         stock, ours = fetch_images(server, entry2, save_id), fetch_images(server, entry, save_id)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("spare_core", "bench.minicanvas")
+PACKAGES = ("spare_core", "spare_core.minicanvas", "bench.minicanvas")
 
 
 def modules(package: str, root: Path = ROOT) -> dict[str, Path]:
@@ -164,3 +164,53 @@ def test_the_reach_in_check_sees_both_forms(tmp_path):
     for name, text in files.items():
         (pkg / name).write_text(text)
     assert private_reach_ins("pkg", tmp_path) == ["pkg.b: from pkg.a import _STATE", "pkg.b:3: a._STATE"]
+
+
+# The product (the ComfyUI nodes and the engine) ships without the benchmark: the MiniCanvas models it serves live in
+# spare_core.minicanvas. A file-path import of bench/ (importlib's spec_from_file_location on a path built from
+# "bench", "minicanvas") would work in a checkout and break in an install without bench/.
+PRODUCT = ("nodes", "spare_core")
+
+
+def bench_reach_ins(folder: Path) -> list[str]:
+    """Imports of `bench` and string literals naming the bench folder (outside docstrings) in the .py files under
+    `folder`, as "path:line: what"."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant) and isinstance(node.body[0].value.value, str)}
+        where = f"{path.relative_to(folder.parent)}"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found += [((where, node.lineno), f"{where}:{node.lineno}: import {a.name}") for a in node.names
+                          if a.name.split(".")[0] == "bench"]
+            elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "bench":
+                found.append(((where, node.lineno), f"{where}:{node.lineno}: from {node.module} import ..."))
+            elif (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                  and (node.value == "bench" or "bench/" in node.value or "bench\\" in node.value
+                       or node.value.startswith("bench."))):
+                found.append(((where, node.lineno), f"{where}:{node.lineno}: {node.value!r}"))
+    return [text for _, text in sorted(found)]
+
+
+@pytest.mark.parametrize("folder", PRODUCT)
+def test_the_product_never_imports_bench(folder):
+    assert (ROOT / folder / "__init__.py").is_file()
+    found = bench_reach_ins(ROOT / folder)
+    assert not found, "the product reaches into bench/ (use spare_core.minicanvas):\n" + "\n".join(found)
+
+
+def test_the_bench_check_sees_path_and_module_imports(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "a.py").write_text(
+        '"""Docstrings may name bench/minicanvas."""\nimport os\nimport importlib.util\n'
+        'D = os.path.join(os.path.dirname(__file__), "bench", "minicanvas")\n'
+        'S = importlib.util.spec_from_file_location("x", "bench/minicanvas/judge.py")\n'
+        'from bench.minicanvas import judge\nimport bench.minicanvas.harness\n')
+    assert bench_reach_ins(pkg) == ["pkg/a.py:4: 'bench'", "pkg/a.py:5: 'bench/minicanvas/judge.py'",
+                                    "pkg/a.py:6: from bench.minicanvas import ...",
+                                    "pkg/a.py:7: import bench.minicanvas.harness"]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.minicanvas import data
 from bench.minicanvas.classifiers import CLASSIFIER_FILE, load_classifiers, predict
-from bench.minicanvas.model import MODEL_FILE, MiniCanvasModel, load
+from spare_core.minicanvas import data
+from spare_core.minicanvas.model import MODEL_FILE, MiniCanvasModel, load
 
 torch.set_num_threads(1)
 

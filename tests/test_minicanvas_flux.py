@@ -1,4 +1,4 @@
-"""MiniCanvas-Flux (bench/minicanvas/flux_model.py): ComfyUI's own Flux class, tiny, in pixel space.
+"""MiniCanvas-Flux (spare_core/minicanvas/flux_model.py): ComfyUI's own Flux class, tiny, in pixel space.
 
 Builds a tiny instance (no weight file), checks its state dict is a ComfyUI Flux state dict (keys, and ComfyUI's
 model_detection recognises it as "flux"), ComfyUI's flow formulas and schedule, deterministic sampling, a 2-step
@@ -19,7 +19,7 @@ TINY = dict(hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1, mlp_rat
 @pytest.fixture(scope="module")
 def fm():
     cf.comfy_or_skip()
-    from bench.minicanvas import flux_model
+    from spare_core.minicanvas import flux_model
     return flux_model
 
 

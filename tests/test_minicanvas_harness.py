@@ -78,7 +78,7 @@ def test_baselines_edit_a_copy_and_move_toward_their_targets(tiny):
 def test_harness_end_to_end_reduced(tmp_path):
     from bench.minicanvas import harness
     from bench.minicanvas.classifiers import CLASSIFIER_FILE
-    from bench.minicanvas.model import MODEL_FILE
+    from spare_core.minicanvas.model import MODEL_FILE
     if not (MODEL_FILE.exists() and CLASSIFIER_FILE.exists()):
         pytest.skip("MiniCanvas weights not shipped yet (python -m bench.minicanvas.train_model / train_classifiers)")
     out = tmp_path / "r.json"
@@ -115,7 +115,8 @@ def test_harness_end_to_end_reduced(tmp_path):
 
 
 def test_evaluation_prompts_never_trained_on():
-    from bench.minicanvas import data, harness
+    from bench.minicanvas import harness
+    from spare_core.minicanvas import data
     train = set()
     for name in harness.STYLES + harness.OBJECTS:
         domain = "style" if name in harness.STYLES else "object"
@@ -274,7 +275,8 @@ def test_split_retention_by_hand():
 
 
 def test_retain_lists_never_name_an_unlisted_class():
-    from bench.minicanvas import data, harness
+    from bench.minicanvas import harness
+    from spare_core.minicanvas import data
     for name in ("ukiyo", "ring"):
         domain = "style" if name in harness.STYLES else "object"
         own = harness.STYLES if domain == "style" else harness.OBJECTS
@@ -304,7 +306,7 @@ def test_retain_lists_never_name_an_unlisted_class():
 
 
 def test_uce_edits_only_the_unet_spatial_cross_attention():
-    from bench.minicanvas.model import MODEL_FILE, load
+    from spare_core.minicanvas.model import MODEL_FILE, load
     if not MODEL_FILE.exists():
         pytest.skip("MiniCanvas weights not shipped")
     model = load()

@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from bench.minicanvas import data, harness
+from bench.minicanvas import harness
+from spare_core.minicanvas import data
 
 import comfy_fixtures as cf
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import spare_core as sc
 
-from . import data
+from spare_core.minicanvas import data
 
 STYLES = [c.name for c in data.STYLES if c.name != data.NEUTRAL_STYLE]
 OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJECT]

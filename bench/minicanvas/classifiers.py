@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data
+from spare_core.minicanvas import data
 
 CLASSIFIER_FILE = pathlib.Path(__file__).parent / "weights" / "minicanvas_classifiers.safetensors"
 DOMAINS = ("style", "object")

@@ -28,8 +28,8 @@ import time
 from dataclasses import replace
 
 import spare_core as sc
+from spare_core.minicanvas import data
 
-from . import data
 from .budgets import (EVAL_TEMPLATES, METHODS, OBJECTS, QUICK_BASELINE_SCALE, QUICK_CONCEPTS, QUICK_METHODS,
                       QUICK_SAMPLE_STEPS, RETAIN_SETS, STANDARD_BASELINE_SEEDS, STANDARD_ESD_STEPS, STANDARD_METHODS,
                       STYLES, TRAIN_TEMPLATE, Budget, parse_override, split_variant)

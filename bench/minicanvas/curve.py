@@ -15,7 +15,9 @@ import time
 
 import torch
 
-from . import data, metrics
+from spare_core.minicanvas import data
+
+from . import metrics
 from .budgets import OBJECTS, STYLES, Budget
 from .dispatch import map_tasks, worker_model
 from .judge import grid

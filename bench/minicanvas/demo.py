@@ -27,13 +27,13 @@ import time
 import torch
 
 import spare_core as sc
+from spare_core.minicanvas import data
+from spare_core.minicanvas.model import load as load_model
 
-from . import data
 from .budgets import EVAL_TEMPLATES, OBJECTS, STYLES, Budget, retention_split
 from .judge import (CLEAN_DROP, CLEAN_SFA_DROP, CLEAN_UNLISTED_DROP, ERASED_UA, Judge, evaluate, grid,
                     split_metrics)
 from .methods import generate, run_method, sample_edited
-from .model import load as load_model
 
 CELL_SCALE = 2          # nearest-neighbour upscale of each 32 px image
 LABEL_W, LABEL_H = 70, 46

@@ -33,12 +33,12 @@ from dataclasses import replace
 import torch
 
 import spare_core as sc
+from spare_core.minicanvas import data
+from spare_core.minicanvas.model import load as load_model, sample_loop, to_image
 
-from . import data
 from .budgets import EVAL_TEMPLATES, OBJECTS, RETAIN_SETS, STYLES, Budget, parse_override, retention_split
 from .judge import Judge, evaluate, grid, split_metrics
 from .methods import generate, run_method
-from .model import load as load_model, sample_loop, to_image
 
 SIGMAS = (30.0, 10.0, 5.0, 2.0, 1.0, 0.3)
 STRENGTHS = (1.0, 0.75, 0.5, 0.35)

@@ -8,11 +8,13 @@ import os
 
 import torch
 
-from . import data, metrics
+from spare_core.minicanvas import data
+from spare_core.minicanvas.model import load as load_model
+
+from . import metrics
 from .budgets import METHODS, OBJECTS, REFERENCE_METHODS, STYLES, Budget, retention_split
 from .judge import Judge, evaluate, grid, split_metrics
 from .methods import default_inputs, generate, run_method, sample_edited
-from .model import load as load_model
 from .summary import summarize
 
 

@@ -23,8 +23,9 @@ import time
 
 import torch
 
+from spare_core.minicanvas.flux_model import DEFAULT_CFG, DEFAULT_STEPS, MODEL_FILE, load
+
 from . import metrics
-from .flux_model import DEFAULT_CFG, DEFAULT_STEPS, MODEL_FILE, load
 
 
 def evaluate(model, seeds: int = 2, steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, sampler: str = "dpmpp_2m",

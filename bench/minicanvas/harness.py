@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import sys
 
+from spare_core.minicanvas.model import load as load_model
+
 from . import dispatch
 from .budgets import (EVAL_TEMPLATES, FEW_LISTED, GROW_UNLISTED, LR, LR_SCALE, METHODS, OBJECTS, PROFILE_FLOOR_05,
                       QUICK_BASELINE_SCALE, QUICK_CONCEPTS, QUICK_METHODS, QUICK_SAMPLE_STEPS, REFERENCE_METHODS,
@@ -34,7 +36,6 @@ from .judge import (CLEAN_DROP, CLEAN_SFA_DROP, CLEAN_UA, CLEAN_UNLISTED_DROP, E
                     split_metrics)
 from .memory import peak_rss_mb, peak_rss_reset
 from .methods import default_inputs, generate, run_method, sample_edited
-from .model import load as load_model
 from .summary import DROP_KEYS, SUMMARY_KEYS, summarize
 
 __all__ = ["EVAL_TEMPLATES", "FEW_LISTED", "GROW_UNLISTED", "LR", "LR_SCALE", "METHODS", "OBJECTS",

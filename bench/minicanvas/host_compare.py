@@ -20,7 +20,8 @@ from dataclasses import replace
 
 import torch
 
-from . import data
+from spare_core.minicanvas import data
+
 from .budgets import EVAL_TEMPLATES, OBJECTS, STYLES, Budget
 from .dispatch import LibraryHost
 from .judge import Judge, grid

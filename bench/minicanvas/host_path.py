@@ -50,7 +50,7 @@ import torch
 
 import spare_core as sc
 
-from .model import MiniCanvasModel
+from spare_core.minicanvas.model import MiniCanvasModel
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACK_MODULE = "spare_pack_minicanvas_host"  # private import name of the pack (never `nodes`: ComfyUI's nodes.py)

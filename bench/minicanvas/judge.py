@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from . import data, metrics
+from spare_core.minicanvas import data
+
+from . import metrics
 from .budgets import EVAL_TEMPLATES, OBJECTS, STYLES
 from .classifiers import load_classifiers
 

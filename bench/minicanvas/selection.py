@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 import spare_core as sc
+from spare_core.minicanvas import data
+from spare_core.minicanvas.model import load as load_model
 
-from . import data, metrics
+from . import metrics
 from .budgets import OBJECTS, STYLES, Budget
 from .dispatch import map_tasks, worker_model
 from .judge import CLEAN_DROP, CLEAN_UA, ERASED_UA, Judge, evaluate, grid
 from .methods import generate, run_method, sample_edited
-from .model import load as load_model
 
 # name -> Budget fields (SPARE's selection, retain list, DistillConfig overrides). Every option pins its retain
 # list: the selection and stopping measurements (bench/runs/selection.json) used the short "neighbours" list.

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data
+from spare_core.minicanvas import data
+
 from .classifiers import (CLASSIFIER_FILE, DOMAINS, ConceptClassifier, augment, load_classifiers, n_classes,
                           per_class_accuracy, predict, save_classifiers)
 
@@ -132,7 +133,7 @@ def main() -> None:
     xh, sh, oh = render_pairs(HELDOUT_SEEDS)
     results["real_heldout"] = report("real held-out", xh, sh, oh, style_clf, object_clf)
 
-    from .model import MODEL_FILE, load
+    from spare_core.minicanvas.model import MODEL_FILE, load
 
     model_path = args.model or MODEL_FILE
     if model_path.exists():

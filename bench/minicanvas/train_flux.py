@@ -1,6 +1,6 @@
 """Train MiniCanvas-Flux (ComfyUI's Flux architecture, tiny) from scratch on CPU with rectified flow.
 
-    OMP_NUM_THREADS=1 python -m bench.minicanvas.train_flux             # the shipped run -> bench/minicanvas/weights/
+    OMP_NUM_THREADS=1 python -m bench.minicanvas.train_flux             # the shipped run -> spare_core/minicanvas/weights/
     OMP_NUM_THREADS=1 python -m bench.minicanvas.train_flux --steps 300 --out bench/minicanvas/_work/pilot.safetensors
 
 Needs ComfyUI importable (COMFYUI_PATH or the cached checkout, flux_model.import_comfy) and its Python environment.
@@ -46,8 +46,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data
-from .flux_model import MODEL_FILE, FluxMiniConfig, MiniCanvasFlux
+from spare_core.minicanvas import data
+from spare_core.minicanvas.flux_model import MODEL_FILE, FluxMiniConfig, MiniCanvasFlux
+
 from .train_model import DATA_VARIANTS, canonical_grid_prompts, render_bank
 
 WORK = pathlib.Path(__file__).parent / "_work"

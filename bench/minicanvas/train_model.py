@@ -1,6 +1,6 @@
 """Train the MiniCanvas diffusion model from scratch on CPU and ship its weights.
 
-    python -m bench.minicanvas.train_model                       # full run -> bench/minicanvas/weights/
+    python -m bench.minicanvas.train_model                       # full run -> spare_core/minicanvas/weights/
     python -m bench.minicanvas.train_model --steps 300 --out bench/minicanvas/_work/quick.safetensors
 
 Data: DATA_VARIANTS rendered variants (seeds) of every (style, object) pair, each drawn with a fresh random prompt
@@ -29,8 +29,8 @@ import time
 import numpy as np
 import torch
 
-from . import data
-from .model import MODEL_FILE, MiniCanvasConfig, MiniCanvasModel, to_latent
+from spare_core.minicanvas import data
+from spare_core.minicanvas.model import MODEL_FILE, MiniCanvasConfig, MiniCanvasModel, to_latent
 
 WORK = pathlib.Path(__file__).parent / "_work"
 

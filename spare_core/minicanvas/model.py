@@ -1,6 +1,6 @@
 """The MiniCanvas text-to-image diffusion model: a miniature Stable Diffusion, small enough to train on 2 CPU cores.
 
-    from bench.minicanvas.model import load
+    from spare_core.minicanvas.model import load
     model = load()                                             # shipped weights, fp32 on CPU
     images = model.sample(["A star image in ukiyo style."], seed=0, steps=20, cfg=4.0)   # [1, 3, 32, 32] in [0, 1]
 

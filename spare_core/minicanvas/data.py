@@ -1,6 +1,6 @@
 """MiniCanvas images: a procedural, deterministic miniature of UnlearnCanvas (styles x objects).
 
-    python -m bench.minicanvas.data            # writes bench/minicanvas/_work/data_grid.png
+    python -m spare_core.minicanvas.data       # writes out/minicanvas/data_grid.png (under the current folder)
 
 An image is a background and an object silhouette, both painted by a *style*:
 - the object (a shape, e.g. "star") decides only the silhouette (an inside-test in object coordinates, jittered in
@@ -406,8 +406,8 @@ def grid_image(images: torch.Tensor, nrow: int, pad: int = 1, scale: int = 3):
 if __name__ == "__main__":
     import pathlib
 
-    out = pathlib.Path(__file__).parent / "_work"
-    out.mkdir(exist_ok=True)
+    out = pathlib.Path("out") / "minicanvas"  # not next to this file: the package may be installed read-only
+    out.mkdir(parents=True, exist_ok=True)
     ns, no = len(STYLES), len(OBJECTS)
     imgs = render_batch([s for s in range(ns) for o in range(no)], [o for s in range(ns) for o in range(no)],
                         [0] * (ns * no))

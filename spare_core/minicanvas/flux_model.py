@@ -1,6 +1,6 @@
 """MiniCanvas-Flux: a tiny text-to-image model that IS ComfyUI's Flux architecture, trained from scratch on CPU.
 
-    from bench.minicanvas.flux_model import load
+    from spare_core.minicanvas.flux_model import load
     model = load()                                           # shipped weights, fp32 on CPU (needs ComfyUI importable)
     images = model.sample(["A star image in ukiyo style."], seed=0, steps=12, cfg=4.0)   # [1, 3, 32, 32] in [0, 1]
 
