@@ -307,15 +307,7 @@ def load_demo(path: str = WEIGHTS_FILE, batch_size: int = 1):
 # ----------------------------------------------------------------------------------------------------------------
 # MiniCanvas-Flux: ComfyUI's own Flux (comfy.model_base.Flux around comfy.ldm.flux.model.Flux), tiny
 
-# The family SPARE trains it as: Flux's blocks and modules (double_blocks / single_blocks, in-place residuals), but
-# sampled with classifier-free guidance like the UNet demo: the model has no guidance embedding and was trained with
-# 10% of its prompts dropped to "" (spare_core/minicanvas/flux_model.py), so it is not guidance-distilled, and
-# families.FLUX / FLUX_SCHNELL would make SPARE draw its concept samples at cfg 1. Named "flux" (its LoRA files say
-# spare.family "flux"); not in families.FAMILIES, whose "flux" is Flux.1-dev.
-MINICANVAS_FLUX_FAMILY = families.Family(
-    "flux", "MiniCanvas-Flux (the Flux.1 architecture, sampled with CFG)", families.FLUX.blocks,
-    families.FLUX.attention, families.FLUX.text_attention, inplace_residuals=True, guidance_distilled=False,
-    architecture="flux-1-minicanvas/lora")
+MINICANVAS_FLUX_FAMILY = mcf.MINICANVAS_FLUX_FAMILY  # Flux's modules, sampled with CFG (flux_model.py says why)
 
 
 class MiniCanvasFluxLatent(comfy.latent_formats.LatentFormat):

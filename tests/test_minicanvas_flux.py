@@ -105,3 +105,45 @@ def test_shipped_weights(fm):
     assert fm.MODEL_FILE.stat().st_size < 20e6
     a = model.sample(["A star image in ukiyo style."], seed=0, steps=4)
     assert torch.equal(a, model.sample(["A star image in ukiyo style."], seed=0, steps=4))
+
+
+def test_spare_erases_through_spare_core(fm, tiny):
+    """MiniCanvas-Flux is a spare_core DiffusionModel (what `python -m bench.minicanvas --model flux` erases through):
+    the whole pipeline runs on it with its own family (Flux's modules, sampled with CFG), leaves the network as it
+    was, and its LoRA holds Flux module keys that change the prediction."""
+    import spare_core as sc
+
+    assert isinstance(tiny, sc.DiffusionModel)
+    family = sc.families.family_of(tiny)
+    assert family.name == "flux" and not family.guidance_distilled and family.inplace_residuals
+    sigmas = tiny.sigma_at(torch.linspace(0, 1, 5))
+    assert torch.all(sigmas[1:] > sigmas[:-1]) and sigmas[-1] == pytest.approx(1.0)
+    before = {k: v.clone() for k, v in tiny.network.state_dict().items()}
+    cfg = sc.DistillConfig(["A star image in ukiyo style."], ["A star image in plain style."],
+                           retain=["A star image in neon style."], steps=3, learning_rate=1e-2, samples=1,
+                           sample_steps=2, gradient_checkpointing=False)
+    out = sc.erase(tiny, cfg, sc.ScanConfig(samples=1, sample_steps=2), sc.ProfileConfig(bins=3, samples=1))
+    assert all(torch.equal(before[k], v) for k, v in tiny.network.state_dict().items())
+    keys = list(out.result.lora.state_dict("comfyui", tiny.key_prefix))
+    assert keys and all(k.startswith("diffusion_model.double_blocks.") or k.startswith("diffusion_model.single_blocks.")
+                        for k in keys)
+    xt = torch.randn(1, *tiny.latent_shape, generator=torch.Generator().manual_seed(0))
+    cond = tiny.encode(cfg.concepts)
+    s = torch.tensor([0.5])
+    with torch.no_grad():
+        plain = tiny.predict_x0(xt, s, cond)
+        with sc.apply_lora(tiny.network, out.result.lora, 1.0):
+            erased = tiny.predict_x0(xt, s, cond)
+    assert not torch.allclose(plain, erased)
+
+
+def test_harness_runs_spare_only_on_flux():
+    """The baselines edit the UNet's modules by name: `--model flux` refuses them before loading anything."""
+    from bench.minicanvas import cli
+    from bench.minicanvas.dispatch import check_spare_only
+
+    check_spare_only(["spare", "spare-uniform-t", "spare+rank=4"], "flux")
+    with pytest.raises(ValueError, match=r"baselines \['uce'\]"):
+        check_spare_only(["spare", "uce"], "flux")
+    with pytest.raises(SystemExit):
+        cli.main(["--model", "flux", "--methods", "spare,esd-x"])

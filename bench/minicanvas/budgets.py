@@ -61,6 +61,7 @@ class Budget:
     spare_overrides: tuple = ()  # (field, value) pairs applied to SPARE's DistillConfig (experiments only)
     retain_set: str = "half"  # every method's retain list (concept_prompts; "spare-all-pairs" keeps "all-pairs")
     spare_retain: str = ""   # SPARE's own retain list when set (experiments: "neighbours" or "all-pairs")
+    model: str = "unet"      # the bundled model erased: "unet" (MiniCanvas) or "flux" (MiniCanvas-Flux; MODELS)
 
     def scaled(self, factor: float, seeds: int) -> "Budget":
         """Every step-trained method's budget x factor (SPARE's cap included)."""
@@ -68,6 +69,7 @@ class Budget:
                        ca=max(1, int(self.ca * factor)), salun=max(1, int(self.salun * factor)), seeds=seeds)
 
 
+MODELS = ("unet", "flux")  # MiniCanvas (a UNet) and MiniCanvas-Flux (ComfyUI's Flux class; needs ComfyUI's code)
 RETAIN_SETS = ("half", "few", "all-pairs", "neighbours", "grow1", "grow3", "grow6")
 GROW_UNLISTED = 3          # "growK": the same 3 unlisted classes for every K; K of the other 6 listed
 RETAIN_EXTRA = 3           # random (style, object) pairs added to the neighbour classes in the "neighbours" list

@@ -32,8 +32,8 @@ from spare_core.minicanvas import data
 
 from .budgets import (EVAL_TEMPLATES, METHODS, OBJECTS, QUICK_BASELINE_SCALE, QUICK_CONCEPTS, QUICK_METHODS,
                       QUICK_SAMPLE_STEPS, RETAIN_SETS, STANDARD_BASELINE_SEEDS, STANDARD_ESD_STEPS, STANDARD_METHODS,
-                      STYLES, TRAIN_TEMPLATE, Budget, parse_override, split_variant)
-from .dispatch import HOSTS, run
+                      STYLES, TRAIN_TEMPLATE, MODELS, Budget, parse_override, split_variant)
+from .dispatch import HOSTS, check_spare_only, run
 
 
 def comfyui_version(path: str) -> str:
@@ -85,12 +85,16 @@ def main(argv=None):
                     "SPARE through the pack's nodes and the grids through ComfyUI's KSampler on the SPARE Demo Model "
                     "(needs COMFYUI_PATH and ComfyUI's Python environment, .venv-comfy; SPARE only: --methods spare "
                     "is the default then; see bench/minicanvas/host_path.py)")
+    ap.add_argument("--model", choices=MODELS, default=Budget.model,
+                    help="the bundled model to erase from: unet (MiniCanvas, default) or flux (MiniCanvas-Flux, "
+                    "ComfyUI's Flux class trained on the same images: run with ComfyUI's Python environment and "
+                    "COMFYUI_PATH; SPARE and its variants only, --methods spare is the default then)")
     ap.add_argument("--spare-set", action="append", default=[], metavar="FIELD=VALUE",
                     help="experiments: set a DistillConfig field for SPARE and its variants (repeatable), e.g. "
                     "--spare-set surrogate_anchor=1.0")
     ap.add_argument("--out", default="results.json")
     args = ap.parse_args(argv)
-    if args.methods is None and args.host == "comfyui":
+    if args.methods is None and (args.host == "comfyui" or args.model != "unet"):
         methods = ["spare"]
     elif args.methods in (None, "all"):
         default = QUICK_METHODS if args.quick else STANDARD_METHODS if args.standard else METHODS
@@ -106,6 +110,19 @@ def main(argv=None):
             ap.error(str(e))
     if unknown:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if args.model != "unet":
+        try:
+            check_spare_only(methods, args.model)
+        except ValueError as e:
+            ap.error(str(e))
+        if args.host != "library":
+            ap.error(f"--model {args.model} runs on --host library only")
+        from spare_core.minicanvas.flux_model import import_comfy
+        try:
+            import_comfy()
+        except Exception as e:  # ComfyUI's code (or its dependencies) not importable here
+            ap.error(f"--model {args.model} builds ComfyUI's Flux class: run it with ComfyUI's Python environment and "
+                     f"COMFYUI_PATH set (e.g. COMFYUI_PATH=... .venv-comfy/bin/python -m bench.minicanvas ...): {e}")
     comfyui_path = None
     if args.host == "comfyui":
         from . import host_path
@@ -116,7 +133,7 @@ def main(argv=None):
             ap.error(str(e))
     budget = Budget(spare_weighting=args.spare_weighting, spare_scoring=args.spare_scoring,
                     spare_targets=args.spare_targets, spare_stop=args.spare_stop, retain_set=args.retain_set,
-                    spare_fraction=args.spare_fraction)
+                    spare_fraction=args.spare_fraction, model=args.model)
     try:
         overrides = [parse_override(item) for item in args.spare_set]
     except ValueError as e:
@@ -149,7 +166,8 @@ def main(argv=None):
                        + " ".join(sys.argv[1:] if argv is None else argv), "seeds": budget.seeds,
                        "train_seeds": budget.train_seeds, "eval_templates": [data.TEMPLATES[i] for i in EVAL_TEMPLATES],
                        "train_template": data.TEMPLATES[TRAIN_TEMPLATE],
-                       "wall_seconds": round(time.time() - started, 1), "host": args.host}
+                       "wall_seconds": round(time.time() - started, 1), "host": args.host,
+                       "model": args.model}
     if comfyui_path:
         results["meta"]["comfyui"] = comfyui_version(comfyui_path)
     tmp = args.out + ".tmp"

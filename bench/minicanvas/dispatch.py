@@ -9,23 +9,36 @@ import os
 import torch
 
 from spare_core.minicanvas import data
-from spare_core.minicanvas.model import load as load_model
+from spare_core.minicanvas.model import load as load_unet
 
 from . import metrics
-from .budgets import METHODS, OBJECTS, REFERENCE_METHODS, STYLES, Budget, retention_split
+from .budgets import METHODS, MODELS, OBJECTS, REFERENCE_METHODS, STYLES, Budget, retention_split
 from .judge import Judge, evaluate, grid, split_metrics
 from .methods import default_inputs, generate, run_method, sample_edited
 from .summary import summarize
 
 
+def load_model(name: str = "unet"):
+    """The bundled model `name` of MODELS: MiniCanvas (a UNet) or MiniCanvas-Flux (ComfyUI's Flux class, so its code
+    must be importable: COMFYUI_PATH and ComfyUI's Python environment). Both are spare_core DiffusionModels with the
+    same `sample` signature, so the harness erases and judges them alike."""
+    if name == "unet":
+        return load_unet()
+    if name == "flux":
+        from spare_core.minicanvas.flux_model import load
+        return load()
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+
+
 class LibraryHost:
-    """The harness' host interface (`erase`, `sample`) over spare_core and the bundled model and sampler (--host
+    """The harness' host interface (`erase`, `sample`) over spare_core and a bundled model and its sampler (--host
     library). host_path.ComfyHost is the same interface over ComfyUI and the pack's nodes."""
 
     name = "library"
 
-    def __init__(self, inputs=None):
-        self.model = load_model()
+    def __init__(self, inputs=None, model: str = "unet"):
+        self.model_name = model
+        self.model = load_model(model)
         self.inputs = inputs  # prompt lists, learning rates, memory probe (methods.default_inputs() when None)
 
     def erase(self, method, domain, name, budget, seed=0):
@@ -44,10 +57,13 @@ class LibraryHost:
 HOSTS = ("library", "comfyui")
 
 
-def make_host(name: str, inputs=None):
-    """The host `name` of HOSTS; `inputs`: what its erasures read (methods.default_inputs() when None)."""
+def make_host(name: str, inputs=None, model: str = "unet"):
+    """The host `name` of HOSTS for the bundled model `model`; `inputs`: what its erasures read
+    (methods.default_inputs() when None)."""
     if name == "library":
-        return LibraryHost(inputs)
+        return LibraryHost(inputs, model)
+    if model != "unet":
+        raise ValueError(f"--host {name} runs the UNet demo model only, not --model {model}")
     if name == "comfyui":
         from . import host_path
         return host_path.ComfyHost(inputs or default_inputs())
@@ -89,8 +105,9 @@ def map_tasks(fn, tasks: list, jobs: int, threads: int) -> list:
 def erase_concept(task) -> list[tuple[str, str, dict]]:
     """Every method on one concept and training seed (in a worker process or inline). [(method, domain, row)]."""
     methods, domain, name, seed, budget, base, host_name = task
-    if "host" not in _WORKER or _WORKER["host"].name != host_name:
-        _WORKER["host"], _WORKER["judge"] = make_host(host_name), Judge()
+    if "host" not in _WORKER or _WORKER["host"].name != host_name or \
+            getattr(_WORKER["host"], "model_name", "unet") != budget.model:
+        _WORKER["host"], _WORKER["judge"] = make_host(host_name, model=budget.model), Judge()
     host, judge = _WORKER["host"], _WORKER["judge"]
     prompts, ls, lo, seeds = grid(budget.seeds)
     target = (data.style_index if domain == "style" else data.object_index)(name)
@@ -121,6 +138,15 @@ def erase_concept(task) -> list[tuple[str, str, dict]]:
     return rows
 
 
+def check_spare_only(methods, model: str) -> None:
+    """The baselines edit the UNet's modules by name (baselines.py); on another model only SPARE and its variants
+    run."""
+    others = [m for m in methods if not m.startswith("spare")]
+    if others:
+        raise ValueError(f"--model {model} runs SPARE and its variants only; the baselines {others} are implemented "
+                         "for the UNet's modules (bench/minicanvas/baselines.py)")
+
+
 def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, host: str = "library", inputs=None):
     """Erase every concept with every method, for every training seed. jobs > 1: (concept, seed) tasks are spread
     over that many worker processes of one torch thread each (one process per core beats one process with several
@@ -135,7 +161,9 @@ def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, h
     if host == "comfyui":
         from . import host_path
         host_path.check_methods(methods)
-    host_obj = make_host(host, inputs)
+    if budget.model != "unet":
+        check_spare_only(methods, budget.model)
+    host_obj = make_host(host, inputs, budget.model)
     judge = Judge()
     set_worker(host=host_obj, judge=judge)
     if isinstance(host_obj, LibraryHost):

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import families
 from . import data
 from .model import SPECIAL_TOKENS, TextEncoder, TextPool, Tokenizer, to_image
 
@@ -178,10 +179,24 @@ def flow_sigmas(steps: int, shift: float = DEFAULT_SHIFT, table: int = 10_000) -
     return torch.tensor([float(ts[-(1 + int(i * ss))]) for i in range(steps)] + [0.0])
 
 
+# The family SPARE trains it as: Flux's blocks and modules (double_blocks / single_blocks, in-place residuals), but
+# sampled with classifier-free guidance: the model has no guidance embedding and was trained with 10% of its prompts
+# dropped to "", so it is not guidance-distilled, and families.FLUX / FLUX_SCHNELL would make SPARE draw its concept
+# samples at cfg 1. Named "flux" (its LoRA files say spare.family "flux"); not in families.FAMILIES, whose "flux" is
+# Flux.1-dev. The ComfyUI demo MODEL declares it too (nodes/demo_model.py).
+MINICANVAS_FLUX_FAMILY = families.Family(
+    "flux", "MiniCanvas-Flux (the Flux.1 architecture, sampled with CFG)", families.FLUX.blocks,
+    families.FLUX.attention, families.FLUX.text_attention, inplace_residuals=True, guidance_distilled=False,
+    architecture="flux-1-minicanvas/lora")
+
+
 class MiniCanvasFlux:
-    """The model: tokenizer + text encoder + ComfyUI Flux + flow sampling. Latents are [B, 12, 16, 16]."""
+    """The model: tokenizer + text encoder + ComfyUI Flux + flow sampling. Latents are [B, 12, 16, 16]. It is a
+    spare_core DiffusionModel (encode, select_cond, predict_x0, add_noise, sigma_at; family MINICANVAS_FLUX_FAMILY),
+    so the benchmark erases from it with spare_core as from the UNet (`python -m bench.minicanvas --model flux`)."""
 
     key_prefix = KEY_PREFIX
+    family = MINICANVAS_FLUX_FAMILY
 
     def __init__(self, cfg: FluxMiniConfig | None = None, device: torch.device | str = "cpu"):
         self.cfg = cfg or FluxMiniConfig()
@@ -197,6 +212,15 @@ class MiniCanvasFlux:
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [B, L, D], pooled y [B, D])."""
         return self.text_encoder(self.tokenizer(list(prompts)).to(self.device))
+
+    @staticmethod
+    def select_cond(cond: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = index.to(cond[0].device)
+        return cond[0][index], cond[1][index]
+
+    def sigma_at(self, t: torch.Tensor) -> torch.Tensor:
+        """ModelSamplingFlux: sigma = flux_sigma(t, shift) for the normalised position t (1 = noisiest)."""
+        return flux_sigma(t.clamp_min(1e-6), self.cfg.shift)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """CONST.noise_scaling: x_t = sigma * eps + (1 - sigma) * x0."""
