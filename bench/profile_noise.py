@@ -18,7 +18,7 @@ import time
 import torch
 
 import spare_core as sc
-from bench.minicanvas.budgets import OBJECTS, STYLES, concept_prompts
+from bench.minicanvas.budgets import ERASABLE_OBJECTS, ERASABLE_STYLES, concept_prompts
 from spare_core.minicanvas.model import load as load_model
 
 SHARES = (1.0, 0.5)  # share of the concept samples the profile measures on
@@ -31,7 +31,7 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=4, help="profile seeds per setting (>= 2)")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args(argv)
-    names = STYLES + OBJECTS
+    names = ERASABLE_STYLES + ERASABLE_OBJECTS
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
     bad = [c for c in concepts if c not in names]
     if bad or not concepts:
@@ -42,7 +42,7 @@ def main(argv=None):
     model = load_model()
     rows = []
     for concept in concepts:
-        domain = "style" if concept in STYLES else "object"
+        domain = "style" if concept in ERASABLE_STYLES else "object"
         forget, surrogate, _, _, _ = concept_prompts(domain, concept, 0)
         x = sc.concept_samples(model, forget, sc.DistillConfig.samples, 0)  # the first rows: every prompt once
         first = None

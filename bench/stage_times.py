@@ -19,7 +19,7 @@ import time
 import torch
 
 import spare_core as sc
-from bench.minicanvas.budgets import LR, OBJECTS, STYLES, concept_prompts
+from bench.minicanvas.budgets import LR, ERASABLE_OBJECTS, ERASABLE_STYLES, concept_prompts
 from spare_core.minicanvas.model import load as load_model
 
 
@@ -30,7 +30,7 @@ def timed(fn):
 
 
 def run(model, concept: str, steps: int, shared: bool) -> dict:
-    domain = "style" if concept in STYLES else "object"
+    domain = "style" if concept in ERASABLE_STYLES else "object"
     forget, surrogate, retain, _, _ = concept_prompts(domain, concept, 0)
     cfg = sc.DistillConfig(forget, surrogate, retain=retain, steps=steps, learning_rate=LR["spare"], seed=0,
                            gradient_checkpointing=False)
@@ -50,7 +50,7 @@ def run(model, concept: str, steps: int, shared: bool) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.stage_times", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    names = STYLES + OBJECTS
+    names = ERASABLE_STYLES + ERASABLE_OBJECTS
     ap.add_argument("--concept", default="ukiyo", choices=names)
     ap.add_argument("--steps", type=int, default=sc.DistillConfig.steps, help="distill steps (default: product's)")
     ap.add_argument("--out", help="write the figures as JSON here")

@@ -53,7 +53,7 @@ FIRST_JUDGE_ID = 1000  # ids of the nodes the test adds (the workflow's own ids 
 
 
 def _bench():
-    """bench.minicanvas's data, harness (Judge, STYLES, OBJECTS, ERASED_UA, EVAL_TEMPLATES) and metrics."""
+    """bench.minicanvas's data, harness (Judge, ERASABLE_STYLES, ERASABLE_OBJECTS, ERASED_UA, EVAL_TEMPLATES) and metrics."""
     from bench.minicanvas import harness, metrics
     from spare_core.minicanvas import data
     return data, harness, metrics
@@ -68,14 +68,14 @@ def judge_set():
     data, harness, _ = _bench()
     templates = harness.EVAL_TEMPLATES
     out = []
-    for oi, o in enumerate(harness.OBJECTS):
+    for oi, o in enumerate(harness.ERASABLE_OBJECTS):
         for k, tpl in enumerate(templates):
             out.append(("erased", ERASED, o, data.prompt(ERASED, o, tpl), 10_000 + 10 * oi + k))
-    others = [s for s in harness.STYLES if s != ERASED]
+    others = [s for s in harness.ERASABLE_STYLES if s != ERASED]
     for si, s in enumerate(others):
         for k in range(4):
-            oi = (2 * si + 3 * k) % len(harness.OBJECTS)
-            o = harness.OBJECTS[oi]
+            oi = (2 * si + 3 * k) % len(harness.ERASABLE_OBJECTS)
+            o = harness.ERASABLE_OBJECTS[oi]
             out.append(("other", s, o, data.prompt(s, o, templates[(si + k) % len(templates)]),
                         20_000 + 100 * si + k))
     return out

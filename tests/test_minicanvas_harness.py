@@ -118,14 +118,14 @@ def test_evaluation_prompts_never_trained_on():
     from bench.minicanvas import harness
     from spare_core.minicanvas import data
     train = set()
-    for name in harness.STYLES + harness.OBJECTS:
-        domain = "style" if name in harness.STYLES else "object"
+    for name in harness.ERASABLE_STYLES + harness.ERASABLE_OBJECTS:
+        domain = "style" if name in harness.ERASABLE_STYLES else "object"
         for seed in range(3):
             forget, surrogate, retain, short, short_surrogate = harness.concept_prompts(domain, name, seed)
             train |= set(forget) | set(surrogate) | set(retain) | {short, short_surrogate}
     evaluation, *_ = harness.grid(5)
-    for name in harness.STYLES + harness.OBJECTS:
-        domain = "style" if name in harness.STYLES else "object"
+    for name in harness.ERASABLE_STYLES + harness.ERASABLE_OBJECTS:
+        domain = "style" if name in harness.ERASABLE_STYLES else "object"
         target = (data.style_index if domain == "style" else data.object_index)(name)
         syn = (data.STYLES if domain == "style" else data.OBJECTS)[target].synonyms[0]
         evaluation += harness.grid(2, domain, name, synonym=syn)[0]
@@ -278,8 +278,8 @@ def test_retain_lists_never_name_an_unlisted_class():
     from bench.minicanvas import harness
     from spare_core.minicanvas import data
     for name in ("ukiyo", "ring"):
-        domain = "style" if name in harness.STYLES else "object"
-        own = harness.STYLES if domain == "style" else harness.OBJECTS
+        domain = "style" if name in harness.ERASABLE_STYLES else "object"
+        own = harness.ERASABLE_STYLES if domain == "style" else harness.ERASABLE_OBJECTS
         splits = set()
         for seed in range(3):
             for retain_set, n_listed in (("half", 4), ("few", harness.FEW_LISTED)):
@@ -346,12 +346,12 @@ def test_demo_picture_has_the_surrogate_reference():
     from bench.minicanvas import demo, harness
 
     prompts, _, _, seeds = harness.grid(1)
-    n_o, n_s = len(harness.OBJECTS), len(harness.STYLES)
-    ti = harness.STYLES.index("ukiyo")
+    n_o, n_s = len(harness.ERASABLE_OBJECTS), len(harness.ERASABLE_STYLES)
+    ti = harness.ERASABLE_STYLES.index("ukiyo")
     sp, ss = demo.surrogate_prompts("style", ti)
     assert len(sp) == n_o and ss == seeds[ti * n_o:(ti + 1) * n_o]
     assert all(p == q.replace("ukiyo", "plain") for p, q in zip(sp, prompts[ti * n_o:(ti + 1) * n_o]))
-    oi = harness.OBJECTS.index("ring")
+    oi = harness.ERASABLE_OBJECTS.index("ring")
     sp, ss = demo.surrogate_prompts("object", oi)
     assert len(sp) == n_s and ss == seeds[oi::n_o]
     assert all(p == q.replace("ring", "blob") for p, q in zip(sp, prompts[oi::n_o]))

@@ -1,4 +1,4 @@
-"""MiniCanvas harness, what every method is asked to do: the concepts (STYLES, OBJECTS), the method names, the
+"""MiniCanvas harness, what every method is asked to do: the concepts (ERASABLE_STYLES, ERASABLE_OBJECTS), the method names, the
 budgets (Budget: steps, seeds, SPARE's settings; the --quick / --standard presets), the learning rates, the training
 and evaluation templates, the prompt lists of an erasure (concept_prompts, with the retain lists and their
 listed / unlisted split) and the SPARE variants named by the settings they change (SPARE_VARIANTS, split_variant).
@@ -15,8 +15,10 @@ import spare_core as sc
 
 from spare_core.minicanvas import data
 
-STYLES = [c.name for c in data.STYLES if c.name != data.NEUTRAL_STYLE]
-OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJECT]
+# The names the benchmark erases: every style / object but the neutral ones (the surrogates). data.STYLES /
+# data.OBJECTS are the records (name, synonyms, drawing), data.STYLE_NAMES / OBJECT_NAMES every name, neutral included.
+ERASABLE_STYLES = [c.name for c in data.STYLES if c.name != data.NEUTRAL_STYLE]
+ERASABLE_OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJECT]
 METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-no-anchor",
            "spare-rank4", "spare-floor05", "spare-steps160", "spare-anchor2", "esd-x", "esd-u", "ca", "salun", "uce",
            "uce-pool")  # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); the other spare-* names
@@ -85,7 +87,7 @@ def listed_classes(domain: str, name: str, seed: int, retain_set: str) -> list[s
     workflows); "all-pairs" and "neighbours": every other class (nothing unlisted)."""
     if retain_set not in RETAIN_SETS:
         raise ValueError(f"retain_set={retain_set!r}; valid: {', '.join(RETAIN_SETS)}")
-    others = [c for c in (STYLES if domain == "style" else OBJECTS) if c != name]
+    others = [c for c in (ERASABLE_STYLES if domain == "style" else ERASABLE_OBJECTS) if c != name]
     if retain_set in ("all-pairs", "neighbours"):
         return others
     if retain_set.startswith("grow"):  # experiment: does listing MORE classes protect the same unlisted ones?
@@ -98,7 +100,7 @@ def listed_classes(domain: str, name: str, seed: int, retain_set: str) -> list[s
 
 def grow_order(domain: str, name: str, seed: int) -> list[str]:
     """The other classes in a seeded order: the first GROW_UNLISTED are the "growK" lists' unlisted classes."""
-    others = [c for c in (STYLES if domain == "style" else OBJECTS) if c != name]
+    others = [c for c in (ERASABLE_STYLES if domain == "style" else ERASABLE_OBJECTS) if c != name]
     return random.Random(f"grow:{domain}:{name}:{seed}").sample(others, len(others))
 
 
@@ -117,21 +119,21 @@ def concept_prompts(domain: str, name: str, seed: int, retain_set: str = "half")
     listed = listed_classes(domain, name, seed, retain_set)
     rng = random.Random(seed)
     if domain == "style":
-        forget = [data.prompt(name, o) for o in OBJECTS]
-        surrogate = [data.prompt(data.NEUTRAL_STYLE, o) for o in OBJECTS]
-        pairs = [(s, o) for s in STYLES if s != name for o in OBJECTS]
-        neighbours = [(s, rng.choice(OBJECTS)) for s in STYLES if s != name]
+        forget = [data.prompt(name, o) for o in ERASABLE_OBJECTS]
+        surrogate = [data.prompt(data.NEUTRAL_STYLE, o) for o in ERASABLE_OBJECTS]
+        pairs = [(s, o) for s in ERASABLE_STYLES if s != name for o in ERASABLE_OBJECTS]
+        neighbours = [(s, rng.choice(ERASABLE_OBJECTS)) for s in ERASABLE_STYLES if s != name]
         short, short_surrogate = f"An image in {name} style.", f"An image in {data.NEUTRAL_STYLE} style."
     else:
-        forget = [data.prompt(s, name) for s in STYLES]
-        surrogate = [data.prompt(s, data.NEUTRAL_OBJECT) for s in STYLES]
-        pairs = [(s, o) for s in STYLES for o in OBJECTS if o != name]
-        neighbours = [(rng.choice(STYLES), o) for o in OBJECTS if o != name]
+        forget = [data.prompt(s, name) for s in ERASABLE_STYLES]
+        surrogate = [data.prompt(s, data.NEUTRAL_OBJECT) for s in ERASABLE_STYLES]
+        pairs = [(s, o) for s in ERASABLE_STYLES for o in ERASABLE_OBJECTS if o != name]
+        neighbours = [(rng.choice(ERASABLE_STYLES), o) for o in ERASABLE_OBJECTS if o != name]
         short, short_surrogate = f"A {name} image.", f"A {data.NEUTRAL_OBJECT} image."
     if retain_set == "all-pairs":
         return forget, surrogate, all_pairs(domain, name), short, short_surrogate
     if retain_set in ("half", "few") or retain_set.startswith("grow"):
-        others = OBJECTS if domain == "style" else STYLES
+        others = ERASABLE_OBJECTS if domain == "style" else ERASABLE_STYLES
         cross = others if retain_set != "few" else \
             sorted(random.Random(f"few:{domain}:{name}:{seed}").sample(others, FEW_LISTED), key=others.index)
         retain = [data.prompt(c, x) if domain == "style" else data.prompt(x, c) for c in listed for x in cross]
@@ -144,14 +146,14 @@ def concept_prompts(domain: str, name: str, seed: int, retain_set: str = "half")
 def all_pairs(domain: str, name: str) -> list[str]:
     """Every (style, object) training prompt that does not name the concept (90 for MiniCanvas): the authors retain
     on every image of every other theme."""
-    return [data.prompt(s, o) for s in STYLES for o in OBJECTS if (s if domain == "style" else o) != name]
+    return [data.prompt(s, o) for s in ERASABLE_STYLES for o in ERASABLE_OBJECTS if (s if domain == "style" else o) != name]
 
 
 def retention_split(domain: str, name: str, seed: int, retain_set: str) -> dict[str, list[int]]:
     """Class indices of `name`'s domain that the retain list of (seed, retain_set) names ("listed") and does not
     ("unlisted"; empty for the lists that name every class)."""
     index = data.style_index if domain == "style" else data.object_index
-    others = [c for c in (STYLES if domain == "style" else OBJECTS) if c != name]
+    others = [c for c in (ERASABLE_STYLES if domain == "style" else ERASABLE_OBJECTS) if c != name]
     listed = listed_classes(domain, name, seed, retain_set)
     unlisted = grow_order(domain, name, seed)[:GROW_UNLISTED] if retain_set.startswith("grow") else \
         [c for c in others if c not in listed]

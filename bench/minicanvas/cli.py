@@ -30,9 +30,9 @@ from dataclasses import replace
 import spare_core as sc
 from spare_core.minicanvas import data
 
-from .budgets import (EVAL_TEMPLATES, METHODS, OBJECTS, QUICK_BASELINE_SCALE, QUICK_CONCEPTS, QUICK_METHODS,
+from .budgets import (EVAL_TEMPLATES, METHODS, ERASABLE_OBJECTS, QUICK_BASELINE_SCALE, QUICK_CONCEPTS, QUICK_METHODS,
                       QUICK_SAMPLE_STEPS, RETAIN_SETS, STANDARD_BASELINE_SEEDS, STANDARD_ESD_STEPS, STANDARD_METHODS,
-                      STYLES, TRAIN_TEMPLATE, MODELS, Budget, parse_override, split_variant)
+                      ERASABLE_STYLES, TRAIN_TEMPLATE, MODELS, Budget, parse_override, split_variant)
 from .dispatch import HOSTS, check_spare_only, run
 
 
@@ -155,10 +155,10 @@ def main(argv=None):
     concepts = QUICK_CONCEPTS if args.quick else None
     if args.concepts:
         names = [c.strip() for c in args.concepts.split(",") if c.strip()]
-        concepts = {"style": [n for n in names if n in STYLES], "object": [n for n in names if n in OBJECTS]}
-        bad = [n for n in names if n not in STYLES and n not in OBJECTS]
+        concepts = {"style": [n for n in names if n in ERASABLE_STYLES], "object": [n for n in names if n in ERASABLE_OBJECTS]}
+        bad = [n for n in names if n not in ERASABLE_STYLES and n not in ERASABLE_OBJECTS]
         if bad:
-            ap.error(f"unknown concept(s) {bad}; styles: {STYLES}; objects: {OBJECTS}")
+            ap.error(f"unknown concept(s) {bad}; styles: {ERASABLE_STYLES}; objects: {ERASABLE_OBJECTS}")
     started = time.time()
     results = run(methods, concepts, budget, jobs=max(1, args.jobs), host=args.host)
     results["meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "

@@ -18,7 +18,7 @@ import torch
 from spare_core.minicanvas import data
 
 from . import metrics
-from .budgets import OBJECTS, STYLES, Budget
+from .budgets import ERASABLE_OBJECTS, ERASABLE_STYLES, Budget
 from .dispatch import map_tasks, worker_model
 from .judge import grid
 from .methods import run_method, sample_edited
@@ -46,7 +46,7 @@ def ua_curve(model, judge, domain, name, budgets, seeds=2, sample_steps=12, log=
 def _concept_curve(task):
     name, budgets, seeds = task
     model, judge = worker_model()
-    domain = "style" if name in STYLES else "object"
+    domain = "style" if name in ERASABLE_STYLES else "object"
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     return name, ua_curve(model, judge, domain, name, budgets, seeds, log=log)
 
@@ -68,9 +68,9 @@ def main(argv=None):
                        + " ".join(argv if argv is not None else __import__("sys").argv[1:]), "seeds": args.seeds},
               "concepts": {}}
     names = [c.strip() for c in args.concepts.split(",") if c.strip()]
-    bad = [n for n in names if n not in STYLES and n not in OBJECTS]
+    bad = [n for n in names if n not in ERASABLE_STYLES and n not in ERASABLE_OBJECTS]
     if bad:
-        ap.error(f"unknown concept(s) {bad}; styles: {STYLES}; objects: {OBJECTS}")
+        ap.error(f"unknown concept(s) {bad}; styles: {ERASABLE_STYLES}; objects: {ERASABLE_OBJECTS}")
     tasks = [(n, budgets, args.seeds) for n in names]
     done = map_tasks(_concept_curve, tasks, args.jobs, threads)
     result["concepts"] = dict(done)

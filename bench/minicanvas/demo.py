@@ -30,7 +30,7 @@ import spare_core as sc
 from spare_core.minicanvas import data
 from spare_core.minicanvas.model import load as load_model
 
-from .budgets import EVAL_TEMPLATES, OBJECTS, STYLES, Budget, retention_split
+from .budgets import EVAL_TEMPLATES, ERASABLE_OBJECTS, ERASABLE_STYLES, Budget, retention_split
 from .judge import (CLEAN_DROP, CLEAN_SFA_DROP, CLEAN_UNLISTED_DROP, ERASED_UA, Judge, evaluate, grid,
                     split_metrics)
 from .methods import generate, run_method, sample_edited
@@ -68,15 +68,15 @@ def surrogate_prompts(domain: str, target_index: int) -> tuple[list[str], list[i
     """The erased row's (style) / column's (object) grid prompts (grid: same templates and seeds) with the
     concept replaced by the neutral one ('plain' style / 'blob' object): what that row should look like after a clean
     erasure."""
-    templates, n_o = EVAL_TEMPLATES, len(OBJECTS)
+    templates, n_o = EVAL_TEMPLATES, len(ERASABLE_OBJECTS)
     if domain == "style":
         cells = [(target_index, oi) for oi in range(n_o)]
     else:
-        cells = [(si, target_index) for si in range(len(STYLES))]
+        cells = [(si, target_index) for si in range(len(ERASABLE_STYLES))]
     prompts, seeds = [], []
     for si, oi in cells:
-        style = data.NEUTRAL_STYLE if domain == "style" else STYLES[si]
-        obj = data.NEUTRAL_OBJECT if domain == "object" else OBJECTS[oi]
+        style = data.NEUTRAL_STYLE if domain == "style" else ERASABLE_STYLES[si]
+        obj = data.NEUTRAL_OBJECT if domain == "object" else ERASABLE_OBJECTS[oi]
         prompts.append(data.prompt(style, obj, templates[(si + oi) % len(templates)]))
         seeds.append(10_000 + 100 * (si * n_o + oi))
     return prompts, seeds
@@ -89,7 +89,7 @@ def labelled_grid(before: torch.Tensor, after: torch.Tensor, domain: str, target
     it (an object), outlined in green."""
     from PIL import Image, ImageDraw, ImageFont
 
-    n_s, n_o = len(STYLES), len(OBJECTS)
+    n_s, n_o = len(ERASABLE_STYLES), len(ERASABLE_OBJECTS)
     size = before.shape[-1] * CELL_SCALE
     pad = 2
     grid_w, grid_h = n_o * (size + pad), n_s * (size + pad)
@@ -115,7 +115,7 @@ def labelled_grid(before: torch.Tensor, after: torch.Tensor, domain: str, target
     for g, (images, label) in enumerate(((before, "BEFORE"), (after, "AFTER"))):
         x0 = LABEL_W + g * (grid_w + gap)
         draw.text((x0 + grid_w // 2 - 18, 20), label, fill=(0, 0, 0), font=font)
-        for oi, o in enumerate(OBJECTS):
+        for oi, o in enumerate(ERASABLE_OBJECTS):
             draw.text((x0 + oi * (size + pad) + 2, LABEL_H + 6), o[:8], fill=(60, 60, 60), font=font)
         for si in range(n_s):
             for oi in range(n_o):
@@ -125,7 +125,7 @@ def labelled_grid(before: torch.Tensor, after: torch.Tensor, domain: str, target
         else:
             box = (x0 + target_index * (size + pad) - 2, top - 2, x0 + (target_index + 1) * (size + pad), top + grid_h)
         draw.rectangle(box, outline=(220, 0, 0), width=2)
-    for si, s in enumerate(STYLES):
+    for si, s in enumerate(ERASABLE_STYLES):
         draw.text((4, top + si * (size + pad) + size // 2 - 5), s[:11], fill=(60, 60, 60), font=font)
     if surrogate is not None:
         green, x_after = (0, 150, 0), LABEL_W + grid_w + gap
@@ -154,19 +154,19 @@ def labelled_grid(before: torch.Tensor, after: torch.Tensor, domain: str, target
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--concept", default="ukiyo", help=f"a style {STYLES} or an object {OBJECTS} "
+    ap.add_argument("--concept", default="ukiyo", help=f"a style {ERASABLE_STYLES} or an object {ERASABLE_OBJECTS} "
                     "(default: %(default)s)")
     ap.add_argument("--steps", type=int, default=Budget().spare,
                     help="SPARE's step cap (the stopping rule may end training earlier)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--out", default="out/demo", help="folder for the LoRA and the picture (created if missing)")
     args = ap.parse_args(argv)
-    if args.concept in STYLES:
+    if args.concept in ERASABLE_STYLES:
         domain = "style"
-    elif args.concept in OBJECTS:
+    elif args.concept in ERASABLE_OBJECTS:
         domain = "object"
     else:
-        ap.error(f"unknown concept {args.concept!r}; styles: {STYLES}; objects: {OBJECTS}")
+        ap.error(f"unknown concept {args.concept!r}; styles: {ERASABLE_STYLES}; objects: {ERASABLE_OBJECTS}")
     if args.steps <= 0:
         ap.error(f"--steps {args.steps}: must be >= 1 (default {Budget().spare})")
     if os.path.exists(args.out) and not os.path.isdir(args.out):

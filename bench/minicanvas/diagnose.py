@@ -36,7 +36,7 @@ import spare_core as sc
 from spare_core.minicanvas import data
 from spare_core.minicanvas.model import load as load_model, sample_loop, to_image
 
-from .budgets import EVAL_TEMPLATES, OBJECTS, RETAIN_SETS, STYLES, Budget, parse_override, retention_split
+from .budgets import EVAL_TEMPLATES, ERASABLE_OBJECTS, RETAIN_SETS, ERASABLE_STYLES, Budget, parse_override, retention_split
 from .judge import Judge, evaluate, grid, split_metrics
 from .methods import generate, run_method
 
@@ -48,7 +48,7 @@ CFG = 4.0  # the evaluation sampler's guidance (model.sample's default)
 
 def _prompts(domain: str, name: str, cls: str, template: int = 0) -> tuple[list[str], torch.Tensor]:
     """The concept's (or the surrogate's) row / column: prompts and the other domain's labels."""
-    others = OBJECTS if domain == "style" else STYLES
+    others = ERASABLE_OBJECTS if domain == "style" else ERASABLE_STYLES
     prompts = [data.prompt(cls, o, template) if domain == "style" else data.prompt(o, cls, template) for o in others]
     index = data.object_index if domain == "style" else data.style_index
     return prompts, torch.tensor([index(o) for o in others])
@@ -149,21 +149,21 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg"))
-    ap.add_argument("--concept", default="ukiyo", help=f"a style {STYLES} or an object {OBJECTS}")
+    ap.add_argument("--concept", default="ukiyo", help=f"a style {ERASABLE_STYLES} or an object {ERASABLE_OBJECTS}")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a DistillConfig field for the erasure (repeatable), e.g. --set surrogate_anchor=1.0")
     ap.add_argument("--out", help="also write the rows as JSON")
     args = ap.parse_args(argv)
-    if args.concept not in STYLES + OBJECTS:
-        ap.error(f"unknown concept {args.concept!r}; styles: {STYLES}; objects: {OBJECTS}")
+    if args.concept not in ERASABLE_STYLES + ERASABLE_OBJECTS:
+        ap.error(f"unknown concept {args.concept!r}; styles: {ERASABLE_STYLES}; objects: {ERASABLE_OBJECTS}")
     try:
         overrides = [parse_override(item) for item in args.set]
     except ValueError as e:
         ap.error(f"--set {e}")
     torch.set_num_threads(int(os.environ.get("MINICANVAS_THREADS", "1")))
-    domain = "style" if args.concept in STYLES else "object"
+    domain = "style" if args.concept in ERASABLE_STYLES else "object"
     model, judge = load_model(), Judge()
     if args.what == "targets":
         rows = targets(model, judge, domain, args.concept, args.seed)

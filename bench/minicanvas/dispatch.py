@@ -12,7 +12,7 @@ from spare_core.minicanvas import data
 from spare_core.minicanvas.model import load as load_unet
 
 from . import metrics
-from .budgets import METHODS, MODELS, OBJECTS, REFERENCE_METHODS, STYLES, Budget, retention_split
+from .budgets import METHODS, MODELS, ERASABLE_OBJECTS, REFERENCE_METHODS, ERASABLE_STYLES, Budget, retention_split
 from .judge import Judge, evaluate, grid, split_metrics
 from .methods import default_inputs, generate, run_method, sample_edited
 from .summary import summarize
@@ -157,7 +157,7 @@ def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, h
     threads = int(os.environ.get("MINICANVAS_THREADS", "1"))  # 2 threads on 2 shared cores ran ~100x slower
     torch.set_num_threads(threads)
     budget = budget or Budget()
-    concepts = concepts or {"style": STYLES, "object": OBJECTS}
+    concepts = concepts or {"style": ERASABLE_STYLES, "object": ERASABLE_OBJECTS}
     if host == "comfyui":
         from . import host_path
         host_path.check_methods(methods)

@@ -25,10 +25,10 @@ import sys
 from spare_core.minicanvas.model import load as load_model
 
 from . import dispatch
-from .budgets import (EVAL_TEMPLATES, FEW_LISTED, GROW_UNLISTED, LR, LR_SCALE, METHODS, OBJECTS, PROFILE_FLOOR_05,
+from .budgets import (EVAL_TEMPLATES, FEW_LISTED, GROW_UNLISTED, LR, LR_SCALE, METHODS, ERASABLE_OBJECTS, PROFILE_FLOOR_05,
                       QUICK_BASELINE_SCALE, QUICK_CONCEPTS, QUICK_METHODS, QUICK_SAMPLE_STEPS, REFERENCE_METHODS,
                       RETAIN_EXTRA, RETAIN_SETS, SHORT_STEPS, SPARE_VARIANTS, STANDARD_BASELINE_SEEDS,
-                      STANDARD_ESD_STEPS, STANDARD_METHODS, STYLES, TRAIN_TEMPLATE, Budget, SpareVariant, all_pairs,
+                      STANDARD_ESD_STEPS, STANDARD_METHODS, ERASABLE_STYLES, TRAIN_TEMPLATE, Budget, SpareVariant, all_pairs,
                       concept_prompts, grow_order, listed_classes, parse_override, retention_split, split_variant)
 from .cli import comfyui_version, main
 from .dispatch import HOSTS, erase_concept, map_tasks, set_worker, worker_model

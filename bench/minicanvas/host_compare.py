@@ -22,7 +22,7 @@ import torch
 
 from spare_core.minicanvas import data
 
-from .budgets import EVAL_TEMPLATES, OBJECTS, STYLES, Budget
+from .budgets import EVAL_TEMPLATES, ERASABLE_OBJECTS, ERASABLE_STYLES, Budget
 from .dispatch import LibraryHost
 from .judge import Judge, grid
 from .methods import default_inputs
@@ -78,7 +78,7 @@ def split(concept: str, seed: int = 0, grid_seeds: int = 1, sample_steps: int = 
     import spare_core as sc
     from . import host_path
 
-    domain = "style" if concept in STYLES else "object"
+    domain = "style" if concept in ERASABLE_STYLES else "object"
     budget = Budget() if not steps else replace(Budget(), spare=steps)
     comfy, library, judge = host_path.ComfyHost(default_inputs()), LibraryHost(), Judge()
     try:
@@ -126,7 +126,7 @@ def main(argv=None):
     t.add_argument("library")
     t.add_argument("comfyui")
     s = sub.add_parser("split", help="one concept trained both ways: where the paths part (needs COMFYUI_PATH)")
-    s.add_argument("--concept", default="ukiyo", choices=STYLES + OBJECTS)
+    s.add_argument("--concept", default="ukiyo", choices=ERASABLE_STYLES + ERASABLE_OBJECTS)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--sample-steps", type=int, default=Budget.sample_steps)
     s.add_argument("--steps", type=int, default=0, help="SPARE's steps (default: the harness', 200)")

@@ -9,7 +9,7 @@ import torch
 from spare_core.minicanvas import data
 
 from . import metrics
-from .budgets import EVAL_TEMPLATES, OBJECTS, STYLES
+from .budgets import EVAL_TEMPLATES, ERASABLE_OBJECTS, ERASABLE_STYLES
 from .classifiers import load_classifiers
 
 ERASED_UA = 90.0   # a concept counts as erased at UA >= 90 (mean over training seeds)
@@ -42,8 +42,8 @@ def grid(seeds: int, domain=None, name=None, synonym=None, templates=EVAL_TEMPLA
     asked for by its synonym. Image k of pair (s, o) uses template templates[(s + o + k) % len]: with 2+ seeds
     every pair is asked in two wordings, and the grid uses every held-out template equally often."""
     prompts, st, ob, sd = [], [], [], []
-    for si, s in enumerate(STYLES):
-        for oi, o in enumerate(OBJECTS):
+    for si, s in enumerate(ERASABLE_STYLES):
+        for oi, o in enumerate(ERASABLE_OBJECTS):
             if synonym is not None and (s if domain == "style" else o) != name:
                 continue
             ps = synonym if synonym is not None and domain == "style" else s
@@ -52,7 +52,7 @@ def grid(seeds: int, domain=None, name=None, synonym=None, templates=EVAL_TEMPLA
                 prompts.append(data.prompt(ps, po, templates[(si + oi + k) % len(templates)]))
                 st.append(data.style_index(s))
                 ob.append(data.object_index(o))
-                sd.append(10_000 + 100 * (si * len(OBJECTS) + oi) + k)
+                sd.append(10_000 + 100 * (si * len(ERASABLE_OBJECTS) + oi) + k)
     return prompts, torch.tensor(st), torch.tensor(ob), sd
 
 

@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from . import metrics
-from .budgets import OBJECTS, STYLES
+from .budgets import ERASABLE_OBJECTS, ERASABLE_STYLES
 
 METRICS = ("UA", "IRA", "CRA", "mean3", "synonym_UA", "SFA")
 
@@ -82,7 +82,7 @@ def main(argv=None):
               f"{r['p']:.3g} |")
     print("\n| concept | A: UA / IRA / CRA | B: UA / IRA / CRA |\n|---|---|---|")
     shared = {k[0] for k in set(a) & set(b)}
-    for concept in [c for c in STYLES + OBJECTS if c in shared]:
+    for concept in [c for c in ERASABLE_STYLES + ERASABLE_OBJECTS if c in shared]:
         cell = []
         for runs in (a, b):
             rs = [r for k, r in runs.items() if k[0] == concept and k in a and k in b]

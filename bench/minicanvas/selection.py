@@ -25,7 +25,7 @@ from spare_core.minicanvas import data
 from spare_core.minicanvas.model import load as load_model
 
 from . import metrics
-from .budgets import OBJECTS, STYLES, Budget
+from .budgets import ERASABLE_OBJECTS, ERASABLE_STYLES, Budget
 from .dispatch import map_tasks, worker_model
 from .judge import CLEAN_DROP, CLEAN_UA, ERASED_UA, Judge, evaluate, grid
 from .methods import generate, run_method, sample_edited
@@ -96,7 +96,7 @@ def base_metrics(budget):
     prompts, ls, lo, seeds = grid(budget.seeds)
     j = judge(generate(model, prompts, seeds, budget.sample_steps))
     out = {}
-    for domain, names in (("style", STYLES), ("object", OBJECTS)):
+    for domain, names in (("style", ERASABLE_STYLES), ("object", ERASABLE_OBJECTS)):
         for n in names:
             t = (data.style_index if domain == "style" else data.object_index)(n)
             out[n] = metrics.erasure_metrics(domain, t, ls, lo, j["style"], j["object"])
@@ -178,14 +178,14 @@ def main(argv=None):
     bad = [o for o in options if o not in OPTIONS]
     if bad:
         ap.error(f"unknown option(s) {bad}; choose from {', '.join(OPTIONS)}")
-    names = [c.strip() for c in args.concepts.split(",")] if args.concepts else STYLES + OBJECTS
+    names = [c.strip() for c in args.concepts.split(",")] if args.concepts else ERASABLE_STYLES + ERASABLE_OBJECTS
     threads = int(os.environ.get("MINICANVAS_THREADS", "1"))
     torch.set_num_threads(threads)
     budget = replace(Budget(), seeds=args.seeds, sample_steps=args.sample_steps)
     # read by _task in each worker (spawned after this line, so the module global travels as an environment variable)
     os.environ["SPARE_SNAPSHOT_STEPS"] = args.snapshots
     started = time.time()
-    tasks = [(o, "style" if n in STYLES else "object", n, seed, budget)
+    tasks = [(o, "style" if n in ERASABLE_STYLES else "object", n, seed, budget)
              for seed in range(args.first_seed, args.first_seed + args.train_seeds) for n in names for o in options]
     runs = map_tasks(_task, tasks, args.jobs, threads)
     result = {"meta": {"date": time.strftime("%Y-%m-%d"), "command": "python -m bench.minicanvas.selection "
