@@ -137,13 +137,83 @@ def test_spare_erases_through_spare_core(fm, tiny):
     assert not torch.allclose(plain, erased)
 
 
-def test_harness_runs_spare_only_on_flux():
-    """The baselines edit the UNet's modules by name: `--model flux` refuses them before loading anything."""
+def test_harness_takes_every_method_on_flux():
+    """`--model flux` runs every baseline in its Flux form; eraseanything (Flux only) is refused on the UNet, by
+    name, before anything loads."""
     from bench.minicanvas import cli
-    from bench.minicanvas.dispatch import check_spare_only
+    from bench.minicanvas.budgets import METHODS
+    from bench.minicanvas.dispatch import check_model_methods
 
-    check_spare_only(["spare", "spare-uniform-t", "spare+rank=4"], "flux")
-    with pytest.raises(ValueError, match=r"baselines \['uce'\]"):
-        check_spare_only(["spare", "uce"], "flux")
+    check_model_methods(list(METHODS), "flux")
+    check_model_methods([m for m in METHODS if m != "eraseanything"], "unet")
+    with pytest.raises(ValueError, match=r"\['eraseanything'\].*--model flux"):
+        check_model_methods(["spare", "eraseanything"], "unet")
     with pytest.raises(SystemExit):
-        cli.main(["--model", "flux", "--methods", "spare,esd-x"])
+        cli.main(["--methods", "spare,eraseanything"])
+
+
+def _changed(edited, before):
+    return {n: p for n, p in edited.network.named_parameters() if not torch.equal(p, before[n])}
+
+
+@pytest.fixture(scope="module")
+def live(fm):
+    """A tiny MiniCanvas-Flux whose adaLN-Zero layers (zero at init: every block the identity, the output 0) are
+    drawn at random, so that text reaches the prediction and gradients reach every block, as in a trained model."""
+    torch.manual_seed(1)
+    model = fm.MiniCanvasFlux(fm.FluxMiniConfig(**TINY))
+    with torch.no_grad():
+        for p in model.network.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def test_baselines_in_their_flux_forms(live):
+    """Each baseline edits a copy of MiniCanvas-Flux in the modules of its published Flux form (baselines.py), and
+    only there: UCE txt_in (uce-pool also vector_in's first layer), ESD-x the double blocks' attention, CA the text
+    stream's key and value rows of the fused qkv, EraseAnything a LoRA on the text stream's query and key rows only
+    (merged), SalUn a masked subset of everything."""
+    from bench.minicanvas import baselines
+
+    concept, surrogate, keep = ["A star image in ukiyo style."], ["A star image in plain style."], \
+        ["A ring image in neon style."]
+    before = {n: p.clone() for n, p in live.network.named_parameters()}
+    h = live.network.hidden_size
+
+    for pool in (False, True):
+        out = baselines.uce(live, concept, surrogate, keep, include_pool=pool)
+        changed = set(_changed(out.model, before))
+        assert changed == {"txt_in.weight"} | ({"vector_in.in_layer.weight"} if pool else set())
+        ctx_c, ctx_s = live.encode(concept)[0], live.encode(surrogate)[0]
+        with torch.no_grad():  # the closed form maps the concept's tokens near the surrogate's
+            after = (out.model.network.txt_in(ctx_c) - live.network.txt_in(ctx_s)).norm()
+            assert after < 0.5 * (live.network.txt_in(ctx_c) - live.network.txt_in(ctx_s)).norm()
+
+    esd = baselines.esd(live, concept, variant="x", steps=2, lr=1e-3, ddim_steps=3)
+    changed = _changed(esd.model, before)
+    assert changed and all(n.split(".")[0] == "double_blocks" and n.split(".")[2] in ("img_attn", "txt_attn")
+                           for n in changed)
+
+    ca = baselines.concept_ablation(live, concept, surrogate, steps=2, lr=1e-3, samples=1, batch_size=2)
+    changed = _changed(ca.model, before)
+    assert changed and all(n.startswith("double_blocks.") and ".txt_attn.qkv." in n for n in changed)
+    for n, p in changed.items():  # the query rows stay; key and value rows move
+        assert torch.equal(p[:h], before[n][:h]) and not torch.equal(p[h:], before[n][h:])
+    assert ca.trainable_params == sum(p[h:].numel() for p in changed.values())
+
+    ea = baselines.erase_anything(live, concept, steps=3, lr=1e-2, ddim_steps=3)
+    changed = _changed(ea.model, before)
+    assert changed and all(n.startswith("double_blocks.") and n.endswith("txt_attn.qkv.weight") for n in changed)
+    for n, p in changed.items():  # a low-rank change of the query and key rows, the value rows untouched
+        assert torch.equal(p[2 * h:], before[n][2 * h:])
+        assert torch.linalg.matrix_rank((p - before[n]).double(), atol=1e-6) <= 8  # float32 rounding aside
+    assert not any(parametrized for parametrized in (hasattr(m, "parametrizations")
+                                                     for m in ea.model.network.modules()))
+    assert ea.trainable_params == len(changed) * 8 * (live.network.txt_in.out_features + 2 * h)
+
+    salun = baselines.salun(live, concept, surrogate, keep, steps=2, lr=1e-3, samples=1, batch_size=2)
+    assert 0 < salun.trainable_params < sum(p.numel() for p in live.network.parameters())
+
+    for n, p in live.network.named_parameters():  # every baseline edited a copy
+        assert torch.equal(p, before[n])

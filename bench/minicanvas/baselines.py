@@ -21,10 +21,25 @@ SD code. MiniCanvas' attention-pooled text vector (`text_pool.attn2`) stands for
 SDXL, which none of these methods edits: UCE, ESD-x and CA leave it alone (before 2026-11-28 they edited it too,
 which gave UCE a second, non-spatial text path to rewrite). ESD-u ("everything but cross-attention") and SalUn
 ("every parameter") do include it, as they include every other UNet weight.
+
+On a Flux-class DiT (MiniCanvas-Flux: ComfyUI's Flux class) the text reaches the image through joint attention, not
+cross-attention, so each method takes the form published for Flux (`text_paths` names the modules):
+- UCE (its authors' Flux script): the closed form on `txt_in` (the per-token text projection: the analogue of the
+  UNet's to_k / to_v inputs); "uce-pool" also edits `vector_in`'s first layer (the pooled text vector, Flux's CLIP-L
+  `y`: the analogue of the UNet's pooled path).
+- ESD-x: the attention of the double blocks (`double_blocks.N.{img,txt}_attn`: qkv, q/k norms, proj), where text and
+  image tokens meet; ESD-u: every other parameter.
+- CA: the text stream's key and value rows of the double blocks' fused `txt_attn.qkv` (the UNet's to_k / to_v).
+- EraseAnything (Gao et al. 2025; "eraseanything", Flux only): ESD's objective and partial sampling, trained as a
+  rank-8 LoRA on the text stream's query and key rows (`double_blocks.N.txt_attn.qkv`, rows [0, 2 x hidden)); its
+  attention-map and reverse self-contrastive regularisers are left out ("EraseAnything-like").
+- SalUn: every parameter, as on the UNet.
+
 Deviations from the papers: SalUn's retain loss distils the frozen model's prediction on retain samples instead of
 denoising real images (there are none), and its forget and retain samples are self-generated; CA's anchor images are
 self-generated; ESD's partial sampling uses Euler with cfg 3 (its code: DDIM); learning rates are the papers' x 20
-and ESD runs 200 steps instead of 1000 in `--standard` (budgets.py, LR_SCALE and STANDARD_ESD_STEPS).
+and ESD runs 200 steps instead of 1000 in `--standard` (budgets.py, LR_SCALE and STANDARD_ESD_STEPS); EraseAnything
+runs ESD's steps at the usual Flux LoRA learning rate (1e-4, x LR_SCALE).
 """
 from __future__ import annotations
 
@@ -35,6 +50,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from spare_core.sampling import generate, guided_x0, noised, sigma_schedule, uniform_t
 
@@ -58,15 +74,51 @@ def is_unet_cross_attention(name: str) -> bool:
     return ".transformer_blocks." in f".{name}" and ".attn2." in f".{name}."
 
 
-def _params(network: nn.Module, which: str) -> list[tuple[str, nn.Parameter]]:
+def is_flux(network: nn.Module) -> bool:
+    """A Flux-class DiT (ComfyUI's comfy.ldm.flux.model.Flux: double blocks, `txt_in`, `vector_in`)."""
+    return hasattr(network, "double_blocks") and hasattr(network, "txt_in")
+
+
+def _flux_text_attention(name: str) -> bool:
+    """A parameter of a double block's attention (either stream): Flux's analogue of the UNet's cross-attention."""
+    parts = name.split(".")
+    return len(parts) > 3 and parts[0] == "double_blocks" and parts[2] in ("img_attn", "txt_attn")
+
+
+def _params(network: nn.Module, which: str) -> list[tuple[str, nn.Parameter, slice | None]]:
+    """(name, parameter, rows) the method `which` trains: "cross" (ESD-x), "non_cross" (ESD-u), "cross_kv" (CA),
+    "all" (SalUn). rows: the slice of the parameter's first dimension that is trained (None: all of it), for Flux's
+    fused qkv, of which CA trains the key and value rows only."""
+    flux = is_flux(network)
+    hidden = getattr(network, "hidden_size", 0)
     out = []
     for name, p in network.named_parameters():
-        cross = is_unet_cross_attention(name)
-        kv = cross and (".to_k." in name or ".to_v." in name)
-        if which == "cross" and cross or which == "non_cross" and not cross or which == "cross_kv" and kv \
-                or which == "all":
-            out.append((name, p))
+        cross = _flux_text_attention(name) if flux else is_unet_cross_attention(name)
+        rows = None
+        if flux:
+            kv = name.startswith("double_blocks.") and (name.endswith("txt_attn.qkv.weight")
+                                                        or name.endswith("txt_attn.qkv.bias"))
+            rows = slice(hidden, 3 * hidden) if kv else None
+        else:
+            kv = cross and (".to_k." in name or ".to_v." in name)
+        if which == "cross" and cross or which == "non_cross" and not cross or which == "cross_kv" and kv:
+            out.append((name, p, rows if which == "cross_kv" else None))
+        elif which == "all":
+            out.append((name, p, None))
     return out
+
+
+def _train(params) -> list:
+    """Make `params` trainable; a row slice gets a gradient hook that zeroes the other rows (Adam then leaves them
+    unchanged: a zero gradient gives a zero step). Returns the hook handles (_finish removes them)."""
+    handles = []
+    for _, p, rows in params:
+        p.requires_grad_(True)
+        if rows is not None:
+            mask = torch.zeros(p.shape[0], *[1] * (p.dim() - 1), dtype=p.dtype)
+            mask[rows] = 1
+            handles.append(p.register_hook(lambda g, m=mask: g * m.to(g.device)))
+    return handles
 
 
 def _copy(model):
@@ -83,11 +135,13 @@ def _step(opt, loss, losses):
     losses.append(float(loss.detach()))
 
 
-def _finish(edited, params, started, losses):
+def _finish(edited, params, started, losses, handles=()):
     """Freeze the edited copy again and record what changed."""
-    for _, p in params:
+    for h in handles:
+        h.remove()
+    for _, p, _rows in params:
         p.requires_grad_(False)
-    n = sum(p.numel() for _, p in params)
+    n = sum(p[rows].numel() if rows is not None else p.numel() for _, p, rows in params)
     return Edited(edited, n, 2 * n, time.perf_counter() - started, losses)
 
 
@@ -95,21 +149,27 @@ def esd(model, concepts: Sequence[str], variant: str = "x", steps: int = 1000, l
         seed: int = 0, ddim_steps: int = 20) -> Edited:
     """ESD-x (variant "x") or ESD-u (variant "u"); one of the concept prompts is drawn per step."""
     started = time.perf_counter()
-    edited, frozen = _copy(model), model
+    edited = _copy(model)
     params = _params(edited.network, "cross" if variant == "x" else "non_cross")
-    for _, p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam([p for _, p in params], lr=lr)
+    handles = _train(params)
+    opt = torch.optim.Adam([p for _, p, _rows in params], lr=lr)
+    losses = _esd_loop(model, edited, concepts, steps, opt, eta, seed, ddim_steps)
+    return _finish(edited, params, started, losses, handles)
+
+
+def _esd_loop(frozen, edited, concepts, steps, opt, eta, seed, ddim_steps) -> list:
+    """ESD's training loop on `edited` (whatever `opt` holds is trained): x_t from partial sampling of the current
+    (edited) model with a concept prompt, to a random step; the frozen model's negatively guided prediction as target."""
     with torch.no_grad():
-        c_all, u = model.encode(list(concepts)), model.encode([""])
+        c_all, u = frozen.encode(list(concepts)), frozen.encode([""])
     gen = torch.Generator().manual_seed(seed)
-    sigmas = sigma_schedule(model, ddim_steps)
+    sigmas = sigma_schedule(frozen, ddim_steps)
     losses = []
     for step in range(steps):
-        c = c_all[int(torch.randint(0, c_all.shape[0], (1,), generator=gen))][None]
+        c = frozen.select_cond(c_all, torch.randint(0, len(concepts), (1,), generator=gen))
         # partial sampling with the current (edited) model and the concept prompt, to a random step
         stop = int(torch.randint(1, ddim_steps, (1,), generator=gen))
-        noise = torch.randn((1, *model.latent_shape), generator=gen)
+        noise = torch.randn((1, *frozen.latent_shape), generator=gen)
         with torch.no_grad():
             x = edited.add_noise(torch.zeros_like(noise), noise, sigmas[:1])
             for i in range(stop):
@@ -124,7 +184,56 @@ def esd(model, concepts: Sequence[str], variant: str = "x", steps: int = 1000, l
         pred = edited.predict_x0(x, s, c)
         loss = _eps_mse(pred, target, s)
         _step(opt, loss, losses)
-    return _finish(edited, params, started, losses)
+    return losses
+
+
+class LowRankRows(nn.Module):
+    """A parametrization W -> W + (alpha / rank) B A on the rows `rows` of W only: a LoRA on a row slice of a fused
+    projection (EraseAnything trains the query and key of Flux's text stream, which ComfyUI's Flux fuses with the
+    value in one `qkv` Linear). Written by hand because peft adapts whole modules, not row slices; B starts at zero,
+    A as peft's default (Kaiming-uniform), so training starts from the unedited model."""
+
+    def __init__(self, weight: torch.Tensor, rows: slice, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.rows = rows
+        n = rows.stop - rows.start
+        bound = 1.0 / weight.shape[1] ** 0.5
+        self.A = nn.Parameter((torch.rand(rank, weight.shape[1], generator=generator) * 2 - 1) * bound)
+        self.B = nn.Parameter(torch.zeros(n, rank))
+        self.scale = alpha / rank
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        r = self.rows
+        return torch.cat([w[:r.start], w[r] + self.scale * (self.B @ self.A).to(w.dtype), w[r.stop:]])
+
+
+def erase_anything(model, concepts: Sequence[str], steps: int = 1000, lr: float = 1e-4, rank: int = 8,
+                   eta: float = 1.0, seed: int = 0, ddim_steps: int = 20) -> Edited:
+    """EraseAnything-like (Flux only): ESD's objective and partial sampling, trained as a rank-`rank` LoRA on the query
+    and key rows of every double block's text-stream `txt_attn.qkv`; the LoRA is merged into the returned copy."""
+    started = time.perf_counter()
+    edited = _copy(model)
+    net = edited.network
+    if not is_flux(net):
+        raise ValueError("eraseanything adapts Flux's text-stream q / k (double_blocks.N.txt_attn.qkv); this model "
+                         "has no double blocks: use it with --model flux")
+    gen = torch.Generator().manual_seed(seed + 3)
+    targets = [m for name, m in net.named_modules() if name.startswith("double_blocks.")
+               and name.endswith("txt_attn.qkv")]
+    adapters = []
+    for m in targets:
+        adapter = LowRankRows(m.weight, slice(0, 2 * net.hidden_size), rank, float(rank), gen)
+        parametrize.register_parametrization(m, "weight", adapter)
+        adapters.append(adapter)
+    opt = torch.optim.Adam([p for a in adapters for p in (a.A, a.B)], lr=lr)
+    losses = _esd_loop(model, edited, concepts, steps, opt, eta, seed, ddim_steps)
+    n = sum(a.A.numel() + a.B.numel() for a in adapters)
+    with torch.no_grad():
+        for m in targets:
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return Edited(edited, n, 2 * n, time.perf_counter() - started, losses)
 
 
 def concept_ablation(model, concepts: Sequence[str], anchors: Sequence[str], steps: int = 250, lr: float = 2e-6,
@@ -133,9 +242,8 @@ def concept_ablation(model, concepts: Sequence[str], anchors: Sequence[str], ste
     started = time.perf_counter()
     edited = _copy(model)
     params = _params(edited.network, "cross_kv")
-    for _, p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam([p for _, p in params], lr=lr)
+    handles = _train(params)
+    opt = torch.optim.Adam([p for _, p, _rows in params], lr=lr)
     x_anchor, idx = generate(model, list(anchors), samples, seed)
     with torch.no_grad():
         c_t, c_a = model.encode(list(concepts)), model.encode(list(anchors))
@@ -145,11 +253,11 @@ def concept_ablation(model, concepts: Sequence[str], anchors: Sequence[str], ste
         rows = torch.randint(0, x_anchor.shape[0], (batch_size,), generator=gen)
         sigma, xt = noised(model, x_anchor[rows], uniform_t(batch_size, gen), gen)
         with torch.no_grad():
-            target = model.predict_x0(xt, sigma, c_a[idx[rows]])
-        pred = edited.predict_x0(xt, sigma, c_t[idx[rows]])
+            target = model.predict_x0(xt, sigma, model.select_cond(c_a, idx[rows]))
+        pred = edited.predict_x0(xt, sigma, model.select_cond(c_t, idx[rows]))
         loss = _eps_mse(pred, target, sigma)
         _step(opt, loss, losses)
-    return _finish(edited, params, started, losses)
+    return _finish(edited, params, started, losses, handles)
 
 
 def salun(model, concepts: Sequence[str], surrogates: Sequence[str], retain: Sequence[str], steps: int = 500,
@@ -172,35 +280,34 @@ def salun(model, concepts: Sequence[str], surrogates: Sequence[str], retain: Seq
     def forget_loss(net_model):
         rows, sigma, xt = batch(x_f, batch_size)
         with torch.no_grad():
-            target = model.predict_x0(xt, sigma, c_s[i_f[rows]])
-        return _eps_mse(net_model.predict_x0(xt, sigma, c_f[i_f[rows]]), target, sigma)
+            target = model.predict_x0(xt, sigma, model.select_cond(c_s, i_f[rows]))
+        return _eps_mse(net_model.predict_x0(xt, sigma, model.select_cond(c_f, i_f[rows])), target, sigma)
 
     # weight saliency mask: |grad of the forgetting loss| accumulated over a few batches, global top fraction
-    for _, p in params:
-        p.requires_grad_(True)
-    grads = {n: torch.zeros_like(p) for n, p in params}
+    _train(params)
+    grads = {n: torch.zeros_like(p) for n, p, _rows in params}
     for _ in range(4):
         edited.network.zero_grad(set_to_none=True)
         forget_loss(edited).backward()
-        for n, p in params:
+        for n, p, _rows in params:
             grads[n] += p.grad.abs()
     flat = torch.cat([g.flatten() for g in grads.values()])
     k = max(1, int(mask_fraction * flat.numel()))
     threshold = torch.topk(flat, k).values.min()
     masks = {n: (g >= threshold).float() for n, g in grads.items()}
     edited.network.zero_grad(set_to_none=True)
-    opt = torch.optim.Adam([p for _, p in params], lr=lr)
+    opt = torch.optim.Adam([p for _, p, _rows in params], lr=lr)
     losses = []
     for step in range(steps):
         loss = forget_loss(edited)
         rows, sigma, xt = batch(x_r, batch_size)
-        cr = c_r[i_r[rows]]
+        cr = model.select_cond(c_r, i_r[rows])
         with torch.no_grad():
             target = model.predict_x0(xt, sigma, cr)
         loss = loss + retain_weight * _eps_mse(edited.predict_x0(xt, sigma, cr), target, sigma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        for n, p in params:
+        for n, p, _rows in params:
             p.grad.mul_(masks[n])
         opt.step()
         losses.append(float(loss.detach()))
@@ -210,35 +317,50 @@ def salun(model, concepts: Sequence[str], surrogates: Sequence[str], retain: Seq
     return out
 
 
+def uce_targets(network: nn.Module, include_pool: bool) -> list[tuple[str, int]]:
+    """(module name, conditioning part) of the Linears UCE edits, part 0 the per-token text states, 1 the pooled
+    vector. UNet: every cross-attention to_k / to_v (with include_pool, MiniCanvas' text-pooling attention
+    `text_pool.attn2` too: a deviation from the paper kept only to measure what it changed). Flux (UCE's Flux script):
+    `txt_in`, and with include_pool `vector_in.in_layer` (the pooled vector's path)."""
+    if is_flux(network):
+        return [("txt_in", 0)] + ([("vector_in.in_layer", 1)] if include_pool else [])
+    return [(name, 0) for name, _ in network.named_modules()
+            if (name.endswith("attn2.to_k") or name.endswith("attn2.to_v"))
+            and (is_unet_cross_attention(name) or include_pool and name.startswith("text_pool."))]
+
+
+def _columns(cond, part: int) -> torch.Tensor:
+    """The inputs [D, N] a UCE target Linear sees from a conditioning: every token of a context tensor [B, L, D] (a
+    tensor cond, or part 0 of a (context, pooled) pair), or the pooled vectors [B, D] (part 1)."""
+    x = cond if torch.is_tensor(cond) else cond[part]
+    if not torch.is_tensor(x) or x.dim() not in (2, 3):
+        raise TypeError("UCE needs conditionings that are context tensors [B, L, D] (or (context, pooled) pairs)")
+    return x.reshape(-1, x.shape[-1]).T.double()
+
+
 @torch.no_grad()
 def uce(model, concepts: Sequence[str], surrogates: Sequence[str], preserve: Sequence[str],
         lam: float = 0.5, preserve_scale: float = 1.0, include_pool: bool = False) -> Edited:
-    """Closed-form UCE on every UNet cross-attention to_k / to_v. cond must be a context tensor [B, L, D].
-    include_pool: also edit MiniCanvas' text-pooling attention (`text_pool.attn2`), as this benchmark did before
-    2026-11-28 -- a deviation from the paper kept only to measure what it changed (harness method "uce-pool")."""
+    """Closed-form UCE on the Linears of `uce_targets` (the UNet's cross-attention to_k / to_v; Flux's `txt_in`),
+    include_pool: the pooled text path too (harness method "uce-pool")."""
     started = time.perf_counter()
     edited = _copy(model)
-    c_e = model.encode(list(concepts))        # [N, L, D]
+    c_e = model.encode(list(concepts))
     c_s = model.encode(list(surrogates))
     c_p = model.encode(list(preserve)) if preserve else None
-    if not torch.is_tensor(c_e) or c_e.dim() != 3:
-        raise TypeError("UCE needs conditionings that are context tensors [B, L, D]")
-    ce = c_e.reshape(-1, c_e.shape[-1]).T     # [D, N*L]
-    cs = c_s.reshape(-1, c_s.shape[-1]).T
-    cp = c_p.reshape(-1, c_p.shape[-1]).T if c_p is not None else None
+    modules = dict(edited.network.named_modules())
     n = 0
-    for name, module in edited.network.named_modules():
-        if not (name.endswith("attn2.to_k") or name.endswith("attn2.to_v")):
-            continue
-        if not is_unet_cross_attention(name) and not (include_pool and name.startswith("text_pool.")):
-            continue
+    for name, part in uce_targets(edited.network, include_pool):
+        module = modules[name]
+        ce, cs = _columns(c_e, part), _columns(c_s, part)     # [D, N*L]
         w = module.weight.double()            # [out, D]
         d = w.shape[1]
-        lhs = lam * w + (w @ cs.double()) @ ce.double().T
-        rhs = lam * torch.eye(d, dtype=torch.float64) + ce.double() @ ce.double().T
-        if cp is not None:
-            lhs += preserve_scale * (w @ cp.double()) @ cp.double().T
-            rhs += preserve_scale * cp.double() @ cp.double().T
+        lhs = lam * w + (w @ cs) @ ce.T
+        rhs = lam * torch.eye(d, dtype=torch.float64) + ce @ ce.T
+        if c_p is not None:
+            cp = _columns(c_p, part)
+            lhs += preserve_scale * (w @ cp) @ cp.T
+            rhs += preserve_scale * cp @ cp.T
         module.weight.copy_((lhs @ torch.linalg.inv(rhs)).to(module.weight.dtype))
         n += w.numel()
     return Edited(edited, n, 2 * n, time.perf_counter() - started)

@@ -21,7 +21,7 @@ ERASABLE_STYLES = [c.name for c in data.STYLES if c.name != data.NEUTRAL_STYLE]
 ERASABLE_OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJECT]
 METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-no-anchor",
            "spare-rank4", "spare-floor05", "spare-steps160", "spare-anchor2", "esd-x", "esd-u", "ca", "salun", "uce",
-           "uce-pool")  # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); the other spare-* names
+           "uce-pool", "eraseanything")  # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); the other spare-* names
 # are SPARE_VARIANTS (below): SPARE with a few settings changed
 SHORT_STEPS = 0.8  # spare-steps160 (experiment, time): 0.8 x the step cap (160 of 200), cosine-decayed to that cap
 PROFILE_FLOOR_05 = 0.5  # spare-floor05 (experiment): half of the steps spread evenly over the schedule (default 0.2)
@@ -33,6 +33,10 @@ QUICK_BASELINE_SCALE = 0.1  # ESD 100, CA 40, SalUn 50 steps
 QUICK_METHODS = ("spare", "esd-x", "ca", "salun", "uce")
 QUICK_SAMPLE_STEPS = 8  # evaluation sampler steps in quick mode (default 12)
 STANDARD_METHODS = ("spare", "spare-all-pairs", "uce", "uce-pool", "salun", "ca", "esd-x")
+FLUX_ONLY_METHODS = ("eraseanything",)  # published for Flux only (baselines.erase_anything): refused on the UNet
+# the methods of --standard / --quick per model: on MiniCanvas-Flux the Flux-only baselines join the UNet's
+MODEL_METHODS = {"unet": {"standard": STANDARD_METHODS, "quick": QUICK_METHODS},
+                 "flux": {"standard": STANDARD_METHODS + FLUX_ONLY_METHODS, "quick": QUICK_METHODS + FLUX_ONLY_METHODS}}
 STANDARD_ESD_STEPS = 200  # choice: ESD's paper trains 1000 steps (--standard is estimated at ~100 min; RESULTS)
 STANDARD_BASELINE_SEEDS = 1  # the step-trained baselines run one training seed in --standard (time); SPARE, UCE 3
 REFERENCE_METHODS = ("spare-all-pairs",)  # reference rows: as many training seeds as the step-trained baselines
@@ -77,7 +81,9 @@ GROW_UNLISTED = 3          # "growK": the same 3 unlisted classes for every K; K
 RETAIN_EXTRA = 3           # random (style, object) pairs added to the neighbour classes in the "neighbours" list
 FEW_LISTED = 3             # "few": same-domain neighbours named by the builder line (and as many of the other domain)
 LR_SCALE = 20.0  # bundled model's training lr / Stable Diffusion's (2e-3 / 1e-4)
-LR = {"spare": 1e-4 * LR_SCALE, "esd": 1e-5 * LR_SCALE, "ca": 1.6e-5 * LR_SCALE, "salun": 1e-5 * LR_SCALE}
+# EraseAnything: the usual learning rate of a Flux LoRA (1e-4; its paper trains a LoRA where ESD trains weights)
+LR = {"spare": 1e-4 * LR_SCALE, "esd": 1e-5 * LR_SCALE, "ca": 1.6e-5 * LR_SCALE, "salun": 1e-5 * LR_SCALE,
+      "eraseanything": 1e-4 * LR_SCALE}
 
 
 def listed_classes(domain: str, name: str, seed: int, retain_set: str) -> list[str]:

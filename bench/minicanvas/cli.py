@@ -30,10 +30,11 @@ from dataclasses import replace
 import spare_core as sc
 from spare_core.minicanvas import data
 
-from .budgets import (EVAL_TEMPLATES, METHODS, ERASABLE_OBJECTS, QUICK_BASELINE_SCALE, QUICK_CONCEPTS, QUICK_METHODS,
+from .budgets import (EVAL_TEMPLATES, FLUX_ONLY_METHODS, METHODS, MODEL_METHODS, ERASABLE_OBJECTS,
+                      QUICK_BASELINE_SCALE, QUICK_CONCEPTS, QUICK_METHODS,
                       QUICK_SAMPLE_STEPS, RETAIN_SETS, STANDARD_BASELINE_SEEDS, STANDARD_ESD_STEPS, STANDARD_METHODS,
                       ERASABLE_STYLES, TRAIN_TEMPLATE, MODELS, Budget, parse_override, split_variant)
-from .dispatch import HOSTS, check_spare_only, run
+from .dispatch import HOSTS, check_model_methods, run
 
 
 def comfyui_version(path: str) -> str:
@@ -60,7 +61,8 @@ def main(argv=None):
                       help="4 concepts, 1 training seed, SPARE at the product defaults, baselines' budgets x "
                       f"{QUICK_BASELINE_SCALE} (<= 10 min on 2 cores)")
     ap.add_argument("--methods", help="comma-separated subset of " + ", ".join(METHODS) + " or 'all' (default: "
-                    "standard: " + ", ".join(STANDARD_METHODS) + "; quick: " + ", ".join(QUICK_METHODS) + "); "
+                    "standard: " + ", ".join(STANDARD_METHODS) + "; quick: " + ", ".join(QUICK_METHODS) + "; with --model "
+                    "flux each adds " + ", ".join(FLUX_ONLY_METHODS) + ", and without a preset it is spare); "
                     "spare+FIELD=VALUE[+...] is SPARE with DistillConfig fields set, e.g. spare+surrogate_anchor=1.0")
     ap.add_argument("--concepts", help="comma-separated style/object names to erase (default: all, or quick set)")
     ap.add_argument("--seeds", type=int, help="images per grid pair (default 2, quick 1)")
@@ -88,17 +90,21 @@ def main(argv=None):
     ap.add_argument("--model", choices=MODELS, default=Budget.model,
                     help="the bundled model to erase from: unet (MiniCanvas, default) or flux (MiniCanvas-Flux, "
                     "ComfyUI's Flux class trained on the same images: run with ComfyUI's Python environment and "
-                    "COMFYUI_PATH; SPARE and its variants only, --methods spare is the default then)")
+                    "COMFYUI_PATH; every baseline in its Flux form (baselines.py) plus eraseanything; without --standard or "
+                    "--quick, --methods spare is the default then)")
     ap.add_argument("--spare-set", action="append", default=[], metavar="FIELD=VALUE",
                     help="experiments: set a DistillConfig field for SPARE and its variants (repeatable), e.g. "
                     "--spare-set surrogate_anchor=1.0")
     ap.add_argument("--out", default="results.json")
     args = ap.parse_args(argv)
-    if args.methods is None and (args.host == "comfyui" or args.model != "unet"):
+    preset = "quick" if args.quick else "standard" if args.standard else None
+    if args.methods is None and (args.host == "comfyui" or args.model != "unet" and preset is None):
         methods = ["spare"]
     elif args.methods in (None, "all"):
-        default = QUICK_METHODS if args.quick else STANDARD_METHODS if args.standard else METHODS
+        default = MODEL_METHODS[args.model][preset] if preset else METHODS
         methods = list(default if args.methods is None else METHODS)
+        if args.methods == "all" and args.model != "flux":
+            methods = [m for m in methods if m not in FLUX_ONLY_METHODS]
     else:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = []
@@ -110,11 +116,11 @@ def main(argv=None):
             ap.error(str(e))
     if unknown:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    try:
+        check_model_methods(methods, args.model)
+    except ValueError as e:
+        ap.error(str(e))
     if args.model != "unet":
-        try:
-            check_spare_only(methods, args.model)
-        except ValueError as e:
-            ap.error(str(e))
         if args.host != "library":
             ap.error(f"--model {args.model} runs on --host library only")
         from spare_core.minicanvas.flux_model import import_comfy

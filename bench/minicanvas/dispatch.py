@@ -12,7 +12,7 @@ from spare_core.minicanvas import data
 from spare_core.minicanvas.model import load as load_unet
 
 from . import metrics
-from .budgets import METHODS, MODELS, ERASABLE_OBJECTS, REFERENCE_METHODS, ERASABLE_STYLES, Budget, retention_split
+from .budgets import FLUX_ONLY_METHODS, METHODS, MODELS, ERASABLE_OBJECTS, REFERENCE_METHODS, ERASABLE_STYLES, Budget, retention_split
 from .judge import Judge, evaluate, grid, split_metrics
 from .methods import default_inputs, generate, run_method, sample_edited
 from .summary import summarize
@@ -138,13 +138,15 @@ def erase_concept(task) -> list[tuple[str, str, dict]]:
     return rows
 
 
-def check_spare_only(methods, model: str) -> None:
-    """The baselines edit the UNet's modules by name (baselines.py); on another model only SPARE and its variants
-    run."""
-    others = [m for m in methods if not m.startswith("spare")]
-    if others:
-        raise ValueError(f"--model {model} runs SPARE and its variants only; the baselines {others} are implemented "
-                         "for the UNet's modules (bench/minicanvas/baselines.py)")
+def check_model_methods(methods, model: str) -> None:
+    """Every method runs on both bundled models (baselines.py gives each its Flux form) except the Flux-only ones
+    (FLUX_ONLY_METHODS), which the UNet refuses."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    flux_only = [m for m in methods if m in FLUX_ONLY_METHODS]
+    if model != "flux" and flux_only:
+        raise ValueError(f"{flux_only} adapt Flux's modules (bench/minicanvas/baselines.py) and run with --model flux "
+                         f"only, not --model {model}")
 
 
 def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, host: str = "library", inputs=None):
@@ -161,8 +163,7 @@ def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, h
     if host == "comfyui":
         from . import host_path
         host_path.check_methods(methods)
-    if budget.model != "unet":
-        check_spare_only(methods, budget.model)
+    check_model_methods(methods, budget.model)
     host_obj = make_host(host, inputs, budget.model)
     judge = Judge()
     set_worker(host=host_obj, judge=judge)

@@ -89,6 +89,9 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
     elif method in ("esd-x", "esd-u"):
         out = baselines.esd(model, forget, variant=method[-1], steps=budget.esd, lr=inputs.LR["esd"], seed=seed)
         info, edited = {"trainable_params": out.trainable_params, "lora_bytes": out.changed_bytes}, ("model", out.model)
+    elif method == "eraseanything":
+        out = baselines.erase_anything(model, forget, steps=budget.esd, lr=inputs.LR["eraseanything"], seed=seed)
+        info, edited = {"trainable_params": out.trainable_params, "lora_bytes": out.changed_bytes}, ("model", out.model)
     elif method == "ca":
         out = baselines.concept_ablation(model, forget, surrogate, steps=budget.ca, lr=inputs.LR["ca"], seed=seed)
         info, edited = {"trainable_params": out.trainable_params, "lora_bytes": out.changed_bytes}, ("model", out.model)
