@@ -343,17 +343,56 @@ def curve_table(curve: dict) -> str:
     return "\n".join(lines)
 
 
+def load_results(paths: str) -> dict:
+    """One results file, or several ("a.json,b.json": runs of the same model and grid, e.g. SPARE at 3 training seeds
+    in one and the baselines in another) merged: every method of every file (a method in two files: the first wins),
+    the first file's base and meta, the commands and wall times of all. Files whose unerased model scored differently
+    (another model, grid or sampler) are refused."""
+    merged = None
+    for path in paths.split(","):
+        with open(path) as f:
+            results = json.load(f)
+        if merged is None:
+            merged = results
+            continue
+        if results.get("base") != merged.get("base") or \
+                results["meta"].get("model", "unet") != merged["meta"].get("model", "unet"):
+            raise ValueError(f"{path}: another model, grid or sampler than {paths.split(',')[0]} (its unerased "
+                             "model scored differently); only runs of the same grid merge")
+        for name, row in results["methods"].items():
+            merged["methods"].setdefault(name, row)
+        meta, other = merged["meta"], results["meta"]
+        meta["command"] = f"{meta['command']}` + `{other['command']}"
+        meta["wall_seconds"] = round(float(meta.get("wall_seconds", 0)) + float(other.get("wall_seconds", 0)), 1)
+    return merged
+
+
+def section(results: dict) -> str:
+    """The headline table, the targets and the per-concept table of `results` as one markdown block (for a section
+    of RESULTS.md other than the headline, e.g. MiniCanvas-Flux)."""
+    return "\n".join([table(results), "", "Targets, computed from the table:", "", targets(results), "",
+                      "Per concept (mean over training seeds):", "", per_concept_table(results)])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.report")
-    ap.add_argument("--results", default="results.json")
+    ap.add_argument("--results", default="results.json",
+                    help="a results file, or several of the same grid separated by commas (merged: load_results)")
     ap.add_argument("--curve")
     ap.add_argument("--md", default=os.path.join("bench", "RESULTS.md"))
     ap.add_argument("--png", default=os.path.join("bench", "results.png"))
     ap.add_argument("--notes", help="a markdown file appended verbatim (the analysis of these numbers)")
     ap.add_argument("--compact", action="store_true", help="print the README's compact table and exit")
+    ap.add_argument("--section", action="store_true",
+                    help="print the tables (headline, targets, per concept) as a markdown block and exit")
     args = ap.parse_args(argv)
-    with open(args.results) as f:
-        results = json.load(f)
+    try:
+        results = load_results(args.results)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.section:
+        print(section(results))
+        return
     if args.compact:
         print(compact_table(results))
         return
