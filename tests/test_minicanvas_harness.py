@@ -409,3 +409,21 @@ def test_spare_variants_reach_the_stages(monkeypatch):
     assert (cfg.rank, cfg.alpha) == (8, 4.0)  # the budget's override wins over the variant's
     cfg, _ = stages("spare+rank=2")
     assert cfg.rank == 2
+
+
+def test_report_merges_runs_of_one_grid_only(tmp_path):
+    """`report --results a.json,b.json`: the methods of both runs (SPARE's training seeds in one, the baselines in
+    another), the first run's base, both commands; a run whose unerased model scored differently is refused."""
+    from bench.minicanvas import report
+    base = {"style_acc": 100.0, "object_acc": 100.0}
+    a = {"base": base, "methods": {"spare": {"x": 1}}, "meta": {"command": "a", "wall_seconds": 10, "model": "flux"}}
+    b = {"base": base, "methods": {"uce": {"x": 2}, "spare": {"x": 3}},
+         "meta": {"command": "b", "wall_seconds": 5, "model": "flux"}}
+    c = {"base": {"style_acc": 90.0, "object_acc": 100.0}, "methods": {}, "meta": {"command": "c", "model": "flux"}}
+    for name, r in (("a", a), ("b", b), ("c", c)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    merged = report.load_results(f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}")
+    assert merged["methods"] == {"spare": {"x": 1}, "uce": {"x": 2}}
+    assert merged["meta"]["wall_seconds"] == 15 and "a" in merged["meta"]["command"] and "b" in merged["meta"]["command"]
+    with pytest.raises(ValueError, match="another model, grid or sampler"):
+        report.load_results(f"{tmp_path / 'a.json'},{tmp_path / 'c.json'}")
