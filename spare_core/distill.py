@@ -50,7 +50,7 @@ from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import LoraWeights, metadata_json
 from .model import DiffusionModel
 from .prompts import expand_alternatives, validate_prompts
-from .sampling import data_std, forward_rows, generate, loss_weight, noise_to_signal, noised, uniform_t
+from .sampling import data_std, forward_rows, generate, loss_weight, noised, uniform_t
 from .saliency import Saliency
 from .timesteps import TimestepProfile, check_pairs
 
@@ -134,16 +134,6 @@ class DistillConfig:
              "turn the concept's prompt into the surrogate's picture, keeping the rest of the picture; the concept's "
              "own samples teach it to repaint them, which can leave debris. 0 = the authors' method.",
         min=0.0, max=1.0, step=0.5)
-    # experiment (off): on-policy rows, the states the erased model's own sampling path visits
-    on_policy: float = option(
-        0.0, "Share of each forget batch's rows taken from the STUDENT's own sampling path for the concept prompts "
-             "(intermediate states x_t, redrawn at every probe check, with the surrogate-prompt teacher's target "
-             "there): the states the erased model actually visits, as ESD trains on its partial samples; whole rows "
-             "of the batch; 0 = off.", min=0.0, max=1.0, step=0.5, node=False)
-    on_policy_min_noise: float = option(
-        10.0, "On-policy rows only from states whose noise is at least this many times the signal (sigma / "
-              "sigma_data): below it the surrogate-prompt teacher repaints a half-drawn concept picture into debris "
-              "(bench/RESULTS.md, \"Where the debris comes from\").", min=0.0, max=1000.0, step=0.5, node=False)
     # engine options no node shows
     retain_unconditional: bool = option(True, "Also keep the empty prompt's prediction (classifier-free guidance "
                                               "uses it).", node=False)
@@ -235,9 +225,6 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if config.forget_weight <= 0 or config.retain_weight < 0:
         raise SpareInputError(f"forget_weight={config.forget_weight} must be > 0 and retain_weight="
                               f"{config.retain_weight} must be >= 0")
-    if not 0.0 <= config.on_policy <= 1.0 or not config.on_policy_min_noise >= 0:
-        raise SpareInputError(f"on_policy={config.on_policy} must be in [0, 1] and on_policy_min_noise="
-                              f"{config.on_policy_min_noise} >= 0")
     if not 0.0 <= config.surrogate_anchor <= 1.0:
         raise SpareInputError(f"surrogate_anchor={config.surrogate_anchor} must be in [0, 1] (share of the forget "
                               "batch noised from surrogate samples)")
@@ -353,7 +340,6 @@ class TrainingData:
     x_retain: Optional[torch.Tensor]         # retain samples (None: no retain loss)
     i_retain: Optional[torch.Tensor]
     sigma_data: float                        # std of the concept samples (the "v" loss weighting's sigma_data)
-    visited: Optional[tuple] = None          # on-policy rows: (x_t, sigma, concept index) the student's path visited
 
     def concept_rows(self, i: torch.Tensor) -> torch.Tensor:
         return i
@@ -429,12 +415,6 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
         ids = torch.cat([ids[:keep], data.i_anchor[a_rows]])
         x0 = torch.cat([x0[:keep], data.x_anchor[a_rows]])
     sigma, xt = noised(model, x0, t, gen)
-    if data.visited is not None:  # the first rows: states the student's own sampling path visited (as they were)
-        n_own = round(cfg.on_policy * cfg.batch_size)
-        v_xt, v_sigma, v_ids = data.visited
-        v_rows = torch.randint(0, v_xt.shape[0], (n_own,), generator=gen)
-        xt, sigma, ids = torch.cat([v_xt[v_rows], xt[n_own:]]), torch.cat([v_sigma[v_rows], sigma[n_own:]]), \
-            torch.cat([v_ids[v_rows], ids[n_own:]])
     student, teacher = data.concept_rows(ids), data.surrogate_rows(ids)
     if data.x_retain is not None:  # drawn after the forget rows' noise (the RNG order of earlier versions)
         r_rows = torch.randint(0, data.x_retain.shape[0], (cfg.batch_size,), generator=gen)
@@ -457,32 +437,12 @@ def training_batches(model: DiffusionModel, adapters: AdapterSet, data: Training
     step = 0
     while step < cfg.steps:
         end = min(cfg.steps, (step // cfg.check_every + 1) * cfg.check_every, step + AHEAD_STEPS)
-        if cfg.on_policy > 0:  # the student as it is now: where its own sampling path goes for the concept prompts
-            data = replace(data, visited=visit(model, data, cfg, cfg.seed + 7 + step))
         batches = [get_batch(model, data, cfg, profile, gen) for _ in range(step, end)]
         with adapters.disabled():  # the teacher: the network as it was
             targets = x0_no_grad(model, data, torch.cat([b.xt for b in batches]),
                                  torch.cat([b.sigma for b in batches]), torch.cat([b.teacher for b in batches]), rows)
         yield from zip(batches, targets.split([b.xt.shape[0] for b in batches]))
         step = end
-
-
-def visit(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, seed: int) -> tuple:
-    """(x_t, sigma, concept index) of the student's own sampling path for every concept prompt (one path each, the
-    self-generation's sampler), at the steps whose noise-to-signal ratio is at least cfg.on_policy_min_noise."""
-    states = []
-
-    def keep(x, sigma, rows):
-        ok = noise_to_signal(model, sigma, data.sigma_data) >= cfg.on_policy_min_noise
-        if ok.any():
-            states.append((x[ok.to(x.device)].clone(), sigma[ok.to(sigma.device)].clone(), rows[ok]))
-
-    with torch.no_grad():
-        generate(model, cfg.concepts, 1, seed, cfg.sample_steps, cfg.sample_cfg, on_state=keep)
-    if not states:
-        raise SpareInputError(f"on_policy_min_noise={cfg.on_policy_min_noise}: no step of the sampling path is that "
-                              "noisy; lower it")
-    return tuple(torch.cat(parts) for parts in zip(*states))
 
 
 # --- the networks: teacher and student --------------------------------------------------------------------------------

@@ -51,16 +51,6 @@ def data_std(x0: torch.Tensor) -> float:
     return max(float(x0.float().std()), 1e-2)
 
 
-def noise_to_signal(model: DiffusionModel, sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """Noise std over signal std of x_t at each sigma [B] (CPU float32), for data of std `sigma_data`, read off the
-    model's own forward process (x0 + sigma * eps for EPS/V models, (1 - sigma) * x0 + sigma * eps for flow ones)."""
-    sigma = sigma.float().reshape(-1).cpu()
-    one, zero = torch.ones(len(sigma), 1, 1, 1), torch.zeros(len(sigma), 1, 1, 1)
-    signal = model.add_noise(one.to(model.device), zero.to(model.device), sigma.to(model.device)).reshape(-1).float().cpu()
-    noise = model.add_noise(zero.to(model.device), one.to(model.device), sigma.to(model.device)).reshape(-1).float().cpu()
-    return noise / (signal.clamp_min(1e-8) * sigma_data)
-
-
 def uniform_t(n: int, generator: torch.Generator) -> torch.Tensor:
     """n positions t uniform in [T_MIN, 1 - T_MIN] (float32, CPU): the authors' timestep sampling."""
     return T_MIN + (1 - 2 * T_MIN) * torch.rand(n, generator=generator)
@@ -109,7 +99,6 @@ def generate(
     cfg: float = 5.0,
     batch_size: Optional[int] = None,
     should_stop: Optional[Callable[[], bool]] = None,
-    on_state: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample `per_prompt` latents for each prompt with Euler + CFG.
 
@@ -117,8 +106,7 @@ def generate(
     ComfyUI's Flux workflows do. Returns (x0 [len(prompts) * per_prompt, C, H, W] float32 on model.device, prompt index [N] long on CPU).
     Noise is drawn on the CPU from `seed`, so results do not depend on the device's RNG. batch_size: samples per
     forward (None: GPU_SAMPLE_BATCH on an accelerator, CPU_FORWARD_ROWS on the CPU; the samples do not depend on it
-    beyond float rounding). on_state(x, sigma, prompt index): called with the state before every step (the
-    sampling path's intermediate x_t; distill's on-policy rows).
+    beyond float rounding).
     """
     if batch_size is None:
         batch_size = forward_rows(model.device, GPU_SAMPLE_BATCH)
@@ -146,8 +134,6 @@ def generate(
                 raise Cancelled("cancelled while generating training samples")
             s = float(sigmas[i])
             sig = torch.full((n,), s, device=model.device)
-            if on_state is not None:
-                on_state(x, sig, rows)
             if guided:
                 x0 = cfg_combine(*model.predict_x0(torch.cat([x, x]), sig.repeat(2), c).float().chunk(2), cfg)
             else:
