@@ -417,13 +417,14 @@ def test_report_merges_runs_of_one_grid_only(tmp_path):
     from bench.minicanvas import report
     base = {"style_acc": 100.0, "object_acc": 100.0}
     a = {"base": base, "methods": {"spare": {"x": 1}}, "meta": {"command": "a", "wall_seconds": 10, "model": "flux"}}
-    b = {"base": base, "methods": {"uce": {"x": 2}, "spare": {"x": 3}},
+    b = {"base": base, "methods": {"uce": {"x": 2}, "spare": {"x": 3}}, "budget": {"esd": 200},
          "meta": {"command": "b", "wall_seconds": 5, "model": "flux"}}
     c = {"base": {"style_acc": 90.0, "object_acc": 100.0}, "methods": {}, "meta": {"command": "c", "model": "flux"}}
     for name, r in (("a", a), ("b", b), ("c", c)):
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
     merged = report.load_results(f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}")
-    assert merged["methods"] == {"spare": {"x": 1}, "uce": {"x": 2}}
+    assert {k: v["x"] for k, v in merged["methods"].items()} == {"spare": 1, "uce": 2}
+    assert merged["methods"]["uce"]["budget"] == {"esd": 200}  # each method keeps its own run's budget
     assert merged["meta"]["wall_seconds"] == 15 and "a" in merged["meta"]["command"] and "b" in merged["meta"]["command"]
     with pytest.raises(ValueError, match="another model, grid or sampler"):
         report.load_results(f"{tmp_path / 'a.json'},{tmp_path / 'c.json'}")

@@ -18,7 +18,8 @@ import numpy as np
 from . import metrics
 from .budgets import ERASABLE_OBJECTS, ERASABLE_STYLES
 
-METRICS = ("UA", "IRA", "CRA", "mean3", "synonym_UA", "SFA")
+METRICS = ("UA", "IRA", "CRA", "mean3", "synonym_UA", "SFA", "IRA_unlisted", "CRA_unlisted", "IRA_listed",
+           "CRA_listed", "mean4")
 
 
 def sign_test(up: int, down: int) -> float:
@@ -67,8 +68,11 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("a", help="RESULTS.json:METHOD (the reference)")
     ap.add_argument("b", help="RESULTS.json:METHOD (the variant)")
+    ap.add_argument("--domain", choices=("style", "object"), help="only the erased styles, or only the objects")
     args = ap.parse_args(argv)
     (a, budget_a), (b, budget_b) = runs_of(args.a), runs_of(args.b)
+    if args.domain:
+        a = {k: r for k, r in a.items() if r.get("domain") == args.domain}
     for key in ("seeds", "sample_steps", "retain_set"):
         if budget_a.get(key) != budget_b.get(key):
             raise SystemExit(f"the runs used different grids: {key} = {budget_a.get(key)} vs {budget_b.get(key)}")

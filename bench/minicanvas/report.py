@@ -226,11 +226,11 @@ def targets(results: dict) -> str:
             best = max(others, key=others.get)
             row(f"mean(UA, unlisted IRA, unlisted CRA, SFA) above every baseline (best: {best} {others[best]:.2f})",
                 f"{mine:.2f}", mine > others[best], f"{others[best] - mine:.2f}")
-    budget = results.get("budget", {})
     for esd in ("esd-x", "esd-u"):
         e = methods.get(esd)
         if not e:
             continue
+        budget = e.get("budget") or results.get("budget", {})  # its own run's (merged files: load_results)
         # ESD's time is linear in its steps: compare with ESD at the paper's 1000 steps
         esd_secs = e["seconds_per_concept"] * 1000 / max(1, budget.get("esd", 1000))
         ratio = sp["seconds_per_concept"] / esd_secs
@@ -347,20 +347,22 @@ def load_results(paths: str) -> dict:
     """One results file, or several ("a.json,b.json": runs of the same model and grid, e.g. SPARE at 3 training seeds
     in one and the baselines in another) merged: every method of every file (a method in two files: the first wins),
     the first file's base and meta, the commands and wall times of all. Files whose unerased model scored differently
-    (another model, grid or sampler) are refused."""
+    (another model, grid or sampler) are refused. Each method keeps its own run's budget (row["budget"])."""
     merged = None
     for path in paths.split(","):
         with open(path) as f:
             results = json.load(f)
-        if merged is None:
+        if merged is None:  # every method keeps the budget of the run it came from (ESD's steps for the time ratio)
             merged = results
+            for row in merged["methods"].values():
+                row.setdefault("budget", results.get("budget", {}))
             continue
         if results.get("base") != merged.get("base") or \
                 results["meta"].get("model", "unet") != merged["meta"].get("model", "unet"):
             raise ValueError(f"{path}: another model, grid or sampler than {paths.split(',')[0]} (its unerased "
                              "model scored differently); only runs of the same grid merge")
         for name, row in results["methods"].items():
-            merged["methods"].setdefault(name, row)
+            merged["methods"].setdefault(name, dict(row, budget=results.get("budget", {})))
         meta, other = merged["meta"], results["meta"]
         meta["command"] = f"{meta['command']}` + `{other['command']}"
         meta["wall_seconds"] = round(float(meta.get("wall_seconds", 0)) + float(other.get("wall_seconds", 0)), 1)
