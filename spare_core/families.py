@@ -9,11 +9,12 @@ Candidates (saliency.candidate_modules), per family and `targets`:
   authors' SD code). For the DiTs it is every Linear *inside the transformer blocks* (`blocks`): the projections,
   MLPs and per-block modulation of both streams. Left out: the embedders before the blocks (`img_in`, `txt_in` /
   `context_embedder`, `time_in`, `vector_in`, `guidance_in`) and the final layer, which every prompt passes through,
-  so an update there moves everything. These DiT defaults are provisional: ESD/UCE-style erasers published on Flux
-  train narrower sets (EraseAnything: rank 8 on the text stream's q/k; UCE's Flux script: closed form on `txt_in` /
-  `vector_in`), and which set erases best with the least collateral is to be measured on a trained tiny Flux
-  (bench/minicanvas). Fused projections (Flux's `qkv`, `linear1`) are scored and adapted whole, not as q/k/v/MLP row
-  slices.
+  so an update there moves everything. Erasers published on Flux train narrower sets (EraseAnything: rank 8 on the
+  text stream's q/k; UCE's Flux script: closed form on `txt_in` / `vector_in`); we ship the wider rule because on
+  MiniCanvas-Flux (ComfyUI's Flux class, trained) the narrower sets erased less: the text stream's attention alone
+  lost 5 points of UA, the attention without the MLPs and modulation 26 (bench/RESULTS.md, "MiniCanvas-Flux").
+  `txt_in` / `vector_in` as candidates are not measured yet. Fused projections (Flux's `qkv`, `linear1`) are scored
+  and adapted whole, not as q/k/v/MLP row slices.
 - "attention": the attention projections inside the blocks (`attention` leaf names).
 - "cross_attention": where the text enters. UNets: the cross-attention (attn2) projections. Joint-attention DiTs have
   no cross-attention; there it is the text stream's attention projections (`text_attention`).
