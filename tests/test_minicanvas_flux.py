@@ -141,11 +141,11 @@ def test_harness_takes_every_method_on_flux():
     """`--model flux` runs every baseline in its Flux form; eraseanything (Flux only) is refused on the UNet, by
     name, before anything loads."""
     from bench.minicanvas import cli
-    from bench.minicanvas.budgets import METHODS
+    from bench.minicanvas.budgets import FLUX_ONLY_METHODS, METHODS
     from bench.minicanvas.dispatch import check_model_methods
 
     check_model_methods(list(METHODS), "flux")
-    check_model_methods([m for m in METHODS if m != "eraseanything"], "unet")
+    check_model_methods([m for m in METHODS if m not in FLUX_ONLY_METHODS], "unet")
     with pytest.raises(ValueError, match=r"\['eraseanything'\].*--model flux"):
         check_model_methods(["spare", "eraseanything"], "unet")
     with pytest.raises(SystemExit):

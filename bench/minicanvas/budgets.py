@@ -21,7 +21,7 @@ ERASABLE_STYLES = [c.name for c in data.STYLES if c.name != data.NEUTRAL_STYLE]
 ERASABLE_OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJECT]
 METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-no-anchor",
            "spare-rank4", "spare-floor05", "spare-steps160", "spare-anchor2", "esd-x", "esd-u", "ca", "salun", "uce",
-           "uce-pool", "eraseanything")  # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); the other spare-* names
+           "uce-pool", "eraseanything", "spare-text-in")  # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); the other spare-* names
 # are SPARE_VARIANTS (below): SPARE with a few settings changed
 SHORT_STEPS = 0.8  # spare-steps160 (experiment, time): 0.8 x the step cap (160 of 200), cosine-decayed to that cap
 PROFILE_FLOOR_05 = 0.5  # spare-floor05 (experiment): half of the steps spread evenly over the schedule (default 0.2)
@@ -33,7 +33,7 @@ QUICK_BASELINE_SCALE = 0.1  # ESD 100, CA 40, SalUn 50 steps
 QUICK_METHODS = ("spare", "esd-x", "ca", "salun", "uce")
 QUICK_SAMPLE_STEPS = 8  # evaluation sampler steps in quick mode (default 12)
 STANDARD_METHODS = ("spare", "spare-all-pairs", "uce", "uce-pool", "salun", "ca", "esd-x")
-FLUX_ONLY_METHODS = ("eraseanything",)  # published for Flux only (baselines.erase_anything): refused on the UNet
+FLUX_ONLY_METHODS = ("eraseanything", "spare-text-in")  # spare-text-in: experiment, SPARE + Flux's text embedders  # published for Flux only (baselines.erase_anything): refused on the UNet
 # the methods of --standard / --quick per model: on MiniCanvas-Flux the Flux-only baselines join the UNet's
 MODEL_METHODS = {"unet": {"standard": STANDARD_METHODS, "quick": QUICK_METHODS},
                  "flux": {"standard": STANDARD_METHODS + FLUX_ONLY_METHODS, "quick": QUICK_METHODS + FLUX_ONLY_METHODS}}

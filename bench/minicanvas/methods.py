@@ -13,6 +13,9 @@ from . import baselines, budgets, memory
 from .budgets import METHODS, SPARE_VARIANTS, all_pairs, split_variant
 
 
+TEXT_EMBEDDERS = ("txt_in", "vector_in.in_layer")  # spare-text-in (Flux): where the text enters, before the blocks
+
+
 def default_inputs():
     """What an erasure reads its prompt lists, learning rates and memory probe from, looked up on each call:
     concept_prompts and LR (budgets.py), peak_rss_reset and peak_rss_mb (memory.py). A host takes any object with
@@ -79,7 +82,15 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
             profile_cfg = replace(profile_cfg, uniform_floor=variant.profile_floor)
         given = sc.pipeline.every_candidate(model, forget, budget.spare_targets) \
             if method == "spare-no-saliency" else None
-        result = sc.erase(model, cfg, scan_cfg, profile_cfg, saliency=given, on_check=on_check).result
+        latents = None
+        if method == "spare-text-in":  # experiment: the scan's selection plus Flux's text embedders (UCE's targets)
+            latents = sc.pipeline.concept_samples(model, cfg.concepts, cfg.samples, cfg.seed, cfg.sample_steps,
+                                                  cfg.sample_cfg)
+            scanned = sc.saliency_scan(model, cfg.concepts, cfg.retain, replace(scan_cfg, seed=cfg.seed,
+                                                                       gradient_checkpointing=False), latents=latents)
+            given = sc.Saliency(scanned.scores, list(scanned.selected) + list(TEXT_EMBEDDERS), scanned.meta)
+        extra_args = {"latents": latents} if latents is not None else {}  # the scan's samples, reused
+        result = sc.erase(model, cfg, scan_cfg, profile_cfg, saliency=given, on_check=on_check, **extra_args).result
         info = {"trainable_params": result.trainable_params, "lora_bytes": result.lora.num_bytes(),
                 "losses": [r["forget"] for r in result.losses], "steps_used": result.steps_used,
                 "gap_closed": result.gap_closed, "modules": len(result.lora.modules),
