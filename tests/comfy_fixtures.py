@@ -110,6 +110,39 @@ def load_pack_module(relpath: str, name: str | None = None):
     return module
 
 
+PACK_UNDER_TEST = "spare_pack_under_test"  # the name tests/test_nodes_comfy.py loads the pack under (shared)
+
+
+def import_pack(name: str = PACK_UNDER_TEST):
+    """The whole pack imported the way ComfyUI loads a folder pack (relative imports work), once per name; ComfyUI's
+    progress bars off. Skips without ComfyUI (comfy_or_skip)."""
+    comfy_or_skip()
+    import comfy.utils
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(PACK_ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def demo_outputs(pack_name: str = PACK_UNDER_TEST, **inputs):
+    """A generator for a module fixture: yields [demo_model module, host module, (MODEL, CLIP, VAE, LATENT)] of the
+    SPARE Demo Model node run as the executor runs it (`inputs`: its widgets, e.g. model=FLUX_CHOICE), and empties
+    that list at teardown: pytest keeps the last test's arguments until after the session's teardown, where
+    conftest checks that no ModelPatcher is alive."""
+    import torch
+    mod = sys.modules[pack_name + ".nodes.demo_model"]
+    host = sys.modules[pack_name + ".nodes.host"]
+    with torch.inference_mode():
+        outputs = mod.DemoModel.execute(**inputs).result
+    value = [mod, host, outputs]
+    yield value
+    value.clear()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Deterministic init
 

@@ -6,7 +6,6 @@ the host adapter (nodes/host.py) predicts what the bundled model predicts.
 
 Needs a ComfyUI checkout in COMFYUI_PATH (scripts/setup_comfyui.sh); skipped with the reason printed otherwise.
 """
-import importlib.util
 import sys
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 import comfy_fixtures as cf
 
-PACK_NAME = "spare_pack_under_test"  # the name tests/test_nodes_comfy.py loads the pack under (shared when both run)
+PACK_NAME = cf.PACK_UNDER_TEST
 STEPS, CFG = 12, 4.0  # flux_model's defaults (DEFAULT_STEPS, DEFAULT_CFG), what bench/minicanvas/flux_eval.py uses
 # ComfyUI's euler on ModelSamplingFlux's "simple" sigmas is the bundled euler step for step (same noise, sigmas,
 # formulas); only float rounding differs: measured max |difference| ~3e-6 in [0, 1] images.
@@ -25,30 +24,13 @@ JUDGE_FLOOR = 90.0  # % of judged images that must show the style / object asked
 
 @pytest.fixture(scope="module")
 def pack():
-    cf.comfy_or_skip()
-    import comfy.utils
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    if PACK_NAME not in sys.modules:  # loaded the way ComfyUI loads a folder pack (relative imports work)
-        spec = importlib.util.spec_from_file_location(PACK_NAME, cf.PACK_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(cf.PACK_ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = module
-        spec.loader.exec_module(module)
-    return sys.modules[PACK_NAME]
+    return cf.import_pack(PACK_NAME)
 
 
 @pytest.fixture(scope="module")
 def demo(pack):
     """(demo_model module, host module, (MODEL, CLIP, VAE, LATENT) from the node, run as the executor runs it)."""
-    mod = sys.modules[PACK_NAME + ".nodes.demo_model"]
-    host = sys.modules[PACK_NAME + ".nodes.host"]
-    with torch.inference_mode():
-        outputs = mod.DemoModel.execute(model=mod.FLUX_CHOICE).result
-    value = [mod, host, outputs]
-    yield value
-    # pytest keeps the last test's arguments until after the session's teardown, where conftest checks that no
-    # ModelPatcher is alive: empty the list they refer to
-    value.clear()
+    yield from cf.demo_outputs(PACK_NAME, model=sys.modules[PACK_NAME + ".nodes.demo_model"].FLUX_CHOICE)
 
 
 @pytest.fixture(scope="module")

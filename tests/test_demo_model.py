@@ -6,7 +6,6 @@ adapter (nodes/host.py) sees the same model as the benchmark.
 Needs a ComfyUI checkout in COMFYUI_PATH (scripts/setup_comfyui.sh); skipped with the reason printed otherwise.
 """
 import asyncio
-import importlib.util
 import logging
 import sys
 
@@ -15,7 +14,7 @@ import torch
 
 import comfy_fixtures as cf
 
-PACK_NAME = "spare_pack_under_test"  # the name tests/test_nodes_comfy.py loads the pack under (shared when both run)
+PACK_NAME = cf.PACK_UNDER_TEST
 STEPS, CFG = 20, 4.0  # the bundled sampler's defaults (MiniCanvasModel.sample); karras sigmas, as it uses
 # The bundled sampler starts from sigma_max * noise; ComfyUI's KSampler from sqrt(1 + sigma_max^2) * noise
 # (model_sampling.noise_scaling with max_denoise): measured max |difference| ~1.2e-4 in [0, 1] images (1e-6 without
@@ -26,30 +25,13 @@ PROMPTS = {0: "A star image in ukiyo style.", 1: "An image of a heart in neon st
 
 @pytest.fixture(scope="module")
 def pack():
-    cf.comfy_or_skip()
-    import comfy.utils
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    if PACK_NAME not in sys.modules:  # loaded the way ComfyUI loads a folder pack (relative imports work)
-        spec = importlib.util.spec_from_file_location(PACK_NAME, cf.PACK_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(cf.PACK_ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = module
-        spec.loader.exec_module(module)
-    return sys.modules[PACK_NAME]
+    return cf.import_pack(PACK_NAME)
 
 
 @pytest.fixture(scope="module")
 def demo(pack):
     """(demo_model module, host module, (MODEL, CLIP, VAE, LATENT) from the node, run as the executor runs it)."""
-    mod = sys.modules[PACK_NAME + ".nodes.demo_model"]
-    host = sys.modules[PACK_NAME + ".nodes.host"]
-    with torch.inference_mode():
-        outputs = mod.DemoModel.execute().result
-    value = [mod, host, outputs]
-    yield value
-    # pytest keeps the last test's arguments until after the session's teardown, where conftest checks that no
-    # ModelPatcher is alive: empty the list they refer to
-    value.clear()
+    yield from cf.demo_outputs(PACK_NAME)
 
 
 @pytest.fixture(scope="module")
