@@ -195,24 +195,22 @@ class MiniCanvasTokenizer:
         return {}
 
 
-class MiniCanvasTextModel(nn.Module, comfy.sd1_clip.ClipTokenWeightEncoder):
-    """The CLIP's cond_stage_model: MiniCanvas' TextEncoder (keys "text_encoder.*", as in the weights file); per-token
-    context [1, max_tokens, text_dim], no pooled output."""
+class _DemoTextModel(nn.Module, comfy.sd1_clip.ClipTokenWeightEncoder):
+    """What both demo CLIPs' cond_stage_models share: a bundled text encoder (keys "text_encoder.*", as in the weights
+    file) over the MiniCanvas vocabulary, token ids as ComfyUI's tokenizer hands them over, no CLIP options."""
 
-    def __init__(self, device=None, dtype=None, model_options={}, minicanvas_config=None):
+    def __init__(self, text_encoder: nn.Module, vocab: list, device=None, dtype=None):
         super().__init__()
-        cfg = config_from_dict(minicanvas_config)
-        self.text_encoder = mc.TextEncoder(cfg)
-        ids = {w: i for i, w in enumerate(cfg.vocab)}
+        self.text_encoder = text_encoder
+        ids = {w: i for i, w in enumerate(vocab)}
         self.special_tokens = {"start": ids["<bos>"], "end": ids["<eos>"], "pad": ids["<pad>"]}
         dtype = dtype or torch.float32
         self.dtypes = {dtype}
         self.to(device=device, dtype=dtype)
 
-    def encode(self, token_lists):
-        weight = self.text_encoder.token_embedding.weight
-        tokens = torch.tensor([[int(t) for t in row] for row in token_lists], dtype=torch.long, device=weight.device)
-        return self.text_encoder(tokens).float(), None
+    def tokens(self, token_lists) -> torch.Tensor:
+        device = next(self.text_encoder.parameters()).device
+        return torch.tensor([[int(t) for t in row] for row in token_lists], dtype=torch.long, device=device)
 
     def reset_clip_options(self):
         pass
@@ -222,6 +220,18 @@ class MiniCanvasTextModel(nn.Module, comfy.sd1_clip.ClipTokenWeightEncoder):
 
     def load_sd(self, sd):
         return self.load_state_dict(sd, strict=False)
+
+
+class MiniCanvasTextModel(_DemoTextModel):
+    """The CLIP's cond_stage_model: MiniCanvas' TextEncoder; per-token context [1, max_tokens, text_dim], no pooled
+    output."""
+
+    def __init__(self, device=None, dtype=None, model_options={}, minicanvas_config=None):
+        cfg = config_from_dict(minicanvas_config)
+        super().__init__(mc.TextEncoder(cfg), cfg.vocab, device, dtype)
+
+    def encode(self, token_lists):
+        return self.text_encoder(self.tokens(token_lists)).float(), None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -376,34 +386,17 @@ class PixelUnshuffleVAE(nn.Module):
         return torch.nn.functional.pixel_shuffle(samples, self.factor)
 
 
-class MiniCanvasFluxTextModel(nn.Module, comfy.sd1_clip.ClipTokenWeightEncoder):
-    """The CLIP's cond_stage_model for MiniCanvas-Flux: flux_model.FluxTextEncoder (keys "text_encoder.*" as in the
-    weights file): per-token states [1, max_tokens, text_dim] for Flux's `txt_in` and the pooled vector [1, text_dim]
-    for its `vector_in` (CONDITIONING's pooled_output, which model_base.Flux passes as `y`)."""
+class MiniCanvasFluxTextModel(_DemoTextModel):
+    """The CLIP's cond_stage_model for MiniCanvas-Flux: flux_model.FluxTextEncoder: per-token states
+    [1, max_tokens, text_dim] for Flux's `txt_in` and the pooled vector [1, text_dim] for its `vector_in`
+    (CONDITIONING's pooled_output, which model_base.Flux passes as `y`)."""
 
     def __init__(self, device=None, dtype=None, model_options={}, flux_config=None):
-        super().__init__()
-        self.text_encoder = mcf.FluxTextEncoder(flux_config)
-        ids = {w: i for i, w in enumerate(flux_config.vocab)}
-        self.special_tokens = {"start": ids["<bos>"], "end": ids["<eos>"], "pad": ids["<pad>"]}
-        dtype = dtype or torch.float32
-        self.dtypes = {dtype}
-        self.to(device=device, dtype=dtype)
+        super().__init__(mcf.FluxTextEncoder(flux_config), flux_config.vocab, device, dtype)
 
     def encode(self, token_lists):
-        weight = self.text_encoder.encoder.token_embedding.weight
-        tokens = torch.tensor([[int(t) for t in row] for row in token_lists], dtype=torch.long, device=weight.device)
-        ctx, pooled = self.text_encoder(tokens)
+        ctx, pooled = self.text_encoder(self.tokens(token_lists))
         return ctx.float(), pooled.float()
-
-    def reset_clip_options(self):
-        pass
-
-    def set_clip_options(self, options):
-        pass
-
-    def load_sd(self, sd):
-        return self.load_state_dict(sd, strict=False)
 
 
 def read_flux_weights(path: str = FLUX_WEIGHTS_FILE) -> tuple[mcf.FluxMiniConfig, dict, dict]:
