@@ -149,6 +149,12 @@ class DistillConfig:
                                     "(why not fewer: bench/HISTORY.md, \"Speed for the time target\").", node=False)
     retain_sample_steps: int = option(0, "Euler steps for the retain samples; 0 = half of sample_steps (at least 1): "
                                          "for time, retention unchanged (same section).", node=False)
+    uncond_rows: int = option(0, "Retain rows per step that keep the EMPTY prompt's prediction on the forget rows' own "
+                                 "x_t (the states the erased sampler visits; classifier-free guidance multiplies a "
+                                 "drift of the empty prompt there by its scale - 1).", min=0, max=64, node=False)
+    cross_rows: int = option(0, "Retain rows per step that keep a random RETAIN prompt's prediction on the forget rows' "
+                                "own x_t: on the very states the erasure trains, only the concept's prompt may change.",
+                             min=0, max=64, node=False)
 
 
 @dataclass
@@ -340,6 +346,7 @@ class TrainingData:
     x_retain: Optional[torch.Tensor]         # retain samples (None: no retain loss)
     i_retain: Optional[torch.Tensor]
     sigma_data: float                        # std of the concept samples (the "v" loss weighting's sigma_data)
+    uncond_row: Optional[int] = None         # row of `cond` holding the empty prompt (None: not encoded)
 
     def concept_rows(self, i: torch.Tensor) -> torch.Tensor:
         return i
@@ -389,8 +396,9 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
         retain_prompts = []
     with torch.no_grad():
         cond = model.encode(cfg.concepts + cfg.surrogates + retain_prompts)
+    uncond_row = 2 * len(cfg.concepts) + retain_prompts.index("") if "" in retain_prompts else None
     return TrainingData(cond, len(cfg.concepts), x_forget, i_forget, n_anchor, x_anchor, i_anchor, x_retain, i_retain,
-                        data_std(x_forget))
+                        data_std(x_forget), uncond_row)
 
 
 class Batch(NamedTuple):
@@ -422,6 +430,16 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
         r_ids = data.retain_rows(data.i_retain[r_rows])
         sigma, xt = torch.cat([sigma, r_sigma]), torch.cat([xt, r_xt])
         student, teacher = torch.cat([student, r_ids]), torch.cat([teacher, r_ids])
+        if cfg.uncond_rows and data.uncond_row is not None:  # the empty prompt on the forget rows' own x_t
+            k = torch.arange(cfg.uncond_rows) % cfg.batch_size
+            u = torch.full((cfg.uncond_rows,), data.uncond_row, dtype=student.dtype)
+            sigma, xt = torch.cat([sigma, sigma[k]]), torch.cat([xt, xt[k]])
+            student, teacher = torch.cat([student, u]), torch.cat([teacher, u])
+        if cfg.cross_rows:  # random retain prompts on the forget rows' own x_t
+            k = torch.arange(cfg.cross_rows) % cfg.batch_size
+            c_ids = data.retain_rows(torch.randint(0, int(data.i_retain.max()) + 1, (cfg.cross_rows,), generator=gen))
+            sigma, xt = torch.cat([sigma, sigma[k]]), torch.cat([xt, xt[k]])
+            student, teacher = torch.cat([student, c_ids]), torch.cat([teacher, c_ids])
     return Batch(xt, sigma, student, teacher)
 
 

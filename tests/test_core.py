@@ -849,3 +849,27 @@ def test_probe_checks_in_gpu_sized_forwards_measure_the_same(model, saliency, mo
         assert a["gap"] == pytest.approx(b["gap"], rel=1e-4) and a["retain_drift"] == pytest.approx(
             b["retain_drift"], rel=1e-4, abs=1e-12)
     assert cpu.checks[-1]["retain_drift"] > 0
+
+
+def test_rows_on_the_forget_states_keep_other_prompts_there(model):
+    """uncond_rows / cross_rows: extra retain rows on the forget rows' OWN x_t and sigma, with the empty prompt /
+    random retain prompts for student and teacher alike; with both 0 (and for the forget and ordinary retain rows in
+    any case) the step's rows are exactly those drawn without them."""
+    from spare_core.distill import get_batch, make_training_data, validate
+    base = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=3, **FAST)
+    full = sc.DistillConfig(**{**asdict(base), "uncond_rows": 1, "cross_rows": 3})
+    data = make_training_data(model, validate(base, sc.Saliency({"x": 1.0}, ["x"], {})), None, None)
+    n = 2 * len(base.concepts)
+    assert data.uncond_row == n + len(RETAIN)  # the empty prompt is the last retain prompt
+    plain = get_batch(model, data, base, None, torch.Generator().manual_seed(3))
+    more = get_batch(model, data, full, None, torch.Generator().manual_seed(3))
+    b = base.batch_size
+    assert plain.xt.shape[0] == 2 * b and more.xt.shape[0] == 2 * b + 4
+    for field in ("xt", "sigma", "student", "teacher"):
+        assert torch.equal(getattr(more, field)[:2 * b], getattr(plain, field))
+    extra = slice(2 * b, None)
+    assert torch.equal(more.student[extra], more.teacher[extra])  # retain rows: the same prompt for both
+    assert more.student[2 * b] == data.uncond_row
+    assert all(n <= int(i) < n + len(RETAIN) + 1 for i in more.student[2 * b + 1:])
+    for j, k in zip(range(2 * b, 2 * b + 4), [0, 0, 1, 0]):  # row k of the forget batch, cyclically
+        assert torch.equal(more.xt[j], more.xt[k]) and more.sigma[j] == more.sigma[k]
