@@ -165,7 +165,7 @@ class AppliedLora(_Hooks):
             return  # strength 0 is the original model, bit for bit: no hook at all
         modules = dict(network.named_modules())
         missing = [p for p in lora.modules if p not in modules]
-        if len(missing) == len(lora.modules):
+        if missing and len(missing) == len(lora.modules):  # (an empty LoRA adds nothing)
             raise SpareInputError(f"none of the LoRA's {len(missing)} modules exists in this model "
                                   f"(first: '{missing[0]}')")
         for path, m in lora.modules.items():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bench.minicanvas import baselines, metrics, report
+import spare_core as sc
 from tiny_denoiser import TinyDiffusionModel
 
 
@@ -428,3 +429,18 @@ def test_report_merges_runs_of_one_grid_only(tmp_path):
     assert merged["meta"]["wall_seconds"] == 15 and "a" in merged["meta"]["command"] and "b" in merged["meta"]["command"]
     with pytest.raises(ValueError, match="another model, grid or sampler"):
         report.load_results(f"{tmp_path / 'a.json'},{tmp_path / 'c.json'}")
+
+
+def test_residual_diagnosis_of_a_model_that_erased_nothing():
+    """`diagnose residual` with an empty LoRA (the erased model IS the unerased one): the conditional residual is
+    the whole concept-surrogate gap, all of it toward the concept (along 1, orth 0), the empty prompt has not drifted,
+    and the path ends in the concept itself."""
+    from bench.minicanvas import diagnose
+    from bench.minicanvas.judge import Judge
+    from spare_core.minicanvas.model import load
+    rows = diagnose.residual(load(), Judge(), "style", "ukiyo", sc.LoraWeights({}), steps=4)
+    assert len(rows) == 4
+    for r in rows:
+        assert r["along"] == pytest.approx(1.0, abs=1e-4) and r["orth"] < 1e-3 and r["uncond"] == 0.0
+        assert r["signal"] > 0
+    assert rows[-1]["class"] == "ukiyo"

@@ -4,6 +4,7 @@
     python -m bench.minicanvas.diagnose trajectory --concept ukiyo          # the erased model's sampling path
     python -m bench.minicanvas.diagnose strength --concept ukiyo            # the erasure at LoRA strengths < 1
     python -m bench.minicanvas.diagnose cfg --concept ukiyo                 # the erased model at guidance 1 ... 4
+    python -m bench.minicanvas.diagnose residual --concept ukiyo            # what guidance multiplies, along the path
 
 - targets: SPARE's forget loss asks the student, on x_t noised from a sample, for the surrogate-prompt teacher's x0.
   For samples of the concept and of the surrogate, at each sigma, the classifiers judge that target x0: is the other
@@ -16,6 +17,12 @@
 - cfg: the whole held-out grid, erased and unerased, at the sampler's guidance scale 1 ... 4: a residual error of
   the erased conditional prediction is multiplied by the guidance scale; if SFA rises as guidance falls, debris is
   the amplified residual of an imperfect fit, not a wrong target.
+- residual: along the erased model's sampling path of the concept's held-out prompts, at every step, the erased
+  model's errors that classifier-free guidance multiplies, as fractions of the concept-surrogate gap |T(c) - T(s)|
+  (T = the unerased model's x0, c / s = concept / surrogate prompt): `along` = the conditional residual's component
+  toward the concept, `orth` = the rest of it, `uncond` = the drift of the EMPTY prompt's prediction, `signal` =
+  |T(s) - T("")|, what guidance draws the object from. The guided x0 = u + cfg (c - u) carries cfg x the conditional
+  residual and (cfg - 1) x the empty prompt's drift: at cfg 4, residuals of a few tenths of the gap rival the signal.
 
 Training: SPARE at the product defaults (`run_method("spare", ...)`, retain list `--retain-set`, training
 seed `--seed`), with `--set FIELD=VALUE` overrides of DistillConfig (as the harness' `--spare-set`). Everything is
@@ -145,10 +152,42 @@ def guidance(model, judge, domain: str, name: str, lora, seed: int, retain_set: 
     return rows
 
 
+def residual(model, judge, domain: str, name: str, lora, steps: int = 12) -> list[dict]:
+    surrogate = data.NEUTRAL_STYLE if domain == "style" else data.NEUTRAL_OBJECT
+    concept_prompts, surrogate_prompts, labels = [], [], []
+    for t in EVAL_TEMPLATES:
+        p, lab = _prompts(domain, name, name, t)
+        concept_prompts += p
+        surrogate_prompts += _prompts(domain, name, surrogate, t)[0]
+        labels.append(lab)
+    labels = torch.cat(labels)
+    c, s, u = (model.encode(p) for p in (concept_prompts, surrogate_prompts, [""] * len(concept_prompts)))
+    x = model.initial_noise(len(c), list(range(700, 700 + len(c)))) * model.cfg.sigma_max
+    rows = []
+
+    def denoise(x, sigma):
+        with sc.apply_lora(model.network, lora, 1.0):
+            ec, eu = model.predict_x0(x, sigma, c), model.predict_x0(x, sigma, u)
+        tc, ts, tu = (model.predict_x0(x, sigma, k) for k in (c, s, u))
+        gap = (tc - ts).pow(2).sum().sqrt()
+        d, r = (tc - ts) / gap, ec - ts
+        along = (r * d).sum()
+        guided = (eu + CFG * (ec - eu)).clamp(-1, 1)
+        kept, cls = _judge(judge, guided, labels, domain)
+        rows.append({"sigma": float(sigma[0]), "along": float(along / gap),
+                     "orth": float((r - along * d).pow(2).sum().sqrt() / gap),
+                     "uncond": float((eu - tu).pow(2).sum().sqrt() / gap),
+                     "signal": float((ts - tu).pow(2).sum().sqrt() / gap), "kept": kept, "class": cls})
+        return guided
+    with torch.no_grad():
+        sample_loop(denoise, x, model.karras_sigmas(steps), "dpmpp_2m")
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg"))
+    ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg", "residual"))
     ap.add_argument("--concept", default="ukiyo", help=f"a style {ERASABLE_STYLES} or an object {ERASABLE_OBJECTS}")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set)
@@ -183,6 +222,13 @@ def main(argv=None):
             for r in rows:
                 print(f"  {r['run']:27s} " + " ".join(f"{p['sigma']:.2g}:{p['kept']:.0f}{p['class'][:3]}"
                                                      for p in r["path"]))
+        elif args.what == "residual":
+            rows = residual(model, judge, domain, args.concept, lora)
+            print(f"along the erased path, as fractions of |T(c) - T(s)| (cfg {CFG:g}); guided x0: % of the other "
+                  f"domain kept / majority {domain}")
+            for r in rows:
+                print(f"  sigma {r['sigma']:6.2f}  along {r['along']:6.3f}  orth {r['orth']:.3f}  uncond "
+                      f"{r['uncond']:.3f}  signal {r['signal']:.2f}  guided: kept {r['kept']:5.1f}%  {r['class']}")
         elif args.what == "cfg":
             rows = guidance(model, judge, domain, args.concept, lora, args.seed, args.retain_set)
             for r in rows:
