@@ -28,7 +28,7 @@ them or none (bench/RESULTS.md, "Erase only the concept"). The share is applied 
 
 Reading order: `distill` (the loop, on one screen), then the helpers it calls, in sections: the data
 (`make_training_data`, `get_batch`, `training_batches` with the teacher's targets), the networks (`x0_no_grad`,
-`forget_retain_loss`), the optimizer (`training_mode`, `lr_at`, `optimizer_step`), the probes (`make_probes`,
+`backward_rows`), the optimizer (`training_mode`, `lr_at`, `optimizer_step`), the probes (`make_probes`,
 `measure_probes`) and the file's record (`lora_metadata`).
 """
 from __future__ import annotations
@@ -300,14 +300,13 @@ def distill(
                     raise Cancelled(f"cancelled at step {step} of {cfg.steps}; nothing was saved")
                 lr = lr_at(step, cfg)
                 batch, target = next(batches)  # target: the teacher's x0 (the network without adapters)
-                forget, retain = forget_retain_loss(model, data, cfg, batch, target)
-                loss = cfg.forget_weight * forget + cfg.retain_weight * retain
-                value = float(loss.detach())
+                opt.zero_grad(set_to_none=True)
+                forget, retain = backward_rows(model, data, cfg, batch, target, scaler)
+                value = cfg.forget_weight * forget + cfg.retain_weight * retain
                 if not math.isfinite(value):
                     raise NonFiniteLossError(step + 1, value)
-                optimizer_step(opt, scaler, loss, params, lr, cfg.grad_clip)
-                losses.append({"step": step + 1, "loss": value, "forget": float(forget.detach()),
-                               "retain": float(retain.detach()), "lr": lr})
+                optimizer_step(opt, scaler, params, lr, cfg.grad_clip)
+                losses.append({"step": step + 1, "loss": value, "forget": forget, "retain": retain, "lr": lr})
                 if progress is not None:
                     progress(step + 1, cfg.steps, value)
                 if (step + 1) % cfg.check_every == 0 and step + 1 < cfg.steps:
@@ -480,17 +479,52 @@ def x0_no_grad(model: DiffusionModel, data: TrainingData, xt: torch.Tensor, sigm
                           for i in range(0, xt.shape[0], rows)])
 
 
-def forget_retain_loss(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, batch: Batch,
-                       target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(forget, retain): the student's weighted squared error to the teacher's x0, w(sigma) * ||x0_s - x0_t||^2,
-    averaged over the forget rows and over the retain rows (0 without retain rows). Every row of a step goes through
-    one student forward: the same loss as a forward per part, in less time on the CPU (bench/HISTORY.md, "Speed")."""
+def row_losses(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, batch: Batch,
+               target: torch.Tensor) -> torch.Tensor:
+    """Per row: the student's weighted squared error to the teacher's x0, w(sigma) * ||x0_s - x0_t||^2, in one
+    student forward."""
     w = loss_weight(batch.sigma, cfg.loss_weighting, data.sigma_data)
     with autocast(model):
         pred = model.predict_x0(batch.xt, batch.sigma, model.select_cond(data.cond, batch.student)).float()
-    per_row = (pred - target).pow(2).flatten(1).mean(1) * w
+    return (pred - target).pow(2).flatten(1).mean(1) * w
+
+
+def forget_retain_loss(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, batch: Batch,
+                       target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(forget, retain): the row losses averaged over the forget rows and over the retain rows (0 without retain
+    rows). Every row of a step goes through one student forward: the same loss as a forward per part, in less time
+    on the CPU (bench/HISTORY.md, "Speed")."""
+    per_row = row_losses(model, data, cfg, batch, target)
     forget = per_row[:cfg.batch_size].mean()
     retain = per_row[cfg.batch_size:].mean() if data.x_retain is not None else torch.zeros(())
+    return forget, retain
+
+
+def student_rows(device: torch.device, batch_size: int) -> int:
+    """Rows per student forward and backward: every row of a step on the CPU (one forward is fastest there); on an
+    accelerator 2 x batch_size, the forget and ordinary retain rows, so that the rows on the forget states
+    (uncond_rows, cross_rows) add time but not peak memory."""
+    return forward_rows(device, 2 * batch_size)
+
+
+def backward_rows(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, batch: Batch, target: torch.Tensor,
+                  scaler) -> tuple[float, float]:
+    """Forward and backward of one step's loss, forget_weight * forget + retain_weight * retain; returns (forget,
+    retain). Rows beyond `student_rows` are taken in chunks, each chunk's share of the loss backwarded at once (the
+    gradient is the same sum; only one chunk's graph is held)."""
+    rows, n, b = student_rows(model.device, cfg.batch_size), batch.xt.shape[0], cfg.batch_size
+    if n <= rows:
+        forget, retain = forget_retain_loss(model, data, cfg, batch, target)
+        scaler.scale(cfg.forget_weight * forget + cfg.retain_weight * retain).backward()
+        return float(forget.detach()), float(retain.detach())
+    forget = retain = 0.0
+    for i in range(0, n, rows):
+        per_row = row_losses(model, data, cfg, Batch(*(f[i:i + rows] for f in batch)), target[i:i + rows])
+        is_forget = torch.arange(i, i + per_row.shape[0], device=per_row.device) < b
+        f = per_row[is_forget].sum() / b
+        r = per_row[~is_forget].sum() / (n - b)  # n > rows >= b: there are retain rows
+        scaler.scale(cfg.forget_weight * f + cfg.retain_weight * r).backward()
+        forget, retain = forget + float(f.detach()), retain + float(r.detach())
     return forget, retain
 
 
@@ -527,12 +561,10 @@ def lr_at(step: int, cfg: DistillConfig) -> float:
     return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
 
 
-def optimizer_step(opt, scaler, loss: torch.Tensor, params: list, lr: float, grad_clip: float) -> None:
-    """Backward, clip the gradient norm to grad_clip (0: no clipping), one AdamW step at learning rate lr."""
+def optimizer_step(opt, scaler, params: list, lr: float, grad_clip: float) -> None:
+    """After the backward: clip the gradient norm to grad_clip (0: no clipping), one AdamW step at learning rate lr."""
     for group in opt.param_groups:
         group["lr"] = lr
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
     scaler.unscale_(opt)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)

@@ -873,3 +873,42 @@ def test_rows_on_the_forget_states_keep_other_prompts_there(model):
     assert all(n <= int(i) < n + len(RETAIN) + 1 for i in more.student[2 * b + 1:])
     for j, k in zip(range(2 * b, 2 * b + 4), [0, 0, 1, 0]):  # row k of the forget batch, cyclically
         assert torch.equal(more.xt[j], more.xt[k]) and more.sigma[j] == more.sigma[k]
+
+
+def test_rows_in_chunks_give_the_same_gradient(model, saliency, monkeypatch):
+    """On an accelerator a step's rows go through the student in chunks (peak memory of the forget and ordinary retain
+    rows only), each chunk backwarded at once: the loss and the gradient are those of one forward over every row
+    (forced here on the CPU: 2 rows per chunk). Compared on the gradient, not on trained weights: Adam's first steps
+    turn rounding-level differences of near-zero gradients into differences of a whole step."""
+    from spare_core.distill import backward_rows, get_batch, make_training_data, training_mode, validate, x0_no_grad
+    distill_mod = sys.modules["spare_core.distill"]
+    cfg = validate(sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=3, seed=0, uncond_rows=1,
+                                    cross_rows=2, **FAST), saliency)
+    data = make_training_data(model, cfg, None, None)
+    batch = get_batch(model, data, cfg, None, torch.Generator().manual_seed(1))
+    assert batch.xt.shape[0] == 7  # 2 forget + 2 retain + 1 empty-prompt + 2 cross rows
+    target = x0_no_grad(model, data, batch.xt, batch.sigma, batch.teacher, 16)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    grads, values, calls = [], [], []
+    real = distill_mod.row_losses
+
+    def counting(*args):
+        calls.append(args[3].xt.shape[0])
+        return real(*args)
+    monkeypatch.setattr(distill_mod, "row_losses", counting)
+    for rows in (None, 2):
+        if rows:
+            monkeypatch.setattr(distill_mod, "student_rows", lambda device, batch_size: rows)
+        with training_mode(model, cfg):
+            adapters = attach(model.network, saliency.selected, 4, 4.0, 0.0, device=model.device)
+            try:
+                for a in adapters.adapters.values():  # a non-zero up so that every adapter has a gradient
+                    torch.nn.init.normal_(a.up.weight, std=0.1, generator=torch.Generator().manual_seed(0))
+                values.append(backward_rows(model, data, cfg, batch, target, scaler))
+                grads.append([p.grad.clone() for p in adapters.parameters()])
+            finally:
+                adapters.remove()
+    assert calls == [7, 2, 2, 2, 1]
+    assert values[1] == pytest.approx(values[0], rel=1e-5)
+    for g_whole, g_chunked in zip(*grads):
+        assert torch.allclose(g_whole, g_chunked, rtol=1e-3, atol=1e-5 * float(g_whole.abs().max()))
