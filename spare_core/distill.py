@@ -152,8 +152,9 @@ class DistillConfig:
     uncond_rows: int = option(0, "Retain rows per step that keep the EMPTY prompt's prediction on the forget rows' own "
                                  "x_t (the states the erased sampler visits; classifier-free guidance multiplies a "
                                  "drift of the empty prompt there by its scale - 1).", min=0, max=64, node=False)
-    cross_rows: int = option(0, "Retain rows per step that keep a random RETAIN prompt's prediction on the forget rows' "
-                                "own x_t: on the very states the erasure trains, only the concept's prompt may change.",
+    cross_rows: int = option(0, "Retain rows per step that keep a random RETAIN prompt's prediction on the forget "
+                                "rows' own x_t: on the very states the erasure trains, only the concept's prompt may "
+                                "change.",
                              min=0, max=64, node=False)
 
 
@@ -429,16 +430,20 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
         r_ids = data.retain_rows(data.i_retain[r_rows])
         sigma, xt = torch.cat([sigma, r_sigma]), torch.cat([xt, r_xt])
         student, teacher = torch.cat([student, r_ids]), torch.cat([teacher, r_ids])
-        if cfg.uncond_rows and data.uncond_row is not None:  # the empty prompt on the forget rows' own x_t
-            k = torch.arange(cfg.uncond_rows) % cfg.batch_size
-            u = torch.full((cfg.uncond_rows,), data.uncond_row, dtype=student.dtype)
+        # rows on the forget rows' own x_t (each kind cycles over the forget rows): the empty prompt, random retain
+        # prompts; the same prompt for student and teacher
+        ids, k = [], []
+        if cfg.uncond_rows and data.uncond_row is not None:
+            ids.append(torch.full((cfg.uncond_rows,), data.uncond_row, dtype=student.dtype))
+            k.append(torch.arange(cfg.uncond_rows) % cfg.batch_size)
+        if cfg.cross_rows:
+            n_retain = int(data.i_retain.max()) + 1
+            ids.append(data.retain_rows(torch.randint(0, n_retain, (cfg.cross_rows,), generator=gen)))
+            k.append(torch.arange(cfg.cross_rows) % cfg.batch_size)
+        if ids:
+            ids, k = torch.cat(ids), torch.cat(k)
             sigma, xt = torch.cat([sigma, sigma[k]]), torch.cat([xt, xt[k]])
-            student, teacher = torch.cat([student, u]), torch.cat([teacher, u])
-        if cfg.cross_rows:  # random retain prompts on the forget rows' own x_t
-            k = torch.arange(cfg.cross_rows) % cfg.batch_size
-            c_ids = data.retain_rows(torch.randint(0, int(data.i_retain.max()) + 1, (cfg.cross_rows,), generator=gen))
-            sigma, xt = torch.cat([sigma, sigma[k]]), torch.cat([xt, xt[k]])
-            student, teacher = torch.cat([student, c_ids]), torch.cat([teacher, c_ids])
+            student, teacher = torch.cat([student, ids]), torch.cat([teacher, ids])
     return Batch(xt, sigma, student, teacher)
 
 

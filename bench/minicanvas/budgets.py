@@ -33,7 +33,9 @@ QUICK_BASELINE_SCALE = 0.1  # ESD 100, CA 40, SalUn 50 steps
 QUICK_METHODS = ("spare", "esd-x", "ca", "salun", "uce")
 QUICK_SAMPLE_STEPS = 8  # evaluation sampler steps in quick mode (default 12)
 STANDARD_METHODS = ("spare", "spare-all-pairs", "uce", "uce-pool", "salun", "ca", "esd-x")
-FLUX_ONLY_METHODS = ("eraseanything", "spare-text-in")  # spare-text-in: experiment, SPARE + Flux's text embedders  # published for Flux only (baselines.erase_anything): refused on the UNet
+# refused on the UNet: eraseanything (published for Flux only, baselines.erase_anything) and the experiment
+# spare-text-in (SPARE's selection plus Flux's text embedders, methods.py)
+FLUX_ONLY_METHODS = ("eraseanything", "spare-text-in")
 # the methods of --standard / --quick per model: on MiniCanvas-Flux the Flux-only baselines join the UNet's
 MODEL_METHODS = {"unet": {"standard": STANDARD_METHODS, "quick": QUICK_METHODS},
                  "flux": {"standard": STANDARD_METHODS + FLUX_ONLY_METHODS, "quick": QUICK_METHODS + FLUX_ONLY_METHODS}}
