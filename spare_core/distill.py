@@ -152,7 +152,9 @@ class DistillConfig:
     uncond_rows: int = option(0, "Retain rows per step that keep the EMPTY prompt's prediction on the forget rows' own "
                                  "x_t (the states the erased sampler visits; classifier-free guidance multiplies a "
                                  "drift of the empty prompt there by its scale - 1).", min=0, max=64, node=False)
-    cross_rows: int = option(0, "Retain rows per step that keep a random RETAIN prompt's prediction on the forget "
+    # default 2: 20 concepts x 3 training seeds, paired, unlisted half: mean(UA, unlisted IRA, unlisted CRA, SFA)
+    # +0.87 [+0.13, +1.68], objects' unlisted IRA +2.7, at +1 s per concept (bench/RESULTS.md, "Why each default")
+    cross_rows: int = option(2, "Retain rows per step that keep a random RETAIN prompt's prediction on the forget "
                                 "rows' own x_t: on the very states the erasure trains, only the concept's prompt may "
                                 "change.",
                              min=0, max=64, node=False)
@@ -447,6 +449,14 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
     return Batch(xt, sigma, student, teacher)
 
 
+def step_rows(cfg: DistillConfig, data: TrainingData) -> int:
+    """Rows of one step's batch: batch_size forget rows, then (with retain data) batch_size retain rows and the rows
+    on the forget states."""
+    if data.x_retain is None:
+        return cfg.batch_size
+    return 2 * cfg.batch_size + cfg.cross_rows + (cfg.uncond_rows if data.uncond_row is not None else 0)
+
+
 def training_batches(model: DiffusionModel, adapters: AdapterSet, data: TrainingData, cfg: DistillConfig,
                      profile: Optional[TimestepProfile], gen: torch.Generator) -> Iterator[tuple[Batch, torch.Tensor]]:
     """Each step's batch with the teacher's x0 for it, step after step.
@@ -455,7 +465,7 @@ def training_batches(model: DiffusionModel, adapters: AdapterSet, data: Training
     check (so an early stop wastes none; at most AHEAD_STEPS steps), in no-grad forwards of `forward_rows` rows -- on
     the CPU several steps' rows per forward (less time per row), on a GPU one step's rows, as a step-by-step teacher
     would (bench/HISTORY.md, "Speed"). The draws (and so the run) are those of step-by-step training."""
-    rows = forward_rows(model.device, 2 * cfg.batch_size)
+    rows = forward_rows(model.device, step_rows(cfg, data))
     step = 0
     while step < cfg.steps:
         end = min(cfg.steps, (step // cfg.check_every + 1) * cfg.check_every, step + AHEAD_STEPS)

@@ -257,8 +257,10 @@ def test_a_step_is_one_teacher_and_one_student_forward_over_forget_and_retain_ro
     def recording(x, sigma, cond):
         calls.append((x.shape[0], cond.detach().clone(), torch.is_grad_enabled()))
         return real(x, sigma, cond)
+    # 10 rows: no sampling or probe batch has as many; without the rows on the forget states (their chunks:
+    # test_rows_in_chunks_give_the_same_gradient)
     cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=3, learning_rate=1e-3, check_every=100,
-                           **{**FAST, "batch_size": 5})  # 10 rows: no sampling or probe batch has as many
+                           uncond_rows=0, cross_rows=0, **{**FAST, "batch_size": 5})
     monkeypatch.setattr(model, "predict_x0", recording)
     sc.distill(model, cfg, saliency, latents=torch.randn(2, *model.latent_shape))
     b = cfg.batch_size
@@ -856,7 +858,7 @@ def test_rows_on_the_forget_states_keep_other_prompts_there(model):
     random retain prompts for student and teacher alike; with both 0 (and for the forget and ordinary retain rows in
     any case) the step's rows are exactly those drawn without them."""
     from spare_core.distill import get_batch, make_training_data, validate
-    base = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=3, **FAST)
+    base = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=3, uncond_rows=0, cross_rows=0, **FAST)
     full = sc.DistillConfig(**{**asdict(base), "uncond_rows": 1, "cross_rows": 3})
     data = make_training_data(model, validate(base, sc.Saliency({"x": 1.0}, ["x"], {})), None, None)
     n = 2 * len(base.concepts)
@@ -873,6 +875,26 @@ def test_rows_on_the_forget_states_keep_other_prompts_there(model):
     assert all(n <= int(i) < n + len(RETAIN) + 1 for i in more.student[2 * b + 1:])
     for j, k in zip(range(2 * b, 2 * b + 4), [0, 0, 1, 0]):  # row k of the forget batch, cyclically
         assert torch.equal(more.xt[j], more.xt[k]) and more.sigma[j] == more.sigma[k]
+
+
+def test_the_teacher_takes_a_steps_rows_in_one_forward_with_the_default_rows_on_the_forget_states(model, saliency,
+                                                                                                    monkeypatch):
+    """On an accelerator the teacher's no-grad forward takes one step's rows at once, the rows on the forget states
+    (cross_rows, on by default) included: one teacher forward per step, not a forward and a 2-row remainder."""
+    monkeypatch.setattr(sys.modules["spare_core.distill"], "forward_rows", lambda device, rows: rows)
+    calls = []
+    real = model.predict_x0
+
+    def recording(x, sigma, cond):
+        calls.append((x.shape[0], torch.is_grad_enabled()))
+        return real(x, sigma, cond)
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=3, check_every=100,
+                           **{**FAST, "batch_size": 5})
+    assert cfg.cross_rows == 2 and cfg.uncond_rows == 0  # the defaults
+    monkeypatch.setattr(model, "predict_x0", recording)
+    sc.distill(model, cfg, saliency, latents=torch.randn(2, *model.latent_shape))
+    assert [c for c in calls if c == (12, False)] == [(12, False)] * (cfg.steps + 2)  # + the probe, before and after
+    assert [c for c in calls if c[1]] == [(10, True), (2, True)] * cfg.steps  # the student: chunks of 2 x batch_size
 
 
 def test_rows_in_chunks_give_the_same_gradient(model, saliency, monkeypatch):

@@ -444,3 +444,25 @@ def test_residual_diagnosis_of_a_model_that_erased_nothing():
         assert r["along"] == pytest.approx(1.0, abs=1e-4) and r["orth"] < 1e-3 and r["uncond"] == 0.0
         assert r["signal"] > 0
     assert rows[-1]["class"] == "ukiyo"
+
+
+def test_standard_presets_train_each_method_at_its_seeds():
+    """--standard: SPARE at every training seed; the step-trained baselines and the all-pairs reference row at one;
+    UCE at every seed on the UNet and at one on MiniCanvas-Flux (whose --standard drops the reference row and the
+    spare-text-in experiment, for the 90-minute budget)."""
+    from dataclasses import replace
+    from bench.minicanvas.budgets import (MODEL_METHODS, STANDARD_BASELINE_SEEDS, STANDARD_CLOSED_FORM_SEEDS,
+                                          Budget)
+    from bench.minicanvas.dispatch import methods_for_seed
+    assert "spare-all-pairs" in MODEL_METHODS["unet"]["standard"]
+    assert "spare-all-pairs" not in MODEL_METHODS["flux"]["standard"]
+    assert "eraseanything" in MODEL_METHODS["flux"]["standard"] and "spare-text-in" not in MODEL_METHODS["flux"]["standard"]
+    for model, uce_seeds in (("unet", 3), ("flux", 1)):
+        methods = MODEL_METHODS[model]["standard"]
+        budget = replace(Budget(model=model), train_seeds=3, baseline_seeds=STANDARD_BASELINE_SEEDS,
+                         closed_form_seeds=STANDARD_CLOSED_FORM_SEEDS[model])
+        runs = {m: sum(m in methods_for_seed(methods, s, budget) for s in range(3)) for m in methods}
+        assert runs["spare"] == 3 and runs["uce"] == runs["uce-pool"] == uce_seeds
+        assert all(runs[m] == 1 for m in ("salun", "ca", "esd-x"))
+        assert runs.get("spare-all-pairs", 1) == 1
+    assert methods_for_seed(["spare", "uce", "ca"], 2, Budget(train_seeds=3)) == ["spare", "uce", "ca"]  # 0 = all

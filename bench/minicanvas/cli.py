@@ -32,7 +32,7 @@ from spare_core.minicanvas import data
 
 from .budgets import (EVAL_TEMPLATES, FLUX_ONLY_METHODS, METHODS, MODEL_METHODS, ERASABLE_OBJECTS,
                       QUICK_BASELINE_SCALE, QUICK_CONCEPTS, QUICK_METHODS,
-                      QUICK_SAMPLE_STEPS, RETAIN_SETS, STANDARD_BASELINE_SEEDS, STANDARD_ESD_STEPS, STANDARD_METHODS,
+                      QUICK_SAMPLE_STEPS, RETAIN_SETS, STANDARD_BASELINE_SEEDS, STANDARD_CLOSED_FORM_SEEDS, STANDARD_ESD_STEPS, STANDARD_METHODS,
                       ERASABLE_STYLES, TRAIN_TEMPLATE, MODELS, Budget, parse_override, split_variant)
 from .dispatch import HOSTS, check_model_methods, run
 
@@ -56,13 +56,16 @@ def main(argv=None):
     mode.add_argument("--standard", action="store_true",
                       help="every style and object, 3 training seeds, " + ", ".join(STANDARD_METHODS) + " at the "
                       f"papers' budgets (ESD {STANDARD_ESD_STEPS} steps; the step-trained baselines and the all-pairs "
-                      "reference row 1 training seed); every method's retain list leaves half of the other classes out")
+                      "reference row 1 training seed); every method's retain list leaves half of the other classes out; "
+                      "with --model flux: " + ", ".join(MODEL_METHODS["flux"]["standard"]) + ", UCE 1 training seed "
+                      "(<= 90 min on 2 cores)")
     mode.add_argument("--quick", action="store_true",
                       help="4 concepts, 1 training seed, SPARE at the product defaults, baselines' budgets x "
                       f"{QUICK_BASELINE_SCALE} (<= 10 min on 2 cores)")
     ap.add_argument("--methods", help="comma-separated subset of " + ", ".join(METHODS) + " or 'all' (default: "
                     "standard: " + ", ".join(STANDARD_METHODS) + "; quick: " + ", ".join(QUICK_METHODS) + "; with --model "
-                    "flux each adds " + ", ".join(FLUX_ONLY_METHODS) + ", and without a preset it is spare); "
+                    "flux: standard as said there, quick adds " + ", ".join(FLUX_ONLY_METHODS) + "; without a preset "
+                    "it is spare); "
                     "spare+FIELD=VALUE[+...] is SPARE with DistillConfig fields set, e.g. spare+surrogate_anchor=1.0")
     ap.add_argument("--concepts", help="comma-separated style/object names to erase (default: all, or quick set)")
     ap.add_argument("--seeds", type=int, help="images per grid pair (default 2, quick 1)")
@@ -149,7 +152,8 @@ def main(argv=None):
         budget = replace(budget.scaled(QUICK_BASELINE_SCALE, 1), spare=Budget.spare,
                          sample_steps=QUICK_SAMPLE_STEPS)
     if args.standard:
-        budget = replace(budget, esd=STANDARD_ESD_STEPS, train_seeds=3, baseline_seeds=STANDARD_BASELINE_SEEDS)
+        budget = replace(budget, esd=STANDARD_ESD_STEPS, train_seeds=3, baseline_seeds=STANDARD_BASELINE_SEEDS,
+                         closed_form_seeds=STANDARD_CLOSED_FORM_SEEDS[args.model])
     if args.budget_scale is not None:
         budget = budget.scaled(args.budget_scale, budget.seeds)
     if args.seeds:

@@ -149,10 +149,21 @@ def check_model_methods(methods, model: str) -> None:
                          f"only, not --model {model}")
 
 
+def methods_for_seed(methods, seed: int, budget: Budget) -> list:
+    """The methods that train at training seed `seed`: SPARE and its variants at every seed; UCE at the first
+    `budget.closed_form_seeds`, the step-trained baselines and the reference rows at the first `budget.baseline_seeds`
+    (0 = every seed)."""
+    def seeds(m):
+        if m.startswith("spare") and m not in REFERENCE_METHODS:
+            return budget.train_seeds
+        return (budget.closed_form_seeds if m.startswith("uce") else budget.baseline_seeds) or budget.train_seeds
+    return [m for m in methods if seed < seeds(m)]
+
+
 def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, host: str = "library", inputs=None):
     """Erase every concept with every method, for every training seed. jobs > 1: (concept, seed) tasks are spread
     over that many worker processes of one torch thread each (one process per core beats one process with several
-    threads on small models). Step-trained baselines run `budget.baseline_seeds` training seeds (0 = all).
+    threads on small models). Step-trained baselines run `budget.baseline_seeds` training seeds, UCE `budget.closed_form_seeds` (0 = all).
     host: "library" (spare_core + the bundled sampler) or "comfyui" (the pack's nodes + KSampler; SPARE only).
     inputs: what the erasures read (prompt lists, learning rates, memory probe; methods.default_inputs() when None;
     worker processes always use the defaults)."""
@@ -178,15 +189,13 @@ def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, h
         f"({len(prompts)} images, held-out templates)")
     base_per = {}
     tasks = []
-    baseline_seeds = budget.baseline_seeds or budget.train_seeds
     for seed in range(budget.train_seeds):
         for domain, names in concepts.items():
             for name in names:
                 target = (data.style_index if domain == "style" else data.object_index)(name)
                 base_per[name] = dict(metrics.erasure_metrics(domain, target, ls, lo, base["style"], base["object"]),
                                       domain=domain)  # its SFA: the other domain in the row before erasure
-                todo = [m for m in methods if m.startswith("uce") or seed < baseline_seeds
-                        or (m.startswith("spare") and m not in REFERENCE_METHODS)]
+                todo = methods_for_seed(methods, seed, budget)
                 if todo:
                     tasks.append((todo, domain, name, seed, budget, base, host))
     try:
