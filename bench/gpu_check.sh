@@ -23,10 +23,11 @@
 #      nothing: it needs a Python with torch and those modules already, e.g. .venv-comfy.)
 #   4. nvidia-smi's view of the GPU.
 #   5. bench/host_speed.py, one configuration at a time, highest priority first, each with its own timeout cut to
-#      what is left of the total budget ($GPU_CHECK_BUDGET_S from the script's start: 450 s on cuda, 1800 on the
+#      what is left of the total budget ($GPU_CHECK_BUDGET_S from the script's start: 450 s on cuda, 2700 on the
 #      CPU); a configuration that no longer fits is recorded as skipped. On cuda: SD1.5 512 px fp16 with
-#      checkpointing on and the default erase ($GPU_CHECK_ERASE_STEPS distill steps, default 200), SDXL 1024 px fp16
-#      on, SD1.5 fp16 off, SDXL fp16 off, SD1.5 bf16 on and off (all but the first: step timing and floor only).
+#      checkpointing on and the default erase ($GPU_CHECK_ERASE_STEPS distill steps, default 200), Flux.1-dev 1024 px
+#      from fp8_e4m3fn weights and SD3.5-large 1024 px bf16 (checkpointing on, 5 steps), SDXL 1024 px fp16 on, SD1.5
+#      fp16 off, SDXL fp16 off, SD1.5 bf16 on and off (all but the first: step timing and floor only).
 #      A failed or timed-out configuration does not stop the others.
 # Output: every JSON line to $OUT/gpu_check.jsonl (OUT default: ./out), a table to $OUT/gpu_check.txt, the full log
 # to $OUT/gpu_check.log; the last line says what ran. Exit: 0 all configurations ok, 1 some failed / timed out /
@@ -229,7 +230,7 @@ if [ "$MODE" = cuda ]; then
     BUDGET=${GPU_CHECK_BUDGET_S:-450}
     MIN_RUN=45   # a configuration needs about this much to import, build and time anything
 else
-    BUDGET=${GPU_CHECK_BUDGET_S:-1800}
+    BUDGET=${GPU_CHECK_BUDGET_S:-2700}
     MIN_RUN=120
 fi
 ERASE_STEPS=${GPU_CHECK_ERASE_STEPS:-200}
@@ -270,6 +271,10 @@ run_config() {  # run_config <family> <latent> <dtype> <on|off> <erase steps> <p
 
 if [ "$MODE" = cuda ]; then
     run_config sd15 64 fp16 on "$ERASE_STEPS" 210 --steps "$STEPS"
+    # full-size DiTs at 1024 px (README's VRAM estimates): Flux.1-dev from an fp8_e4m3fn checkpoint (what 24 GB
+    # users load; computes in bf16 through ComfyUI's casting ops), SD3.5-large in bf16; step timing and peak only
+    run_config flux 128 fp8 on 0 90 --steps 5
+    run_config sd3 128 bf16 on 0 90 --steps 5
     run_config sdxl 128 fp16 on 0 120 --steps "$STEPS"
     run_config sd15 64 fp16 off 0 60 --steps "$STEPS"
     run_config sdxl 128 fp16 off 0 120 --steps "$STEPS"
@@ -278,6 +283,8 @@ if [ "$MODE" = cuda ]; then
 else
     run_config sd15 8 fp32 on 2 900 --steps 2 --erase-retain empty
     run_config sd15 8 fp32 off 0 400 --steps 2
+    run_config flux 8 fp8 on 0 400 --steps 2 --blocks 1   # full width, one double + one single block
+    run_config sd3 8 fp32 on 0 400 --steps 2 --blocks 2
 fi
 
 # --- summary --------------------------------------------------------------------------------------------------------
@@ -294,7 +301,7 @@ $ok ok, $failed failed, $timedout timed out, $skipped skipped; JSON lines in $JS
     echo "GPU: $GPU_LINE"
     echo "Python: $PY ($PYINFO)"
     echo "ComfyUI: $COMFYUI_PATH"
-    echo "s/step: one Sparse LoRA Distill step (batch 2+2, node defaults, half of all Linear/Conv2d adapted); floor:"
+    echo "s/step: one Sparse LoRA Distill step (batch 2+2+2 cross rows, node defaults, half of all Linear/Conv2d adapted); floor:"
     echo "teacher+student forwards and backward of that step alone; ratio = s/step / floor; erase: the default erase"
     echo "(Concept Samples, Saliency Scan, Timestep Profile, Distill) in seconds; VRAM: peak allocated/reserved MB."
     echo

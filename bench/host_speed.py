@@ -29,14 +29,16 @@ that is set (e.g. fp16 weights on a CPU compute in fp32). The reported `compute_
 Per configuration, in one process on one network:
 1. Distill step: spare_core.distill through nodes/host.py (ComfyDiffusionModel + trainable(), under inference mode as
    under the executor) for --steps steps, with the Distill node's defaults (rank 8, batch 2 forget + 2 retain
-   samples, ...) on half of every Linear/Conv2d (every other candidate of targets "all": as many modules as the
+   samples + 2 cross rows, ...) on half of every Linear/Conv2d (every other candidate of targets "all": as many modules as the
    default selection, 0.5; which ones a real scan picks differs). Self-generation is cut to 1 sample x 2 Euler steps,
    as it is not part of a step. Steps after the first are timed (wall, and process CPU seconds: the steadier figure
    on a shared CPU); on cuda each step ends with torch.cuda.synchronize().
 2. Floor: what a step cannot do without, on the same network, input shapes and batch, with the same adapters (same
    modules, rank, fp32) attached through spare_core.adapters.attach and the same checkpointing and autocast: as
-   distill does, the forget and the retain rows batched into one teacher forward (adapters off, no grad) and one
-   student forward, then one backward of the summed loss. No optimizer, clipping, loss scaling, noise draws or syncs. One warm-up, then --steps - 1 timed
+   distill does, the forget, the retain and the cross rows (DistillConfig.cross_rows: the forget rows' x_t under a
+   retain prompt) batched into one teacher forward (adapters off, no grad), and the student's forward and backward
+   in distill's chunks (every row at once on the CPU; on a GPU 2 x batch_size rows, then the cross rows). No
+   optimizer, clipping, loss scaling, noise draws or syncs. One warm-up, then --steps - 1 timed
    repetitions; `step_over_floor` = seconds_per_step / floor_seconds (`floor_cpu_seconds`, `cpu_step_over_floor`:
    the same in process CPU seconds).
 3. Default erase (--erase-steps > 0): the shipped erase_style workflow run the way the nodes run it (same spare_core
@@ -52,7 +54,6 @@ again before phase 3: `peak_vram_allocated_mb` / `peak_vram_reserved_mb` and `er
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -65,10 +66,21 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-FAMILIES = ("sd15", "sd2v", "sdxl")
+UNET_FAMILIES = ("sd15", "sd2v", "sdxl")
+DIT_FAMILIES = ("flux", "sd3")  # Flux.1-dev (guidance embedding) and SD3.5-large, as model_detection sees them
+FAMILIES = UNET_FAMILIES + DIT_FAMILIES
 WIDTHS = {"sd15": {"clip_l": 768}, "sd2v": {"clip_h": 1024}, "sdxl": {"clip_l": 768, "clip_g": 1280}}
-NATIVE_LATENT = {"sd15": 64, "sd2v": 96, "sdxl": 128}  # 512, 768, 1024 px
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+NATIVE_LATENT = {"sd15": 64, "sd2v": 96, "sdxl": 128, "flux": 128, "sd3": 128}  # 512, 768, 1024 px
+# The DiTs' text encoders at their real output widths but a fraction of their depth (only the width reaches the
+# network; they run once per prompt): CLIP-L 768 (Flux's pooled vector; SD3's with CLIP-G 1280), T5-XXL d_model 4096.
+DIT_TE = {"clip_l": {"hidden_size": 768, "intermediate_size": 768, "num_attention_heads": 8, "num_hidden_layers": 3,
+                     "projection_dim": 768},
+          "clip_g": {"hidden_size": 1280, "intermediate_size": 1280, "num_attention_heads": 8,
+                     "num_hidden_layers": 3, "projection_dim": 1280},
+          "t5xxl": {"d_model": 4096, "d_ff": 256, "d_kv": 64, "num_heads": 2, "num_layers": 1}}
+DIT_ENCODERS = {"flux": ("clip_l", "t5xxl"), "sd3": ("clip_l", "clip_g", "t5xxl")}
+# fp8: weights stored as float8_e4m3fn (Flux users' fp8 checkpoints), computed in ComfyUI's manual-cast dtype
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp8": "float8_e4m3fn"}
 
 # The erase_style workflow's prompts (workflows/erase_style.json): Concept Samples / Timestep Profile / Distill take
 # CONCEPT and SURROGATE; Saliency Scan's retain box (read by contrastive scoring only) and Distill's retain box.
@@ -102,7 +114,80 @@ def import_comfy(device: str):
     return cf
 
 
-def build(cf, family: str, dtype_name: str):
+def dit_config(cf, family: str, blocks: int) -> dict:
+    """The full-size unet_config of a DiT family (comfy_fixtures._full_dit_config, as model_detection detects a
+    checkpoint); blocks > 0 keeps only that many blocks (Flux: double and single blocks each, widths unchanged; SD3:
+    MMDiT's width is 64 x depth, so a cut SD3 is narrower too) -- for a CPU smoke run of the same code path."""
+    config = cf._full_dit_config(family)
+    if blocks and family == "flux":
+        config.update(depth=blocks, depth_single_blocks=blocks)
+    elif blocks and family == "sd3":
+        config["depth"] = blocks
+        config["context_embedder_config"] = {"target": "torch.nn.Linear",
+                                             "params": {"in_features": 4096, "out_features": 64 * blocks}}
+    return config
+
+
+def init_params_on_device_(module, seed: int) -> None:
+    """comfy_fixtures.init_params_'s distribution, drawn on each parameter's own device (one generator per device,
+    parameters in name order): a full-size DiT has 8-12 B weights, which a CPU generator would take minutes to
+    draw and copy to the GPU. Deterministic for a given seed and device, not equal across devices."""
+    import torch
+
+    gens = {}
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+            if not p.is_floating_point():
+                continue
+            gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+            v = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
+            if p.ndim >= 2:
+                v.mul_(1.0 if "embedding" in name else p[0].numel() ** -0.5)
+            elif name.endswith("weight"):
+                v.mul_(0.1).add_(1.0)
+            else:
+                v.mul_(0.02)
+            p.copy_(v.to(p.dtype))
+            del v
+
+
+def build_dit(cf, family: str, dtype, blocks: int):
+    """(ModelPatcher, CLIP, facts) of a full-size DiT (random weights) the way ComfyUI's UNETLoader builds one with a
+    weight dtype: the family's supported_models config, its model_base class on ComfyUI's initial load device, every
+    weight created in `dtype` by comfy.ops (module docstring); the text encoders at real widths (DIT_TE)."""
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+
+    unet_config = dit_config(cf, family, blocks)
+    cls = cf._dit_config_cls(family)
+    params = sum(p.numel() for p in cls(dict(unet_config)).get_model(
+        {}, device=torch.device("meta")).diffusion_model.parameters())
+    config = cls(dict(unet_config))
+    load_device = mm.get_torch_device()
+    manual_cast = mm.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes)
+    config.set_inference_dtype(dtype, manual_cast)
+    initial_device = mm.unet_inital_load_device(params, dtype)
+    base = config.get_model({}, device=initial_device)
+    init_params_on_device_(base.diffusion_model, 0)
+    if family == "sd3":  # MMDiT's pos_embed is a buffer a checkpoint fills (torch.empty otherwise)
+        with torch.no_grad():
+            pe = base.diffusion_model.pos_embed
+            pe.copy_(0.1 * torch.randn(pe.shape, generator=torch.Generator().manual_seed(7)).to(pe))
+    model = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=mm.unet_offload_device())
+    options = {f"{name}_model_config": dict(DIT_TE[name]) for name in DIT_ENCODERS[family]}
+    options["dtype"] = torch.float32
+    clip = comfy.sd.CLIP(config.clip_target(cf._te_presence(family)), model_options=options)
+    cf.init_params_(clip.cond_stage_model, 1)
+    weight_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in base.diffusion_model.parameters()})
+    facts = {"unet_params_M": round(params / 1e6, 1), "weight_dtype": ",".join(weight_dtypes),
+             "manual_cast_dtype": str(manual_cast).removeprefix("torch.") if manual_cast is not None else None,
+             "initial_load_device": str(initial_device), "blocks": blocks or "all"}
+    return model, clip, facts
+
+
+def build(cf, family: str, dtype_name: str, blocks: int = 0):
     """(ModelPatcher, CLIP, facts) of the full-size `family` with random weights in `dtype_name` (module docstring)."""
     import torch
     import comfy.model_management as mm
@@ -111,6 +196,8 @@ def build(cf, family: str, dtype_name: str):
     import comfy.supported_models as sm
 
     dtype = getattr(torch, DTYPES[dtype_name])
+    if family in DIT_FAMILIES:
+        return build_dit(cf, family, dtype, blocks)
     config = cf._model_config(family, cf._full_unet_config(family), tiny=False)
     params = sum(p.numel() for p in cf.build_full_base_model(family).diffusion_model.parameters())
     load_device = mm.get_torch_device()
@@ -200,19 +287,26 @@ def floor_seconds(sc, dm, cfg, selected: list[str], reps: int, clock) -> tuple[f
     """(wall, process CPU) seconds of the step floor (phase 2): the forward/backward work of one distill step and
     nothing else. Called inside host.trainable(dm), like the distill it is compared with."""
     import torch
-    from spare_core.autograd import frozen, gradient_checkpointing
+    from spare_core.autograd import backward_safe, frozen
+    from spare_core.families import family_of
 
-    dev, b = dm.device, cfg.batch_size
+    from spare_core.distill import student_rows
+
+    dev, b, c = dm.device, cfg.batch_size, cfg.cross_rows
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn((2 * b, *dm.latent_shape), generator=gen).to(dev)  # b forget rows, then b retain rows
     sigma = dm.sigma_at(torch.rand(2 * b, generator=gen)).float().to(dev)
     xt = dm.add_noise(x0, torch.randn(x0.shape, generator=gen).to(dev), sigma)
+    cross = torch.arange(c) % b  # the cross rows: the forget rows' own x_t under a retain prompt
+    xt, sigma = torch.cat([xt, xt[cross]]), torch.cat([sigma, sigma[cross]])
     conds = dm.encode([CONCEPT, SURROGATE, cfg.retain[0]])
-    forget_rows, retain_rows = torch.zeros(b, dtype=torch.long), torch.full((b,), 2)
-    student = dm.select_cond(conds, torch.cat([forget_rows, retain_rows]))       # concept, retain
+    forget_rows, retain_rows = torch.zeros(b, dtype=torch.long), torch.full((b + c,), 2)
+    student = torch.cat([forget_rows, retain_rows])                              # concept, retain
     teacher = dm.select_cond(conds, torch.cat([forget_rows + 1, retain_rows]))   # surrogate, retain
+    rows, n = student_rows(dev, b), xt.shape[0]  # the student's chunks, as distill's backward_rows takes them
     autocast = dict(device_type=dev.type, dtype=dm.dtype, enabled=dm.dtype != torch.float32)
-    checkpointing = gradient_checkpointing(dm.network) if cfg.gradient_checkpointing else contextlib.nullcontext()
+    # as distill's training_mode: checkpointing if asked, exact gradients through in-place residual adds (DiTs)
+    checkpointing = backward_safe(dm.network, cfg.gradient_checkpointing, family_of(dm).inplace_residuals)
     with frozen(dm.network), torch.inference_mode(False), torch.enable_grad(), checkpointing:
         adapters = sc.adapters.attach(dm.network, selected, cfg.rank, cfg.alpha, cfg.dropout, device=dev)
         params = adapters.parameters()
@@ -222,11 +316,13 @@ def floor_seconds(sc, dm, cfg, selected: list[str], reps: int, clock) -> tuple[f
                 with torch.no_grad(), torch.autocast(**autocast):
                     target = dm.predict_x0(xt, sigma, teacher).float()
                 adapters.enabled = True
-                with torch.autocast(**autocast):
-                    pred = dm.predict_x0(xt, sigma, student).float()
-                per_row = (pred - target).pow(2).flatten(1).mean(1)
-                loss = per_row[:b].mean() + per_row[b:].mean()
-                loss.backward()
+                for i in range(0, n, rows):
+                    with torch.autocast(**autocast):
+                        pred = dm.predict_x0(xt[i:i + rows], sigma[i:i + rows],
+                                             dm.select_cond(conds, student[i:i + rows])).float()
+                    per_row = (pred - target[i:i + rows]).pow(2).flatten(1).mean(1)
+                    forget = torch.arange(i, i + per_row.shape[0], device=per_row.device) < b
+                    (per_row[forget].sum() / b + per_row[~forget].sum() / (n - b)).backward()
                 for p in params:
                     p.grad = None
 
@@ -329,7 +425,7 @@ def one(args) -> dict:
         host = cf.load_pack_module("nodes/host.py")
         log(tag, "building the model")
         t0 = time.perf_counter()
-        model, clip, facts = build(cf, args.family, args.dtype)
+        model, clip, facts = build(cf, args.family, args.dtype, args.blocks)
         rec.update(facts, build_seconds=round(time.perf_counter() - t0, 1))
         device = torch.device(model.load_device)
         if device.type != args.device:
@@ -363,7 +459,7 @@ def one(args) -> dict:
 def run_config(args, family: str, latent: int, dtype: str, checkpointing: str) -> dict:
     cmd = [sys.executable, __file__, "--only", "--device", args.device, "--family", family, "--latent", str(latent),
            "--dtype", dtype, "--checkpointing", checkpointing, "--steps", str(args.steps),
-           "--erase-steps", str(args.erase_steps), "--erase-retain", args.erase_retain]
+           "--erase-steps", str(args.erase_steps), "--erase-retain", args.erase_retain, "--blocks", str(args.blocks)]
     base = {"family": family, "latent": latent, "pixels": latent * 8, "dtype": dtype,
             "checkpointing": checkpointing == "on", "device": args.device}
     started = time.perf_counter()
@@ -424,8 +520,8 @@ def main():
     ap.add_argument("--gpu", action="store_const", const="cuda", dest="device", help="alias of --device cuda")
     ap.add_argument("--family", help="comma list of " + ", ".join(FAMILIES) + " (default: cuda sd15,sdxl; cpu sd15)")
     ap.add_argument("--latent", type=int, help="latent side = pixels / 8 (default: cuda the family's native size, "
-                                               "SD1.5 64, SD2 96, SDXL 128; cpu 16)")
-    ap.add_argument("--dtype", help="comma list of weight dtypes fp16, bf16, fp32 (default: cuda fp16,bf16; cpu fp32)")
+                                               "SD1.5 64, SD2 96, SDXL, Flux and SD3.5 128; cpu 16)")
+    ap.add_argument("--dtype", help="comma list of weight dtypes fp16, bf16, fp32, fp8 (default: cuda fp16,bf16; cpu fp32)")
     ap.add_argument("--checkpointing", default="off,on", help="comma list of on, off (default: off,on)")
     ap.add_argument("--steps", type=int, help="distill steps timed for s/step, the first excluded; also the floor's "
                                               "repetitions + 1 (default: cuda 10, cpu 3)")
@@ -434,6 +530,9 @@ def main():
                     help="Distill steps of the default erase; 0 skips it (default: %(default)s, the node's)")
     ap.add_argument("--erase-retain", choices=["workflow", "empty"], default="workflow",
                     help="the erase's retain prompts: the erase_style workflow's, or none (the node left empty)")
+    ap.add_argument("--blocks", type=int, default=0,
+                    help="DiT families only: keep this many blocks (Flux: double and single each; SD3: joint blocks, "
+                         "width 64 x blocks) for a CPU smoke run; 0 = the full model (default)")
     ap.add_argument("--timeout", type=float, default=0, help="seconds per configuration (0: none)")
     ap.add_argument("--out", help="append the JSON lines to this file")
     ap.add_argument("--summarize", metavar="JSONL", help="print a table of a JSON-lines file and exit")
@@ -452,6 +551,9 @@ def main():
         ap.error("--steps must be >= 2 (the first step is not timed)")
     if args.erase_steps < 0:
         ap.error("--erase-steps must be >= 0")
+    if args.blocks < 0 or (args.blocks and not all(f in DIT_FAMILIES for f in families)):
+        ap.error(f"--blocks {args.blocks}: a count >= 1 for the DiT families ({', '.join(DIT_FAMILIES)}) only, "
+                 "or 0 for the full model")
     if not os.path.isfile(os.path.join(os.environ.get("COMFYUI_PATH", ""), "comfy", "model_management.py")):
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout (scripts/setup_comfyui.sh or bench/gpu_check.sh)")
     if args.only:

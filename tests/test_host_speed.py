@@ -63,3 +63,23 @@ def test_summarize_tables_every_kind_of_record(tmp_path):
     assert len(table) == 4
     assert "0.200" in table[2] and "1.25" in table[2] and "9000/9500" in table[2] and "61.5 (200)" in table[2]
     assert table[3].startswith("sdxl") and "skipped: 20s of the 450s budget left" in table[3]
+
+
+def test_full_size_dit_configurations_and_their_cut_for_a_cpu_smoke_run():
+    """The GPU check's DiTs are the families' full-size configs as ComfyUI detects them (Flux.1-dev with its guidance
+    embedding: 19 double + 38 single blocks of width 3072; SD3.5-large: 38 joint blocks of width 64 x 38); --blocks
+    keeps the widths of Flux (SD3's width follows its depth) and is refused for the UNets."""
+    sys.path.insert(0, os.path.join(os.path.dirname(SCRIPT), "..", "tests"))
+    import comfy_fixtures as cf
+
+    flux = host_speed.dit_config(cf, "flux", 0)
+    assert (flux["depth"], flux["depth_single_blocks"], flux["hidden_size"], flux["guidance_embed"]) == (19, 38, 3072, True)
+    cut = host_speed.dit_config(cf, "flux", 1)
+    assert (cut["depth"], cut["depth_single_blocks"], cut["hidden_size"]) == (1, 1, 3072)
+    assert host_speed.dit_config(cf, "sd3", 0)["depth"] == 38
+    sd3 = host_speed.dit_config(cf, "sd3", 2)
+    assert sd3["depth"] == 2 and sd3["context_embedder_config"]["params"]["out_features"] == 128
+    assert "float8_e4m3fn" == host_speed.DTYPES["fp8"]
+    proc = subprocess.run([sys.executable, SCRIPT, "--family", "sd15", "--blocks", "1"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "--blocks 1" in proc.stderr and "flux, sd3" in proc.stderr

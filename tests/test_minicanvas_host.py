@@ -113,3 +113,36 @@ def test_batched_grid_equals_ksampler(host):
                                                  host_path.GRID_SCHEDULER, pos, neg, latent)
             image = comfy_nodes.VAEDecode().decode(host.vae, out)[0].permute(0, 3, 1, 2)
         assert torch.allclose(batched[i:i + 1], image, atol=1e-5), (batched[i:i + 1] - image).abs().max()
+
+
+@pytest.fixture(scope="module")
+def flux_host():
+    cf.comfy_or_skip()
+    from bench.minicanvas import host_path
+    h = host_path.ComfyHost(harness, "flux")
+    yield h
+    h.close()
+
+
+def test_flux_host_path_end_to_end_trains_what_the_library_trains(flux_host, monkeypatch):
+    """`--model flux --host comfyui`: SPARE through the nodes on the Demo Model's MiniCanvas-Flux, the grid through
+    KSampler with the flux model's own sampler settings; the nodes adapt the modules the library adapts, with the
+    same step count; the demo MODEL is untouched."""
+    from dataclasses import replace
+
+    from bench.minicanvas import host_path
+
+    monkeypatch.setattr(harness, "concept_prompts", few_prompts)
+    budget = replace(TINY, model="flux")
+    assert flux_host.grid == {"sampler": "dpmpp_2m", "scheduler": "simple", "cfg": 4.0, "negative": ""}
+    assert flux_host.grid != host_path.grid_settings("unet")
+    before = flux_host.sample(None, ["A star image in ukiyo style."], [3], 2)
+    assert before.shape == (1, 3, 32, 32)
+    domain, name = CONCEPT
+    (_, erased), info = flux_host.erase("spare", domain, name, budget, seed=1)
+    (_, lora), lib_info = harness.LibraryHost(model="flux").erase("spare", domain, name, budget, seed=1)
+    assert info["steps_used"] == lib_info["steps_used"] == budget.spare
+    assert info["trainable_params"] == lib_info["trainable_params"] and info["modules"] == len(lora.modules)
+    after = flux_host.sample(("model", erased), ["A star image in ukiyo style."], [3], 2)
+    assert not torch.equal(after, before)  # the LoRA changes the picture
+    assert torch.equal(flux_host.sample(None, ["A star image in ukiyo style."], [3], 2), before)

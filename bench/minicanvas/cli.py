@@ -124,8 +124,6 @@ def main(argv=None):
     except ValueError as e:
         ap.error(str(e))
     if args.model != "unet":
-        if args.host != "library":
-            ap.error(f"--model {args.model} runs on --host library only")
         from spare_core.minicanvas.flux_model import import_comfy
         try:
             import_comfy()

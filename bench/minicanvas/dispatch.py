@@ -62,11 +62,9 @@ def make_host(name: str, inputs=None, model: str = "unet"):
     (methods.default_inputs() when None)."""
     if name == "library":
         return LibraryHost(inputs, model)
-    if model != "unet":
-        raise ValueError(f"--host {name} runs the UNet demo model only, not --model {model}")
     if name == "comfyui":
         from . import host_path
-        return host_path.ComfyHost(inputs or default_inputs())
+        return host_path.ComfyHost(inputs or default_inputs(), model)
     raise ValueError(f"unknown host {name!r}; known: {', '.join(HOSTS)}")
 
 

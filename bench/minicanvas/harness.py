@@ -53,13 +53,13 @@ __all__ = ["EVAL_TEMPLATES", "FEW_LISTED", "GROW_UNLISTED", "LR", "LR_SCALE", "M
 class LibraryHost(dispatch.LibraryHost):
     """dispatch.LibraryHost reading its inputs from this module (see the module docstring)."""
 
-    def __init__(self, inputs=None):
-        super().__init__(inputs or sys.modules[__name__])
+    def __init__(self, inputs=None, model: str = "unet"):
+        super().__init__(inputs or sys.modules[__name__], model)
 
 
-def make_host(name: str, inputs=None):
+def make_host(name: str, inputs=None, model: str = "unet"):
     """dispatch.make_host with this module as the inputs (see the module docstring)."""
-    return dispatch.make_host(name, inputs or sys.modules[__name__])
+    return dispatch.make_host(name, inputs or sys.modules[__name__], model)
 
 
 def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, host: str = "library", inputs=None):

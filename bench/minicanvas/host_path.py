@@ -8,7 +8,7 @@ shipped rather than the library under it.
 ComfyUI runs in this process (no server), on the CPU (as the library path does), and every node is executed as the
 executor executes it: `Node.execute(...)` under `torch.inference_mode()`. Per concept and training seed:
 
-    SPARE Demo Model (MiniCanvas) -> MODEL, CLIP, VAE            (loaded once)
+    SPARE Demo Model (MiniCanvas, or MiniCanvas-Flux with --model flux) -> MODEL, CLIP, VAE   (loaded once)
     SPARE Concept Samples -> LATENT -> Saliency Scan, Timestep Profile, Sparse LoRA Distill -> LORA_MODEL
         -> SPARE Apply Erasure (strength 1) -> MODEL             (the erase workflows' wiring; workflows/)
     grid: CLIP encode -> KSampler's sampling call -> VAE decode -> the harness' Judge
@@ -63,6 +63,18 @@ GRID_SCHEDULER = "karras"
 GRID_CFG = _SAMPLE_DEFAULTS["cfg"].default
 GRID_NEGATIVE = _SAMPLE_DEFAULTS["negative"].default
 GRID_BATCH = 128  # images per sampling call (the bundled sampler's batch size)
+
+
+def grid_settings(model: str) -> dict:
+    """KSampler's settings that reproduce the bundled sampler of `model` ("unet": the constants above; "flux":
+    MiniCanvas-Flux's sample() defaults, on ComfyUI's "simple" schedule, which its flow_sigmas reproduces)."""
+    if model == "unet":
+        return {"sampler": GRID_SAMPLER, "scheduler": GRID_SCHEDULER, "cfg": GRID_CFG, "negative": GRID_NEGATIVE}
+    from spare_core.minicanvas.flux_model import MiniCanvasFlux
+
+    params = inspect.signature(MiniCanvasFlux.sample).parameters
+    return {"sampler": params["sampler"].default, "scheduler": "simple", "cfg": params["cfg"].default,
+            "negative": params["negative"].default}
 WIDGET_RESOLUTION = 64  # the resolution widgets' minimum; ignored when a LATENT is connected (it sets the size)
 FILENAME_PREFIX = "minicanvas/erase"
 
@@ -142,17 +154,22 @@ class ComfyHost:
 
     name = "comfyui"
 
-    def __init__(self, inputs):
+    def __init__(self, inputs, model: str = "unet"):
         self.inputs = inputs
+        self.model_name = model
         self.comfyui_path = import_comfyui()
         import folder_paths
 
         self.nodes, demo = load_pack()
-        self.model, self.clip, self.vae, _ = run_node(demo.DemoModel)
+        # the SPARE Demo Model node's choice: MiniCanvas (UNet) or MiniCanvas-Flux (ComfyUI's Flux class)
+        choice = {"unet": demo.UNET_CHOICE, "flux": demo.FLUX_CHOICE}[model]
+        self.model, self.clip, self.vae, latent = run_node(demo.DemoModel, model=choice)
+        self.latent_shape = tuple(latent["samples"].shape[1:])  # the demo's own LATENT: [C, H, W] of one image
+        self.grid = grid_settings(model)
         # Distill writes its LoRA into the loras folder: a temporary one (set while it runs), never ComfyUI's own
         self.loras = tempfile.mkdtemp(prefix="minicanvas_loras_")
         atexit.register(shutil.rmtree, self.loras, True)  # worker processes (--jobs > 1) never call close()
-        self._conds: dict[str, torch.Tensor] = {}
+        self._conds: dict[str, list] = {}  # prompt -> [cond [1, L, D], extras]
 
     def close(self):
         """Unload and drop the MODEL, CLIP and VAE (and the cached conditionings) now, while ComfyUI's modules are
@@ -245,18 +262,22 @@ class ComfyHost:
             return f.metadata() or {}
 
     # --- evaluation: KSampler -------------------------------------------------------------------------------------
-    def _encode(self, prompts) -> torch.Tensor:
-        """CLIPTextEncode's cross-attention tensor per prompt (cached), batched [B, L, D]."""
+    def _encode(self, prompts) -> list:
+        """CLIPTextEncode's CONDITIONING per prompt (cached), batched into one entry: [[cond [B, L, D], {"pooled_output":
+        [B, P]}]] (the pooled vector where the model has one: MiniCanvas-Flux's vector_in reads it)."""
         for p in prompts:
             if p not in self._conds:
                 with torch.inference_mode():
-                    self._conds[p] = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(p))[0][0]
-        return torch.cat([self._conds[p] for p in prompts])
+                    self._conds[p] = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(p))[0]
+        extras = {}
+        if all(self._conds[p][1].get("pooled_output") is not None for p in prompts):
+            extras["pooled_output"] = torch.cat([self._conds[p][1]["pooled_output"] for p in prompts])
+        return [[torch.cat([self._conds[p][0] for p in prompts]), extras]]
 
     def sample(self, edited, prompts, seeds, steps) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] of `prompts` (image i with seed seeds[i]) from the erased MODEL (or the demo
         MODEL when `edited` is None): KSampler's sampling call (`comfy.sample.sample`, what nodes.common_ksampler runs)
-        with GRID_SAMPLER / GRID_SCHEDULER / GRID_CFG, then VAE Decode."""
+        with the model's grid settings (grid_settings), then VAE Decode."""
         import comfy.sample
 
         model = self.model if edited is None else edited[1]
@@ -265,20 +286,16 @@ class ComfyHost:
         for a in range(0, len(prompts), GRID_BATCH):
             p, s = prompts[a: a + GRID_BATCH], seeds[a: a + GRID_BATCH]
             with torch.inference_mode():
-                latent = torch.zeros((len(p), *self._latent_shape(model)))
+                latent = torch.zeros((len(p), *self.latent_shape))
                 # KSampler's noise for a batch of one with seed s (comfy.sample.prepare_noise), one image at a time
                 noise = torch.cat([comfy.sample.prepare_noise(latent[:1], int(seed)) for seed in s])
-                positive = [[self._encode(p), {}]]
-                negative = [[self._encode([GRID_NEGATIVE]), {}]]
-                x = comfy.sample.sample(model, noise, steps, GRID_CFG, GRID_SAMPLER, GRID_SCHEDULER, positive,
-                                        negative, latent, disable_pbar=True, seed=int(s[0]))
+                positive = self._encode(p)
+                negative = self._encode([self.grid["negative"]])
+                x = comfy.sample.sample(model, noise, steps, self.grid["cfg"], self.grid["sampler"],
+                                        self.grid["scheduler"], positive, negative, latent, disable_pbar=True,
+                                        seed=int(s[0]))
                 out.append(self.vae.decode(x).permute(0, 3, 1, 2).float().clone())  # IMAGE [B, H, W, 3] -> BCHW
         return torch.cat(out)
-
-    @staticmethod
-    def _latent_shape(model):
-        width, height = model.model.spare_native_size
-        return model.model.latent_format.latent_channels, height, width
 
 
 def check_methods(methods) -> None:
