@@ -290,9 +290,9 @@ def floor_seconds(sc, dm, cfg, selected: list[str], reps: int, clock) -> tuple[f
     from spare_core.autograd import backward_safe, frozen
     from spare_core.families import family_of
 
-    from spare_core.distill import student_rows
+    from spare_core.distill import for_model, student_rows
 
-    dev, b, c = dm.device, cfg.batch_size, cfg.cross_rows
+    dev, b, c = dm.device, cfg.batch_size, for_model(cfg, dm).cross_rows  # the family's default (Family.cross_rows)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn((2 * b, *dm.latent_shape), generator=gen).to(dev)  # b forget rows, then b retain rows
     sigma = dm.sigma_at(torch.rand(2 * b, generator=gen)).float().to(dev)

@@ -54,6 +54,7 @@ from .sampling import data_std, forward_rows, generate, loss_weight, noised, uni
 from .saliency import Saliency
 from .timesteps import TimestepProfile, check_pairs
 
+CROSS_ROWS_AUTO = -1  # DistillConfig.cross_rows: the model family's measured default (families.Family.cross_rows)
 RETAIN_SAMPLE_BUDGET = 64  # auto retain samples: about this many in all (a long {a|b} retain list gets 1 per prompt)
 
 
@@ -152,12 +153,15 @@ class DistillConfig:
     uncond_rows: int = option(0, "Retain rows per step that keep the EMPTY prompt's prediction on the forget rows' own "
                                  "x_t (the states the erased sampler visits; classifier-free guidance multiplies a "
                                  "drift of the empty prompt there by its scale - 1).", min=0, max=64, node=False)
-    # default 2: 20 concepts x 3 training seeds, paired, unlisted half: mean(UA, unlisted IRA, unlisted CRA, SFA)
-    # +0.87 [+0.13, +1.68], objects' unlisted IRA +2.7, at +1 s per concept (bench/RESULTS.md, "Why each default")
-    cross_rows: int = option(2, "Retain rows per step that keep a random RETAIN prompt's prediction on the forget "
-                                "rows' own x_t: on the very states the erasure trains, only the concept's prompt may "
-                                "change.",
-                             min=0, max=64, node=False)
+    # default -1 = the family's (families.Family.cross_rows): 2 on the UNet (20 concepts x 3 training seeds, paired,
+    # unlisted half: mean(UA, unlisted IRA, unlisted CRA, SFA) +0.87 [+0.13, +1.68], objects' unlisted IRA +2.7), 0 on
+    # the DiTs (MiniCanvas-Flux, same protocol: mean4 -0.28 [-0.91, +0.27], 22% more time); bench/RESULTS.md,
+    # "Why each default"
+    cross_rows: int = option(CROSS_ROWS_AUTO, "Retain rows per step that keep a random RETAIN prompt's prediction on "
+                                              "the forget rows' own x_t: on the very states the erasure trains, only "
+                                              "the concept's prompt may change. -1 = the model family's measured "
+                                              "default (UNet 2, DiT 0).",
+                             min=-1, max=64, node=False)
 
 
 @dataclass
@@ -254,9 +258,20 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
                               "typical 0.8)")
     if config.check_every <= 0:
         raise SpareInputError(f"check_every={config.check_every} must be >= 1")
+    if config.cross_rows < CROSS_ROWS_AUTO or config.uncond_rows < 0:
+        raise SpareInputError(f"cross_rows={config.cross_rows} must be >= 0 (or -1: the family's default) and "
+                              f"uncond_rows={config.uncond_rows} >= 0")
     if saliency is None or not saliency.selected:
         raise SpareInputError("the saliency selects no module; rescan with a larger selection (fraction or top-k)")
     return DistillConfig(**{**asdict(config), "concepts": concepts, "surrogates": surrogates, "retain": retain})
+
+
+def for_model(cfg: DistillConfig, model: DiffusionModel) -> DistillConfig:
+    """`cfg` with its "auto" fields resolved for `model`'s family: cross_rows -1 -> Family.cross_rows. What trains
+    (and what the LoRA's metadata records) is the resolved value."""
+    if cfg.cross_rows == CROSS_ROWS_AUTO:
+        return replace(cfg, cross_rows=family_of(model).cross_rows)
+    return cfg
 
 
 def distill(
@@ -283,7 +298,7 @@ def distill(
     training stops once it has closed by `stop_at_gap_closed`, at the latest after `steps` (the learning rate is
     cosine-decayed to the cap, so a run stopped at step k equals the first k steps of the full run).
     """
-    cfg = validate(config, saliency)
+    cfg = for_model(validate(config, saliency), model)
     started = time.perf_counter()
     data = make_training_data(model, cfg, latents, should_stop)
     with training_mode(model, cfg):

@@ -35,10 +35,14 @@ class Family:
     guidance_distilled: bool = False  # guidance is an input of the network: sampled at cfg 1 (no negative prompt)
     architecture: str = ""           # modelspec.architecture of its LoRA files (kohya's sai_model_spec names)
     dit: bool = True
+    # DistillConfig.cross_rows when it is left at "auto" (-1), as measured per architecture on the benchmark's trained
+    # miniatures (bench/RESULTS.md, "Why each default"): 2 on the UNet (paired mean4 +0.87 [+0.13, +1.68]), 0 on the
+    # DiTs (MiniCanvas-Flux: mean4 -0.28 [-0.91, +0.27], SFA -1.5, for 22% more time)
+    cross_rows: int = 0
 
 
 UNET = Family("unet", "SD1.x / SD2.x / SDXL (UNet)", attention=("to_q", "to_k", "to_v", "to_out", "to_out.0"),
-              text_attention=(".attn2.",), dit=False)
+              text_attention=(".attn2.",), dit=False, cross_rows=2)
 FLUX = Family("flux", "Flux.1-dev (and Krea, Kontext)", blocks=("double_blocks", "single_blocks"),
               attention=("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2"),
               text_attention=(".txt_attn.",), inplace_residuals=True, guidance_distilled=True,

@@ -3,7 +3,7 @@ and every bad input of issue 2. Each test asserts something that fails if the st
 import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -890,11 +890,29 @@ def test_the_teacher_takes_a_steps_rows_in_one_forward_with_the_default_rows_on_
         return real(x, sigma, cond)
     cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=3, check_every=100,
                            **{**FAST, "batch_size": 5})
-    assert cfg.cross_rows == 2 and cfg.uncond_rows == 0  # the defaults
+    from spare_core.distill import CROSS_ROWS_AUTO, for_model
+    assert cfg.cross_rows == CROSS_ROWS_AUTO and cfg.uncond_rows == 0  # the defaults: the family's cross rows
+    assert for_model(cfg, model).cross_rows == 2  # a UNet's (the tiny denoiser declares no family: a UNet)
     monkeypatch.setattr(model, "predict_x0", recording)
     sc.distill(model, cfg, saliency, latents=torch.randn(2, *model.latent_shape))
     assert [c for c in calls if c == (12, False)] == [(12, False)] * (cfg.steps + 2)  # + the probe, before and after
     assert [c for c in calls if c[1]] == [(10, True), (2, True)] * cfg.steps  # the student: chunks of 2 x batch_size
+
+
+def test_cross_rows_default_is_the_familys_measured_one():
+    """cross_rows -1 (the default) resolves to the model family's measured value: 2 on a UNet, 0 on the DiTs
+    (MiniCanvas-Flux measured no gain); an explicit value is kept; below -1 is refused by name."""
+    from types import SimpleNamespace
+    from spare_core import families
+    from spare_core.distill import for_model, validate
+
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE])
+    assert for_model(cfg, SimpleNamespace()).cross_rows == 2
+    for fam in ("flux", "flux_schnell", "chroma", "sd3", "qwen_image", "lumina2"):
+        assert for_model(cfg, SimpleNamespace(family=fam)).cross_rows == 0, fam
+    assert for_model(replace(cfg, cross_rows=3), SimpleNamespace(family=families.FLUX)).cross_rows == 3
+    with pytest.raises(sc.SpareInputError, match="cross_rows=-2"):
+        validate(replace(cfg, cross_rows=-2), sc.Saliency({"x": 1.0}, ["x"], {}))
 
 
 def test_rows_in_chunks_give_the_same_gradient(model, saliency, monkeypatch):
