@@ -174,7 +174,7 @@ def build_dit(cf, family: str, dtype, blocks: int):
     if family == "sd3":  # MMDiT's pos_embed is a buffer a checkpoint fills (torch.empty otherwise)
         with torch.no_grad():
             pe = base.diffusion_model.pos_embed
-            pe.copy_(0.1 * torch.randn(pe.shape, generator=torch.Generator().manual_seed(7)).to(pe))
+            pe.copy_((0.1 * torch.randn(pe.shape, generator=torch.Generator().manual_seed(7))).to(pe))
     model = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=mm.unet_offload_device())
     options = {f"{name}_model_config": dict(DIT_TE[name]) for name in DIT_ENCODERS[family]}
     options["dtype"] = torch.float32
