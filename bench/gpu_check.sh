@@ -301,7 +301,7 @@ $ok ok, $failed failed, $timedout timed out, $skipped skipped; JSON lines in $JS
     echo "GPU: $GPU_LINE"
     echo "Python: $PY ($PYINFO)"
     echo "ComfyUI: $COMFYUI_PATH"
-    echo "s/step: one Sparse LoRA Distill step (batch 2+2+2 cross rows, node defaults, half of all Linear/Conv2d adapted); floor:"
+    echo "s/step: one Sparse LoRA Distill step (batch 2+2, +2 cross rows on UNets, node defaults, half of all Linear/Conv2d adapted); floor:"
     echo "teacher+student forwards and backward of that step alone; ratio = s/step / floor; erase: the default erase"
     echo "(Concept Samples, Saliency Scan, Timestep Profile, Distill) in seconds; VRAM: peak allocated/reserved MB."
     echo

@@ -29,9 +29,9 @@ that is set (e.g. fp16 weights on a CPU compute in fp32). The reported `compute_
 Per configuration, in one process on one network:
 1. Distill step: spare_core.distill through nodes/host.py (ComfyDiffusionModel + trainable(), under inference mode as
    under the executor) for --steps steps, with the Distill node's defaults (rank 8, batch 2 forget + 2 retain
-   samples + 2 cross rows, ...) on half of every Linear/Conv2d (every other candidate of targets "all": as many modules as the
-   default selection, 0.5; which ones a real scan picks differs). Self-generation is cut to 1 sample x 2 Euler steps,
-   as it is not part of a step. Steps after the first are timed (wall, and process CPU seconds: the steadier figure
+   samples + the family's cross rows, 2 on UNets, ...) on half of every Linear/Conv2d (every other candidate of
+   targets "all": as many modules as the default selection, 0.5; which ones a real scan picks differs).
+   Self-generation is cut to 1 sample x 2 Euler steps, as it is not part of a step. Steps after the first are timed (wall, and process CPU seconds: the steadier figure
    on a shared CPU); on cuda each step ends with torch.cuda.synchronize().
 2. Floor: what a step cannot do without, on the same network, input shapes and batch, with the same adapters (same
    modules, rank, fp32) attached through spare_core.adapters.attach and the same checkpointing and autocast: as
@@ -288,9 +288,8 @@ def floor_seconds(sc, dm, cfg, selected: list[str], reps: int, clock) -> tuple[f
     nothing else. Called inside host.trainable(dm), like the distill it is compared with."""
     import torch
     from spare_core.autograd import backward_safe, frozen
-    from spare_core.families import family_of
-
     from spare_core.distill import for_model, student_rows
+    from spare_core.families import family_of
 
     dev, b, c = dm.device, cfg.batch_size, for_model(cfg, dm).cross_rows  # the family's default (Family.cross_rows)
     gen = torch.Generator().manual_seed(0)
@@ -521,7 +520,8 @@ def main():
     ap.add_argument("--family", help="comma list of " + ", ".join(FAMILIES) + " (default: cuda sd15,sdxl; cpu sd15)")
     ap.add_argument("--latent", type=int, help="latent side = pixels / 8 (default: cuda the family's native size, "
                                                "SD1.5 64, SD2 96, SDXL, Flux and SD3.5 128; cpu 16)")
-    ap.add_argument("--dtype", help="comma list of weight dtypes fp16, bf16, fp32, fp8 (default: cuda fp16,bf16; cpu fp32)")
+    ap.add_argument("--dtype",
+                    help="comma list of weight dtypes fp16, bf16, fp32, fp8 (default: cuda fp16,bf16; cpu fp32)")
     ap.add_argument("--checkpointing", default="off,on", help="comma list of on, off (default: off,on)")
     ap.add_argument("--steps", type=int, help="distill steps timed for s/step, the first excluded; also the floor's "
                                               "repetitions + 1 (default: cuda 10, cpu 3)")

@@ -464,14 +464,6 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
     return Batch(xt, sigma, student, teacher)
 
 
-def step_rows(cfg: DistillConfig, data: TrainingData) -> int:
-    """Rows of one step's batch: batch_size forget rows, then (with retain data) batch_size retain rows and the rows
-    on the forget states."""
-    if data.x_retain is None:
-        return cfg.batch_size
-    return 2 * cfg.batch_size + cfg.cross_rows + (cfg.uncond_rows if data.uncond_row is not None else 0)
-
-
 def training_batches(model: DiffusionModel, adapters: AdapterSet, data: TrainingData, cfg: DistillConfig,
                      profile: Optional[TimestepProfile], gen: torch.Generator) -> Iterator[tuple[Batch, torch.Tensor]]:
     """Each step's batch with the teacher's x0 for it, step after step.
@@ -480,11 +472,11 @@ def training_batches(model: DiffusionModel, adapters: AdapterSet, data: Training
     check (so an early stop wastes none; at most AHEAD_STEPS steps), in no-grad forwards of `forward_rows` rows -- on
     the CPU several steps' rows per forward (less time per row), on a GPU one step's rows, as a step-by-step teacher
     would (bench/HISTORY.md, "Speed"). The draws (and so the run) are those of step-by-step training."""
-    rows = forward_rows(model.device, step_rows(cfg, data))
     step = 0
     while step < cfg.steps:
         end = min(cfg.steps, (step // cfg.check_every + 1) * cfg.check_every, step + AHEAD_STEPS)
         batches = [get_batch(model, data, cfg, profile, gen) for _ in range(step, end)]
+        rows = forward_rows(model.device, batches[0].xt.shape[0])  # a step's rows (cross rows included) at once
         with adapters.disabled():  # the teacher: the network as it was
             targets = x0_no_grad(model, data, torch.cat([b.xt for b in batches]),
                                  torch.cat([b.sigma for b in batches]), torch.cat([b.teacher for b in batches]), rows)

@@ -457,7 +457,8 @@ def test_standard_presets_train_each_method_at_its_seeds():
     from bench.minicanvas.dispatch import methods_for_seed
     assert "spare-all-pairs" in MODEL_METHODS["unet"]["standard"]
     assert "spare-all-pairs" not in MODEL_METHODS["flux"]["standard"]
-    assert "eraseanything" in MODEL_METHODS["flux"]["standard"] and "spare-text-in" not in MODEL_METHODS["flux"]["standard"]
+    flux_standard = MODEL_METHODS["flux"]["standard"]
+    assert "eraseanything" in flux_standard and "spare-text-in" not in flux_standard
     for model, uce_seeds in (("unet", 3), ("flux", 1)):
         methods = MODEL_METHODS[model]["standard"]
         budget = replace(Budget(model=model), train_seeds=3, baseline_seeds=STANDARD_BASELINE_SEEDS,

@@ -33,14 +33,14 @@ QUICK_BASELINE_SCALE = 0.1  # ESD 100, CA 40, SalUn 50 steps
 QUICK_METHODS = ("spare", "esd-x", "ca", "salun", "uce")
 QUICK_SAMPLE_STEPS = 8  # evaluation sampler steps in quick mode (default 12)
 STANDARD_METHODS = ("spare", "spare-all-pairs", "uce", "uce-pool", "salun", "ca", "esd-x")
-REFERENCE_ROWS = ("spare-all-pairs",)
+REFERENCE_METHODS = ("spare-all-pairs",)  # reference rows: as many training seeds as the step-trained baselines
 # refused on the UNet: eraseanything (published for Flux only, baselines.erase_anything) and the experiment
 # spare-text-in (SPARE's selection plus Flux's text embedders, methods.py)
 FLUX_ONLY_METHODS = ("eraseanything", "spare-text-in")
 # the methods of --standard / --quick per model: on MiniCanvas-Flux the Flux-only baseline joins the UNet's; its
 # --standard leaves out the all-pairs reference row and the spare-text-in experiment so that the one command stays
 # within 90 min on 2 cores (its grids cost ~4x the UNet's)
-FLUX_STANDARD_METHODS = tuple(m for m in STANDARD_METHODS if m not in REFERENCE_ROWS) + ("eraseanything",)
+FLUX_STANDARD_METHODS = tuple(m for m in STANDARD_METHODS if m not in REFERENCE_METHODS) + ("eraseanything",)
 MODEL_METHODS = {"unet": {"standard": STANDARD_METHODS, "quick": QUICK_METHODS},
                  "flux": {"standard": FLUX_STANDARD_METHODS, "quick": QUICK_METHODS + FLUX_ONLY_METHODS}}
 STANDARD_ESD_STEPS = 200  # choice: ESD's paper trains 1000 steps (--standard is estimated at ~100 min; RESULTS)
@@ -48,7 +48,6 @@ STANDARD_BASELINE_SEEDS = 1  # the step-trained baselines run one training seed 
 # UCE's training seeds in --standard per model (0 = all 3): on MiniCanvas-Flux one (time: each seed is 40 grids of
 # ~27 s; UCE is closed-form, its only dependence on the seed is the retain split)
 STANDARD_CLOSED_FORM_SEEDS = {"unet": 0, "flux": 1}
-REFERENCE_METHODS = REFERENCE_ROWS  # reference rows: as many training seeds as the step-trained baselines
 TRAIN_TEMPLATE = 0                   # UnlearnCanvas' "A {object} image in {style} style.": every training prompt
 EVAL_TEMPLATES = tuple(i for i in range(len(data.TEMPLATES)) if i != TRAIN_TEMPLATE)  # held out for evaluation
 

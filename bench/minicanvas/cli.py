@@ -32,7 +32,8 @@ from spare_core.minicanvas import data
 
 from .budgets import (EVAL_TEMPLATES, FLUX_ONLY_METHODS, METHODS, MODEL_METHODS, ERASABLE_OBJECTS,
                       QUICK_BASELINE_SCALE, QUICK_CONCEPTS, QUICK_METHODS,
-                      QUICK_SAMPLE_STEPS, RETAIN_SETS, STANDARD_BASELINE_SEEDS, STANDARD_CLOSED_FORM_SEEDS, STANDARD_ESD_STEPS, STANDARD_METHODS,
+                      QUICK_SAMPLE_STEPS, RETAIN_SETS, STANDARD_BASELINE_SEEDS, STANDARD_CLOSED_FORM_SEEDS,
+                      STANDARD_ESD_STEPS, STANDARD_METHODS,
                       ERASABLE_STYLES, TRAIN_TEMPLATE, MODELS, Budget, parse_override, split_variant)
 from .dispatch import HOSTS, check_model_methods, run
 
@@ -56,8 +57,8 @@ def main(argv=None):
     mode.add_argument("--standard", action="store_true",
                       help="every style and object, 3 training seeds, " + ", ".join(STANDARD_METHODS) + " at the "
                       f"papers' budgets (ESD {STANDARD_ESD_STEPS} steps; the step-trained baselines and the all-pairs "
-                      "reference row 1 training seed); every method's retain list leaves half of the other classes out; "
-                      "with --model flux: " + ", ".join(MODEL_METHODS["flux"]["standard"]) + ", UCE 1 training seed "
+                      "reference row 1 training seed); every method's retain list leaves half of the other classes "
+                      "out; with --model flux: " + ", ".join(MODEL_METHODS["flux"]["standard"]) + ", UCE 1 training seed "
                       "(<= 90 min on 2 cores)")
     mode.add_argument("--quick", action="store_true",
                       help="4 concepts, 1 training seed, SPARE at the product defaults, baselines' budgets x "

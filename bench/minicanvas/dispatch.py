@@ -161,7 +161,8 @@ def methods_for_seed(methods, seed: int, budget: Budget) -> list:
 def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, host: str = "library", inputs=None):
     """Erase every concept with every method, for every training seed. jobs > 1: (concept, seed) tasks are spread
     over that many worker processes of one torch thread each (one process per core beats one process with several
-    threads on small models). Step-trained baselines run `budget.baseline_seeds` training seeds, UCE `budget.closed_form_seeds` (0 = all).
+    threads on small models). Step-trained baselines run `budget.baseline_seeds` training seeds, UCE
+    `budget.closed_form_seeds` (0 = all; methods_for_seed).
     host: "library" (spare_core + the bundled sampler) or "comfyui" (the pack's nodes + KSampler; SPARE only).
     inputs: what the erasures read (prompt lists, learning rates, memory probe; methods.default_inputs() when None;
     worker processes always use the defaults)."""

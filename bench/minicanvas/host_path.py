@@ -63,6 +63,8 @@ GRID_SCHEDULER = "karras"
 GRID_CFG = _SAMPLE_DEFAULTS["cfg"].default
 GRID_NEGATIVE = _SAMPLE_DEFAULTS["negative"].default
 GRID_BATCH = 128  # images per sampling call (the bundled sampler's batch size)
+WIDGET_RESOLUTION = 64  # the resolution widgets' minimum; ignored when a LATENT is connected (it sets the size)
+FILENAME_PREFIX = "minicanvas/erase"
 
 
 def grid_settings(model: str) -> dict:
@@ -75,8 +77,6 @@ def grid_settings(model: str) -> dict:
     params = inspect.signature(MiniCanvasFlux.sample).parameters
     return {"sampler": params["sampler"].default, "scheduler": "simple", "cfg": params["cfg"].default,
             "negative": params["negative"].default}
-WIDGET_RESOLUTION = 64  # the resolution widgets' minimum; ignored when a LATENT is connected (it sets the size)
-FILENAME_PREFIX = "minicanvas/erase"
 
 
 class HostUnavailable(RuntimeError):
@@ -263,8 +263,8 @@ class ComfyHost:
 
     # --- evaluation: KSampler -------------------------------------------------------------------------------------
     def _encode(self, prompts) -> list:
-        """CLIPTextEncode's CONDITIONING per prompt (cached), batched into one entry: [[cond [B, L, D], {"pooled_output":
-        [B, P]}]] (the pooled vector where the model has one: MiniCanvas-Flux's vector_in reads it)."""
+        """CLIPTextEncode's CONDITIONING per prompt (cached), batched into one entry: [[cond [B, L, D],
+        {"pooled_output": [B, P]}]] (the pooled vector where the model has one: MiniCanvas-Flux's vector_in reads it)."""
         for p in prompts:
             if p not in self._conds:
                 with torch.inference_mode():

@@ -235,7 +235,8 @@ def targets(results: dict) -> str:
         esd_secs = e["seconds_per_concept"] * 1000 / max(1, budget.get("esd", 1000))
         ratio = sp["seconds_per_concept"] / esd_secs
         row(f"time per concept <= 1/10 of {esd} at 1000 steps ({esd_secs:.1f} s, from {budget.get('esd', 1000)} "
-            "steps)", f"{sp['seconds_per_concept']:.1f} s ({ratio:.3f}x)", ratio <= 0.1, f"{100 * (ratio / 0.1 - 1):.0f}% over")
+            "steps)", f"{sp['seconds_per_concept']:.1f} s ({ratio:.3f}x)", ratio <= 0.1,
+            f"{100 * (ratio / 0.1 - 1):.0f}% over")
     return "\n".join(lines)
 
 
