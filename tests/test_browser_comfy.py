@@ -174,8 +174,14 @@ def page(browser, server):
 # ---------------------------------------------------------------------------------------------------------------------
 # In-page helpers
 
+# handleFile is what a drop on the canvas calls; in this frontend it reads the file with a FileReader whose onload it
+# does not await, so the graph is replaced some time after the promise resolves: wait (10 s at most) until the
+# graph holds the file's nodes, else the test would read the previous workflow's graph (seen once in CI).
 JS_LOAD = """async ([text, name]) => {
+    const want = JSON.stringify(JSON.parse(text).nodes.map(n => [n.id, n.type]).sort());
+    const have = () => JSON.stringify(app.graph.nodes.map(n => [n.id, n.type]).sort());
     await app.handleFile(new File([text], name, {type: "application/json"}));
+    for (let t = 0; t < 100 && have() !== want; t++) await new Promise(r => setTimeout(r, 100));
     await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
     app.canvas.draw(true, true);
     const broken = app.graph.nodes.filter(n => n.has_errors || !LiteGraph.registered_node_types[n.type])
