@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import SpareInputError
+from .families import slice_rows, split_slice
 from .lora import ADAPTABLE, LoraWeights  # noqa: F401  (ADAPTABLE lives with the file format; re-exported here)
 
 
@@ -38,13 +39,21 @@ class LoraAdapter(nn.Module):
     """Low-rank delta for one base module: delta(x) = scale * up(down(dropout(x))).
 
     Linear: down [r, in], up [out, r]. Conv2d: down is a conv with the base kernel/stride/padding, up is 1x1.
+    rows (Linear only): (a, b) = the adapter updates output rows [a, b) only (a row slice of a fused projection):
+    up is [b - a, r] and the delta is zero elsewhere.
     """
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+                 rows: Optional[tuple[int, int]] = None):
         super().__init__()
+        fan_out = module_dims(base)[1]
+        self.rows = None if rows is None or tuple(rows) == (0, fan_out) else (rows[0], rows[1], fan_out)
+        if self.rows is not None and not isinstance(base, nn.Linear):
+            raise TypeError("a row-slice adapter needs a Linear")
         if isinstance(base, nn.Linear):
             self.down = nn.Linear(base.in_features, rank, bias=False)
-            self.up = nn.Linear(rank, base.out_features, bias=False)
+            out = base.out_features if self.rows is None else self.rows[1] - self.rows[0]
+            self.up = nn.Linear(rank, out, bias=False)
         elif isinstance(base, nn.Conv2d):
             if base.groups != 1:
                 raise SpareInputError(f"grouped Conv2d (groups={base.groups}) cannot carry a LoRA")
@@ -60,8 +69,23 @@ class LoraAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
 
     def low_rank(self, x: torch.Tensor) -> torch.Tensor:
-        """up(down(dropout(x))) without the scale: the hook adds it scaled in one op (`torch.add(..., alpha=)`)."""
-        return self.up(self.down(self.dropout(x)))
+        """up(down(dropout(x))) without the scale: the hook adds it scaled in one op (`torch.add(..., alpha=)`). A
+        row-slice adapter's delta is padded with zeros to the module's width (out of place: autograd stays exact)."""
+        delta = self.up(self.down(self.dropout(x)))
+        if self.rows is not None:
+            a, b, fan_out = self.rows
+            delta = nn.functional.pad(delta, (a, fan_out - b))
+        return delta
+
+    def full_up(self) -> torch.Tensor:
+        """up as a weight of the whole module: [out, r(,1,1)], zero outside a row slice."""
+        w = self.up.weight.detach()
+        if self.rows is None:
+            return w
+        a, b, fan_out = self.rows
+        full = w.new_zeros(fan_out, w.shape[1])
+        full[a:b] = w
+        return full
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.low_rank(x) * self.scale
@@ -94,7 +118,8 @@ class AdapterSet(_Hooks):
         self.enabled = True
         self.strength = 1.0
         modules = dict(network.named_modules())
-        self._handles = [modules[path].register_forward_hook(self._hook(adapter))
+        # a row slice's name is '<module path>[q]' (families.split_slice): its hook goes on the module
+        self._handles = [modules[split_slice(path)[0]].register_forward_hook(self._hook(adapter))
                          for path, adapter in self.adapters.items()]
 
     def _hook(self, adapter: LoraAdapter):
@@ -144,15 +169,18 @@ def make_adapters(network: nn.Module, paths: Iterable[str], rank: int, alpha: fl
     modules = dict(network.named_modules())
     adapters = {}
     for path in paths:
-        if path not in modules:
+        module_path, part = split_slice(path)
+        base = modules.get(module_path)
+        if base is None or (part is not None and not isinstance(base, nn.Linear)):
             raise SpareInputError(f"saliency names module '{path}', which the model does not have; "
                                   "was the saliency scanned on a different model?")
-        base = modules[path]
+        fan_in, fan_out = module_dims(base)
+        rows = slice_rows(part, fan_in, fan_out)
         # A module narrower than the rank (e.g. SD's 4-channel output conv at rank 8) gets a full-rank update: rank
         # min(in, out) with alpha scaled so that its update scale stays alpha / rank. The file stores alpha per
         # module and loaders scale by alpha / down rows, so it loads as trained. (peft would over-parameterise.)
-        r = min(rank, *module_dims(base))
-        adapters[path] = LoraAdapter(base, r, alpha * r / rank, dropout).to(device=device, dtype=dtype)
+        r = min(rank, fan_in, rows[1] - rows[0])
+        adapters[path] = LoraAdapter(base, r, alpha * r / rank, dropout, rows).to(device=device, dtype=dtype)
     return adapters
 
 

@@ -85,6 +85,9 @@ class ScanConfig:
                                                 "slower; the scores are the same.")
     sample_steps: int = option(SAMPLE_STEPS, "Euler steps of the self-generated samples.", node=False)
     sample_cfg: float = option(SAMPLE_CFG, "Guidance scale of the self-generated samples.", node=False)
+    fused_slices: bool = option(False, "Score and adapt a DiT's fused projections (Flux's qkv, linear1) as row "
+                                       "slices (q, k, v, mlp) instead of whole modules (families.Family.fused).",
+                                node=False)
 
 
 @dataclass(frozen=True)

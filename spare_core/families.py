@@ -13,8 +13,11 @@ Candidates (saliency.candidate_modules), per family and `targets`:
   text stream's q/k; UCE's Flux script: closed form on `txt_in` / `vector_in`); we ship the wider rule because on
   MiniCanvas-Flux (ComfyUI's Flux class, trained) the narrower sets erased less: the text stream's attention alone
   lost 5 points of UA, the attention without the MLPs and modulation 26 (bench/RESULTS.md, "MiniCanvas-Flux").
-  `txt_in` / `vector_in` as candidates are not measured yet. Fused projections (Flux's `qkv`, `linear1`) are scored
-  and adapted whole, not as q/k/v/MLP row slices.
+  `txt_in` / `vector_in` as candidates are not measured yet. Fused projections (`fused`: Flux's `qkv` and `linear1`,
+  SD3's `qkv`) are scored and adapted whole by default; `ScanConfig.fused_slices` makes each a set of row-slice
+  candidates named `<path>[q]`, `[k]`, `[v]` (and `[mlp]`: linear1's rows past 3 x its input width). A slice adapter
+  trains only its rows and is written into the file as an ordinary LoRA on the whole module (zero rows elsewhere), so
+  every loader takes it. Whole vs slices is measured on MiniCanvas-Flux (bench/RESULTS.md, "Fused projections").
 - "attention": the attention projections inside the blocks (`attention` leaf names).
 - "cross_attention": where the text enters. UNets: the cross-attention (attn2) projections. Joint-attention DiTs have
   no cross-attention; there it is the text stream's attention projections (`text_attention`).
@@ -39,6 +42,7 @@ class Family:
     # miniatures (bench/RESULTS.md, "Why each default"): 2 on the UNet (paired mean4 +0.87 [+0.13, +1.68]), 0 on the
     # DiTs (MiniCanvas-Flux: mean4 -0.28 [-0.91, +0.27], SFA -1.5, for 22% more time)
     cross_rows: int = 0
+    fused: tuple[str, ...] = ()      # leaf names of fused q/k/v(/mlp) projections (row slices: ScanConfig.fused_slices)
 
 
 UNET = Family("unet", "SD1.x / SD2.x / SDXL (UNet)", attention=("to_q", "to_k", "to_v", "to_out", "to_out.0"),
@@ -46,15 +50,16 @@ UNET = Family("unet", "SD1.x / SD2.x / SDXL (UNet)", attention=("to_q", "to_k", 
 FLUX = Family("flux", "Flux.1-dev (and Krea, Kontext)", blocks=("double_blocks", "single_blocks"),
               attention=("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2"),
               text_attention=(".txt_attn.",), inplace_residuals=True, guidance_distilled=True,
-              architecture="flux-1-dev/lora")
+              architecture="flux-1-dev/lora", fused=("img_attn.qkv", "txt_attn.qkv", "linear1"))
 FLUX_SCHNELL = Family("flux_schnell", "Flux.1-schnell", FLUX.blocks, FLUX.attention, FLUX.text_attention,
-                      inplace_residuals=True, guidance_distilled=True, architecture="flux-1-schnell/lora")
+                      inplace_residuals=True, guidance_distilled=True, architecture="flux-1-schnell/lora",
+                      fused=FLUX.fused)
 CHROMA = Family("chroma", "Chroma", FLUX.blocks, FLUX.attention, FLUX.text_attention, inplace_residuals=True,
-                architecture="chroma/lora")
+                architecture="chroma/lora", fused=FLUX.fused)
 SD3 = Family("sd3", "SD3 / SD3.5", blocks=("joint_blocks",), attention=("attn.qkv", "attn.proj", "attn2.qkv",
                                                                           "attn2.proj"),
              text_attention=(".context_block.attn.",),
-             architecture="stable-diffusion-3/lora")
+             architecture="stable-diffusion-3/lora", fused=("attn.qkv", "attn2.qkv"))
 QWEN_IMAGE = Family("qwen_image", "Qwen-Image", blocks=("transformer_blocks",),
                     attention=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
                                "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
@@ -79,3 +84,36 @@ def family_of(model) -> Family:
 
 def in_blocks(path: str, family: Family) -> bool:
     return not family.blocks or path.split(".", 1)[0] in family.blocks
+
+
+SLICE_NAMES = ("q", "k", "v", "mlp")
+
+
+def is_leaf(path: str, leaf: str) -> bool:
+    return path == leaf or path.endswith("." + leaf)
+
+
+def fused_slices(path: str, fan_in: int, fan_out: int, family: Family) -> list[str]:
+    """The row-slice candidate names of module `path` (`<path>[q]`, ...) if it is one of `family`'s fused
+    projections whose rows are q, k, v blocks of its input width (then the MLP's rows); [] otherwise."""
+    if not any(is_leaf(path, leaf) for leaf in family.fused) or fan_out < 3 * fan_in:
+        return []
+    names = SLICE_NAMES[:3] + (SLICE_NAMES[3:] if fan_out > 3 * fan_in else ())
+    return [f"{path}[{n}]" for n in names]
+
+
+def split_slice(name: str) -> tuple[str, str | None]:
+    """'double_blocks.0.img_attn.qkv[k]' -> ('double_blocks.0.img_attn.qkv', 'k'); a module path -> (path, None)."""
+    if name.endswith("]") and "[" in name:
+        path, _, part = name[:-1].rpartition("[")
+        if part in SLICE_NAMES:
+            return path, part
+    return name, None
+
+
+def slice_rows(part: str | None, fan_in: int, fan_out: int) -> tuple[int, int]:
+    """The output rows [a, b) of slice `part` of a fused projection (None: every row)."""
+    if part is None:
+        return 0, fan_out
+    i = SLICE_NAMES.index(part)
+    return (i * fan_in, (i + 1) * fan_in) if i < 3 else (3 * fan_in, fan_out)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import SpareInputError
+from .families import split_slice
 from .files import atomic_write, read_safetensors
 
 log = logging.getLogger("spare")
@@ -42,11 +43,24 @@ class LoraWeights:
     def from_adapters(cls, adapters, metadata: Optional[Mapping[str, str]] = None) -> "LoraWeights":
         """The weights an `adapters.AdapterSet` has trained (read through its `adapters` mapping: the file format does
         not import the training hooks; adapters.py imports this module)."""
-        modules = {}
-        for path, a in adapters.adapters.items():
-            modules[path] = {"down": a.down.weight.detach().float().cpu().clone(),
-                             "up": a.up.weight.detach().float().cpu().clone(),
-                             "alpha": torch.tensor(a.alpha, dtype=torch.float32)}
+        modules, sliced = {}, {}
+        for name, a in adapters.adapters.items():
+            path, part = split_slice(name)
+            if part is None and path not in sliced:
+                modules[path] = {"down": a.down.weight.detach().float().cpu().clone(),
+                                 "up": a.up.weight.detach().float().cpu().clone(),
+                                 "alpha": torch.tensor(a.alpha, dtype=torch.float32)}
+            else:
+                sliced.setdefault(path, []).append(a)
+        for path, parts in sliced.items():
+            # row slices of one module -> one ordinary LoRA on the whole module (what every loader reads): the
+            # slices' down rows stacked, their up columns side by side, zero outside each slice's rows; each slice's
+            # scale is folded into its up and alpha = rank, so a loader's alpha / rank is 1
+            if path in modules:
+                raise ValueError(f"module '{path}' has both a whole-module and row-slice adapters")
+            down = torch.cat([a.down.weight.detach().float().cpu() for a in parts])
+            up = torch.cat([a.full_up().float().cpu() * a.scale for a in parts], dim=1)
+            modules[path] = {"down": down, "up": up, "alpha": torch.tensor(float(down.shape[0]))}
         return cls(modules, dict(metadata or {}))
 
     @property

@@ -39,6 +39,7 @@ from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .families import Family
 from .files import atomic_write, read_safetensors
 from .lora import ADAPTABLE
+from .adapters import module_dims
 from .model import DiffusionModel
 from .prompts import validate_prompts
 from .sampling import generate, noised, uniform_t
@@ -48,8 +49,10 @@ SCAN_BATCH = 2       # samples per backward
 
 
 def candidate_modules(network: nn.Module, targets: str = DEFAULT_TARGETS,
-                      family: Family = families.UNET) -> dict[str, nn.Module]:
-    """Modules that may carry an adapter, by module path (the rules per family: spare_core/families.py).
+                      family: Family = families.UNET, fused_slices: bool = False) -> dict[str, nn.Module]:
+    """Modules that may carry an adapter, by module path (the rules per family: spare_core/families.py). With
+    `fused_slices`, each of the family's fused projections is there as its row slices (`<path>[q]`, ..., mapped to
+    the module itself; `families.split_slice` / `slice_rows` give the path and the rows).
 
     "all": every Linear/Conv2d (UNets; the authors' candidates) or every Linear inside the transformer blocks (DiTs);
     "attention": the attention projections (UNets: to_q, to_k, to_v, to_out); "cross_attention": where the text
@@ -68,8 +71,15 @@ def candidate_modules(network: nn.Module, targets: str = DEFAULT_TARGETS,
                 continue
             if targets == "cross_attention" and not any(part in f".{path}" for part in family.text_attention):
                 continue
-        out[path] = module
+        parts = families.fused_slices(path, *module_dims(module), family) if fused_slices else []
+        for name in parts or [path]:
+            out[name] = module
     return out
+
+
+def candidate_rows(name: str, module: nn.Module) -> slice:
+    """The rows of `module`'s weight that candidate `name` covers (all of them unless it is a row slice)."""
+    return slice(*families.slice_rows(families.split_slice(name)[1], *module_dims(module)))
 
 
 @dataclass
@@ -123,14 +133,17 @@ def _weight_grads(modules: dict[str, nn.Module], on_grad):
     as soon as it is accumulated (so at most one weight's gradient is alive at a time). Restores every flag."""
     network_params = {}
     handles = []
+    names = {}  # weight -> the candidates on it (several: row slices of one fused projection)
+    for path, module in modules.items():
+        names.setdefault(module.weight, []).append(path)
     try:
-        for path, module in modules.items():
-            w = module.weight
-            network_params[path] = (w, w.requires_grad)
+        for w, paths in names.items():
+            network_params[paths[0]] = (w, w.requires_grad)
             w.requires_grad_(True)
 
-            def hook(p, path=path):
-                on_grad(path, p.grad)
+            def hook(p, paths=paths):
+                for path in paths:
+                    on_grad(path, p.grad)
                 p.grad = None
             handles.append(w.register_post_accumulate_grad_hook(hook))
         yield
@@ -160,11 +173,12 @@ def _accumulate(model: DiffusionModel, modules, x0, cond, index, seed, should_st
     batch_sums = {}
 
     def on_grad(path, g):
-        g = g.detach().float() / state["scale"]
+        rows = candidate_rows(path, modules[path])
+        g = g[rows].detach().float() / state["scale"]
         if fp16 and not torch.isfinite(g).all():
             state["overflow"] = True
             return
-        a = (g * modules[path].weight.detach().float()).abs() if scoring == "taylor" else g.abs()
+        a = (g * modules[path].weight[rows].detach().float()).abs() if scoring == "taylor" else g.abs()
         batch_sums[path] = float(a.sum())
 
     gen = torch.Generator().manual_seed(seed)
@@ -237,7 +251,7 @@ def scan(
     if cfg.scoring not in SCORINGS:
         raise SpareInputError(f"scoring='{cfg.scoring}' is not one of {', '.join(SCORINGS)}")
     family = families.family_of(model)
-    modules = candidate_modules(model.network, cfg.targets, family)
+    modules = candidate_modules(model.network, cfg.targets, family, cfg.fused_slices)
     if not modules:
         raise SpareInputError(f"the model has no {cfg.targets} modules ({family.label}: Linear/Conv2d named "
                               f"{', '.join(family.attention)}); try targets='all'")
@@ -256,7 +270,7 @@ def scan(
         c_retain = model.encode(retain) if retain else None
     f_sum = _accumulate(model, modules, x_f, c_forget, idx_f, cfg.seed + 1, should_stop, progress, cfg.scoring,
                         cfg.gradient_checkpointing)
-    numel = {p: m.weight.numel() for p, m in modules.items()}
+    numel = {p: m.weight[candidate_rows(p, m)].numel() for p, m in modules.items()}
     forget = {p: f_sum[p] / numel[p] for p in modules}
     if cfg.scoring == "contrastive" and retain:
         x_r, idx_r = self_generated(retain, 1000)

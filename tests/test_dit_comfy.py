@@ -299,3 +299,43 @@ def test_full_size_export_maps_every_key(pack, family, caplog):  # noqa: F811
             patches = comfy.lora.load_lora(sd, key_map)
         assert not [r for r in caplog.records if "not loaded" in r.getMessage()]
         assert set(patches) == {f"diffusion_model.{p}.weight" for p in candidates}
+
+
+def test_fused_slices_on_flux_load_in_the_stock_loader(pack, host, caplog):  # noqa: F811
+    """Flux's fused projections as row slices (ScanConfig.fused_slices): the scan scores q / k / v of every qkv and
+    q / k / v / mlp of every linear1; the LoRA trained on slices is written as ordinary whole-module keys, which
+    ComfyUI's stock LoraLoaderModelOnly loads with 0 keys dropped and which predict what the live adapters did."""
+    if "flux" not in DIT_FAMILIES:
+        pytest.skip("no tiny Flux-dev fixture")
+    import comfy.lora
+    import nodes as comfy_nodes
+
+    import spare_core as sc
+    _, loras = pack
+    model, clip = cf.build_tiny("flux", seed=6)
+    dm = host.ComfyDiffusionModel(model, clip, RES, RES)
+    dm.load()
+    sal = sc.saliency_scan(dm, [SHORT], samples=1, sample_steps=2, seed=0, fused_slices=True, selection=1.0)
+    slices = [p for p in sal.scores if p.endswith("]")]
+    assert {p.rsplit("[", 1)[1] for p in slices} == {"q]", "k]", "v]", "mlp]"}
+    assert all(p.rsplit("[", 1)[0].endswith(("qkv", "linear1")) for p in slices)
+    picked = [p for p in slices if p.endswith(("[k]", "[mlp]"))][:4] + [p for p in sal.scores if "[" not in p][:2]
+    adapters = sc.adapters.attach(dm.network, picked, 2, 2.0)
+    try:
+        with torch.no_grad():
+            for a in adapters.adapters.values():
+                a.up.weight.normal_(0, 0.05)
+        live = x0(model, clip, [SHORT])
+        lora = sc.LoraWeights.from_adapters(adapters, {"spare.family": "flux"})
+    finally:
+        adapters.remove()
+    assert set(lora.modules) == {p.split("[")[0] for p in picked}
+    sc.save_lora(os.path.join(str(loras), "slices.safetensors"), lora)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        stock = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, "slices.safetensors", 1.0)[0]
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert (live - x0(model, clip, [SHORT])).abs().max() > 0.02  # the adapters did move it (10x the tolerance)
+    assert torch.allclose(x0(stock, clip, [SHORT]), live, atol=2e-3)  # the file is fp16
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    assert len(comfy.lora.load_lora(lora.state_dict(), key_map)) == len(lora.modules)

@@ -145,3 +145,59 @@ def test_guidance_distilled_families_sample_without_cfg():
     model.family = dataclasses.replace(families.UNET, name="distilled-toy", guidance_distilled=True)
     sc.generate(model, ["a red cat"], 2, seed=0, steps=1, cfg=5.0)
     assert rows == [2]
+
+
+def _fused_toy():
+    """The tiny UNet with one feed-forward input made a fused projection: 16 -> 56 rows = q, k, v (16 each) and an
+    8-row "mlp" part, declared fused by a toy family."""
+    model = TinyDiffusionModel(seed=0)
+    block = model.network.input_blocks[1].transformer_blocks[0]
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        block.ff[0], block.ff[2] = nn.Linear(16, 56), nn.Linear(56, 16)
+    model.family = dataclasses.replace(families.UNET, name="fused-toy", fused=("ff.0",))
+    return model, "input_blocks.1.transformer_blocks.0.ff.0"
+
+
+def test_fused_projections_are_scored_and_adapted_as_row_slices():
+    model, path = _fused_toy()
+    whole = sc.saliency_scan(model, ["a red cat"], samples=1, sample_steps=2, seed=0)
+    sliced = sc.saliency_scan(model, ["a red cat"], samples=1, sample_steps=2, seed=0, fused_slices=True,
+                              selection=1.0)
+    names = [f"{path}[{p}]" for p in ("q", "k", "v", "mlp")]
+    assert path in whole.scores and path not in sliced.scores and set(names) <= set(sliced.scores)
+    # the other candidates score as before; the slices' |grad| sums add up to the whole module's
+    assert all(sliced.scores[p] == pytest.approx(s, rel=1e-5) for p, s in whole.scores.items() if p != path)
+    rows = {"q": 16, "k": 16, "v": 16, "mlp": 8}
+    parts = sum(sliced.scores[f"{path}[{p}]"] * n * 16 for p, n in rows.items())
+    assert parts == pytest.approx(whole.scores[path] * 56 * 16, rel=1e-5)
+
+    # a slice adapter moves its rows only; two slices of one module become one ordinary LoRA on it
+    net = model.network
+    module = dict(net.named_modules())[path]
+    adapters = sc.adapters.attach(net, [f"{path}[k]", f"{path}[mlp]"], 2, 2.0)
+    with torch.no_grad():
+        for a in adapters.adapters.values():
+            a.up.weight.normal_(0, 0.5)
+    x = torch.randn(3, 16)
+    with adapters:
+        live = module(x)
+        with adapters.disabled():
+            base = module(x)
+    moved = (live - base).abs().amax(0)
+    assert moved[:16].max() == 0 and moved[32:48].max() == 0  # q and v rows untouched
+    assert moved[16:32].min() > 0 and moved[48:].min() > 0
+    lora = sc.LoraWeights.from_adapters(adapters)
+    assert list(lora.modules) == [path] and lora.modules[path]["down"].shape == (4, 16)
+    assert lora.modules[path]["up"].shape == (56, 4)
+    assert set(lora.state_dict()) == {f"diffusion_model.{path}.{k}" for k in ("lora_down.weight", "lora_up.weight",
+                                                                              "alpha")}
+    with sc.apply_lora(net, lora, 1.0):
+        applied = module(x)
+    assert torch.allclose(applied, live, atol=1e-5)
+
+    # distill trains on a sliced selection (the scan's top slices and modules)
+    top = sc.Saliency(sliced.scores, [f"{path}[v]"] + [p for p in sliced.selected if "[" not in p][:3], {})
+    cfg = sc.DistillConfig(["a red cat"], ["a plain house"], steps=2, seed=0, samples=1, sample_steps=2)
+    result = sc.distill(model, cfg, top)
+    assert path in result.lora.modules and result.lora.modules[path]["up"][:32].abs().max() == 0

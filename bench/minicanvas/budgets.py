@@ -203,6 +203,7 @@ class SpareVariant:
     profile_floor: float | None = None  # timestep_profile's uniform floor (None: the product's)
     step_scale: float = 1.0  # x Budget.spare, rounded (at least 1 step)
     retain: str = ""         # SPARE's retain list ("all-pairs": every other pair; "": the budget's)
+    scan: tuple = ()         # (field, value) ScanConfig pairs
 
 
 SPARE_VARIANTS = {
@@ -219,4 +220,6 @@ SPARE_VARIANTS = {
     "spare-floor05": SpareVariant(profile_floor=PROFILE_FLOOR_05),
     # experiment (time): 0.8 x the step cap (160 of 200), cosine-decayed to that cap
     "spare-steps160": SpareVariant(step_scale=SHORT_STEPS),
+    # experiment (DiTs): fused projections (Flux's qkv, linear1) scored and adapted as q / k / v / mlp row slices
+    "spare-slices": SpareVariant(scan=(("fused_slices", True),)),
 }
