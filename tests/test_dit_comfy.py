@@ -93,8 +93,8 @@ def test_dit_graph_end_to_end(pack, host, family, caplog):  # noqa: F811
     for key_format, checkpointing in (("comfyui", True), ("kohya", False)):
         lora_sd, curve, filename = run(
             nodes_mod.SparseLoraDistill, model=model, clip=clip, concepts="a red cat", surrogates="a plain house",
-            retain="a blue dog", saliency=saliency, timesteps=timesteps, rank=4, alpha=4.0, steps=int(os.environ.get('STEPS','40')),
-            learning_rate=float(os.environ.get('LR','1e-2')), forget_weight=1.0, retain_weight=1.0, samples=2, seed=0,
+            retain="a blue dog", saliency=saliency, timesteps=timesteps, rank=4, alpha=4.0, steps=40,
+            learning_rate=1e-2, forget_weight=1.0, retain_weight=1.0, samples=2, seed=0,
             filename_prefix=f"spare/{family}_{key_format}", key_format=key_format,
             gradient_checkpointing=checkpointing, resolution=RES)
         path = os.path.join(str(loras), filename)

@@ -39,7 +39,7 @@ import os
 import pathlib
 import sys
 import types
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -184,9 +184,8 @@ def flow_sigmas(steps: int, shift: float = DEFAULT_SHIFT, table: int = 10_000) -
 # dropped to "", so it is not guidance-distilled, and families.FLUX / FLUX_SCHNELL would make SPARE draw its concept
 # samples at cfg 1. Named "flux" (its LoRA files say spare.family "flux"); not in families.FAMILIES, whose "flux" is
 # Flux.1-dev. The ComfyUI demo MODEL declares it too (nodes/demo_model.py).
-MINICANVAS_FLUX_FAMILY = families.Family(
-    "flux", "MiniCanvas-Flux (the Flux.1 architecture, sampled with CFG)", families.FLUX.blocks,
-    families.FLUX.attention, families.FLUX.text_attention, inplace_residuals=True, guidance_distilled=False,
+MINICANVAS_FLUX_FAMILY = replace(
+    families.FLUX, label="MiniCanvas-Flux (the Flux.1 architecture, sampled with CFG)", guidance_distilled=False,
     architecture="flux-1-minicanvas/lora")
 
 
