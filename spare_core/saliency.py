@@ -172,8 +172,10 @@ def _accumulate(model: DiffusionModel, modules, x0, cond, index, seed, should_st
     state = {"scale": LOSS_SCALE_FP16 if fp16 else 1.0, "overflow": False}
     batch_sums = {}
 
+    row_of = {p: candidate_rows(p, m) for p, m in modules.items()}
+
     def on_grad(path, g):
-        rows = candidate_rows(path, modules[path])
+        rows = row_of[path]
         g = g[rows].detach().float() / state["scale"]
         if fp16 and not torch.isfinite(g).all():
             state["overflow"] = True
