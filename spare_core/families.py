@@ -15,10 +15,11 @@ Candidates (saliency.candidate_modules), per family and `targets`:
   lost 5 points of UA, the attention without the MLPs and modulation 26 (bench/RESULTS.md, "MiniCanvas-Flux").
   `txt_in` / `vector_in` added to the selection raised nothing but style SFA (one training seed; not adopted). Fused
   projections (`fused`: Flux's `qkv` and `linear1`, SD3's `qkv`) are scored and adapted whole by default;
-  `ScanConfig.fused_slices` makes each a set of row-slice candidates named `<path>[q]`, `[k]`, `[v]` (and `[mlp]`: linear1's rows past 3 x its input width). A slice adapter
-  trains only its rows and is written into the file as an ordinary LoRA on the whole module (zero rows elsewhere), so
-  every loader takes it. On MiniCanvas-Flux slices erased less (UA -3.5, mean4 -0.7; one training seed) in files
-  1.7x larger, so whole modules stay the default (bench/RESULTS.md, "Fused projections as row slices").
+  `ScanConfig.fused_slices` makes each a set of row-slice candidates named `<path>[q]`, `[k]`, `[v]` (and `[mlp]`:
+  linear1's rows past 3 x its input width). A slice adapter trains only its rows and is written into the file as an
+  ordinary LoRA on the whole module (zero rows elsewhere), so every loader takes it. On MiniCanvas-Flux slices
+  erased less (UA -3.5, mean4 -0.7; one training seed) in files 1.7x larger, so whole modules stay the default
+  (bench/RESULTS.md, "Fused projections as row slices").
 - "attention": the attention projections inside the blocks (`attention` leaf names).
 - "cross_attention": where the text enters. UNets: the cross-attention (attn2) projections. Joint-attention DiTs have
   no cross-attention; there it is the text stream's attention projections (`text_attention`).

@@ -67,7 +67,7 @@ def candidate_modules(network: nn.Module, targets: str = DEFAULT_TARGETS,
         if not families.in_blocks(path, family):
             continue
         if targets != "all":
-            if not any(path == leaf or path.endswith("." + leaf) for leaf in family.attention):
+            if not any(families.is_leaf(path, leaf) for leaf in family.attention):
                 continue
             if targets == "cross_attention" and not any(part in f".{path}" for part in family.text_attention):
                 continue
