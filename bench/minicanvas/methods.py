@@ -75,8 +75,9 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
         if no_retain:
             cfg = replace(cfg, retain_unconditional=False, retain_weight=0.0)
         cfg = replace(cfg, **dict(budget.spare_overrides))
-        scan_cfg = sc.ScanConfig(selection=budget.spare_fraction, targets=budget.spare_targets,
-                                 scoring=budget.spare_scoring, **dict(variant.scan if variant is not None else ()))
+        scan_cfg = replace(sc.ScanConfig(selection=budget.spare_fraction, targets=budget.spare_targets,
+                                         scoring=budget.spare_scoring),
+                           **dict(variant.scan if variant is not None else ()))  # the variant's fields win
         profile_cfg = None if method == "spare-uniform-t" else sc.ProfileConfig()
         if profile_cfg is not None and variant is not None and variant.profile_floor is not None:
             profile_cfg = replace(profile_cfg, uniform_floor=variant.profile_floor)
