@@ -32,6 +32,9 @@ sampler) is ComfyUI's own classes throughout:
   unshuffled to 12 x 16 x 16, as the model was trained.
 - family: Flux's blocks and modules, but sampled with CFG (`MINICANVAS_FLUX_FAMILY`; nodes/host.py reads the
   BaseModel's `spare_family`): it has no guidance embedding and is not guidance-distilled.
+- MiniCanvas-Flux-dev (the same loader, its own weights): MiniCanvas-Flux guidance-distilled as Flux.1-dev is
+  (bench/minicanvas/train_flux_dev.py): a `guidance_in` embedding that model_base.Flux feeds from the CONDITIONING's
+  `guidance` (FluxGuidance; 3.5 when absent); sampled at cfg 1, family Flux.1-dev's (`MINICANVAS_FLUX_DEV_FAMILY`).
 """
 from __future__ import annotations
 
@@ -63,6 +66,7 @@ log = logging.getLogger("spare")
 
 WEIGHTS_FILE = str(mc.MODEL_FILE)
 FLUX_WEIGHTS_FILE = str(mcf.MODEL_FILE)
+FLUX_DEV_WEIGHTS_FILE = str(mcf.DEV_MODEL_FILE)  # MiniCanvas-Flux-dev: guidance-distilled (Flux.1-dev's form)
 
 
 def config_from_dict(d: dict):
@@ -426,6 +430,8 @@ def load_flux_model(path: str = FLUX_WEIGHTS_FILE, cfg=None, net_sd: dict | None
         cfg, net_sd, _ = read_flux_weights(path)
     mm = comfy.model_management
     base = MiniCanvasFlux(MiniCanvasFluxModelConfig(cfg), cfg.image_size)
+    if cfg.guidance_embed:  # the guidance-distilled variant trains and samples as Flux.1-dev (guidance an input)
+        base.spare_family = mcf.MINICANVAS_FLUX_DEV_FAMILY
     # comfy.ops layers are not initialised: every weight must come from the file (_check_loaded refuses a gap)
     _check_loaded("diffusion model", base.diffusion_model.load_state_dict(net_sd, strict=False))
     base.eval()
@@ -473,7 +479,9 @@ def load_flux_demo(path: str = FLUX_WEIGHTS_FILE, batch_size: int = 1):
 
 UNET_CHOICE = "MiniCanvas (UNet)"
 FLUX_CHOICE = "MiniCanvas-Flux (DiT)"
-DEMOS = {UNET_CHOICE: load_demo, FLUX_CHOICE: load_flux_demo}
+FLUX_DEV_CHOICE = "MiniCanvas-Flux-dev (DiT, guidance-distilled)"
+DEMOS = {UNET_CHOICE: load_demo, FLUX_CHOICE: load_flux_demo,
+         FLUX_DEV_CHOICE: functools.partial(load_flux_demo, FLUX_DEV_WEIGHTS_FILE)}
 
 
 class DemoModel(io.ComfyNode):
@@ -488,7 +496,8 @@ class DemoModel(io.ComfyNode):
                         "of a shape (object) in a style, from prompts such as 'A star image in ukiyo style.'. It "
                         f"knows only these words: {words}. Sample MiniCanvas (UNet) with KSampler (euler or "
                         "dpmpp_2m, karras, 20 steps, cfg 4), MiniCanvas-Flux (DiT, ComfyUI's own Flux class) with "
-                        "KSampler (euler, simple, 12 steps, cfg 4), then VAE Decode; upscale the images (nearest) "
+                        "KSampler (euler, simple, 12 steps, cfg 4; the -dev variant cfg 1 after a FluxGuidance "
+                        "node, 3.5), then VAE Decode; upscale the images (nearest) "
                         "to see them. For more images per run, put Repeat Latent Batch after LATENT.",
             # No other input: a widget here (e.g. a batch size) would be part of the cache key of every node
             # downstream, so changing it would re-run the SPARE stages (re-train the LoRA). Batch with Repeat Latent
@@ -497,7 +506,9 @@ class DemoModel(io.ComfyNode):
             inputs=[io.Combo.Input("model", options=list(DEMOS), default=UNET_CHOICE, optional=True,
                                    tooltip="MiniCanvas (UNet): an SD 1.x-style UNet, v-prediction. MiniCanvas-Flux "
                                            "(DiT): ComfyUI's Flux class, tiny, rectified flow (ModelSamplingFlux, "
-                                           "shift 1.15), sampled with CFG; SPARE erases from it as from Flux.")],
+                                           "shift 1.15), sampled with CFG; SPARE erases from it as from Flux. "
+                                           "MiniCanvas-Flux-dev: the same, guidance-distilled as Flux.1-dev is "
+                                           "(sample at cfg 1; FluxGuidance sets the guidance, default 3.5).")],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The denoiser (pixel space: MiniCanvas v-prediction, "
                                                               "MiniCanvas-Flux rectified flow)."),

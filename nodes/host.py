@@ -221,7 +221,7 @@ class ComfyDiffusionModel:
         params = dict(extra)
         params.update(cross_attn=cond, device=self.device, noise=noise, width=self.width, height=self.height,
                       prompt_type="positive")
-        if self.guidance is not None and self.family is families.FLUX:
+        if self.guidance is not None and self.family.name == "flux" and self.family.guidance_distilled:
             params["guidance"] = float(self.guidance)  # what a FluxGuidance node puts on the CONDITIONING
         out = self.base.extra_conds(**params)
         for c in out.values():  # keep the tensors on the model's device

@@ -158,3 +158,54 @@ def test_stock_lora_keys_cover_every_candidate_module(demo):
     for path in candidates:
         assert key_map["diffusion_model." + path] == f"diffusion_model.{path}.weight", path
         assert key_map["lora_unet_" + path.replace(".", "_")] == f"diffusion_model.{path}.weight", path
+
+
+# --- MiniCanvas-Flux-dev: the guidance-distilled variant (bench/minicanvas/train_flux_dev.py) -------------------------
+
+@pytest.fixture(scope="module")
+def dev_demo(pack):
+    from spare_core.minicanvas import flux_model
+    if not flux_model.DEV_MODEL_FILE.exists():
+        pytest.skip("no shipped MiniCanvas-Flux-dev weights")
+    yield from cf.demo_outputs(PACK_NAME, model=sys.modules[PACK_NAME + ".nodes.demo_model"].FLUX_DEV_CHOICE)
+
+
+def test_dev_variant_takes_flux_guidance(dev_demo):
+    """The -dev choice is Flux.1-dev's form in ComfyUI: family guidance-distilled, the guidance the stage nodes pass
+    (what a FluxGuidance node puts on the CONDITIONING) is what the network sees, as in the bundled model, and the
+    stock graph (FluxGuidance -> KSampler at cfg 1) reproduces the bundled sampler at that guidance."""
+    import node_helpers
+    import nodes as comfy_nodes
+    from spare_core.minicanvas import flux_model
+
+    _, host, (model, clip, vae, latent) = dev_demo
+    bundled = flux_model.load(flux_model.DEV_MODEL_FILE)
+    family = host.require_family(model)
+    assert family.name == "flux" and family.guidance_distilled and model.model.diffusion_model.params.guidance_embed
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand((2, 12, 16, 16), generator=g) * 2 - 1
+    sigma = torch.tensor([0.3, 0.9])
+    x = bundled.add_noise(x0, torch.randn(x0.shape, generator=g), sigma)
+    prompts = ["A star image in ukiyo style.", "ring, blueprint style"]
+    preds = {}
+    for guidance in (1.5, 5.0):
+        dm = host.ComfyDiffusionModel(model, clip, 32, 32, guidance)
+        dm.load()
+        bundled.guidance = guidance
+        with torch.inference_mode():
+            preds[guidance] = dm.predict_x0(x, sigma, dm.encode(prompts))
+            theirs = bundled.predict_x0(x, sigma, bundled.encode(prompts))
+        assert torch.allclose(preds[guidance], theirs, atol=1e-4), (guidance, (preds[guidance] - theirs).abs().max())
+    assert (preds[1.5] - preds[5.0]).abs().max() > 1e-2  # the guidance reaches the prediction
+    for guidance in (1.5, 5.0):
+        with torch.inference_mode():
+            pos = comfy_nodes.CLIPTextEncode().encode(clip, prompts[0])[0]
+            pos = node_helpers.conditioning_set_values(pos, {"guidance": guidance})
+            neg = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
+            (out,) = comfy_nodes.common_ksampler(model, 0, STEPS, 1.0, "euler", "simple", pos, neg, latent)
+            image = comfy_nodes.VAEDecode().decode(vae, out)[0].clone()
+        bundled.guidance = guidance
+        expected = bundled.sample([prompts[0]], seed=0, steps=STEPS, sampler="euler")
+        diff = (image.permute(0, 3, 1, 2) - expected).abs().max().item()
+        print(f"-dev, guidance {guidance}: max |ComfyUI - bundled| = {diff:.2e}")
+        assert diff < TOLERANCE, (guidance, diff)

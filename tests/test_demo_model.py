@@ -107,7 +107,8 @@ def test_node_outputs_and_host_helpers(demo, caplog):
     assert (schema.node_id, schema.category) == ("SPAREDemoModel", "SPARE")
     (choice,) = schema.inputs  # the model choice only (see DemoModel.define_schema)
     assert (choice.id, choice.options, choice.default, choice.optional) == (
-        "model", ["MiniCanvas (UNet)", "MiniCanvas-Flux (DiT)"], "MiniCanvas (UNet)", True)
+        "model", ["MiniCanvas (UNet)", "MiniCanvas-Flux (DiT)", "MiniCanvas-Flux-dev (DiT, guidance-distilled)"],
+        "MiniCanvas (UNet)", True)
     assert [o.get_io_type() for o in schema.outputs] == ["MODEL", "CLIP", "VAE", "LATENT"]
     # registered by the pack's entry point next to the SPARE nodes
     extension = asyncio.run(sys.modules[PACK_NAME].comfy_entrypoint())

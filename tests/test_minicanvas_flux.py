@@ -137,6 +137,68 @@ def test_spare_erases_through_spare_core(fm, tiny):
     assert not torch.allclose(plain, erased)
 
 
+def test_guidance_distilled_variant(fm, tmp_path):
+    """MiniCanvas-Flux-dev (train_flux_dev.py): the network has Flux-dev's guidance_in (ComfyUI detects
+    guidance_embed), its family is Flux-dev's (guidance-distilled: SPARE samples it at cfg 1), the guidance is an
+    input (other values, other predictions), sampling ignores cfg, and the distillation's student starts as the
+    teacher's conditional prediction at every guidance; two steps of train_flux_dev.main and a reload keep all that."""
+    import comfy.model_detection
+    import spare_core as sc
+    from bench.minicanvas import train_flux, train_flux_dev
+
+    teacher_file = tmp_path / "teacher.safetensors"
+    train_flux.main(["--steps", "1", "--variants", "1", "--batch", "2", "--hidden", "64", "--heads", "2",
+                     "--depth", "1", "--single", "1", "--mlp-ratio", "2", "--out", str(teacher_file), "--grid", ""])
+    teacher = fm.load(teacher_file)
+    torch.manual_seed(2)
+    with torch.no_grad():  # adaLN-Zero layers drawn at random, so text and guidance reach the output
+        for p in teacher.network.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.1)
+    teacher.save(teacher_file, dtype=torch.float32)
+    student = train_flux_dev.make_student(teacher)
+    x, s = torch.randn(2, *teacher.latent_shape), torch.tensor([0.4, 0.8])
+    cond = teacher.encode(["A star image in ukiyo style.", "ring, neon style"])
+    with torch.no_grad():
+        for g in (1.0, 3.5, 6.0):
+            student.guidance = g
+            assert torch.allclose(student.predict_v(x, s, cond), teacher.predict_v(x, s, cond), atol=1e-5)
+
+    out = tmp_path / "dev.safetensors"
+    train_flux_dev.main(["--steps", "2", "--variants", "1", "--batch", "2", "--teacher", str(teacher_file),
+                         "--out", str(out)])
+    dev = fm.load(out)
+    sd = dev.state_dict()
+    assert any(k.startswith(fm.KEY_PREFIX + "guidance_in.") for k in sd)
+    assert comfy.model_detection.detect_unet_config(sd, fm.KEY_PREFIX)["guidance_embed"] is True
+    family = sc.families.family_of(dev)
+    assert family.guidance_distilled and family.name == "flux" and family.architecture.startswith("flux-1-minicanvas-dev")
+    assert not sc.families.family_of(teacher).guidance_distilled
+    with torch.no_grad():
+        for p in dev.network.guidance_in.parameters():  # two steps moved them little: make the input matter
+            p.normal_(0.0, 0.5)
+        dev.guidance = 1.5
+        a = dev.predict_v(x, s, cond)
+        dev.guidance = 5.0
+        assert not torch.allclose(a, dev.predict_v(x, s, cond))
+    prompts = ["A star image in ukiyo style."]
+    assert torch.equal(dev.sample(prompts, seed=0, steps=2, cfg=1.0), dev.sample(prompts, seed=0, steps=2, cfg=4.0))
+    assert json.loads(out.with_suffix(".json").read_text())["flux_params"]["guidance_embed"] is True
+
+
+def test_harness_takes_the_dev_model_and_its_guidance():
+    """--model flux-dev runs the Flux methods; --eval-guidance is refused, by name, on a model sampled with CFG."""
+    from bench.minicanvas import cli
+    from bench.minicanvas.budgets import METHODS
+    from bench.minicanvas.dispatch import check_model_methods
+
+    check_model_methods(list(METHODS), "flux-dev")
+    with pytest.raises(SystemExit):
+        cli.main(["--model", "flux", "--eval-guidance", "2.0"])
+    with pytest.raises(SystemExit):
+        cli.main(["--model", "flux-dev", "--host", "comfyui"])
+
+
 def test_harness_takes_every_method_on_flux():
     """`--model flux` runs every baseline in its Flux form; eraseanything (Flux only) is refused on the UNet, by
     name, before anything loads."""

@@ -44,11 +44,12 @@ FLUX_ONLY_METHODS = ("eraseanything", "spare-text-in")
 FLUX_STANDARD_METHODS = tuple(m for m in STANDARD_METHODS if m not in REFERENCE_METHODS) + ("eraseanything",)
 MODEL_METHODS = {"unet": {"standard": STANDARD_METHODS, "quick": QUICK_METHODS},
                  "flux": {"standard": FLUX_STANDARD_METHODS, "quick": QUICK_METHODS + FLUX_ONLY_METHODS}}
+MODEL_METHODS["flux-dev"] = MODEL_METHODS["flux"]
 STANDARD_ESD_STEPS = 200  # choice: ESD's paper trains 1000 steps (--standard is estimated at ~100 min; RESULTS)
 STANDARD_BASELINE_SEEDS = 1  # the step-trained baselines run one training seed in --standard (time); SPARE, UCE 3
 # UCE's training seeds in --standard per model (0 = all 3): on MiniCanvas-Flux one (time: each seed is 40 grids of
 # ~27 s; UCE is closed-form, its only dependence on the seed is the retain split)
-STANDARD_CLOSED_FORM_SEEDS = {"unet": 0, "flux": 1}
+STANDARD_CLOSED_FORM_SEEDS = {"unet": 0, "flux": 1, "flux-dev": 1}
 TRAIN_TEMPLATE = 0                   # UnlearnCanvas' "A {object} image in {style} style.": every training prompt
 EVAL_TEMPLATES = tuple(i for i in range(len(data.TEMPLATES)) if i != TRAIN_TEMPLATE)  # held out for evaluation
 
@@ -77,7 +78,9 @@ class Budget:
     spare_overrides: tuple = ()  # (field, value) pairs applied to SPARE's DistillConfig (experiments only)
     retain_set: str = "half"  # every method's retain list (concept_prompts; "spare-all-pairs" keeps "all-pairs")
     spare_retain: str = ""   # SPARE's own retain list when set (experiments: "neighbours" or "all-pairs")
-    model: str = "unet"      # the bundled model erased: "unet" (MiniCanvas) or "flux" (MiniCanvas-Flux; MODELS)
+    model: str = "unet"      # the bundled model erased: "unet" (MiniCanvas), "flux" (MiniCanvas-Flux), "flux-dev"
+    # (MiniCanvas-Flux-dev, guidance-distilled; MODELS)
+    eval_guidance: float = 0.0  # flux-dev: the FluxGuidance the grids are sampled at (0 = the one SPARE trains at)
 
     def scaled(self, factor: float, seeds: int) -> "Budget":
         """Every step-trained method's budget x factor (SPARE's cap included)."""
@@ -85,7 +88,10 @@ class Budget:
                        ca=max(1, int(self.ca * factor)), salun=max(1, int(self.salun * factor)), seeds=seeds)
 
 
-MODELS = ("unet", "flux")  # MiniCanvas (a UNet) and MiniCanvas-Flux (ComfyUI's Flux class; needs ComfyUI's code)
+# MiniCanvas (a UNet), MiniCanvas-Flux (ComfyUI's Flux class; needs ComfyUI's code) and its guidance-distilled
+# variant MiniCanvas-Flux-dev (Flux.1-dev's form: guidance_in, sampled at cfg 1)
+MODELS = ("unet", "flux", "flux-dev")
+FLUX_MODELS = ("flux", "flux-dev")
 RETAIN_SETS = ("half", "few", "all-pairs", "neighbours", "grow1", "grow3", "grow6")
 GROW_UNLISTED = 3          # "growK": the same 3 unlisted classes for every K; K of the other 6 listed
 RETAIN_EXTRA = 3           # random (style, object) pairs added to the neighbour classes in the "neighbours" list

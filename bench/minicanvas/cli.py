@@ -30,7 +30,7 @@ from dataclasses import replace
 import spare_core as sc
 from spare_core.minicanvas import data
 
-from .budgets import (EVAL_TEMPLATES, FLUX_ONLY_METHODS, METHODS, MODEL_METHODS, ERASABLE_OBJECTS,
+from .budgets import (EVAL_TEMPLATES, FLUX_MODELS, FLUX_ONLY_METHODS, METHODS, MODEL_METHODS, ERASABLE_OBJECTS,
                       QUICK_BASELINE_SCALE, QUICK_CONCEPTS, QUICK_METHODS,
                       QUICK_SAMPLE_STEPS, RETAIN_SETS, STANDARD_BASELINE_SEEDS, STANDARD_CLOSED_FORM_SEEDS,
                       STANDARD_ESD_STEPS, STANDARD_METHODS,
@@ -92,10 +92,14 @@ def main(argv=None):
                     "(needs COMFYUI_PATH and ComfyUI's Python environment, .venv-comfy; SPARE only: --methods spare "
                     "is the default then; see bench/minicanvas/host_path.py)")
     ap.add_argument("--model", choices=MODELS, default=Budget.model,
-                    help="the bundled model to erase from: unet (MiniCanvas, default) or flux (MiniCanvas-Flux, "
+                    help="the bundled model to erase from: unet (MiniCanvas, default), flux (MiniCanvas-Flux, "
                     "ComfyUI's Flux class trained on the same images: run with ComfyUI's Python environment and "
                     "COMFYUI_PATH; every baseline in its Flux form (baselines.py) plus eraseanything; without --standard or "
-                    "--quick, --methods spare is the default then)")
+                    "--quick, --methods spare is the default then) or flux-dev (MiniCanvas-Flux guidance-distilled "
+                    "as Flux.1-dev is: SPARE trains at FluxGuidance 3.5, --eval-guidance sets the grids')")
+    ap.add_argument("--eval-guidance", type=float, default=0.0,
+                    help="--model flux-dev: the FluxGuidance the evaluation grids (unerased and erased) are sampled at; "
+                    "0 = the guidance SPARE trains at (3.5, ComfyUI's default)")
     ap.add_argument("--spare-set", action="append", default=[], metavar="FIELD=VALUE",
                     help="experiments: set a DistillConfig field for SPARE and its variants (repeatable), e.g. "
                     "--spare-set surrogate_anchor=1.0")
@@ -107,7 +111,7 @@ def main(argv=None):
     elif args.methods in (None, "all"):
         default = MODEL_METHODS[args.model][preset] if preset else METHODS
         methods = list(default if args.methods is None else METHODS)
-        if args.methods == "all" and args.model != "flux":
+        if args.methods == "all" and args.model not in FLUX_MODELS:
             methods = [m for m in methods if m not in FLUX_ONLY_METHODS]
     else:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -132,6 +136,9 @@ def main(argv=None):
             ap.error(f"--model {args.model} builds ComfyUI's Flux class: run it with ComfyUI's Python environment and "
                      f"COMFYUI_PATH set (e.g. COMFYUI_PATH=... .venv-comfy/bin/python -m bench.minicanvas ...): {e}")
     comfyui_path = None
+    if args.host == "comfyui" and args.model == "flux-dev":
+        ap.error("--host comfyui runs the SPARE Demo Model's models (unet, flux); MiniCanvas-Flux-dev runs with "
+                 "--host library")
     if args.host == "comfyui":
         from . import host_path
         try:
@@ -142,6 +149,11 @@ def main(argv=None):
     budget = Budget(spare_weighting=args.spare_weighting, spare_scoring=args.spare_scoring,
                     spare_targets=args.spare_targets, spare_stop=args.spare_stop, retain_set=args.retain_set,
                     spare_fraction=args.spare_fraction, model=args.model)
+    if args.eval_guidance:
+        if args.model != "flux-dev":
+            ap.error(f"--eval-guidance is the guidance input of --model flux-dev; --model {args.model} is sampled "
+                     f"with classifier-free guidance")
+        budget = replace(budget, eval_guidance=args.eval_guidance)
     try:
         overrides = [parse_override(item) for item in args.spare_set]
     except ValueError as e:
@@ -176,7 +188,7 @@ def main(argv=None):
                        "train_seeds": budget.train_seeds, "eval_templates": [data.TEMPLATES[i] for i in EVAL_TEMPLATES],
                        "train_template": data.TEMPLATES[TRAIN_TEMPLATE],
                        "wall_seconds": round(time.time() - started, 1), "host": args.host,
-                       "model": args.model}
+                       "model": args.model, "eval_guidance": budget.eval_guidance}
     if comfyui_path:
         results["meta"]["comfyui"] = comfyui_version(comfyui_path)
     tmp = args.out + ".tmp"

@@ -24,9 +24,9 @@ def load_model(name: str = "unet"):
     same `sample` signature, so the harness erases and judges them alike."""
     if name == "unet":
         return load_unet()
-    if name == "flux":
-        from spare_core.minicanvas.flux_model import load
-        return load()
+    if name in ("flux", "flux-dev"):
+        from spare_core.minicanvas.flux_model import DEV_MODEL_FILE, MODEL_FILE, load
+        return load(MODEL_FILE if name == "flux" else DEV_MODEL_FILE)
     raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
 
 
@@ -36,19 +36,27 @@ class LibraryHost:
 
     name = "library"
 
-    def __init__(self, inputs=None, model: str = "unet"):
+    def __init__(self, inputs=None, model: str = "unet", eval_guidance: float = 0.0):
         self.model_name = model
         self.model = load_model(model)
         self.inputs = inputs  # prompt lists, learning rates, memory probe (methods.default_inputs() when None)
+        self.eval_guidance = eval_guidance  # flux-dev: the grids' FluxGuidance (0: the model's, what SPARE trains at)
 
     def erase(self, method, domain, name, budget, seed=0):
         return run_method(method, self.model, domain, name, budget, seed=seed, inputs=self.inputs)
 
     def sample(self, edited, prompts, seeds, steps):
         """Grid images [B, 3, H, W] in [0, 1]; edited None = the unerased model."""
-        if edited is None:
-            return generate(self.model, prompts, seeds, steps)
-        return sample_edited(self.model, edited, prompts, seeds, steps)
+        trained = getattr(self.model, "guidance", None)
+        if self.eval_guidance:
+            self.model.guidance = self.eval_guidance
+        try:
+            if edited is None:
+                return generate(self.model, prompts, seeds, steps)
+            return sample_edited(self.model, edited, prompts, seeds, steps)
+        finally:
+            if self.eval_guidance:
+                self.model.guidance = trained
 
     def close(self):
         pass
@@ -57,11 +65,11 @@ class LibraryHost:
 HOSTS = ("library", "comfyui")
 
 
-def make_host(name: str, inputs=None, model: str = "unet"):
+def make_host(name: str, inputs=None, model: str = "unet", eval_guidance: float = 0.0):
     """The host `name` of HOSTS for the bundled model `model`; `inputs`: what its erasures read
     (methods.default_inputs() when None)."""
     if name == "library":
-        return LibraryHost(inputs, model)
+        return LibraryHost(inputs, model, eval_guidance)
     if name == "comfyui":
         from . import host_path
         return host_path.ComfyHost(inputs or default_inputs(), model)
@@ -104,8 +112,10 @@ def erase_concept(task) -> list[tuple[str, str, dict]]:
     """Every method on one concept and training seed (in a worker process or inline). [(method, domain, row)]."""
     methods, domain, name, seed, budget, base, host_name = task
     if "host" not in _WORKER or _WORKER["host"].name != host_name or \
-            getattr(_WORKER["host"], "model_name", "unet") != budget.model:
-        _WORKER["host"], _WORKER["judge"] = make_host(host_name, model=budget.model), Judge()
+            getattr(_WORKER["host"], "model_name", "unet") != budget.model or \
+            getattr(_WORKER["host"], "eval_guidance", 0.0) != budget.eval_guidance:
+        _WORKER["host"], _WORKER["judge"] = make_host(host_name, model=budget.model,
+                                                      eval_guidance=budget.eval_guidance), Judge()
     host, judge = _WORKER["host"], _WORKER["judge"]
     prompts, ls, lo, seeds = grid(budget.seeds)
     target = (data.style_index if domain == "style" else data.object_index)(name)
@@ -142,7 +152,7 @@ def check_model_methods(methods, model: str) -> None:
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
     flux_only = [m for m in methods if m in FLUX_ONLY_METHODS]
-    if model != "flux" and flux_only:
+    if model not in ("flux", "flux-dev") and flux_only:
         raise ValueError(f"{flux_only} adapt Flux's modules (bench/minicanvas/baselines.py) and run with --model flux "
                          f"only, not --model {model}")
 
@@ -174,7 +184,7 @@ def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, h
         from . import host_path
         host_path.check_methods(methods)
     check_model_methods(methods, budget.model)
-    host_obj = make_host(host, inputs, budget.model)
+    host_obj = make_host(host, inputs, budget.model, budget.eval_guidance)
     judge = Judge()
     set_worker(host=host_obj, judge=judge)
     if isinstance(host_obj, LibraryHost):

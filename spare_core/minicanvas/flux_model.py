@@ -82,18 +82,22 @@ class FluxMiniConfig:
     theta: int = 10_000
     qkv_bias: bool = True
     shift: float = DEFAULT_SHIFT
+    # Flux-dev's guidance embedding (`guidance_in`): the guidance-distilled variant MiniCanvas-Flux-dev
+    # (bench/minicanvas/train_flux_dev.py), sampled at cfg 1 with the guidance as an input
+    guidance_embed: bool = False
 
     @property
     def latent_channels(self) -> int:
         return 3 * self.pixel_unshuffle ** 2
 
     def flux_params(self) -> dict[str, Any]:
-        """FluxParams as ComfyUI's model_detection would produce them for this model (patch_size 2, no guidance)."""
+        """FluxParams as ComfyUI's model_detection would produce them for this model (patch_size 2; a guidance
+        embedding for the -dev variant only)."""
         return dict(in_channels=self.latent_channels, out_channels=self.latent_channels, vec_in_dim=self.text_dim,
                     context_in_dim=self.text_dim, hidden_size=self.hidden_size, mlp_ratio=self.mlp_ratio,
                     num_heads=self.num_heads, depth=self.depth, depth_single_blocks=self.depth_single_blocks,
                     axes_dim=list(self.axes_dim), theta=self.theta, patch_size=2, qkv_bias=self.qkv_bias,
-                    guidance_embed=False)
+                    guidance_embed=self.guidance_embed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,6 +191,13 @@ def flow_sigmas(steps: int, shift: float = DEFAULT_SHIFT, table: int = 10_000) -
 MINICANVAS_FLUX_FAMILY = replace(
     families.FLUX, label="MiniCanvas-Flux (the Flux.1 architecture, sampled with CFG)", guidance_distilled=False,
     architecture="flux-1-minicanvas/lora")
+# The guidance-distilled variant (MiniCanvas-Flux-dev): Flux.1-dev's family itself (sampled at cfg 1, guidance an
+# input of the network), with its own architecture tag in the files it produces.
+MINICANVAS_FLUX_DEV_FAMILY = replace(
+    families.FLUX, label="MiniCanvas-Flux-dev (the Flux.1-dev architecture, guidance-distilled)",
+    architecture="flux-1-minicanvas-dev/lora")
+DEV_MODEL_FILE = WEIGHTS_DIR / "minicanvas_flux_dev.safetensors"
+FLUX_GUIDANCE = 3.5  # ComfyUI's FluxGuidance default, the guidance the -dev variant is sampled and erased at
 
 
 class MiniCanvasFlux:
@@ -195,10 +206,13 @@ class MiniCanvasFlux:
     so the benchmark erases from it with spare_core as from the UNet (`python -m bench.minicanvas --model flux`)."""
 
     key_prefix = KEY_PREFIX
-    family = MINICANVAS_FLUX_FAMILY
 
     def __init__(self, cfg: FluxMiniConfig | None = None, device: torch.device | str = "cpu"):
         self.cfg = cfg or FluxMiniConfig()
+        # the -dev variant: the guidance every prediction is made at (what a FluxGuidance node sets on a ComfyUI
+        # CONDITIONING); training and sampling both read it, as SPARE's stages and the KSampler share one conditioning
+        self.guidance = FLUX_GUIDANCE
+        self.family = MINICANVAS_FLUX_DEV_FAMILY if self.cfg.guidance_embed else MINICANVAS_FLUX_FAMILY
         self.device = torch.device(device)
         self.dtype = torch.float32
         self.network = build_flux(self.cfg).to(self.device)
@@ -233,6 +247,8 @@ class MiniCanvasFlux:
     def predict_v(self, x: torch.Tensor, sigma: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Raw Flux output v. x: latent [B, 12, 16, 16]; sigma [B] in [0, 1] (timestep = sigma, ModelSamplingFlux)."""
         ctx, y = cond
+        if self.cfg.guidance_embed:
+            return self.network(x, sigma, ctx, y=y, guidance=torch.full_like(sigma, self.guidance))
         return self.network(x, sigma, ctx, y=y)
 
     def predict_x0(self, x, sigma, cond):
@@ -261,8 +277,12 @@ class MiniCanvasFlux:
     def sample(self, prompts: Sequence[str], seed: int | Sequence[int] = 0, steps: int = DEFAULT_STEPS,
                cfg: float = DEFAULT_CFG, sampler: str = "dpmpp_2m", negative: str = "", shift: float | None = None,
                return_latent: bool = False, batch_size: int = 128) -> torch.Tensor:
-        """Images [B, 3, 32, 32] in [0, 1] (or latents [B, 12, 16, 16] if return_latent). Deterministic given seed."""
+        """Images [B, 3, 32, 32] in [0, 1] (or latents [B, 12, 16, 16] if return_latent). Deterministic given seed.
+        The guidance-distilled variant is sampled at cfg 1 (`cfg` ignored) at its `guidance`, as ComfyUI samples
+        Flux-dev."""
         prompts = list(prompts)
+        if self.cfg.guidance_embed:
+            cfg = 1.0
         seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
         sigmas = flow_sigmas(steps, self.cfg.shift if shift is None else shift).to(self.device)
         outs = []
