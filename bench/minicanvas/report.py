@@ -181,6 +181,7 @@ def targets(results: dict) -> str:
     lines = ["| target | value | met? |", "|---|---|---|"]
 
     def row(name, value, ok, gap=""):
+        gap = "< 0.01" if gap == "0.00" else gap  # missed by less than the rounding shows (e.g. 98.998 vs 99)
         miss = f" ({gap})" if gap.endswith("over") else f" (short by {gap})" if gap else ""
         lines.append(f"| {name} | {value} | {'yes' if ok else 'NO' + miss} |")
 
