@@ -12,7 +12,7 @@ from spare_core.minicanvas import data
 from spare_core.minicanvas.model import load as load_unet
 
 from . import metrics
-from .budgets import FLUX_ONLY_METHODS, METHODS, MODELS, ERASABLE_OBJECTS, REFERENCE_METHODS, ERASABLE_STYLES, Budget, retention_split
+from .budgets import FLUX_MODELS, FLUX_ONLY_METHODS, METHODS, MODELS, ERASABLE_OBJECTS, REFERENCE_METHODS, ERASABLE_STYLES, Budget, retention_split
 from .judge import Judge, evaluate, grid, split_metrics
 from .methods import default_inputs, generate, run_method, sample_edited
 from .summary import summarize
@@ -24,7 +24,7 @@ def load_model(name: str = "unet"):
     same `sample` signature, so the harness erases and judges them alike."""
     if name == "unet":
         return load_unet()
-    if name in ("flux", "flux-dev"):
+    if name in FLUX_MODELS:  # MiniCanvas-Flux, or its guidance-distilled sibling MiniCanvas-Flux-dev
         from spare_core.minicanvas.flux_model import DEV_MODEL_FILE, MODEL_FILE, load
         return load(MODEL_FILE if name == "flux" else DEV_MODEL_FILE)
     raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
@@ -152,7 +152,7 @@ def check_model_methods(methods, model: str) -> None:
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
     flux_only = [m for m in methods if m in FLUX_ONLY_METHODS]
-    if model not in ("flux", "flux-dev") and flux_only:
+    if model not in FLUX_MODELS and flux_only:
         raise ValueError(f"{flux_only} adapt Flux's modules (bench/minicanvas/baselines.py) and run with --model flux "
                          f"only, not --model {model}")
 
