@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from spare_core.minicanvas import data
 from spare_core.minicanvas.flux_model import MODEL_FILE, FluxMiniConfig, MiniCanvasFlux
 
-from .train_model import DATA_VARIANTS, canonical_grid_prompts, render_bank
+from .train_model import DATA_VARIANTS, canonical_grid_prompts, render_bank, train_step
 
 WORK = pathlib.Path(__file__).parent / "_work"
 
@@ -59,7 +59,7 @@ LR = 2e-3
 WARMUP = 100
 FINAL_LR_FRACTION = 0.05
 EMA_DECAY = 0.995
-GRAD_CLIP = 1.0
+# gradient clip: train_model.GRAD_CLIP (1.0), applied by train_model.train_step
 UNIFORM_T_FRACTION = 0.3
 LOGIT_MIN, LOGIT_MAX = -4.0, 6.0
 P_MEAN, P_STD = 0.8, 1.0
@@ -113,16 +113,7 @@ def train(args, log=print) -> MiniCanvasFlux:
         noise = torch.randn_like(x0)
         x_t = model.add_noise(x0, noise, sigma)
         loss = (model.predict_v(x_t, sigma, model.encode(prompts)) - model.v_target(x0, noise)).pow(2).mean()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-        opt.step()
-        decay = min(EMA_DECAY, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
+        train_step(opt, params, ema, loss, lr_at(step, args.steps, args.lr), step, EMA_DECAY)
         losses.append(loss.item())
         done = step + 1
         if done % 50 == 0 or step == 0:

@@ -34,8 +34,8 @@ from torch import nn
 from spare_core.minicanvas import data
 from spare_core.minicanvas.flux_model import DEV_MODEL_FILE, MODEL_FILE, MiniCanvasFlux, load
 
-from .train_flux import GRAD_CLIP, PROMPT_DROPOUT, lr_at, sample_sigmas
-from .train_model import DATA_VARIANTS, render_bank
+from .train_flux import PROMPT_DROPOUT, lr_at, sample_sigmas
+from .train_model import DATA_VARIANTS, render_bank, train_step
 
 STEPS = 1200
 BATCH = 32
@@ -91,16 +91,7 @@ def train(args, log=print) -> MiniCanvasFlux:
             target = v_u + g.view(-1, 1, 1, 1) * (v_c - v_u)
         pred = student.network(x_t, sigma, cond[0], y=cond[1], guidance=g)
         loss = (pred - target).pow(2).mean()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-        opt.step()
-        decay = min(EMA_DECAY, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
+        train_step(opt, params, ema, loss, lr_at(step, args.steps, args.lr), step, EMA_DECAY)
         losses.append(loss.item())
         done = step + 1
         if done % 50 == 0 or step == 0:

@@ -48,6 +48,23 @@ DATA_VARIANTS = 48         # rendered images per (style, object) pair
 DATA_SEED_OFFSET = 0       # training images use seeds [0, DATA_VARIANTS); classifiers' held-out set uses others
 
 
+
+def train_step(opt, params: list, ema: list, loss: torch.Tensor, lr: float, step: int,
+               ema_decay: float = EMA_DECAY) -> None:
+    """One optimiser step of every MiniCanvas trainer (this one, train_flux, train_flux_dev): set the learning rate,
+    backward, clip the gradient norm to GRAD_CLIP, AdamW step, then the EMA update (decay warmed up as
+    min(ema_decay, (1 + step) / (10 + step)))."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+    opt.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            e.lerp_(p.detach(), 1 - decay)
+
 def render_bank(variants: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """All pairs x variants: latents [N, 3, 32, 32] in [-1, 1], style ids [N], object ids [N]."""
     ns, no = len(data.STYLES), len(data.OBJECTS)
@@ -135,16 +152,7 @@ def main() -> None:
         x_t = model.add_noise(x0, torch.randn_like(x0), sigma).contiguous(memory_format=torch.channels_last)
         pred = model.predict_v(x_t, sigma, model.encode(prompts))
         loss = (pred - model.v_target(x0, x_t, sigma)).pow(2).mean()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-        opt.step()
-        decay = min(EMA_DECAY, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
+        train_step(opt, params, ema, loss, lr_at(step, args.steps, args.lr), step)
         losses.append(loss.item())
         if (step + 1) % 50 == 0 or step == 0:
             print(f"step {step + 1}/{args.steps} loss {np.mean(losses[-50:]):.4f} lr {lr_at(step, args.steps, args.lr):.2e} "
