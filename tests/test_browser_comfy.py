@@ -54,7 +54,8 @@ MISSING_NODES_TEXT = ("Some Nodes Are Missing", "the following node types were n
 # Workflows whose result must be on screen at the saved view: the titles (prefixes) of their result previews. Their
 # thumbnail frames the Note and these previews (the template card is square; the saved view is a laptop window).
 RESULT_PREVIEWS = {"demo_minicanvas.json": ("Before", "After", "Surrogate"),
-                   "demo_minicanvas_flux.json": ("Before", "After", "Surrogate")}
+                   "demo_minicanvas_flux.json": ("Before", "After", "Surrogate"),
+                   "demo_minicanvas_flux_dev.json": ("Before", "After", "Surrogate")}
 MIN_TEXT_SCALE = 1.0  # the saved view of a workflow with result previews: node text at >= 100% (Note text >= 10 px)
 
 

@@ -1,5 +1,6 @@
-"""workflows/demo_minicanvas.json and demo_minicanvas_flux.json on a real ComfyUI server with real weights (the bundled
-MiniCanvas model, and MiniCanvas-Flux: ComfyUI's own Flux class, tiny), judged by the shipped classifiers; every test
+"""workflows/demo_minicanvas.json, demo_minicanvas_flux.json and demo_minicanvas_flux_dev.json on a real ComfyUI server
+with real weights (the bundled MiniCanvas model; MiniCanvas-Flux: ComfyUI's own Flux class, tiny; MiniCanvas-Flux-dev:
+the same guidance-distilled, sampled at cfg 1 behind FluxGuidance), judged by the shipped classifiers; every test
 runs once per workflow (the `demo` fixture): the style it erases ("neon") is gone from the erased model's images, the other styles
 are still drawn, and the LoRA file it writes loads through ComfyUI's stock loader with every key mapped.
 
@@ -44,7 +45,10 @@ from test_server_comfy import (  # noqa: F401  (server, object_info: fixtures, u
 
 # (workflow, the LoRA it writes into an empty loras folder, nodes/demo_model.py's loader of its MODEL)
 DEMOS = {"unet": ("demo_minicanvas.json", "spare/erase_neon_minicanvas_00001_.safetensors", "load_model"),
-         "flux": ("demo_minicanvas_flux.json", "spare/erase_neon_minicanvas_flux_00001_.safetensors", "load_flux_model")}
+         "flux": ("demo_minicanvas_flux.json", "spare/erase_neon_minicanvas_flux_00001_.safetensors", "load_flux_model"),
+         # guidance-distilled: KSamplers at cfg 1 behind FluxGuidance 3.5 (the judge branches: Flux's default 3.5)
+         "flux-dev": ("demo_minicanvas_flux_dev.json", "spare/erase_neon_minicanvas_flux_dev_00001_.safetensors",
+                      "load_flux_model:FLUX_DEV_WEIGHTS_FILE")}
 ERASED = "neon"
 RUN_TIMEOUT = 420  # s for the workflow (the erase alone: ~70 s on one free core)
 KEEP_MIN = 80.0  # % of the other styles' images still classified as the style asked for (erased model)
@@ -224,7 +228,9 @@ def test_lora_file_is_written_and_loads_with_every_key(server, demo_run, demo, c
     cf.comfy_or_skip()
     import comfy.lora
     import comfy.utils
-    model = getattr(cf.load_pack_module("nodes/demo_model.py"), loader)()
+    demo_model = cf.load_pack_module("nodes/demo_model.py")
+    name, _, weights = loader.partition(":")  # "loader[:weights constant]"
+    model = getattr(demo_model, name)(*([getattr(demo_model, weights)] if weights else []))
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     assert modules and all(m in key_map for m in modules), sorted(modules - set(key_map))[:5]
     caplog.clear()
@@ -300,7 +306,10 @@ def test_erased_style_is_judged_erased(server, demo_run, verdicts):
         images = fetch_images(server, entry, node_id)
         assert images.shape[-1] % 32 == 0, images.shape
         small = F.interpolate(images, size=(32, 32), mode="area")
-        text = shipped[source(shipped, ks, "positive")]["inputs"]["text"]
+        encoder = source(shipped, ks, "positive")
+        while shipped[encoder]["class_type"] != "CLIPTextEncode":  # through FluxGuidance (the -dev workflow)
+            encoder = source(shipped, encoder, "conditioning")
+        text = shipped[encoder]["inputs"]["text"]
         if source(shipped, ks, "model") == apply_id:
             kind = "after"
         else:  # the original model: BEFORE draws the erased style, SURROGATE the neutral one
