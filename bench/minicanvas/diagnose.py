@@ -5,6 +5,7 @@
     python -m bench.minicanvas.diagnose strength --concept ukiyo            # the erasure at LoRA strengths < 1
     python -m bench.minicanvas.diagnose cfg --concept ukiyo                 # the erased model at guidance 1 ... 4
     python -m bench.minicanvas.diagnose residual --concept ukiyo            # what guidance multiplies, along the path
+    python -m bench.minicanvas.diagnose groups --concept ukiyo              # the LoRA without one module group at a time
 
 - targets: SPARE's forget loss asks the student, on x_t noised from a sample, for the surrogate-prompt teacher's x0.
   For samples of the concept and of the surrogate, at each sigma, the classifiers judge that target x0: is the other
@@ -23,6 +24,10 @@
   toward the concept, `orth` = the rest of it, `uncond` = the drift of the EMPTY prompt's prediction, `signal` =
   |T(s) - T("")|, what guidance draws the object from. The guided x0 = u + cfg (c - u) carries cfg x the conditional
   residual and (cfg - 1) x the empty prompt's drift: at cfg 4, residuals of a few tenths of the gap rival the signal.
+- groups: the whole held-out grid with the trained LoRA whole, then without one group of its modules at a time
+  (MODULE_GROUPS: the timestep embedding, the ResBlocks' convolutions, their timestep/pooled-text projections, the
+  spatial transformers' self-attention, cross-attention and feed-forward, the pooled-text attention, the rest): which
+  groups carry the erasure (UA falls without them) and which the damage (unlisted IRA / CRA or SFA rise without them).
 
 Training: SPARE at the product defaults (`run_method("spare", ...)`, retain list `--retain-set`, training
 seed `--seed`), with `--set FIELD=VALUE` overrides of DistillConfig (as the harness' `--spare-set`). Everything is
@@ -50,6 +55,11 @@ from .methods import generate, run_method
 SIGMAS = (30.0, 10.0, 5.0, 2.0, 1.0, 0.3)
 STRENGTHS = (1.0, 0.75, 0.5, 0.35)
 GUIDANCES = (1.0, 2.0, 4.0)
+# module groups of the MiniCanvas UNet (first match of the path wins), for `groups`
+MODULE_GROUPS = (("time_embed", ("time_embed.",)), ("text_pool", ("text_pool.",)), ("emb_layers", (".emb_layers.",)),
+                 ("attn2", (".attn2.",)), ("attn1", (".attn1.",)), ("ff", (".ff.",)),
+                 ("proj_in/out", (".proj_in", ".proj_out")), ("resnet convs", ("layers.", "skip_connection")),
+                 ("other convs", ("",)))
 CFG = 4.0  # the evaluation sampler's guidance (model.sample's default)
 
 
@@ -134,6 +144,29 @@ def strength(model, judge, domain: str, name: str, lora, seed: int, retain_set: 
     return rows
 
 
+def module_group(path: str) -> str:
+    return next(g for g, parts in MODULE_GROUPS if any(p in f".{path}" if p.startswith(".") else p in path
+                                                        for p in parts))
+
+
+def groups(model, judge, domain: str, name: str, lora, seed: int, retain_set: str, steps: int = 12) -> list[dict]:
+    prompts, ls, lo, seeds = grid(1)
+    target = (data.style_index if domain == "style" else data.object_index)(name)
+    split = retention_split(domain, name, seed, retain_set)
+    by_group: dict[str, list[str]] = {}
+    for path in lora.modules:
+        by_group.setdefault(module_group(path), []).append(path)
+    rows = []
+    for group in [None] + list(by_group):
+        kept = replace(lora, modules={k: v for k, v in lora.modules.items() if group is None or k not in by_group[group]})
+        with sc.apply_lora(model.network, kept, 1.0):
+            images = generate(model, prompts, seeds, steps)
+        m, j = evaluate(judge, images, ls, lo, domain, target)
+        m.update(split_metrics(domain, split, ls, lo, j["style"], j["object"]))
+        rows.append({"without": group or "(nothing)", "modules": len(by_group.get(group, [])), **m})
+    return rows
+
+
 def guidance(model, judge, domain: str, name: str, lora, seed: int, retain_set: str, steps: int = 12) -> list[dict]:
     prompts, ls, lo, seeds = grid(1)
     target = (data.style_index if domain == "style" else data.object_index)(name)
@@ -187,7 +220,7 @@ def residual(model, judge, domain: str, name: str, lora, steps: int = 12) -> lis
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg", "residual"))
+    ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg", "residual", "groups"))
     ap.add_argument("--concept", default="ukiyo", help=f"a style {ERASABLE_STYLES} or an object {ERASABLE_OBJECTS}")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set)
@@ -235,6 +268,12 @@ def main(argv=None):
                 print(f"  cfg {r['cfg']:.1f} {'erased  ' if r['erased'] else 'unerased'}: UA {r['UA']:5.1f}  "
                       f"SFA {r['SFA']:5.1f}  IRA {r['IRA']:5.1f}  CRA {r['CRA']:5.1f}  unlisted IRA "
                       f"{r.get('IRA_unlisted', float('nan')):5.1f}  CRA {r.get('CRA_unlisted', float('nan')):5.1f}")
+        elif args.what == "groups":
+            rows = groups(model, judge, domain, args.concept, lora, args.seed, args.retain_set)
+            for r in rows:
+                print(f"  without {r['without']:12s} ({r['modules']:2d} modules): UA {r['UA']:5.1f}  SFA {r['SFA']:5.1f}  "
+                      f"IRA {r['IRA']:5.1f}  CRA {r['CRA']:5.1f}  unlisted IRA {r.get('IRA_unlisted', float('nan')):5.1f}"
+                      f"  CRA {r.get('CRA_unlisted', float('nan')):5.1f}")
         else:
             rows = strength(model, judge, domain, args.concept, lora, args.seed, args.retain_set)
             for r in rows:
