@@ -468,3 +468,41 @@ def test_standard_presets_train_each_method_at_its_seeds():
         assert all(runs[m] == 1 for m in ("salun", "ca", "esd-x"))
         assert runs.get("spare-all-pairs", 1) == 1
     assert methods_for_seed(["spare", "uce", "ca"], 2, Budget(train_seeds=3)) == ["spare", "uce", "ca"]  # 0 = all
+
+
+def test_module_groups_and_the_selection_experiments(monkeypatch):
+    """`diagnose groups` puts every candidate module of the bundled UNet in one named group; the selection
+    experiments spare-no-resconv / spare-no-global hand the product pipeline the scan's own selection minus the
+    ResBlock convolutions / minus the timestep and pooled-text paths (read from a stand-in for spare_core.erase)."""
+    import math
+
+    from bench.minicanvas import budgets, diagnose, methods
+    from spare_core.minicanvas.model import load
+    model = load()
+    names = [g for g, _ in diagnose.MODULE_GROUPS]
+    groups = {p: diagnose.module_group(p) for p in sc.saliency.candidate_modules(model.network)}
+    assert set(groups.values()) == set(names)  # every group is met, every candidate has one
+    assert groups["time_embed.0"] == "time_embed" and groups["text_pool.attn2.to_v"] == "text_pool"
+    assert groups["input_blocks.1.0.in_layers.2"] == "resnet convs" and groups["input_blocks.0.0"] == "other convs"
+    assert groups["input_blocks.1.0.emb_layers.1"] == "emb_layers"
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def erase(model, cfg, scan_cfg, profile_cfg, saliency=None, on_check=None, latents=None):
+        seen["saliency"] = saliency
+        raise Stop
+
+    monkeypatch.setattr(sc, "erase", erase)
+    selected = {}
+    for method in ("spare-no-resconv", "spare-no-global"):
+        with pytest.raises(Stop):
+            methods.run_method(method, model, "style", "ukiyo", budgets.Budget(), seed=0)
+        selected[method] = seen["saliency"].selected
+    scanned = seen["saliency"].scores  # the full scan's scores: its selection is the top half of them
+    top = sorted(scanned, key=scanned.get, reverse=True)[:math.ceil(sc.ScanConfig().selection * len(scanned))]
+    for method, drop in (("spare-no-resconv", {"resnet convs"}), ("spare-no-global", {"time_embed", "text_pool"})):
+        assert set(selected[method]) == {m for m in top if groups[m] not in drop}, method
+        assert len(selected[method]) < len(top)
