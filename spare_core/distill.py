@@ -129,6 +129,10 @@ class DistillConfig:
         0.0, "Stop once the concept->surrogate gap (measured every check_every steps on a fixed probe) has closed by "
              "this fraction; 0 = run every step (default). Stopping early saves time, but the retain loss then has "
              "fewer steps to repair what the erasure moved in other concepts.", min=0.0, max=0.99, step=0.01)
+    extend_until_gap_closed: float = option(
+        0.0, "If > 0 and the concept->surrogate gap has closed by less than this after `steps`: train on until it has "
+             "(a second cosine from half the learning rate, checked every check_every steps), at most `steps` more. "
+             "0 = a fixed number of steps.", min=0.0, max=0.99, step=0.01, node=False)
     surrogate_anchor: float = option(
         1.0, "Share of each training batch's forget rows made from the SURROGATE's own self-generated samples (the "
              "rest: the concept's; whole rows of a batch of 2, so 0, 0.5 or 1). Surrogate samples teach the LoRA to "
@@ -206,7 +210,8 @@ class DistillResult:
     def report(self) -> str:
         """One line for logs and file metadata: steps used and the probe gap before / after."""
         before, after = self.probe
-        why = "gap target reached" if self.stopped_early else "step cap"
+        why = "gap target reached" if self.stopped_early else "step cap" if self.steps_used <= self.config.steps \
+            else f"extended past {self.config.steps} steps to close the gap"
         drift = self.checks[-1].get("retain_drift", 0.0) if self.checks else 0.0
         return (f"{self.steps_used} of {self.config.steps} steps ({why}); concept->surrogate gap {before:.4g} -> "
                 f"{after:.4g} (closed {100 * self.gap_closed:.0f}%); retain drift {drift:.4g}; "
@@ -258,6 +263,9 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if not 0.0 <= config.stop_at_gap_closed < 1.0:
         raise SpareInputError(f"stop_at_gap_closed={config.stop_at_gap_closed} must be in [0, 1) (0 = run every step; "
                               "typical 0.8)")
+    if not 0.0 <= config.extend_until_gap_closed < 1.0:
+        raise SpareInputError(f"extend_until_gap_closed={config.extend_until_gap_closed} must be in [0, 1) (0 = a "
+                              "fixed number of steps; typical 0.9)")
     if config.check_every <= 0:
         raise SpareInputError(f"check_every={config.check_every} must be >= 1")
     if config.cross_rows < CROSS_ROWS_AUTO or config.uncond_rows < 0:
@@ -314,8 +322,10 @@ def distill(
             probes = make_probes(model, adapters, data, cfg)
             gap_before = measure_probes(model, data, probes[:1])[0]  # the concept->surrogate gap before training
             checks = [check_record(0, gap_before, 0.0, gap_before, adapters)]
-            losses, stopped_early = [], False
-            for step in range(cfg.steps):
+            losses, stopped_early, cap = [], False, step_cap(cfg)
+            for step in range(cap):
+                if step >= cfg.steps and checks[-1]["gap_closed"] >= cfg.extend_until_gap_closed:
+                    break  # erased by the planned steps (or by the extension's last check)
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"cancelled at step {step} of {cfg.steps}; nothing was saved")
                 lr = lr_at(step, cfg)
@@ -328,12 +338,13 @@ def distill(
                 optimizer_step(opt, scaler, params, lr, cfg.grad_clip)
                 losses.append({"step": step + 1, "loss": value, "forget": forget, "retain": retain, "lr": lr})
                 if progress is not None:
-                    progress(step + 1, cfg.steps, value)
-                if (step + 1) % cfg.check_every == 0 and step + 1 < cfg.steps:
+                    progress(step + 1, cfg.steps if step < cfg.steps else cap, value)
+                if (step + 1) % cfg.check_every == 0 and step + 1 < cap or step + 1 == cfg.steps < cap:
                     checks.append(check_record(step + 1, *measure_probes(model, data, probes), gap_before, adapters))
                     if on_check is not None:
                         on_check(checks[-1], adapters)
-                    if cfg.stop_at_gap_closed > 0 and checks[-1]["gap_closed"] >= cfg.stop_at_gap_closed:
+                    if cfg.stop_at_gap_closed > 0 and checks[-1]["gap_closed"] >= cfg.stop_at_gap_closed and \
+                            step + 1 < cfg.steps:
                         stopped_early = True
                         if progress is not None:
                             progress(cfg.steps, cfg.steps, value)  # complete the bar
@@ -474,9 +485,10 @@ def training_batches(model: DiffusionModel, adapters: AdapterSet, data: Training
     check (so an early stop wastes none; at most AHEAD_STEPS steps), in no-grad forwards of `forward_rows` rows -- on
     the CPU several steps' rows per forward (less time per row), on a GPU one step's rows, as a step-by-step teacher
     would (bench/HISTORY.md, "Speed"). The draws (and so the run) are those of step-by-step training."""
-    step = 0
-    while step < cfg.steps:
-        end = min(cfg.steps, (step // cfg.check_every + 1) * cfg.check_every, step + AHEAD_STEPS)
+    step, cap = 0, step_cap(cfg)
+    while step < cap:
+        end = min(cap, (step // cfg.check_every + 1) * cfg.check_every, step + AHEAD_STEPS,
+                  cfg.steps if step < cfg.steps else cap)  # an extension's targets only once it runs
         batches = [get_batch(model, data, cfg, profile, gen) for _ in range(step, end)]
         rows = forward_rows(model.device, batches[0].xt.shape[0])  # a step's rows (cross rows included) at once
         with adapters.disabled():  # the teacher: the network as it was
@@ -580,9 +592,18 @@ def make_optimizer(model: DiffusionModel, cfg: DistillConfig, params: list) -> t
     return opt, scaler
 
 
+def step_cap(cfg: DistillConfig) -> int:
+    """The most steps a run may take: `steps`, doubled when extend_until_gap_closed may extend it."""
+    return 2 * cfg.steps if cfg.extend_until_gap_closed > 0 else cfg.steps
+
+
 def lr_at(step: int, cfg: DistillConfig) -> float:
-    """The learning rate at `step`: cosine decay from cfg.learning_rate to 0 at the step cap."""
-    return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+    """The learning rate at `step`: cosine decay from cfg.learning_rate to 0 at `steps`; in an extension (steps beyond
+    `steps`, extend_until_gap_closed) a second cosine from half of it to 0 at step_cap."""
+    if step < cfg.steps:
+        return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+    extra = step_cap(cfg) - cfg.steps
+    return 0.5 * cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * (step - cfg.steps) / extra))
 
 
 def optimizer_step(opt, scaler, params: list, lr: float, grad_clip: float) -> None:

@@ -469,6 +469,7 @@ def test_save_is_atomic(tmp_path, monkeypatch, saliency, model):
     ("learning_rate", -1.0, "learning_rate"),
     ("loss_weighting", "snr", "loss_weighting='snr' is not one of v, eps"),
     ("stop_at_gap_closed", 1.0, "stop_at_gap_closed=1.0 must be in"),
+    ("extend_until_gap_closed", -0.1, "extend_until_gap_closed=-0.1 must be in"),
     ("check_every", 0, "check_every=0"),
 ])
 def test_bad_distill_inputs(model, saliency, field, value, match):
@@ -586,6 +587,27 @@ def test_stopping_rule_runs_to_the_cap_when_it_cannot_erase(model, saliency):
     assert not result.stopped_early and result.steps_used == 30
     assert result.gap_closed < 0.6 and "step cap" in result.report()
     assert result.warning  # the shortfall is reported, not hidden
+
+
+def test_extension_trains_on_only_while_the_gap_is_open(model, saliency):
+    """extend_until_gap_closed: a run whose gap closed by the planned steps is the plain run, bit for bit; one whose
+    gap stays open trains on, at a second cosine from half the learning rate, to twice the planned steps."""
+    base = dict(concepts=[CONCEPT], surrogates=[SURROGATE], retain=RETAIN, steps=20, learning_rate=1e-2, check_every=5,
+                **FAST)
+    plain = sc.distill(model, sc.DistillConfig(**base), saliency)
+    reached = sc.distill(model, sc.DistillConfig(**base, extend_until_gap_closed=0.01), saliency)
+    assert plain.gap_closed > 0.01 and reached.steps_used == 20
+    assert [r["loss"] for r in reached.losses] == [r["loss"] for r in plain.losses]
+    assert all(torch.equal(reached.lora.modules[m]["up"], plain.lora.modules[m]["up"]) for m in plain.lora.modules)
+    assert "step cap" in reached.report()
+
+    stalled = sc.distill(model, sc.DistillConfig(**{**base, "learning_rate": 1e-9}, extend_until_gap_closed=0.9),
+                         saliency)
+    assert stalled.steps_used == 40 and stalled.gap_closed < 0.9 and "extended past 20 steps" in stalled.report()
+    lrs = [r["lr"] for r in stalled.losses]
+    assert lrs[20] == pytest.approx(0.5e-9) and lrs[19] < lrs[21] and lrs[-1] < lrs[21]  # the second cosine
+    assert [c["step"] for c in stalled.checks if c["step"] >= 20][:2] == [20, 25]  # checked at the plan's end, then on
+    assert stalled.warning and _no_hooks(model.network)
 
 
 def test_a_stalled_gap_keeps_the_saliency_selection(model, saliency):
