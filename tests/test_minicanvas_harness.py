@@ -497,12 +497,13 @@ def test_module_groups_and_the_selection_experiments(monkeypatch):
 
     monkeypatch.setattr(sc, "erase", erase)
     selected = {}
-    for method in ("spare-no-resconv", "spare-no-global"):
+    for method in ("spare-no-resconv", "spare-no-global", "spare-no-time"):
         with pytest.raises(Stop):
             methods.run_method(method, model, "style", "ukiyo", budgets.Budget(), seed=0)
         selected[method] = seen["saliency"].selected
     scanned = seen["saliency"].scores  # the full scan's scores: its selection is the top half of them
     top = sorted(scanned, key=scanned.get, reverse=True)[:math.ceil(sc.ScanConfig().selection * len(scanned))]
-    for method, drop in (("spare-no-resconv", {"resnet convs"}), ("spare-no-global", {"time_embed", "text_pool"})):
+    for method, drop in (("spare-no-resconv", {"resnet convs"}), ("spare-no-global", {"time_embed", "text_pool"}),
+                         ("spare-no-time", {"time_embed"})):
         assert set(selected[method]) == {m for m in top if groups[m] not in drop}, method
         assert len(selected[method]) < len(top)

@@ -22,7 +22,8 @@ ERASABLE_OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJEC
 METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-no-anchor",
            "spare-rank4", "spare-floor05", "spare-steps160", "spare-anchor2", "esd-x", "esd-u", "ca", "salun", "uce",
            "uce-pool", "eraseanything", "spare-text-in", "spare-slices",
-           "spare-contrastive", "spare-no-resconv", "spare-no-global")  # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); the other spare-* names
+           "spare-contrastive", "spare-no-resconv", "spare-no-global",
+           "spare-no-time")  # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); the other spare-* names
 # are SPARE_VARIANTS (below): SPARE with a few settings changed
 SHORT_STEPS = 0.8  # spare-steps160 (experiment, time): 0.8 x the step cap (160 of 200), cosine-decayed to that cap
 PROFILE_FLOOR_05 = 0.5  # spare-floor05 (experiment): half of the steps spread evenly over the schedule (default 0.2)
