@@ -144,8 +144,8 @@ class DistillConfig:
                                               "uses it).", node=False)
     batch_size: int = option(2, "Forget samples per step (and as many retain samples).", node=False)
     grad_clip: float = option(1.0, "Max gradient norm (authors: 1.0); 0 disables.", node=False)
-    # 0, not the authors' 0.1: 0.1 measured no better (20 concepts x 3 training seeds, paired: mean4 -0.18 [-0.88, +0.46],
-    # unlisted IRA -1.02; bench/RESULTS.md, "Why each default")
+    # 0, not the authors' 0.1: 0.1 measured no better (20 concepts x 3 training seeds, paired: mean4 -0.18
+    # [-0.88, +0.46], unlisted IRA -1.02; bench/RESULTS.md, "Why each default")
     dropout: float = option(0.0, "LoRA dropout (authors: 0.1; 0.1 measured no better here).", node=False)
     sample_steps: int = option(SAMPLE_STEPS, "Euler steps to self-generate the samples.", node=False)
     sample_cfg: float = option(SAMPLE_CFG, "Classifier-free guidance scale of the self-generation.", node=False)

@@ -43,12 +43,11 @@ import workflow_api as wa
 from test_server_comfy import (  # noqa: F401  (server, object_info: fixtures, used by name)
     Server, assert_no_lost_keys, assert_success, check_lora_file, load_workflow, nodes_of, object_info, server)
 
-# (workflow, the LoRA it writes into an empty loras folder, nodes/demo_model.py's loader of its MODEL)
-DEMOS = {"unet": ("demo_minicanvas.json", "spare/erase_neon_minicanvas_00001_.safetensors", "load_model"),
-         "flux": ("demo_minicanvas_flux.json", "spare/erase_neon_minicanvas_flux_00001_.safetensors", "load_flux_model"),
+# (workflow, the LoRA it writes into an empty loras folder)
+DEMOS = {"unet": ("demo_minicanvas.json", "spare/erase_neon_minicanvas_00001_.safetensors"),
+         "flux": ("demo_minicanvas_flux.json", "spare/erase_neon_minicanvas_flux_00001_.safetensors"),
          # guidance-distilled: KSamplers at cfg 1 behind FluxGuidance 3.5 (the judge branches: Flux's default 3.5)
-         "flux-dev": ("demo_minicanvas_flux_dev.json", "spare/erase_neon_minicanvas_flux_dev_00001_.safetensors",
-                      "load_flux_model:FLUX_DEV_WEIGHTS_FILE")}
+         "flux-dev": ("demo_minicanvas_flux_dev.json", "spare/erase_neon_minicanvas_flux_dev_00001_.safetensors")}
 ERASED = "neon"
 RUN_TIMEOUT = 420  # s for the workflow (the erase alone: ~70 s on one free core)
 KEEP_MIN = 80.0  # % of the other styles' images still classified as the style asked for (erased model)
@@ -163,7 +162,7 @@ def fetch_images(server: Server, entry: dict, node_id: str) -> torch.Tensor:
 
 @pytest.fixture(scope="module", params=list(DEMOS))
 def demo(request):
-    """(workflow file, LoRA file, loader name) of one demo workflow; every test runs for each."""
+    """(workflow file, LoRA file) of one demo workflow; every test runs for each."""
     return DEMOS[request.param]
 
 
@@ -199,7 +198,7 @@ def verdicts(server, demo_run, demo):
 # Tests
 
 def test_demo_workflow_runs_as_shipped(server, demo_run, demo):
-    workflow, lora_file, _ = demo
+    workflow, lora_file = demo
     wf, shipped, prompt, _, entry, _ = demo_run
     assert_success(entry, server, workflow)
     # the workflow's own nodes ran unchanged (the test only added nodes)
@@ -215,7 +214,7 @@ def test_lora_file_is_written_and_loads_with_every_key(server, demo_run, demo, c
     """The LoRA file: SPARE's format (check_lora_file), every key mapped by comfy.lora.model_lora_keys_unet on the
     demo model (in this process, counted), no "lora key not loaded" in the server log, and the stock
     LoraLoaderModelOnly on the file draws what Apply Erasure drew from the in-memory LoRA."""
-    workflow, lora_file, loader = demo
+    workflow, lora_file = demo
     _, shipped, prompt, judged, entry, _ = demo_run
     assert_success(entry, server, workflow)
     keys, meta = check_lora_file(server.loras / lora_file, "comfyui")
@@ -228,9 +227,9 @@ def test_lora_file_is_written_and_loads_with_every_key(server, demo_run, demo, c
     cf.comfy_or_skip()
     import comfy.lora
     import comfy.utils
-    demo_model = cf.load_pack_module("nodes/demo_model.py")
-    name, _, weights = loader.partition(":")  # "loader[:weights constant]"
-    model = getattr(demo_model, name)(*([getattr(demo_model, weights)] if weights else []))
+    (demo_id,) = nodes_of(shipped, "SPAREDemoModel")
+    # the MODEL the workflow's demo node loaded: its `model` choice through the node's own loaders
+    model = cf.load_pack_module("nodes/demo_model.py").DEMOS[shipped[demo_id]["inputs"]["model"]]()[0]
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     assert modules and all(m in key_map for m in modules), sorted(modules - set(key_map))[:5]
     caplog.clear()
@@ -242,7 +241,6 @@ def test_lora_file_is_written_and_loads_with_every_key(server, demo_run, demo, c
 
     # the stock loader on the written file, same sampler, prompts and seeds as two judge images (a second prompt:
     # the file did not exist when the first one was validated)
-    (demo_id,) = nodes_of(shipped, "SPAREDemoModel")
     picks = [next(i for i, j in judged.items() if j[0] == "erased" and j[1] == label) for label in ("erased", "other")]
     second = {demo_id: shipped[demo_id],
               "900": {"class_type": "LoraLoaderModelOnly",

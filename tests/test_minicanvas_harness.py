@@ -476,11 +476,11 @@ def test_module_groups_and_the_selection_experiments(monkeypatch):
     ResBlock convolutions / minus the timestep and pooled-text paths (read from a stand-in for spare_core.erase)."""
     import math
 
-    from bench.minicanvas import budgets, diagnose, methods
+    from bench.minicanvas import budgets, methods
     from spare_core.minicanvas.model import load
     model = load()
-    names = [g for g, _ in diagnose.MODULE_GROUPS]
-    groups = {p: diagnose.module_group(p) for p in sc.saliency.candidate_modules(model.network)}
+    names = [g for g, _ in budgets.MODULE_GROUPS]
+    groups = {p: budgets.module_group(p) for p in sc.saliency.candidate_modules(model.network)}
     assert set(groups.values()) == set(names)  # every group is met, every candidate has one
     assert groups["time_embed.0"] == "time_embed" and groups["text_pool.attn2.to_v"] == "text_pool"
     assert groups["input_blocks.1.0.in_layers.2"] == "resnet convs" and groups["input_blocks.0.0"] == "other convs"
@@ -504,6 +504,6 @@ def test_module_groups_and_the_selection_experiments(monkeypatch):
     scanned = seen["saliency"].scores  # the full scan's scores: its selection is the top half of them
     top = sorted(scanned, key=scanned.get, reverse=True)[:math.ceil(sc.ScanConfig().selection * len(scanned))]
     for method, drop in (("spare-no-resconv", {"resnet convs"}), ("spare-no-global", {"time_embed", "text_pool"}),
-                         ("spare-no-time", {"time_embed"})):
+                         ("spare-no-time", {"time_embed"})):  # written out: the test does not read SELECTION_DROPS
         assert set(selected[method]) == {m for m in top if groups[m] not in drop}, method
         assert len(selected[method]) < len(top)

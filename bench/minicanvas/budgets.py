@@ -22,9 +22,10 @@ ERASABLE_OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJEC
 METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-no-anchor",
            "spare-rank4", "spare-floor05", "spare-steps160", "spare-anchor2", "esd-x", "esd-u", "ca", "salun", "uce",
            "uce-pool", "eraseanything", "spare-text-in", "spare-slices",
-           "spare-contrastive", "spare-no-resconv", "spare-no-global",
-           "spare-no-time")  # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); the other spare-* names
-# are SPARE_VARIANTS (below): SPARE with a few settings changed
+           "spare-contrastive", "spare-no-resconv", "spare-no-global", "spare-no-time")
+# spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); spare-text-in and the selection experiments
+# (SELECTION_DROPS, below): the scan's selection changed (methods.py); the other spare-* names are SPARE_VARIANTS
+# (below): SPARE with a few settings changed
 SHORT_STEPS = 0.8  # spare-steps160 (experiment, time): 0.8 x the step cap (160 of 200), cosine-decayed to that cap
 PROFILE_FLOOR_05 = 0.5  # spare-floor05 (experiment): half of the steps spread evenly over the schedule (default 0.2)
 # choice: kept from the first model (on which only some objects were drawn recognisably) so that runs compare across
@@ -200,6 +201,26 @@ def split_variant(method: str) -> tuple[str, tuple]:
     if items and base != "spare":
         raise ValueError(f"{method!r}: only spare takes +FIELD=VALUE variants")
     return base, tuple(parse_override(i) for i in items)
+
+
+# Module groups of the MiniCanvas UNet (first match of a module path wins): `diagnose groups` judges a LoRA without
+# one at a time, the selection experiments (SELECTION_DROPS) train without some
+MODULE_GROUPS = (("time_embed", ("time_embed.",)), ("text_pool", ("text_pool.",)), ("emb_layers", (".emb_layers.",)),
+                 ("attn2", (".attn2.",)), ("attn1", (".attn1.",)), ("ff", (".ff.",)),
+                 ("proj_in/out", (".proj_in", ".proj_out")), ("resnet convs", ("layers.", "skip_connection")),
+                 ("other convs", ("",)))
+# UNet experiments: the scan's selection without these groups. The ResBlocks' convolutions carried the damage to
+# unlisted classes in `diagnose groups` (ukiyo's LoRA without them: unlisted CRA 70 -> 98); the timestep embedding
+# and the pooled-text attention reach every prompt alike (sunset's without text_pool: unlisted IRA 60 -> 100); the
+# timestep embedding's input never sees the prompt.
+SELECTION_DROPS = {"spare-no-resconv": ("resnet convs",), "spare-no-global": ("time_embed", "text_pool"),
+                   "spare-no-time": ("time_embed",)}
+
+
+def module_group(path: str) -> str:
+    """The MODULE_GROUPS name of a module path."""
+    return next(g for g, parts in MODULE_GROUPS if any(p in f".{path}" if p.startswith(".") else p in path
+                                                        for p in parts))
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@
   |T(s) - T("")|, what guidance draws the object from. The guided x0 = u + cfg (c - u) carries cfg x the conditional
   residual and (cfg - 1) x the empty prompt's drift: at cfg 4, residuals of a few tenths of the gap rival the signal.
 - groups: the whole held-out grid with the trained LoRA whole, then without one group of its modules at a time
-  (MODULE_GROUPS: the timestep embedding, the ResBlocks' convolutions, their timestep/pooled-text projections, the
-  spatial transformers' self-attention, cross-attention and feed-forward, the pooled-text attention, the rest): which
+  (budgets.MODULE_GROUPS: the timestep embedding, the ResBlocks' convolutions, their timestep/pooled-text
+  projections, the spatial transformers' self-attention, cross-attention and feed-forward, the pooled-text attention,
+  the rest): which
   groups carry the erasure (UA falls without them) and which the damage (unlisted IRA / CRA or SFA rise without them).
 
 Training: SPARE at the product defaults (`run_method("spare", ...)`, retain list `--retain-set`, training
@@ -48,18 +49,14 @@ import spare_core as sc
 from spare_core.minicanvas import data
 from spare_core.minicanvas.model import load as load_model, sample_loop, to_image
 
-from .budgets import EVAL_TEMPLATES, ERASABLE_OBJECTS, RETAIN_SETS, ERASABLE_STYLES, Budget, parse_override, retention_split
+from .budgets import (EVAL_TEMPLATES, ERASABLE_OBJECTS, RETAIN_SETS, ERASABLE_STYLES, Budget, module_group,
+                      parse_override, retention_split)
 from .judge import Judge, evaluate, grid, split_metrics
 from .methods import generate, run_method
 
 SIGMAS = (30.0, 10.0, 5.0, 2.0, 1.0, 0.3)
 STRENGTHS = (1.0, 0.75, 0.5, 0.35)
 GUIDANCES = (1.0, 2.0, 4.0)
-# module groups of the MiniCanvas UNet (first match of the path wins), for `groups`
-MODULE_GROUPS = (("time_embed", ("time_embed.",)), ("text_pool", ("text_pool.",)), ("emb_layers", (".emb_layers.",)),
-                 ("attn2", (".attn2.",)), ("attn1", (".attn1.",)), ("ff", (".ff.",)),
-                 ("proj_in/out", (".proj_in", ".proj_out")), ("resnet convs", ("layers.", "skip_connection")),
-                 ("other convs", ("",)))
 CFG = 4.0  # the evaluation sampler's guidance (model.sample's default)
 
 
@@ -130,58 +127,57 @@ def trajectory(model, judge, domain: str, name: str, lora, steps: int = 12) -> l
     return rows
 
 
-def strength(model, judge, domain: str, name: str, lora, seed: int, retain_set: str, steps: int = 12) -> list[dict]:
+def grid_judge(judge, domain: str, name: str, seed: int, retain_set: str):
+    """The held-out grid (prompts, seeds) and a function images -> UA, SFA, IRA / CRA and their listed / unlisted
+    split for erasing `name` with training seed `seed`: what strength, groups and cfg judge each variant on."""
     prompts, ls, lo, seeds = grid(1)
     target = (data.style_index if domain == "style" else data.object_index)(name)
     split = retention_split(domain, name, seed, retain_set)
+
+    def metrics(images: torch.Tensor) -> dict:
+        m, j = evaluate(judge, images, ls, lo, domain, target)
+        m.update(split_metrics(domain, split, ls, lo, j["style"], j["object"]))
+        return m
+    return prompts, seeds, metrics
+
+
+def metrics_text(r: dict) -> str:
+    return (f"UA {r['UA']:5.1f}  SFA {r['SFA']:5.1f}  IRA {r['IRA']:5.1f}  CRA {r['CRA']:5.1f}  unlisted IRA "
+            f"{r.get('IRA_unlisted', float('nan')):5.1f}  CRA {r.get('CRA_unlisted', float('nan')):5.1f}")
+
+
+def strength(model, judge, domain: str, name: str, lora, seed: int, retain_set: str, steps: int = 12) -> list[dict]:
+    prompts, seeds, metrics = grid_judge(judge, domain, name, seed, retain_set)
     rows = []
     for st in STRENGTHS:
         with sc.apply_lora(model.network, lora, st):
-            images = generate(model, prompts, seeds, steps)
-        m, j = evaluate(judge, images, ls, lo, domain, target)
-        m.update(split_metrics(domain, split, ls, lo, j["style"], j["object"]))
-        rows.append({"strength": st, **m})
+            rows.append({"strength": st, **metrics(generate(model, prompts, seeds, steps))})
     return rows
 
 
-def module_group(path: str) -> str:
-    return next(g for g, parts in MODULE_GROUPS if any(p in f".{path}" if p.startswith(".") else p in path
-                                                        for p in parts))
-
-
 def groups(model, judge, domain: str, name: str, lora, seed: int, retain_set: str, steps: int = 12) -> list[dict]:
-    prompts, ls, lo, seeds = grid(1)
-    target = (data.style_index if domain == "style" else data.object_index)(name)
-    split = retention_split(domain, name, seed, retain_set)
+    prompts, seeds, metrics = grid_judge(judge, domain, name, seed, retain_set)
     by_group: dict[str, list[str]] = {}
     for path in lora.modules:
         by_group.setdefault(module_group(path), []).append(path)
     rows = []
     for group in [None] + list(by_group):
-        kept = replace(lora, modules={k: v for k, v in lora.modules.items() if group is None or k not in by_group[group]})
+        dropped = set(by_group.get(group, []))
+        kept = replace(lora, modules={k: v for k, v in lora.modules.items() if k not in dropped})
         with sc.apply_lora(model.network, kept, 1.0):
-            images = generate(model, prompts, seeds, steps)
-        m, j = evaluate(judge, images, ls, lo, domain, target)
-        m.update(split_metrics(domain, split, ls, lo, j["style"], j["object"]))
-        rows.append({"without": group or "(nothing)", "modules": len(by_group.get(group, [])), **m})
+            rows.append({"without": group or "(nothing)", "modules": len(by_group.get(group, [])),
+                         **metrics(generate(model, prompts, seeds, steps))})
     return rows
 
 
 def guidance(model, judge, domain: str, name: str, lora, seed: int, retain_set: str, steps: int = 12) -> list[dict]:
-    prompts, ls, lo, seeds = grid(1)
-    target = (data.style_index if domain == "style" else data.object_index)(name)
-    split = retention_split(domain, name, seed, retain_set)
+    prompts, seeds, metrics = grid_judge(judge, domain, name, seed, retain_set)
     rows = []
     for g in GUIDANCES:
         for erased in (False, True):
-            if erased:
-                with sc.apply_lora(model.network, lora, 1.0):
-                    images = model.sample(prompts, seed=seeds, steps=steps, cfg=g)
-            else:
+            with sc.apply_lora(model.network, lora, 1.0 if erased else 0.0):
                 images = model.sample(prompts, seed=seeds, steps=steps, cfg=g)
-            m, j = evaluate(judge, images, ls, lo, domain, target)
-            m.update(split_metrics(domain, split, ls, lo, j["style"], j["object"]))
-            rows.append({"cfg": g, "erased": erased, **m})
+            rows.append({"cfg": g, "erased": erased, **metrics(images)})
     return rows
 
 
@@ -265,21 +261,15 @@ def main(argv=None):
         elif args.what == "cfg":
             rows = guidance(model, judge, domain, args.concept, lora, args.seed, args.retain_set)
             for r in rows:
-                print(f"  cfg {r['cfg']:.1f} {'erased  ' if r['erased'] else 'unerased'}: UA {r['UA']:5.1f}  "
-                      f"SFA {r['SFA']:5.1f}  IRA {r['IRA']:5.1f}  CRA {r['CRA']:5.1f}  unlisted IRA "
-                      f"{r.get('IRA_unlisted', float('nan')):5.1f}  CRA {r.get('CRA_unlisted', float('nan')):5.1f}")
+                print(f"  cfg {r['cfg']:.1f} {'erased  ' if r['erased'] else 'unerased'}: {metrics_text(r)}")
         elif args.what == "groups":
             rows = groups(model, judge, domain, args.concept, lora, args.seed, args.retain_set)
             for r in rows:
-                print(f"  without {r['without']:12s} ({r['modules']:2d} modules): UA {r['UA']:5.1f}  SFA {r['SFA']:5.1f}  "
-                      f"IRA {r['IRA']:5.1f}  CRA {r['CRA']:5.1f}  unlisted IRA {r.get('IRA_unlisted', float('nan')):5.1f}"
-                      f"  CRA {r.get('CRA_unlisted', float('nan')):5.1f}")
+                print(f"  without {r['without']:12s} ({r['modules']:2d} modules): {metrics_text(r)}")
         else:
             rows = strength(model, judge, domain, args.concept, lora, args.seed, args.retain_set)
             for r in rows:
-                print(f"  strength {r['strength']:.2f}: UA {r['UA']:5.1f}  SFA {r['SFA']:5.1f}  IRA {r['IRA']:5.1f}  "
-                      f"CRA {r['CRA']:5.1f}  unlisted IRA {r.get('IRA_unlisted', float('nan')):5.1f}  CRA "
-                      f"{r.get('CRA_unlisted', float('nan')):5.1f}")
+                print(f"  strength {r['strength']:.2f}: {metrics_text(r)}")
     if args.out:
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:

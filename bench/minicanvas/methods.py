@@ -10,19 +10,10 @@ from types import SimpleNamespace
 import spare_core as sc
 
 from . import baselines, budgets, memory
-from .budgets import METHODS, SPARE_VARIANTS, all_pairs, split_variant
+from .budgets import METHODS, SELECTION_DROPS, SPARE_VARIANTS, all_pairs, module_group, split_variant
 
 
-TEXT_EMBEDDERS = ("txt_in", "vector_in.in_layer")
-# spare-no-resconv (UNet experiment): the ResBlocks' convolutions, which carried the damage to unlisted classes in
-# `diagnose groups` (the trained LoRA without them: ukiyo unlisted CRA 70 -> 98, ring unlisted IRA 64 -> 78)
-RESNET_CONVS = (".in_layers.", ".out_layers.", ".skip_connection")
-# spare-no-global (UNet experiment): the modules whose change reaches every prompt alike, the timestep embedding and
-# the pooled-text attention (in `diagnose groups`, sunset's LoRA without text_pool: unlisted IRA 60 -> 100)
-GLOBAL_PATHS = (".time_embed.", ".text_pool.")
-# spare-no-time (UNet experiment): the timestep embedding only, whose input never sees the prompt (sunset's LoRA
-# without it: SFA 30 -> 50, unlisted CRA 72 -> 86)
-DROPPED = {"spare-no-resconv": RESNET_CONVS, "spare-no-global": GLOBAL_PATHS, "spare-no-time": (".time_embed.",)}  # spare-text-in (Flux): where the text enters, before the blocks
+TEXT_EMBEDDERS = ("txt_in", "vector_in.in_layer")  # spare-text-in (Flux): where the text enters, before the blocks
 
 
 def default_inputs():
@@ -93,7 +84,7 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
         given = sc.pipeline.every_candidate(model, forget, budget.spare_targets) \
             if method == "spare-no-saliency" else None
         latents = None
-        if method == "spare-text-in" or method in DROPPED:  # experiments on the scan's selection
+        if method == "spare-text-in" or method in SELECTION_DROPS:  # experiments on the scan's selection
             latents = sc.pipeline.concept_samples(model, cfg.concepts, cfg.samples, cfg.seed, cfg.sample_steps,
                                                   cfg.sample_cfg)
             scanned = sc.saliency_scan(model, cfg.concepts, cfg.retain, replace(scan_cfg, seed=cfg.seed,
@@ -101,7 +92,7 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
             if method == "spare-text-in":  # plus Flux's text embedders (UCE's targets)
                 selected = list(scanned.selected) + list(TEXT_EMBEDDERS)
             else:  # minus a group of modules
-                selected = [m for m in scanned.selected if not any(part in f".{m}" for part in DROPPED[method])]
+                selected = [m for m in scanned.selected if module_group(m) not in SELECTION_DROPS[method]]
             given = sc.Saliency(scanned.scores, selected, scanned.meta)
         extra_args = {"latents": latents} if latents is not None else {}  # the scan's samples, reused
         result = sc.erase(model, cfg, scan_cfg, profile_cfg, saliency=given, on_check=on_check, **extra_args).result
