@@ -44,6 +44,7 @@ import torch
 from ._version import __version__
 from .adapters import AdapterSet, attach
 from .autograd import backward_safe, frozen
+from .calibrate import calibrate_strength
 from .config import LOSS_WEIGHTINGS, SAMPLE_CFG, SAMPLE_STEPS, option
 from .families import family_of
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
@@ -139,6 +140,14 @@ class DistillConfig:
              "turn the concept's prompt into the surrogate's picture, keeping the rest of the picture; the concept's "
              "own samples teach it to repaint them, which can leave debris. 0 = the authors' method.",
         min=0.0, max=1.0, step=0.5)
+    # after training (calibrate.py; an engine option while it is measured)
+    calibrate_share: float = option(
+        0.0, "If > 0: after training, scale the LoRA down to the lowest strength (1, 0.9, ... 0.5) at which at least "
+             "this share of the concept prompts' self-generated samples still follow the surrogate (nearer its "
+             "sample from the same noise than the concept's), times calibrate_margin. 0 = strength 1.",
+        min=0.0, max=1.0, step=0.05, node=False)
+    calibrate_margin: float = option(1.0, "The calibrated strength = the lowest that passed x this (at most 1).",
+                                     min=1.0, max=2.0, step=0.05, node=False)
     # engine options no node shows
     retain_unconditional: bool = option(True, "Also keep the empty prompt's prediction (classifier-free guidance "
                                               "uses it).", node=False)
@@ -181,6 +190,8 @@ class DistillResult:
     probe: tuple[float, float] = (0.0, 0.0)  # forget loss on a fixed probe batch, before and after training
     checks: list = field(default_factory=list)  # per check: step, gap, gap_closed, retain_drift, modules
     stopped_early: bool = False              # the stopping rule ended training before `config.steps`
+    strength: float = 1.0                    # the calibrated strength baked into `lora` (1 = none)
+    calibration: list = field(default_factory=list)  # per strength tried: strength, erased share
 
     @property
     def steps_used(self) -> int:
@@ -355,12 +366,18 @@ def distill(
                             progress(cfg.steps, cfg.steps, value)  # complete the bar
                         break
             checks.append(check_record(len(losses), *measure_probes(model, data, probes), gap_before, adapters))
-            lora = LoraWeights.from_adapters(adapters, lora_metadata(cfg, profile, gap_before, checks[-1]))
+            strength, tried = 1.0, []
+            if cfg.calibrate_share > 0:
+                strength, tried = calibrate_strength(model, adapters, cfg.concepts, cfg.surrogates, cfg.seed,
+                                                     cfg.sample_steps, cfg.sample_cfg, cfg.calibrate_share,
+                                                     cfg.calibrate_margin, should_stop)
+            lora = LoraWeights.from_adapters(adapters, lora_metadata(cfg, profile, gap_before, checks[-1], strength))
+            lora = lora.scaled(strength)
             trainable = sum(p.numel() for p in params)
         finally:
             adapters.remove()
     return DistillResult(lora, losses, time.perf_counter() - started, trainable, cfg,
-                         (gap_before, checks[-1]["gap"]), checks, stopped_early)
+                         (gap_before, checks[-1]["gap"]), checks, stopped_early, strength, tried)
 
 
 # --- the data: samples and prompts ------------------------------------------------------------------------------------
@@ -671,7 +688,7 @@ def check_record(step: int, gap: float, drift: float, gap_before: float, adapter
 # --- the file ---------------------------------------------------------------------------------------------------------
 
 def lora_metadata(cfg: DistillConfig, profile: Optional[TimestepProfile], gap_before: float,
-                  final: dict) -> dict[str, str]:
+                  final: dict, strength: float = 1.0) -> dict[str, str]:
     """What the LoRA file records of its training, from the validated config and the final probe check. The file's
     other fields (the base model, the key format) are added when it is saved (lora.file_metadata); kohya's ss_*
     fields are the ones its loaders and UIs read."""
@@ -690,4 +707,5 @@ def lora_metadata(cfg: DistillConfig, profile: Optional[TimestepProfile], gap_be
         "spare.gap_closed": f"{final['gap_closed']:.4f}",
         "spare.steps_used": str(final["step"]),
         "spare.gap": f"{gap_before:.6g} -> {final['gap']:.6g}",
+        "spare.strength": f"{strength:.4g}",
     }

@@ -63,6 +63,13 @@ class LoraWeights:
             modules[path] = {"down": down, "up": up, "alpha": torch.tensor(float(down.shape[0]))}
         return cls(modules, dict(metadata or {}))
 
+    def scaled(self, strength: float) -> "LoraWeights":
+        """This LoRA with `strength` baked into its up weights: at strength 1 it adds what this one adds at
+        `strength` (the calibrated strength, calibrate.py). The same object when `strength` is 1."""
+        if strength == 1.0:
+            return self
+        return LoraWeights({p: {**m, "up": m["up"] * strength} for p, m in self.modules.items()}, dict(self.metadata))
+
     @property
     def rank(self) -> int:
         return max((m["down"].shape[0] for m in self.modules.values()), default=0)

@@ -610,6 +610,50 @@ def test_extension_trains_on_only_while_the_gap_is_open(model, saliency):
     assert stalled.warning and _no_hooks(model.network)
 
 
+def test_calibration_scales_the_trained_lora_to_the_lowest_strength_that_still_erases(model, saliency):
+    """calibrate_share: the same training as the plain run (bit for bit), then the LoRA's up weights times the
+    calibrated strength, which is the lowest strength tried whose erased share passed (times the margin, at most 1),
+    recorded in the result and the file's metadata; the live hooks are gone."""
+    base = dict(concepts=[CONCEPT], surrogates=[SURROGATE], retain=RETAIN, steps=60, learning_rate=1e-2, **FAST)
+    plain = sc.distill(model, sc.DistillConfig(**base), saliency)
+    assert plain.strength == 1.0 and plain.calibration == [] and plain.lora.metadata["spare.strength"] == "1"
+    for share, margin in ((1.0, 1.0), (1.0, 1.2), (0.3, 1.0)):
+        cal = sc.distill(model, sc.DistillConfig(**base, calibrate_share=share, calibrate_margin=margin), saliency)
+        assert [r["loss"] for r in cal.losses] == [r["loss"] for r in plain.losses]
+        tried = [r["strength"] for r in cal.calibration]
+        assert tried == [0.9, 0.8, 0.7, 0.6, 0.5][:len(tried)] and len(tried) >= 1
+        ok = [r["erased"] >= share for r in cal.calibration]
+        assert all(ok[:-1]) and (len(tried) == 5 or not ok[-1])  # the search stops at the first failure
+        lowest = min([t for t, k in zip(tried, ok) if k], default=1.0)
+        assert cal.strength == pytest.approx(min(1.0, lowest * margin)) and cal.strength < 1.0  # this toy: 0.7
+        for m in plain.lora.modules:
+            assert torch.allclose(cal.lora.modules[m]["up"], plain.lora.modules[m]["up"] * cal.strength)
+            assert torch.equal(cal.lora.modules[m]["down"], plain.lora.modules[m]["down"])
+        assert float(cal.lora.metadata["spare.strength"]) == pytest.approx(cal.strength, abs=1e-4)
+        assert _no_hooks(model.network)
+
+
+def test_erased_share_counts_samples_nearer_the_surrogate():
+    from spare_core.calibrate import erased_share
+    c, s = torch.zeros(4, 1, 2, 2), torch.ones(4, 1, 2, 2)
+    e = torch.stack([torch.full((1, 2, 2), v) for v in (0.9, 0.6, 0.4, 0.1)])
+    assert erased_share(e, c, s) == 0.5 and erased_share(s, c, s) == 1.0 and erased_share(c, c, s) == 0.0
+
+
+def test_scaled_lora_at_strength_one_adds_what_the_lora_adds_at_that_strength(model, saliency):
+    lora = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=3, learning_rate=1e-2, **FAST),
+                      saliency).lora
+    assert lora.scaled(1.0) is lora
+    x, sigma = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0)), torch.tensor([3.0, 1.0])
+    cond = model.encode([CONCEPT, SURROGATE])
+    with torch.no_grad():
+        with sc.apply_lora(model.network, lora, 0.6):
+            want = model.predict_x0(x, sigma, cond)
+        with sc.apply_lora(model.network, lora.scaled(0.6), 1.0):
+            got = model.predict_x0(x, sigma, cond)
+    assert torch.allclose(got, want, atol=1e-5) and lora.modules[next(iter(lora.modules))]["up"].abs().sum() > 0
+
+
 def test_a_stalled_gap_keeps_the_saliency_selection(model, saliency):
     """Short of the target the adapter set stays the saliency's (no module is added mid-run)."""
     plain = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=10, learning_rate=1e-9, stop_at_gap_closed=0.6,

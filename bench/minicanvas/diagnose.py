@@ -47,6 +47,7 @@ import torch
 
 import spare_core as sc
 from spare_core.minicanvas import data
+from spare_core.sampling import generate as generate_samples
 from spare_core.minicanvas.model import load as load_model, sample_loop, to_image
 
 from .budgets import (EVAL_TEMPLATES, ERASABLE_OBJECTS, RETAIN_SETS, ERASABLE_STYLES, Budget, module_group,
@@ -56,6 +57,7 @@ from .methods import generate, run_method
 
 SIGMAS = (30.0, 10.0, 5.0, 2.0, 1.0, 0.3)
 STRENGTHS = (1.0, 0.75, 0.5, 0.35)
+CALIBRATE_STRENGTHS = (1.25, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 GUIDANCES = (1.0, 2.0, 4.0)
 CFG = 4.0  # the evaluation sampler's guidance (model.sample's default)
 
@@ -155,6 +157,38 @@ def strength(model, judge, domain: str, name: str, lora, seed: int, retain_set: 
     return rows
 
 
+def calibrate(model, judge, domain: str, name: str, lora, seed: int, retain_set: str, steps: int = 12,
+              per_prompt: int = 8) -> list[dict]:
+    """At each LoRA strength: the held-out grid judged (as `strength`) and what the engine could see without a
+    classifier: the erased model's samples of its own concept prompts (the training sampler, fresh noise) placed
+    between the unerased model's samples of the concept and of the surrogate prompt from the same noise: `along` =
+    mean projection onto concept -> surrogate (0 = concept, 1 = surrogate), `dist` = mean |erased - surrogate| /
+    |concept - surrogate|, `nearer` = share of samples nearer the surrogate's than the concept's."""
+    import json as _json
+    meta = lora.metadata
+    concepts, surrogates = _json.loads(meta["spare.concepts"]), _json.loads(meta["spare.surrogates"])
+    conf = _json.loads(meta["spare.config"])
+    noise_seed = int(meta["ss_seed"]) + 7  # noise no training sample was drawn from
+
+    def samples(prompts):
+        return generate_samples(model, prompts, per_prompt, noise_seed, conf["sample_steps"],
+                                    conf["sample_cfg"])[0].flatten(1)
+    with torch.no_grad():
+        xc, xs = samples(concepts), samples(surrogates)
+    prompts, seeds, metrics = grid_judge(judge, domain, name, seed, retain_set)
+    rows = []
+    for st in CALIBRATE_STRENGTHS:
+        with sc.apply_lora(model.network, lora, st), torch.no_grad():
+            xe = samples(concepts)
+            m = metrics(generate(model, prompts, seeds, steps))
+        axis = xs - xc
+        along = ((xe - xc) * axis).sum(1) / axis.pow(2).sum(1)
+        de, dc = (xe - xs).norm(dim=1), (xe - xc).norm(dim=1)
+        rows.append({"strength": st, "along": float(along.mean()), "dist": float((de / axis.norm(dim=1)).mean()),
+                     "nearer": float((de < dc).float().mean() * 100), **m})
+    return rows
+
+
 def groups(model, judge, domain: str, name: str, lora, seed: int, retain_set: str, steps: int = 12) -> list[dict]:
     prompts, seeds, metrics = grid_judge(judge, domain, name, seed, retain_set)
     by_group: dict[str, list[str]] = {}
@@ -216,7 +250,8 @@ def residual(model, judge, domain: str, name: str, lora, steps: int = 12) -> lis
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg", "residual", "groups"))
+    ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg", "residual", "groups",
+                                         "calibrate"))
     ap.add_argument("--concept", default="ukiyo", help=f"a style {ERASABLE_STYLES} or an object {ERASABLE_OBJECTS}")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set)
@@ -262,6 +297,11 @@ def main(argv=None):
             rows = guidance(model, judge, domain, args.concept, lora, args.seed, args.retain_set)
             for r in rows:
                 print(f"  cfg {r['cfg']:.1f} {'erased  ' if r['erased'] else 'unerased'}: {metrics_text(r)}")
+        elif args.what == "calibrate":
+            rows = calibrate(model, judge, domain, args.concept, lora, args.seed, args.retain_set)
+            for r in rows:
+                print(f"  strength {r['strength']:.2f}: along {r['along']:.3f} dist {r['dist']:.3f} nearer "
+                      f"{r['nearer']:5.1f}  {metrics_text(r)}", flush=True)
         elif args.what == "groups":
             rows = groups(model, judge, domain, args.concept, lora, args.seed, args.retain_set)
             for r in rows:

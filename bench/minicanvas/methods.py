@@ -99,7 +99,7 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
         info = {"trainable_params": result.trainable_params, "lora_bytes": result.lora.num_bytes(),
                 "losses": [r["forget"] for r in result.losses], "steps_used": result.steps_used,
                 "gap_closed": result.gap_closed, "modules": len(result.lora.modules),
-                "retain_drift": result.checks[-1].get("retain_drift"),
+                "retain_drift": result.checks[-1].get("retain_drift"), "strength": result.strength,
                 "warning": result.warning}
         edited = ("lora", result.lora)
     elif method in ("esd-x", "esd-u"):
