@@ -279,6 +279,9 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
                               "fixed number of steps; typical 0.9)")
     if config.check_every <= 0:
         raise SpareInputError(f"check_every={config.check_every} must be >= 1")
+    if not 0.0 <= config.calibrate_share <= 1.0 or not 1.0 <= config.calibrate_margin <= 2.0:
+        raise SpareInputError(f"calibrate_share={config.calibrate_share} must be in [0, 1] (0 = off; typical 1.0) and "
+                              f"calibrate_margin={config.calibrate_margin} in [1, 2] (typical 1.15)")
     if config.cross_rows < CROSS_ROWS_AUTO or config.uncond_rows < 0:
         raise SpareInputError(f"cross_rows={config.cross_rows} must be >= 0 (or -1: the family's default) and "
                               f"uncond_rows={config.uncond_rows} >= 0")

@@ -633,6 +633,12 @@ def test_calibration_scales_the_trained_lora_to_the_lowest_strength_that_still_e
         assert _no_hooks(model.network)
 
 
+@pytest.mark.parametrize("bad", [dict(calibrate_share=1.5), dict(calibrate_share=-0.1), dict(calibrate_margin=0.5)])
+def test_calibration_settings_out_of_range_are_refused_by_name(model, saliency, bad):
+    with pytest.raises(SpareInputError, match=next(iter(bad))):
+        sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=1, **FAST, **bad), saliency)
+
+
 def test_erased_share_counts_samples_nearer_the_surrogate():
     from spare_core.calibrate import erased_share
     c, s = torch.zeros(4, 1, 2, 2), torch.ones(4, 1, 2, 2)
