@@ -46,9 +46,10 @@ from dataclasses import replace
 import torch
 
 import spare_core as sc
+from spare_core.calibrate import NOISE_OFFSET, erased_share
 from spare_core.minicanvas import data
-from spare_core.sampling import generate as generate_samples
 from spare_core.minicanvas.model import load as load_model, sample_loop, to_image
+from spare_core.sampling import generate as generate_samples
 
 from .budgets import (EVAL_TEMPLATES, ERASABLE_OBJECTS, RETAIN_SETS, ERASABLE_STYLES, Budget, module_group,
                       parse_override, retention_split)
@@ -160,19 +161,17 @@ def strength(model, judge, domain: str, name: str, lora, seed: int, retain_set: 
 def calibrate(model, judge, domain: str, name: str, lora, seed: int, retain_set: str, steps: int = 12,
               per_prompt: int = 8) -> list[dict]:
     """At each LoRA strength: the held-out grid judged (as `strength`) and what the engine could see without a
-    classifier: the erased model's samples of its own concept prompts (the training sampler, fresh noise) placed
-    between the unerased model's samples of the concept and of the surrogate prompt from the same noise: `along` =
-    mean projection onto concept -> surrogate (0 = concept, 1 = surrogate), `dist` = mean |erased - surrogate| /
-    |concept - surrogate|, `nearer` = share of samples nearer the surrogate's than the concept's."""
-    import json as _json
+    classifier (spare_core/calibrate.py): the erased model's samples of its own concept prompts (the training
+    sampler, fresh noise) placed between the unerased model's samples of the concept and of the surrogate prompt from
+    the same noise: `along` = mean projection onto concept -> surrogate (0 = concept, 1 = surrogate), `dist` = mean
+    |erased - surrogate| / |concept - surrogate|, `nearer` = % of samples nearer the surrogate's (erased_share)."""
     meta = lora.metadata
-    concepts, surrogates = _json.loads(meta["spare.concepts"]), _json.loads(meta["spare.surrogates"])
-    conf = _json.loads(meta["spare.config"])
-    noise_seed = int(meta["ss_seed"]) + 7  # noise no training sample was drawn from
+    concepts, surrogates = json.loads(meta["spare.concepts"]), json.loads(meta["spare.surrogates"])
+    conf = json.loads(meta["spare.config"])
 
     def samples(prompts):
-        return generate_samples(model, prompts, per_prompt, noise_seed, conf["sample_steps"],
-                                    conf["sample_cfg"])[0].flatten(1)
+        return generate_samples(model, prompts, per_prompt, int(meta["ss_seed"]) + NOISE_OFFSET, conf["sample_steps"],
+                                conf["sample_cfg"])[0].flatten(1)
     with torch.no_grad():
         xc, xs = samples(concepts), samples(surrogates)
     prompts, seeds, metrics = grid_judge(judge, domain, name, seed, retain_set)
@@ -183,9 +182,9 @@ def calibrate(model, judge, domain: str, name: str, lora, seed: int, retain_set:
             m = metrics(generate(model, prompts, seeds, steps))
         axis = xs - xc
         along = ((xe - xc) * axis).sum(1) / axis.pow(2).sum(1)
-        de, dc = (xe - xs).norm(dim=1), (xe - xc).norm(dim=1)
-        rows.append({"strength": st, "along": float(along.mean()), "dist": float((de / axis.norm(dim=1)).mean()),
-                     "nearer": float((de < dc).float().mean() * 100), **m})
+        rows.append({"strength": st, "along": float(along.mean()),
+                     "dist": float(((xe - xs).norm(dim=1) / axis.norm(dim=1)).mean()),
+                     "nearer": 100 * erased_share(xe, xc, xs), **m})
     return rows
 
 
@@ -250,8 +249,7 @@ def residual(model, judge, domain: str, name: str, lora, steps: int = 12) -> lis
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg", "residual", "groups",
-                                         "calibrate"))
+    ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg", "residual", "groups", "calibrate"))
     ap.add_argument("--concept", default="ukiyo", help=f"a style {ERASABLE_STYLES} or an object {ERASABLE_OBJECTS}")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set)

@@ -138,8 +138,8 @@ def erase_concept(task) -> list[tuple[str, str, dict]]:
         m["host"] = host_name
         m["concept"], m["seed"] = name, seed
         rows.append((method, domain, m))
-        extra = (f" steps {info['steps_used']:3d} gap closed {info['gap_closed']:.2f} strength {info.get('strength', 1.0):.2f}"
-                 if "steps_used" in info else "")
+        extra = (f" steps {info['steps_used']:3d} gap closed {info['gap_closed']:.2f} strength "
+                 f"{info.get('strength', 1.0):.2f}" if "steps_used" in info else "")
         unl = f" unlisted IRA {m['IRA_unlisted']:6.2f} CRA {m['CRA_unlisted']:6.2f}" if "IRA_unlisted" in m else ""
         print(f"{domain:6s} {name:10s} seed {seed} {method:18s} UA {m['UA']:6.2f} IRA {m['IRA']:6.2f} "
               f"CRA {m['CRA']:6.2f}{unl} SFA {m['SFA']:6.2f} synUA {m['synonym_UA']:6.2f} FD {m['quality_fd']:7.3f} "
