@@ -447,6 +447,28 @@ def test_residual_diagnosis_of_a_model_that_erased_nothing():
     assert rows[-1]["class"] == "ukiyo"
 
 
+def test_geometry_diagnosis_measures_span_and_moves():
+    """`diagnose geometry`: `_outside` is 0 for a vector in the span and 1 for one orthogonal to it; on the bundled
+    UNet the 10 styles' pooled codes use 5 directions (the 6th singular value is < 1% of the first: why any 4
+    listed styles and the concept fix the pooled code of every other one), and a LoRA that changes nothing moves
+    no code (the move is reported as 0, not a division by zero)."""
+    from bench.minicanvas import diagnose
+    from bench.minicanvas.budgets import ERASABLE_STYLES
+    from spare_core.minicanvas import data
+    from spare_core.minicanvas.model import load
+    basis = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert diagnose._outside(torch.tensor([2.0, -3.0, 0.0]), basis) == pytest.approx(0.0, abs=1e-6)
+    assert diagnose._outside(torch.tensor([0.0, 0.0, 5.0]), basis) == pytest.approx(1.0)
+    model = load()
+    pooled, kv = diagnose._codes(model, "style", ERASABLE_STYLES + [data.NEUTRAL_STYLE])
+    assert pooled.shape[0] == kv.shape[0] == len(ERASABLE_STYLES) + 1
+    sv = torch.linalg.svdvals(pooled[:-1] - pooled[-1])
+    assert sv[5] < 0.01 * sv[0] and sv[4] > 0.05 * sv[0]
+    with sc.apply_lora(model.network, sc.LoraWeights({}), 1.0):
+        again = diagnose._codes(model, "style", ERASABLE_STYLES + [data.NEUTRAL_STYLE])
+    assert torch.equal(again[0], pooled) and torch.equal(again[1], kv)
+
+
 def test_standard_presets_train_each_method_at_its_seeds():
     """--standard: SPARE at every training seed; the step-trained baselines and the all-pairs reference row at one;
     UCE at every seed on the UNet and at one on MiniCanvas-Flux (whose --standard drops the reference row and the

@@ -1,4 +1,4 @@
-"""Why an erasure draws debris and hurts concepts nobody listed: three measurements on one concept.
+"""Why an erasure draws debris and hurts concepts nobody listed: measurements on one concept.
 
     python -m bench.minicanvas.diagnose targets --concept ukiyo              # the forget loss's targets, per sigma
     python -m bench.minicanvas.diagnose trajectory --concept ukiyo          # the erased model's sampling path
@@ -6,6 +6,7 @@
     python -m bench.minicanvas.diagnose cfg --concept ukiyo                 # the erased model at guidance 1 ... 4
     python -m bench.minicanvas.diagnose residual --concept ukiyo            # what guidance multiplies, along the path
     python -m bench.minicanvas.diagnose groups --concept ukiyo              # the LoRA without one module group at a time
+    python -m bench.minicanvas.diagnose geometry --concept ukiyo            # where the unlisted classes lie, what moved them
 
 - targets: SPARE's forget loss asks the student, on x_t noised from a sample, for the surrogate-prompt teacher's x0.
   For samples of the concept and of the surrogate, at each sigma, the classifiers judge that target x0: is the other
@@ -29,6 +30,15 @@
   projections, the spatial transformers' self-attention, cross-attention and feed-forward, the pooled-text attention,
   the rest): which
   groups carry the erasure (UA falls without them) and which the damage (unlisted IRA / CRA or SFA rise without them).
+- geometry: the text codes the network conditions on, per class of the concept's domain (relative to the neutral
+  class, averaged over the other domain, training template): the pooled vector (`text_pool`, added to the timestep
+  embedding) and the spatial cross-attentions' keys and values of the tokens. Their singular values (how many
+  directions the classes use), and for each class the retain list leaves unlisted: its cosine with the concept's
+  code and the share of its code OUTSIDE the span of the listed classes' and the concept's codes (near 0: any edit
+  linear in that code that keeps the listed classes and moves the concept moves that class by a fixed amount, and
+  no retain loss can protect it). Then, with the trained LoRA: how far each unlisted class's codes moved (a fraction
+  of the concept's move) and its accuracy on the held-out grid (20 images), unerased -> erased, with the other
+  domain's accuracy inside its row.
 
 Training: SPARE at the product defaults (`run_method("spare", ...)`, retain list `--retain-set`, training
 seed `--seed`), with `--set FIELD=VALUE` overrides of DistillConfig (as the harness' `--spare-set`). Everything is
@@ -203,6 +213,68 @@ def groups(model, judge, domain: str, name: str, lora, seed: int, retain_set: st
     return rows
 
 
+def _codes(model, domain: str, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled [K, D], cross-attention keys and values [K, *]) per class, averaged over the other domain's classes
+    (training template): the pooled vector `text_pool` adds to the timestep embedding, and what every spatial
+    cross-attention's to_k / to_v make of the tokens (the two ways the prompt enters the UNet)."""
+    others = data.OBJECT_NAMES if domain == "style" else data.STYLE_NAMES
+    kv = [m for n, m in model.network.named_modules() if n.endswith("attn2") and not n.startswith("text_pool")]
+    pooled, keys_values = [], []
+    with torch.no_grad():
+        for c in classes:
+            ctx = model.encode([data.prompt(c, o) if domain == "style" else data.prompt(o, c) for o in others])
+            pooled.append(model.network.text_pool(ctx).mean(0))
+            keys_values.append(torch.cat([p(ctx).mean(0).flatten() for m in kv for p in (m.to_k, m.to_v)]))
+    return torch.stack(pooled), torch.stack(keys_values)
+
+
+def _outside(v: torch.Tensor, basis: torch.Tensor) -> float:
+    """|v - its projection on the rows of `basis`| / |v|."""
+    sol = torch.linalg.lstsq(basis.T, v[:, None]).solution
+    return float((v - (basis.T @ sol)[:, 0]).norm() / v.norm())
+
+
+def geometry(model, judge, domain: str, name: str, lora, seed: int, retain_set: str, steps: int = 12) -> dict:
+    names = data.STYLE_NAMES if domain == "style" else data.OBJECT_NAMES
+    neutral = data.NEUTRAL_STYLE if domain == "style" else data.NEUTRAL_OBJECT
+    classes = ERASABLE_STYLES if domain == "style" else ERASABLE_OBJECTS
+    split = retention_split(domain, name, seed, retain_set)
+    listed, unlisted = [names[i] for i in split["listed"]], [names[i] for i in split["unlisted"]]
+    order = classes + [neutral]
+    before = _codes(model, domain, order)
+    with sc.apply_lora(model.network, lora, 1.0):
+        after = _codes(model, domain, order)
+    out = {"spectrum": {}, "unlisted": []}
+    for code, b, a in (("pooled", *[x[0] for x in (before, after)]), ("kv", *[x[1] for x in (before, after)])):
+        rel = b[:-1] - b[-1]  # relative to the neutral class
+        out["spectrum"][code] = [round(float(v), 3) for v in torch.linalg.svdvals(rel)]
+        basis = torch.stack([rel[order.index(c)] for c in listed + [name]])
+        moved_c = float((a[order.index(name)] - b[order.index(name)]).norm())
+        for u in unlisted:
+            i = order.index(u)
+            out.setdefault("_" + u, {})[code] = {"outside": _outside(rel[i], basis),
+                                                 "cos": float(torch.nn.functional.cosine_similarity(
+                                                     rel[i], rel[order.index(name)], dim=0)),
+                                                 "moved": float((a[i] - b[i]).norm()) / moved_c if moved_c else 0.0}
+    prompts, ls, lo, seeds = grid(2)
+    labels, other_labels = (ls, lo) if domain == "style" else (lo, ls)
+    own, other = ("style", "object") if domain == "style" else ("object", "style")
+    acc = {}
+    for erased in (False, True):
+        with sc.apply_lora(model.network, lora, 1.0 if erased else 0.0):
+            j = judge(generate(model, prompts, seeds, steps))
+        rows = {u: labels == names.index(u) for u in unlisted}
+        acc[erased] = {u: (100.0 * float((j[own][r] == names.index(u)).float().mean()),
+                           100.0 * float((j[other][r] == other_labels[r]).float().mean())) for u, r in rows.items()}
+    for u in unlisted:
+        per = out.pop("_" + u)
+        out["unlisted"].append({"class": u, **{f"{code}_{k}": v for code, d in per.items() for k, v in d.items()},
+                                "acc_unerased": acc[False][u][0], "acc_erased": acc[True][u][0],
+                                "other_unerased": acc[False][u][1], "other_erased": acc[True][u][1]})
+    out["listed"] = listed
+    return out
+
+
 def guidance(model, judge, domain: str, name: str, lora, seed: int, retain_set: str, steps: int = 12) -> list[dict]:
     prompts, seeds, metrics = grid_judge(judge, domain, name, seed, retain_set)
     rows = []
@@ -249,7 +321,8 @@ def residual(model, judge, domain: str, name: str, lora, steps: int = 12) -> lis
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg", "residual", "groups", "calibrate"))
+    ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg", "residual", "groups", "calibrate",
+                                        "geometry"))
     ap.add_argument("--concept", default="ukiyo", help=f"a style {ERASABLE_STYLES} or an object {ERASABLE_OBJECTS}")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set)
@@ -300,6 +373,19 @@ def main(argv=None):
             for r in rows:
                 print(f"  strength {r['strength']:.2f}: along {r['along']:.3f} dist {r['dist']:.3f} nearer "
                       f"{r['nearer']:5.1f}  {metrics_text(r)}", flush=True)
+        elif args.what == "geometry":
+            rows = geometry(model, judge, domain, args.concept, lora, args.seed, args.retain_set)
+            for code, sv in rows["spectrum"].items():
+                print(f"  {code:7s} codes of the {len(sv)} {domain}s (relative to the neutral one), singular values: "
+                      + " ".join(f"{v:.3g}" for v in sv))
+            print(f"  listed: {', '.join(rows['listed'])}; per unlisted {domain}: share of its code outside "
+                  f"span(listed, '{args.concept}'), its move / the concept's, accuracy unerased -> erased")
+            for r in rows["unlisted"]:
+                print(f"  {r['class']:10s} pooled: cos {r['pooled_cos']:.2f} outside {r['pooled_outside']:.3f} "
+                      f"moved {r['pooled_moved']:.2f}  "
+                      f"keys/values: cos {r['kv_cos']:.2f} outside {r['kv_outside']:.3f} moved {r['kv_moved']:.2f}  "
+                      f"accuracy {r['acc_unerased']:5.1f} -> {r['acc_erased']:5.1f}, of the other domain in it "
+                      f"{r['other_unerased']:5.1f} -> {r['other_erased']:5.1f}")
         elif args.what == "groups":
             rows = groups(model, judge, domain, args.concept, lora, args.seed, args.retain_set)
             for r in rows:
