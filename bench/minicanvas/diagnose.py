@@ -244,7 +244,7 @@ def geometry(model, judge, domain: str, name: str, lora, seed: int, retain_set: 
     before = _codes(model, domain, order)
     with sc.apply_lora(model.network, lora, 1.0):
         after = _codes(model, domain, order)
-    out = {"spectrum": {}, "unlisted": []}
+    out, per_class = {"spectrum": {}, "unlisted": []}, {u: {} for u in unlisted}
     for code, b, a in (("pooled", *[x[0] for x in (before, after)]), ("kv", *[x[1] for x in (before, after)])):
         rel = b[:-1] - b[-1]  # relative to the neutral class
         out["spectrum"][code] = [round(float(v), 3) for v in torch.linalg.svdvals(rel)]
@@ -252,10 +252,10 @@ def geometry(model, judge, domain: str, name: str, lora, seed: int, retain_set: 
         moved_c = float((a[order.index(name)] - b[order.index(name)]).norm())
         for u in unlisted:
             i = order.index(u)
-            out.setdefault("_" + u, {})[code] = {"outside": _outside(rel[i], basis),
-                                                 "cos": float(torch.nn.functional.cosine_similarity(
-                                                     rel[i], rel[order.index(name)], dim=0)),
-                                                 "moved": float((a[i] - b[i]).norm()) / moved_c if moved_c else 0.0}
+            per_class[u][code] = {"outside": _outside(rel[i], basis),
+                                  "cos": float(torch.nn.functional.cosine_similarity(rel[i], rel[order.index(name)],
+                                                                                     dim=0)),
+                                  "moved": float((a[i] - b[i]).norm()) / moved_c if moved_c else 0.0}
     prompts, ls, lo, seeds = grid(2)
     labels, other_labels = (ls, lo) if domain == "style" else (lo, ls)
     own, other = ("style", "object") if domain == "style" else ("object", "style")
@@ -267,8 +267,8 @@ def geometry(model, judge, domain: str, name: str, lora, seed: int, retain_set: 
         acc[erased] = {u: (100.0 * float((j[own][r] == names.index(u)).float().mean()),
                            100.0 * float((j[other][r] == other_labels[r]).float().mean())) for u, r in rows.items()}
     for u in unlisted:
-        per = out.pop("_" + u)
-        out["unlisted"].append({"class": u, **{f"{code}_{k}": v for code, d in per.items() for k, v in d.items()},
+        out["unlisted"].append({"class": u, **{f"{code}_{k}": v for code, d in per_class[u].items()
+                                               for k, v in d.items()},
                                 "acc_unerased": acc[False][u][0], "acc_erased": acc[True][u][0],
                                 "other_unerased": acc[False][u][1], "other_erased": acc[True][u][1]})
     out["listed"] = listed
@@ -322,7 +322,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg", "residual", "groups", "calibrate",
-                                        "geometry"))
+                                     "geometry"))
     ap.add_argument("--concept", default="ukiyo", help=f"a style {ERASABLE_STYLES} or an object {ERASABLE_OBJECTS}")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set)
