@@ -177,6 +177,14 @@ class DistillConfig:
                                               "the concept's prompt may change. -1 = the model family's measured "
                                               "default (UNet 2, DiT 0).",
                              min=-1, max=64, node=False)
+    mix_rows: int = option(0, "Retain rows per step, on the forget rows' own x_t, whose prompt is a BLEND of two "
+                              "prompt codes (see mix_concept) that the student must treat as the unerased model does: "
+                              "it keeps the space between the listed prompts, where unlisted neighbours lie.",
+                           min=0, max=64, node=False)
+    mix_concept: float = option(0.0, "mix_rows' blends: 0 = two neighbouring retain prompts, (1 - u) a + u b with u "
+                                     "uniform in [0, 1]; > 0 = a retain prompt moved toward its nearest concept "
+                                     "prompt by u uniform in [0, mix_concept].", min=0.0, max=0.95, step=0.05,
+                                node=False)
 
 
 @dataclass
@@ -285,6 +293,11 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if config.cross_rows < CROSS_ROWS_AUTO or config.uncond_rows < 0:
         raise SpareInputError(f"cross_rows={config.cross_rows} must be >= 0 (or -1: the family's default) and "
                               f"uncond_rows={config.uncond_rows} >= 0")
+    if config.mix_rows < 0 or not 0.0 <= config.mix_concept <= 0.95:
+        raise SpareInputError(f"mix_rows={config.mix_rows} must be >= 0 and mix_concept={config.mix_concept} in "
+                              "[0, 0.95]")
+    if config.mix_rows and not config.retain:
+        raise SpareInputError("mix_rows blends retain prompts: give at least one retain prompt")
     if saliency is None or not saliency.selected:
         raise SpareInputError("the saliency selects no module; rescan with a larger selection (fraction or top-k)")
     return DistillConfig(**{**asdict(config), "concepts": concepts, "surrogates": surrogates, "retain": retain})
@@ -402,6 +415,7 @@ class TrainingData:
     i_retain: Optional[torch.Tensor]
     sigma_data: float                        # std of the concept samples (the "v" loss weighting's sigma_data)
     uncond_row: Optional[int] = None         # row of `cond` holding the empty prompt (None: not encoded)
+    mix_row: Optional[int] = None            # first of the MIX_BANK blended codes at the end of `cond` (mix_rows)
 
     def concept_rows(self, i: torch.Tensor) -> torch.Tensor:
         return i
@@ -452,8 +466,86 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
     with torch.no_grad():
         cond = model.encode(cfg.concepts + cfg.surrogates + retain_prompts)
     uncond_row = 2 * len(cfg.concepts) + retain_prompts.index("") if "" in retain_prompts else None
+    mix_row = None
+    if cfg.mix_rows and retain_prompts:
+        mix_row = 2 * len(cfg.concepts) + len(retain_prompts)
+        listed = [2 * len(cfg.concepts) + i for i, p in enumerate(retain_prompts) if p]
+        with torch.no_grad():
+            cond = cat_cond(cond, blend_bank(model, cond, list(range(len(cfg.concepts))), listed, cfg.mix_concept,
+                                             torch.Generator().manual_seed(cfg.seed + 7)))
     return TrainingData(cond, len(cfg.concepts), x_forget, i_forget, n_anchor, x_anchor, i_anchor, x_retain, i_retain,
-                        data_std(x_forget), uncond_row)
+                        data_std(x_forget), uncond_row, mix_row)
+
+
+MIX_BANK = 64  # blended prompt codes drawn once per run (DistillConfig.mix_rows)
+MIX_NEAR = 4   # a blend's partner: one of a prompt's MIX_NEAR nearest retain prompts (cosine of the codes)
+
+
+def _floats(cond) -> list[torch.Tensor]:
+    """The floating tensors of a conditioning (a tensor, a tuple/list or a dict of them), in a fixed order."""
+    if torch.is_tensor(cond):
+        return [cond] if cond.is_floating_point() else []
+    if isinstance(cond, (tuple, list)):
+        return [t for c in cond for t in _floats(c)]
+    if isinstance(cond, dict):
+        return [t for k in sorted(cond) for t in _floats(cond[k])]
+    raise SpareInputError("mix_rows: this model's conditioning cannot be blended (prompts of different token "
+                          "lengths); set mix_rows to 0")
+
+
+def _zip_cond(f, a, b):
+    """f applied to every pair of floating tensors of two conditionings of the same structure (other leaves: a's)."""
+    if torch.is_tensor(a):
+        return f(a, b) if a.is_floating_point() else a
+    if isinstance(a, (tuple, list)):
+        return type(a)(_zip_cond(f, x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return {k: _zip_cond(f, a[k], b[k]) for k in a}
+    raise SpareInputError("mix_rows: this model's conditioning cannot be blended (prompts of different token "
+                          "lengths); set mix_rows to 0")
+
+
+def cat_cond(a, b):
+    """Two conditionings' rows, a's then b's (every tensor is batched along dim 0, as select_cond assumes)."""
+    if torch.is_tensor(a):
+        return torch.cat([a, b])
+    if isinstance(a, (tuple, list)):
+        return type(a)(cat_cond(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return {k: cat_cond(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] for k in a}
+    raise SpareInputError("mix_rows: this model's conditioning cannot be blended; set mix_rows to 0")
+
+
+def blend_bank(model: DiffusionModel, cond, concepts: list[int], listed: list[int], mix_concept: float,
+               gen: torch.Generator):
+    """MIX_BANK blended codes: (1 - u) code(a) + u code(b) over every floating tensor of the conditioning. mix_concept
+    0: a a random listed retain row, b one of its MIX_NEAR nearest listed rows, u ~ U(0, 1) -- the space between the
+    listed prompts; > 0: a one of a random concept row's MIX_NEAR nearest listed rows, b that concept row, u ~ U(0,
+    mix_concept) -- the listed prompts moved part of the way toward the concept. The teacher's prediction for such a
+    code is what the student keeps (hand-written: no library blends prompt codes for a retain loss)."""
+    rows = torch.tensor(concepts + listed)
+    flat = torch.cat([t.flatten(1).float() for t in _floats(model.select_cond(cond, rows))], 1)
+    flat = torch.nn.functional.normalize(flat - flat.mean(0), dim=1)
+    sim = flat @ flat[len(concepts):].T  # each row (concepts, then listed) against the listed rows
+    sim[len(concepts):].fill_diagonal_(-2.0)  # a listed row is not its own partner
+    near = sim.topk(min(MIX_NEAR, max(1, len(listed) - (0 if mix_concept > 0 else 1))), dim=1).indices
+    a, b = [], []
+    for _ in range(MIX_BANK):
+        if mix_concept > 0:
+            c = int(torch.randint(0, len(concepts), (1,), generator=gen))
+            j = int(near[c, torch.randint(0, near.shape[1], (1,), generator=gen)])
+            a.append(listed[j]), b.append(concepts[c])
+        else:
+            i = int(torch.randint(0, len(listed), (1,), generator=gen))
+            j = int(near[len(concepts) + i, torch.randint(0, near.shape[1], (1,), generator=gen)])
+            a.append(listed[i]), b.append(listed[j])
+    u = torch.rand(MIX_BANK, generator=gen) * (mix_concept if mix_concept > 0 else 1.0)
+    ca, cb = model.select_cond(cond, torch.tensor(a)), model.select_cond(cond, torch.tensor(b))
+
+    def lerp(x, y):
+        w = u.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return x + w * (y - x)
+    return _zip_cond(lerp, ca, cb)
 
 
 class Batch(NamedTuple):
@@ -495,6 +587,9 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
             n_retain = int(data.i_retain.max()) + 1
             ids.append(data.retain_rows(torch.randint(0, n_retain, (cfg.cross_rows,), generator=gen)))
             k.append(torch.arange(cfg.cross_rows) % cfg.batch_size)
+        if cfg.mix_rows and data.mix_row is not None:
+            ids.append(data.mix_row + torch.randint(0, MIX_BANK, (cfg.mix_rows,), generator=gen))
+            k.append(torch.arange(cfg.mix_rows) % cfg.batch_size)
         if ids:
             ids, k = torch.cat(ids), torch.cat(k)
             sigma, xt = torch.cat([sigma, sigma[k]]), torch.cat([xt, xt[k]])

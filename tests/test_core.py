@@ -949,6 +949,46 @@ def test_rows_on_the_forget_states_keep_other_prompts_there(model):
         assert torch.equal(more.xt[j], more.xt[k]) and more.sigma[j] == more.sigma[k]
 
 
+def test_mix_rows_keep_blends_of_the_listed_codes_on_the_forget_states(model):
+    """mix_rows: rows on the forget rows' own x_t whose prompt is a blend of codes, the same for student and teacher.
+    mix_concept 0: each blend lies on the segment between two listed retain codes; > 0: between a listed code and the
+    concept's, at most mix_concept of the way to the concept. Without mix_rows the rows and `cond` are as before."""
+    from spare_core.distill import MIX_BANK, get_batch, make_training_data, validate
+    sal = sc.Saliency({"x": 1.0}, ["x"], {})
+    base = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=3, cross_rows=0, **FAST)
+    plain_data = make_training_data(model, validate(base, sal), None, None)
+    assert plain_data.mix_row is None
+    n_rows = 2 + len(RETAIN) + 1  # concept, surrogate, retain prompts, the empty prompt
+    for mix_concept in (0.0, 0.5):
+        cfg = validate(replace(base, mix_rows=3, mix_concept=mix_concept), sal)
+        data = make_training_data(model, cfg, None, None)
+        assert data.mix_row == n_rows and data.cond.shape[0] == n_rows + MIX_BANK
+        assert torch.equal(data.cond[:n_rows], plain_data.cond)
+        listed = plain_data.cond[2:2 + len(RETAIN)]
+        ends = [(listed[0], listed[1])] if mix_concept == 0 else [(x, plain_data.cond[0]) for x in listed]
+        for blend in data.cond[n_rows:]:  # on a segment between two listed codes / a listed code and the concept's
+            fits = []
+            for a, b in ends:
+                u = float(((blend - a) * (b - a)).sum() / (b - a).pow(2).sum())
+                if torch.allclose(blend, a + u * (b - a), atol=1e-5):
+                    fits.append(u)
+            assert len(fits) == 1 and -1e-6 <= fits[0] <= (mix_concept or 1.0) + 1e-6
+        plain = get_batch(model, data, base, None, torch.Generator().manual_seed(3))
+        more = get_batch(model, data, cfg, None, torch.Generator().manual_seed(3))
+        b = base.batch_size
+        for field in ("xt", "sigma", "student", "teacher"):
+            assert torch.equal(getattr(more, field)[:2 * b], getattr(plain, field))
+        extra = slice(2 * b, None)
+        assert torch.equal(more.student[extra], more.teacher[extra])
+        assert all(n_rows <= int(i) < n_rows + MIX_BANK for i in more.student[extra])
+        for j, k in zip(range(2 * b, 2 * b + 3), [0, 1, 0]):
+            assert torch.equal(more.xt[j], more.xt[k]) and more.sigma[j] == more.sigma[k]
+    with pytest.raises(sc.SpareInputError, match="mix_concept=1.0"):
+        validate(replace(base, mix_rows=1, mix_concept=1.0), sal)
+    with pytest.raises(sc.SpareInputError, match="mix_rows blends retain prompts"):
+        validate(replace(base, retain=[], mix_rows=1), sal)
+
+
 def test_the_teacher_takes_a_steps_rows_in_one_forward_with_the_default_rows_on_the_forget_states(model, saliency,
                                                                                                     monkeypatch):
     """On an accelerator the teacher's no-grad forward takes one step's rows at once, the rows on the forget states
