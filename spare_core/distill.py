@@ -489,8 +489,9 @@ def _floats(cond) -> list[torch.Tensor]:
         return [cond] if cond.is_floating_point() else []
     if isinstance(cond, (tuple, list)):
         return [t for c in cond for t in _floats(c)]
-    if isinstance(cond, dict):
-        return [t for k in sorted(cond) for t in _floats(cond[k])]
+    if isinstance(cond, dict):  # a host's kwargs: constants (not tensors) are the same for every row
+        return [t for k in sorted(cond) if isinstance(cond[k], (torch.Tensor, tuple, list, dict))
+                for t in _floats(cond[k])]
     raise SpareInputError("mix_rows: this model's conditioning cannot be blended (prompts of different token "
                           "lengths); set mix_rows to 0")
 
@@ -502,7 +503,8 @@ def _zip_cond(f, a, b):
     if isinstance(a, (tuple, list)):
         return type(a)(_zip_cond(f, x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
-        return {k: _zip_cond(f, a[k], b[k]) for k in a}
+        return {k: _zip_cond(f, a[k], b[k]) if isinstance(a[k], (torch.Tensor, tuple, list, dict)) else a[k]
+                for k in a}
     raise SpareInputError("mix_rows: this model's conditioning cannot be blended (prompts of different token "
                           "lengths); set mix_rows to 0")
 

@@ -983,6 +983,11 @@ def test_mix_rows_keep_blends_of_the_listed_codes_on_the_forget_states(model):
         assert all(n_rows <= int(i) < n_rows + MIX_BANK for i in more.student[extra])
         for j, k in zip(range(2 * b, 2 * b + 3), [0, 1, 0]):
             assert torch.equal(more.xt[j], more.xt[k]) and more.sigma[j] == more.sigma[k]
+    from spare_core.distill import _zip_cond, cat_cond  # a host's kwargs: tensors blended, constants kept
+    a, b = {"c": torch.ones(2, 3), "n": 5, "i": torch.arange(2)}, {"c": torch.zeros(2, 3), "n": 5, "i": torch.arange(2)}
+    half = _zip_cond(lambda x, y: (x + y) / 2, a, b)
+    assert torch.equal(half["c"], torch.full((2, 3), 0.5)) and half["n"] == 5 and torch.equal(half["i"], a["i"])
+    assert cat_cond(a, b)["c"].shape == (4, 3)
     with pytest.raises(sc.SpareInputError, match="mix_concept=1.0"):
         validate(replace(base, mix_rows=1, mix_concept=1.0), sal)
     with pytest.raises(sc.SpareInputError, match="mix_rows blends retain prompts"):
