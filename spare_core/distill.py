@@ -483,19 +483,6 @@ MIX_BANK = 64  # blended prompt codes drawn once per run (DistillConfig.mix_rows
 MIX_NEAR = 4   # a blend's partner: one of a prompt's MIX_NEAR nearest retain prompts (cosine of the codes)
 
 
-def _floats(cond) -> list[torch.Tensor]:
-    """The floating tensors of a conditioning (a tensor, a tuple/list or a dict of them), in a fixed order."""
-    if torch.is_tensor(cond):
-        return [cond] if cond.is_floating_point() else []
-    if isinstance(cond, (tuple, list)):
-        return [t for c in cond for t in _floats(c)]
-    if isinstance(cond, dict):  # a host's kwargs: constants (not tensors) are the same for every row
-        return [t for k in sorted(cond) if isinstance(cond[k], (torch.Tensor, tuple, list, dict))
-                for t in _floats(cond[k])]
-    raise SpareInputError("mix_rows: this model's conditioning cannot be blended (prompts of different token "
-                          "lengths); set mix_rows to 0")
-
-
 def _zip_cond(f, a, b):
     """f applied to every pair of floating tensors of two conditionings of the same structure (other leaves: a's)."""
     if torch.is_tensor(a):
@@ -528,7 +515,9 @@ def blend_bank(model: DiffusionModel, cond, concepts: list[int], listed: list[in
     mix_concept) -- the listed prompts moved part of the way toward the concept. The teacher's prediction for such a
     code is what the student keeps (hand-written: no library blends prompt codes for a retain loss)."""
     rows = torch.tensor(concepts + listed)
-    flat = torch.cat([t.flatten(1).float() for t in _floats(model.select_cond(cond, rows))], 1)
+    leaves = []  # the conditioning's floating tensors, in a fixed order
+    _zip_cond(lambda x, y: leaves.append(x.flatten(1).float()) or x, *[model.select_cond(cond, rows)] * 2)
+    flat = torch.cat(leaves, 1)
     flat = torch.nn.functional.normalize(flat - flat.mean(0), dim=1)
     sim = flat @ flat[len(concepts):].T  # each row (concepts, then listed) against the listed rows
     sim[len(concepts):].fill_diagonal_(-2.0)  # a listed row is not its own partner
