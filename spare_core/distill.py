@@ -178,7 +178,8 @@ class DistillConfig:
                                               "default (UNet 2, DiT 0).",
                              min=-1, max=64, node=False)
     # off: mix_concept 0.5, 20 concepts x 2 training seeds, paired: objects' unlisted IRA +6.3 [+2.7, +10.3], but
-    # object UA -3.0 (ring 82.5), mean4 -0.15 [-1.64, +1.33]; bench/RESULTS.md, "Blended codes as retain prompts"
+    # object UA -3.0 (ring 82.5), mean4 -0.15 [-1.64, +1.33]; mix_concept 0.3, 20 x 3: objects' unlisted IRA +1.8
+    # [+0.2, +3.5], styles' -1.7, mean4 -0.12 [-1.00, +0.75]; bench/RESULTS.md, "Blended codes as retain prompts"
     mix_rows: int = option(0, "Retain rows per step, on the forget rows' own x_t, whose prompt is a BLEND of two "
                               "prompt codes (see mix_concept) that the student must treat as the unerased model does: "
                               "it keeps the space between the listed prompts, where unlisted neighbours lie.",
