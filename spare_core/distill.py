@@ -55,6 +55,7 @@ from .sampling import data_std, forward_rows, generate, loss_weight, noised, uni
 from .saliency import Saliency
 from .timesteps import TimestepProfile, check_pairs
 
+LEARNING_RATE_AUTO = 0.0  # DistillConfig.learning_rate: the model family's measured rate (families.Family.learning_rate)
 CROSS_ROWS_AUTO = -1  # DistillConfig.cross_rows: the model family's measured default (families.Family.cross_rows)
 RETAIN_SAMPLE_BUDGET = 64  # auto retain samples: about this many in all (a long {a|b} retain list gets 1 per prompt)
 
@@ -107,8 +108,10 @@ class DistillConfig:
     alpha: float = option(8.0, "LoRA alpha; update scale = alpha / rank (default 8 / 8 = 1, like the authors' 4 / 4).",
                           min=0.01, max=256.0, step=0.01)
     steps: int = option(200, "Training steps (with stop_at_gap_closed > 0: the most steps).", min=1, max=100000)
-    learning_rate: float = option(1e-4, "AdamW learning rate, cosine-decayed to 0 (authors: 1e-4).",
-                                  min=1e-7, max=1.0, step=1e-5)
+    learning_rate: float = option(LEARNING_RATE_AUTO, "AdamW learning rate, cosine-decayed to 0. 0 = the model "
+                                                      "family's measured rate: 1e-4 on SD1.x/SD2.x/SDXL (the "
+                                                      "authors'), 2e-4 on Flux-class DiTs.",
+                                  min=0.0, max=1.0, step=1e-5)
     forget_weight: float = option(0.3, "Weight of the forget (concept -> surrogate) loss (authors: 0.3).",
                                   min=0.0, max=100.0, step=0.05)
     retain_weight: float = option(1.0, "Weight of the retain loss (authors: 1.0). Higher = other prompts move less, "
@@ -262,8 +265,9 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
         raise SpareInputError(f"alpha={config.alpha} must be > 0 (typical: equal to rank)")
     if config.steps <= 0:
         raise SpareInputError(f"steps={config.steps} must be >= 1")
-    if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
-        raise SpareInputError(f"learning_rate={config.learning_rate} must be a positive number (typical: 1e-4)")
+    if not (config.learning_rate >= 0 and math.isfinite(config.learning_rate)):
+        raise SpareInputError(f"learning_rate={config.learning_rate} must be a positive number (typical: 1e-4) or 0 "
+                              "(the model family's measured rate)")
     if config.forget_weight <= 0 or config.retain_weight < 0:
         raise SpareInputError(f"forget_weight={config.forget_weight} must be > 0 and retain_weight="
                               f"{config.retain_weight} must be >= 0")
@@ -307,10 +311,13 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
 
 
 def for_model(cfg: DistillConfig, model: DiffusionModel) -> DistillConfig:
-    """`cfg` with its "auto" fields resolved for `model`'s family: cross_rows -1 -> Family.cross_rows. What trains
-    (and what the LoRA's metadata records) is the resolved value."""
+    """`cfg` with its "auto" fields resolved for `model`'s family: cross_rows -1 -> Family.cross_rows, learning_rate
+    0 -> Family.learning_rate. What trains (and what the LoRA's metadata records) is the resolved value."""
+    family = family_of(model)
     if cfg.cross_rows == CROSS_ROWS_AUTO:
-        return replace(cfg, cross_rows=family_of(model).cross_rows)
+        cfg = replace(cfg, cross_rows=family.cross_rows)
+    if cfg.learning_rate == LEARNING_RATE_AUTO:
+        cfg = replace(cfg, learning_rate=family.learning_rate)
     return cfg
 
 

@@ -44,11 +44,15 @@ class Family:
     # miniatures (bench/RESULTS.md, "Why each default"): 2 on the UNet (paired mean4 +0.87 [+0.13, +1.68]), 0 on the
     # DiTs (MiniCanvas-Flux: mean4 -0.28 [-0.91, +0.27], SFA -1.5, for 22% more time)
     cross_rows: int = 0
+    # DistillConfig.learning_rate when it is left at "auto" (0): 1e-4 on the UNets (the authors'), 2e-4 on the DiTs
+    # (MiniCanvas-Flux, every concept x 3 training seeds, paired: style SFA +6.2 [+0.5, +13.3], object UA +2.3, square
+    # 65 -> 83, unlisted IRA -1.2 [-2.2, -0.3], mean4 +0.7 [-0.1, +1.8]; measured on that one DiT only)
+    learning_rate: float = 2e-4
     fused: tuple[str, ...] = ()      # leaf names of fused q/k/v(/mlp) projections (row slices: ScanConfig.fused_slices)
 
 
 UNET = Family("unet", "SD1.x / SD2.x / SDXL (UNet)", attention=("to_q", "to_k", "to_v", "to_out", "to_out.0"),
-              text_attention=(".attn2.",), dit=False, cross_rows=2)
+              text_attention=(".attn2.",), dit=False, cross_rows=2, learning_rate=1e-4)
 FLUX = Family("flux", "Flux.1-dev (and Krea, Kontext)", blocks=("double_blocks", "single_blocks"),
               attention=("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2"),
               text_attention=(".txt_attn.",), inplace_residuals=True, guidance_distilled=True,

@@ -1032,6 +1032,23 @@ def test_cross_rows_default_is_the_familys_measured_one():
         validate(replace(cfg, cross_rows=-2), sc.Saliency({"x": 1.0}, ["x"], {}))
 
 
+def test_learning_rate_default_is_the_familys_measured_one(model, saliency):
+    """learning_rate 0 (the default) resolves to the family's measured rate: 1e-4 on a UNet (the authors'), 2e-4 on
+    the DiTs (MiniCanvas-Flux); an explicit rate is kept; the LoRA's metadata records the rate that trained."""
+    from types import SimpleNamespace
+    from spare_core.distill import LEARNING_RATE_AUTO, for_model
+
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE])
+    assert cfg.learning_rate == LEARNING_RATE_AUTO == 0.0
+    assert for_model(cfg, SimpleNamespace()).learning_rate == 1e-4
+    for fam in ("flux", "flux_schnell", "chroma", "sd3", "qwen_image", "lumina2"):
+        assert for_model(cfg, SimpleNamespace(family=fam)).learning_rate == 2e-4, fam
+    assert for_model(replace(cfg, learning_rate=3e-4), SimpleNamespace(family="flux")).learning_rate == 3e-4
+    out = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=2, **FAST), saliency)
+    assert out.lora.metadata["ss_learning_rate"] == "0.0001"
+    assert out.losses[0]["lr"] == pytest.approx(1e-4)
+
+
 def test_rows_in_chunks_give_the_same_gradient(model, saliency, monkeypatch):
     """On an accelerator a step's rows go through the student in chunks (peak memory of the forget and ordinary retain
     rows only), each chunk backwarded at once: the loss and the gradient are those of one forward over every row

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import spare_core as sc
 
 from spare_core.minicanvas import data
+from spare_core.families import FLUX, UNET
 
 # The names the benchmark erases: every style / object but the neutral ones (the surrogates). data.STYLES /
 # data.OBJECTS are the records (name, synonyms, drawing), data.STYLE_NAMES / OBJECT_NAMES every name, neutral included.
@@ -100,8 +101,14 @@ RETAIN_EXTRA = 3           # random (style, object) pairs added to the neighbour
 FEW_LISTED = 3             # "few": same-domain neighbours named by the builder line (and as many of the other domain)
 LR_SCALE = 20.0  # bundled model's training lr / Stable Diffusion's (2e-3 / 1e-4)
 # EraseAnything: the usual learning rate of a Flux LoRA (1e-4; its paper trains a LoRA where ESD trains weights)
-LR = {"spare": 1e-4 * LR_SCALE, "esd": 1e-5 * LR_SCALE, "ca": 1.6e-5 * LR_SCALE, "salun": 1e-5 * LR_SCALE,
+# SPARE: the product's rate per family (DistillConfig.learning_rate 0 = families.Family.learning_rate), scaled
+LR = {"spare": UNET.learning_rate * LR_SCALE, "spare-dit": FLUX.learning_rate * LR_SCALE, "esd": 1e-5 * LR_SCALE, "ca": 1.6e-5 * LR_SCALE, "salun": 1e-5 * LR_SCALE,
       "eraseanything": 1e-4 * LR_SCALE}
+
+
+def spare_lr_key(model: str) -> str:
+    """The LR entry SPARE trains with on benchmark model `model` (unet / flux / flux-dev)."""
+    return "spare-dit" if model in FLUX_MODELS else "spare"
 
 
 def listed_classes(domain: str, name: str, seed: int, retain_set: str) -> list[str]:
