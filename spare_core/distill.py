@@ -55,7 +55,7 @@ from .sampling import data_std, forward_rows, generate, loss_weight, noised, uni
 from .saliency import Saliency
 from .timesteps import TimestepProfile, check_pairs
 
-LEARNING_RATE_AUTO = 0.0  # DistillConfig.learning_rate: the model family's measured rate (families.Family.learning_rate)
+LEARNING_RATE_AUTO = 0.0  # DistillConfig.learning_rate: the model family's measured rate (Family.learning_rate)
 CROSS_ROWS_AUTO = -1  # DistillConfig.cross_rows: the model family's measured default (families.Family.cross_rows)
 RETAIN_SAMPLE_BUDGET = 64  # auto retain samples: about this many in all (a long {a|b} retain list gets 1 per prompt)
 

@@ -102,8 +102,8 @@ FEW_LISTED = 3             # "few": same-domain neighbours named by the builder 
 LR_SCALE = 20.0  # bundled model's training lr / Stable Diffusion's (2e-3 / 1e-4)
 # EraseAnything: the usual learning rate of a Flux LoRA (1e-4; its paper trains a LoRA where ESD trains weights)
 # SPARE: the product's rate per family (DistillConfig.learning_rate 0 = families.Family.learning_rate), scaled
-LR = {"spare": UNET.learning_rate * LR_SCALE, "spare-dit": FLUX.learning_rate * LR_SCALE, "esd": 1e-5 * LR_SCALE, "ca": 1.6e-5 * LR_SCALE, "salun": 1e-5 * LR_SCALE,
-      "eraseanything": 1e-4 * LR_SCALE}
+LR = {"spare": UNET.learning_rate * LR_SCALE, "spare-dit": FLUX.learning_rate * LR_SCALE, "esd": 1e-5 * LR_SCALE,
+      "ca": 1.6e-5 * LR_SCALE, "salun": 1e-5 * LR_SCALE, "eraseanything": 1e-4 * LR_SCALE}
 
 
 def spare_lr_key(model: str) -> str:

@@ -13,7 +13,8 @@ executor executes it: `Node.execute(...)` under `torch.inference_mode()`. Per co
         -> SPARE Apply Erasure (strength 1) -> MODEL             (the erase workflows' wiring; workflows/)
     grid: CLIP encode -> KSampler's sampling call -> VAE decode -> the harness' Judge
 
-Inputs are the harness' own (`budgets.concept_prompts`, `budgets.Budget`, `budgets.LR`, the family's SPARE rate), one prompt per line.
+Inputs are the harness' own (`budgets.concept_prompts`, `budgets.Budget`, `budgets.LR`: the family's SPARE rate), one
+prompt per line.
 What the nodes cannot express, or do differently from `--host library` (each is a difference of the product, not of
 the method; how far the results move is measured in bench/HISTORY.md, "Library vs ComfyUI host"):
 - the model is ComfyUI's: `BaseModel.apply_model` (V_PREDICTION_EDM, timestep 0.25 log sigma converted back to
@@ -235,7 +236,8 @@ class ComfyHost:
             with self._loras_folder():
                 lora, _, filename = run_node(
                     n.SparseLoraDistill, concepts=concept, surrogates=surrogates, retain=retain_text, saliency=saliency,
-                    rank=defaults.rank, alpha=defaults.alpha, steps=budget.spare, learning_rate=inputs.LR[spare_lr_key(budget.model)],
+                    rank=defaults.rank, alpha=defaults.alpha, steps=budget.spare,
+                    learning_rate=inputs.LR[spare_lr_key(budget.model)],
                     forget_weight=defaults.forget_weight, retain_weight=defaults.retain_weight,
                     filename_prefix=FILENAME_PREFIX, key_format="comfyui",
                     gradient_checkpointing=False, resolution=WIDGET_RESOLUTION, samples=per,

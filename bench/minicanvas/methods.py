@@ -70,8 +70,9 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
         if variant is not None and variant.step_scale != 1.0:
             steps = max(1, round(variant.step_scale * budget.spare))
         cfg = sc.DistillConfig(forget, surrogate, retain=[] if no_retain else retain, steps=steps,
-                               learning_rate=inputs.LR[budgets.spare_lr_key(budget.model)], seed=seed, loss_weighting=budget.spare_weighting,
-                               stop_at_gap_closed=budget.spare_stop, gradient_checkpointing=False)
+                               learning_rate=inputs.LR[budgets.spare_lr_key(budget.model)], seed=seed,
+                               loss_weighting=budget.spare_weighting, stop_at_gap_closed=budget.spare_stop,
+                               gradient_checkpointing=False)
         if no_retain:
             cfg = replace(cfg, retain_unconditional=False, retain_weight=0.0)
         cfg = replace(cfg, **dict(budget.spare_overrides))
