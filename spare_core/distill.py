@@ -191,10 +191,6 @@ class DistillConfig:
                                      "uniform in [0, 1]; > 0 = a retain prompt moved toward its nearest concept "
                                      "prompt by u uniform in [0, mix_concept].", min=0.0, max=0.95, step=0.05,
                                 node=False)
-    swap_rows: int = option(0, "Extra FORGET rows per step on the forget rows' own x_t whose prompt is ANOTHER concept "
-                               "prompt (for a style: the same style with another subject), its surrogate's prediction "
-                               "the target: the student must keep what depends on the rest of the prompt, not draw "
-                               "one average replacement. Needs 2+ concept prompts.", min=0, max=64, node=False)
 
 
 @dataclass
@@ -599,20 +595,7 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
             ids, k = torch.cat(ids), torch.cat(k)
             sigma, xt = torch.cat([sigma, sigma[k]]), torch.cat([xt, xt[k]])
             student, teacher = torch.cat([student, ids]), torch.cat([teacher, ids])
-    if cfg.swap_rows and data.n_concepts > 1:  # forget rows: another concept prompt on a forget row's x_t, placed
-        # after the batch_size forget rows (drawn last: the draws above are those of a run without them)
-        k = torch.arange(cfg.swap_rows) % cfg.batch_size
-        j = (student[k] + torch.randint(1, data.n_concepts, (cfg.swap_rows,), generator=gen)) % data.n_concepts
-        b = cfg.batch_size
-        sigma, xt = torch.cat([sigma[:b], sigma[k], sigma[b:]]), torch.cat([xt[:b], xt[k], xt[b:]])
-        student = torch.cat([student[:b], data.concept_rows(j), student[b:]])
-        teacher = torch.cat([teacher[:b], data.surrogate_rows(j), teacher[b:]])
     return Batch(xt, sigma, student, teacher)
-
-
-def forget_rows(data: TrainingData, cfg: DistillConfig) -> int:
-    """How many of a step's rows (the first ones) are forget rows: batch_size, plus swap_rows with 2+ concepts."""
-    return cfg.batch_size + (cfg.swap_rows if data.n_concepts > 1 else 0)
 
 
 def training_batches(model: DiffusionModel, adapters: AdapterSet, data: TrainingData, cfg: DistillConfig,
@@ -668,9 +651,9 @@ def forget_retain_loss(model: DiffusionModel, data: TrainingData, cfg: DistillCo
     """(forget, retain): the row losses averaged over the forget rows and over the retain rows (0 without retain
     rows). Every row of a step goes through one student forward: the same loss as a forward per part, in less time
     on the CPU (bench/HISTORY.md, "Speed")."""
-    per_row, b = row_losses(model, data, cfg, batch, target), forget_rows(data, cfg)
-    forget = per_row[:b].mean()
-    retain = per_row[b:].mean() if per_row.shape[0] > b else torch.zeros(())
+    per_row = row_losses(model, data, cfg, batch, target)
+    forget = per_row[:cfg.batch_size].mean()
+    retain = per_row[cfg.batch_size:].mean() if data.x_retain is not None else torch.zeros(())
     return forget, retain
 
 
@@ -686,7 +669,7 @@ def backward_rows(model: DiffusionModel, data: TrainingData, cfg: DistillConfig,
     """Forward and backward of one step's loss, forget_weight * forget + retain_weight * retain; returns (forget,
     retain). Rows beyond `student_rows` are taken in chunks, each chunk's share of the loss backwarded at once (the
     gradient is the same sum; only one chunk's graph is held)."""
-    rows, n, b = student_rows(model.device, cfg.batch_size), batch.xt.shape[0], forget_rows(data, cfg)
+    rows, n, b = student_rows(model.device, cfg.batch_size), batch.xt.shape[0], cfg.batch_size
     if n <= rows:
         forget, retain = forget_retain_loss(model, data, cfg, batch, target)
         scaler.scale(cfg.forget_weight * forget + cfg.retain_weight * retain).backward()
@@ -696,7 +679,7 @@ def backward_rows(model: DiffusionModel, data: TrainingData, cfg: DistillConfig,
         per_row = row_losses(model, data, cfg, Batch(*(f[i:i + rows] for f in batch)), target[i:i + rows])
         is_forget = torch.arange(i, i + per_row.shape[0], device=per_row.device) < b
         f = per_row[is_forget].sum() / b
-        r = per_row[~is_forget].sum() / (n - b) if n > b else per_row.new_zeros(())  # swap rows, no retain rows
+        r = per_row[~is_forget].sum() / (n - b)  # n > rows >= b: there are retain rows
         scaler.scale(cfg.forget_weight * f + cfg.retain_weight * r).backward()
         forget, retain = forget + float(f.detach()), retain + float(r.detach())
     return forget, retain
