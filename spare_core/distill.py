@@ -191,11 +191,6 @@ class DistillConfig:
                                      "uniform in [0, 1]; > 0 = a retain prompt moved toward its nearest concept "
                                      "prompt by u uniform in [0, mix_concept].", min=0.0, max=0.95, step=0.05,
                                 node=False)
-    compose_target: float = option(0.0, "On forget rows noised from the CONCEPT's samples: the target moves this "
-                                        "share of the way from the surrogate's prediction to the concept's minus "
-                                        "another concept prompt's concept-surrogate gap, T(c_i) - T(c_j) + T(s_j): "
-                                        "the object the concept prompt draws, without the concept (2+ concepts).",
-                                   min=0.0, max=1.0, step=0.25, node=False)
 
 
 @dataclass
@@ -612,7 +607,6 @@ def training_batches(model: DiffusionModel, adapters: AdapterSet, data: Training
     the CPU several steps' rows per forward (less time per row), on a GPU one step's rows, as a step-by-step teacher
     would (bench/HISTORY.md, "Speed"). The draws (and so the run) are those of step-by-step training."""
     step, cap = 0, step_cap(cfg)
-    compose_gen = torch.Generator().manual_seed(cfg.seed + 11)
     while step < cap:
         end = min(cap, (step // cfg.check_every + 1) * cfg.check_every, step + AHEAD_STEPS,
                   cfg.steps if step < cfg.steps else cap)  # an extension's targets only once it runs
@@ -621,32 +615,8 @@ def training_batches(model: DiffusionModel, adapters: AdapterSet, data: Training
         with adapters.disabled():  # the teacher: the network as it was
             targets = x0_no_grad(model, data, torch.cat([b.xt for b in batches]),
                                  torch.cat([b.sigma for b in batches]), torch.cat([b.teacher for b in batches]), rows)
-        if cfg.compose_target > 0:
-            targets = composed_targets(model, adapters, data, cfg, batches, targets, rows, compose_gen)
         yield from zip(batches, targets.split([b.xt.shape[0] for b in batches]))
         step = end
-
-
-def composed_targets(model: DiffusionModel, adapters: AdapterSet, data: TrainingData, cfg: DistillConfig,
-                     batches: list, targets: torch.Tensor, rows: int, gen: torch.Generator) -> torch.Tensor:
-    """compose_target: on each batch's forget rows noised from concept samples (the first batch_size - n_anchor), the
-    target T(s_i) + w (T(c_i) - T(c_j) + T(s_j) - T(s_i)), j another concept prompt drawn from `gen` (its own
-    generator: the batches' draws are those of a run without it). Hand-written: an experiment on the debris."""
-    keep, n = cfg.batch_size - data.n_anchor, data.n_concepts
-    if keep <= 0 or n < 2:
-        return targets
-    starts = torch.tensor([0] + [b.xt.shape[0] for b in batches[:-1]]).cumsum(0)
-    pos = (starts[:, None] + torch.arange(keep)).flatten()
-    i = torch.cat([b.student[:keep] for b in batches])
-    j = (i + torch.randint(1, n, i.shape, generator=gen)) % n
-    xt = torch.cat([b.xt[:keep] for b in batches]).repeat(3, *[1] * (batches[0].xt.dim() - 1))
-    sigma = torch.cat([b.sigma[:keep] for b in batches]).repeat(3)
-    prompts = torch.cat([data.concept_rows(i), data.concept_rows(j), data.surrogate_rows(j)])
-    with adapters.disabled():
-        t_ci, t_cj, t_sj = x0_no_grad(model, data, xt, sigma, prompts, rows).chunk(3)
-    out = targets.clone()
-    out[pos] = targets[pos] + cfg.compose_target * (t_ci - t_cj + t_sj - targets[pos])
-    return out
 
 
 # --- the networks: teacher and student --------------------------------------------------------------------------------
