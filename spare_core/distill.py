@@ -187,9 +187,6 @@ class DistillConfig:
                               "prompt codes (see mix_concept) that the student must treat as the unerased model does: "
                               "it keeps the space between the listed prompts, where unlisted neighbours lie.",
                            min=0, max=64, node=False)
-    path_rows: int = option(0, "Forget rows per step (of the surrogate-sample rows) taken from the surrogate samples' "
-                               "own sampling paths: the x_t the unerased guided sampler visited while drawing them, "
-                               "at their sigma, instead of a sample noised afresh.", min=0, max=64, node=False)
     mix_concept: float = option(0.0, "mix_rows' blends: 0 = two neighbouring retain prompts, (1 - u) a + u b with u "
                                      "uniform in [0, 1]; > 0 = a retain prompt moved toward its nearest concept "
                                      "prompt by u uniform in [0, mix_concept].", min=0.0, max=0.95, step=0.05,
@@ -429,9 +426,6 @@ class TrainingData:
     sigma_data: float                        # std of the concept samples (the "v" loss weighting's sigma_data)
     uncond_row: Optional[int] = None         # row of `cond` holding the empty prompt (None: not encoded)
     mix_row: Optional[int] = None            # first of the MIX_BANK blended codes at the end of `cond` (mix_rows)
-    x_path: Optional[torch.Tensor] = None    # the anchors' sampling-path states (path_rows), at sigmas s_path
-    s_path: Optional[torch.Tensor] = None
-    i_path: Optional[torch.Tensor] = None
 
     def concept_rows(self, i: torch.Tensor) -> torch.Tensor:
         return i
@@ -448,7 +442,7 @@ class TrainingData:
         def copy(x):
             return None if x is None else x.clone()
         return replace(self, x_forget=copy(self.x_forget), x_anchor=copy(self.x_anchor),
-                       x_retain=copy(self.x_retain), x_path=copy(self.x_path))
+                       x_retain=copy(self.x_retain))
 
 
 def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optional[torch.Tensor],
@@ -468,10 +462,9 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
                                       cfg.sample_cfg, should_stop=should_stop)
     n_anchor = round(cfg.surrogate_anchor * cfg.batch_size)
     x_anchor = i_anchor = None
-    path = [] if n_anchor and cfg.path_rows else None
     if n_anchor:  # the surrogates' own samples, surrogate i drawn for concept i (its anchor)
         x_anchor, i_anchor = generate(model, cfg.surrogates, anchor_samples(cfg), cfg.seed + 5, cfg.sample_steps,
-                                      cfg.sample_cfg, should_stop=should_stop, path_out=path)
+                                      cfg.sample_cfg, should_stop=should_stop)
     retain_prompts = cfg.retain + ([""] if cfg.retain_unconditional else [])
     x_retain = i_retain = None
     if cfg.retain_weight > 0 and retain_prompts:
@@ -490,13 +483,8 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
         with torch.no_grad():
             cond = cat_cond(cond, blend_bank(model, cond, list(range(len(cfg.concepts))), listed, cfg.mix_concept,
                                              torch.Generator().manual_seed(cfg.seed + 7)))
-    x_path = s_path = i_path = None
-    if path:
-        x_path = torch.cat([x for _, x in path])
-        s_path = torch.cat([torch.full((x.shape[0],), s) for s, x in path])
-        i_path = i_anchor.repeat(len(path))
     return TrainingData(cond, len(cfg.concepts), x_forget, i_forget, n_anchor, x_anchor, i_anchor, x_retain, i_retain,
-                        data_std(x_forget), uncond_row, mix_row, x_path, s_path, i_path)
+                        data_std(x_forget), uncond_row, mix_row)
 
 
 MIX_BANK = 64  # blended prompt codes drawn once per run (DistillConfig.mix_rows)
@@ -583,12 +571,6 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
         ids = torch.cat([ids[:keep], data.i_anchor[a_rows]])
         x0 = torch.cat([x0[:keep], data.x_anchor[a_rows]])
     sigma, xt = noised(model, x0, t, gen)
-    if data.x_path is not None:  # the last path_rows rows: states of the anchors' own sampling paths
-        n = min(cfg.path_rows, data.n_anchor)
-        p = torch.randint(0, data.x_path.shape[0], (n,), generator=gen)
-        xt = torch.cat([xt[:cfg.batch_size - n], data.x_path[p].to(xt.device)])
-        sigma = torch.cat([sigma[:cfg.batch_size - n], data.s_path[p].to(sigma.device)])
-        ids = torch.cat([ids[:cfg.batch_size - n], data.i_path[p]])
     student, teacher = data.concept_rows(ids), data.surrogate_rows(ids)
     if data.x_retain is not None:  # drawn after the forget rows' noise (the RNG order of earlier versions)
         r_rows = torch.randint(0, data.x_retain.shape[0], (cfg.batch_size,), generator=gen)

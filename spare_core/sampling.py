@@ -99,10 +99,8 @@ def generate(
     cfg: float = 5.0,
     batch_size: Optional[int] = None,
     should_stop: Optional[Callable[[], bool]] = None,
-    path_out: Optional[list] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample `per_prompt` latents for each prompt with Euler + CFG. path_out: a list that receives, for every step,
-    (sigma, the states x [N, C, H, W] the sampler visited at that sigma), noisiest first.
+    """Sample `per_prompt` latents for each prompt with Euler + CFG.
 
     A guidance-distilled family (Flux-dev, Flux-schnell: guidance is the network's input) is sampled at cfg 1, as
     ComfyUI's Flux workflows do. Returns (x0 [len(prompts) * per_prompt, C, H, W] float32 on model.device, prompt index [N] long on CPU).
@@ -121,7 +119,7 @@ def generate(
     index = torch.arange(len(prompts)).repeat_interleave(per_prompt)
     noise = torch.randn((len(index), *model.latent_shape), generator=torch.Generator().manual_seed(seed))
     sigmas = sigma_schedule(model, steps)
-    out, states = [], [[] for _ in range(steps)]
+    out = []
     for start in range(0, len(index), batch_size):
         rows = index[start:start + batch_size]
         n = len(rows)
@@ -135,8 +133,6 @@ def generate(
             if should_stop is not None and should_stop():
                 raise Cancelled("cancelled while generating training samples")
             s = float(sigmas[i])
-            if path_out is not None:
-                states[i].append(x.float())
             sig = torch.full((n,), s, device=model.device)
             if guided:
                 x0 = cfg_combine(*model.predict_x0(torch.cat([x, x]), sig.repeat(2), c).float().chunk(2), cfg)
@@ -146,6 +142,4 @@ def generate(
             # Euler step on the probability-flow ODE: dx/dsigma = (x - x0) / sigma.
             x = x0 if s_next == 0.0 else x + (x - x0) / s * (s_next - s)
         out.append(x.float())
-    if path_out is not None:
-        path_out.extend((float(sigmas[i]), torch.cat(states[i])) for i in range(steps))
     return torch.cat(out), index
