@@ -51,7 +51,7 @@ from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import LoraWeights, metadata_json
 from .model import DiffusionModel
 from .prompts import expand_alternatives, validate_prompts
-from .sampling import data_std, forward_rows, generate, loss_weight, noised, translate, uniform_t
+from .sampling import data_std, forward_rows, generate, loss_weight, noised, uniform_t
 from .saliency import Saliency
 from .timesteps import TimestepProfile, check_pairs
 
@@ -187,10 +187,6 @@ class DistillConfig:
                               "prompt codes (see mix_concept) that the student must treat as the unerased model does: "
                               "it keeps the space between the listed prompts, where unlisted neighbours lie.",
                            min=0, max=64, node=False)
-    translate_sigma: float = option(0.0, "If > 0: the anchors (surrogate-sample rows) are the CONCEPT samples "
-                                          "repainted by the surrogate prompt from this noise level down (SDEdit: the "
-                                          "concept's layouts in the surrogate's look) instead of the surrogate's own "
-                                          "samples.", min=0.0, max=1000.0, step=0.1, node=False)
     mix_concept: float = option(0.0, "mix_rows' blends: 0 = two neighbouring retain prompts, (1 - u) a + u b with u "
                                      "uniform in [0, 1]; > 0 = a retain prompt moved toward its nearest concept "
                                      "prompt by u uniform in [0, mix_concept].", min=0.0, max=0.95, step=0.05,
@@ -466,10 +462,7 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
                                       cfg.sample_cfg, should_stop=should_stop)
     n_anchor = round(cfg.surrogate_anchor * cfg.batch_size)
     x_anchor = i_anchor = None
-    if n_anchor and cfg.translate_sigma > 0:  # the concept samples repainted by their surrogate's prompt
-        x_anchor, i_anchor = translate(model, x_forget, i_forget, cfg.surrogates, cfg.translate_sigma, cfg.seed + 5,
-                                       cfg.sample_steps, cfg.sample_cfg), i_forget
-    elif n_anchor:  # the surrogates' own samples, surrogate i drawn for concept i (its anchor)
+    if n_anchor:  # the surrogates' own samples, surrogate i drawn for concept i (its anchor)
         x_anchor, i_anchor = generate(model, cfg.surrogates, anchor_samples(cfg), cfg.seed + 5, cfg.sample_steps,
                                       cfg.sample_cfg, should_stop=should_stop)
     retain_prompts = cfg.retain + ([""] if cfg.retain_unconditional else [])

@@ -143,39 +143,3 @@ def generate(
             x = x0 if s_next == 0.0 else x + (x - x0) / s * (s_next - s)
         out.append(x.float())
     return torch.cat(out), index
-
-
-@torch.no_grad()
-def translate(model: DiffusionModel, x0: torch.Tensor, index: torch.Tensor, prompts: Sequence[str], start_sigma: float,
-              seed: int, steps: int = 8, cfg: float = 5.0) -> torch.Tensor:
-    """SDEdit: each x0[i] noised to the first level of the `steps`-level schedule at or below start_sigma, then sampled
-    to 0 with Euler + CFG under prompts[index[i]] (its layout kept, its look repainted by that prompt)."""
-    if family_of(model).guidance_distilled:
-        cfg = 1.0
-    guided = cfg != 1.0
-    sigmas = sigma_schedule(model, steps)
-    first = int((sigmas > start_sigma).sum())  # the first level <= start_sigma
-    if first >= steps:
-        raise ValueError(f"start_sigma={start_sigma} is below every level of the {steps}-step schedule")
-    cond = model.encode(list(prompts) + ([""] if guided else []))
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    rows = forward_rows(model.device, GPU_SAMPLE_BATCH)
-    out = []
-    for start in range(0, x0.shape[0], rows):
-        idx = index[start:start + rows]
-        n = len(idx)
-        c = model.select_cond(cond, torch.cat([idx, torch.full((n,), len(prompts))]) if guided else idx)
-        s0 = float(sigmas[first])
-        x = model.add_noise(x0[start:start + n].float(), noise[start:start + n].to(model.device),
-                            torch.full((n,), s0, device=model.device)).float()
-        for i in range(first, steps):
-            s = float(sigmas[i])
-            sig = torch.full((n,), s, device=model.device)
-            if guided:
-                pred = cfg_combine(*model.predict_x0(torch.cat([x, x]), sig.repeat(2), c).float().chunk(2), cfg)
-            else:
-                pred = model.predict_x0(x, sig, c).float()
-            s_next = float(sigmas[i + 1])
-            x = pred if s_next == 0.0 else x + (x - pred) / s * (s_next - s)
-        out.append(x.float())
-    return torch.cat(out)
