@@ -413,6 +413,33 @@ def test_spare_variants_reach_the_stages(monkeypatch):
     assert cfg.rank == 2
 
 
+def test_strength_variant_judges_the_same_lora_scaled(monkeypatch):
+    """spare-strength08: SPARE trained exactly as `spare` (same configs), its LoRA judged at Apply Erasure strength 0.8
+    (the up weights x 0.8, the file's other parts unchanged); `spare` itself judges the LoRA as trained."""
+    import spare_core as sc
+    from types import SimpleNamespace
+
+    from bench.minicanvas import budgets, methods
+
+    lora = sc.LoraWeights({"m": {"down": torch.ones(2, 3), "up": torch.full((4, 2), 0.5),
+                                 "alpha": torch.tensor(2.0)}}, {})
+    seen = []
+
+    def erase(model, cfg, scan_cfg, profile_cfg, saliency=None, on_check=None):
+        seen.append((cfg, scan_cfg, profile_cfg))
+        result = SimpleNamespace(trainable_params=1, lora=lora, losses=[], steps_used=1, gap_closed=1.0,
+                                 checks=[{}], strength=1.0, warning=None)
+        return SimpleNamespace(result=result)
+
+    monkeypatch.setattr(sc, "erase", erase)
+    (kind, plain), info = methods.run_method("spare", None, "object", "ring", budgets.Budget(), seed=2)
+    (_, scaled), info08 = methods.run_method("spare-strength08", None, "object", "ring", budgets.Budget(), seed=2)
+    assert seen[0] == seen[1]  # trained the same way
+    assert kind == "lora" and plain is lora and info["strength"] == 1.0
+    assert torch.equal(scaled.modules["m"]["up"], 0.8 * lora.modules["m"]["up"]) and info08["strength"] == 0.8
+    assert torch.equal(scaled.modules["m"]["down"], lora.modules["m"]["down"])
+
+
 def test_report_merges_runs_of_one_grid_only(tmp_path):
     """`report --results a.json,b.json`: the methods of both runs (SPARE's training seeds in one, the baselines in
     another), the first run's base, both commands; a run whose unerased model scored differently is refused."""
