@@ -404,7 +404,9 @@ class ApplyErasure(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to erase from (the input is left unchanged)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="1 = full erasure, 0 = original model, between = partial."),
+                               tooltip="1 = full erasure, 0 = original model, between = partial: below 1 the "
+                                       "concepts no retain line named move less and the concept erases less (README, "
+                                       "Limits); check it is still gone."),
                 io.Combo.Input("lora_name", options=[NO_FILE] + folder_paths.get_filename_list("loras"),
                                default=NO_FILE, tooltip="An erasure LoRA file from the loras folder."),
                 io.LoraModel.Input("lora", optional=True,
