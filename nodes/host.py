@@ -336,7 +336,11 @@ def load_for_training(patcher) -> None:
         raise SpareInputError("ComfyUI runs with --novram: SPARE trains with the whole diffusion model on the GPU. "
                               "Restart ComfyUI without --novram (under --lowvram the diffusion model is still loaded "
                               "whole while SPARE trains)")
-    mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+    # Without autograd: loading bakes the clone's weight patches (a LoRA from a loader node) into the weights, which
+    # for fp8-stored weights ends in comfy.float.stochastic_rounding's `clamp(out=...)`: under grad mode (inside
+    # `trainable()`) that raises on parameters that require grad (tests/test_dit_comfy.py, fp8 test).
+    with torch.no_grad():
+        mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
 
 
 _ALIAS_FALLBACKS: list[str] = []  # (dtype, device) of tensors that had to be copied: logged once each

@@ -421,6 +421,22 @@ def build_tiny_dit_model(family: str, seed: int = 0):
                                             offload_device=mm.unet_offload_device())
 
 
+def build_tiny_dit_fp8(family: str, seed: int = 0, compute_dtype=None):
+    """The tiny DiT of build_tiny_dit_model with its weights STORED in float8_e4m3fn, as ComfyUI loads an fp8
+    checkpoint: computed in `compute_dtype` through comfy.ops' manual cast (None: computed in fp8 itself)."""
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    config = _dit_config_cls(family)(dict(TINY_DIT[family]))
+    config.set_inference_dtype(torch.float8_e4m3fn, compute_dtype)
+    model = config.get_model({})
+    # the fp32 tiny model's weights, cast to fp8 on load (as a checkpoint's would be)
+    model.diffusion_model.load_state_dict(build_tiny_dit_model(family, seed).model.diffusion_model.state_dict())
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
 _SPM_CACHE: dict = {}
 
 

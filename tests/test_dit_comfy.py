@@ -8,7 +8,8 @@ and text encoders, random weights, CPU):
 - exact gradients: LoRA and weight gradients through the family's blocks in fp64 against central finite differences,
   with and without gradient checkpointing; for the families whose blocks add residuals in place (Flux, Chroma), the
   same backward without `backward_safe` fails;
-- conditioning: prompts of different token lengths are never repeated or padded into one joint-attention forward.
+- conditioning: prompts of different token lengths are never repeated or padded into one joint-attention forward;
+- fp8-stored weights (a Flux fp8 checkpoint) train in the compute dtype; a model computed in fp8 is refused.
 
 Needs a ComfyUI checkout in COMFYUI_PATH (scripts/setup_comfyui.sh); skipped with the reason printed otherwise.
 """
@@ -253,6 +254,61 @@ def test_noise_levels_follow_a_shift_node_on_the_model(host):
     ms = shifted.get_model_object("model_sampling")
     assert not torch.allclose(plain, moved)
     assert torch.allclose(moved, torch.tensor([float(ms.percent_to_sigma(1 - v)) for v in t.tolist()]), atol=1e-6)
+
+
+def test_fp8_stored_weights_train_in_the_compute_dtype(pack, host):  # noqa: F811
+    """Flux users load fp8_e4m3fn checkpoints: ComfyUI stores the weights in fp8 and computes in another dtype
+    (comfy.ops' manual cast). The whole erasure runs on such a model (a tiny Flux stored in fp8, computed in fp32 on
+    the CPU): the scan scores its modules, the LoRA trains (finite, not zero), the erased prediction differs and the
+    fp8 weights stay bit-identical. The same weights computed IN fp8 are refused, naming the input and the fix."""
+    if "flux" not in DIT_FAMILIES:
+        pytest.skip("no tiny Flux-dev fixture")
+    from safetensors.torch import load_file
+
+    from spare_core.errors import SpareInputError
+
+    nodes_mod, loras = pack
+    _, clip = cf.build_tiny("flux", seed=1)
+    model = cf.build_tiny_dit_fp8("flux", seed=1, compute_dtype=torch.float32)
+    assert {p.dtype for p in model.model.diffusion_model.parameters()} == {torch.float8_e4m3fn}
+    bits_before = {k: v.view(torch.uint8).clone() for k, v in model.model.diffusion_model.state_dict().items()
+                   if v.dtype == torch.float8_e4m3fn}
+    latents = run(nodes_mod.ConceptSamples, model=model, clip=clip, concept="a red cat", samples=2, seed=0,
+                  resolution=RES, steps=2, cfg=4.0)[0]
+    saliency = run(nodes_mod.SaliencyScan, model=model, clip=clip, concept="a red cat", retain="a blue dog",
+                   samples=1, seed=0, selection=0.5, top_k=0, targets="all", resolution=RES, latents=latents,
+                   gradient_checkpointing=False)[0]
+    assert saliency.selected and all(v > 0 for v in saliency.scores.values())
+    timesteps = run(nodes_mod.TimestepProfileNode, model=model, clip=clip, concept="a red cat",
+                    surrogate="a plain house", bins=4, samples=1, seed=0, sharpness=1.0, uniform_floor=0.2,
+                    resolution=RES, latents=latents)[0]
+    _, _, filename = run(nodes_mod.SparseLoraDistill, model=model, clip=clip, concepts="a red cat",
+                         surrogates="a plain house", retain="a blue dog", saliency=saliency, timesteps=timesteps,
+                         rank=4, alpha=4.0, steps=10, learning_rate=1e-2, forget_weight=1.0, retain_weight=1.0,
+                         samples=2, seed=0, filename_prefix="spare/flux_fp8", key_format="comfyui",
+                         gradient_checkpointing=True, resolution=RES)
+    tensors = load_file(os.path.join(str(loras), filename))
+    ups = [v for k, v in tensors.items() if ".lora_up." in k]
+    assert ups and all(torch.isfinite(v).all() for v in tensors.values()) and any(v.abs().sum() > 0 for v in ups)
+    applied = run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=filename)[0]
+    # a MODEL with a LoRA patch on its fp8 weights (a user's LoRA loader before SPARE): loading bakes the patch into
+    # fp8 with stochastic rounding, also when the load happens under grad mode (trainable() reloads a model ComfyUI
+    # offloaded meanwhile, e.g. for the CLIP on a small GPU): that once raised in comfy.float's clamp(out=...)
+    with torch.enable_grad():
+        host.ComfyDiffusionModel(applied, clip, RES, RES).load()
+    again = run(nodes_mod.SparseLoraDistill, model=applied, clip=clip, concepts="a red cat",
+                surrogates="a plain house", retain="a blue dog", saliency=saliency, timesteps=timesteps, rank=4,
+                alpha=4.0, steps=2, learning_rate=1e-2, forget_weight=1.0, retain_weight=1.0, samples=1, seed=0,
+                filename_prefix="spare/flux_fp8_patched", key_format="comfyui", gradient_checkpointing=False,
+                resolution=RES)[2]
+    assert os.path.exists(os.path.join(str(loras), again))
+    assert not torch.allclose(x0(applied, clip, ["a red cat"]), x0(model, clip, ["a red cat"]), atol=1e-6)
+    for k, v in model.model.diffusion_model.state_dict().items():
+        if k in bits_before:
+            assert torch.equal(v.view(torch.uint8), bits_before[k]), k
+    computed_in_fp8 = cf.build_tiny_dit_fp8("flux", seed=1, compute_dtype=None)
+    with pytest.raises(SpareInputError, match=r"model: its weights are torch.float8_e4m3fn.*weight_dtype 'default'"):
+        host.ComfyDiffusionModel(computed_in_fp8, clip, RES, RES)
 
 
 def test_a_latent_of_another_family_is_refused(pack):  # noqa: F811
