@@ -228,6 +228,12 @@ def test_prompts_of_different_lengths_are_not_batched_together(host, family):
     assert torch.allclose(both, alone, atol=1e-5)
     if isinstance(cond, host.RowConds):  # the encoder gave the two prompts different lengths
         assert len({tuple(row["c_crossattn"].shape) for row in cond.rows}) == 2
+    # no family's encoder has a length limit to refuse: a prompt of ~800 tokens (beyond CLIP's 77-token window and
+    # T5's 512) is encoded whole, as ComfyUI's CLIPTextEncode does (chunks), and predicts finite values
+    very_long = " ".join((LONG.split() * 30)[:700])
+    with torch.inference_mode():
+        y = dm.predict_x0(x[:1], sigma[:1], dm.encode([very_long]))
+    assert torch.isfinite(y).all()
 
 
 def test_guidance_reaches_flux_dev(pack, host):  # noqa: F811
