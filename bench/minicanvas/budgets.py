@@ -262,6 +262,7 @@ SPARE_VARIANTS = {
     # experiment (unlisted retention): modules ranked by their share of the concept's gradient minus their share of
     # the retain list's (fewer modules the listed classes use)
     "spare-contrastive": SpareVariant(scan=(("scoring", "contrastive"),)),
-    # the product's LoRA judged at Apply Erasure strength 0.8 (README's advice for objects: RESULTS, "Strength 0.8")
+    # the product's LoRA judged at Apply Erasure strength 0.8 (README's limits for objects: RESULTS, "Strength: the
+    # overshoot, calibrated, and what it costs")
     "spare-strength08": SpareVariant(strength=0.8),
 }

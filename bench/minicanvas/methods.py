@@ -102,8 +102,9 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
                 "gap_closed": result.gap_closed, "modules": len(result.lora.modules),
                 "retain_drift": result.checks[-1].get("retain_drift"), "strength": result.strength,
                 "warning": result.warning}
-        edited = ("lora", result.lora.scaled(variant.strength if variant is not None else 1.0))
-        info["strength"] = result.strength * (variant.strength if variant is not None else 1.0)
+        judged_at = variant.strength if variant is not None else 1.0  # Apply Erasure's strength (spare-strength08)
+        edited = ("lora", result.lora.scaled(judged_at))
+        info["strength"] = result.strength * judged_at
     elif method in ("esd-x", "esd-u"):
         out = baselines.esd(model, forget, variant=method[-1], steps=budget.esd, lr=inputs.LR["esd"], seed=seed)
         info, edited = {"trainable_params": out.trainable_params, "lora_bytes": out.changed_bytes}, ("model", out.model)
