@@ -414,8 +414,8 @@ def test_spare_variants_reach_the_stages(monkeypatch):
 
 
 def test_strength_variant_judges_the_same_lora_scaled(monkeypatch):
-    """spare-strength08: SPARE trained exactly as `spare` (same configs), its LoRA judged at Apply Erasure strength 0.8
-    (the up weights x 0.8, the file's other parts unchanged); `spare` itself judges the LoRA as trained."""
+    """spare-strength08 / 09: SPARE trained exactly as `spare` (same configs), its LoRA judged at Apply Erasure strength
+    0.8 / 0.9 (the up weights scaled, the file's other parts unchanged); `spare` judges the LoRA as trained."""
     import spare_core as sc
     from types import SimpleNamespace
 
@@ -438,6 +438,8 @@ def test_strength_variant_judges_the_same_lora_scaled(monkeypatch):
     assert kind == "lora" and plain is lora and info["strength"] == 1.0
     assert torch.equal(scaled.modules["m"]["up"], 0.8 * lora.modules["m"]["up"]) and info08["strength"] == 0.8
     assert torch.equal(scaled.modules["m"]["down"], lora.modules["m"]["down"])
+    (_, scaled09), _ = methods.run_method("spare-strength09", None, "object", "ring", budgets.Budget(), seed=2)
+    assert torch.equal(scaled09.modules["m"]["up"], 0.9 * lora.modules["m"]["up"]) and seen[2] == seen[0]
 
 
 def test_report_merges_runs_of_one_grid_only(tmp_path):

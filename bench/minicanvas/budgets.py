@@ -21,8 +21,8 @@ from spare_core.families import FLUX, UNET
 ERASABLE_STYLES = [c.name for c in data.STYLES if c.name != data.NEUTRAL_STYLE]
 ERASABLE_OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJECT]
 METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-no-anchor",
-           "spare-rank4", "spare-floor05", "spare-steps160", "spare-anchor2", "spare-strength08", "esd-x", "esd-u",
-           "ca", "salun", "uce", "uce-pool", "eraseanything", "spare-text-in", "spare-slices",
+           "spare-rank4", "spare-floor05", "spare-steps160", "spare-anchor2", "spare-strength08", "spare-strength09",
+           "esd-x", "esd-u", "ca", "salun", "uce", "uce-pool", "eraseanything", "spare-text-in", "spare-slices",
            "spare-contrastive", "spare-no-resconv", "spare-no-global", "spare-no-time")
 # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); spare-text-in and the selection experiments
 # (SELECTION_DROPS, below): the scan's selection changed (methods.py); the other spare-* names are SPARE_VARIANTS
@@ -262,7 +262,8 @@ SPARE_VARIANTS = {
     # experiment (unlisted retention): modules ranked by their share of the concept's gradient minus their share of
     # the retain list's (fewer modules the listed classes use)
     "spare-contrastive": SpareVariant(scan=(("scoring", "contrastive"),)),
-    # the product's LoRA judged at Apply Erasure strength 0.8 (README's limits for objects: RESULTS, "Strength: the
-    # overshoot, calibrated, and what it costs")
+    # the product's LoRA judged at Apply Erasure strength 0.8 / 0.9 (README's limits for objects: RESULTS, "Strength:
+    # the overshoot, calibrated, and what it costs")
     "spare-strength08": SpareVariant(strength=0.8),
+    "spare-strength09": SpareVariant(strength=0.9),
 }
