@@ -338,11 +338,13 @@ def _dit_config_cls(family: str):
             "sd3": sm.SD3, "qwen_image": getattr(sm, "QwenImage", None), "lumina2": getattr(sm, "Lumina2", None)}[family]
 
 
-def _dit_model_config(family: str, unet_config: dict):
+def _dit_model_config(family: str, unet_config: dict, weight_dtype=None, compute_dtype=None):
+    """The family's model config; weights stored in `weight_dtype` (default fp32), computed in `compute_dtype`
+    (None: in the weights' dtype; otherwise comfy.ops' manual cast)."""
     import torch
 
     config = _dit_config_cls(family)(dict(unet_config))
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(weight_dtype or torch.float32, compute_dtype)
     return config
 
 
@@ -428,9 +430,7 @@ def build_tiny_dit_fp8(family: str, seed: int = 0, compute_dtype=None):
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    config = _dit_config_cls(family)(dict(TINY_DIT[family]))
-    config.set_inference_dtype(torch.float8_e4m3fn, compute_dtype)
-    model = config.get_model({})
+    model = _dit_model_config(family, TINY_DIT[family], torch.float8_e4m3fn, compute_dtype).get_model({})
     # the fp32 tiny model's weights, cast to fp8 on load (as a checkpoint's would be)
     model.diffusion_model.load_state_dict(build_tiny_dit_model(family, seed).model.diffusion_model.state_dict())
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),

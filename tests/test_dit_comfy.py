@@ -274,7 +274,7 @@ def test_fp8_stored_weights_train_in_the_compute_dtype(pack, host):  # noqa: F81
     from spare_core.errors import SpareInputError
 
     nodes_mod, loras = pack
-    _, clip = cf.build_tiny("flux", seed=1)
+    clip = cf.build_tiny_dit_clip("flux", seed=1)
     model = cf.build_tiny_dit_fp8("flux", seed=1, compute_dtype=torch.float32)
     assert {p.dtype for p in model.model.diffusion_model.parameters()} == {torch.float8_e4m3fn}
     bits_before = {k: v.view(torch.uint8).clone() for k, v in model.model.diffusion_model.state_dict().items()
