@@ -162,8 +162,6 @@ class DistillConfig:
     sample_steps: int = option(SAMPLE_STEPS, "Euler steps to self-generate the samples.", node=False)
     sample_cfg: float = option(SAMPLE_CFG, "Classifier-free guidance scale of the self-generation.", node=False)
     weight_decay: float = option(0.0, "AdamW weight decay on the adapters.", node=False)
-    lora_plus: float = option(1.0, "LoRA+: the up matrices' learning rate / the down matrices' (1 = one rate).",
-                              min=1.0, max=64.0, node=False)
     check_every: int = option(20, "Steps between probe-gap checks.", node=False)
     retain_samples: int = option(0, "Samples per retain prompt; 0 = auto (retain_samples_auto).", node=False)
     anchor_samples: int = option(0, "Self-generated samples per surrogate prompt for the anchors; 0 = `samples` "
@@ -360,7 +358,7 @@ def distill(
                           device=model.device)
         try:
             params = adapters.parameters()
-            opt, scaler = make_optimizer(model, cfg, params, adapters)
+            opt, scaler = make_optimizer(model, cfg, params)
             batches = training_batches(model, adapters, data, cfg, profile, torch.Generator().manual_seed(cfg.seed + 2))
             probes = make_probes(model, adapters, data, cfg)
             gap_before = measure_probes(model, data, probes[:1])[0]  # the concept->surrogate gap before training
@@ -703,17 +701,12 @@ def training_mode(model: DiffusionModel, cfg: DistillConfig):
         yield
 
 
-def make_optimizer(model: DiffusionModel, cfg: DistillConfig, params: list, adapters=None) -> tuple:
+def make_optimizer(model: DiffusionModel, cfg: DistillConfig, params: list) -> tuple:
     """AdamW on the adapters, and the loss scaler that fp16 training needs."""
     # torch's fused AdamW (one kernel for every adapter tensor; the update rule is AdamW's) where torch has it: the
     # default per-tensor loop is slower on the CPU (bench/HISTORY.md, "Speed").
     fused = True if model.device.type in FUSED_ADAMW_DEVICES else None
-    groups = params
-    if cfg.lora_plus != 1.0 and adapters is not None:  # LoRA+ (Hayou et al. 2024): the up matrices learn faster
-        ups = {id(a.up.weight) for a in adapters.adapters.values()}
-        groups = [{"params": [p for p in params if id(p) not in ups], "lr_scale": 1.0},
-                  {"params": [p for p in params if id(p) in ups], "lr_scale": cfg.lora_plus}]
-    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
     # fp16 activations can underflow in backward: scale the loss (no-op for fp32/bf16 and on the CPU).
     scaler = torch.amp.GradScaler(model.device.type,
                                   enabled=model.dtype == torch.float16 and model.device.type == "cuda")
@@ -737,7 +730,7 @@ def lr_at(step: int, cfg: DistillConfig) -> float:
 def optimizer_step(opt, scaler, params: list, lr: float, grad_clip: float) -> None:
     """After the backward: clip the gradient norm to grad_clip (0: no clipping), one AdamW step at learning rate lr."""
     for group in opt.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
     scaler.unscale_(opt)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)

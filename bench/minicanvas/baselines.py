@@ -340,7 +340,7 @@ def _columns(cond, part: int) -> torch.Tensor:
 
 @torch.no_grad()
 def uce(model, concepts: Sequence[str], surrogates: Sequence[str], preserve: Sequence[str],
-        lam: float = 0.5, preserve_scale: float = 1.0, include_pool: bool = False, word: str = "") -> Edited:
+        lam: float = 0.5, preserve_scale: float = 1.0, include_pool: bool = False) -> Edited:
     """Closed-form UCE on the Linears of `uce_targets` (the UNet's cross-attention to_k / to_v; Flux's `txt_in`),
     include_pool: the pooled text path too (harness method "uce-pool")."""
     started = time.perf_counter()
@@ -348,10 +348,6 @@ def uce(model, concepts: Sequence[str], surrogates: Sequence[str], preserve: Seq
     c_e = model.encode(list(concepts))
     c_s = model.encode(list(surrogates))
     c_p = model.encode(list(preserve)) if preserve else None
-    if word:  # experiment: only the concept word's token positions (and the surrogate's at the same positions)
-        ids = model.tokenizer(list(concepts))
-        at = ids == model.tokenizer.ids[word]
-        c_e, c_s = c_e[at][None], c_s[at][None]
     modules = dict(edited.network.named_modules())
     n = 0
     for name, part in uce_targets(edited.network, include_pool):

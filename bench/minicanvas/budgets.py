@@ -23,7 +23,7 @@ ERASABLE_OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJEC
 METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-no-anchor",
            "spare-rank4", "spare-floor05", "spare-steps160", "spare-anchor2", "spare-strength08", "spare-strength09",
            "esd-x", "esd-u", "ca", "salun", "uce", "uce-pool", "eraseanything", "spare-text-in", "spare-slices",
-           "spare-contrastive", "spare-no-resconv", "spare-no-global", "spare-no-time", "spare-after-uce", "spare-cond-only", "uce-word")
+           "spare-contrastive", "spare-no-resconv", "spare-no-global", "spare-no-time")
 # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); spare-text-in and the selection experiments
 # (SELECTION_DROPS, below): the scan's selection changed (methods.py); the other spare-* names are SPARE_VARIANTS
 # (below): SPARE with a few settings changed

@@ -36,10 +36,6 @@ def sample_edited(model, edited, prompts, seeds, steps):
     if kind == "lora":
         with sc.apply_lora(model.network, obj, 1.0):
             return generate(model, prompts, seeds, steps)
-    if kind == "model+lora":  # a LoRA on an edited model (spare-after-uce)
-        base, lora = obj
-        with sc.apply_lora(base.network, lora, 1.0):
-            return generate(base, prompts, seeds, steps)
     return generate(obj, prompts, seeds, steps)
 
 
@@ -65,9 +61,6 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
             inputs.concept_prompts(domain, name, seed, variant.retain)[2]
     inputs.peak_rss_reset()
     t0 = time.perf_counter()
-    base = model
-    if method == "spare-after-uce":  # experiment: UCE's token edit first, SPARE on the edited model
-        base = baselines.uce(model, forget, surrogate, retain).model
     if method.startswith("spare"):
         # The product pipeline (spare_core.erase: concept samples shared by the three stages, as the nodes wire one
         # Concept Samples LATENT into them) at the product defaults; the harness sets the training seed, the scaled
@@ -89,18 +82,13 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
         profile_cfg = None if method == "spare-uniform-t" else sc.ProfileConfig()
         if profile_cfg is not None and variant is not None and variant.profile_floor is not None:
             profile_cfg = replace(profile_cfg, uniform_floor=variant.profile_floor)
-        given = sc.pipeline.every_candidate(base, forget, budget.spare_targets) \
+        given = sc.pipeline.every_candidate(model, forget, budget.spare_targets) \
             if method == "spare-no-saliency" else None
-        if method == "spare-cond-only":  # experiment: only the modules that see nothing but the prompt (and t)
-            every = sc.pipeline.every_candidate(base, forget, budget.spare_targets)
-            keep = [m for m in every.selected if m.startswith("text_pool.") or ".emb_layers." in f".{m}."
-                    or ".attn2.to_k" in m or ".attn2.to_v" in m]
-            given = sc.Saliency({m: 1.0 for m in keep}, keep, every.meta)
         latents = None
         if method == "spare-text-in" or method in SELECTION_DROPS:  # experiments on the scan's selection
-            latents = sc.pipeline.concept_samples(base, cfg.concepts, cfg.samples, cfg.seed, cfg.sample_steps,
+            latents = sc.pipeline.concept_samples(model, cfg.concepts, cfg.samples, cfg.seed, cfg.sample_steps,
                                                   cfg.sample_cfg)
-            scanned = sc.saliency_scan(base, cfg.concepts, cfg.retain, replace(scan_cfg, seed=cfg.seed,
+            scanned = sc.saliency_scan(model, cfg.concepts, cfg.retain, replace(scan_cfg, seed=cfg.seed,
                                                                        gradient_checkpointing=False), latents=latents)
             if method == "spare-text-in":  # plus Flux's text embedders (UCE's targets)
                 selected = list(scanned.selected) + list(TEXT_EMBEDDERS)
@@ -108,7 +96,7 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
                 selected = [m for m in scanned.selected if module_group(m) not in SELECTION_DROPS[method]]
             given = sc.Saliency(scanned.scores, selected, scanned.meta)
         extra_args = {"latents": latents} if latents is not None else {}  # the scan's samples, reused
-        result = sc.erase(base, cfg, scan_cfg, profile_cfg, saliency=given, on_check=on_check, **extra_args).result
+        result = sc.erase(model, cfg, scan_cfg, profile_cfg, saliency=given, on_check=on_check, **extra_args).result
         info = {"trainable_params": result.trainable_params, "lora_bytes": result.lora.num_bytes(),
                 "losses": [r["forget"] for r in result.losses], "steps_used": result.steps_used,
                 "gap_closed": result.gap_closed, "modules": len(result.lora.modules),
@@ -116,8 +104,6 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
                 "warning": result.warning}
         judged_at = variant.strength if variant is not None else 1.0  # Apply Erasure's strength (spare-strength08)
         edited = ("lora", result.lora.scaled(judged_at))
-        if base is not model:
-            edited = ("model+lora", (base, edited[1]))
         info["strength"] = result.strength * judged_at
     elif method in ("esd-x", "esd-u"):
         out = baselines.esd(model, forget, variant=method[-1], steps=budget.esd, lr=inputs.LR["esd"], seed=seed)
@@ -131,9 +117,8 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
     elif method == "salun":
         out = baselines.salun(model, forget, surrogate, retain, steps=budget.salun, lr=inputs.LR["salun"], seed=seed)
         info, edited = {"trainable_params": out.trainable_params, "lora_bytes": out.changed_bytes}, ("model", out.model)
-    elif method in ("uce", "uce-pool", "uce-word"):
-        out = baselines.uce(model, forget, surrogate, retain, include_pool=method != "uce",
-                            word=name if method == "uce-word" else "")
+    elif method in ("uce", "uce-pool"):
+        out = baselines.uce(model, forget, surrogate, retain, include_pool=method == "uce-pool")
         info, edited = {"trainable_params": out.trainable_params, "lora_bytes": out.changed_bytes}, ("model", out.model)
     else:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
