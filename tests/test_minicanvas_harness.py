@@ -498,6 +498,22 @@ def test_geometry_diagnosis_measures_span_and_moves():
     assert torch.equal(again[0], pooled) and torch.equal(again[1], kv)
 
 
+def test_words_diagnosis_separates_synonyms_from_neighbours_in_the_token_state():
+    """`diagnose words` on the bundled UNet: a row per erasable class with its synonym; in the word's token state
+    every style's synonym is closer than its nearest other style (the separation a token-level edit could use), and
+    the pooled code cannot tell the styles' synonyms apart from the styles themselves (cosine ~1)."""
+    from bench.minicanvas import diagnose
+    from bench.minicanvas.budgets import ERASABLE_OBJECTS, ERASABLE_STYLES
+    from spare_core.minicanvas.model import load
+    rows = diagnose.words(load())
+    assert [r["class"] for r in rows] == list(ERASABLE_STYLES) + list(ERASABLE_OBJECTS)
+    for r in rows:
+        assert r["word_nearest"][0] != r["class"] and -1.0 <= r["word_nearest"][1] <= 1.0
+    styles = [r for r in rows if r["domain"] == "style"]
+    assert all(r["word_synonym"] > r["word_nearest"][1] + 0.1 for r in styles)
+    assert all(r["pooled_synonym"] > 0.99 for r in styles)
+
+
 def test_standard_presets_train_each_method_at_its_seeds():
     """--standard: SPARE at every training seed; the step-trained baselines and the all-pairs reference row at one;
     UCE at every seed on the UNet and at one on MiniCanvas-Flux (whose --standard drops the reference row and the

@@ -7,6 +7,7 @@
     python -m bench.minicanvas.diagnose residual --concept ukiyo            # what guidance multiplies, along the path
     python -m bench.minicanvas.diagnose groups --concept ukiyo              # the LoRA without one module group at a time
     python -m bench.minicanvas.diagnose geometry --concept ukiyo            # where the unlisted classes lie, what moved them
+    python -m bench.minicanvas.diagnose words                               # synonyms vs nearest classes, per code
 
 - targets: SPARE's forget loss asks the student, on x_t noised from a sample, for the surrogate-prompt teacher's x0.
   For samples of the concept and of the surrogate, at each sigma, the classifiers judge that target x0: is the other
@@ -39,6 +40,9 @@
   no retain loss can protect it). Then, with the trained LoRA: how far each unlisted class's codes moved (a fraction
   of the concept's move) and its accuracy on the held-out grid (20 images), unerased -> erased, with the other
   domain's accuracy inside its row.
+- words: for every class, how close its synonym and its nearest other class are to it in the pooled code and in the
+  word's own token state (no erasure trained; --concept is ignored): whether an edit could tell a synonym, which
+  must be erased too, from a neighbour, which must be kept.
 
 Training: SPARE at the product defaults (`run_method("spare", ...)`, retain list `--retain-set`, training
 seed `--seed`), with `--set FIELD=VALUE` overrides of DistillConfig (as the harness' `--spare-set`). Everything is
@@ -234,6 +238,36 @@ def _outside(v: torch.Tensor, basis: torch.Tensor) -> float:
     return float((v - (basis.T @ sol)[:, 0]).norm() / v.norm())
 
 
+@torch.no_grad()
+def words(model) -> list[dict]:
+    """For every erasable class: how close its synonym and its nearest other class (of the same domain) are to it in
+    the two codes the network reads, averaged over the other domain's classes (training template): the pooled vector
+    (`text_pool`, relative to the neutral class's) and the word's own contextual token state (what the
+    cross-attentions' keys and values are computed from). Cosines; no erasure is trained."""
+    def codes(word: str, domain: str):
+        others = data.OBJECT_NAMES[:-1] if domain == "style" else data.STYLE_NAMES[:-1]
+        prompts = [data.prompt(word, o) if domain == "style" else data.prompt(o, word) for o in others]
+        ctx = model.encode(prompts)
+        at = model.tokenizer(prompts).to(ctx.device) == model.tokenizer.ids[word]
+        return model.network.text_pool(ctx).mean(0), ctx[at].mean(0)
+
+    cos = torch.nn.functional.cosine_similarity
+    rows = []
+    for domain, concepts in (("style", data.STYLES[:-1]), ("object", data.OBJECTS[:-1])):
+        neutral = codes(data.NEUTRAL_STYLE if domain == "style" else data.NEUTRAL_OBJECT, domain)[0]
+        own = {c.name: codes(c.name, domain) for c in concepts}
+        for c in concepts:
+            (pooled, word), (s_pooled, s_word) = own[c.name], codes(c.synonyms[0], domain)
+            near = lambda k: max(((o, float(cos(own[o][0] - neutral, pooled - neutral, dim=0)) if k == 0
+                                   else float(cos(own[o][1], word, dim=0))) for o in own if o != c.name),
+                                 key=lambda t: t[1])
+            rows.append({"domain": domain, "class": c.name, "synonym": c.synonyms[0],
+                         "pooled_synonym": float(cos(s_pooled - neutral, pooled - neutral, dim=0)),
+                         "pooled_nearest": near(0), "word_synonym": float(cos(s_word, word, dim=0)),
+                         "word_nearest": near(1)})
+    return rows
+
+
 def geometry(model, judge, domain: str, name: str, lora, seed: int, retain_set: str, steps: int = 12) -> dict:
     names = data.STYLE_NAMES if domain == "style" else data.OBJECT_NAMES
     neutral = data.NEUTRAL_STYLE if domain == "style" else data.NEUTRAL_OBJECT
@@ -322,7 +356,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg", "residual", "groups", "calibrate",
-                                     "geometry"))
+                                     "geometry", "words"))
     ap.add_argument("--concept", default="ukiyo", help=f"a style {ERASABLE_STYLES} or an object {ERASABLE_OBJECTS}")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set)
@@ -339,7 +373,15 @@ def main(argv=None):
     torch.set_num_threads(int(os.environ.get("MINICANVAS_THREADS", "1")))
     domain = "style" if args.concept in ERASABLE_STYLES else "object"
     model, judge = load_model(), Judge()
-    if args.what == "targets":
+    if args.what == "words":
+        rows = words(model)
+        print("cosine to each class: its synonym / its nearest other class, in the pooled code (relative to the "
+              "neutral class) and in the word's token state")
+        for r in rows:
+            print(f"  {r['domain']:6s} {r['class']:9s} pooled: synonym {r['pooled_synonym']:5.2f}, nearest "
+                  f"{r['pooled_nearest'][0]:9s} {r['pooled_nearest'][1]:5.2f}   word: synonym {r['word_synonym']:5.2f}, "
+                  f"nearest {r['word_nearest'][0]:9s} {r['word_nearest'][1]:5.2f}")
+    elif args.what == "targets":
         rows = targets(model, judge, domain, args.concept, args.seed)
         print(f"forget targets (surrogate-prompt teacher's x0) for '{args.concept}': % of the "
               f"{'object' if domain == 'style' else 'style'} kept / majority {domain}")
