@@ -498,6 +498,30 @@ def test_geometry_diagnosis_measures_span_and_moves():
     assert torch.equal(again[0], pooled) and torch.equal(again[1], kv)
 
 
+def test_text_encoder_experiment_trains_only_the_text_encoder():
+    """spare-te (experiment): SPARE's distillation with its adapters on the text encoder's Linears; the LoRA names
+    only text-encoder modules, the UNet's and the text encoder's weights are untouched after the run, and applying the
+    LoRA changes the concept's conditioning (and so the picture) through the wrapped model."""
+    from dataclasses import replace
+    from bench.minicanvas.budgets import Budget
+    from bench.minicanvas.methods import TEXT_ENCODER_LINEARS, run_method, sample_edited, text_side
+    from spare_core.minicanvas.model import load
+    model = load()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    budget = replace(Budget(), spare=4)
+    (kind, lora), info = run_method("spare-te", model, "style", "neon", budget, seed=0)
+    assert kind == "te-lora" and set(lora.modules) == set(TEXT_ENCODER_LINEARS["spare-te"])
+    assert info["steps_used"] == 4 and info["gap_closed"] > 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    wrapped = text_side(model)
+    tokens = wrapped.encode(["A circle image in neon style."])
+    with sc.apply_lora(wrapped.network, lora, 1.0):
+        erased = wrapped.network.text_encoder(tokens)
+    assert not torch.allclose(erased, model.encode(["A circle image in neon style."]))
+    images = sample_edited(model, (kind, lora), ["A circle image in neon style."], [0], 2)
+    assert images.shape[0] == 1 and torch.isfinite(images).all()
+
+
 def test_words_diagnosis_separates_synonyms_from_neighbours_in_the_token_state():
     """`diagnose words` on the bundled UNet: a row per erasable class with its synonym; in the word's token state
     every style's synonym is closer than its nearest other style (the separation a token-level edit could use), and

@@ -23,7 +23,8 @@ ERASABLE_OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJEC
 METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-no-anchor",
            "spare-rank4", "spare-floor05", "spare-steps160", "spare-anchor2", "spare-strength08", "spare-strength09",
            "esd-x", "esd-u", "ca", "salun", "uce", "uce-pool", "eraseanything", "spare-text-in", "spare-slices",
-           "spare-contrastive", "spare-no-resconv", "spare-no-global", "spare-no-time")
+           "spare-contrastive", "spare-no-resconv", "spare-no-global", "spare-no-time", "spare-te", "spare-te-mlp", "spare-te-mlp0",
+           "spare-te-mlp1", "spare-te-attn", "spare-te-unet")
 # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); spare-text-in and the selection experiments
 # (SELECTION_DROPS, below): the scan's selection changed (methods.py); the other spare-* names are SPARE_VARIANTS
 # (below): SPARE with a few settings changed
@@ -205,7 +206,7 @@ def split_variant(method: str) -> tuple[str, tuple]:
     variant named by the DistillConfig fields it sets, so an experiment needs no new method name (its row in the
     results keeps the full name)."""
     base, *items = method.split("+")
-    if items and base != "spare":
+    if items and not base.startswith("spare"):
         raise ValueError(f"{method!r}: only spare takes +FIELD=VALUE variants")
     return base, tuple(parse_override(i) for i in items)
 

@@ -25,6 +25,37 @@ def default_inputs():
                            peak_rss_reset=memory.peak_rss_reset, peak_rss_mb=memory.peak_rss_mb)
 
 
+TEXT_ENCODER_LINEARS = {
+    "spare-te": [f"text_encoder.layers.{i}.{m}" for i in range(2) for m in ("qkv", "proj", "mlp.0", "mlp.2")],
+    "spare-te-mlp": [f"text_encoder.layers.{i}.{m}" for i in range(2) for m in ("mlp.0", "mlp.2")],
+    "spare-te-mlp0": ["text_encoder.layers.0.mlp.0", "text_encoder.layers.0.mlp.2"],
+    "spare-te-mlp1": ["text_encoder.layers.1.mlp.0", "text_encoder.layers.1.mlp.2"],
+    "spare-te-attn": [f"text_encoder.layers.{i}.{m}" for i in range(2) for m in ("qkv", "proj")],
+    # the text encoder's Linears and the scan's UNet selection, trained together
+    "spare-te-unet": [f"text_encoder.layers.{i}.{m}" for i in range(2) for m in ("qkv", "proj", "mlp.0", "mlp.2")],
+}
+
+
+def text_side(model):
+    """Experiment (spare-te): MiniCanvas with the text encoder inside `network` and token ids as the cond, so that
+    SPARE's adapters can sit on the text encoder's Linears and the UNet stays as it is."""
+    import copy
+    from torch import nn
+
+    class Both(nn.Module):
+        def __init__(self, text_encoder, unet):
+            super().__init__()
+            self.text_encoder, self.unet = text_encoder, unet
+
+        def forward(self, x, t, tokens):
+            return self.unet(x, t, self.text_encoder(tokens))
+
+    wrapped = copy.copy(model)
+    wrapped.network = Both(model.text_encoder, model.network)
+    wrapped.encode = lambda prompts: model.tokenizer(list(prompts)).to(model.device)
+    return wrapped
+
+
 def generate(model, prompts, seeds, steps):
     """Grid images of the unerased `model`: the bundled sampler, one seed per image."""
     return model.sample(prompts, seed=seeds, steps=steps)
@@ -36,6 +67,10 @@ def sample_edited(model, edited, prompts, seeds, steps):
     if kind == "lora":
         with sc.apply_lora(model.network, obj, 1.0):
             return generate(model, prompts, seeds, steps)
+    if kind == "te-lora":  # spare-te (experiment): a LoRA on the text encoder
+        wrapped = text_side(model)
+        with sc.apply_lora(wrapped.network, obj, 1.0):
+            return generate(wrapped, prompts, seeds, steps)
     return generate(obj, prompts, seeds, steps)
 
 
@@ -61,6 +96,9 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
             inputs.concept_prompts(domain, name, seed, variant.retain)[2]
     inputs.peak_rss_reset()
     t0 = time.perf_counter()
+    base = model
+    if method in TEXT_ENCODER_LINEARS:
+        base = text_side(model)
     if method.startswith("spare"):
         # The product pipeline (spare_core.erase: concept samples shared by the three stages, as the nodes wire one
         # Concept Samples LATENT into them) at the product defaults; the harness sets the training seed, the scaled
@@ -82,28 +120,37 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
         profile_cfg = None if method == "spare-uniform-t" else sc.ProfileConfig()
         if profile_cfg is not None and variant is not None and variant.profile_floor is not None:
             profile_cfg = replace(profile_cfg, uniform_floor=variant.profile_floor)
-        given = sc.pipeline.every_candidate(model, forget, budget.spare_targets) \
+        given = sc.pipeline.every_candidate(base, forget, budget.spare_targets) \
             if method == "spare-no-saliency" else None
         latents = None
         if method == "spare-text-in" or method in SELECTION_DROPS:  # experiments on the scan's selection
-            latents = sc.pipeline.concept_samples(model, cfg.concepts, cfg.samples, cfg.seed, cfg.sample_steps,
+            latents = sc.pipeline.concept_samples(base, cfg.concepts, cfg.samples, cfg.seed, cfg.sample_steps,
                                                   cfg.sample_cfg)
-            scanned = sc.saliency_scan(model, cfg.concepts, cfg.retain, replace(scan_cfg, seed=cfg.seed,
+            scanned = sc.saliency_scan(base, cfg.concepts, cfg.retain, replace(scan_cfg, seed=cfg.seed,
                                                                        gradient_checkpointing=False), latents=latents)
             if method == "spare-text-in":  # plus Flux's text embedders (UCE's targets)
                 selected = list(scanned.selected) + list(TEXT_EMBEDDERS)
             else:  # minus a group of modules
                 selected = [m for m in scanned.selected if module_group(m) not in SELECTION_DROPS[method]]
             given = sc.Saliency(scanned.scores, selected, scanned.meta)
+        if method in TEXT_ENCODER_LINEARS:
+            paths = list(TEXT_ENCODER_LINEARS[method])
+            if method == "spare-te-unet":  # plus the scan's UNet selection (the scan runs on the UNet as SPARE's)
+                latents = sc.pipeline.concept_samples(model, cfg.concepts, cfg.samples, cfg.seed, cfg.sample_steps,
+                                                      cfg.sample_cfg)
+                scanned = sc.saliency_scan(model, cfg.concepts, cfg.retain, replace(
+                    scan_cfg, seed=cfg.seed, gradient_checkpointing=False), latents=latents)
+                paths += ["unet." + m for m in scanned.selected]
+            given = sc.Saliency({m: 1.0 for m in paths}, paths, {"targets": "text"})
         extra_args = {"latents": latents} if latents is not None else {}  # the scan's samples, reused
-        result = sc.erase(model, cfg, scan_cfg, profile_cfg, saliency=given, on_check=on_check, **extra_args).result
+        result = sc.erase(base, cfg, scan_cfg, profile_cfg, saliency=given, on_check=on_check, **extra_args).result
         info = {"trainable_params": result.trainable_params, "lora_bytes": result.lora.num_bytes(),
                 "losses": [r["forget"] for r in result.losses], "steps_used": result.steps_used,
                 "gap_closed": result.gap_closed, "modules": len(result.lora.modules),
                 "retain_drift": result.checks[-1].get("retain_drift"), "strength": result.strength,
                 "warning": result.warning}
         judged_at = variant.strength if variant is not None else 1.0  # Apply Erasure's strength (spare-strength08)
-        edited = ("lora", result.lora.scaled(judged_at))
+        edited = ("te-lora" if base is not model else "lora", result.lora.scaled(judged_at))
         info["strength"] = result.strength * judged_at
     elif method in ("esd-x", "esd-u"):
         out = baselines.esd(model, forget, variant=method[-1], steps=budget.esd, lr=inputs.LR["esd"], seed=seed)
