@@ -23,11 +23,12 @@ ERASABLE_OBJECTS = [c.name for c in data.OBJECTS if c.name != data.NEUTRAL_OBJEC
 METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "spare-no-retain", "spare-no-anchor",
            "spare-rank4", "spare-floor05", "spare-steps160", "spare-anchor2", "spare-strength08", "spare-strength09",
            "esd-x", "esd-u", "ca", "salun", "uce", "uce-pool", "eraseanything", "spare-text-in", "spare-slices",
-           "spare-contrastive", "spare-no-resconv", "spare-no-global", "spare-no-time", "spare-te", "spare-te-mlp", "spare-te-mlp0",
-           "spare-te-mlp1", "spare-te-attn", "spare-te-unet")
+           "spare-contrastive", "spare-no-resconv", "spare-no-global", "spare-no-time", "spare-te", "spare-te-mlp",
+           "spare-te-mlp0", "spare-te-mlp1", "spare-te-attn", "spare-te-unet")
 # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); spare-text-in and the selection experiments
-# (SELECTION_DROPS, below): the scan's selection changed (methods.py); the other spare-* names are SPARE_VARIANTS
-# (below): SPARE with a few settings changed
+# (SELECTION_DROPS, below): the scan's selection changed (methods.py); spare-te*: the adapters in the text encoder
+# (methods.TEXT_ENCODER_LINEARS, MiniCanvas' UNet model only; RESULTS, "The erasure in the text encoder"); the other
+# spare-* names are SPARE_VARIANTS (below): SPARE with a few settings changed
 SHORT_STEPS = 0.8  # spare-steps160 (experiment, time): 0.8 x the step cap (160 of 200), cosine-decayed to that cap
 PROFILE_FLOOR_05 = 0.5  # spare-floor05 (experiment): half of the steps spread evenly over the schedule (default 0.2)
 # choice: kept from the first model (on which only some objects were drawn recognisably) so that runs compare across
@@ -206,8 +207,8 @@ def split_variant(method: str) -> tuple[str, tuple]:
     variant named by the DistillConfig fields it sets, so an experiment needs no new method name (its row in the
     results keeps the full name)."""
     base, *items = method.split("+")
-    if items and not base.startswith("spare"):
-        raise ValueError(f"{method!r}: only spare takes +FIELD=VALUE variants")
+    if items and base != "spare" and not base.startswith("spare-te"):
+        raise ValueError(f"{method!r}: only spare and the spare-te experiments take +FIELD=VALUE variants")
     return base, tuple(parse_override(i) for i in items)
 
 

@@ -378,9 +378,9 @@ def main(argv=None):
         print("cosine to each class: its synonym / its nearest other class, in the pooled code (relative to the "
               "neutral class) and in the word's token state")
         for r in rows:
-            print(f"  {r['domain']:6s} {r['class']:9s} pooled: synonym {r['pooled_synonym']:5.2f}, nearest "
-                  f"{r['pooled_nearest'][0]:9s} {r['pooled_nearest'][1]:5.2f}   word: synonym {r['word_synonym']:5.2f}, "
-                  f"nearest {r['word_nearest'][0]:9s} {r['word_nearest'][1]:5.2f}")
+            (pn, pc), (wn, wc) = r["pooled_nearest"], r["word_nearest"]
+            print(f"  {r['domain']:6s} {r['class']:9s} pooled: synonym {r['pooled_synonym']:5.2f}, nearest {pn:9s} "
+                  f"{pc:5.2f}   word: synonym {r['word_synonym']:5.2f}, nearest {wn:9s} {wc:5.2f}")
     elif args.what == "targets":
         rows = targets(model, judge, domain, args.concept, args.seed)
         print(f"forget targets (surrogate-prompt teacher's x0) for '{args.concept}': % of the "

@@ -41,6 +41,9 @@ def text_side(model):
     SPARE's adapters can sit on the text encoder's Linears and the UNet stays as it is."""
     import copy
     from torch import nn
+    from spare_core.minicanvas.model import MiniCanvasModel
+    if not isinstance(model, MiniCanvasModel):
+        raise ValueError(f"the spare-te experiments run on MiniCanvas' UNet model only, not {type(model).__name__}")
 
     class Both(nn.Module):
         def __init__(self, text_encoder, unet):
