@@ -258,13 +258,15 @@ def words(model) -> list[dict]:
         own = {c.name: codes(c.name, domain) for c in concepts}
         for c in concepts:
             (pooled, word), (s_pooled, s_word) = own[c.name], codes(c.synonyms[0], domain)
-            near = lambda k: max(((o, float(cos(own[o][0] - neutral, pooled - neutral, dim=0)) if k == 0
-                                   else float(cos(own[o][1], word, dim=0))) for o in own if o != c.name),
-                                 key=lambda t: t[1])
+            others = [o for o in own if o != c.name]
+            pooled_cos = {o: float(cos(own[o][0] - neutral, pooled - neutral, dim=0)) for o in others}
+            word_cos = {o: float(cos(own[o][1], word, dim=0)) for o in others}
+            p_near, w_near = max(pooled_cos, key=pooled_cos.get), max(word_cos, key=word_cos.get)
             rows.append({"domain": domain, "class": c.name, "synonym": c.synonyms[0],
                          "pooled_synonym": float(cos(s_pooled - neutral, pooled - neutral, dim=0)),
-                         "pooled_nearest": near(0), "word_synonym": float(cos(s_word, word, dim=0)),
-                         "word_nearest": near(1)})
+                         "pooled_nearest": (p_near, pooled_cos[p_near]),
+                         "word_synonym": float(cos(s_word, word, dim=0)),
+                         "word_nearest": (w_near, word_cos[w_near])})
     return rows
 
 

@@ -3,11 +3,15 @@ variants through spare_core, the baselines through baselines.py), and sampling t
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import replace
 from types import SimpleNamespace
 
+from torch import nn
+
 import spare_core as sc
+from spare_core.minicanvas.model import MiniCanvasModel
 
 from . import baselines, budgets, memory
 from .budgets import METHODS, SELECTION_DROPS, SPARE_VARIANTS, all_pairs, module_group, split_variant
@@ -25,36 +29,38 @@ def default_inputs():
                            peak_rss_reset=memory.peak_rss_reset, peak_rss_mb=memory.peak_rss_mb)
 
 
-TEXT_ENCODER_LINEARS = {
-    "spare-te": [f"text_encoder.layers.{i}.{m}" for i in range(2) for m in ("qkv", "proj", "mlp.0", "mlp.2")],
-    "spare-te-mlp": [f"text_encoder.layers.{i}.{m}" for i in range(2) for m in ("mlp.0", "mlp.2")],
-    "spare-te-mlp0": ["text_encoder.layers.0.mlp.0", "text_encoder.layers.0.mlp.2"],
-    "spare-te-mlp1": ["text_encoder.layers.1.mlp.0", "text_encoder.layers.1.mlp.2"],
-    "spare-te-attn": [f"text_encoder.layers.{i}.{m}" for i in range(2) for m in ("qkv", "proj")],
-    # the text encoder's Linears and the scan's UNet selection, trained together
-    "spare-te-unet": [f"text_encoder.layers.{i}.{m}" for i in range(2) for m in ("qkv", "proj", "mlp.0", "mlp.2")],
+# layer by layer: the order the adapters are made in (and so their random init) is the order of the stored runs
+_TE_ALL = [f"text_encoder.layers.{i}.{m}" for i in range(2) for m in ("qkv", "proj", "mlp.0", "mlp.2")]
+_TE_MLP = [p for p in _TE_ALL if ".mlp." in p]
+TEXT_ENCODER_LINEARS = {  # spare-te experiments: the text encoder's Linears that carry the adapters
+    "spare-te": _TE_ALL,
+    "spare-te-mlp": _TE_MLP,
+    "spare-te-mlp0": _TE_MLP[:2],
+    "spare-te-mlp1": _TE_MLP[2:],
+    "spare-te-attn": [p for p in _TE_ALL if ".mlp." not in p],
+    "spare-te-unet": _TE_ALL,  # plus the scan's UNet selection, trained together (run_method)
 }
+
+
+class _TextAndUNet(nn.Module):
+    """MiniCanvas' text encoder and UNet as one network whose conditioning is token ids (spare-te)."""
+
+    def __init__(self, text_encoder, unet):
+        super().__init__()
+        self.text_encoder, self.unet = text_encoder, unet
+
+    def forward(self, x, t, tokens):
+        return self.unet(x, t, self.text_encoder(tokens))
 
 
 def text_side(model):
     """Experiment (spare-te): MiniCanvas with the text encoder inside `network` and token ids as the cond, so that
-    SPARE's adapters can sit on the text encoder's Linears and the UNet stays as it is."""
-    import copy
-    from torch import nn
-    from spare_core.minicanvas.model import MiniCanvasModel
+    SPARE's adapters can sit on the text encoder's Linears and the UNet stays as it is (a shallow copy: the same
+    modules, no weights copied)."""
     if not isinstance(model, MiniCanvasModel):
         raise ValueError(f"the spare-te experiments run on MiniCanvas' UNet model only, not {type(model).__name__}")
-
-    class Both(nn.Module):
-        def __init__(self, text_encoder, unet):
-            super().__init__()
-            self.text_encoder, self.unet = text_encoder, unet
-
-        def forward(self, x, t, tokens):
-            return self.unet(x, t, self.text_encoder(tokens))
-
     wrapped = copy.copy(model)
-    wrapped.network = Both(model.text_encoder, model.network)
+    wrapped.network = _TextAndUNet(model.text_encoder, model.network)
     wrapped.encode = lambda prompts: model.tokenizer(list(prompts)).to(model.device)
     return wrapped
 
