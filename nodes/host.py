@@ -174,6 +174,10 @@ class ComfyDiffusionModel:
         # get_model_object honours object patches (e.g. ModelSamplingDiscrete/"shift" nodes on this clone).
         self.model_sampling = model.get_model_object("model_sampling")
         self._cond_cache: dict[str, dict[str, Any]] = {}  # prompt -> its extra_conds output
+        if clip is not None and self.family.text_encoder:
+            # what SPARE may train beside the network (DistillConfig.text_encoder): the CLIP's model, whose module
+            # paths are its state-dict keys, i.e. what ComfyUI's "text_encoders.<key>" LoRA keys name
+            self.text_encoder: nn.Module = clip.cond_stage_model
 
     # --- loading ---------------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -191,7 +195,21 @@ class ComfyDiffusionModel:
         for p in prompts:
             if p not in self._cond_cache:
                 self._cond_cache[p] = self._model_conds(p)
-        per_prompt = [self._cond_cache[p] for p in prompts]
+        return self._batched([self._cond_cache[p] for p in prompts])
+
+    def encode_text(self, prompts: Sequence[str]) -> dict[str, Any]:
+        """`encode` computed now, not cached: through the CLIP as it is (with the adapters a distillation hooked onto
+        `text_encoder`), differentiable under grad mode."""
+        # CLIP.encode_from_tokens calls CLIP.load_model, i.e. asks ComfyUI for the CLIP's memory again, which on a
+        # full card can offload part of the diffusion model mid-training; trainable(text=True) has loaded both whole,
+        # so inside here the CLIP is used where it is (an instance attribute shadows the method, removed after)
+        self.clip.load_model = lambda: self.clip.patcher
+        try:
+            return self._batched([self._model_conds(p) for p in prompts])
+        finally:
+            del self.clip.load_model
+
+    def _batched(self, per_prompt: list[dict[str, Any]]) -> dict[str, Any] | RowConds:
         if not per_prompt:
             raise ValueError("encode() needs at least one prompt")
         if self.family.dit:
@@ -325,10 +343,11 @@ def _usable(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def load_for_training(patcher) -> None:
+def load_for_training(patcher, *others) -> None:
     """Load the diffusion model the way ComfyUI's own trainer does (comfy_extras/nodes_train.py): the whole model on
     its device, every other model (CLIP, VAE, ...) out of VRAM first (memory_required=1e20). Prompts must be encoded
-    before (the CLIP would otherwise push part of this model out again). Refused under --novram, where ComfyUI keeps
+    before (the CLIP would otherwise push part of this model out again). `others`: patchers loaded whole beside it
+    (the CLIP's, when the distillation trains the text encoder too). Refused under --novram, where ComfyUI keeps
     the weights in system RAM and streams them per layer: training there is untested and would be very slow."""
     mm = comfy.model_management
     on_gpu = not mm.is_device_cpu(torch.device(patcher.load_device))
@@ -340,7 +359,7 @@ def load_for_training(patcher) -> None:
     # for fp8-stored weights ends in comfy.float.stochastic_rounding's `clamp(out=...)`: under grad mode (inside
     # `trainable()`) that raises on parameters that require grad (tests/test_dit_comfy.py, fp8 test).
     with torch.no_grad():
-        mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+        mm.load_models_gpu([patcher, *others], memory_required=1e20, force_full_load=True)
 
 
 _ALIAS_FALLBACKS: list[str] = []  # (dtype, device) of tensors that had to be copied: logged once each
@@ -363,7 +382,7 @@ def _alias(t: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def trainable(model, load: bool = True) -> Iterator[None]:
+def trainable(model, load: bool = True, text: bool = False) -> Iterator[None]:
     """Make a ComfyUI MODEL usable for backward passes, even when entered under the executor's inference mode.
 
     `model` is a ModelPatcher or a ComfyDiffusionModel. Inside the block:
@@ -377,20 +396,24 @@ def trainable(model, load: bool = True) -> Iterator[None]:
     left bit-identical (frozen weights are never written: only their aliases are read). A tensor that ComfyUI itself
     replaced or moved meanwhile (another model loaded inside the block, offloading this one) is left to ComfyUI.
 
+    text=True (a ComfyDiffusionModel whose text encoder trains too, DistillConfig.text_encoder): the CLIP's model is
+    loaded whole beside it and made trainable the same way.
+
     Conditionings, x and sigma made under inference mode are copied by `ComfyDiffusionModel.predict_x0` (`_usable`).
     Adapter parameters must be created inside the block (or outside any inference mode).
     """
     patcher = getattr(model, "patcher", model)
+    clip_patcher = model.clip.patcher if text else None
     if load:
-        load_for_training(patcher)
-    base: nn.Module = patcher.model
+        load_for_training(patcher, *([clip_patcher] if text else []))
+    roots: list[nn.Module] = [patcher.model] + ([clip_patcher.model] if text else [])
     # (module._parameters or ._buffers, name, original, replacement, (device, data_ptr) of the replacement)
     swapped: list[tuple[dict, str, Any, Any, tuple]] = []
     flags: list[tuple[nn.Parameter, bool]] = []
     with torch.inference_mode(False), torch.enable_grad():
         try:
             replacement: dict[int, Any] = {}  # id(original) -> replacement, so shared (tied) tensors stay shared
-            for module in base.modules():
+            for module in (m for root in roots for m in root.modules()):
                 for slots, is_param in ((module._parameters, True), (module._buffers, False)):
                     for name, t in list(slots.items()):
                         if t is None:

@@ -23,6 +23,8 @@ import spare_core as sc
 from spare_core import render
 from spare_core.errors import SpareInputError
 
+from spare_core.distill import for_model
+
 from .host import ComfyDiffusionModel, latent_downscale, model_family, require_family, trainable
 
 log = logging.getLogger("spare")
@@ -341,10 +343,12 @@ class SparseLoraDistill(io.ComfyNode):
                 option_input(sc.DistillConfig, "stop_at_gap_closed", optional=True),
                 option_input(sc.DistillConfig, "surrogate_anchor", optional=True),
                 guidance_input(),
+                option_input(sc.DistillConfig, "text_encoder", optional=True),
             ],
             outputs=[
-                io.LoraModel.Output("lora", tooltip="The erasure LoRA (ComfyUI's LORA_MODEL; 'Load LoRA Model' "
-                                                    "applies it)."),
+                io.LoraModel.Output("lora", tooltip="The erasure LoRA (ComfyUI's LORA_MODEL). SPARE Apply Erasure "
+                                                    "applies it to the model and, with text_encoder on, its CLIP "
+                                                    "('Load LoRA Model' would apply the model's part only)."),
                 io.Image.Output("loss_curve", tooltip="Forget, retain and total loss per step."),
                 io.String.Output("filename", tooltip="The saved file, relative to the loras folder."),
             ],
@@ -355,7 +359,8 @@ class SparseLoraDistill(io.ComfyNode):
                 forget_weight, retain_weight, seed, filename_prefix, key_format, gradient_checkpointing, resolution,
                 samples=sc.DistillConfig.samples, loss_weighting=sc.DistillConfig.loss_weighting,
                 stop_at_gap_closed=sc.DistillConfig.stop_at_gap_closed, timesteps=None, latents=None,
-                surrogate_anchor=sc.DistillConfig.surrogate_anchor, guidance=FLUX_GUIDANCE):
+                surrogate_anchor=sc.DistillConfig.surrogate_anchor, guidance=FLUX_GUIDANCE,
+                text_encoder=sc.DistillConfig.text_encoder):
         require_supported(model)
         given, (width, height) = given_latents(model, latents, resolution)
         if key_format not in KEY_FORMATS:
@@ -365,11 +370,13 @@ class SparseLoraDistill(io.ComfyNode):
             concepts=lines(concepts), surrogates=lines(surrogates), retain=sc.expand_alternatives(lines(retain)),
             rank=rank, alpha=alpha, steps=steps, learning_rate=learning_rate, forget_weight=forget_weight,
             retain_weight=retain_weight, seed=seed, gradient_checkpointing=gradient_checkpointing, samples=samples,
-            loss_weighting=loss_weighting, stop_at_gap_closed=stop_at_gap_closed, surrogate_anchor=surrogate_anchor)
+            loss_weighting=loss_weighting, stop_at_gap_closed=stop_at_gap_closed, surrogate_anchor=surrogate_anchor,
+            text_encoder=text_encoder)
         sc.distill_validate(config, saliency)  # fail fast, before any model loading or sampling
+        text = for_model(config, dm).text_encoder == "on"  # the CLIP trains too: loaded and made trainable with it
         check_prefix(filename_prefix)  # fail fast; the file's name is chosen when it is saved
         dm.encode(config.concepts + config.surrogates + config.retain + [""])  # cached; CLIP loads before the model
-        with trainable(dm):
+        with trainable(dm, text=text):
             result = sc.distill(dm, config, saliency, timesteps, given, progress=Progress("distill"),
                                 should_stop=should_stop, on_check=log_check)
         folder, name = output_path(filename_prefix)
@@ -399,8 +406,8 @@ class ApplyErasure(io.ComfyNode):
             node_id="SPAREApplyErasure",
             display_name="SPARE Apply Erasure",
             category=CATEGORY,
-            description="Applies an erasure LoRA to a model at a strength (0 = the original model). Same result as "
-                        "the stock LoRA loaders.",
+            description="Applies an erasure LoRA to a model (and its CLIP, for a LoRA that also edits the text "
+                        "encoder) at a strength (0 = the original model). Same result as the stock LoRA loader.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to erase from (the input is left unchanged)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
@@ -411,14 +418,19 @@ class ApplyErasure(io.ComfyNode):
                                default=NO_FILE, tooltip="An erasure LoRA file from the loras folder."),
                 io.LoraModel.Input("lora", optional=True,
                                    tooltip="An erasure LoRA from Sparse LoRA Distill (used instead of lora_name)."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The model's CLIP. Needed for a LoRA trained with text_encoder on (the default "
+                                      "on SD1.x/SD2.x/SDXL): encode your prompts with the clip output."),
             ],
-            # No output id: V3 requires ids unique across inputs and outputs ("model" is the input); the socket
-            # is still labelled "model".
-            outputs=[io.Model.Output(display_name="model", tooltip="The model with the concept erased.")],
+            # No output ids: V3 requires ids unique across inputs and outputs ("model", "clip" are inputs); the
+            # sockets are still labelled "model" and "clip".
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the concept erased."),
+                     io.Clip.Output(display_name="clip", tooltip="The CLIP with the LoRA's text-encoder part (the "
+                                                                 "clip input unchanged for a LoRA without one).")],
         )
 
     @classmethod
-    def execute(cls, model, strength, lora_name, lora=None):
+    def execute(cls, model, strength, lora_name, lora=None, clip=None):
         if lora is None:
             if lora_name == NO_FILE:
                 raise SpareInputError("Apply Erasure needs a LoRA: connect the 'lora' input or choose a lora_name")
@@ -431,8 +443,8 @@ class ApplyErasure(io.ComfyNode):
         else:
             source = "the connected LoRA"
         if strength == 0:
-            return io.NodeOutput(model)
-        return io.NodeOutput(patch_model(model, lora, strength, source))
+            return io.NodeOutput(model, clip)
+        return io.NodeOutput(*patch_model(model, lora, strength, source, clip))
 
 
 def _load_other(path: str, name: str) -> dict:
@@ -445,11 +457,23 @@ def _load_other(path: str, name: str) -> dict:
                               "or not a LoRA: choose a .safetensors LoRA") from e
 
 
-def patch_model(model, lora_sd: dict, strength: float, source: str):
-    """The stock LoRA path, step for step what LoraLoaderModelOnly does (comfy.sd.load_lora_for_models with no CLIP:
-    key map, comfy.lora_convert's format conversion, ModelPatcher.add_patches on a clone), plus a refusal of a file
-    none of whose keys belongs to this model (the stock loader would silently apply nothing)."""
+TEXT_KEY_STARTS = ("text_encoders.", "lora_te")  # a LoRA's text-encoder keys (ComfyUI's and kohya's)
+
+
+def patch_model(model, lora_sd: dict, strength: float, source: str, clip=None):
+    """(model, clip) patched the stock way, step for step what LoraLoader does (comfy.sd.load_lora_for_models: key
+    maps of the model and the CLIP, comfy.lora_convert's format conversion, add_patches on clones; clip None: what
+    LoraLoaderModelOnly does), plus two refusals the stock loaders do not make: a file none of whose keys belongs to
+    this model (they would silently apply nothing), and a file with text-encoder keys but no CLIP (they would apply
+    half of the erasure)."""
+    text_keys = [k for k in lora_sd if k.startswith(TEXT_KEY_STARTS)]
+    if text_keys and clip is None:
+        raise SpareInputError(f"{source} also edits the text encoder ({len(text_keys)} keys such as '{text_keys[0]}'): "
+                              "connect the model's CLIP to Apply Erasure's clip input and encode prompts with its "
+                              "clip output (or load it with the stock LoraLoader)")
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora_sd), key_map, log_missing=True)
     if not patches:
         first = next(iter(lora_sd), "<no keys>")
@@ -457,7 +481,10 @@ def patch_model(model, lora_sd: dict, strength: float, source: str):
                               "is it a LoRA for another model family?")
     patched = model.clone()
     patched.add_patches(patches, strength)
-    return patched
+    if clip is not None:
+        clip = clip.clone()
+        clip.add_patches(patches, strength)
+    return patched, clip
 
 
 def require_supported(model):

@@ -13,7 +13,7 @@ what differs per model family (candidate modules, in-place residuals, guidance d
 """
 from ._version import __version__
 from .errors import Cancelled, NonFiniteLossError, SpareInputError  # noqa: E402
-from .model import DiffusionModel  # noqa: E402
+from .model import DiffusionModel, lora_targets  # noqa: E402
 from .families import FAMILIES, Family  # noqa: E402
 from .files import read_safetensors  # noqa: E402
 from .adapters import apply_lora  # noqa: E402
@@ -29,7 +29,7 @@ from .pipeline import Erasure, concept_samples, erase  # noqa: E402
 
 __all__ = [
     "FAMILIES", "Family",
-    "__version__", "Cancelled", "NonFiniteLossError", "SpareInputError", "DiffusionModel", "LoraWeights",
+    "__version__", "Cancelled", "NonFiniteLossError", "SpareInputError", "DiffusionModel", "lora_targets", "LoraWeights",
     "apply_lora", "load_lora", "read_safetensors", "save_lora", "Saliency", "candidate_modules", "saliency_scan",
     "TimestepProfile",
     "timestep_profile", "uniform_profile", "DistillConfig", "DistillResult", "distill", "distill_validate", "generate",

@@ -23,6 +23,7 @@ from torch import nn
 from .errors import SpareInputError
 from .families import slice_rows, split_slice
 from .lora import ADAPTABLE, LoraWeights  # noqa: F401  (ADAPTABLE lives with the file format; re-exported here)
+from .model import is_text_path
 
 
 def module_dims(module: nn.Module) -> tuple[int, int]:
@@ -196,6 +197,11 @@ class AppliedLora(_Hooks):
         if missing and len(missing) == len(lora.modules):  # (an empty LoRA adds nothing)
             raise SpareInputError(f"none of the LoRA's {len(missing)} modules exists in this model "
                                   f"(first: '{missing[0]}')")
+        text = [p for p in missing if is_text_path(p)]
+        if text:  # half an erasure is not the erasure: the text side must not be dropped silently
+            raise SpareInputError(f"the LoRA edits {len(text)} text-encoder module(s) (first: '{text[0]}') that this "
+                                  "network does not have: apply it to spare_core.lora_targets(model), the network "
+                                  "and its text encoder")
         for path, m in lora.modules.items():
             if path in modules:
                 self._handles.append(modules[path].register_forward_hook(self._hook(m, strength)))
@@ -226,7 +232,8 @@ class AppliedLora(_Hooks):
 
 
 def apply_lora(network: nn.Module, lora: LoraWeights, strength: float = 1.0) -> AppliedLora:
-    """Add `lora` to `network` in memory at `strength` (0 = original). Use as a context manager or call remove()."""
+    """Add `lora` to `network` in memory at `strength` (0 = original). Use as a context manager or call remove().
+    A LoRA that also edits the text encoder goes onto `model.lora_targets(model)` (network and text encoder)."""
     if not math.isfinite(strength):
         raise SpareInputError(f"strength={strength} must be a finite number")
     return AppliedLora(network, lora, strength)

@@ -46,15 +46,16 @@ from .adapters import AdapterSet, attach
 from .autograd import backward_safe, frozen
 from .calibrate import calibrate_strength
 from .config import LOSS_WEIGHTINGS, SAMPLE_CFG, SAMPLE_STEPS, option
-from .families import family_of
+from .families import family_of, text_candidates
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import LoraWeights, metadata_json
-from .model import DiffusionModel
+from .model import TEXT_KEY_PREFIX, DiffusionModel, lora_targets, text_encoder_of
 from .prompts import expand_alternatives, validate_prompts
 from .sampling import data_std, forward_rows, generate, loss_weight, noised, uniform_t
 from .saliency import Saliency
 from .timesteps import TimestepProfile, check_pairs
 
+TEXT_ENCODER_CHOICES = ("auto", "on", "off")  # DistillConfig.text_encoder
 LEARNING_RATE_AUTO = 0.0  # DistillConfig.learning_rate: the model family's measured rate (Family.learning_rate)
 CROSS_ROWS_AUTO = -1  # DistillConfig.cross_rows: the model family's measured default (families.Family.cross_rows)
 RETAIN_SAMPLE_BUDGET = 64  # auto retain samples: about this many in all (a long {a|b} retain list gets 1 per prompt)
@@ -118,6 +119,12 @@ class DistillConfig:
                                        "the concept erases more slowly.", min=0.0, max=100.0, step=0.05)
     seed: int = option(0, "Seed for self-generated samples, timesteps and adapter init: same seed, same result.",
                        min=0, max=0xffffffffffffffff)
+    text_encoder: str = option(
+        "auto", "Also train the LoRA on the text encoder's layers (what the prompt means), beside the scanned "
+                "diffusion-model modules: the erased prompt then draws the surrogate's picture more often and "
+                "concepts nobody listed keep their looks better. auto = on for SD1.x / SD2.x / SDXL, off for the "
+                "DiTs (not measured there). The file then needs a loader with a CLIP input (LoraLoader, Apply "
+                "Erasure with its clip).", choices=TEXT_ENCODER_CHOICES)
     gradient_checkpointing: bool = option(
         True, "Recompute activations in backward (what lets SD1.5/SDXL train on 8-16 GB cards), up to ~20% slower "
               "per step. On by default, as in ComfyUI's own trainer; turn off on a large GPU for speed.")
@@ -303,6 +310,8 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if config.mix_rows < 0 or not 0.0 <= config.mix_concept <= 0.95:
         raise SpareInputError(f"mix_rows={config.mix_rows} must be >= 0 and mix_concept={config.mix_concept} in "
                               "[0, 0.95]")
+    if config.text_encoder not in TEXT_ENCODER_CHOICES:
+        raise SpareInputError(f"text_encoder='{config.text_encoder}' is not one of {', '.join(TEXT_ENCODER_CHOICES)}")
     if config.mix_rows and not config.retain:
         raise SpareInputError("mix_rows blends retain prompts: give at least one retain prompt")
     if saliency is None or not saliency.selected:
@@ -312,8 +321,19 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
 
 def for_model(cfg: DistillConfig, model: DiffusionModel) -> DistillConfig:
     """`cfg` with its "auto" fields resolved for `model`'s family: cross_rows -1 -> Family.cross_rows, learning_rate
-    0 -> Family.learning_rate. What trains (and what the LoRA's metadata records) is the resolved value."""
+    0 -> Family.learning_rate, text_encoder "auto" -> "on" where Family.text_encoder and the model has a text encoder
+    (model.text_encoder_of). What trains (and what the LoRA's metadata records) is the resolved value."""
     family = family_of(model)
+    has_text = text_encoder_of(model) is not None
+    if cfg.text_encoder == "auto":
+        cfg = replace(cfg, text_encoder="on" if family.text_encoder and has_text else "off")
+    if cfg.text_encoder == "on":
+        if not has_text:
+            raise SpareInputError("text_encoder='on' needs the model's text encoder (connect the CLIP the model was "
+                                  "loaded with); or set text_encoder to 'off'")
+        if cfg.mix_rows:
+            raise SpareInputError("mix_rows blends prompt codes, which a trained text encoder does not have: set "
+                                  "mix_rows to 0 or text_encoder to 'off'")
     if cfg.cross_rows == CROSS_ROWS_AUTO:
         cfg = replace(cfg, cross_rows=family.cross_rows)
     if cfg.learning_rate == LEARNING_RATE_AUTO:
@@ -354,7 +374,7 @@ def distill(
     data = make_training_data(model, cfg, latents, should_stop)
     with training_mode(model, cfg):
         data = data.trainable_copies()
-        adapters = attach(model.network, saliency.selected, cfg.rank, cfg.alpha, cfg.dropout,
+        adapters = attach(*adapter_targets(model, cfg, saliency), cfg.rank, cfg.alpha, cfg.dropout,
                           device=model.device)
         try:
             params = adapters.parameters()
@@ -406,6 +426,16 @@ def distill(
                          (gap_before, checks[-1]["gap"]), checks, stopped_early, strength, tried)
 
 
+def adapter_targets(model: DiffusionModel, cfg: DistillConfig, saliency: Saliency) -> tuple:
+    """(where, paths) the adapters go: the network's selected modules; with cfg.text_encoder "on", first every Linear
+    of the text encoder's layers (families.text_candidates), under "text_encoders." (model.LoraTargets). The order
+    sets the adapters' random init (the benchmark's stored runs made the text encoder's first)."""
+    if cfg.text_encoder != "on":
+        return model.network, list(saliency.selected)
+    text = [TEXT_KEY_PREFIX + p for p in text_candidates(text_encoder_of(model))]
+    return lora_targets(model), text + list(saliency.selected)
+
+
 # --- the data: samples and prompts ------------------------------------------------------------------------------------
 
 @dataclass
@@ -426,6 +456,8 @@ class TrainingData:
     sigma_data: float                        # std of the concept samples (the "v" loss weighting's sigma_data)
     uncond_row: Optional[int] = None         # row of `cond` holding the empty prompt (None: not encoded)
     mix_row: Optional[int] = None            # first of the MIX_BANK blended codes at the end of `cond` (mix_rows)
+    prompts: Optional[list] = None           # the prompt of each row of `cond`, when the text encoder trains: the
+    #                                          student's conditioning is then encoded anew (`student_cond`)
 
     def concept_rows(self, i: torch.Tensor) -> torch.Tensor:
         return i
@@ -483,8 +515,9 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
         with torch.no_grad():
             cond = cat_cond(cond, blend_bank(model, cond, list(range(len(cfg.concepts))), listed, cfg.mix_concept,
                                              torch.Generator().manual_seed(cfg.seed + 7)))
+    prompts = cfg.concepts + cfg.surrogates + retain_prompts if cfg.text_encoder == "on" else None
     return TrainingData(cond, len(cfg.concepts), x_forget, i_forget, n_anchor, x_anchor, i_anchor, x_retain, i_retain,
-                        data_std(x_forget), uncond_row, mix_row)
+                        data_std(x_forget), uncond_row, mix_row, prompts)
 
 
 MIX_BANK = 64  # blended prompt codes drawn once per run (DistillConfig.mix_rows)
@@ -626,13 +659,25 @@ def autocast(model: DiffusionModel):
     return torch.autocast(device_type=model.device.type, dtype=model.dtype, enabled=model.dtype != torch.float32)
 
 
+def student_cond(model: DiffusionModel, data: TrainingData, rows: torch.Tensor):
+    """The conditioning of prompt rows `rows` as the student sees it: rows of data.cond; when the text encoder trains
+    (data.prompts), those prompts encoded now, through the adapted text encoder (each distinct prompt once)."""
+    if data.prompts is None:
+        return model.select_cond(data.cond, rows)
+    distinct, inverse = torch.unique(rows, return_inverse=True)
+    cond = model.encode_text([data.prompts[i] for i in distinct.tolist()])
+    return model.select_cond(cond, inverse)
+
+
 def x0_no_grad(model: DiffusionModel, data: TrainingData, xt: torch.Tensor, sigma: torch.Tensor,
-               prompts: torch.Tensor, rows: int) -> torch.Tensor:
-    """The network's x0 for x_t [N] under `prompts` (rows of data.cond), in no-grad forwards of `rows` rows, with the
-    adapters as they are (inside `adapters.disabled()`: the teacher)."""
+               prompts: torch.Tensor, rows: int, student: bool = False) -> torch.Tensor:
+    """The network's x0 for x_t [N] under `prompts` (rows of data.cond), in no-grad forwards of `rows` rows: the
+    teacher (inside `adapters.disabled()`), or with student=True the student (`student_cond`: a trained text encoder
+    encodes anew)."""
+    def cond(index):
+        return student_cond(model, data, index) if student else model.select_cond(data.cond, index)
     with torch.no_grad(), autocast(model):
-        return torch.cat([model.predict_x0(xt[i:i + rows], sigma[i:i + rows],
-                                           model.select_cond(data.cond, prompts[i:i + rows])).float()
+        return torch.cat([model.predict_x0(xt[i:i + rows], sigma[i:i + rows], cond(prompts[i:i + rows])).float()
                           for i in range(0, xt.shape[0], rows)])
 
 
@@ -642,7 +687,7 @@ def row_losses(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, ba
     student forward."""
     w = loss_weight(batch.sigma, cfg.loss_weighting, data.sigma_data)
     with autocast(model):
-        pred = model.predict_x0(batch.xt, batch.sigma, model.select_cond(data.cond, batch.student)).float()
+        pred = model.predict_x0(batch.xt, batch.sigma, student_cond(model, data, batch.student)).float()
     return (pred - target).pow(2).flatten(1).mean(1) * w
 
 
@@ -695,7 +740,9 @@ def training_mode(model: DiffusionModel, cfg: DistillConfig):
     (autograd.backward_safe)."""
     devices = [model.device] if model.device.type == "cuda" else []
     checkpointing = backward_safe(model.network, cfg.gradient_checkpointing, family_of(model).inplace_residuals)
-    with torch.random.fork_rng(devices=devices), frozen(model.network), torch.inference_mode(False), \
+    text = text_encoder_of(model) if cfg.text_encoder == "on" else None
+    with torch.random.fork_rng(devices=devices), frozen(model.network), \
+            frozen(text) if text is not None else contextlib.nullcontext(), torch.inference_mode(False), \
             torch.enable_grad(), checkpointing:
         torch.manual_seed(cfg.seed)
         yield
@@ -772,7 +819,7 @@ def measure_probes(model: DiffusionModel, data: TrainingData, probes: list[Probe
     """(forget gap, retain drift): each probe's weighted squared student-teacher error, the probes' rows in forwards
     of `forward_rows` rows (on the CPU both probes in one); drift 0 without a retain probe."""
     pred = x0_no_grad(model, data, torch.cat([p.xt for p in probes]), torch.cat([p.sigma for p in probes]),
-                      torch.cat([p.student for p in probes]), forward_rows(model.device, PROBE_SIZE))
+                      torch.cat([p.student for p in probes]), forward_rows(model.device, PROBE_SIZE), student=True)
     errors = [float(((x0 - p.target) ** 2 * p.w).mean())
               for x0, p in zip(pred.split([len(p.xt) for p in probes]), probes)]
     return errors[0], (errors[1] if len(errors) > 1 else 0.0)

@@ -26,6 +26,7 @@ Candidates (saliency.candidate_modules), per family and `targets`:
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -49,10 +50,26 @@ class Family:
     # 65 -> 83, unlisted IRA -1.2 [-2.2, -0.3], mean4 +0.7 [-0.1, +1.8]; measured on that one DiT only)
     learning_rate: float = 2e-4
     fused: tuple[str, ...] = ()      # leaf names of fused q/k/v(/mlp) projections (row slices: ScanConfig.fused_slices)
+    # DistillConfig.text_encoder "auto": also train the text encoder's layers. On for the UNets (MiniCanvas, every
+    # concept x 3 training seeds, paired against the diffusion model alone: mean4 +1.94 [+0.50, +3.72], style SFA
+    # +9.3, unlisted CRA +3.9; bench/RESULTS.md, "The text encoder and the UNet together"); off for the DiTs, where it
+    # is not measured (and their T5 / Qwen / Gemma encoders are billions of parameters to backpropagate through)
+    text_encoder: bool = False
+
+
+TEXT_LAYER = re.compile(r"(^|\.)(layers|layer|block|blocks)\.\d+\.")  # a text encoder's transformer layers
+
+
+def text_candidates(text_encoder) -> list[str]:
+    """The text encoder's modules that carry adapters: every Linear inside its transformer layers (kohya's text
+    encoder LoRA: CLIP's q/k/v/out projections and MLP), in module order; embeddings, final norms and projections
+    outside the layers stay as they are."""
+    from torch import nn  # families.py stays importable without torch for the rest
+    return [n for n, m in text_encoder.named_modules() if isinstance(m, nn.Linear) and TEXT_LAYER.search(n)]
 
 
 UNET = Family("unet", "SD1.x / SD2.x / SDXL (UNet)", attention=("to_q", "to_k", "to_v", "to_out", "to_out.0"),
-              text_attention=(".attn2.",), dit=False, cross_rows=2, learning_rate=1e-4)
+              text_attention=(".attn2.",), dit=False, cross_rows=2, learning_rate=1e-4, text_encoder=True)
 FLUX = Family("flux", "Flux.1-dev (and Krea, Kontext)", blocks=("double_blocks", "single_blocks"),
               attention=("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2"),
               text_attention=(".txt_attn.",), inplace_residuals=True, guidance_distilled=True,

@@ -5,12 +5,17 @@ File format facts (comfy/lora.py, comfy/weight_adapter/lora.py; kohya networks/l
   ".alpha" scalar; prefix "diffusion_model." for ComfyUI models.
 - kohya: "lora_unet_<module path with '.' -> '_'>" + the same suffixes; A1111/Forge load it for SD1.5/SDXL.
 - peft-style ".lora_B.weight" / ".lora_A.weight" are read as up / down.
+- Text-encoder modules (a LoRA trained with DistillConfig.text_encoder): ComfyUI native "text_encoders.<the CLIP
+  state-dict path>" (model_lora_keys_clip maps it for every encoder; LoraWeights holds them under that path, see
+  model.TEXT_KEY_PREFIX); kohya "lora_te_text_model_encoder_layers_<i>_<module>" for one CLIP encoder (SD1.x: clip_l,
+  SD2.x: clip_h), "lora_te1_" (clip_l) and "lora_te2_" (clip_g) for SDXL's two.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -21,6 +26,7 @@ from torch import nn
 from .errors import SpareInputError
 from .families import split_slice
 from .files import atomic_write, read_safetensors
+from .model import is_text_path
 
 log = logging.getLogger("spare")
 
@@ -30,6 +36,17 @@ UP_SUFFIXES = (".lora_up.weight", ".lora_B.weight")
 DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight")
 ALPHA_SUFFIX = ".alpha"
 ADAPTABLE = (nn.Linear, nn.Conv2d)  # the module types a LoRA carries an update for (down/up: Linear or Conv2d weights)
+KOHYA_TEXT = re.compile(r"^text_encoders\.(clip_[lgh])\.transformer\.(text_model\..+)$")
+
+
+def kohya_text_names(paths) -> dict[str, str]:
+    """kohya names of the CLIP text-encoder paths among `paths` (the keys comfy/lora.py model_lora_keys_clip and
+    A1111 / Forge read): "lora_te_" for a model with one CLIP encoder, "lora_te1_" / "lora_te2_" for clip_l / clip_g
+    when both are there (SDXL). Paths of other encoders (T5, ...) have no kohya name and are left out."""
+    found = {p: m for p in paths if (m := KOHYA_TEXT.match(p))}
+    both = {m.group(1) for m in found.values()} >= {"clip_l", "clip_g"}
+    tag = {"clip_l": "lora_te1_", "clip_g": "lora_te2_"} if both else {}
+    return {p: tag.get(m.group(1), "lora_te_") + m.group(2).replace(".", "_") for p, m in found.items()}
 
 
 @dataclass
@@ -74,6 +91,11 @@ class LoraWeights:
     def rank(self) -> int:
         return max((m["down"].shape[0] for m in self.modules.values()), default=0)
 
+    @property
+    def edits_text_encoder(self) -> bool:
+        """Whether some module is the text encoder's (the file then needs a loader that patches the CLIP too)."""
+        return any(is_text_path(p) for p in self.modules)
+
     def num_bytes(self, dtype=torch.float16) -> int:
         size = torch.tensor([], dtype=dtype).element_size()
         return sum(m["down"].numel() + m["up"].numel() for m in self.modules.values()) * size
@@ -83,9 +105,15 @@ class LoraWeights:
         """Tensors under ComfyUI-native ("comfyui") or kohya ("kohya") keys."""
         if key_format not in KEY_FORMATS:
             raise SpareInputError(f"key_format='{key_format}' is not one of {', '.join(KEY_FORMATS)}")
-        sd = {}
+        sd, text = {}, kohya_text_names(self.modules) if key_format == "kohya" else {}
         for path, m in self.modules.items():
-            name = prefix + path if key_format == "comfyui" else KOHYA_PREFIX + path.replace(".", "_")
+            if is_text_path(path):  # already "text_encoders.<path>": ComfyUI's key
+                name = path if key_format == "comfyui" else text.get(path)
+                if name is None:
+                    raise SpareInputError(f"key_format='kohya' has no name for the text-encoder module '{path}' "
+                                          "(kohya names CLIP encoders only); save with key_format 'comfyui'")
+            else:
+                name = prefix + path if key_format == "comfyui" else KOHYA_PREFIX + path.replace(".", "_")
             sd[name + ".lora_down.weight"] = m["down"].to(dtype).contiguous()
             sd[name + ".lora_up.weight"] = m["up"].to(dtype).contiguous()
             sd[name + ALPHA_SUFFIX] = m["alpha"].to(dtype)
@@ -94,12 +122,14 @@ class LoraWeights:
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], network: nn.Module, prefix: str = "diffusion_model.",
                         metadata: Optional[Mapping[str, str]] = None, source: str = "state dict") -> "LoraWeights":
-        """Parse either key format against `network`'s module paths.
+        """Parse either key format against `network`'s module paths (`network`: an nn.Module, or a
+        model.LoraTargets, whose text-encoder modules match "text_encoders." and kohya "lora_te*" keys).
 
         Raises SpareInputError when no key matches a Linear/Conv2d of `network`; unmatched keys are logged.
         """
         paths = {n for n, m in network.named_modules() if isinstance(m, ADAPTABLE)}
-        kohya = {KOHYA_PREFIX + p.replace(".", "_"): p for p in paths}
+        kohya = {KOHYA_PREFIX + p.replace(".", "_"): p for p in paths if not is_text_path(p)}
+        kohya.update({name: p for p, name in kohya_text_names(paths).items()})
         groups: dict[str, dict[str, torch.Tensor]] = {}
         unmatched = []
         for key, tensor in sd.items():
@@ -107,7 +137,8 @@ class LoraWeights:
                                 [(ALPHA_SUFFIX, "alpha")]:
                 if key.endswith(suffix):
                     stem = key[: -len(suffix)]
-                    path = stem[len(prefix):] if stem.startswith(prefix) else kohya.get(stem)
+                    path = stem[len(prefix):] if stem.startswith(prefix) else \
+                        stem if is_text_path(stem) else kohya.get(stem)
                     if path in paths:
                         groups.setdefault(path, {})[part] = tensor.float()
                     else:

@@ -15,7 +15,7 @@ Spaces and conventions (k-diffusion / ComfyUI):
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -41,6 +41,9 @@ class DiffusionModel(Protocol):
     """Dtype the network computes in (fp32 on CPU; fp16/bf16 models train under autocast)."""
 
     # Optional: `family` (a spare_core.families.Family or its name), the model family; absent = a UNet (families.UNET).
+    # Optional: `text_encoder` (nn.Module) with `encode_text(prompts)`: the text encoder `encode` runs, so that the
+    # distillation can put adapters on it too (DistillConfig.text_encoder). encode_text is encode computed now,
+    # through text_encoder's modules as they are (adapters included), differentiable under grad mode: no cache.
 
     def encode(self, prompts: Sequence[str]) -> Any:
         """Text conditioning for a batch of prompts (opaque to SPARE). SPARE calls it under torch.no_grad()."""
@@ -56,3 +59,40 @@ class DiffusionModel(Protocol):
 
     def sigma_at(self, t: torch.Tensor) -> torch.Tensor:
         """Noise level for normalised positions t in [0, 1] (1 = noisiest). Shape preserved."""
+
+
+TEXT_KEY_PREFIX = "text_encoders."
+"""Text-encoder modules in a LoraWeights and in a ComfyUI-format file: "text_encoders.<the text encoder's module
+path>" (comfy/lora.py model_lora_keys_clip maps "text_encoders.<state-dict key>" for every encoder it loads)."""
+
+
+def text_encoder_of(model: DiffusionModel) -> Optional[nn.Module]:
+    """The model's trainable text encoder, or None (a model without one, or without `encode_text`)."""
+    te = getattr(model, "text_encoder", None)
+    return te if isinstance(te, nn.Module) and callable(getattr(model, "encode_text", None)) else None
+
+
+class LoraTargets:
+    """The modules a LoRA's paths name: the network's under their own paths, the text encoder's (if any) under
+    TEXT_KEY_PREFIX. It offers the one nn.Module method that adapters and the file format read, `named_modules`
+    (hand-written: registering both as children of a new nn.Module would give the network's modules a prefix that
+    its LoRA files and saliency paths do not have)."""
+
+    def __init__(self, network: nn.Module, text_encoder: Optional[nn.Module] = None):
+        self.network, self.text_encoder = network, text_encoder
+
+    def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        yield from self.network.named_modules()
+        if self.text_encoder is not None:
+            for name, module in self.text_encoder.named_modules():
+                if name:
+                    yield TEXT_KEY_PREFIX + name, module
+
+
+def lora_targets(model: DiffusionModel) -> LoraTargets:
+    """Where a LoRA trained on `model` goes: its network and, if it has one, its text encoder."""
+    return LoraTargets(model.network, text_encoder_of(model))
+
+
+def is_text_path(path: str) -> bool:
+    return path.startswith(TEXT_KEY_PREFIX)

@@ -73,8 +73,8 @@ def generate(model, prompts, seeds, steps):
 def sample_edited(model, edited, prompts, seeds, steps):
     """Grid images of an erased model: ("lora", LoraWeights) applied to `model`, or ("model", the edited model)."""
     kind, obj = edited
-    if kind == "lora":
-        with sc.apply_lora(model.network, obj, 1.0):
+    if kind == "lora":  # on the network and, for a LoRA that edits it, the text encoder
+        with sc.apply_lora(sc.lora_targets(model), obj, 1.0):
             return generate(model, prompts, seeds, steps)
     if kind == "te-lora":  # spare-te (experiment): a LoRA on the text encoder
         wrapped = text_side(model)
@@ -122,6 +122,8 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
                                gradient_checkpointing=False)
         if no_retain:
             cfg = replace(cfg, retain_unconditional=False, retain_weight=0.0)
+        if method in TEXT_ENCODER_LINEARS:  # the experiments' own text-encoder adapters (text_side), not the product's
+            cfg = replace(cfg, text_encoder="off")
         cfg = replace(cfg, **dict(budget.spare_overrides))
         scan_cfg = replace(sc.ScanConfig(selection=budget.spare_fraction, targets=budget.spare_targets,
                                          scoring=budget.spare_scoring),

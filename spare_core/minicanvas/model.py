@@ -364,6 +364,10 @@ class MiniCanvasModel:
         """Per-token context [B, L, D] (gradients flow only if the caller enables them)."""
         return self.text_encoder(self.tokenizer(list(prompts)).to(self.device))
 
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """`encode`, through the text encoder as it is now (DistillConfig.text_encoder trains adapters on it)."""
+        return self.encode(prompts)
+
     def select_cond(self, cond: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return cond[index.to(cond.device)]
 

@@ -1,0 +1,109 @@
+"""The erasure in the text encoder too (DistillConfig.text_encoder): spare_core on the bundled MiniCanvas model, whose
+text encoder is a real (small) transformer. What the LoRA names, that the student's conditioning goes through the
+adapted text encoder, that nothing of the model is written, and the file's text-encoder keys."""
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import spare_core as sc
+from spare_core import lora as lora_mod
+from spare_core.distill import for_model
+from spare_core.errors import SpareInputError
+from spare_core.families import text_candidates
+from spare_core.model import TEXT_KEY_PREFIX, lora_targets, text_encoder_of
+from tiny_denoiser import TinyDiffusionModel
+
+CONCEPT, SURROGATE = "A circle image in neon style.", "A circle image in plain style."
+RETAIN = ["A circle image in sketch style.", "A square image in neon style."]
+FAST = dict(samples=2, sample_steps=4, batch_size=2, steps=6, seed=0, gradient_checkpointing=False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from spare_core.minicanvas.model import load
+    return load()
+
+
+@pytest.fixture(scope="module")
+def run(model):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    unet = ["input_blocks.3.1.transformer_blocks.0.attn2.to_k", "middle_block.1.transformer_blocks.0.attn2.to_v"]
+    unet = [p for p in unet if p in dict(model.network.named_modules())]
+    assert unet, "the MiniCanvas UNet's module names changed: update the test"
+    saliency = sc.Saliency({p: 1.0 for p in unet}, unet, {})
+    result = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, **FAST), saliency)
+    return result, before, unet
+
+
+def test_auto_is_on_for_a_unet_with_a_text_encoder_and_off_elsewhere(model):
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE])
+    assert cfg.text_encoder == "auto" and for_model(cfg, model).text_encoder == "on"
+    tiny = TinyDiffusionModel(seed=0)  # a text encoder without encode_text: nothing SPARE can train
+    assert text_encoder_of(tiny) is None and for_model(cfg, tiny).text_encoder == "off"
+    dit = copy.copy(model)
+    dit.family = "flux"  # the same text encoder on a DiT family: not measured there, so auto is off
+    assert for_model(cfg, dit).text_encoder == "off"
+    with pytest.raises(SpareInputError, match="text_encoder='on' needs"):
+        for_model(replace(cfg, text_encoder="on"), tiny)
+    with pytest.raises(SpareInputError, match="mix_rows"):
+        for_model(replace(cfg, text_encoder="on", mix_rows=2, retain=RETAIN), model)
+    with pytest.raises(SpareInputError, match="text_encoder='yes'"):
+        sc.distill_validate(replace(cfg, text_encoder="yes"), sc.Saliency({"a": 1.0}, ["a"], {}))
+
+
+def test_the_lora_holds_the_text_encoder_layers_and_the_selected_modules(model, run):
+    result, _, unet = run
+    text = [TEXT_KEY_PREFIX + p for p in text_candidates(model.text_encoder)]
+    assert len(text) == 4 * model.cfg.text_layers  # qkv, proj and the MLP's two Linears of every layer
+    assert list(result.lora.modules) == text + unet and result.lora.edits_text_encoder
+    assert result.config.text_encoder == "on"
+    trained = [p for p in text if result.lora.modules[p]["up"].abs().max() > 0]
+    assert trained == text  # every text adapter got a gradient (B starts at zero)
+    assert result.gap_closed > 0
+
+
+def test_nothing_of_the_model_is_written_and_no_hook_stays(model, run):
+    _, before, _ = run
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for net in (model.network, model.text_encoder):
+        assert all(not m._forward_hooks for m in net.modules())
+
+
+def test_applied_lora_changes_what_the_concept_prompt_means(model, run):
+    result = run[0]
+    plain = model.encode([CONCEPT, SURROGATE])
+    with sc.apply_lora(lora_targets(model), result.lora, 1.0):
+        erased = model.encode([CONCEPT, SURROGATE])
+    assert not torch.allclose(erased[0], plain[0], atol=1e-4)
+    assert torch.equal(model.encode([CONCEPT]), plain[:1])  # removed: the model as it was
+    with pytest.raises(SpareInputError, match="text-encoder module"):
+        sc.apply_lora(model.network, result.lora, 1.0)  # half of the erasure is refused, not applied
+
+
+def test_file_keys_round_trip_and_kohya_refuses_non_clip_names(model, run, tmp_path):
+    lora = run[0].lora
+    path = sc.save_lora(str(tmp_path / "te.safetensors"), lora)
+    with safe_open(path, "pt") as f:
+        keys = set(f.keys())
+    assert "text_encoders.layers.0.qkv.lora_up.weight" in keys  # ComfyUI's "text_encoders.<state-dict path>"
+    assert any(k.startswith("diffusion_model.") for k in keys)
+    back = sc.load_lora(path, lora_targets(model))
+    assert set(back.modules) == set(lora.modules)
+    for p, m in lora.modules.items():
+        assert torch.allclose(back.modules[p]["up"], m["up"].half().float())
+    with pytest.raises(SpareInputError, match="key_format 'comfyui'"):
+        sc.save_lora(str(tmp_path / "k.safetensors"), lora, key_format="kohya")
+
+
+def test_kohya_names_of_clip_text_encoders_are_the_ones_comfyui_maps():
+    """comfy/lora.py model_lora_keys_clip: "lora_te_text_model_encoder_layers_<b>_<c>" for one CLIP (SD1 clip_l, SD2
+    clip_h), lora_te1_ / lora_te2_ for SDXL's clip_l / clip_g (the host tests load such files with LoraLoader)."""
+    layer = "transformer.text_model.encoder.layers.3.self_attn.q_proj"
+    sd1 = lora_mod.kohya_text_names([f"text_encoders.clip_l.{layer}", "text_encoders.t5xxl.transformer.x"])
+    assert sd1 == {f"text_encoders.clip_l.{layer}": "lora_te_text_model_encoder_layers_3_self_attn_q_proj"}
+    sdxl = lora_mod.kohya_text_names([f"text_encoders.clip_l.{layer}", f"text_encoders.clip_g.{layer}"])
+    assert sorted(sdxl.values()) == ["lora_te1_text_model_encoder_layers_3_self_attn_q_proj",
+                                     "lora_te2_text_model_encoder_layers_3_self_attn_q_proj"]
