@@ -43,7 +43,7 @@ import torch
 
 from ._version import __version__
 from .adapters import AdapterSet, attach
-from .autograd import backward_safe, frozen
+from .autograd import backward_safe, frozen, inplace_safe
 from .calibrate import calibrate_strength
 from .config import LOSS_WEIGHTINGS, SAMPLE_CFG, SAMPLE_STEPS, option
 from .families import family_of, text_candidates
@@ -741,8 +741,13 @@ def training_mode(model: DiffusionModel, cfg: DistillConfig):
     devices = [model.device] if model.device.type == "cuda" else []
     checkpointing = backward_safe(model.network, cfg.gradient_checkpointing, family_of(model).inplace_residuals)
     text = text_encoder_of(model) if cfg.text_encoder == "on" else None
-    with torch.random.fork_rng(devices=devices), frozen(model.network), \
-            frozen(text) if text is not None else contextlib.nullcontext(), torch.inference_mode(False), \
+    # a text encoder's layers may add residuals in place (ComfyUI's CLIPLayer: x += attn(norm(x))): its norms read
+    # copies whenever autograd records them (autograd.inplace_safe; a no-op for the no-grad teacher)
+    text_safe = contextlib.ExitStack()
+    if text is not None:
+        text_safe.enter_context(frozen(text))
+        text_safe.enter_context(inplace_safe(text))
+    with torch.random.fork_rng(devices=devices), frozen(model.network), text_safe, torch.inference_mode(False), \
             torch.enable_grad(), checkpointing:
         torch.manual_seed(cfg.seed)
         yield

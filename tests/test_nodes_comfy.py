@@ -1,5 +1,6 @@
 """The four SPARE nodes executed in-process on real tiny ComfyUI models (SD1.5, SD2.x v-prediction, SDXL), under
-the executor's inference mode; the LoRA files they write loaded by ComfyUI's stock LoraLoaderModelOnly.
+the executor's inference mode; the LoRA files they write (diffusion model and, by default on these UNets, the CLIP's
+text encoder) loaded by ComfyUI's stock LoraLoader.
 
 Needs a ComfyUI checkout in COMFYUI_PATH (scripts/setup_comfyui.sh); skipped with the reason printed otherwise.
 """
@@ -99,8 +100,11 @@ def test_nodes_end_to_end(pack, family, caplog):
         assert os.path.isfile(path) and curve.shape[-1] == 3
         with safe_open(path, "pt") as f:
             keys, meta = list(f.keys()), f.metadata()
-        prefix = "diffusion_model." if key_format == "comfyui" else "lora_unet_"
-        assert keys and all(k.startswith(prefix) for k in keys)
+        prefix, text = ("diffusion_model.", "text_encoders.") if key_format == "comfyui" else ("lora_unet_", "lora_te")
+        assert keys and all(k.startswith((prefix, text)) for k in keys)
+        assert any(k.startswith(prefix) for k in keys) and any(k.startswith(text) for k in keys)  # both sides
+        if family == "sdxl" and key_format == "kohya":  # SDXL's two CLIPs: kohya's te1 (clip_l) and te2 (clip_g)
+            assert {k[:9] for k in keys if k.startswith(text)} == {"lora_te1_", "lora_te2_"}
         assert meta["spare.concepts"] == '["a red cat"]' and meta["ss_network_dim"] == "2"
         # the base-model fields A1111 filters its LoRA list by (and Forge reads), as kohya's sd-scripts write them
         version, arch = {"sd15": ("sd_v1", "stable-diffusion-v1/lora"),
@@ -108,21 +112,27 @@ def test_nodes_end_to_end(pack, family, caplog):
                          "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")}[family]
         assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == (version, arch)
         assert meta["ss_v2"] == ("True" if family == "sd2v" else "False")
-        # stock loader: every key maps ("lora key not loaded" would be logged otherwise)
+        # stock loader: every key maps, to the model or to the CLIP ("NOT LOADED" / "lora key not loaded" would be
+        # logged otherwise)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            stock = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, filename, 1.0)[0]
-        assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+            stock = comfy_nodes.LoraLoader().load_lora(model, clip, filename, 1.0, 1.0)
+        assert not [r for r in caplog.records if "not loaded" in r.getMessage().lower()]
+        assert len(stock[1].patcher.patches) > 0  # the CLIP got the text encoder's part
         applied = run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=nodes_mod.NO_FILE,
-                      lora=lora_sd)[0]
-        from_file = run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=filename)[0]
-        p_stock, p_applied, p_file = probe(stock, clip), probe(applied, clip), probe(from_file, clip)
+                      lora=lora_sd, clip=clip)
+        from_file = run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=filename, clip=clip)
+        p_stock, p_applied, p_file = probe(*stock), probe(*applied), probe(*from_file)
         p_base = probe(model, clip)
         assert not torch.allclose(p_applied, p_base, atol=1e-6), "the LoRA changed nothing"
+        assert not torch.allclose(probe(model, applied[1]), p_base, atol=1e-6), "the text encoder's part did nothing"
         assert torch.allclose(p_stock, p_applied, atol=1e-4) and torch.allclose(p_file, p_applied, atol=1e-4)
-        # strength 0 is the original model
-        zero = run(nodes_mod.ApplyErasure, model=model, strength=0.0, lora_name=filename)[0]
-        assert torch.equal(probe(zero, clip), p_base)
+        # strength 0 is the original model (and CLIP)
+        zero = run(nodes_mod.ApplyErasure, model=model, strength=0.0, lora_name=filename, clip=clip)
+        assert zero[1] is clip and torch.equal(probe(*zero), p_base)
+        # without the CLIP, half of the erasure is refused, not applied
+        with pytest.raises(nodes_mod.SpareInputError, match="also edits the text encoder"):
+            run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=filename)
         results[key_format] = p_applied
     assert torch.allclose(results["comfyui"], results["kohya"], atol=1e-5)  # same training, same seed
     # the input MODEL is untouched: same seed, bit-identical samples after every node ran
@@ -139,13 +149,14 @@ def test_exported_lora_matches_spare_core_hooks(pack):
     model, clip = cf.build_tiny("sd15", seed=2)
     saliency = scan(nodes_mod, model, clip)[0]
     lora_sd, _, filename = distill(nodes_mod, model, clip, saliency, alpha=5.0, rank=3)
-    patched = run(nodes_mod.ApplyErasure, model=model, strength=0.7, lora_name=filename)[0]
+    patched = run(nodes_mod.ApplyErasure, model=model, strength=0.7, lora_name=filename, clip=clip)
     expected_base = probe(model, clip)
-    lora = sc.load_lora(os.path.join(str(loras), filename), model.model.diffusion_model)
-    with sc.apply_lora(model.model.diffusion_model, lora, 0.7):
+    lora = sc.load_lora(os.path.join(str(loras), filename), sc.lora_targets(host.ComfyDiffusionModel(model, clip)))
+    assert lora.edits_text_encoder
+    with sc.apply_lora(sc.lora_targets(host.ComfyDiffusionModel(model, clip)), lora, 0.7):
         hooked = probe(model, clip)
     assert not torch.allclose(hooked, expected_base, atol=1e-6)
-    assert torch.allclose(probe(patched, clip), hooked, atol=1e-4)
+    assert torch.allclose(probe(*patched), hooked, atol=1e-4)
     assert torch.equal(probe(model, clip), expected_base)
 
 
