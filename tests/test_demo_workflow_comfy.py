@@ -102,6 +102,7 @@ def add_judge_branches(prompt: dict) -> tuple[dict, dict]:
     settings = prompt[after[0]]["inputs"]
     negative = settings["negative"]
     models = {"erased": [apply_id, 0], "base": [demo_id, 0]}
+    clips = {"erased": [apply_id, 1], "base": [demo_id, 1]}  # Apply Erasure's CLIP: the LoRA's text-encoder part
     judged = {}
     next_id = FIRST_JUDGE_ID
     assert max(int(k) for k in prompt) < FIRST_JUDGE_ID
@@ -109,7 +110,7 @@ def add_judge_branches(prompt: dict) -> tuple[dict, dict]:
         for kind in ("erased", "base") if label == "erased" else ("erased",):
             enc, ks, dec, save = (str(next_id + i) for i in range(4))
             next_id += 4
-            prompt[enc] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": [demo_id, 1]}}
+            prompt[enc] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": clips[kind]}}
             prompt[ks] = {"class_type": "KSampler", "inputs": {
                 **{k: settings[k] for k in ("steps", "cfg", "sampler_name", "scheduler", "denoise")},
                 "seed": seed, "model": models[kind], "positive": [enc, 0], "negative": negative,
@@ -211,13 +212,15 @@ def test_demo_workflow_runs_as_shipped(server, demo_run, demo):
 
 
 def test_lora_file_is_written_and_loads_with_every_key(server, demo_run, demo, caplog):
-    """The LoRA file: SPARE's format (check_lora_file), every key mapped by comfy.lora.model_lora_keys_unet on the
-    demo model (in this process, counted), no "lora key not loaded" in the server log, and the stock
-    LoraLoaderModelOnly on the file draws what Apply Erasure drew from the in-memory LoRA."""
+    """The LoRA file: SPARE's format (check_lora_file), every key mapped by comfy.lora's key maps of the demo model
+    and its CLIP (in this process, counted), no "lora key not loaded" in the server log, and the stock LoraLoader on
+    the file (model and CLIP) draws what Apply Erasure drew from the in-memory LoRA."""
     workflow, lora_file = demo
     _, shipped, prompt, judged, entry, _ = demo_run
     assert_success(entry, server, workflow)
-    keys, meta = check_lora_file(server.loras / lora_file, "comfyui")
+    (demo_id,) = nodes_of(shipped, "SPAREDemoModel")
+    unet = shipped[demo_id]["inputs"].get("model", "MiniCanvas (UNet)") == "MiniCanvas (UNet)"  # text_encoder auto: UNet only
+    keys, meta = check_lora_file(server.loras / lora_file, "comfyui", text=unet)
     assert_no_lost_keys(server)
     modules = {k[:-len(".lora_up.weight")] for k in keys if k.endswith(".lora_up.weight")}
     print(f"[lora] {lora_file}: {len(keys)} tensors, {len(modules)} modules, "
@@ -227,10 +230,9 @@ def test_lora_file_is_written_and_loads_with_every_key(server, demo_run, demo, c
     cf.comfy_or_skip()
     import comfy.lora
     import comfy.utils
-    (demo_id,) = nodes_of(shipped, "SPAREDemoModel")
     # the MODEL the workflow's demo node loaded: its `model` choice through the node's own loaders
-    model = cf.load_pack_module("nodes/demo_model.py").DEMOS[shipped[demo_id]["inputs"]["model"]]()[0]
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    model, clip = cf.load_pack_module("nodes/demo_model.py").DEMOS[shipped[demo_id]["inputs"]["model"]]()[:2]
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, comfy.lora.model_lora_keys_unet(model.model, {}))
     assert modules and all(m in key_map for m in modules), sorted(modules - set(key_map))[:5]
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -243,18 +245,21 @@ def test_lora_file_is_written_and_loads_with_every_key(server, demo_run, demo, c
     # the file did not exist when the first one was validated)
     picks = [next(i for i, j in judged.items() if j[0] == "erased" and j[1] == label) for label in ("erased", "other")]
     second = {demo_id: shipped[demo_id],
-              "900": {"class_type": "LoraLoaderModelOnly",
-                      "inputs": {"model": [demo_id, 0], "lora_name": lora_file, "strength_model": 1.0}}}
-    negative = next(iter(nodes_of(shipped, "KSampler").values()))["inputs"]["negative"]
-    second[negative[0]] = shipped[negative[0]]
+              "900": {"class_type": "LoraLoader",
+                      "inputs": {"model": [demo_id, 0], "clip": [demo_id, 1], "lora_name": lora_file,
+                                 "strength_model": 1.0, "strength_clip": 1.0}}}
+
+    def with_loader_clip(node_id):  # a CLIPTextEncode of the prompt, on the stock loader's CLIP
+        return dict(prompt[node_id], inputs=dict(prompt[node_id]["inputs"], clip=["900", 1]))
     for save_id in picks:
         ks = source(prompt, source(prompt, save_id, "images"), "samples")
-        enc = source(prompt, ks, "positive")
+        enc, neg = source(prompt, ks, "positive"), source(prompt, ks, "negative")
         dec = source(prompt, save_id, "images")
-        second.update({enc: prompt[enc], dec: prompt[dec], save_id: prompt[save_id],
+        second.update({enc: with_loader_clip(enc), neg: with_loader_clip(neg), dec: prompt[dec],
+                       save_id: prompt[save_id],
                        ks: dict(prompt[ks], inputs=dict(prompt[ks]["inputs"], model=["900", 0]))})
     entry2 = run_long(server, second, {}, timeout=120)
-    assert_success(entry2, server, "stock LoraLoaderModelOnly on " + lora_file)
+    assert_success(entry2, server, "stock LoraLoader on " + lora_file)
     assert_no_lost_keys(server)
     for save_id in picks:
         stock, ours = fetch_images(server, entry2, save_id), fetch_images(server, entry, save_id)

@@ -73,7 +73,8 @@ def test_nodes_train_what_the_library_trains(host, monkeypatch):
     library = harness.LibraryHost()
     (_, lora), lib_info = library.erase("spare", domain, name, TINY, seed=1)
     assert info["steps_used"] == lib_info["steps_used"] and info["trainable_params"] == lib_info["trainable_params"]
-    node_lora = sc.lora.LoraWeights.from_state_dict(_node_sd(host, info), library.model.network)
+    node_lora = sc.lora.LoraWeights.from_state_dict(_node_sd(host, info), sc.lora_targets(library.model))
+    assert node_lora.edits_text_encoder  # the UNet's default: the text encoder trains too
     assert set(node_lora.modules) == set(lora.modules)
     worst = 0.0
     for path, m in lora.modules.items():

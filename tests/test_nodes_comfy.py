@@ -224,8 +224,8 @@ def test_scan_and_apply_errors(pack, tmp_path):
         scan(nodes_mod, model, clip, concept="")
     with pytest.raises(SpareInputError, match="needs a LoRA"):
         run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=nodes_mod.NO_FILE)
-    other = {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(4, 2),
-             "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 4)}
+    other = {"diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight": torch.zeros(4, 2),  # a Flux LoRA
+             "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight": torch.zeros(2, 4)}
     with pytest.raises(SpareInputError, match="none of its 2 keys matches this model"):
         run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=nodes_mod.NO_FILE, lora=other)
     # a truncated / foreign file in the loras folder: named, not safetensors' raw "header too large"
@@ -330,8 +330,8 @@ def test_bf16_model_trains_under_autocast(pack):
     lora_sd, curve, filename = distill(nodes_mod, model, clip, saliency, steps=3)
     ups = [v for k, v in lora_sd.items() if k.endswith("lora_up.weight")]
     assert ups and all(torch.isfinite(u.float()).all() for u in ups) and any(u.abs().sum() > 0 for u in ups)
-    patched = run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=filename)[0]
-    assert torch.isfinite(probe(patched, clip)).all()
+    patched = run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=filename, clip=clip)
+    assert torch.isfinite(probe(*patched)).all()
 
 
 def test_one_sample_set_feeds_every_stage(pack):

@@ -45,9 +45,10 @@ EXPECTED_NODES = {
     "SPARESparseLoraDistill": (["model", "clip", "concepts", "surrogates", "retain", "saliency", "rank", "alpha",
                                 "steps", "learning_rate", "forget_weight", "retain_weight", "seed", "filename_prefix",
                                 "key_format", "gradient_checkpointing", "resolution", "samples", "loss_weighting"],
-                               ["timesteps", "latents", "stop_at_gap_closed", "surrogate_anchor", "guidance"],
+                               ["timesteps", "latents", "stop_at_gap_closed", "surrogate_anchor", "guidance",
+                                "text_encoder"],
                                ["LORA_MODEL", "IMAGE", "STRING"]),
-    "SPAREApplyErasure": (["model", "strength", "lora_name"], ["lora"], ["MODEL"]),
+    "SPAREApplyErasure": (["model", "strength", "lora_name"], ["lora", "clip"], ["MODEL", "CLIP"]),
 }
 
 
@@ -130,15 +131,19 @@ def assert_images(entry: dict, server: Server, prompt: dict, class_type: str):
                 assert (server.base / "output" / im["subfolder"] / im["filename"]).is_file(), im
 
 
-def check_lora_file(path: Path, key_format: str):
+def check_lora_file(path: Path, key_format: str, text: bool = True):
+    """The file's keys, format metadata and ranks; text: it must hold text-encoder keys too (Distill's text_encoder
+    auto on a UNet), else none."""
     from safetensors import safe_open
 
     assert path.is_file(), f"{path} was not written; loras folder: {sorted(p.name for p in path.parent.rglob('*'))}"
     with safe_open(str(path), framework="pt") as f:
         keys, meta = list(f.keys()), f.metadata() or {}
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-    prefix = "diffusion_model." if key_format == "comfyui" else "lora_unet_"
-    assert keys and all(k.startswith(prefix) for k in keys), keys[:5]
+    prefix, text_prefix = ("diffusion_model.", "text_encoders.") if key_format == "comfyui" else \
+        ("lora_unet_", "lora_te")
+    assert keys and all(k.startswith((prefix, text_prefix)) for k in keys), keys[:5]
+    assert any(k.startswith(prefix) for k in keys) and any(k.startswith(text_prefix) for k in keys) == text, keys[:5]
     assert any(k.endswith(".lora_up.weight") for k in keys) and any(k.endswith(".lora_down.weight") for k in keys)
     assert meta.get("spare.key_format") == key_format, meta
     assert meta.get("ss_network_dim") == "8" and "spare.base_model" in meta, meta
@@ -150,7 +155,7 @@ def check_lora_file(path: Path, key_format: str):
 
 
 def assert_no_lost_keys(server: Server):
-    lost = [ln for ln in server.log().splitlines() if "lora key not loaded" in ln]
+    lost = [ln for ln in server.log().splitlines() if "lora key not loaded" in ln or "NOT LOADED" in ln]
     assert not lost, "ComfyUI's LoRA loader ignored keys:\n" + "\n".join(lost[:10])
 
 
@@ -302,7 +307,7 @@ def test_reuse_lora_with_stock_loader(server, object_info, style_run):
     assert_success(style_run[2], server, "erase_style.json (makes the LoRA)")
     wf = load_workflow("reuse_lora_stock_loader.json")
     prompt = tiny_prompt(wf, object_info, "sd15")
-    (loader,) = nodes_of(prompt, "LoraLoaderModelOnly").values()
+    (loader,) = nodes_of(prompt, "LoraLoader").values()  # model and CLIP: the file edits the text encoder too
     assert loader["inputs"]["lora_name"] == STYLE_LORA
     t = time.monotonic()
     entry = server.run(prompt, wf)

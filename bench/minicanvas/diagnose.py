@@ -131,7 +131,7 @@ def trajectory(model, judge, domain: str, name: str, lora, steps: int = 12) -> l
 
         def denoise(x, s):
             if erased:
-                with sc.apply_lora(model.network, lora, 1.0):
+                with sc.apply_lora(sc.lora_targets(model), lora, 1.0):
                     x0 = guided(x, s)
             else:
                 x0 = guided(x, s)
@@ -167,7 +167,7 @@ def strength(model, judge, domain: str, name: str, lora, seed: int, retain_set: 
     prompts, seeds, metrics = grid_judge(judge, domain, name, seed, retain_set)
     rows = []
     for st in STRENGTHS:
-        with sc.apply_lora(model.network, lora, st):
+        with sc.apply_lora(sc.lora_targets(model), lora, st):
             rows.append({"strength": st, **metrics(generate(model, prompts, seeds, steps))})
     return rows
 
@@ -191,7 +191,7 @@ def calibrate(model, judge, domain: str, name: str, lora, seed: int, retain_set:
     prompts, seeds, metrics = grid_judge(judge, domain, name, seed, retain_set)
     rows = []
     for st in CALIBRATE_STRENGTHS:
-        with sc.apply_lora(model.network, lora, st), torch.no_grad():
+        with sc.apply_lora(sc.lora_targets(model), lora, st), torch.no_grad():
             xe = samples(concepts)
             m = metrics(generate(model, prompts, seeds, steps))
         axis = xs - xc
@@ -211,7 +211,7 @@ def groups(model, judge, domain: str, name: str, lora, seed: int, retain_set: st
     for group in [None] + list(by_group):
         dropped = set(by_group.get(group, []))
         kept = replace(lora, modules={k: v for k, v in lora.modules.items() if k not in dropped})
-        with sc.apply_lora(model.network, kept, 1.0):
+        with sc.apply_lora(sc.lora_targets(model), kept, 1.0):
             rows.append({"without": group or "(nothing)", "modules": len(by_group.get(group, [])),
                          **metrics(generate(model, prompts, seeds, steps))})
     return rows
@@ -278,7 +278,7 @@ def geometry(model, judge, domain: str, name: str, lora, seed: int, retain_set: 
     listed, unlisted = [names[i] for i in split["listed"]], [names[i] for i in split["unlisted"]]
     order = classes + [neutral]
     before = _codes(model, domain, order)
-    with sc.apply_lora(model.network, lora, 1.0):
+    with sc.apply_lora(sc.lora_targets(model), lora, 1.0):
         after = _codes(model, domain, order)
     out, per_class = {"spectrum": {}, "unlisted": []}, {u: {} for u in unlisted}
     for code, b, a in (("pooled", *[x[0] for x in (before, after)]), ("kv", *[x[1] for x in (before, after)])):
@@ -297,7 +297,7 @@ def geometry(model, judge, domain: str, name: str, lora, seed: int, retain_set: 
     own, other = ("style", "object") if domain == "style" else ("object", "style")
     acc = {}
     for erased in (False, True):
-        with sc.apply_lora(model.network, lora, 1.0 if erased else 0.0):
+        with sc.apply_lora(sc.lora_targets(model), lora, 1.0 if erased else 0.0):
             j = judge(generate(model, prompts, seeds, steps))
         rows = {u: labels == names.index(u) for u in unlisted}
         acc[erased] = {u: (100.0 * float((j[own][r] == names.index(u)).float().mean()),
@@ -316,7 +316,7 @@ def guidance(model, judge, domain: str, name: str, lora, seed: int, retain_set: 
     rows = []
     for g in GUIDANCES:
         for erased in (False, True):
-            with sc.apply_lora(model.network, lora, 1.0 if erased else 0.0):
+            with sc.apply_lora(sc.lora_targets(model), lora, 1.0 if erased else 0.0):
                 images = model.sample(prompts, seed=seeds, steps=steps, cfg=g)
             rows.append({"cfg": g, "erased": erased, **metrics(images)})
     return rows
@@ -336,7 +336,7 @@ def residual(model, judge, domain: str, name: str, lora, steps: int = 12) -> lis
     rows = []
 
     def denoise(x, sigma):
-        with sc.apply_lora(model.network, lora, 1.0):
+        with sc.apply_lora(sc.lora_targets(model), lora, 1.0):
             ec, eu = model.predict_x0(x, sigma, c), model.predict_x0(x, sigma, u)
         tc, ts, tu = (model.predict_x0(x, sigma, k) for k in (c, s, u))
         gap = (tc - ts).pow(2).sum().sqrt()

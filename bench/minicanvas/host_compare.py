@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import torch
 
+import spare_core as sc
 from spare_core.minicanvas import data
 
 from .budgets import EVAL_TEMPLATES, ERASABLE_OBJECTS, ERASABLE_STYLES, Budget
@@ -92,15 +93,15 @@ def split(concept: str, seed: int = 0, grid_seeds: int = 1, sample_steps: int = 
         times = {"library": {"wall_s": t1 - t0, "cpu_s": c1 - c0}, "comfyui": {"wall_s": t2 - t1, "cpu_s": c2 - c1}}
         from safetensors.torch import load_file
         node_lora = sc.lora.LoraWeights.from_state_dict(
-            load_file(os.path.join(comfy.loras, node_info["lora_file"])), library.model.network)
+            load_file(os.path.join(comfy.loras, node_info["lora_file"])), sc.lora_targets(library.model))
         rel = {}
         for part in ("up", "down"):
             num = sum(((node_lora.modules[p][part].float() - m[part]) ** 2).sum() for p, m in lib_lora.modules.items())
             den = sum((m[part] ** 2).sum() for m in lib_lora.modules.values())
             rel[part] = (num / den).sqrt().item()
         lib_sd = lib_lora.state_dict("comfyui")  # what the library would save (fp16), applied by the node
-        (lib_in_comfy,) = host_path.run_node(comfy.nodes.ApplyErasure, model=comfy.model, strength=1.0,
-                                             lora_name=comfy.nodes.NO_FILE, lora=lib_sd)
+        lib_in_comfy = host_path.run_node(comfy.nodes.ApplyErasure, model=comfy.model, strength=1.0,
+                                          lora_name=comfy.nodes.NO_FILE, lora=lib_sd, clip=comfy.clip)
         a = library.sample(("lora", lib_lora), prompts, seeds, sample_steps)
         b = comfy.sample(("model", lib_in_comfy), prompts, seeds, sample_steps)
         c = comfy.sample(("model", node_model), prompts, seeds, sample_steps)

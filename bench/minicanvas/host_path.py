@@ -202,8 +202,8 @@ class ComfyHost:
 
     # --- training: the erase workflow -------------------------------------------------------------------------------
     def erase(self, method, domain, name, budget, seed=0):
-        """`methods.run_method` through the nodes, for one concept and training seed: (("model", erased MODEL), info
-        with the harness' keys, read from the Distill node's LoRA file metadata and LORA_MODEL)."""
+        """`methods.run_method` through the nodes, for one concept and training seed: (("model", (erased MODEL, its
+        CLIP)), info with the harness' keys, read from the Distill node's LoRA file metadata and LORA_MODEL)."""
         if method not in METHODS:
             raise ValueError(f"--host comfyui runs {', '.join(METHODS)} only (the nodes implement SPARE; the ablations "
                              f"and baselines have no nodes), not {method!r}")
@@ -245,7 +245,9 @@ class ComfyHost:
                     latents=latents, surrogate_anchor=defaults.surrogate_anchor, **common)
         finally:
             logging.getLogger("spare").removeHandler(warnings)
-        (erased,) = run_node(n.ApplyErasure, model=self.model, strength=1.0, lora_name=n.NO_FILE, lora=lora)
+        # (MODEL, CLIP): the LoRA edits the text encoder too where Distill's text_encoder is on (the UNet)
+        erased = run_node(n.ApplyErasure, model=self.model, strength=1.0, lora_name=n.NO_FILE, lora=lora,
+                          clip=self.clip)
         seconds = time.perf_counter() - t0
         meta = self._metadata(filename)
         matrices = [t for k, t in lora.items() if k.endswith((".lora_up.weight", ".lora_down.weight"))]
@@ -265,17 +267,20 @@ class ComfyHost:
             return f.metadata() or {}
 
     # --- evaluation: KSampler -------------------------------------------------------------------------------------
-    def _encode(self, prompts) -> list:
-        """CLIPTextEncode's CONDITIONING per prompt (cached), batched into one entry: [[cond [B, L, D],
-        {"pooled_output": [B, P]}]] (the pooled vector where the model has one: MiniCanvas-Flux's vector_in reads it)."""
+    def _encode(self, prompts, clip=None) -> list:
+        """CLIPTextEncode's CONDITIONING per prompt, batched into one entry: [[cond [B, L, D], {"pooled_output": [B,
+        P]}]] (the pooled vector where the model has one: MiniCanvas-Flux's vector_in reads it). `clip`: an erased
+        CLIP (Apply Erasure's output; not cached), else the demo CLIP (cached)."""
+        clip = self.clip if clip is None else clip
+        conds = self._conds if clip is self.clip else {}
         for p in prompts:
-            if p not in self._conds:
+            if p not in conds:
                 with torch.inference_mode():
-                    self._conds[p] = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(p))[0]
+                    conds[p] = clip.encode_from_tokens_scheduled(clip.tokenize(p))[0]
         extras = {}
-        if all(self._conds[p][1].get("pooled_output") is not None for p in prompts):
-            extras["pooled_output"] = torch.cat([self._conds[p][1]["pooled_output"] for p in prompts])
-        return [[torch.cat([self._conds[p][0] for p in prompts]), extras]]
+        if all(conds[p][1].get("pooled_output") is not None for p in prompts):
+            extras["pooled_output"] = torch.cat([conds[p][1]["pooled_output"] for p in prompts])
+        return [[torch.cat([conds[p][0] for p in prompts]), extras]]
 
     def sample(self, edited, prompts, seeds, steps) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] of `prompts` (image i with seed seeds[i]) from the erased MODEL (or the demo
@@ -283,7 +288,8 @@ class ComfyHost:
         with the model's grid settings (grid_settings), then VAE Decode."""
         import comfy.sample
 
-        model = self.model if edited is None else edited[1]
+        model, clip = (self.model, self.clip) if edited is None else edited[1] if isinstance(edited[1], tuple) \
+            else (edited[1], self.clip)  # ("model", (MODEL, CLIP)) from erase, or ("model", MODEL)
         prompts, seeds = list(prompts), list(seeds)
         out = []
         for a in range(0, len(prompts), GRID_BATCH):
@@ -292,8 +298,8 @@ class ComfyHost:
                 latent = torch.zeros((len(p), *self.latent_shape))
                 # KSampler's noise for a batch of one with seed s (comfy.sample.prepare_noise), one image at a time
                 noise = torch.cat([comfy.sample.prepare_noise(latent[:1], int(seed)) for seed in s])
-                positive = self._encode(p)
-                negative = self._encode([self.grid["negative"]])
+                positive = self._encode(p, clip)
+                negative = self._encode([self.grid["negative"]], clip)
                 x = comfy.sample.sample(model, noise, steps, self.grid["cfg"], self.grid["sampler"],
                                         self.grid["scheduler"], positive, negative, latent, disable_pbar=True,
                                         seed=int(s[0]))
