@@ -49,7 +49,7 @@ from .config import LOSS_WEIGHTINGS, SAMPLE_CFG, SAMPLE_STEPS, option
 from .families import family_of, text_candidates
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import LoraWeights, metadata_json
-from .model import TEXT_KEY_PREFIX, DiffusionModel, lora_targets, text_encoder_of
+from .model import DiffusionModel, lora_targets, text_encoder_of, text_key_prefix
 from .prompts import expand_alternatives, validate_prompts
 from .sampling import data_std, forward_rows, generate, loss_weight, noised, uniform_t
 from .saliency import Saliency
@@ -432,7 +432,7 @@ def adapter_targets(model: DiffusionModel, cfg: DistillConfig, saliency: Salienc
     sets the adapters' random init (the benchmark's stored runs made the text encoder's first)."""
     if cfg.text_encoder != "on":
         return model.network, list(saliency.selected)
-    text = [TEXT_KEY_PREFIX + p for p in text_candidates(text_encoder_of(model))]
+    text = [text_key_prefix(model) + p for p in text_candidates(text_encoder_of(model))]
     return lora_targets(model), text + list(saliency.selected)
 
 

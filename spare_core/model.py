@@ -44,6 +44,8 @@ class DiffusionModel(Protocol):
     # Optional: `text_encoder` (nn.Module) with `encode_text(prompts)`: the text encoder `encode` runs, so that the
     # distillation can put adapters on it too (DistillConfig.text_encoder). encode_text is encode computed now,
     # through text_encoder's modules as they are (adapters included), differentiable under grad mode: no cache.
+    # `text_key_prefix` (default TEXT_KEY_PREFIX): what its module paths get in a LoRA, so that they name the keys of
+    # the host's text-encoder state dict ("text_encoders." + the path ComfyUI's CLIP model has for it).
 
     def encode(self, prompts: Sequence[str]) -> Any:
         """Text conditioning for a batch of prompts (opaque to SPARE). SPARE calls it under torch.no_grad()."""
@@ -74,24 +76,32 @@ def text_encoder_of(model: DiffusionModel) -> Optional[nn.Module]:
 
 class LoraTargets:
     """The modules a LoRA's paths name: the network's under their own paths, the text encoder's (if any) under
-    TEXT_KEY_PREFIX. It offers the one nn.Module method that adapters and the file format read, `named_modules`
+    TEXT_KEY_PREFIX (or the model's text_key_prefix). It offers the one nn.Module method that adapters and the file format read, `named_modules`
     (hand-written: registering both as children of a new nn.Module would give the network's modules a prefix that
     its LoRA files and saliency paths do not have)."""
 
-    def __init__(self, network: nn.Module, text_encoder: Optional[nn.Module] = None):
-        self.network, self.text_encoder = network, text_encoder
+    def __init__(self, network: nn.Module, text_encoder: Optional[nn.Module] = None, prefix: str = TEXT_KEY_PREFIX):
+        self.network, self.text_encoder, self.prefix = network, text_encoder, prefix
 
     def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
         yield from self.network.named_modules()
         if self.text_encoder is not None:
             for name, module in self.text_encoder.named_modules():
                 if name:
-                    yield TEXT_KEY_PREFIX + name, module
+                    yield self.prefix + name, module
+
+
+def text_key_prefix(model: DiffusionModel) -> str:
+    """The prefix of the model's text-encoder modules in a LoRA (`text_key_prefix`, default TEXT_KEY_PREFIX)."""
+    prefix = getattr(model, "text_key_prefix", TEXT_KEY_PREFIX)
+    if not prefix.startswith(TEXT_KEY_PREFIX):
+        raise ValueError(f"text_key_prefix '{prefix}' must start with '{TEXT_KEY_PREFIX}'")
+    return prefix
 
 
 def lora_targets(model: DiffusionModel) -> LoraTargets:
     """Where a LoRA trained on `model` goes: its network and, if it has one, its text encoder."""
-    return LoraTargets(model.network, text_encoder_of(model))
+    return LoraTargets(model.network, text_encoder_of(model), text_key_prefix(model))
 
 
 def is_text_path(path: str) -> bool:

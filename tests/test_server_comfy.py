@@ -190,7 +190,7 @@ def test_converter_validates_against_object_info(object_info):
         wf = json.loads(path.read_text(encoding="utf-8"))
         prompt = wa.ui_to_api(wf, object_info)
         assert prompt, path.name
-        assert any(n["class_type"].startswith("SPARE") or n["class_type"] == "LoraLoaderModelOnly"
+        assert any(n["class_type"].startswith("SPARE") or n["class_type"] == "LoraLoader"
                    for n in prompt.values()), path.name
         notes = [n for n in wf["nodes"] if n["type"] == "Note"]
         assert len(notes) == 1 and len(notes[0]["widgets_values"][0]) > 100, path.name

@@ -13,7 +13,7 @@ from spare_core import lora as lora_mod
 from spare_core.distill import for_model
 from spare_core.errors import SpareInputError
 from spare_core.families import text_candidates
-from spare_core.model import TEXT_KEY_PREFIX, lora_targets, text_encoder_of
+from spare_core.model import lora_targets, text_encoder_of, text_key_prefix
 from tiny_denoiser import TinyDiffusionModel
 
 CONCEPT, SURROGATE = "A circle image in neon style.", "A circle image in plain style."
@@ -56,7 +56,7 @@ def test_auto_is_on_for_a_unet_with_a_text_encoder_and_off_elsewhere(model):
 
 def test_the_lora_holds_the_text_encoder_layers_and_the_selected_modules(model, run):
     result, _, unet = run
-    text = [TEXT_KEY_PREFIX + p for p in text_candidates(model.text_encoder)]
+    text = [text_key_prefix(model) + p for p in text_candidates(model.text_encoder)]
     assert len(text) == 4 * model.cfg.text_layers  # qkv, proj and the MLP's two Linears of every layer
     assert list(result.lora.modules) == text + unet and result.lora.edits_text_encoder
     assert result.config.text_encoder == "on"
@@ -88,7 +88,8 @@ def test_file_keys_round_trip_and_kohya_refuses_non_clip_names(model, run, tmp_p
     path = sc.save_lora(str(tmp_path / "te.safetensors"), lora)
     with safe_open(path, "pt") as f:
         keys = set(f.keys())
-    assert "text_encoders.layers.0.qkv.lora_up.weight" in keys  # ComfyUI's "text_encoders.<state-dict path>"
+    # ComfyUI's "text_encoders.<state-dict key>" of the demo CLIP (nodes/demo_model.py keeps "text_encoder.*")
+    assert "text_encoders.text_encoder.layers.0.qkv.lora_up.weight" in keys
     assert any(k.startswith("diffusion_model.") for k in keys)
     back = sc.load_lora(path, lora_targets(model))
     assert set(back.modules) == set(lora.modules)

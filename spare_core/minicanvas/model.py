@@ -347,6 +347,9 @@ class MiniCanvasModel:
     """MiniCanvas as a `spare_core.model.DiffusionModel`. cond = context tensor [B, L, D] (the text encoder output)."""
 
     key_prefix = KEY_PREFIX
+    # its text encoder's modules in a LoRA: the keys ComfyUI maps for the demo CLIP, which keeps the weights file's
+    # "text_encoder." names (nodes/demo_model.py)
+    text_key_prefix = "text_encoders." + TEXT_PREFIX
 
     def __init__(self, cfg: MiniCanvasConfig | None = None, network: UNetModel | None = None,
                  text_encoder: TextEncoder | None = None, device: torch.device | str = "cpu"):
