@@ -334,6 +334,9 @@ def for_model(cfg: DistillConfig, model: DiffusionModel) -> DistillConfig:
         if cfg.mix_rows:
             raise SpareInputError("mix_rows blends prompt codes, which a trained text encoder does not have: set "
                                   "mix_rows to 0 or text_encoder to 'off'")
+        if cfg.calibrate_share > 0:  # it samples through `encode`, which a host may cache from before training
+            raise SpareInputError("calibrate_share is not supported with a trained text encoder: set calibrate_share "
+                                  "to 0 or text_encoder to 'off'")
     if cfg.cross_rows == CROSS_ROWS_AUTO:
         cfg = replace(cfg, cross_rows=family.cross_rows)
     if cfg.learning_rate == LEARNING_RATE_AUTO:

@@ -50,6 +50,8 @@ def test_auto_is_on_for_a_unet_with_a_text_encoder_and_off_elsewhere(model):
         for_model(replace(cfg, text_encoder="on"), tiny)
     with pytest.raises(SpareInputError, match="mix_rows"):
         for_model(replace(cfg, text_encoder="on", mix_rows=2, retain=RETAIN), model)
+    with pytest.raises(SpareInputError, match="calibrate_share"):
+        for_model(replace(cfg, calibrate_share=0.5), model)
     with pytest.raises(SpareInputError, match="text_encoder='yes'"):
         sc.distill_validate(replace(cfg, text_encoder="yes"), sc.Saliency({"a": 1.0}, ["a"], {}))
 
