@@ -172,6 +172,10 @@ def test_demo_verdict_follows_ua():
     assert ok.startswith("erased") and "still drawn" in ok and ok.endswith("other concepts kept")
     hurt = demo.verdict("object", "ring", {"UA": 100.0, "IRA": 80.0, "CRA": 95.0, "SFA": 95.0}, base)
     assert hurt.startswith("erased") and "collateral damage" in hurt
+    # a drop of exactly the line, as float32 shares of image counts store it, is on the line (not "lost")
+    line = demo.verdict("style", "ukiyo", {"UA": 100.0, "IRA": 99.0, "CRA": 94.0, "SFA": 89.99999880790710},
+                        dict(base, SFA=100.0))
+    assert "still drawn in its place (SFA 90)" in line
     debris = demo.verdict("style", "ukiyo", {"UA": 100.0, "IRA": 99.0, "CRA": 94.0, "SFA": 20.0}, base)
     assert "the object is lost with it (SFA 20 vs 95" in debris
     # with a split, the verdict judges the unlisted classes: listed ones kept, unlisted ones hurt
@@ -254,6 +258,7 @@ def test_spare_variants_are_named_by_their_fields(capsys):
     assert harness.split_variant("spare+surrogate_anchor=1+rank=4") == ("spare", (("surrogate_anchor", 1.0),
                                                                                   ("rank", 4)))
     assert isinstance(harness.split_variant("spare+surrogate_anchor=1")[1][0][1], float)  # typed as the field
+    assert harness.split_variant("spare+text_encoder=off") == ("spare", (("text_encoder", "off"),))  # a text field
     for bad, msg in (("spare+colour=1", "colour"), ("uce+rank=4", "only spare"), ("spare+rank", "FIELD=VALUE")):
         with pytest.raises(ValueError, match=msg):
             harness.split_variant(bad)

@@ -199,7 +199,8 @@ def parse_override(item: str) -> tuple[str, object]:
     fields = sc.DistillConfig.__dataclass_fields__
     if key not in fields or not value:
         raise ValueError(f"{item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
-    return key, type(getattr(sc.DistillConfig([], []), key))(json.loads(value))
+    default = getattr(sc.DistillConfig([], []), key)
+    return key, value if isinstance(default, str) else type(default)(json.loads(value))  # text_encoder=off: as typed
 
 
 def split_variant(method: str) -> tuple[str, tuple]:
