@@ -1,6 +1,8 @@
 """Stage 2 of SPARE: sparse low-rank adapters trained by self-distillation.
 
-Teacher = the network with adapters off (frozen); student = network + adapters on the salient modules only.
+Teacher = the network with adapters off (frozen); student = network + adapters on the salient modules only, and
+with `text_encoder` on (the UNets' default, a measured deviation: DistillConfig.text_encoder) on every Linear of the
+text encoder's layers too, the student's prompts encoded through them each step (`student_cond`).
 For a concept c with surrogate s, retain prompts r, x_t from the concept's (self-generated) samples -- by default
 replaced, in every forget row, by the SURROGATE's own samples (`surrogate_anchor`, below):
 
