@@ -69,6 +69,9 @@ ROOT = os.path.dirname(HERE)
 UNET_FAMILIES = ("sd15", "sd2v", "sdxl")
 DIT_FAMILIES = ("flux", "sd3")  # Flux.1-dev (guidance embedding) and SD3.5-large, as model_detection sees them
 FAMILIES = UNET_FAMILIES + DIT_FAMILIES
+# The UNets' CLIPs at their real size (width, MLP width, heads, layers): Distill's text_encoder (on by default there)
+# trains and backpropagates through every layer, so their depth counts in time and memory
+CLIP_SIZES = {"clip_l": (768, 3072, 12, 12), "clip_h": (1024, 4096, 16, 24), "clip_g": (1280, 5120, 20, 32)}
 WIDTHS = {"sd15": {"clip_l": 768}, "sd2v": {"clip_h": 1024}, "sdxl": {"clip_l": 768, "clip_g": 1280}}
 NATIVE_LATENT = {"sd15": 64, "sd2v": 96, "sdxl": 128, "flux": 128, "sd3": 128}  # 512, 768, 1024 px
 # The DiTs' text encoders at their real output widths but a fraction of their depth (only the width reaches the
@@ -208,9 +211,9 @@ def build(cf, family: str, dtype_name: str, blocks: int = 0):
     cf.init_params_(base.diffusion_model, 0)
     model = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=mm.unet_offload_device())
     target = {"sd15": sm.SD15, "sd2v": sm.SD20, "sdxl": sm.SDXL}[family]({}).clip_target()
-    options = {f"{n}_model_config": {"hidden_size": w, "intermediate_size": w, "num_attention_heads": 8,
-                                     "num_hidden_layers": 3, "projection_dim": w}
-               for n, w in WIDTHS[family].items()}
+    options = {f"{n}_model_config": dict(zip(("hidden_size", "intermediate_size", "num_attention_heads",
+                                              "num_hidden_layers"), CLIP_SIZES[n]), projection_dim=CLIP_SIZES[n][0])
+               for n in WIDTHS[family]}
     options["dtype"] = torch.float32
     clip = comfy.sd.CLIP(target, model_options=options)
     cf.init_params_(clip.cond_stage_model, 1)
