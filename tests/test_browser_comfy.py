@@ -450,7 +450,7 @@ def test_workflow_loads_in_the_frontend(server, object_info, page, name, tmp_pat
 def test_a_missing_node_is_caught(server, page):
     """The checks above can fail: a node type the server does not know opens the dialog and is left unbuilt."""
     wf = load_workflow("reuse_lora_stock_loader.json")
-    next(n for n in wf["nodes"] if n["type"] == "LoraLoaderModelOnly")["type"] = "SPARENoSuchNode"
+    next(n for n in wf["nodes"] if n["type"] == "LoraLoader")["type"] = "SPARENoSuchNode"
     page.console.take()
     loaded = page.evaluate(JS_LOAD, [json.dumps(wf), "missing_node.json"])
     page.wait_for_timeout(300)
