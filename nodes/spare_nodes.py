@@ -457,16 +457,13 @@ def _load_other(path: str, name: str) -> dict:
                               "or not a LoRA: choose a .safetensors LoRA") from e
 
 
-TEXT_KEY_STARTS = ("text_encoders.", "lora_te")  # a LoRA's text-encoder keys (ComfyUI's and kohya's)
-
-
 def patch_model(model, lora_sd: dict, strength: float, source: str, clip=None):
     """(model, clip) patched the stock way, step for step what LoraLoader does (comfy.sd.load_lora_for_models: key
     maps of the model and the CLIP, comfy.lora_convert's format conversion, add_patches on clones; clip None: what
     LoraLoaderModelOnly does), plus two refusals the stock loaders do not make: a file none of whose keys belongs to
     this model (they would silently apply nothing), and a file with text-encoder keys but no CLIP (they would apply
     half of the erasure)."""
-    text_keys = [k for k in lora_sd if k.startswith(TEXT_KEY_STARTS)]
+    text_keys = [k for k in lora_sd if k.startswith(sc.lora.TEXT_KEY_STARTS)]
     if text_keys and clip is None:
         raise SpareInputError(f"{source} also edits the text encoder ({len(text_keys)} keys such as '{text_keys[0]}'): "
                               "connect the model's CLIP to Apply Erasure's clip input and encode prompts with its "

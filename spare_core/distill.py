@@ -331,8 +331,9 @@ def for_model(cfg: DistillConfig, model: DiffusionModel) -> DistillConfig:
         cfg = replace(cfg, text_encoder="on" if family.text_encoder and has_text else "off")
     if cfg.text_encoder == "on":
         if not has_text:
-            raise SpareInputError("text_encoder='on' needs the model's text encoder (connect the CLIP the model was "
-                                  "loaded with); or set text_encoder to 'off'")
+            raise SpareInputError("text_encoder='on' needs a text encoder SPARE can train: SD1.x / SD2.x / SDXL with "
+                                  "the CLIP they were loaded with (not measured on the DiTs); or set text_encoder to "
+                                  "'off'")
         if cfg.mix_rows:
             raise SpareInputError("mix_rows blends prompt codes, which a trained text encoder does not have: set "
                                   "mix_rows to 0 or text_encoder to 'off'")

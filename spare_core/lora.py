@@ -36,6 +36,7 @@ UP_SUFFIXES = (".lora_up.weight", ".lora_B.weight")
 DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight")
 ALPHA_SUFFIX = ".alpha"
 ADAPTABLE = (nn.Linear, nn.Conv2d)  # the module types a LoRA carries an update for (down/up: Linear or Conv2d weights)
+TEXT_KEY_STARTS = ("text_encoders.", "lora_te")  # a file's text-encoder keys, ComfyUI's and kohya's
 KOHYA_TEXT = re.compile(r"^text_encoders\.(clip_[lgh])\.transformer\.(text_model\..+)$")
 
 
