@@ -164,8 +164,6 @@ class DistillConfig:
     retain_unconditional: bool = option(True, "Also keep the empty prompt's prediction (classifier-free guidance "
                                               "uses it).", node=False)
     batch_size: int = option(2, "Forget samples per step (and as many retain samples).", node=False)
-    retain_rows: int = option(-1, "Retain rows per step noised from the retain samples; -1 = batch_size.", min=-1,
-                              max=64, node=False)
     grad_clip: float = option(1.0, "Max gradient norm (authors: 1.0); 0 disables.", node=False)
     # 0, not the authors' 0.1: 0.1 measured no better (20 concepts x 3 training seeds, paired: mean4 -0.18
     # [-0.88, +0.46], unlisted IRA -1.02; bench/RESULTS.md, "Why each default")
@@ -308,8 +306,6 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if not 0.0 <= config.calibrate_share <= 1.0 or not 1.0 <= config.calibrate_margin <= 2.0:
         raise SpareInputError(f"calibrate_share={config.calibrate_share} must be in [0, 1] (0 = off; typical 1.0) and "
                               f"calibrate_margin={config.calibrate_margin} in [1, 2] (typical 1.15)")
-    if config.retain_rows < -1:
-        raise SpareInputError(f"retain_rows={config.retain_rows} must be >= 0 (or -1: batch_size)")
     if config.cross_rows < CROSS_ROWS_AUTO or config.uncond_rows < 0:
         raise SpareInputError(f"cross_rows={config.cross_rows} must be >= 0 (or -1: the family's default) and "
                               f"uncond_rows={config.uncond_rows} >= 0")
@@ -616,9 +612,8 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
     sigma, xt = noised(model, x0, t, gen)
     student, teacher = data.concept_rows(ids), data.surrogate_rows(ids)
     if data.x_retain is not None:  # drawn after the forget rows' noise (the RNG order of earlier versions)
-        n_r = cfg.batch_size if cfg.retain_rows < 0 else cfg.retain_rows
-        r_rows = torch.randint(0, data.x_retain.shape[0], (n_r,), generator=gen)
-        r_sigma, r_xt = noised(model, data.x_retain[r_rows], uniform_t(n_r, gen), gen)
+        r_rows = torch.randint(0, data.x_retain.shape[0], (cfg.batch_size,), generator=gen)
+        r_sigma, r_xt = noised(model, data.x_retain[r_rows], uniform_t(cfg.batch_size, gen), gen)
         r_ids = data.retain_rows(data.i_retain[r_rows])
         sigma, xt = torch.cat([sigma, r_sigma]), torch.cat([xt, r_xt])
         student, teacher = torch.cat([student, r_ids]), torch.cat([teacher, r_ids])
@@ -709,7 +704,7 @@ def forget_retain_loss(model: DiffusionModel, data: TrainingData, cfg: DistillCo
     on the CPU (bench/HISTORY.md, "Speed")."""
     per_row = row_losses(model, data, cfg, batch, target)
     forget = per_row[:cfg.batch_size].mean()
-    retain = per_row[cfg.batch_size:].mean() if per_row.shape[0] > cfg.batch_size else torch.zeros(())
+    retain = per_row[cfg.batch_size:].mean() if data.x_retain is not None else torch.zeros(())
     return forget, retain
 
 
