@@ -24,7 +24,7 @@ METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "
            "spare-rank4", "spare-floor05", "spare-steps160", "spare-anchor2", "spare-strength08", "spare-strength09",
            "esd-x", "esd-u", "ca", "salun", "uce", "uce-pool", "eraseanything", "spare-text-in", "spare-slices",
            "spare-contrastive", "spare-no-resconv", "spare-no-global", "spare-no-time", "spare-te", "spare-te-mlp",
-           "spare-te-mlp0", "spare-te-mlp1", "spare-te-attn", "spare-te-unet")
+           "spare-te-mlp0", "spare-te-mlp1", "spare-te-attn", "spare-te-unet", "spare-sel25")
 # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); spare-text-in and the selection experiments
 # (SELECTION_DROPS, below): the scan's selection changed (methods.py); spare-te*: the adapters in the text encoder
 # (methods.TEXT_ENCODER_LINEARS, MiniCanvas' UNet model only; RESULTS, "The erasure in the text encoder"); the other
@@ -265,6 +265,8 @@ SPARE_VARIANTS = {
     # experiment (unlisted retention): modules ranked by their share of the concept's gradient minus their share of
     # the retain list's (fewer modules the listed classes use)
     "spare-contrastive": SpareVariant(scan=(("scoring", "contrastive"),)),
+    # experiment (unlisted retention, with the text encoder training): a quarter of the UNet's candidates, not half
+    "spare-sel25": SpareVariant(scan=(("selection", 0.25),)),
     # the product's LoRA judged at Apply Erasure strength 0.8 / 0.9 (README's limits for objects: RESULTS, "Strength:
     # the overshoot, calibrated, and what it costs")
     "spare-strength08": SpareVariant(strength=0.8),
