@@ -164,10 +164,6 @@ class DistillConfig:
     retain_unconditional: bool = option(True, "Also keep the empty prompt's prediction (classifier-free guidance "
                                               "uses it).", node=False)
     batch_size: int = option(2, "Forget samples per step (and as many retain samples).", node=False)
-    text_align: float = option(0.0, "With the text encoder training: weight of a loss on its OUTPUT, each step's "
-                                    "concept prompts' codes pulled onto their surrogates' and the retain prompts' kept "
-                                    "(squared error, in units of the concept-surrogate gap); 0 = off.", min=0.0,
-                               max=100.0, node=False)
     grad_clip: float = option(1.0, "Max gradient norm (authors: 1.0); 0 disables.", node=False)
     # 0, not the authors' 0.1: 0.1 measured no better (20 concepts x 3 training seeds, paired: mean4 -0.18
     # [-0.88, +0.46], unlisted IRA -1.02; bench/RESULTS.md, "Why each default")
@@ -310,8 +306,6 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if not 0.0 <= config.calibrate_share <= 1.0 or not 1.0 <= config.calibrate_margin <= 2.0:
         raise SpareInputError(f"calibrate_share={config.calibrate_share} must be in [0, 1] (0 = off; typical 1.0) and "
                               f"calibrate_margin={config.calibrate_margin} in [1, 2] (typical 1.15)")
-    if not (config.text_align >= 0 and math.isfinite(config.text_align)):
-        raise SpareInputError(f"text_align={config.text_align} must be >= 0 (0 = off)")
     if config.cross_rows < CROSS_ROWS_AUTO or config.uncond_rows < 0:
         raise SpareInputError(f"cross_rows={config.cross_rows} must be >= 0 (or -1: the family's default) and "
                               f"uncond_rows={config.uncond_rows} >= 0")
@@ -346,9 +340,6 @@ def for_model(cfg: DistillConfig, model: DiffusionModel) -> DistillConfig:
         if cfg.calibrate_share > 0:  # it samples through `encode`, which a host may cache from before training
             raise SpareInputError("calibrate_share is not supported with a trained text encoder: set calibrate_share "
                                   "to 0 or text_encoder to 'off'")
-    if cfg.text_align > 0 and cfg.text_encoder != "on":
-        raise SpareInputError("text_align is a loss on the trained text encoder's output: set text_encoder to 'on' "
-                              "(or 'auto' on SD1.x / SD2.x / SDXL), or text_align to 0")
     if cfg.cross_rows == CROSS_ROWS_AUTO:
         cfg = replace(cfg, cross_rows=family.cross_rows)
     if cfg.learning_rate == LEARNING_RATE_AUTO:
@@ -409,8 +400,6 @@ def distill(
                 opt.zero_grad(set_to_none=True)
                 forget, retain = backward_rows(model, data, cfg, batch, target, scaler)
                 value = cfg.forget_weight * forget + cfg.retain_weight * retain
-                if cfg.text_align > 0:
-                    value += cfg.text_align * text_align_backward(model, data, cfg, batch, scaler)
                 if not math.isfinite(value):
                     raise NonFiniteLossError(step + 1, value)
                 optimizer_step(opt, scaler, params, lr, cfg.grad_clip)
@@ -475,7 +464,6 @@ class TrainingData:
     mix_row: Optional[int] = None            # first of the MIX_BANK blended codes at the end of `cond` (mix_rows)
     prompts: Optional[list] = None           # the prompt of each row of `cond`, when the text encoder trains: the
     #                                          student's conditioning is then encoded anew (`student_cond`)
-    text_gap: float = 1.0                    # mean cond_distance(concept, surrogate) of the teacher (text_align's unit)
 
     def concept_rows(self, i: torch.Tensor) -> torch.Tensor:
         return i
@@ -534,13 +522,8 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
             cond = cat_cond(cond, blend_bank(model, cond, list(range(len(cfg.concepts))), listed, cfg.mix_concept,
                                              torch.Generator().manual_seed(cfg.seed + 7)))
     prompts = cfg.concepts + cfg.surrogates + retain_prompts if cfg.text_encoder == "on" else None
-    text_gap = 1.0
-    if cfg.text_align > 0:
-        n = len(cfg.concepts)
-        text_gap = max(float(cond_distance(model.select_cond(cond, torch.arange(n)),
-                                           model.select_cond(cond, torch.arange(n, 2 * n))).mean()), 1e-12)
     return TrainingData(cond, len(cfg.concepts), x_forget, i_forget, n_anchor, x_anchor, i_anchor, x_retain, i_retain,
-                        data_std(x_forget), uncond_row, mix_row, prompts, text_gap)
+                        data_std(x_forget), uncond_row, mix_row, prompts)
 
 
 MIX_BANK = 64  # blended prompt codes drawn once per run (DistillConfig.mix_rows)
@@ -558,34 +541,6 @@ def _zip_cond(f, a, b):
                 for k in a}
     raise SpareInputError("mix_rows: this model's conditioning cannot be blended (prompts of different token "
                           "lengths); set mix_rows to 0")
-
-
-def cond_distance(a, b):
-    """Per row: the mean squared difference of two conditionings of the same structure, summed over their floating
-    tensors (every tensor batched along dim 0)."""
-    if torch.is_tensor(a):
-        return (a.float() - b.float()).pow(2).flatten(1).mean(1) if a.is_floating_point() else 0
-    if isinstance(a, (tuple, list)):
-        return sum(cond_distance(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return sum(cond_distance(a[k], b[k]) for k in a if isinstance(a[k], (torch.Tensor, tuple, list, dict)))
-    return 0
-
-
-def text_align_backward(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, batch: "Batch",
-                        scaler) -> float:
-    """text_align: the step's distinct student prompts encoded through the adapted text encoder; a concept prompt's
-    code is pulled onto its surrogate's as the teacher encodes it, a retain prompt's onto its own; the mean squared
-    error of each kind in units of the teacher's concept-surrogate gap, summed, times text_align, backwarded."""
-    rows = torch.unique(batch.student)
-    target = torch.where(rows < data.n_concepts, rows + data.n_concepts, rows)
-    with autocast(model):
-        student = model.encode_text([data.prompts[i] for i in rows.tolist()])
-    d = cond_distance(student, model.select_cond(data.cond, target)) / data.text_gap
-    is_forget = (rows < data.n_concepts).to(d.device)
-    loss = d[is_forget].mean() + (d[~is_forget].mean() if bool((~is_forget).any()) else 0.0)
-    scaler.scale(cfg.text_align * loss).backward()
-    return float(loss.detach())
 
 
 def cat_cond(a, b):
