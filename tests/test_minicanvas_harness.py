@@ -481,6 +481,28 @@ def test_residual_diagnosis_of_a_model_that_erased_nothing():
     assert rows[-1]["class"] == "ukiyo"
 
 
+def test_residual_and_trajectory_diagnoses_see_a_lora_text_encoder_half():
+    """A LoRA that edits only the text encoder changes what the erased model's prompts encode to: `diagnose residual`
+    and `trajectory` must encode the erased run's prompts with it applied (they once encoded before applying it, and
+    measured only a LoRA's UNet half)."""
+    from bench.minicanvas import diagnose
+    from bench.minicanvas.judge import Judge
+    from spare_core.minicanvas.model import load
+    from spare_core.model import text_key_prefix
+    model = load()
+    fc = model.text_encoder.layers[0].mlp[2]  # a Linear of the text encoder's first layer
+    gen = torch.Generator().manual_seed(0)
+    text_only = sc.LoraWeights({text_key_prefix(model) + "layers.0.mlp.2": {
+        "down": torch.randn(4, fc.in_features, generator=gen), "up": torch.randn(fc.out_features, 4, generator=gen),
+        "alpha": torch.tensor(4.0)}})
+    rows = diagnose.residual(model, Judge(), "style", "ukiyo", text_only, steps=2)
+    assert rows[0]["uncond"] > 0 and rows[0]["along"] != pytest.approx(1.0, abs=1e-4)
+    path = diagnose.trajectory(model, Judge(), "style", "ukiyo", text_only, steps=2)
+    plain = diagnose.trajectory(model, Judge(), "style", "ukiyo", sc.LoraWeights({}), steps=2)
+    assert path[0]["path"] != plain[0]["path"]  # the erased run: the text-side edit changes the path
+    assert path[1:] == plain[1:]  # the unerased runs do not see the LoRA
+
+
 def test_geometry_diagnosis_measures_span_and_moves():
     """`diagnose geometry`: `_outside` is 0 for a vector in the span and 1 for one orthogonal to it; on the bundled
     UNet the 10 styles' pooled codes use 5 directions (the 6th singular value is < 1% of the first: why any 4

@@ -114,6 +114,13 @@ def targets(model, judge, domain: str, name: str, seed: int) -> list[dict]:
     return rows
 
 
+def _encoded(model, lora, prompts: list[str], erased: bool) -> torch.Tensor:
+    """The prompts' codes as the erased model (`lora` applied: its text-encoder half too) or the unerased one sees
+    them."""
+    with sc.apply_lora(sc.lora_targets(model), lora, 1.0 if erased else 0.0), torch.no_grad():
+        return model.encode(prompts)
+
+
 def trajectory(model, judge, domain: str, name: str, lora, steps: int = 12) -> list[dict]:
     surrogate = data.NEUTRAL_STYLE if domain == "style" else data.NEUTRAL_OBJECT
     rows = []
@@ -125,7 +132,8 @@ def trajectory(model, judge, domain: str, name: str, lora, steps: int = 12) -> l
             prompts += p
             labels.append(lab)
         labels = torch.cat(labels)
-        guided = model.guided_x0(model.encode(prompts), model.encode([""] * len(prompts)), CFG)
+        guided = model.guided_x0(_encoded(model, lora, prompts, erased), _encoded(model, lora, [""] * len(prompts),
+                                                                                    erased), CFG)
         x = model.initial_noise(len(prompts), list(range(700, 700 + len(prompts)))) * model.cfg.sigma_max
         path = []
 
@@ -332,12 +340,14 @@ def residual(model, judge, domain: str, name: str, lora, steps: int = 12) -> lis
         labels.append(lab)
     labels = torch.cat(labels)
     c, s, u = (model.encode(p) for p in (concept_prompts, surrogate_prompts, [""] * len(concept_prompts)))
+    # the erased model's codes (a LoRA with a text-encoder half changes them)
+    c_erased, u_erased = (_encoded(model, lora, p, True) for p in (concept_prompts, [""] * len(concept_prompts)))
     x = model.initial_noise(len(c), list(range(700, 700 + len(c)))) * model.cfg.sigma_max
     rows = []
 
     def denoise(x, sigma):
         with sc.apply_lora(sc.lora_targets(model), lora, 1.0):
-            ec, eu = model.predict_x0(x, sigma, c), model.predict_x0(x, sigma, u)
+            ec, eu = model.predict_x0(x, sigma, c_erased), model.predict_x0(x, sigma, u_erased)
         tc, ts, tu = (model.predict_x0(x, sigma, k) for k in (c, s, u))
         gap = (tc - ts).pow(2).sum().sqrt()
         d, r = (tc - ts) / gap, ec - ts
