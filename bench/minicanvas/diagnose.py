@@ -132,8 +132,8 @@ def trajectory(model, judge, domain: str, name: str, lora, steps: int = 12) -> l
             prompts += p
             labels.append(lab)
         labels = torch.cat(labels)
-        guided = model.guided_x0(_encoded(model, lora, prompts, erased), _encoded(model, lora, [""] * len(prompts),
-                                                                                    erased), CFG)
+        cond, uncond = (_encoded(model, lora, p, erased) for p in (prompts, [""] * len(prompts)))
+        guided = model.guided_x0(cond, uncond, CFG)
         x = model.initial_noise(len(prompts), list(range(700, 700 + len(prompts)))) * model.cfg.sigma_max
         path = []
 
