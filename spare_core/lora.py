@@ -26,7 +26,7 @@ from torch import nn
 from .errors import SpareInputError
 from .families import split_slice
 from .files import atomic_write, read_safetensors
-from .model import is_text_path
+from .model import TEXT_KEY_PREFIX, is_text_path
 
 log = logging.getLogger("spare")
 
@@ -36,7 +36,7 @@ UP_SUFFIXES = (".lora_up.weight", ".lora_B.weight")
 DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight")
 ALPHA_SUFFIX = ".alpha"
 ADAPTABLE = (nn.Linear, nn.Conv2d)  # the module types a LoRA carries an update for (down/up: Linear or Conv2d weights)
-TEXT_KEY_STARTS = ("text_encoders.", "lora_te")  # a file's text-encoder keys, ComfyUI's and kohya's
+TEXT_KEY_STARTS = (TEXT_KEY_PREFIX, "lora_te")  # a file's text-encoder keys, ComfyUI's and kohya's
 KOHYA_TEXT = re.compile(r"^text_encoders\.(clip_[lgh])\.transformer\.(text_model\..+)$")
 
 
