@@ -24,10 +24,13 @@ METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "
            "spare-rank4", "spare-floor05", "spare-steps160", "spare-anchor2", "spare-strength08", "spare-strength09",
            "esd-x", "esd-u", "ca", "salun", "uce", "uce-pool", "eraseanything", "spare-text-in", "spare-slices",
            "spare-contrastive", "spare-no-resconv", "spare-no-global", "spare-no-time", "spare-te", "spare-te-mlp",
-           "spare-te-mlp0", "spare-te-mlp1", "spare-te-attn", "spare-te-unet", "spare-sel25")
+           "spare-te-mlp0", "spare-te-mlp1", "spare-te-attn", "spare-te-unet", "spare-sel25",
+           "spare-temlp-unet", "spare-temlp1-unet", "spare-no-pool")
 # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); spare-text-in and the selection experiments
 # (SELECTION_DROPS, below): the scan's selection changed (methods.py); spare-te*: the adapters in the text encoder
-# (methods.TEXT_ENCODER_LINEARS, MiniCanvas' UNet model only; RESULTS, "The erasure in the text encoder"); the other
+# (methods.TEXT_ENCODER_LINEARS, MiniCanvas' UNet model only; RESULTS, "The erasure in the text encoder"; -unet: plus
+# the scan's UNet selection, as the product; spare-temlp*-unet: fewer text-encoder Linears, "Module groups with the
+# text encoder"); the other
 # spare-* names are SPARE_VARIANTS (below): SPARE with a few settings changed
 SHORT_STEPS = 0.8  # spare-steps160 (experiment, time): 0.8 x the step cap (160 of 200), cosine-decayed to that cap
 PROFILE_FLOOR_05 = 0.5  # spare-floor05 (experiment): half of the steps spread evenly over the schedule (default 0.2)
@@ -222,9 +225,10 @@ MODULE_GROUPS = (("time_embed", ("time_embed.",)), ("text_pool", ("text_pool.",)
 # UNet experiments: the scan's selection without these groups. The ResBlocks' convolutions carried the damage to
 # unlisted classes in `diagnose groups` (ukiyo's LoRA without them: unlisted CRA 70 -> 98); the timestep embedding
 # and the pooled-text attention reach every prompt alike (sunset's without text_pool: unlisted IRA 60 -> 100); the
-# timestep embedding's input never sees the prompt.
+# timestep embedding's input never sees the prompt. With the text encoder (RESULTS, "Module groups with the text
+# encoder"): without text_pool the styles' unlisted IRA +7.5 but style SFA -9.0 (a tie on mean4).
 SELECTION_DROPS = {"spare-no-resconv": ("resnet convs",), "spare-no-global": ("time_embed", "text_pool"),
-                   "spare-no-time": ("time_embed",)}
+                   "spare-no-time": ("time_embed",), "spare-no-pool": ("text_pool",)}
 
 
 def module_group(path: str) -> str:

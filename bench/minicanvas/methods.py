@@ -39,6 +39,8 @@ TEXT_ENCODER_LINEARS = {  # spare-te experiments: the text encoder's Linears tha
     "spare-te-mlp1": _TE_MLP[2:],
     "spare-te-attn": [p for p in _TE_ALL if ".mlp." not in p],
     "spare-te-unet": _TE_ALL,  # plus the scan's UNet selection, trained together (run_method)
+    "spare-temlp-unet": _TE_MLP,  # the text encoder's MLPs only, plus the scan's UNet selection
+    "spare-temlp1-unet": _TE_MLP[2:],  # the last layer's MLP only, plus the scan's UNet selection
 }
 
 
@@ -146,7 +148,7 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
             given = sc.Saliency(scanned.scores, selected, scanned.meta)
         if method in TEXT_ENCODER_LINEARS:
             paths = list(TEXT_ENCODER_LINEARS[method])
-            if method == "spare-te-unet":  # plus the scan's UNet selection (the scan runs on the UNet as SPARE's)
+            if method.endswith("-unet"):  # plus the scan's UNet selection (the scan runs on the UNet as SPARE's)
                 latents = sc.pipeline.concept_samples(model, cfg.concepts, cfg.samples, cfg.seed, cfg.sample_steps,
                                                       cfg.sample_cfg)
                 scanned = sc.saliency_scan(model, cfg.concepts, cfg.retain, replace(
