@@ -591,7 +591,8 @@ def test_standard_presets_train_each_method_at_its_seeds():
 def test_module_groups_and_the_selection_experiments(monkeypatch):
     """`diagnose groups` puts every candidate module of the bundled UNet in one named group; the selection
     experiments spare-no-resconv / spare-no-global hand the product pipeline the scan's own selection minus the
-    ResBlock convolutions / minus the timestep and pooled-text paths (read from a stand-in for spare_core.erase)."""
+    ResBlock convolutions / minus the timestep and pooled-text paths (spare-no-time / spare-no-pool: one of them), and
+    spare-te*-unet their text-encoder Linears plus that selection (read from a stand-in for spare_core.erase)."""
     import math
 
     from bench.minicanvas import budgets, methods
@@ -615,13 +616,24 @@ def test_module_groups_and_the_selection_experiments(monkeypatch):
 
     monkeypatch.setattr(sc, "erase", erase)
     selected = {}
-    for method in ("spare-no-resconv", "spare-no-global", "spare-no-time"):
+    for method in ("spare-no-resconv", "spare-no-global", "spare-no-time", "spare-no-pool"):
         with pytest.raises(Stop):
             methods.run_method(method, model, "style", "ukiyo", budgets.Budget(), seed=0)
         selected[method] = seen["saliency"].selected
     scanned = seen["saliency"].scores  # the full scan's scores: its selection is the top half of them
     top = sorted(scanned, key=scanned.get, reverse=True)[:math.ceil(sc.ScanConfig().selection * len(scanned))]
     for method, drop in (("spare-no-resconv", {"resnet convs"}), ("spare-no-global", {"time_embed", "text_pool"}),
-                         ("spare-no-time", {"time_embed"})):  # written out: the test does not read SELECTION_DROPS
+                         ("spare-no-time", {"time_embed"}), ("spare-no-pool", {"text_pool"})):  # written out: the
+        # test does not read SELECTION_DROPS
         assert set(selected[method]) == {m for m in top if groups[m] not in drop}, method
         assert len(selected[method]) < len(top)
+
+    # spare-te*-unet: the experiment's text-encoder Linears plus the scan's UNet selection (as the product trains)
+    mlp = [f"text_encoder.layers.{i}.mlp.{j}" for i in range(2) for j in (0, 2)]
+    for method, linears in (("spare-te-unet", 8), ("spare-temlp-unet", mlp), ("spare-temlp1-unet", mlp[2:])):
+        with pytest.raises(Stop):
+            methods.run_method(method, model, "style", "ukiyo", budgets.Budget(), seed=0)
+        paths = seen["saliency"].selected
+        text = [p for p in paths if p.startswith("text_encoder.")]
+        assert (len(text) == linears) if isinstance(linears, int) else (text == linears), method
+        assert {p[len("unet."):] for p in paths if p.startswith("unet.")} == set(top), method
