@@ -30,8 +30,7 @@ METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "
 # (SELECTION_DROPS, below): the scan's selection changed (methods.py); spare-te*: the adapters in the text encoder
 # (methods.TEXT_ENCODER_LINEARS, MiniCanvas' UNet model only; RESULTS, "The erasure in the text encoder"; -unet: plus
 # the scan's UNet selection, as the product; spare-temlp*-unet: fewer text-encoder Linears, "Module groups with the
-# text encoder"); the other
-# spare-* names are SPARE_VARIANTS (below): SPARE with a few settings changed
+# text encoder"); the other spare-* names are SPARE_VARIANTS (below): SPARE with a few settings changed
 SHORT_STEPS = 0.8  # spare-steps160 (experiment, time): 0.8 x the step cap (160 of 200), cosine-decayed to that cap
 PROFILE_FLOOR_05 = 0.5  # spare-floor05 (experiment): half of the steps spread evenly over the schedule (default 0.2)
 # choice: kept from the first model (on which only some objects were drawn recognisably) so that runs compare across
