@@ -39,7 +39,7 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -51,7 +51,7 @@ from .config import LOSS_WEIGHTINGS, SAMPLE_CFG, SAMPLE_STEPS, option
 from .families import family_of, text_candidates
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import LoraWeights, metadata_json
-from .model import DiffusionModel, lora_targets, text_encoder_of, text_key_prefix
+from .model import TEXT_KEY_PREFIX, DiffusionModel, lora_targets, text_encoder_of, text_key_prefix
 from .prompts import expand_alternatives, validate_prompts
 from .sampling import data_std, forward_rows, generate, loss_weight, noised, uniform_t
 from .saliency import Saliency
@@ -196,6 +196,10 @@ class DistillConfig:
                               "prompt codes (see mix_concept) that the student must treat as the unerased model does: "
                               "it keeps the space between the listed prompts, where unlisted neighbours lie.",
                            min=0, max=64, node=False)
+    # an experiment while it is measured (bench/RESULTS.md, "The text encoder's share of the learning rate")
+    text_encoder_lr_scale: float = option(1.0, "With text_encoder on: the text encoder's adapters learn at this "
+                                               "multiple of learning_rate (the diffusion model's at 1).",
+                                          min=0.0, max=100.0, step=0.1, node=False)
     mix_concept: float = option(0.0, "mix_rows' blends: 0 = two neighbouring retain prompts, (1 - u) a + u b with u "
                                      "uniform in [0, 1]; > 0 = a retain prompt moved toward its nearest concept "
                                      "prompt by u uniform in [0, mix_concept].", min=0.0, max=0.95, step=0.05,
@@ -384,7 +388,7 @@ def distill(
                           device=model.device)
         try:
             params = adapters.parameters()
-            opt, scaler = make_optimizer(model, cfg, params)
+            opt, scaler = make_optimizer(model, cfg, params, text_parameters(adapters))
             batches = training_batches(model, adapters, data, cfg, profile, torch.Generator().manual_seed(cfg.seed + 2))
             probes = make_probes(model, adapters, data, cfg)
             gap_before = measure_probes(model, data, probes[:1])[0]  # the concept->surrogate gap before training
@@ -759,12 +763,23 @@ def training_mode(model: DiffusionModel, cfg: DistillConfig):
         yield
 
 
-def make_optimizer(model: DiffusionModel, cfg: DistillConfig, params: list) -> tuple:
-    """AdamW on the adapters, and the loss scaler that fp16 training needs."""
+def text_parameters(adapters: AdapterSet) -> list:
+    """The parameters of the adapters on the text encoder (their paths start with TEXT_KEY_PREFIX)."""
+    return [p for path, a in adapters.adapters.items() if path.startswith(TEXT_KEY_PREFIX) for p in a.parameters()]
+
+
+def make_optimizer(model: DiffusionModel, cfg: DistillConfig, params: list, text_params: Sequence = ()) -> tuple:
+    """AdamW on the adapters, and the loss scaler that fp16 training needs. With text_encoder_lr_scale != 1, the
+    text encoder's adapters (`text_params`) are a second parameter group whose rate is scaled (`optimizer_step`)."""
     # torch's fused AdamW (one kernel for every adapter tensor; the update rule is AdamW's) where torch has it: the
     # default per-tensor loop is slower on the CPU (bench/HISTORY.md, "Speed").
     fused = True if model.device.type in FUSED_ADAMW_DEVICES else None
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+    groups = params
+    if cfg.text_encoder_lr_scale != 1.0 and text_params:
+        text_ids = {id(p) for p in text_params}
+        groups = [{"params": [p for p in params if id(p) not in text_ids]},
+                  {"params": list(text_params), "lr_scale": cfg.text_encoder_lr_scale}]
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
     # fp16 activations can underflow in backward: scale the loss (no-op for fp32/bf16 and on the CPU).
     scaler = torch.amp.GradScaler(model.device.type,
                                   enabled=model.dtype == torch.float16 and model.device.type == "cuda")
@@ -788,7 +803,7 @@ def lr_at(step: int, cfg: DistillConfig) -> float:
 def optimizer_step(opt, scaler, params: list, lr: float, grad_clip: float) -> None:
     """After the backward: clip the gradient norm to grad_clip (0: no clipping), one AdamW step at learning rate lr."""
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     scaler.unscale_(opt)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
