@@ -196,6 +196,13 @@ class DistillConfig:
                               "prompt codes (see mix_concept) that the student must treat as the unerased model does: "
                               "it keeps the space between the listed prompts, where unlisted neighbours lie.",
                            min=0, max=64, node=False)
+    # experiments while they are measured (bench/RESULTS.md, "Generic image states")
+    generic_rows: int = option(0, "Retain rows per step on GENERIC image states: x_t noised from the model's own "
+                                  "samples of the empty prompt (every style and object it knows, none named), with a "
+                                  "random retain prompt that the student must treat as the unerased model does.",
+                               min=0, max=64, node=False)
+    generic_samples: int = option(32, "Samples of the empty prompt drawn for generic_rows.", min=1, max=1024,
+                                  node=False)
     # an experiment while it is measured (bench/RESULTS.md, "The text encoder's share of the learning rate")
     text_encoder_lr_scale: float = option(1.0, "With text_encoder on: the text encoder's adapters learn at this "
                                                "multiple of learning_rate (the diffusion model's at 1).",
@@ -313,6 +320,9 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if config.cross_rows < CROSS_ROWS_AUTO or config.uncond_rows < 0:
         raise SpareInputError(f"cross_rows={config.cross_rows} must be >= 0 (or -1: the family's default) and "
                               f"uncond_rows={config.uncond_rows} >= 0")
+    if config.generic_rows < 0 or config.generic_samples <= 0:
+        raise SpareInputError(f"generic_rows={config.generic_rows} must be >= 0 and generic_samples="
+                              f"{config.generic_samples} >= 1")
     if config.mix_rows < 0 or not 0.0 <= config.mix_concept <= 0.95:
         raise SpareInputError(f"mix_rows={config.mix_rows} must be >= 0 and mix_concept={config.mix_concept} in "
                               "[0, 0.95]")
@@ -466,6 +476,7 @@ class TrainingData:
     sigma_data: float                        # std of the concept samples (the "v" loss weighting's sigma_data)
     uncond_row: Optional[int] = None         # row of `cond` holding the empty prompt (None: not encoded)
     mix_row: Optional[int] = None            # first of the MIX_BANK blended codes at the end of `cond` (mix_rows)
+    x_generic: Optional[torch.Tensor] = None  # samples of the empty prompt (generic_rows)
     prompts: Optional[list] = None           # the prompt of each row of `cond`, when the text encoder trains: the
     #                                          student's conditioning is then encoded anew (`student_cond`)
 
@@ -484,7 +495,7 @@ class TrainingData:
         def copy(x):
             return None if x is None else x.clone()
         return replace(self, x_forget=copy(self.x_forget), x_anchor=copy(self.x_anchor),
-                       x_retain=copy(self.x_retain))
+                       x_retain=copy(self.x_retain), x_generic=copy(self.x_generic))
 
 
 def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optional[torch.Tensor],
@@ -525,9 +536,13 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
         with torch.no_grad():
             cond = cat_cond(cond, blend_bank(model, cond, list(range(len(cfg.concepts))), listed, cfg.mix_concept,
                                              torch.Generator().manual_seed(cfg.seed + 7)))
+    x_generic = None
+    if cfg.generic_rows and x_retain is not None:
+        x_generic, _ = generate(model, [""], cfg.generic_samples, cfg.seed + 9, retain_sample_steps(cfg),
+                                cfg.sample_cfg, should_stop=should_stop)
     prompts = cfg.concepts + cfg.surrogates + retain_prompts if cfg.text_encoder == "on" else None
     return TrainingData(cond, len(cfg.concepts), x_forget, i_forget, n_anchor, x_anchor, i_anchor, x_retain, i_retain,
-                        data_std(x_forget), uncond_row, mix_row, prompts)
+                        data_std(x_forget), uncond_row, mix_row, x_generic, prompts)
 
 
 MIX_BANK = 64  # blended prompt codes drawn once per run (DistillConfig.mix_rows)
@@ -638,6 +653,13 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
             ids, k = torch.cat(ids), torch.cat(k)
             sigma, xt = torch.cat([sigma, sigma[k]]), torch.cat([xt, xt[k]])
             student, teacher = torch.cat([student, ids]), torch.cat([teacher, ids])
+        if data.x_generic is not None:  # generic states: the empty prompt's samples at t ~ uniform, retain prompts
+            g = cfg.generic_rows
+            g_rows = torch.randint(0, data.x_generic.shape[0], (g,), generator=gen)
+            g_sigma, g_xt = noised(model, data.x_generic[g_rows], uniform_t(g, gen), gen)
+            g_ids = data.retain_rows(torch.randint(0, int(data.i_retain.max()) + 1, (g,), generator=gen))
+            sigma, xt = torch.cat([sigma, g_sigma]), torch.cat([xt, g_xt])
+            student, teacher = torch.cat([student, g_ids]), torch.cat([teacher, g_ids])
     return Batch(xt, sigma, student, teacher)
 
 
