@@ -589,7 +589,8 @@ def test_standard_presets_train_each_method_at_its_seeds():
 
 
 def test_module_groups_and_the_selection_experiments(monkeypatch):
-    """`diagnose groups` puts every candidate module of the bundled UNet in one named group; the selection
+    """`diagnose groups` puts every candidate module of the bundled UNet in one named group, and the product LoRA's
+    text-encoder modules in their own (not with the ResBlocks' "layers."); the selection
     experiments spare-no-resconv / spare-no-global hand the product pipeline the scan's own selection minus the
     ResBlock convolutions / minus the timestep and pooled-text paths (spare-no-time / spare-no-pool: one of them), and
     spare-te*-unet their text-encoder Linears plus that selection (read from a stand-in for spare_core.erase)."""
@@ -600,7 +601,9 @@ def test_module_groups_and_the_selection_experiments(monkeypatch):
     model = load()
     names = [g for g, _ in budgets.MODULE_GROUPS]
     groups = {p: budgets.module_group(p) for p in sc.saliency.candidate_modules(model.network)}
-    assert set(groups.values()) == set(names)  # every group is met, every candidate has one
+    assert set(groups.values()) == set(names) - {"text encoder"}  # every UNet group is met, every candidate has one
+    text = [sc.model.text_key_prefix(model) + p for p in sc.families.text_candidates(model.text_encoder)]
+    assert text and {budgets.module_group(p) for p in text} == {"text encoder"}  # e.g. "...layers.0.qkv"
     assert groups["time_embed.0"] == "time_embed" and groups["text_pool.attn2.to_v"] == "text_pool"
     assert groups["input_blocks.1.0.in_layers.2"] == "resnet convs" and groups["input_blocks.0.0"] == "other convs"
     assert groups["input_blocks.1.0.emb_layers.1"] == "emb_layers"

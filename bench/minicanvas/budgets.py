@@ -217,7 +217,7 @@ def split_variant(method: str) -> tuple[str, tuple]:
 
 # Module groups of the MiniCanvas UNet (first match of a module path wins): `diagnose groups` judges a LoRA without
 # one at a time, the selection experiments (SELECTION_DROPS) train without some
-MODULE_GROUPS = (("time_embed", ("time_embed.",)), ("text_pool", ("text_pool.",)), ("emb_layers", (".emb_layers.",)),
+MODULE_GROUPS = (("text encoder", ("text_encoders.",)), ("time_embed", ("time_embed.",)), ("text_pool", ("text_pool.",)), ("emb_layers", (".emb_layers.",)),
                  ("attn2", (".attn2.",)), ("attn1", (".attn1.",)), ("ff", (".ff.",)),
                  ("proj_in/out", (".proj_in", ".proj_out")), ("resnet convs", ("layers.", "skip_connection")),
                  ("other convs", ("",)))

@@ -27,9 +27,9 @@
   |T(s) - T("")|, what guidance draws the object from. The guided x0 = u + cfg (c - u) carries cfg x the conditional
   residual and (cfg - 1) x the empty prompt's drift: at cfg 4, residuals of a few tenths of the gap rival the signal.
 - groups: the whole held-out grid with the trained LoRA whole, then without one group of its modules at a time
-  (budgets.MODULE_GROUPS: the timestep embedding, the ResBlocks' convolutions, their timestep/pooled-text
-  projections, the spatial transformers' self-attention, cross-attention and feed-forward, the pooled-text attention,
-  the rest): which
+  (budgets.MODULE_GROUPS: the text encoder's layers, the timestep embedding, the ResBlocks' convolutions, their
+  timestep/pooled-text projections, the spatial transformers' self-attention, cross-attention and feed-forward, the
+  pooled-text attention, the rest): which
   groups carry the erasure (UA falls without them) and which the damage (unlisted IRA / CRA or SFA rise without them).
 - geometry: the text codes the network conditions on, per class of the concept's domain (relative to the neutral
   class, averaged over the other domain, training template): the pooled vector (`text_pool`, added to the timestep
