@@ -39,7 +39,7 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -51,7 +51,7 @@ from .config import LOSS_WEIGHTINGS, SAMPLE_CFG, SAMPLE_STEPS, option
 from .families import family_of, text_candidates
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import LoraWeights, metadata_json
-from .model import TEXT_KEY_PREFIX, DiffusionModel, lora_targets, text_encoder_of, text_key_prefix
+from .model import DiffusionModel, lora_targets, text_encoder_of, text_key_prefix
 from .prompts import expand_alternatives, validate_prompts
 from .sampling import data_std, forward_rows, generate, loss_weight, noised, uniform_t
 from .saliency import Saliency
@@ -196,17 +196,6 @@ class DistillConfig:
                               "prompt codes (see mix_concept) that the student must treat as the unerased model does: "
                               "it keeps the space between the listed prompts, where unlisted neighbours lie.",
                            min=0, max=64, node=False)
-    # experiments while they are measured (bench/RESULTS.md, "Generic image states")
-    generic_rows: int = option(0, "Retain rows per step on GENERIC image states: x_t noised from the model's own "
-                                  "samples of the empty prompt (every style and object it knows, none named), with a "
-                                  "random retain prompt that the student must treat as the unerased model does.",
-                               min=0, max=64, node=False)
-    generic_samples: int = option(32, "Samples of the empty prompt drawn for generic_rows.", min=1, max=1024,
-                                  node=False)
-    # an experiment while it is measured (bench/RESULTS.md, "The text encoder's share of the learning rate")
-    text_encoder_lr_scale: float = option(1.0, "With text_encoder on: the text encoder's adapters learn at this "
-                                               "multiple of learning_rate (the diffusion model's at 1).",
-                                          min=0.0, max=100.0, step=0.1, node=False)
     mix_concept: float = option(0.0, "mix_rows' blends: 0 = two neighbouring retain prompts, (1 - u) a + u b with u "
                                      "uniform in [0, 1]; > 0 = a retain prompt moved toward its nearest concept "
                                      "prompt by u uniform in [0, mix_concept].", min=0.0, max=0.95, step=0.05,
@@ -320,9 +309,6 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if config.cross_rows < CROSS_ROWS_AUTO or config.uncond_rows < 0:
         raise SpareInputError(f"cross_rows={config.cross_rows} must be >= 0 (or -1: the family's default) and "
                               f"uncond_rows={config.uncond_rows} >= 0")
-    if config.generic_rows < 0 or config.generic_samples <= 0:
-        raise SpareInputError(f"generic_rows={config.generic_rows} must be >= 0 and generic_samples="
-                              f"{config.generic_samples} >= 1")
     if config.mix_rows < 0 or not 0.0 <= config.mix_concept <= 0.95:
         raise SpareInputError(f"mix_rows={config.mix_rows} must be >= 0 and mix_concept={config.mix_concept} in "
                               "[0, 0.95]")
@@ -398,7 +384,7 @@ def distill(
                           device=model.device)
         try:
             params = adapters.parameters()
-            opt, scaler = make_optimizer(model, cfg, params, text_parameters(adapters))
+            opt, scaler = make_optimizer(model, cfg, params)
             batches = training_batches(model, adapters, data, cfg, profile, torch.Generator().manual_seed(cfg.seed + 2))
             probes = make_probes(model, adapters, data, cfg)
             gap_before = measure_probes(model, data, probes[:1])[0]  # the concept->surrogate gap before training
@@ -476,7 +462,6 @@ class TrainingData:
     sigma_data: float                        # std of the concept samples (the "v" loss weighting's sigma_data)
     uncond_row: Optional[int] = None         # row of `cond` holding the empty prompt (None: not encoded)
     mix_row: Optional[int] = None            # first of the MIX_BANK blended codes at the end of `cond` (mix_rows)
-    x_generic: Optional[torch.Tensor] = None  # samples of the empty prompt (generic_rows)
     prompts: Optional[list] = None           # the prompt of each row of `cond`, when the text encoder trains: the
     #                                          student's conditioning is then encoded anew (`student_cond`)
 
@@ -495,7 +480,7 @@ class TrainingData:
         def copy(x):
             return None if x is None else x.clone()
         return replace(self, x_forget=copy(self.x_forget), x_anchor=copy(self.x_anchor),
-                       x_retain=copy(self.x_retain), x_generic=copy(self.x_generic))
+                       x_retain=copy(self.x_retain))
 
 
 def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optional[torch.Tensor],
@@ -536,13 +521,9 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
         with torch.no_grad():
             cond = cat_cond(cond, blend_bank(model, cond, list(range(len(cfg.concepts))), listed, cfg.mix_concept,
                                              torch.Generator().manual_seed(cfg.seed + 7)))
-    x_generic = None
-    if cfg.generic_rows and x_retain is not None:
-        x_generic, _ = generate(model, [""], cfg.generic_samples, cfg.seed + 9, retain_sample_steps(cfg),
-                                cfg.sample_cfg, should_stop=should_stop)
     prompts = cfg.concepts + cfg.surrogates + retain_prompts if cfg.text_encoder == "on" else None
     return TrainingData(cond, len(cfg.concepts), x_forget, i_forget, n_anchor, x_anchor, i_anchor, x_retain, i_retain,
-                        data_std(x_forget), uncond_row, mix_row, x_generic, prompts)
+                        data_std(x_forget), uncond_row, mix_row, prompts)
 
 
 MIX_BANK = 64  # blended prompt codes drawn once per run (DistillConfig.mix_rows)
@@ -653,13 +634,6 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
             ids, k = torch.cat(ids), torch.cat(k)
             sigma, xt = torch.cat([sigma, sigma[k]]), torch.cat([xt, xt[k]])
             student, teacher = torch.cat([student, ids]), torch.cat([teacher, ids])
-        if data.x_generic is not None:  # generic states: the empty prompt's samples at t ~ uniform, retain prompts
-            g = cfg.generic_rows
-            g_rows = torch.randint(0, data.x_generic.shape[0], (g,), generator=gen)
-            g_sigma, g_xt = noised(model, data.x_generic[g_rows], uniform_t(g, gen), gen)
-            g_ids = data.retain_rows(torch.randint(0, int(data.i_retain.max()) + 1, (g,), generator=gen))
-            sigma, xt = torch.cat([sigma, g_sigma]), torch.cat([xt, g_xt])
-            student, teacher = torch.cat([student, g_ids]), torch.cat([teacher, g_ids])
     return Batch(xt, sigma, student, teacher)
 
 
@@ -785,23 +759,12 @@ def training_mode(model: DiffusionModel, cfg: DistillConfig):
         yield
 
 
-def text_parameters(adapters: AdapterSet) -> list:
-    """The parameters of the adapters on the text encoder (their paths start with TEXT_KEY_PREFIX)."""
-    return [p for path, a in adapters.adapters.items() if path.startswith(TEXT_KEY_PREFIX) for p in a.parameters()]
-
-
-def make_optimizer(model: DiffusionModel, cfg: DistillConfig, params: list, text_params: Sequence = ()) -> tuple:
-    """AdamW on the adapters, and the loss scaler that fp16 training needs. With text_encoder_lr_scale != 1, the
-    text encoder's adapters (`text_params`) are a second parameter group whose rate is scaled (`optimizer_step`)."""
+def make_optimizer(model: DiffusionModel, cfg: DistillConfig, params: list) -> tuple:
+    """AdamW on the adapters, and the loss scaler that fp16 training needs."""
     # torch's fused AdamW (one kernel for every adapter tensor; the update rule is AdamW's) where torch has it: the
     # default per-tensor loop is slower on the CPU (bench/HISTORY.md, "Speed").
     fused = True if model.device.type in FUSED_ADAMW_DEVICES else None
-    groups = params
-    if cfg.text_encoder_lr_scale != 1.0 and text_params:
-        text_ids = {id(p) for p in text_params}
-        groups = [{"params": [p for p in params if id(p) not in text_ids]},
-                  {"params": list(text_params), "lr_scale": cfg.text_encoder_lr_scale}]
-    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
     # fp16 activations can underflow in backward: scale the loss (no-op for fp32/bf16 and on the CPU).
     scaler = torch.amp.GradScaler(model.device.type,
                                   enabled=model.dtype == torch.float16 and model.device.type == "cuda")
@@ -825,7 +788,7 @@ def lr_at(step: int, cfg: DistillConfig) -> float:
 def optimizer_step(opt, scaler, params: list, lr: float, grad_clip: float) -> None:
     """After the backward: clip the gradient norm to grad_clip (0: no clipping), one AdamW step at learning rate lr."""
     for group in opt.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
     scaler.unscale_(opt)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)

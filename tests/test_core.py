@@ -949,35 +949,6 @@ def test_rows_on_the_forget_states_keep_other_prompts_there(model):
         assert torch.equal(more.xt[j], more.xt[k]) and more.sigma[j] == more.sigma[k]
 
 
-def test_generic_rows_keep_retain_prompts_on_the_empty_prompts_own_samples(model):
-    """generic_rows: extra retain rows (the same retain prompt for student and teacher) whose x_t is noised from the
-    model's samples of the empty prompt; without them the data and the step's rows are as before."""
-    from spare_core.distill import get_batch, make_training_data, validate
-    sal = sc.Saliency({"x": 1.0}, ["x"], {})
-    base = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=3, cross_rows=0, **FAST)
-    cfg = validate(replace(base, generic_rows=3, generic_samples=5), sal)
-    assert make_training_data(model, validate(base, sal), None, None).x_generic is None
-    data = make_training_data(model, cfg, None, None)
-    assert data.x_generic.shape == (5, *model.latent_shape)
-    empty, _ = generate(model, [""], 5, cfg.seed + 9, 2, cfg.sample_cfg)  # in half of FAST's 4 Euler steps
-    assert torch.equal(data.x_generic, empty)
-    plain = get_batch(model, data, base, None, torch.Generator().manual_seed(3))
-    more = get_batch(model, data, cfg, None, torch.Generator().manual_seed(3))
-    b = base.batch_size
-    assert more.xt.shape[0] == 2 * b + 3
-    for field in ("xt", "sigma", "student", "teacher"):
-        assert torch.equal(getattr(more, field)[:2 * b], getattr(plain, field))
-    extra = slice(2 * b, None)
-    assert torch.equal(more.student[extra], more.teacher[extra])
-    n = 2 * len(base.concepts)
-    assert all(n <= int(i) < n + len(RETAIN) + 1 for i in more.student[extra])
-    noise = (more.xt[extra] - data.x_generic.unsqueeze(1)) / more.sigma[extra].view(1, -1, 1, 1, 1)
-    assert bool(((noise.flatten(2).std(2) - 1).abs() < 0.5).any(0).all())  # a generic sample + sigma x unit noise
-    assert not any(torch.equal(more.xt[j], more.xt[k]) for j in range(2 * b, 2 * b + 3) for k in range(b))
-    with pytest.raises(sc.SpareInputError, match="generic_rows=-1"):
-        validate(replace(base, generic_rows=-1), sal)
-
-
 def test_mix_rows_keep_blends_of_the_listed_codes_on_the_forget_states(model):
     """mix_rows: rows on the forget rows' own x_t whose prompt is a blend of codes, the same for student and teacher.
     mix_concept 0: each blend lies on the segment between two listed retain codes; > 0: between a listed code and the
