@@ -289,7 +289,7 @@ def test_retain_lists_never_name_an_unlisted_class():
         own = harness.ERASABLE_STYLES if domain == "style" else harness.ERASABLE_OBJECTS
         splits = set()
         for seed in range(3):
-            for retain_set, n_listed in (("half", 4), ("few", harness.FEW_LISTED)):
+            for retain_set, n_listed in (("half", 4), ("few", harness.FEW_LISTED), ("near", 4)):
                 split = harness.retention_split(domain, name, seed, retain_set)
                 assert len(split["listed"]) == n_listed and len(split["unlisted"]) == 9 - n_listed
                 unlisted = {(data.STYLE_NAMES if domain == "style" else data.OBJECT_NAMES)[i]
@@ -310,6 +310,20 @@ def test_retain_lists_never_name_an_unlisted_class():
         assert grows[0]["unlisted"] == grows[1]["unlisted"] == grows[2]["unlisted"]
         assert [len(g["listed"]) for g in grows] == [1, 3, 6] and set(grows[0]["listed"]) < set(grows[2]["listed"])
         assert not set(grows[2]["listed"]) & set(grows[2]["unlisted"])
+
+
+def test_near_lists_the_classes_nearest_in_the_pooled_code_for_every_seed():
+    """"near": the 4 other classes nearest to the concept in the pooled text code, whatever the training seed; its
+    first is the nearest class `diagnose words` finds (computed there on its own)."""
+    from bench.minicanvas import budgets
+    from bench.minicanvas.diagnose import words
+    from spare_core.minicanvas.model import load
+    for row in words(load()):
+        domain, name = row["domain"], row["class"]
+        order = budgets.nearest_order(domain, name)
+        assert order[0] == row["pooled_nearest"][0] and len(order) == 9 and name not in order
+        near = budgets.listed_classes(domain, name, 0, "near")
+        assert set(near) == set(order[:4]) and near == budgets.listed_classes(domain, name, 2, "near")
 
 
 def test_uce_edits_only_the_unet_spatial_cross_attention():

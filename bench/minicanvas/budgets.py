@@ -7,6 +7,7 @@ Nothing here trains, samples or judges: methods.py trains, judge.py grades, disp
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import dataclass, replace
@@ -99,7 +100,7 @@ class Budget:
 # variant MiniCanvas-Flux-dev (Flux.1-dev's form: guidance_in, sampled at cfg 1)
 MODELS = ("unet", "flux", "flux-dev")
 FLUX_MODELS = ("flux", "flux-dev")
-RETAIN_SETS = ("half", "few", "all-pairs", "neighbours", "grow1", "grow3", "grow6")
+RETAIN_SETS = ("half", "few", "all-pairs", "neighbours", "grow1", "grow3", "grow6", "near")
 GROW_UNLISTED = 3          # "growK": the same 3 unlisted classes for every K; K of the other 6 listed
 RETAIN_EXTRA = 3           # random (style, object) pairs added to the neighbour classes in the "neighbours" list
 FEW_LISTED = 3             # "few": same-domain neighbours named by the builder line (and as many of the other domain)
@@ -119,7 +120,9 @@ def listed_classes(domain: str, name: str, seed: int, retain_set: str) -> list[s
     """The classes of `name`'s own domain that the retain list names (the others are "unlisted": no prompt any method
     sees names them). "half": half of the other classes (rounded down), drawn anew for every training seed, so the
     runs average over several splits; "few": FEW_LISTED of them (the builder line a user types in the shipped
-    workflows); "all-pairs" and "neighbours": every other class (nothing unlisted)."""
+    workflows); "near": as many as "half", the ones nearest to the concept in the model's pooled text code
+    (nearest_order: a user who names the nearest neighbours; the same for every training seed); "all-pairs" and
+    "neighbours": every other class (nothing unlisted)."""
     if retain_set not in RETAIN_SETS:
         raise ValueError(f"retain_set={retain_set!r}; valid: {', '.join(RETAIN_SETS)}")
     others = [c for c in (ERASABLE_STYLES if domain == "style" else ERASABLE_OBJECTS) if c != name]
@@ -128,6 +131,8 @@ def listed_classes(domain: str, name: str, seed: int, retain_set: str) -> list[s
     if retain_set.startswith("grow"):  # experiment: does listing MORE classes protect the same unlisted ones?
         return sorted(grow_order(domain, name, seed)[GROW_UNLISTED:GROW_UNLISTED + int(retain_set[4:])],
                       key=others.index)
+    if retain_set == "near":
+        return sorted(nearest_order(domain, name)[:len(others) // 2], key=others.index)
     k = len(others) // 2 if retain_set == "half" else FEW_LISTED
     # a generator of its own (not `concept_prompts`' one) so the other lists' draws stay as they were
     return sorted(random.Random(f"split:{domain}:{name}:{seed}").sample(others, k), key=others.index)
@@ -137,6 +142,36 @@ def grow_order(domain: str, name: str, seed: int) -> list[str]:
     """The other classes in a seeded order: the first GROW_UNLISTED are the "growK" lists' unlisted classes."""
     others = [c for c in (ERASABLE_STYLES if domain == "style" else ERASABLE_OBJECTS) if c != name]
     return random.Random(f"grow:{domain}:{name}:{seed}").sample(others, len(others))
+
+
+@functools.lru_cache(maxsize=None)
+def nearest_order(domain: str, name: str) -> tuple[str, ...]:
+    """The other classes of `name`'s domain, nearest first: cosine of the bundled MiniCanvas model's pooled text code
+    (`text_pool` of the text encoder's output, relative to the neutral class's, averaged over the other domain's
+    classes in the training template) -- the code a prompt's meaning is compared by (CLIP's pooled embedding on a
+    real model), and the path where the erasure spreads to neighbours nobody named (RESULTS.md, "Which unlisted
+    classes lose")."""
+    import torch  # here, not at the top: the other retain sets need no model
+
+    model = _ranking_model()
+    others_domain = ERASABLE_OBJECTS if domain == "style" else ERASABLE_STYLES
+
+    def pooled(c: str) -> torch.Tensor:
+        prompts = [data.prompt(c, o) if domain == "style" else data.prompt(o, c) for o in others_domain]
+        with torch.no_grad():
+            return model.network.text_pool(model.encode(prompts)).mean(0)
+
+    neutral = pooled(data.NEUTRAL_STYLE if domain == "style" else data.NEUTRAL_OBJECT)
+    own = pooled(name) - neutral
+    others = [c for c in (ERASABLE_STYLES if domain == "style" else ERASABLE_OBJECTS) if c != name]
+    cos = {c: float(torch.nn.functional.cosine_similarity(pooled(c) - neutral, own, dim=0)) for c in others}
+    return tuple(sorted(others, key=lambda c: -cos[c]))
+
+
+@functools.lru_cache(maxsize=1)
+def _ranking_model():
+    from spare_core.minicanvas.model import load
+    return load()
 
 
 def concept_prompts(domain: str, name: str, seed: int, retain_set: str = "half"):
@@ -167,7 +202,7 @@ def concept_prompts(domain: str, name: str, seed: int, retain_set: str = "half")
         short, short_surrogate = f"A {name} image.", f"A {data.NEUTRAL_OBJECT} image."
     if retain_set == "all-pairs":
         return forget, surrogate, all_pairs(domain, name), short, short_surrogate
-    if retain_set in ("half", "few") or retain_set.startswith("grow"):
+    if retain_set in ("half", "few", "near") or retain_set.startswith("grow"):
         others = ERASABLE_OBJECTS if domain == "style" else ERASABLE_STYLES
         cross = others if retain_set != "few" else \
             sorted(random.Random(f"few:{domain}:{name}:{seed}").sample(others, FEW_LISTED), key=others.index)
