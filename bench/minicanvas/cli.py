@@ -84,8 +84,10 @@ def main(argv=None):
     ap.add_argument("--spare-stop", type=float, default=Budget.spare_stop,
                     help="SPARE's stopping rule target (gap closed); 0 = run every step")
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set,
-                    help="every method's retain list: all other (style, object) pairs (default) or the short "
-                    "neighbours list")
+                    help="every method's retain list (budgets.listed_classes): half (default; half of the other "
+                    "classes, drawn per training seed), few (the shipped workflows' builder line), near (the half "
+                    "nearest to the concept in the pooled text code), all-pairs (every other pair: the reference), "
+                    "neighbours, growK (experiments)")
     ap.add_argument("--host", choices=HOSTS, default="library",
                     help="library (default): SPARE through spare_core, grids through the bundled sampler; comfyui: "
                     "SPARE through the pack's nodes and the grids through ComfyUI's KSampler on the SPARE Demo Model "
