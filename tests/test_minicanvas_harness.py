@@ -289,7 +289,7 @@ def test_retain_lists_never_name_an_unlisted_class():
         own = harness.ERASABLE_STYLES if domain == "style" else harness.ERASABLE_OBJECTS
         splits = set()
         for seed in range(3):
-            for retain_set, n_listed in (("half", 4), ("few", harness.FEW_LISTED), ("near", 4)):
+            for retain_set, n_listed in (("half", 4), ("few", harness.FEW_LISTED), ("near", 4), ("near-token", 4)):
                 split = harness.retention_split(domain, name, seed, retain_set)
                 assert len(split["listed"]) == n_listed and len(split["unlisted"]) == 9 - n_listed
                 unlisted = {(data.STYLE_NAMES if domain == "style" else data.OBJECT_NAMES)[i]
@@ -313,8 +313,9 @@ def test_retain_lists_never_name_an_unlisted_class():
 
 
 def test_near_lists_the_classes_nearest_in_the_pooled_code_for_every_seed():
-    """"near": the 4 other classes nearest to the concept in the pooled text code, whatever the training seed; its
-    first is the nearest class `diagnose words` finds (computed there on its own)."""
+    """"near": the 4 other classes nearest to the concept in the pooled text code, whatever the training seed
+    ("near-token": in the word's own token state); the first of each is the nearest class `diagnose words` finds
+    (computed there on its own)."""
     from bench.minicanvas import budgets
     from bench.minicanvas.diagnose import words
     from spare_core.minicanvas.model import load
@@ -324,6 +325,9 @@ def test_near_lists_the_classes_nearest_in_the_pooled_code_for_every_seed():
         assert order[0] == row["pooled_nearest"][0] and len(order) == 9 and name not in order
         near = budgets.listed_classes(domain, name, 0, "near")
         assert set(near) == set(order[:4]) and near == budgets.listed_classes(domain, name, 2, "near")
+        token = budgets.nearest_order(domain, name, "token")  # "near-token": by the word's own token state
+        assert token[0] == row["word_nearest"][0] and sorted(token) == sorted(order)
+        assert set(budgets.listed_classes(domain, name, 1, "near-token")) == set(token[:4])
 
 
 def test_uce_edits_only_the_unet_spatial_cross_attention():

@@ -100,7 +100,7 @@ class Budget:
 # variant MiniCanvas-Flux-dev (Flux.1-dev's form: guidance_in, sampled at cfg 1)
 MODELS = ("unet", "flux", "flux-dev")
 FLUX_MODELS = ("flux", "flux-dev")
-RETAIN_SETS = ("half", "few", "all-pairs", "neighbours", "grow1", "grow3", "grow6", "near")
+RETAIN_SETS = ("half", "few", "all-pairs", "neighbours", "grow1", "grow3", "grow6", "near", "near-token")
 GROW_UNLISTED = 3          # "growK": the same 3 unlisted classes for every K; K of the other 6 listed
 RETAIN_EXTRA = 3           # random (style, object) pairs added to the neighbour classes in the "neighbours" list
 FEW_LISTED = 3             # "few": same-domain neighbours named by the builder line (and as many of the other domain)
@@ -121,7 +121,8 @@ def listed_classes(domain: str, name: str, seed: int, retain_set: str) -> list[s
     sees names them). "half": half of the other classes (rounded down), drawn anew for every training seed, so the
     runs average over several splits; "few": FEW_LISTED of them (the builder line a user types in the shipped
     workflows); "near": as many as "half", the ones nearest to the concept in the model's pooled text code
-    (nearest_order: a user who names the nearest neighbours; the same for every training seed); "all-pairs" and
+    (nearest_order: a user who names the nearest neighbours; the same for every training seed); "near-token": the
+    same by the word's own token state (nearest_order(code="token")); "all-pairs" and
     "neighbours": every other class (nothing unlisted)."""
     if retain_set not in RETAIN_SETS:
         raise ValueError(f"retain_set={retain_set!r}; valid: {', '.join(RETAIN_SETS)}")
@@ -131,8 +132,9 @@ def listed_classes(domain: str, name: str, seed: int, retain_set: str) -> list[s
     if retain_set.startswith("grow"):  # experiment: does listing MORE classes protect the same unlisted ones?
         return sorted(grow_order(domain, name, seed)[GROW_UNLISTED:GROW_UNLISTED + int(retain_set[4:])],
                       key=others.index)
-    if retain_set == "near":
-        return sorted(nearest_order(domain, name)[:len(others) // 2], key=others.index)
+    if retain_set in ("near", "near-token"):
+        code = "token" if retain_set == "near-token" else "pooled"
+        return sorted(nearest_order(domain, name, code)[:len(others) // 2], key=others.index)
     k = len(others) // 2 if retain_set == "half" else FEW_LISTED
     # a generator of its own (not `concept_prompts`' one) so the other lists' draws stay as they were
     return sorted(random.Random(f"split:{domain}:{name}:{seed}").sample(others, k), key=others.index)
@@ -145,12 +147,13 @@ def grow_order(domain: str, name: str, seed: int) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def nearest_order(domain: str, name: str) -> tuple[str, ...]:
+def nearest_order(domain: str, name: str, code: str = "pooled") -> tuple[str, ...]:
     """The other classes of `name`'s domain, nearest first: cosine of the bundled MiniCanvas model's pooled text code
     (`text_pool` of the text encoder's output, relative to the neutral class's, averaged over the other domain's
     classes in the training template) -- the code a prompt's meaning is compared by (CLIP's pooled embedding on a
     real model), and the path where the erasure spreads to neighbours nobody named (RESULTS.md, "Which unlisted
-    classes lose")."""
+    classes lose"). code "token": the word's own contextual token state instead (what the cross-attentions' keys
+    and values are computed from; the objects' damage follows it there)."""
     import torch  # here, not at the top: the other retain sets need no model
 
     model = _ranking_model()
@@ -159,9 +162,14 @@ def nearest_order(domain: str, name: str) -> tuple[str, ...]:
     def pooled(c: str) -> torch.Tensor:
         prompts = [data.prompt(c, o) if domain == "style" else data.prompt(o, c) for o in others_domain]
         with torch.no_grad():
-            return model.network.text_pool(model.encode(prompts)).mean(0)
+            ctx = model.encode(prompts)
+            if code == "token":
+                return ctx[model.tokenizer(prompts).to(ctx.device) == model.tokenizer.ids[c]].mean(0)
+            return model.network.text_pool(ctx).mean(0)
 
-    neutral = pooled(data.NEUTRAL_STYLE if domain == "style" else data.NEUTRAL_OBJECT)
+    if code not in ("pooled", "token"):
+        raise ValueError(f"code={code!r}; valid: pooled, token")
+    neutral = pooled(data.NEUTRAL_STYLE if domain == "style" else data.NEUTRAL_OBJECT) if code == "pooled" else 0.0
     own = pooled(name) - neutral
     others = [c for c in (ERASABLE_STYLES if domain == "style" else ERASABLE_OBJECTS) if c != name]
     cos = {c: float(torch.nn.functional.cosine_similarity(pooled(c) - neutral, own, dim=0)) for c in others}
@@ -202,7 +210,7 @@ def concept_prompts(domain: str, name: str, seed: int, retain_set: str = "half")
         short, short_surrogate = f"A {name} image.", f"A {data.NEUTRAL_OBJECT} image."
     if retain_set == "all-pairs":
         return forget, surrogate, all_pairs(domain, name), short, short_surrogate
-    if retain_set in ("half", "few", "near") or retain_set.startswith("grow"):
+    if retain_set in ("half", "few", "near", "near-token") or retain_set.startswith("grow"):
         others = ERASABLE_OBJECTS if domain == "style" else ERASABLE_STYLES
         cross = others if retain_set != "few" else \
             sorted(random.Random(f"few:{domain}:{name}:{seed}").sample(others, FEW_LISTED), key=others.index)
