@@ -314,8 +314,8 @@ def test_retain_lists_never_name_an_unlisted_class():
 
 def test_near_lists_the_classes_nearest_in_the_pooled_code_for_every_seed():
     """"near": the 4 other classes nearest to the concept in the pooled text code, whatever the training seed
-    ("near-token": in the word's own token state); the first of each is the nearest class `diagnose words` finds
-    (computed there on its own)."""
+    ("near-token": in the word's own token state); the first of each is the nearest class `diagnose words` finds (its
+    own ranking over the same `budgets.class_codes`)."""
     from bench.minicanvas import budgets
     from bench.minicanvas.diagnose import words
     from spare_core.minicanvas.model import load

@@ -122,8 +122,7 @@ def listed_classes(domain: str, name: str, seed: int, retain_set: str) -> list[s
     runs average over several splits; "few": FEW_LISTED of them (the builder line a user types in the shipped
     workflows); "near": as many as "half", the ones nearest to the concept in the model's pooled text code
     (nearest_order: a user who names the nearest neighbours; the same for every training seed); "near-token": the
-    same by the word's own token state (nearest_order(code="token")); "all-pairs" and
-    "neighbours": every other class (nothing unlisted)."""
+    same by the word's own token state; "all-pairs" and "neighbours": every other class (nothing unlisted)."""
     if retain_set not in RETAIN_SETS:
         raise ValueError(f"retain_set={retain_set!r}; valid: {', '.join(RETAIN_SETS)}")
     others = [c for c in (ERASABLE_STYLES if domain == "style" else ERASABLE_OBJECTS) if c != name]
@@ -146,33 +145,38 @@ def grow_order(domain: str, name: str, seed: int) -> list[str]:
     return random.Random(f"grow:{domain}:{name}:{seed}").sample(others, len(others))
 
 
+def class_codes(model, word: str, domain: str):
+    """(pooled code, token state) of `word` (a class of `domain`, or its synonym) in the bundled MiniCanvas model, each
+    averaged over the other domain's classes in the training template: the pooled vector `text_pool` makes of the text
+    encoder's output, and the word's own contextual token state (what the cross-attentions' keys and values are
+    computed from). The two codes the network reads a class by (`diagnose words`, `nearest_order`)."""
+    import torch  # here, not at the top: the retain lists need no model
+
+    others = ERASABLE_OBJECTS if domain == "style" else ERASABLE_STYLES
+    prompts = [data.prompt(word, o) if domain == "style" else data.prompt(o, word) for o in others]
+    with torch.no_grad():
+        ctx = model.encode(prompts)
+        at = model.tokenizer(prompts).to(ctx.device) == model.tokenizer.ids[word]
+        return model.network.text_pool(ctx).mean(0), ctx[at].mean(0)
+
+
 @functools.lru_cache(maxsize=None)
 def nearest_order(domain: str, name: str, code: str = "pooled") -> tuple[str, ...]:
-    """The other classes of `name`'s domain, nearest first: cosine of the bundled MiniCanvas model's pooled text code
-    (`text_pool` of the text encoder's output, relative to the neutral class's, averaged over the other domain's
-    classes in the training template) -- the code a prompt's meaning is compared by (CLIP's pooled embedding on a
-    real model), and the path where the erasure spreads to neighbours nobody named (RESULTS.md, "Which unlisted
-    classes lose"). code "token": the word's own contextual token state instead (what the cross-attentions' keys
-    and values are computed from; the objects' damage follows it there)."""
-    import torch  # here, not at the top: the other retain sets need no model
-
-    model = _ranking_model()
-    others_domain = ERASABLE_OBJECTS if domain == "style" else ERASABLE_STYLES
-
-    def pooled(c: str) -> torch.Tensor:
-        prompts = [data.prompt(c, o) if domain == "style" else data.prompt(o, c) for o in others_domain]
-        with torch.no_grad():
-            ctx = model.encode(prompts)
-            if code == "token":
-                return ctx[model.tokenizer(prompts).to(ctx.device) == model.tokenizer.ids[c]].mean(0)
-            return model.network.text_pool(ctx).mean(0)
+    """The other classes of `name`'s domain, nearest first, by the cosine of their `class_codes`: code "pooled"
+    (relative to the neutral class's) -- the code a prompt's meaning is compared by (CLIP's pooled embedding on a real
+    model) and the path where an erased style spreads to neighbours nobody named (RESULTS.md, "Which unlisted classes
+    lose"); "token": the word's own token state, which the objects' damage follows."""
+    import torch
 
     if code not in ("pooled", "token"):
         raise ValueError(f"code={code!r}; valid: pooled, token")
-    neutral = pooled(data.NEUTRAL_STYLE if domain == "style" else data.NEUTRAL_OBJECT) if code == "pooled" else 0.0
-    own = pooled(name) - neutral
+    model, which = _ranking_model(), 0 if code == "pooled" else 1
+    neutral = class_codes(model, data.NEUTRAL_STYLE if domain == "style" else data.NEUTRAL_OBJECT, domain)[which] \
+        if code == "pooled" else 0.0
+    own = class_codes(model, name, domain)[which] - neutral
     others = [c for c in (ERASABLE_STYLES if domain == "style" else ERASABLE_OBJECTS) if c != name]
-    cos = {c: float(torch.nn.functional.cosine_similarity(pooled(c) - neutral, own, dim=0)) for c in others}
+    cos = {c: float(torch.nn.functional.cosine_similarity(class_codes(model, c, domain)[which] - neutral, own, dim=0))
+           for c in others}
     return tuple(sorted(others, key=lambda c: -cos[c]))
 
 
@@ -258,10 +262,12 @@ def split_variant(method: str) -> tuple[str, tuple]:
     return base, tuple(parse_override(i) for i in items)
 
 
-# Module groups of the MiniCanvas UNet (first match of a module path wins): `diagnose groups` judges a LoRA without
-# one at a time, the selection experiments (SELECTION_DROPS) train without some
-MODULE_GROUPS = (("text encoder", ("text_encoders.",)), ("time_embed", ("time_embed.",)), ("text_pool", ("text_pool.",)), ("emb_layers", (".emb_layers.",)),
-                 ("attn2", (".attn2.",)), ("attn1", (".attn1.",)), ("ff", (".ff.",)),
+# Module groups of the MiniCanvas LoRA (first match of a module path wins; its text encoder's adapters first: their
+# paths hold "layers." too): `diagnose groups` judges a LoRA without one at a time, the selection experiments
+# (SELECTION_DROPS) train without some
+MODULE_GROUPS = (("text encoder", ("text_encoders.",)), ("time_embed", ("time_embed.",)),
+                 ("text_pool", ("text_pool.",)), ("emb_layers", (".emb_layers.",)), ("attn2", (".attn2.",)),
+                 ("attn1", (".attn1.",)), ("ff", (".ff.",)),
                  ("proj_in/out", (".proj_in", ".proj_out")), ("resnet convs", ("layers.", "skip_connection")),
                  ("other convs", ("",)))
 # UNet experiments: the scan's selection without these groups. The ResBlocks' convolutions carried the damage to

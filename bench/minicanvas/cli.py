@@ -86,9 +86,8 @@ def main(argv=None):
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set,
                     help="every method's retain list (budgets.listed_classes): half (default; half of the other "
                     "classes, drawn per training seed), few (the shipped workflows' builder line), near (the half "
-                    "nearest to the concept in the pooled text code; near-token: in the word's token state), all-pairs (every "
-                    "other pair: the reference), "
-                    "neighbours, growK (experiments)")
+                    "nearest to the concept in the pooled text code; near-token: in the word's token state), "
+                    "all-pairs (every other pair: the reference), neighbours, growK (experiments)")
     ap.add_argument("--host", choices=HOSTS, default="library",
                     help="library (default): SPARE through spare_core, grids through the bundled sampler; comfyui: "
                     "SPARE through the pack's nodes and the grids through ComfyUI's KSampler on the SPARE Demo Model "

@@ -65,7 +65,7 @@ from spare_core.minicanvas import data
 from spare_core.minicanvas.model import load as load_model, sample_loop, to_image
 from spare_core.sampling import generate as generate_samples
 
-from .budgets import (EVAL_TEMPLATES, ERASABLE_OBJECTS, RETAIN_SETS, ERASABLE_STYLES, Budget, module_group,
+from .budgets import (EVAL_TEMPLATES, ERASABLE_OBJECTS, RETAIN_SETS, ERASABLE_STYLES, Budget, class_codes, module_group,
                       parse_override, retention_split)
 from .judge import Judge, evaluate, grid, split_metrics
 from .methods import generate, run_method
@@ -252,20 +252,13 @@ def words(model) -> list[dict]:
     the two codes the network reads, averaged over the other domain's classes (training template): the pooled vector
     (`text_pool`, relative to the neutral class's) and the word's own contextual token state (what the
     cross-attentions' keys and values are computed from). Cosines; no erasure is trained."""
-    def codes(word: str, domain: str):
-        others = data.OBJECT_NAMES[:-1] if domain == "style" else data.STYLE_NAMES[:-1]
-        prompts = [data.prompt(word, o) if domain == "style" else data.prompt(o, word) for o in others]
-        ctx = model.encode(prompts)
-        at = model.tokenizer(prompts).to(ctx.device) == model.tokenizer.ids[word]
-        return model.network.text_pool(ctx).mean(0), ctx[at].mean(0)
-
     cos = torch.nn.functional.cosine_similarity
     rows = []
     for domain, concepts in (("style", data.STYLES[:-1]), ("object", data.OBJECTS[:-1])):
-        neutral = codes(data.NEUTRAL_STYLE if domain == "style" else data.NEUTRAL_OBJECT, domain)[0]
-        own = {c.name: codes(c.name, domain) for c in concepts}
+        neutral = class_codes(model, data.NEUTRAL_STYLE if domain == "style" else data.NEUTRAL_OBJECT, domain)[0]
+        own = {c.name: class_codes(model, c.name, domain) for c in concepts}
         for c in concepts:
-            (pooled, word), (s_pooled, s_word) = own[c.name], codes(c.synonyms[0], domain)
+            (pooled, word), (s_pooled, s_word) = own[c.name], class_codes(model, c.synonyms[0], domain)
             others = [o for o in own if o != c.name]
             pooled_cos = {o: float(cos(own[o][0] - neutral, pooled - neutral, dim=0)) for o in others}
             word_cos = {o: float(cos(own[o][1], word, dim=0)) for o in others}
