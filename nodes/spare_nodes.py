@@ -20,7 +20,7 @@ import folder_paths
 from comfy_api.latest import io
 
 import spare_core as sc
-from spare_core import render
+from spare_core import neighbours, render
 from spare_core.errors import SpareInputError
 
 from spare_core.distill import for_model
@@ -399,6 +399,61 @@ def log_check(check: dict, adapters) -> None:
              100 * check["gap_closed"], check["retain_drift"])
 
 
+class NearestConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SPARENearestConcepts",
+            display_name="SPARE Nearest Concepts",
+            category=CATEGORY,
+            description="Ranks candidate concepts by how alike the CLIP reads them to the concept and outputs the "
+                        "nearest as retain lines for Sparse LoRA Distill (and Saliency Scan): an erasure damages the "
+                        "concepts nearest to it that no retain line names, so those are the ones worth naming.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The model's text encoder (the one the erasure trains with)."),
+                io.String.Input("concepts", multiline=True, default="",
+                                tooltip="The concept prompt(s), one per line (the same text as in Distill)."),
+                io.String.Input("candidates", multiline=True, default="\n".join(neighbours.DEFAULT_CANDIDATES),
+                                tooltip="Concepts the erasure might take with it, one per line ({a|b} groups "
+                                        "allowed: a line's expansions count as one concept). The default is a list "
+                                        "of common painters, styles and subjects; your own list of what must "
+                                        "survive is better."),
+                io.Int.Input("count", default=8, min=1, max=256,
+                             tooltip="How many of the nearest candidates to output."),
+                io.String.Input("keep", multiline=True, default="", optional=True,
+                                tooltip="Retain lines to output first whatever their rank (your own must-keeps)."),
+            ],
+            outputs=[
+                io.String.Output("retain", tooltip="keep, then the nearest candidates, one per line: connect it to "
+                                                   "the retain input of Sparse LoRA Distill and Saliency Scan."),
+                io.String.Output("ranking", tooltip="Every candidate with its similarity (cosine), nearest first."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, concepts, candidates, count, keep=""):
+        if clip is None:
+            raise SpareInputError("clip is not connected: connect the checkpoint's CLIP (the model's text encoder)")
+        if count < 1:
+            raise SpareInputError(f"count={count}: must be at least 1 (how many candidates to output)")
+        ranked = neighbours.rank(clip_token_states(clip), require_lines(concepts, "concepts"), lines(candidates))
+        picked = [n.line for n in ranked[:count]]
+        own = lines(keep)
+        retain = own + [p for p in picked if p not in own]
+        log.info("SPARE: nearest of %d candidates to the concept: %s", len(ranked),
+                 "; ".join(f"{n.line} ({n.similarity:.2f})" for n in ranked[:count]))
+        ranking = "\n".join(f"{n.similarity:+.3f}  {n.line}" for n in ranked)
+        return io.NodeOutput("\n".join(retain), ranking)
+
+
+def clip_token_states(clip):
+    """prompts -> the CLIP's token states [N, L, D] (CLIPTextEncode's conditioning, one prompt at a time)."""
+    def encode(prompts):
+        with torch.no_grad():
+            return torch.cat([clip.encode_from_tokens(clip.tokenize(p)) for p in prompts])
+    return encode
+
+
 class ApplyErasure(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -582,4 +637,4 @@ def output_path(prefix: str) -> tuple[str, str]:
         counter += 1
 
 
-NODES = [ConceptSamples, SaliencyScan, TimestepProfileNode, SparseLoraDistill, ApplyErasure]
+NODES = [ConceptSamples, NearestConcepts, SaliencyScan, TimestepProfileNode, SparseLoraDistill, ApplyErasure]

@@ -203,3 +203,32 @@ def test_stock_lora_loader_maps_every_module(demo, tmp_path, key_format, caplog)
     assert not torch.allclose(stock, base, atol=1e-4)
     assert torch.allclose(stock, hooked, atol=1e-4), (stock - hooked).abs().max()
     assert torch.equal(probe(model), base)  # the input MODEL is untouched
+
+
+def test_nearest_concepts_node_ranks_as_the_bundled_model_does(demo, bundled):
+    """SPARE Nearest Concepts on the demo CLIP: the same ranking (and similarities) as spare_core.neighbours on the
+    bundled text encoder; keep lines first; an unknown word in a candidate refused by name."""
+    from spare_core import neighbours
+    from spare_core.errors import SpareInputError
+    _, _, (_, clip, _, _) = demo
+    nodes = sys.modules[PACK_NAME + ".nodes.spare_nodes"]
+    objects = "{circle|square|star|heart}"
+    concepts = [f"A {o} image in ukiyo style." for o in ("circle", "square", "star", "heart")]
+    candidates = [f"A {objects} image in {s} style." for s in ("neon", "sunset", "lava", "blueprint", "forest")]
+    keep = "A star image in plain style."
+    with torch.inference_mode():
+        retain, ranking = nodes.NearestConcepts.execute(clip=clip, concepts="\n".join(concepts),
+                                                        candidates="\n\n".join(candidates), count=2,
+                                                        keep=keep).result
+    expected = neighbours.rank(bundled.encode, concepts, candidates)
+    assert retain.splitlines() == [keep] + [n.line for n in expected[:2]]
+    assert "sunset" in retain.splitlines()[1]  # ukiyo's nearest style (the one its erasure takes with it)
+    rows = [line.split("  ", 1) for line in ranking.splitlines()]
+    assert [r[1] for r in rows] == [n.line for n in expected]
+    assert [float(r[0]) for r in rows] == pytest.approx([n.similarity for n in expected], abs=2e-3)
+    with torch.inference_mode(), pytest.raises(SpareInputError, match="'gogh'"):
+        nodes.NearestConcepts.execute(clip=clip, concepts=concepts[0], candidates="a cat by van gogh", count=1)
+    with pytest.raises(SpareInputError, match="count=0"):
+        nodes.NearestConcepts.execute(clip=clip, concepts=concepts[0], candidates=candidates[0], count=0)
+    with pytest.raises(SpareInputError, match="'concepts' is empty"):
+        nodes.NearestConcepts.execute(clip=clip, concepts=" \n", candidates=candidates[0], count=1)

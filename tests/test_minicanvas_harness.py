@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.minicanvas import baselines, metrics, report
+from bench.minicanvas import baselines, budgets, metrics, report
 import spare_core as sc
 from tiny_denoiser import TinyDiffusionModel
 
@@ -310,13 +310,23 @@ def test_retain_lists_never_name_an_unlisted_class():
         assert grows[0]["unlisted"] == grows[1]["unlisted"] == grows[2]["unlisted"]
         assert [len(g["listed"]) for g in grows] == [1, 3, 6] and set(grows[0]["listed"]) < set(grows[2]["listed"])
         assert not set(grows[2]["listed"]) & set(grows[2]["unlisted"])
+        # grow3near: grow3's unlisted classes; its 3 listed are the 3 of grow6's candidates that the product's ranking
+        # (spare_core.neighbours, SPARE Nearest Concepts) puts first
+        for seed in range(2):
+            near = harness.retention_split(domain, name, seed, "grow3near")
+            six = harness.retention_split(domain, name, seed, "grow6")
+            assert near["unlisted"] == harness.retention_split(domain, name, seed, "grow3")["unlisted"]
+            assert len(near["listed"]) == 3 and set(near["listed"]) < set(six["listed"])
+            names = data.STYLE_NAMES if domain == "style" else data.OBJECT_NAMES
+            candidates = tuple(names[i] for i in six["listed"])
+            ranked = budgets.ranked_candidates(domain, name, candidates)
+            assert {names[i] for i in near["listed"]} == set(ranked[:3]) and sorted(ranked) == sorted(candidates)
 
 
 def test_near_lists_the_classes_nearest_in_the_pooled_code_for_every_seed():
     """"near": the 4 other classes nearest to the concept in the pooled text code, whatever the training seed
     ("near-token": in the word's own token state); the first of each is the nearest class `diagnose words` finds (its
     own ranking over the same `budgets.class_codes`)."""
-    from bench.minicanvas import budgets
     from bench.minicanvas.diagnose import words
     from spare_core.minicanvas.model import load
     for row in words(load()):

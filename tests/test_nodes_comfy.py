@@ -404,3 +404,22 @@ def test_stage_inputs_come_from_the_configs(pack):
             default = "\n".join(d["default"] or []) if d["type"].startswith("list") else d["default"]
             assert inputs[name].default == default, (node.__name__, name)
             assert inputs[name].tooltip == d["help"], (node.__name__, name)
+
+
+@pytest.mark.parametrize("family", FAMILIES + tuple(getattr(cf, "DIT_FAMILIES", ())))
+def test_nearest_concepts_on_every_family_clip(pack, family):
+    """SPARE Nearest Concepts on each family's real (tiny, random) CLIP: every candidate ranked once, nearest first,
+    the retain output = keep + the `count` nearest; on the UNets with the shipped default candidates."""
+    nodes_mod, _ = pack
+    from spare_core import neighbours
+    dit = family in getattr(cf, "DIT_FAMILIES", ())
+    clip = cf.build_tiny_dit_clip(family, seed=1) if dit else cf.build_tiny(family, seed=1)[1]
+    candidates = list(neighbours.DEFAULT_CANDIDATES[:6] if dit else neighbours.DEFAULT_CANDIDATES)
+    with torch.inference_mode():
+        retain, ranking = run(nodes_mod.NearestConcepts, clip=clip, concepts="a cat in the style of Van Gogh",
+                              candidates="\n".join(candidates), count=3, keep="a photo of a dog")
+    rows = [line.split("  ", 1) for line in ranking.splitlines()]
+    assert sorted(r[1] for r in rows) == sorted(candidates)
+    scores = [float(r[0]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores) and len(set(scores)) > 1
+    assert retain.splitlines() == ["a photo of a dog"] + [r[1] for r in rows[:3]]

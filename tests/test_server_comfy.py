@@ -32,10 +32,11 @@ WORKFLOWS = ROOT / "workflows"
 TEST_PACK = ROOT / "tests" / "comfy_test_pack"
 STYLE_LORA = "spare/erase_vangogh_00001_.safetensors"  # what erase_style.json writes into an empty loras folder
 
-# The five nodes and their inputs, in schema order (required; optional after "|").
+# The six nodes and their inputs, in schema order (required; optional after "|").
 EXPECTED_NODES = {
     "SPAREConceptSamples": (["model", "clip", "concept", "samples", "seed", "resolution", "steps", "cfg"], ["guidance"],
                             ["LATENT"]),
+    "SPARENearestConcepts": (["clip", "concepts", "candidates", "count"], ["keep"], ["STRING", "STRING"]),
     "SPARESaliencyScan": (["model", "clip", "concept", "retain", "samples", "seed", "selection", "top_k", "targets",
                            "resolution"], ["scoring", "latents", "gradient_checkpointing", "guidance"],
                           ["SPARE_SALIENCY", "IMAGE", "STRING"]),

@@ -100,7 +100,8 @@ class Budget:
 # variant MiniCanvas-Flux-dev (Flux.1-dev's form: guidance_in, sampled at cfg 1)
 MODELS = ("unet", "flux", "flux-dev")
 FLUX_MODELS = ("flux", "flux-dev")
-RETAIN_SETS = ("half", "few", "all-pairs", "neighbours", "grow1", "grow3", "grow6", "near", "near-token")
+RETAIN_SETS = ("half", "few", "all-pairs", "neighbours", "grow1", "grow3", "grow6", "grow3near", "near",
+               "near-token")
 GROW_UNLISTED = 3          # "growK": the same 3 unlisted classes for every K; K of the other 6 listed
 RETAIN_EXTRA = 3           # random (style, object) pairs added to the neighbour classes in the "neighbours" list
 FEW_LISTED = 3             # "few": same-domain neighbours named by the builder line (and as many of the other domain)
@@ -128,6 +129,9 @@ def listed_classes(domain: str, name: str, seed: int, retain_set: str) -> list[s
     others = [c for c in (ERASABLE_STYLES if domain == "style" else ERASABLE_OBJECTS) if c != name]
     if retain_set in ("all-pairs", "neighbours"):
         return others
+    if retain_set == "grow3near":  # the 3 of grow6's candidates that SPARE Nearest Concepts names (same unlisted)
+        candidates = grow_order(domain, name, seed)[GROW_UNLISTED:]
+        return sorted(ranked_candidates(domain, name, tuple(candidates))[:3], key=others.index)
     if retain_set.startswith("grow"):  # experiment: does listing MORE classes protect the same unlisted ones?
         return sorted(grow_order(domain, name, seed)[GROW_UNLISTED:GROW_UNLISTED + int(retain_set[4:])],
                       key=others.index)
@@ -178,6 +182,21 @@ def nearest_order(domain: str, name: str, code: str = "pooled") -> tuple[str, ..
     cos = {c: float(torch.nn.functional.cosine_similarity(class_codes(model, c, domain)[which] - neutral, own, dim=0))
            for c in others}
     return tuple(sorted(others, key=lambda c: -cos[c]))
+
+
+@functools.lru_cache(maxsize=None)
+def ranked_candidates(domain: str, name: str, candidates: tuple[str, ...]) -> tuple[str, ...]:
+    """`candidates` (classes of `name`'s domain), nearest first as the product ranks them (spare_core.neighbours, the
+    SPARE Nearest Concepts node) in the bundled model: the concept's forget prompts against one builder line per
+    candidate, the candidate with every class of the other domain ("An {a|b|..} image in neon style.")."""
+    from spare_core import neighbours
+
+    model = _ranking_model()
+    others = ERASABLE_OBJECTS if domain == "style" else ERASABLE_STYLES
+    alts = "{" + "|".join(others) + "}"
+    forget = [data.prompt(name, o) if domain == "style" else data.prompt(o, name) for o in others]
+    lines = {data.prompt(c, alts) if domain == "style" else data.prompt(alts, c): c for c in candidates}
+    return tuple(lines[n.line] for n in neighbours.rank(model.encode, forget, list(lines)))
 
 
 @functools.lru_cache(maxsize=1)

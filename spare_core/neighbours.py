@@ -1,0 +1,102 @@
+"""Which candidate concepts an erasure is most likely to take with it: the candidates nearest the concept in the
+text encoder's own token states, nearest first, to be named in the Distill node's retain list.
+
+Why: a LoRA that erases a concept moves the concepts the network reads alike, and no retain loss protects a concept
+the retain list does not name (bench/RESULTS.md, "Which unlisted classes lose"). Given many candidates (a long list of
+styles, artists or objects), the ones worth naming are the nearest.
+
+The code of a prompt is the mean of its token states (every position the encoder returns, padding included) minus the
+empty prompt's; a line's code is the mean over its {a|b} expansions; the score is the cosine between a candidate's
+code and the concepts' code. On MiniCanvas this ranks the neighbours the defaults actually damage better than the
+pooled vector or the word's own token state does (bench/RESULTS.md, "Ranking the neighbours"). `encode` is any
+callable that maps prompts to token states [N, L, D] (ComfyUI's CLIP cond, MiniCanvas' text encoder): the ranking
+needs the text encoder only, not the diffusion model.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+from .errors import SpareInputError
+from .prompts import expand_alternatives, validate_prompts
+
+
+SUBJECTS = "{a portrait|a landscape|a city street|a cat|a bowl of fruit}"
+STYLES = (
+    "Claude Monet", "Vincent van Gogh", "Pablo Picasso", "Rembrandt", "Johannes Vermeer", "Leonardo da Vinci",
+    "Salvador Dali", "Frida Kahlo", "Gustav Klimt", "Edvard Munch", "Paul Cezanne", "Henri Matisse",
+    "Katsushika Hokusai", "Andy Warhol", "Roy Lichtenstein", "Jackson Pollock", "Georgia O'Keeffe", "Edward Hopper",
+    "Alphonse Mucha", "Hieronymus Bosch", "J. M. W. Turner", "Caravaggio", "Wassily Kandinsky", "Piet Mondrian",
+    "Rene Magritte", "Egon Schiele", "Amedeo Modigliani", "Pierre-Auguste Renoir", "Edgar Degas", "Paul Gauguin",
+    "Thomas Kinkade", "Greg Rutkowski", "Studio Ghibli", "Makoto Shinkai", "Norman Rockwell",
+)
+MOVEMENTS = (
+    "impressionism", "post-impressionism", "expressionism", "cubism", "surrealism", "art nouveau", "pop art",
+    "ukiyo-e", "baroque", "renaissance", "pointillism", "abstract expressionism", "minimalism", "watercolor",
+    "oil painting", "pencil sketch", "charcoal drawing", "ink wash", "anime", "comic book", "pixel art",
+    "low poly 3D render", "photorealism", "cyberpunk", "steampunk", "vaporwave", "stained glass", "mosaic",
+)
+OBJECTS = (
+    "a dog", "a cat", "a horse", "a bird", "a fish", "a car", "a truck", "an airplane", "a ship", "a bicycle",
+    "a house", "a church", "a castle", "a bridge", "a tree", "a flower", "a mountain", "the sea", "a chair",
+    "a guitar", "a clock", "a cup", "an apple", "a man", "a woman", "a child", "a soldier", "a nude figure",
+    "a weapon", "a tower",
+)
+DEFAULT_CANDIDATES = (
+    [f"{SUBJECTS} in the style of {s}" for s in STYLES]
+    + [f"{SUBJECTS}, {m}" for m in MOVEMENTS]
+    + [f"{{a photo|a painting|a drawing}} of {o}" for o in OBJECTS]
+)
+"""The candidates SPARE Nearest Concepts ranks when the user gives none: common painters, styles and subjects, each
+a builder line (its expansions share one code). A starting point: the user's own list of what must survive is
+better."""
+
+
+class Neighbour(NamedTuple):
+    line: str           # the candidate line as given ({a|b} groups kept)
+    similarity: float   # cosine of its code to the concepts' code, in [-1, 1]
+
+
+def prompt_codes(encode: Callable[[Sequence[str]], torch.Tensor], prompts: Sequence[str]) -> torch.Tensor:
+    """[N, D]: each prompt's mean token state minus the empty prompt's, in float32 on the CPU."""
+    with torch.no_grad():
+        states = [encode([p]).float().cpu() for p in [""] + list(prompts)]  # one prompt at a time: lengths may differ
+    means = torch.stack([s.reshape(-1, s.shape[-1]).mean(0) for s in states])
+    return means[1:] - means[:1]
+
+
+def rank(encode: Callable[[Sequence[str]], torch.Tensor], concepts: Sequence[str],
+         candidates: Sequence[str]) -> list[Neighbour]:
+    """Every candidate line, nearest to the concepts first. concepts: the concept prompts (as in the Distill node);
+    candidates: one concept per line, {a|b} groups allowed (their expansions share one code). A candidate whose text
+    equals a concept prompt is refused: it would be erased and retained at once."""
+    concepts = validate_prompts(concepts, "concepts")
+    lines = [c.strip() for c in candidates if c.strip()]
+    if not lines:
+        raise SpareInputError("candidates is empty: write the concepts the erasure might take with it, one per line "
+                              "(e.g. other painters' styles), {a|b} groups allowed")
+    expand_alternatives(lines, "candidates")  # the checks, with the line numbers the user sees
+    expanded = [expand_alternatives([line], "candidates") for line in lines]
+    own = {c.lower() for c in concepts}
+    for line, prompts in zip(lines, expanded):
+        if any(p.lower() in own for p in prompts):
+            raise SpareInputError(f"candidates line '{line}' is one of the concept prompts: a concept cannot be kept "
+                                  "and erased at once; remove it from the candidates")
+    flat = [p for prompts in expanded for p in prompts]
+    codes = prompt_codes(encode, list(concepts) + flat)
+    target = codes[:len(concepts)].mean(0)
+    out, i = [], len(concepts)
+    for line, prompts in zip(lines, expanded):
+        code = codes[i:i + len(prompts)].mean(0)
+        i += len(prompts)
+        out.append(Neighbour(line, float(torch.nn.functional.cosine_similarity(code, target, dim=0))))
+    return sorted(out, key=lambda n: -n.similarity)
+
+
+def nearest(encode: Callable[[Sequence[str]], torch.Tensor], concepts: Sequence[str], candidates: Sequence[str],
+            count: int) -> list[Neighbour]:
+    """The `count` candidate lines nearest the concepts (all of them when there are fewer), nearest first."""
+    if count < 1:
+        raise SpareInputError(f"count={count}: must be at least 1 (how many of the candidates to name)")
+    return rank(encode, concepts, candidates)[:count]
