@@ -8,6 +8,7 @@
     python -m bench.minicanvas.diagnose groups --concept ukiyo              # the LoRA without one module group at a time
     python -m bench.minicanvas.diagnose geometry --concept ukiyo            # where the unlisted classes lie, what moved them
     python -m bench.minicanvas.diagnose words                               # synonyms vs nearest classes, per code
+    python -m bench.minicanvas.diagnose ranking                             # which code predicts the unlisted damage
 
 - targets: SPARE's forget loss asks the student, on x_t noised from a sample, for the surrogate-prompt teacher's x0.
   For samples of the concept and of the surrogate, at each sigma, the classifiers judge that target x0: is the other
@@ -52,14 +53,17 @@ table; `--out` also writes JSON.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 import spare_core as sc
+from spare_core import neighbours
 from spare_core.calibrate import NOISE_OFFSET, erased_share
 from spare_core.minicanvas import data
 from spare_core.minicanvas.model import load as load_model, sample_loop, to_image
@@ -312,6 +316,59 @@ def geometry(model, judge, domain: str, name: str, lora, seed: int, retain_set: 
     return out
 
 
+GEOMETRY_RUNS = "bench/runs/erase_only/geometry_*.json"  # `geometry` for every concept (seed 0, the defaults)
+
+
+def ranking(model, pattern: str = GEOMETRY_RUNS) -> list[dict]:
+    """How well each text code ranks the neighbours an erasure damages, on the damage `geometry` measured (every
+    (concept, unlisted class) pair of the stored runs: the class's accuracy loss, or the other domain's inside it,
+    whichever is larger): the pooled code and the word's token state (`geometry`'s cosines) against the product's
+    ranking (spare_core.neighbours, SPARE Nearest Concepts: mean token state of the class's builder line). Per domain:
+    Spearman's rank correlation of loss and cosine, and the mean loss of each concept's 2 nearest unlisted classes
+    minus that of the rest."""
+    pairs = []
+    for path in sorted(glob.glob(pattern)):
+        concept = os.path.basename(path)[len("geometry_"):-len(".json")]
+        domain = "style" if concept in ERASABLE_STYLES else "object"
+        stored = json.load(open(path))["rows"]["unlisted"]
+        sims = {n.line: n.similarity for n in _product_rank(model, domain, concept, [r["class"] for r in stored])}
+        for r in stored:
+            pairs.append({"domain": domain, "concept": concept, "class": r["class"],
+                          "loss": max(r["acc_unerased"] - r["acc_erased"], r["other_unerased"] - r["other_erased"]),
+                          "pooled": r["pooled_cos"], "token": r["kv_cos"], "product": sims[r["class"]]})
+    rows = []
+    for domain in ("style", "object"):
+        sub = [p for p in pairs if p["domain"] == domain]
+        if len(sub) < 3:
+            continue  # no stored runs of that domain
+        for code in ("pooled", "token", "product"):
+            gaps = []
+            for concept in sorted({p["concept"] for p in sub}):
+                near = sorted((p for p in sub if p["concept"] == concept), key=lambda p: -p[code])
+                gaps.append(np.mean([p["loss"] for p in near[:2]]) - np.mean([p["loss"] for p in near[2:]]))
+            rows.append({"domain": domain, "code": code, "pairs": len(sub),
+                         "spearman": _spearman([p["loss"] for p in sub], [p[code] for p in sub]),
+                         "nearest2_minus_rest": float(np.mean(gaps))})
+    return rows
+
+
+def _product_rank(model, domain: str, concept: str, classes):
+    """spare_core.neighbours.rank of `classes` (names) for `concept`, each class as its builder line, lines renamed
+    to the class names."""
+    others = ERASABLE_OBJECTS if domain == "style" else ERASABLE_STYLES
+    alts = "{" + "|".join(others) + "}"
+    line = (lambda c: data.prompt(c, alts)) if domain == "style" else (lambda c: data.prompt(alts, c))
+    forget = [data.prompt(concept, o) if domain == "style" else data.prompt(o, concept) for o in others]
+    lines = {line(c): c for c in classes}
+    return [n._replace(line=lines[n.line]) for n in neighbours.rank(model.encode, forget, list(lines))]
+
+
+def _spearman(a, b) -> float:
+    """Spearman's rank correlation (ties broken by order: the losses are multiples of 5)."""
+    ra, rb = (np.argsort(np.argsort(np.asarray(x, dtype=float))) for x in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
 def guidance(model, judge, domain: str, name: str, lora, seed: int, retain_set: str, steps: int = 12) -> list[dict]:
     prompts, seeds, metrics = grid_judge(judge, domain, name, seed, retain_set)
     rows = []
@@ -361,7 +418,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg", "residual", "groups", "calibrate",
-                                     "geometry", "words"))
+                                     "geometry", "words", "ranking"))
     ap.add_argument("--concept", default="ukiyo", help=f"a style {ERASABLE_STYLES} or an object {ERASABLE_OBJECTS}")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set)
@@ -386,6 +443,14 @@ def main(argv=None):
             (pn, pc), (wn, wc) = r["pooled_nearest"], r["word_nearest"]
             print(f"  {r['domain']:6s} {r['class']:9s} pooled: synonym {r['pooled_synonym']:5.2f}, nearest {pn:9s} "
                   f"{pc:5.2f}   word: synonym {r['word_synonym']:5.2f}, nearest {wn:9s} {wc:5.2f}")
+    elif args.what == "ranking":
+        rows = ranking(model)
+        print("per domain, over every stored (concept, unlisted class) pair of " + GEOMETRY_RUNS + ": Spearman of the "
+              "class's loss and its cosine to the concept, and the loss of each concept's 2 nearest unlisted classes "
+              "minus the rest's, by code")
+        for r in rows:
+            print(f"  {r['domain']:6s} {r['code']:8s} ({r['pairs']} pairs): Spearman {r['spearman']:+.2f}, "
+                  f"2 nearest minus rest {r['nearest2_minus_rest']:+.1f} points")
     elif args.what == "targets":
         rows = targets(model, judge, domain, args.concept, args.seed)
         print(f"forget targets (surrogate-prompt teacher's x0) for '{args.concept}': % of the "
