@@ -289,7 +289,8 @@ def test_retain_lists_never_name_an_unlisted_class():
         own = harness.ERASABLE_STYLES if domain == "style" else harness.ERASABLE_OBJECTS
         splits = set()
         for seed in range(3):
-            for retain_set, n_listed in (("half", 4), ("few", harness.FEW_LISTED), ("near", 4), ("near-token", 4)):
+            for retain_set, n_listed in (("half", 4), ("few", harness.FEW_LISTED), ("near", 4), ("near-token", 4),
+                                     ("nearest", 4)):
                 split = harness.retention_split(domain, name, seed, retain_set)
                 assert len(split["listed"]) == n_listed and len(split["unlisted"]) == 9 - n_listed
                 unlisted = {(data.STYLE_NAMES if domain == "style" else data.OBJECT_NAMES)[i]
@@ -302,6 +303,10 @@ def test_retain_lists_never_name_an_unlisted_class():
                 assert retain and name not in {w for p in retain for w in data.tokenize_words(p)}
                 if retain_set == "half":
                     splits.add(tuple(split["listed"]))
+                if retain_set == "nearest":  # the product's ranking of every other class
+                    names = data.STYLE_NAMES if domain == "style" else data.OBJECT_NAMES
+                    assert {names[i] for i in split["listed"]} == set(budgets.ranked_candidates(
+                        domain, name, tuple(c for c in own if c != name))[:4])
             all_split = harness.retention_split(domain, name, seed, "all-pairs")
             assert all_split["unlisted"] == [] and len(all_split["listed"]) == 9
         assert len(splits) > 1  # the split changes with the training seed

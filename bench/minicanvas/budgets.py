@@ -101,7 +101,7 @@ class Budget:
 MODELS = ("unet", "flux", "flux-dev")
 FLUX_MODELS = ("flux", "flux-dev")
 RETAIN_SETS = ("half", "few", "all-pairs", "neighbours", "grow1", "grow3", "grow6", "grow3near", "near",
-               "near-token")
+               "near-token", "nearest")
 GROW_UNLISTED = 3          # "growK": the same 3 unlisted classes for every K; K of the other 6 listed
 RETAIN_EXTRA = 3           # random (style, object) pairs added to the neighbour classes in the "neighbours" list
 FEW_LISTED = 3             # "few": same-domain neighbours named by the builder line (and as many of the other domain)
@@ -123,7 +123,8 @@ def listed_classes(domain: str, name: str, seed: int, retain_set: str) -> list[s
     runs average over several splits; "few": FEW_LISTED of them (the builder line a user types in the shipped
     workflows); "near": as many as "half", the ones nearest to the concept in the model's pooled text code
     (nearest_order: a user who names the nearest neighbours; the same for every training seed); "near-token": the
-    same by the word's own token state; "all-pairs" and "neighbours": every other class (nothing unlisted)."""
+    same by the word's own token state; "nearest": the half that SPARE Nearest Concepts ranks nearest
+    (spare_core.neighbours: mean token state); "all-pairs" and "neighbours": every other class (nothing unlisted)."""
     if retain_set not in RETAIN_SETS:
         raise ValueError(f"retain_set={retain_set!r}; valid: {', '.join(RETAIN_SETS)}")
     others = [c for c in (ERASABLE_STYLES if domain == "style" else ERASABLE_OBJECTS) if c != name]
@@ -138,6 +139,8 @@ def listed_classes(domain: str, name: str, seed: int, retain_set: str) -> list[s
     if retain_set in ("near", "near-token"):
         code = "token" if retain_set == "near-token" else "pooled"
         return sorted(nearest_order(domain, name, code)[:len(others) // 2], key=others.index)
+    if retain_set == "nearest":  # what SPARE Nearest Concepts names, given every other class as a candidate
+        return sorted(ranked_candidates(domain, name, tuple(others))[:len(others) // 2], key=others.index)
     k = len(others) // 2 if retain_set == "half" else FEW_LISTED
     # a generator of its own (not `concept_prompts`' one) so the other lists' draws stay as they were
     return sorted(random.Random(f"split:{domain}:{name}:{seed}").sample(others, k), key=others.index)
@@ -233,7 +236,7 @@ def concept_prompts(domain: str, name: str, seed: int, retain_set: str = "half")
         short, short_surrogate = f"A {name} image.", f"A {data.NEUTRAL_OBJECT} image."
     if retain_set == "all-pairs":
         return forget, surrogate, all_pairs(domain, name), short, short_surrogate
-    if retain_set in ("half", "few", "near", "near-token") or retain_set.startswith("grow"):
+    if retain_set in ("half", "few", "near", "near-token", "nearest") or retain_set.startswith("grow"):
         others = ERASABLE_OBJECTS if domain == "style" else ERASABLE_STYLES
         cross = others if retain_set != "few" else \
             sorted(random.Random(f"few:{domain}:{name}:{seed}").sample(others, FEW_LISTED), key=others.index)
