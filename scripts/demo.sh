@@ -20,7 +20,7 @@ for a in "$@"; do
     case "$a" in
         -h|--help)
             cat <<EOF
-usage: bash scripts/demo.sh [--concept CONCEPT] [--steps STEPS] [--seed SEED] [--out OUT]
+usage: bash scripts/demo.sh [--concept CONCEPT] [--steps STEPS] [--seed SEED] [--retain {half,nearest}] [--out OUT]
 
 Erases one concept of the bundled MiniCanvas model with SPARE at the product defaults (sets up .venv first, once),
 writes the LoRA and a labelled before/after picture into OUT and prints the measured verdict.

@@ -188,7 +188,8 @@ def test_demo_verdict_follows_ua():
 def test_demo_refuses_bad_arguments_before_any_work(tmp_path, capsys):
     from bench.minicanvas import demo
     for args, msg in ((["--steps", "-5"], "--steps -5"), (["--concept", "mauve"], "unknown concept"),
-                      (["--out", str(tmp_path / "f")], "existing file")):
+                      (["--out", str(tmp_path / "f")], "existing file"),
+                      (["--retain", "all"], "invalid choice: 'all' (choose from 'half', 'nearest')")):
         (tmp_path / "f").write_text("x")
         with pytest.raises(SystemExit):
             demo.main(args + (["--out", str(tmp_path / "new")] if "--out" not in args else []))

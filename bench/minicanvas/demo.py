@@ -162,6 +162,9 @@ def main(argv=None):
                     help="SPARE's step cap (the stopping rule may end training earlier)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--out", default="out/demo", help="folder for the LoRA and the picture (created if missing)")
+    ap.add_argument("--retain", choices=("half", "nearest"), default="half",
+                    help="which 4 of the other classes the retain list names: half (default: 4 drawn at random, as the "
+                    "benchmark's table) or nearest (the 4 that SPARE Nearest Concepts ranks nearest to the concept)")
     args = ap.parse_args(argv)
     if args.concept in ERASABLE_STYLES:
         domain = "style"
@@ -176,7 +179,7 @@ def main(argv=None):
     torch.set_num_threads(int(os.environ.get("MINICANVAS_THREADS", "1")))  # 2 threads on 2 shared cores ran ~100x slower
     model = load_model()
     judge = Judge()
-    budget = Budget(spare=args.steps, seeds=1)
+    budget = Budget(spare=args.steps, seeds=1, retain_set=args.retain)
     prompts, ls, lo, seeds = grid(1)
     target = (data.style_index if domain == "style" else data.object_index)(args.concept)
     print(f"erasing {domain} '{args.concept}' with SPARE (product defaults, cap {args.steps} steps) ...", flush=True)
