@@ -161,6 +161,12 @@ def test_paired_comparison_and_sign_test():
     ua, ira = out["metrics"]["UA"], out["metrics"]["IRA"]
     assert (ua["up"], ua["down"], ua["tie"]) == (3, 0, 2) and ua["mean"] == pytest.approx(5.0)  # mean over concepts
     assert (ira["up"], ira["down"]) == (0, 5) and ira["mean"] == pytest.approx(-1.0) and ira["p"] < 0.07
+    # runs are paired only on the same grid and the same unlisted classes (the growK lists share theirs)
+    grid = {"seeds": 3, "sample_steps": 12}
+    assert paired.incomparable(dict(grid, retain_set="grow3"), dict(grid, retain_set="grow3near")) is None
+    assert "retain_set = half vs near" in paired.incomparable(dict(grid, retain_set="half"),
+                                                              dict(grid, retain_set="near"))
+    assert "seeds" in paired.incomparable(dict(grid, retain_set="grow3"), dict(grid, seeds=2, retain_set="grow3"))
 
 
 def test_demo_verdict_follows_ua():

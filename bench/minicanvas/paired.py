@@ -63,6 +63,17 @@ def compare(a: dict, b: dict, metric_names=METRICS) -> dict:
     return out
 
 
+def incomparable(budget_a: dict, budget_b: dict) -> str | None:
+    """Why two runs cannot be compared pair by pair (another grid, or retain lists that leave other classes
+    unlisted), or None. The growK lists (grow3near too) leave the same classes unlisted: comparable."""
+    for key in ("seeds", "sample_steps", "retain_set"):
+        if key == "retain_set" and all(str(x.get(key)).startswith("grow") for x in (budget_a, budget_b)):
+            continue
+        if budget_a.get(key) != budget_b.get(key):
+            return f"the runs used different grids: {key} = {budget_a.get(key)} vs {budget_b.get(key)}"
+    return None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.paired", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,9 +84,9 @@ def main(argv=None):
     (a, budget_a), (b, budget_b) = runs_of(args.a), runs_of(args.b)
     if args.domain:
         a = {k: r for k, r in a.items() if r.get("domain") == args.domain}
-    for key in ("seeds", "sample_steps", "retain_set"):
-        if budget_a.get(key) != budget_b.get(key):
-            raise SystemExit(f"the runs used different grids: {key} = {budget_a.get(key)} vs {budget_b.get(key)}")
+    problem = incomparable(budget_a, budget_b)
+    if problem:
+        raise SystemExit(problem)
     result = compare(a, b)
     if not result["pairs"]:
         raise SystemExit("no (concept, training seed) run is in both")
