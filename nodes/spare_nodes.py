@@ -426,7 +426,10 @@ class NearestConcepts(io.ComfyNode):
             outputs=[
                 io.String.Output("retain", tooltip="keep, then the nearest candidates, one per line: connect it to "
                                                    "the retain input of Sparse LoRA Distill and Saliency Scan."),
-                io.String.Output("ranking", tooltip="Every candidate with its similarity (cosine), nearest first."),
+                io.String.Output("ranking", tooltip="Every candidate with its similarity (cosine), nearest first; "
+                                                    "a line that names the concept itself is marked and never "
+                                                    "retained. Check the top: a synonym of the concept in other "
+                                                    "words belongs out of the candidates."),
             ],
         )
 
@@ -437,12 +440,12 @@ class NearestConcepts(io.ComfyNode):
         if count < 1:
             raise SpareInputError(f"count={count}: must be at least 1 (how many candidates to output)")
         ranked = neighbours.rank(clip_token_states(clip), require_lines(concepts, "concepts"), lines(candidates))
-        picked = [n.line for n in ranked[:count]]
+        picked = [n.line for n in ranked if not n.names_concept][:count]
         own = lines(keep)
         retain = own + [p for p in picked if p not in own]
-        log.info("SPARE: nearest of %d candidates to the concept: %s", len(ranked),
-                 "; ".join(f"{n.line} ({n.similarity:.2f})" for n in ranked[:count]))
-        ranking = "\n".join(f"{n.similarity:+.3f}  {n.line}" for n in ranked)
+        log.info("SPARE: nearest of %d candidates to the concept: %s", len(ranked), "; ".join(picked))
+        ranking = "\n".join(f"{n.similarity:+.3f}  {n.line}" + ("  (names the concept: not retained)"
+                                                                 if n.names_concept else "") for n in ranked)
         return io.NodeOutput("\n".join(retain), ranking)
 
 

@@ -14,6 +14,7 @@ needs the text encoder only, not the diffusion model.
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -40,8 +41,8 @@ MOVEMENTS = (
 OBJECTS = (
     "a dog", "a cat", "a horse", "a bird", "a fish", "a car", "a truck", "an airplane", "a ship", "a bicycle",
     "a house", "a church", "a castle", "a bridge", "a tree", "a flower", "a mountain", "the sea", "a chair",
-    "a guitar", "a clock", "a cup", "an apple", "a man", "a woman", "a child", "a soldier", "a nude figure",
-    "a weapon", "a tower",
+    "a guitar", "a clock", "a cup", "an apple", "a man", "a woman", "a child", "a soldier", "a train",
+    "a tower", "a lighthouse",
 )
 DEFAULT_CANDIDATES = (
     [f"{SUBJECTS} in the style of {s}" for s in STYLES]
@@ -53,9 +54,29 @@ a builder line (its expansions share one code). A starting point: the user's own
 better."""
 
 
+GENERIC_WORDS = frozenset(
+    "a an the in of by on at with and or to for from as its style styles styled art artwork painting paintings "
+    "painted picture image images photo photograph drawing drawn illustration render print portrait".split())
+"""Words that say how, not what: left out when deciding whether a candidate line names a concept."""
+
+
 class Neighbour(NamedTuple):
-    line: str           # the candidate line as given ({a|b} groups kept)
-    similarity: float   # cosine of its code to the concepts' code, in [-1, 1]
+    line: str             # the candidate line as given ({a|b} groups kept)
+    similarity: float     # cosine of its code to the concepts' code, in [-1, 1]
+    names_concept: bool   # the line names a concept itself (every distinctive word of a concept prompt): never kept
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def names_a_concept(prompts: Sequence[str], concepts: Sequence[str]) -> bool:
+    """Whether a candidate (its expansions `prompts`) names one of the concepts: every distinctive (not generic) word
+    of some concept prompt is among the candidate's words ("Van Gogh style" -> "... in the style of Vincent van
+    Gogh"). Retaining it would fight the erasure. A synonym with other words (a "nude figure" for "nudity") is not
+    caught: the node's ranking output shows it at the top, for the user to remove."""
+    have = set().union(*(words(p) for p in prompts))
+    return any(distinct and distinct <= have for distinct in (words(c) - GENERIC_WORDS for c in concepts))
 
 
 def prompt_codes(encode: Callable[[Sequence[str]], torch.Tensor], prompts: Sequence[str]) -> torch.Tensor:
@@ -69,8 +90,8 @@ def prompt_codes(encode: Callable[[Sequence[str]], torch.Tensor], prompts: Seque
 def rank(encode: Callable[[Sequence[str]], torch.Tensor], concepts: Sequence[str],
          candidates: Sequence[str]) -> list[Neighbour]:
     """Every candidate line, nearest to the concepts first. concepts: the concept prompts (as in the Distill node);
-    candidates: one concept per line, {a|b} groups allowed (their expansions share one code). A candidate whose text
-    equals a concept prompt is refused: it would be erased and retained at once."""
+    candidates: one concept per line, {a|b} groups allowed (their expansions share one code). A line that names a
+    concept itself (`names_a_concept`) is ranked but marked: `nearest` never returns it."""
     concepts = validate_prompts(concepts, "concepts")
     lines = [c.strip() for c in candidates if c.strip()]
     if not lines:
@@ -78,11 +99,6 @@ def rank(encode: Callable[[Sequence[str]], torch.Tensor], concepts: Sequence[str
                               "(e.g. other painters' styles), {a|b} groups allowed")
     expand_alternatives(lines, "candidates")  # the checks, with the line numbers the user sees
     expanded = [expand_alternatives([line], "candidates") for line in lines]
-    own = {c.lower() for c in concepts}
-    for line, prompts in zip(lines, expanded):
-        if any(p.lower() in own for p in prompts):
-            raise SpareInputError(f"candidates line '{line}' is one of the concept prompts: a concept cannot be kept "
-                                  "and erased at once; remove it from the candidates")
     flat = [p for prompts in expanded for p in prompts]
     codes = prompt_codes(encode, list(concepts) + flat)
     target = codes[:len(concepts)].mean(0)
@@ -90,13 +106,15 @@ def rank(encode: Callable[[Sequence[str]], torch.Tensor], concepts: Sequence[str
     for line, prompts in zip(lines, expanded):
         code = codes[i:i + len(prompts)].mean(0)
         i += len(prompts)
-        out.append(Neighbour(line, float(torch.nn.functional.cosine_similarity(code, target, dim=0))))
+        out.append(Neighbour(line, float(torch.nn.functional.cosine_similarity(code, target, dim=0)),
+                             names_a_concept(prompts, concepts)))
     return sorted(out, key=lambda n: -n.similarity)
 
 
 def nearest(encode: Callable[[Sequence[str]], torch.Tensor], concepts: Sequence[str], candidates: Sequence[str],
             count: int) -> list[Neighbour]:
-    """The `count` candidate lines nearest the concepts (all of them when there are fewer), nearest first."""
+    """The `count` candidate lines nearest the concepts (all of them when there are fewer), nearest first; lines that
+    name a concept are skipped."""
     if count < 1:
         raise SpareInputError(f"count={count}: must be at least 1 (how many of the candidates to name)")
-    return rank(encode, concepts, candidates)[:count]
+    return [n for n in rank(encode, concepts, candidates) if not n.names_concept][:count]

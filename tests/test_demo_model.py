@@ -221,11 +221,17 @@ def test_nearest_concepts_node_ranks_as_the_bundled_model_does(demo, bundled):
                                                         candidates="\n\n".join(candidates), count=2,
                                                         keep=keep).result
     expected = neighbours.rank(bundled.encode, concepts, candidates)
+    assert not any(n.names_concept for n in expected)
     assert retain.splitlines() == [keep] + [n.line for n in expected[:2]]
     assert "sunset" in retain.splitlines()[1]  # ukiyo's nearest style (the one its erasure takes with it)
     rows = [line.split("  ", 1) for line in ranking.splitlines()]
     assert [r[1] for r in rows] == [n.line for n in expected]
     assert [float(r[0]) for r in rows] == pytest.approx([n.similarity for n in expected], abs=2e-3)
+    # a candidate naming the concept (ukiyo) is ranked, marked, and skipped: the next one is retained instead
+    with torch.inference_mode():
+        retain, ranking = nodes.NearestConcepts.execute(clip=clip, concepts=concepts[0], count=1,
+                                                        candidates="a circle image, ukiyo\n" + candidates[0]).result
+    assert retain == candidates[0] and ranking.splitlines()[0].endswith("ukiyo  (names the concept: not retained)")
     with torch.inference_mode(), pytest.raises(SpareInputError, match="'gogh'"):
         nodes.NearestConcepts.execute(clip=clip, concepts=concepts[0], candidates="a cat by van gogh", count=1)
     with pytest.raises(SpareInputError, match="count=0"):

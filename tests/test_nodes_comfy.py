@@ -418,8 +418,12 @@ def test_nearest_concepts_on_every_family_clip(pack, family):
     with torch.inference_mode():
         retain, ranking = run(nodes_mod.NearestConcepts, clip=clip, concepts="a cat in the style of Van Gogh",
                               candidates="\n".join(candidates), count=3, keep="a photo of a dog")
-    rows = [line.split("  ", 1) for line in ranking.splitlines()]
+    marker = "  (names the concept: not retained)"
+    rows = [line.removesuffix(marker).split("  ", 1) + [line.endswith(marker)] for line in ranking.splitlines()]
     assert sorted(r[1] for r in rows) == sorted(candidates)
     scores = [float(r[0]) for r in rows]
     assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores) and len(set(scores)) > 1
-    assert retain.splitlines() == ["a photo of a dog"] + [r[1] for r in rows[:3]]
+    # "... in the style of Vincent van Gogh" (with "a cat" among its subjects) names the concept: never retained
+    marked = [r[1] for r in rows if r[2]]
+    assert marked == [c for c in candidates if "van Gogh" in c] and marked
+    assert retain.splitlines() == ["a photo of a dog"] + [r[1] for r in rows if not r[2]][:3]
