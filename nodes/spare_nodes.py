@@ -408,7 +408,8 @@ class NearestConcepts(io.ComfyNode):
             category=CATEGORY,
             description="Ranks candidate concepts by how alike the CLIP reads them to the concept and outputs the "
                         "nearest as retain lines for Sparse LoRA Distill (and Saliency Scan): an erasure damages the "
-                        "concepts nearest to it that no retain line names, so those are the ones worth naming.",
+                        "concepts nearest to it that no retain line names, so those are the ones worth naming. "
+                        "Measured to help on styles; for objects, also name the most similar ones yourself.",
             inputs=[
                 io.Clip.Input("clip", tooltip="The model's text encoder (the one the erasure trains with)."),
                 io.String.Input("concepts", multiline=True, default="",

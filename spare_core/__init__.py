@@ -7,7 +7,8 @@ distill.py (sparse LoRA trained by self-distillation), lora.py (the LoRA file fo
 network: the trainable adapters distill.py trains, and apply_lora for a finished LoRA (it imports lora.py, not the
 reverse). No module imports one that imports it back, not even through this file (tests/test_import_graph.py).
 Shared helpers, so that stages do not import each other: files.py (atomic writes, reading .safetensors),
-autograd.py (freezing, gradient checkpointing), prompts.py (prompt checks, the {a|b} retain builder), sampling.py.
+autograd.py (freezing, gradient checkpointing), prompts.py (prompt checks, the {a|b} retain builder), sampling.py;
+neighbours.py ranks candidate concepts for the retain list (SPARE Nearest Concepts).
 Everything operates on a `DiffusionModel` (model.py): ComfyUI's objects are adapted in nodes/host.py. families.py says
 what differs per model family (candidate modules, in-place residuals, guidance distillation, file metadata).
 """
