@@ -424,6 +424,8 @@ def main(argv=None):
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a DistillConfig field for the erasure (repeatable), e.g. --set surrogate_anchor=1.0")
+    ap.add_argument("--runs", default=GEOMETRY_RUNS,
+                    help="ranking: the geometry files to read (a glob; default: %(default)s)")
     ap.add_argument("--out", help="also write the rows as JSON")
     args = ap.parse_args(argv)
     if args.concept not in ERASABLE_STYLES + ERASABLE_OBJECTS:
@@ -444,8 +446,8 @@ def main(argv=None):
             print(f"  {r['domain']:6s} {r['class']:9s} pooled: synonym {r['pooled_synonym']:5.2f}, nearest {pn:9s} "
                   f"{pc:5.2f}   word: synonym {r['word_synonym']:5.2f}, nearest {wn:9s} {wc:5.2f}")
     elif args.what == "ranking":
-        rows = ranking(model)
-        print("per domain, over every stored (concept, unlisted class) pair of " + GEOMETRY_RUNS + ": Spearman of the "
+        rows = ranking(model, args.runs)
+        print("per domain, over every stored (concept, unlisted class) pair of " + args.runs + ": Spearman of the "
               "class's loss and its cosine to the concept, and the loss of each concept's 2 nearest unlisted classes "
               "minus the rest's, by code")
         for r in rows:
