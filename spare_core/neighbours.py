@@ -7,10 +7,10 @@ styles, artists or objects), the ones worth naming are the nearest.
 
 The code of a prompt is the mean of its token states (every position the encoder returns, padding included) minus the
 empty prompt's; a line's code is the mean over its {a|b} expansions; the score is the cosine between a candidate's
-code and the concepts' code. On MiniCanvas this ranks the styles the defaults damage better than the pooled vector
-or the word's own token state does; objects it ranks less well than the word's own token state, and naming its picks
-kept the other objects no better than a random choice (bench/RESULTS.md, "Ranking the neighbours in the product"),
-though a code that needs no knowledge of which token is the concept is what a real model offers. `encode` is any
+code and the concepts' code. On MiniCanvas it ranks the damaged neighbours about as well as the best code of each
+domain (the pooled vector for styles, the word's own token state for objects) without knowing which token is the
+concept, which a real model does not say; naming its picks helped on styles and kept the other objects no better than
+a random choice (bench/RESULTS.md, "Ranking the neighbours in the product"). `encode` is any
 callable that maps prompts to token states [N, L, D] (ComfyUI's CLIP cond, MiniCanvas' text encoder): the ranking
 needs the text encoder only, not the diffusion model.
 """
