@@ -436,12 +436,10 @@ class NearestConcepts(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, concepts, candidates, count, keep=""):
-        if clip is None:
-            raise SpareInputError("clip is not connected: connect the checkpoint's CLIP (the model's text encoder)")
-        if count < 1:
+        if count < 1:  # before any encoding
             raise SpareInputError(f"count={count}: must be at least 1 (how many candidates to output)")
         ranked = neighbours.rank(clip_token_states(clip), require_lines(concepts, "concepts"), lines(candidates))
-        picked = [n.line for n in ranked if not n.names_concept][:count]
+        picked = [n.line for n in neighbours.nearest(ranked, count)]
         own = lines(keep)
         retain = own + [p for p in picked if p not in own]
         log.info("SPARE: nearest of %d candidates to the concept: %s", len(ranked), "; ".join(picked))
@@ -452,9 +450,8 @@ class NearestConcepts(io.ComfyNode):
 
 def clip_token_states(clip):
     """prompts -> the CLIP's token states [N, L, D] (CLIPTextEncode's conditioning, one prompt at a time)."""
-    def encode(prompts):
-        with torch.no_grad():
-            return torch.cat([clip.encode_from_tokens(clip.tokenize(p)) for p in prompts])
+    def encode(prompts):  # called under no_grad (neighbours.prompt_codes)
+        return torch.cat([clip.encode_from_tokens(clip.tokenize(p)) for p in prompts])
     return encode
 
 

@@ -113,10 +113,8 @@ def rank(encode: Callable[[Sequence[str]], torch.Tensor], concepts: Sequence[str
     return sorted(out, key=lambda n: -n.similarity)
 
 
-def nearest(encode: Callable[[Sequence[str]], torch.Tensor], concepts: Sequence[str], candidates: Sequence[str],
-            count: int) -> list[Neighbour]:
-    """The `count` candidate lines nearest the concepts (all of them when there are fewer), nearest first; lines that
-    name a concept are skipped."""
+def nearest(ranked: Sequence[Neighbour], count: int) -> list[Neighbour]:
+    """The first `count` lines of a `rank` result (all of them when there are fewer) that do not name a concept."""
     if count < 1:
         raise SpareInputError(f"count={count}: must be at least 1 (how many of the candidates to name)")
-    return [n for n in rank(encode, concepts, candidates) if not n.names_concept][:count]
+    return [n for n in ranked if not n.names_concept][:count]

@@ -686,18 +686,16 @@ def test_ranking_diagnosis_scores_each_code_on_the_stored_damage(tmp_path):
     """`diagnose ranking` on a made-up geometry file: a code whose cosine orders the classes as their losses do gets
     Spearman 1 and the largest nearest-2 gap; the product's code is spare_core.neighbours' similarity."""
     from bench.minicanvas import diagnose
-    from spare_core.minicanvas.model import load
-    model = load()
     classes, losses = ["sunset", "neon", "lava", "forest"], [80.0, 30.0, 10.0, 0.0]
     stored = [{"class": c, "acc_unerased": 100.0, "acc_erased": 100.0 - loss, "other_unerased": 95.0,
                "other_erased": 95.0, "pooled_cos": 0.9 - 0.2 * i, "kv_cos": 0.1 * i}
               for i, (c, loss) in enumerate(zip(classes, losses))]
     (tmp_path / "geometry_ukiyo.json").write_text(json.dumps({"rows": {"unlisted": stored}}))
-    rows = {r["code"]: r for r in diagnose.ranking(model, str(tmp_path / "geometry_*.json")) if r["domain"] == "style"}
+    rows = {r["code"]: r for r in diagnose.ranking(str(tmp_path / "geometry_*.json")) if r["domain"] == "style"}
     assert rows["pooled"]["spearman"] == pytest.approx(1.0) and rows["token"]["spearman"] == pytest.approx(-1.0)
     assert rows["pooled"]["nearest2_minus_rest"] == pytest.approx(50.0)  # (80 + 30) / 2 - (10 + 0) / 2
     assert rows["token"]["nearest2_minus_rest"] == pytest.approx(-50.0)
-    sims = {n.line: n.similarity for n in diagnose._product_rank(model, "style", "ukiyo", classes)}
+    sims = {n.line: n.similarity for n in budgets.class_ranking("style", "ukiyo", classes)}
     by_product = sorted(classes, key=lambda c: -sims[c])
     expected = np.mean([losses[classes.index(c)] for c in by_product[:2]]) - \
         np.mean([losses[classes.index(c)] for c in by_product[2:]])

@@ -49,8 +49,7 @@ def test_a_line_is_the_mean_code_of_its_expansions(model):
     ranked = neighbours.rank(model.encode, forget, others + [data.prompt("ukiyo", "star").rstrip(".")])
     assert ranked[0].similarity == pytest.approx(1.0, abs=1e-6) and ranked[0].names_concept
     assert not any(n.names_concept for n in ranked[1:])
-    assert [n.line for n in neighbours.nearest(model.encode, forget, others + [ranked[0].line], 3)] == \
-        [n.line for n in ranked[1:]]
+    assert neighbours.nearest(ranked, 3) == ranked[1:] and neighbours.nearest(ranked, 2) == ranked[1:3]
 
 
 def test_a_line_that_names_the_concept_is_never_kept():
@@ -74,9 +73,9 @@ def test_bad_inputs_name_the_input(model):
     with pytest.raises(SpareInputError, match="candidates line 2 .* unbalanced"):
         neighbours.rank(model.encode, forget, ["neon", "{neon"])
     with pytest.raises(SpareInputError, match="count=0"):
-        neighbours.nearest(model.encode, forget, ["neon"], 0)
-    got = neighbours.nearest(model.encode, forget, style_lines(["neon", "lava", "sunset"]), 2)
-    assert len(got) == 2 and got == neighbours.rank(model.encode, forget, style_lines(["neon", "lava", "sunset"]))[:2]
+        neighbours.nearest(neighbours.rank(model.encode, forget, ["neon"]), 0)
+    ranked = neighbours.rank(model.encode, forget, style_lines(["neon", "lava", "sunset"]))
+    assert neighbours.nearest(ranked, 2) == ranked[:2] and neighbours.nearest(ranked, 5) == ranked
 
 
 def test_default_candidates_expand():

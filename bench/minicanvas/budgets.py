@@ -187,19 +187,24 @@ def nearest_order(domain: str, name: str, code: str = "pooled") -> tuple[str, ..
     return tuple(sorted(others, key=lambda c: -cos[c]))
 
 
-@functools.lru_cache(maxsize=None)
-def ranked_candidates(domain: str, name: str, candidates: tuple[str, ...]) -> tuple[str, ...]:
-    """`candidates` (classes of `name`'s domain), nearest first as the product ranks them (spare_core.neighbours, the
-    SPARE Nearest Concepts node) in the bundled model: the concept's forget prompts against one builder line per
-    candidate, the candidate with every class of the other domain ("An {a|b|..} image in neon style.")."""
+def class_ranking(domain: str, name: str, candidates) -> list:
+    """`candidates` (classes of `name`'s domain) as the product ranks them (spare_core.neighbours, the SPARE Nearest
+    Concepts node) in the bundled model: the concept's forget prompts against one builder line per candidate, the
+    candidate with every class of the other domain ("An {a|b|..} image in neon style."). Neighbours, nearest first,
+    each line replaced by its class name."""
     from spare_core import neighbours
 
-    model = _ranking_model()
     others = ERASABLE_OBJECTS if domain == "style" else ERASABLE_STYLES
     alts = "{" + "|".join(others) + "}"
     forget = [data.prompt(name, o) if domain == "style" else data.prompt(o, name) for o in others]
     lines = {data.prompt(c, alts) if domain == "style" else data.prompt(alts, c): c for c in candidates}
-    return tuple(lines[n.line] for n in neighbours.rank(model.encode, forget, list(lines)))
+    return [n._replace(line=lines[n.line]) for n in neighbours.rank(_ranking_model().encode, forget, list(lines))]
+
+
+@functools.lru_cache(maxsize=None)
+def ranked_candidates(domain: str, name: str, candidates: tuple[str, ...]) -> tuple[str, ...]:
+    """`candidates`, nearest first as the product ranks them (class_ranking)."""
+    return tuple(n.line for n in class_ranking(domain, name, candidates))
 
 
 @functools.lru_cache(maxsize=1)

@@ -63,14 +63,13 @@ import numpy as np
 import torch
 
 import spare_core as sc
-from spare_core import neighbours
 from spare_core.calibrate import NOISE_OFFSET, erased_share
 from spare_core.minicanvas import data
 from spare_core.minicanvas.model import load as load_model, sample_loop, to_image
 from spare_core.sampling import generate as generate_samples
 
-from .budgets import (EVAL_TEMPLATES, ERASABLE_OBJECTS, RETAIN_SETS, ERASABLE_STYLES, Budget, class_codes, module_group,
-                      parse_override, retention_split)
+from .budgets import (EVAL_TEMPLATES, ERASABLE_OBJECTS, RETAIN_SETS, ERASABLE_STYLES, Budget, class_codes,
+                      class_ranking, module_group, parse_override, retention_split)
 from .judge import Judge, evaluate, grid, split_metrics
 from .methods import generate, run_method
 
@@ -319,7 +318,7 @@ def geometry(model, judge, domain: str, name: str, lora, seed: int, retain_set: 
 GEOMETRY_RUNS = "bench/runs/erase_only/geometry_*.json"  # `geometry` for every concept (seed 0, the defaults)
 
 
-def ranking(model, pattern: str = GEOMETRY_RUNS) -> list[dict]:
+def ranking(pattern: str = GEOMETRY_RUNS) -> list[dict]:
     """How well each text code ranks the neighbours an erasure damages, on the damage `geometry` measured (every
     (concept, unlisted class) pair of the stored runs: the class's accuracy loss, or the other domain's inside it,
     whichever is larger): the pooled code and the word's token state (`geometry`'s cosines) against the product's
@@ -331,7 +330,7 @@ def ranking(model, pattern: str = GEOMETRY_RUNS) -> list[dict]:
         concept = os.path.basename(path)[len("geometry_"):-len(".json")]
         domain = "style" if concept in ERASABLE_STYLES else "object"
         stored = json.load(open(path))["rows"]["unlisted"]
-        sims = {n.line: n.similarity for n in _product_rank(model, domain, concept, [r["class"] for r in stored])}
+        sims = {n.line: n.similarity for n in class_ranking(domain, concept, [r["class"] for r in stored])}
         for r in stored:
             pairs.append({"domain": domain, "concept": concept, "class": r["class"],
                           "loss": max(r["acc_unerased"] - r["acc_erased"], r["other_unerased"] - r["other_erased"]),
@@ -350,17 +349,6 @@ def ranking(model, pattern: str = GEOMETRY_RUNS) -> list[dict]:
                          "spearman": _spearman([p["loss"] for p in sub], [p[code] for p in sub]),
                          "nearest2_minus_rest": float(np.mean(gaps))})
     return rows
-
-
-def _product_rank(model, domain: str, concept: str, classes):
-    """spare_core.neighbours.rank of `classes` (names) for `concept`, each class as its builder line, lines renamed
-    to the class names."""
-    others = ERASABLE_OBJECTS if domain == "style" else ERASABLE_STYLES
-    alts = "{" + "|".join(others) + "}"
-    line = (lambda c: data.prompt(c, alts)) if domain == "style" else (lambda c: data.prompt(alts, c))
-    forget = [data.prompt(concept, o) if domain == "style" else data.prompt(o, concept) for o in others]
-    lines = {line(c): c for c in classes}
-    return [n._replace(line=lines[n.line]) for n in neighbours.rank(model.encode, forget, list(lines))]
 
 
 def _spearman(a, b) -> float:
@@ -446,7 +434,7 @@ def main(argv=None):
             print(f"  {r['domain']:6s} {r['class']:9s} pooled: synonym {r['pooled_synonym']:5.2f}, nearest {pn:9s} "
                   f"{pc:5.2f}   word: synonym {r['word_synonym']:5.2f}, nearest {wn:9s} {wc:5.2f}")
     elif args.what == "ranking":
-        rows = ranking(model, args.runs)
+        rows = ranking(args.runs)
         print("per domain, over every stored (concept, unlisted class) pair of " + args.runs + ": Spearman of the "
               "class's loss and its cosine to the concept, and the loss of each concept's 2 nearest unlisted classes "
               "minus the rest's, by code")
