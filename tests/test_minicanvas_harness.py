@@ -700,3 +700,19 @@ def test_ranking_diagnosis_scores_each_code_on_the_stored_damage(tmp_path):
     expected = np.mean([losses[classes.index(c)] for c in by_product[:2]]) - \
         np.mean([losses[classes.index(c)] for c in by_product[2:]])
     assert rows["product"]["nearest2_minus_rest"] == pytest.approx(expected) and by_product[0] == "sunset"
+
+
+def test_losses_diagnosis_bins_the_stored_damage(tmp_path):
+    """`diagnose losses` on made-up geometry files: styles binned by how far their pooled code moved, objects by their
+    key / value cosine; per bin the pairs, mean loss and how many lost 20+; a domain without runs has no rows."""
+    from bench.minicanvas import diagnose
+    moved, losses = [0.9, 0.6, 0.55, 0.1], [100.0, 40.0, 10.0, 0.0]
+    stored = [{"class": c, "acc_unerased": 100.0, "acc_erased": 100.0 - loss, "other_unerased": 95.0,
+               "other_erased": 95.0, "pooled_moved": m, "kv_cos": 0.0}
+              for c, m, loss in zip(["sunset", "neon", "lava", "forest"], moved, losses)]
+    (tmp_path / "geometry_ukiyo.json").write_text(json.dumps({"rows": {"unlisted": stored}}))
+    rows = diagnose.losses(str(tmp_path / "geometry_*.json"))
+    assert [r["domain"] for r in rows] == ["style"] * 3
+    assert [(r["bin"], r["pairs"], r["lost_20"]) for r in rows] == [(">= 0.8", 1, 1), ("0.5-0.8", 2, 1), ("< 0.5", 1, 0)]
+    assert [r["mean_loss"] for r in rows] == pytest.approx([100.0, 25.0, 0.0])
+    assert rows[0]["correlation"] == pytest.approx(float(np.corrcoef(moved, losses)[0, 1]))

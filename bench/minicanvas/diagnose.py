@@ -9,6 +9,7 @@
     python -m bench.minicanvas.diagnose geometry --concept ukiyo            # where the unlisted classes lie, what moved them
     python -m bench.minicanvas.diagnose words                               # synonyms vs nearest classes, per code
     python -m bench.minicanvas.diagnose ranking                             # which code predicts the unlisted damage
+    python -m bench.minicanvas.diagnose losses                              # which unlisted classes lose, binned
 
 - targets: SPARE's forget loss asks the student, on x_t noised from a sample, for the surrogate-prompt teacher's x0.
   For samples of the concept and of the surrogate, at each sigma, the classifiers judge that target x0: is the other
@@ -44,6 +45,8 @@
 - words: for every class, how close its synonym and its nearest other class are to it in the pooled code and in the
   word's own token state (no erasure trained; --concept is ignored): whether an edit could tell a synonym, which
   must be erased too, from a neighbour, which must be kept.
+- ranking / losses (read stored `geometry` runs, --runs GLOB; nothing trained): which text code ranks the damaged
+  unlisted classes; the loss binned by how far a style's pooled code moved or by an object's key / value cosine.
 
 Training: SPARE at the product defaults (`run_method("spare", ...)`, retain list `--retain-set`, training
 seed `--seed`), with `--set FIELD=VALUE` overrides of DistillConfig (as the harness' `--spare-set`). Everything is
@@ -318,6 +321,41 @@ def geometry(model, judge, domain: str, name: str, lora, seed: int, retain_set: 
 GEOMETRY_RUNS = "bench/runs/erase_only/geometry_*.json"  # `geometry` for every concept (seed 0, the defaults)
 
 
+def _stored_pairs(pattern: str) -> list[dict]:
+    """Every (concept, unlisted class) pair of the stored `geometry` runs matching `pattern`, with its loss: the
+    class's accuracy loss, or the other domain's inside it, whichever is larger."""
+    pairs = []
+    for path in sorted(glob.glob(pattern)):
+        concept = os.path.basename(path)[len("geometry_"):-len(".json")]
+        for r in json.load(open(path))["rows"]["unlisted"]:
+            pairs.append({**r, "concept": concept, "domain": "style" if concept in ERASABLE_STYLES else "object",
+                          "loss": max(r["acc_unerased"] - r["acc_erased"], r["other_unerased"] - r["other_erased"])})
+    return pairs
+
+
+LOSS_BINS = {"style": ("pooled_moved", (0.8, 0.5)), "object": ("kv_cos", (0.8, 0.6))}
+
+
+def losses(pattern: str = GEOMETRY_RUNS) -> list[dict]:
+    """Which unlisted classes lose, on the stored `geometry` runs: styles binned by how far the LoRA moved their
+    pooled code (relative to the concept's own move), objects by the cosine of their keys / values to the concept's;
+    per bin the pairs, their mean loss and how many lost 20+ points, and the correlation of loss and the binned
+    figure."""
+    pairs, rows = _stored_pairs(pattern), []
+    for domain, (key, (high, mid)) in LOSS_BINS.items():
+        sub = [p for p in pairs if p["domain"] == domain]
+        if len(sub) < 3:
+            continue
+        corr = float(np.corrcoef([p[key] for p in sub], [p["loss"] for p in sub])[0, 1])
+        for label, keep in ((f">= {high}", lambda v: v >= high), (f"{mid}-{high}", lambda v: mid <= v < high),
+                            (f"< {mid}", lambda v: v < mid)):
+            inside = [p["loss"] for p in sub if keep(p[key])]
+            rows.append({"domain": domain, "figure": key, "bin": label, "pairs": len(inside),
+                         "mean_loss": float(np.mean(inside)) if inside else float("nan"),
+                         "lost_20": sum(v >= 20 for v in inside), "correlation": corr})
+    return rows
+
+
 def ranking(pattern: str = GEOMETRY_RUNS) -> list[dict]:
     """How well each text code ranks the neighbours an erasure damages, on the damage `geometry` measured (every
     (concept, unlisted class) pair of the stored runs: the class's accuracy loss, or the other domain's inside it,
@@ -325,16 +363,12 @@ def ranking(pattern: str = GEOMETRY_RUNS) -> list[dict]:
     ranking (spare_core.neighbours, SPARE Nearest Concepts: mean token state of the class's builder line). Per domain:
     Spearman's rank correlation of loss and cosine, and the mean loss of each concept's 2 nearest unlisted classes
     minus that of the rest."""
-    pairs = []
-    for path in sorted(glob.glob(pattern)):
-        concept = os.path.basename(path)[len("geometry_"):-len(".json")]
-        domain = "style" if concept in ERASABLE_STYLES else "object"
-        stored = json.load(open(path))["rows"]["unlisted"]
-        sims = {n.line: n.similarity for n in class_ranking(domain, concept, [r["class"] for r in stored])}
-        for r in stored:
-            pairs.append({"domain": domain, "concept": concept, "class": r["class"],
-                          "loss": max(r["acc_unerased"] - r["acc_erased"], r["other_unerased"] - r["other_erased"]),
-                          "pooled": r["pooled_cos"], "token": r["kv_cos"], "product": sims[r["class"]]})
+    pairs = _stored_pairs(pattern)
+    for concept in {p["concept"] for p in pairs}:
+        mine = [p for p in pairs if p["concept"] == concept]
+        sims = {n.line: n.similarity for n in class_ranking(mine[0]["domain"], concept, [p["class"] for p in mine])}
+        for p in mine:
+            p.update(pooled=p["pooled_cos"], token=p["kv_cos"], product=sims[p["class"]])
     rows = []
     for domain in ("style", "object"):
         sub = [p for p in pairs if p["domain"] == domain]
@@ -406,14 +440,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg", "residual", "groups", "calibrate",
-                                     "geometry", "words", "ranking"))
+                                     "geometry", "words", "ranking", "losses"))
     ap.add_argument("--concept", default="ukiyo", help=f"a style {ERASABLE_STYLES} or an object {ERASABLE_OBJECTS}")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a DistillConfig field for the erasure (repeatable), e.g. --set surrogate_anchor=1.0")
     ap.add_argument("--runs", default=GEOMETRY_RUNS,
-                    help="ranking: the geometry files to read (a glob; default: %(default)s)")
+                    help="ranking, losses: the geometry files to read (a glob; default: %(default)s)")
     ap.add_argument("--out", help="also write the rows as JSON")
     args = ap.parse_args(argv)
     if args.concept not in ERASABLE_STYLES + ERASABLE_OBJECTS:
@@ -441,6 +475,15 @@ def main(argv=None):
         for r in rows:
             print(f"  {r['domain']:6s} {r['code']:8s} ({r['pairs']} pairs): Spearman {r['spearman']:+.2f}, "
                   f"2 nearest minus rest {r['nearest2_minus_rest']:+.1f} points")
+    elif args.what == "losses":
+        rows = losses(args.runs)
+        print("which unlisted classes lose, over every stored (concept, unlisted class) pair of " + args.runs + ": "
+              "styles by how far their pooled code moved (x the concept's own move), objects by their keys' / "
+              "values' cosine to the concept's")
+        for r in rows:
+            print(f"  {r['domain']:6s} {r['figure']:12s} {r['bin']:8s}: {r['pairs']:2d} pairs, mean loss "
+                  f"{r['mean_loss']:5.1f} points, {r['lost_20']} lost 20+ (correlation of loss and figure "
+                  f"{r['correlation']:+.2f})")
     elif args.what == "targets":
         rows = targets(model, judge, domain, args.concept, args.seed)
         print(f"forget targets (surrogate-prompt teacher's x0) for '{args.concept}': % of the "
