@@ -196,11 +196,6 @@ class DistillConfig:
                               "prompt codes (see mix_concept) that the student must treat as the unerased model does: "
                               "it keeps the space between the listed prompts, where unlisted neighbours lie.",
                            min=0, max=64, node=False)
-    warmup_steps: int = option(0, "Linear learning-rate warm-up over the first steps (times the cosine); 0 = none (the "
-                                  "authors').", min=0, max=100000, node=False)
-    forget_weight_end: float = option(-1.0, "If >= 0: the forget weight goes linearly from forget_weight at the first "
-                                            "step to this at the last planned step; -1 = constant (the authors').",
-                                      min=-1.0, max=100.0, step=0.05, node=False)
     mix_concept: float = option(0.0, "mix_rows' blends: 0 = two neighbouring retain prompts, (1 - u) a + u b with u "
                                      "uniform in [0, 1]; > 0 = a retain prompt moved toward its nearest concept "
                                      "prompt by u uniform in [0, mix_concept].", min=0.0, max=0.95, step=0.05,
@@ -306,9 +301,6 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if not 0.0 <= config.extend_until_gap_closed < 1.0:
         raise SpareInputError(f"extend_until_gap_closed={config.extend_until_gap_closed} must be in [0, 1) (0 = a "
                               "fixed number of steps; typical 0.9)")
-    if config.warmup_steps < 0 or not (config.forget_weight_end == -1.0 or config.forget_weight_end >= 0):
-        raise SpareInputError(f"warmup_steps={config.warmup_steps} must be >= 0 and forget_weight_end="
-                              f"{config.forget_weight_end} >= 0 (or -1: constant)")
     if config.check_every <= 0:
         raise SpareInputError(f"check_every={config.check_every} must be >= 1")
     if not 0.0 <= config.calibrate_share <= 1.0 or not 1.0 <= config.calibrate_margin <= 2.0:
@@ -406,9 +398,8 @@ def distill(
                 lr = lr_at(step, cfg)
                 batch, target = next(batches)  # target: the teacher's x0 (the network without adapters)
                 opt.zero_grad(set_to_none=True)
-                fw = forget_weight_at(step, cfg)
-                forget, retain = backward_rows(model, data, cfg, batch, target, scaler, fw)
-                value = fw * forget + cfg.retain_weight * retain
+                forget, retain = backward_rows(model, data, cfg, batch, target, scaler)
+                value = cfg.forget_weight * forget + cfg.retain_weight * retain
                 if not math.isfinite(value):
                     raise NonFiniteLossError(step + 1, value)
                 optimizer_step(opt, scaler, params, lr, cfg.grad_clip)
@@ -725,15 +716,14 @@ def student_rows(device: torch.device, batch_size: int) -> int:
 
 
 def backward_rows(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, batch: Batch, target: torch.Tensor,
-                  scaler, forget_weight: Optional[float] = None) -> tuple[float, float]:
+                  scaler) -> tuple[float, float]:
     """Forward and backward of one step's loss, forget_weight * forget + retain_weight * retain; returns (forget,
     retain). Rows beyond `student_rows` are taken in chunks, each chunk's share of the loss backwarded at once (the
     gradient is the same sum; only one chunk's graph is held)."""
     rows, n, b = student_rows(model.device, cfg.batch_size), batch.xt.shape[0], cfg.batch_size
-    fw = cfg.forget_weight if forget_weight is None else forget_weight
     if n <= rows:
         forget, retain = forget_retain_loss(model, data, cfg, batch, target)
-        scaler.scale(fw * forget + cfg.retain_weight * retain).backward()
+        scaler.scale(cfg.forget_weight * forget + cfg.retain_weight * retain).backward()
         return float(forget.detach()), float(retain.detach())
     forget = retain = 0.0
     for i in range(0, n, rows):
@@ -741,7 +731,7 @@ def backward_rows(model: DiffusionModel, data: TrainingData, cfg: DistillConfig,
         is_forget = torch.arange(i, i + per_row.shape[0], device=per_row.device) < b
         f = per_row[is_forget].sum() / b
         r = per_row[~is_forget].sum() / (n - b)  # n > rows >= b: there are retain rows
-        scaler.scale(fw * f + cfg.retain_weight * r).backward()
+        scaler.scale(cfg.forget_weight * f + cfg.retain_weight * r).backward()
         forget, retain = forget + float(f.detach()), retain + float(r.detach())
     return forget, retain
 
@@ -786,21 +776,11 @@ def step_cap(cfg: DistillConfig) -> int:
     return 2 * cfg.steps if cfg.extend_until_gap_closed > 0 else cfg.steps
 
 
-def forget_weight_at(step: int, cfg: DistillConfig) -> float:
-    """The forget weight at `step`: constant, or (forget_weight_end >= 0) linear from forget_weight to it over the
-    planned steps (an extension keeps the end value)."""
-    if cfg.forget_weight_end < 0:
-        return cfg.forget_weight
-    frac = min(1.0, step / max(1, cfg.steps - 1))
-    return cfg.forget_weight + (cfg.forget_weight_end - cfg.forget_weight) * frac
-
-
 def lr_at(step: int, cfg: DistillConfig) -> float:
     """The learning rate at `step`: cosine decay from cfg.learning_rate to 0 at `steps`; in an extension (steps beyond
     `steps`, extend_until_gap_closed) a second cosine from half of it to 0 at step_cap."""
     if step < cfg.steps:
-        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-        return warm * cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
     extra = step_cap(cfg) - cfg.steps
     return 0.5 * cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * (step - cfg.steps) / extra))
 
