@@ -700,6 +700,23 @@ def test_ranking_diagnosis_scores_each_code_on_the_stored_damage(tmp_path):
     expected = np.mean([losses[classes.index(c)] for c in by_product[:2]]) - \
         np.mean([losses[classes.index(c)] for c in by_product[2:]])
     assert rows["product"]["nearest2_minus_rest"] == pytest.approx(expected) and by_product[0] == "sunset"
+    unpadded = {n.line: n.similarity for n in budgets.class_ranking("style", "ukiyo", classes, budgets.unpadded_encode)}
+    assert rows["unpadded"]["spearman"] == pytest.approx(
+        diagnose._spearman(losses, [unpadded[c] for c in classes]))
+
+
+def test_unpadded_encode_averages_the_prompt_s_own_positions():
+    """budgets.unpadded_encode: per prompt, the mean token state over <bos>, its words and <eos> only (not the mean
+    over every position, which includes the padding)."""
+    prompts = ["A circle image in ukiyo style.", "A ring image."]
+    model = budgets._ranking_model()
+    with torch.no_grad():
+        got, states = budgets.unpadded_encode(prompts), model.encode(prompts)
+    assert got.shape == (2, 1, states.shape[-1])
+    for i, prompt in enumerate(prompts):
+        n = len(prompt.rstrip(".").split()) + 2  # <bos> words <eos>
+        assert torch.allclose(got[i, 0], states[i, :n].mean(0), atol=1e-6)
+        assert not torch.allclose(got[i, 0], states[i].mean(0), atol=1e-3)
 
 
 def test_losses_diagnosis_bins_the_stored_damage(tmp_path):

@@ -187,18 +187,32 @@ def nearest_order(domain: str, name: str, code: str = "pooled") -> tuple[str, ..
     return tuple(sorted(others, key=lambda c: -cos[c]))
 
 
-def class_ranking(domain: str, name: str, candidates) -> list:
+def class_ranking(domain: str, name: str, candidates, encode=None) -> list:
     """`candidates` (classes of `name`'s domain) as the product ranks them (spare_core.neighbours, the SPARE Nearest
     Concepts node) in the bundled model: the concept's forget prompts against one builder line per candidate, the
     candidate with every class of the other domain ("An {a|b|..} image in neon style."). Neighbours, nearest first,
-    each line replaced by its class name."""
+    each line replaced by its class name. encode: the token states the ranking reads (default: the model's, every
+    position, as CLIPTextEncode returns them; `unpadded_encode`: the padding left out)."""
     from spare_core import neighbours
 
     others = ERASABLE_OBJECTS if domain == "style" else ERASABLE_STYLES
     alts = "{" + "|".join(others) + "}"
     forget = [data.prompt(name, o) if domain == "style" else data.prompt(o, name) for o in others]
     lines = {data.prompt(c, alts) if domain == "style" else data.prompt(alts, c): c for c in candidates}
-    return [n._replace(line=lines[n.line]) for n in neighbours.rank(_ranking_model().encode, forget, list(lines))]
+    return [n._replace(line=lines[n.line])
+            for n in neighbours.rank(encode or _ranking_model().encode, forget, list(lines))]
+
+
+def unpadded_encode(prompts):
+    """The bundled model's token states of `prompts` with the padding positions left out: each prompt's mean over
+    <bos>, its words and <eos> ([N, 1, D]). An experiment on the ranking's code (diagnose ranking); the product reads
+    every position, which needs no knowledge of each text encoder's padding."""
+    import torch
+
+    model = _ranking_model()
+    states = model.encode(list(prompts))
+    real = model.tokenizer(list(prompts)).to(states.device) != model.tokenizer.ids["<pad>"]
+    return torch.stack([s[r].mean(0, keepdim=True) for s, r in zip(states, real)])
 
 
 @functools.lru_cache(maxsize=None)

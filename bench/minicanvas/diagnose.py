@@ -72,7 +72,7 @@ from spare_core.minicanvas.model import load as load_model, sample_loop, to_imag
 from spare_core.sampling import generate as generate_samples
 
 from .budgets import (EVAL_TEMPLATES, ERASABLE_OBJECTS, RETAIN_SETS, ERASABLE_STYLES, Budget, class_codes,
-                      class_ranking, module_group, parse_override, retention_split)
+                      class_ranking, module_group, parse_override, retention_split, unpadded_encode)
 from .judge import Judge, evaluate, grid, split_metrics
 from .methods import generate, run_method
 
@@ -360,21 +360,25 @@ def ranking(pattern: str = GEOMETRY_RUNS) -> list[dict]:
     """How well each text code ranks the neighbours an erasure damages, on the damage `geometry` measured (every
     (concept, unlisted class) pair of the stored runs: the class's accuracy loss, or the other domain's inside it,
     whichever is larger): the pooled code and the word's token state (`geometry`'s cosines) against the product's
-    ranking (spare_core.neighbours, SPARE Nearest Concepts: mean token state of the class's builder line). Per domain:
+    ranking (spare_core.neighbours, SPARE Nearest Concepts: mean token state of the class's builder line) and the
+    same ranking with the padding positions left out (`unpadded`, budgets.unpadded_encode). Per domain:
     Spearman's rank correlation of loss and cosine, and the mean loss of each concept's 2 nearest unlisted classes
     minus that of the rest."""
     pairs = _stored_pairs(pattern)
     for concept in {p["concept"] for p in pairs}:
         mine = [p for p in pairs if p["concept"] == concept]
-        sims = {n.line: n.similarity for n in class_ranking(mine[0]["domain"], concept, [p["class"] for p in mine])}
+        classes = [p["class"] for p in mine]
+        sims = {n.line: n.similarity for n in class_ranking(mine[0]["domain"], concept, classes)}
+        unpadded = {n.line: n.similarity for n in class_ranking(mine[0]["domain"], concept, classes, unpadded_encode)}
         for p in mine:
-            p.update(pooled=p["pooled_cos"], token=p["kv_cos"], product=sims[p["class"]])
+            p.update(pooled=p["pooled_cos"], token=p["kv_cos"], product=sims[p["class"]],
+                     unpadded=unpadded[p["class"]])
     rows = []
     for domain in ("style", "object"):
         sub = [p for p in pairs if p["domain"] == domain]
         if len(sub) < 3:
             continue  # no stored runs of that domain
-        for code in ("pooled", "token", "product"):
+        for code in ("pooled", "token", "product", "unpadded"):
             gaps = []
             for concept in sorted({p["concept"] for p in sub}):
                 near = sorted((p for p in sub if p["concept"] == concept), key=lambda p: -p[code])
