@@ -409,7 +409,9 @@ class NearestConcepts(io.ComfyNode):
             description="Ranks candidate concepts by how alike the CLIP reads them to the concept and outputs the "
                         "nearest as retain lines for Sparse LoRA Distill (and Saliency Scan): an erasure damages the "
                         "concepts nearest to it that no retain line names, so those are the ones worth naming. "
-                        "Measured to help on styles; for objects, also name the most similar ones yourself.",
+                        "Each prompt is read at its own tokens (padding left out where the tokenizer tells). "
+                        "Measured on the benchmark model: the concepts it names keep their looks better than a "
+                        "random choice, for styles and objects.",
             inputs=[
                 io.Clip.Input("clip", tooltip="The model's text encoder (the one the erasure trains with)."),
                 io.String.Input("concepts", multiline=True, default="",
@@ -449,9 +451,24 @@ class NearestConcepts(io.ComfyNode):
 
 
 def clip_token_states(clip):
-    """prompts -> the CLIP's token states [N, L, D] (CLIPTextEncode's conditioning, one prompt at a time)."""
+    """prompts -> the CLIP's token states (CLIPTextEncode's conditioning), each prompt's own positions only where its
+    tokenizer says which they are (neighbours.prompt_positions), else every position; for one prompt at a time
+    (neighbours.prompt_codes' use: the lengths may differ), [1, L, D]."""
+    def word_ids(text):  # per sub-tokenizer (a dict of them, or one tokenizer's chunks), per chunk, per token
+        tokens = clip.tokenize(text, return_word_ids=True)
+        return [[[t[2] if len(t) > 2 else 0 for t in chunk] for chunk in chunks]
+                for chunks in (tokens.values() if isinstance(tokens, dict) else [tokens])]
+
+    # where a prompt's first word sits, per sub-tokenizer: after a start token (CLIP) or first (T5)
+    lead = [next((i for i, w in enumerate(chunks[0]) if w > 0), 1) for chunks in word_ids("a")]
+
     def encode(prompts):  # called under no_grad (neighbours.prompt_codes)
-        return torch.cat([clip.encode_from_tokens(clip.tokenize(p)) for p in prompts])
+        states = []
+        for p in prompts:
+            cond = clip.encode_from_tokens(clip.tokenize(p))
+            keep = neighbours.prompt_positions(word_ids(p), cond.shape[1], lead)
+            states.append(cond if keep is None else cond[:, keep])
+        return torch.cat(states)
     return encode
 
 

@@ -207,7 +207,8 @@ def test_stock_lora_loader_maps_every_module(demo, tmp_path, key_format, caplog)
 
 def test_nearest_concepts_node_ranks_as_the_bundled_model_does(demo, bundled):
     """SPARE Nearest Concepts on the demo CLIP: the same ranking (and similarities) as spare_core.neighbours on the
-    bundled text encoder; keep lines first; an unknown word in a candidate refused by name."""
+    bundled text encoder's states of each prompt's own positions (<bos> words <eos>: the padding left out, from the
+    tokenizer's word ids); keep lines first; an unknown word in a candidate refused by name."""
     from spare_core import neighbours
     from spare_core.errors import SpareInputError
     _, _, (_, clip, _, _) = demo
@@ -220,7 +221,15 @@ def test_nearest_concepts_node_ranks_as_the_bundled_model_does(demo, bundled):
         retain, ranking = nodes.NearestConcepts.execute(clip=clip, concepts="\n".join(concepts),
                                                         candidates="\n\n".join(candidates), count=2,
                                                         keep=keep).result
-    expected = neighbours.rank(bundled.encode, concepts, candidates)
+    pad = bundled.tokenizer.ids["<pad>"]
+
+    def own_positions(prompts):  # one prompt at a time, as neighbours.prompt_codes asks (the lengths differ)
+        states, ids = bundled.encode(list(prompts)), bundled.tokenizer(list(prompts))
+        return torch.cat([s[row != pad].unsqueeze(0) for s, row in zip(states, ids)])
+
+    with torch.inference_mode():
+        assert nodes.clip_token_states(clip)(["A ring image."]).shape[1] == 5  # <bos> a ring image <eos>, of 16
+    expected = neighbours.rank(own_positions, concepts, candidates)
     assert not any(n.names_concept for n in expected)
     assert retain.splitlines() == [keep] + [n.line for n in expected[:2]]
     assert "sunset" in retain.splitlines()[1]  # ukiyo's nearest style (the one its erasure takes with it)

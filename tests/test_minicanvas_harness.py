@@ -169,6 +169,24 @@ def test_paired_comparison_and_sign_test():
     assert "seeds" in paired.incomparable(dict(grid, retain_set="grow3"), dict(grid, seeds=2, retain_set="grow3"))
 
 
+def test_paired_across_lists_compares_the_drops(tmp_path, capsys):
+    """`paired --across-lists`: runs of different retain sets pair on the erasure and on the drop of each run's own
+    unlisted classes, and only those; without the flag they are refused, with a pointer to it."""
+    from bench.minicanvas import paired
+    runs = {}
+    for name, retain_set, drop in (("a", "nearest", 20.0), ("b", "nearest-unpadded", 5.0)):
+        rows = [{"concept": c, "seed": s, "domain": "object", "UA": 100.0, "IRA_unlisted": 90.0 - drop,
+                 "IRA_unlisted_drop": drop} for c in ("ring", "cross") for s in range(2)]
+        runs[name] = tmp_path / f"{name}.json"
+        runs[name].write_text(json.dumps({"budget": {"seeds": 2, "sample_steps": 12, "retain_set": retain_set},
+                                          "methods": {"spare": {"runs": rows}}}))
+    with pytest.raises(SystemExit, match="--across-lists"):
+        paired.main([f"{runs['a']}:spare", f"{runs['b']}:spare"])
+    paired.main([f"{runs['a']}:spare", f"{runs['b']}:spare", "--across-lists"])
+    out = capsys.readouterr().out
+    assert "| IRA_unlisted_drop | -15.00 [-15.00, -15.00] | 0 / 4 / 0 |" in out and "IRA_unlisted |" not in out
+
+
 def test_demo_verdict_follows_ua():
     from bench.minicanvas import demo
     base = {"UA": 0.0, "IRA": 100.0, "CRA": 95.0, "SFA": 95.0}
@@ -297,7 +315,7 @@ def test_retain_lists_never_name_an_unlisted_class():
         splits = set()
         for seed in range(3):
             for retain_set, n_listed in (("half", 4), ("few", harness.FEW_LISTED), ("near", 4), ("near-token", 4),
-                                     ("nearest", 4)):
+                                     ("nearest", 4), ("nearest-unpadded", 4)):
                 split = harness.retention_split(domain, name, seed, retain_set)
                 assert len(split["listed"]) == n_listed and len(split["unlisted"]) == 9 - n_listed
                 unlisted = {(data.STYLE_NAMES if domain == "style" else data.OBJECT_NAMES)[i]
@@ -314,6 +332,10 @@ def test_retain_lists_never_name_an_unlisted_class():
                     names = data.STYLE_NAMES if domain == "style" else data.OBJECT_NAMES
                     assert {names[i] for i in split["listed"]} == set(budgets.ranked_candidates(
                         domain, name, tuple(c for c in own if c != name))[:4])
+                if retain_set == "nearest-unpadded":
+                    names = data.STYLE_NAMES if domain == "style" else data.OBJECT_NAMES
+                    assert {names[i] for i in split["listed"]} == set(budgets.ranked_candidates(
+                        domain, name, tuple(c for c in own if c != name), unpadded=True)[:4])
             all_split = harness.retention_split(domain, name, seed, "all-pairs")
             assert all_split["unlisted"] == [] and len(all_split["listed"]) == 9
         assert len(splits) > 1  # the split changes with the training seed

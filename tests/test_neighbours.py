@@ -83,3 +83,45 @@ def test_default_candidates_expand():
     assert len(lines) == len(set(lines)) >= 90
     expanded = expand_alternatives(lines, "candidates")
     assert len(expanded) <= MAX_EXPANDED and all(len(expand_alternatives([ln])) >= 3 for ln in lines)
+
+
+def test_prompt_positions_leave_the_padding_out():
+    """The positions that hold a prompt (start token, words, end token) from a ComfyUI tokenizer's word ids: CLIP-like
+    (a start token), T5-like (none), the empty prompt, sub-tokenizers read at the same positions (SDXL), several
+    chunks; None where the output does not line up with the tokens (then the node uses every position)."""
+    clip = [[0, 1, 2, 0, 0, 0]]  # <start> two words <end> <pad> <pad>
+    assert neighbours.prompt_positions([clip], 6) == [0, 1, 2, 3]
+    assert neighbours.prompt_positions([[[0, 0, 0, 0]]], 4) == [0, 1]  # the empty prompt: <start> <end>
+    assert neighbours.prompt_positions([[[1, 2, 0, 0]]], 4, lead=0) == [0, 1, 2]  # T5: words <end>
+    assert neighbours.prompt_positions([[[0, 0, 0]]], 3, lead=0) == [0]  # T5's empty prompt: <end>
+    assert neighbours.prompt_positions([[[0, 1, 0, 0]], [[0, 1, 0, 0]]], 4) == [0, 1, 2]  # SDXL's g and l
+    assert neighbours.prompt_positions([[[0, 1, 0], [0, 2, 0]]], 6) == [0, 1, 2, 3, 4, 5]  # two full chunks
+    assert neighbours.prompt_positions([[[0, 1, 2]]], 3) == [0, 1, 2]  # no room for <end>: every position
+    assert neighbours.prompt_positions([[[0, 1, 0, 0]], [[1, 0, 0, 0, 0]]], 5, lead=[1, 0]) == [0, 1]  # Flux: T5
+    assert neighbours.prompt_positions([[[0, 0, 0, 0]], [[0, 0, 0, 0, 0]]], 5, lead=[1, 0]) == [0]  # its empty prompt
+    assert neighbours.prompt_positions([[[0, 1, 0]], [[1, 0, 0, 0, 0]]], 8) is None  # SD3: CLIP and T5 joined
+    assert neighbours.prompt_positions([[[0, 1, 0]]], 5) is None  # an output of another length
+
+
+def test_the_ranking_on_the_prompts_own_positions(model):
+    """The node's code since 2026-12-06 (padding left out, as `prompt_positions` gives it on the demo CLIP): sunset
+    (the unlisted style ukiyo's erasure takes with it) among ukiyo's 2 nearest styles, ring's nearest object circle,
+    and a prompt's states only its own positions (<bos> words <eos>)."""
+    pad = model.tokenizer.ids["<pad>"]
+
+    def own(prompts):
+        states, ids = model.encode(list(prompts)), model.tokenizer(list(prompts))
+        out = []
+        for s, row in zip(states, ids):
+            n = int((row != pad).sum())  # <bos> words <eos>
+            word_ids = [[[0] + list(range(1, n - 1)) + [0] * (len(row) - n + 1)]]  # as the demo CLIP's tokenizer
+            out.append(s[neighbours.prompt_positions(word_ids, states.shape[1])].unsqueeze(0))
+        return torch.cat(out)
+
+    assert own(["A ring image."]).shape[1] == 5
+    forget = [data.prompt("ukiyo", o) for o in OBJECTS]
+    ranked = neighbours.rank(own, forget, style_lines([s for s in STYLES if s != "ukiyo"]))
+    assert data.prompt("sunset", "{" + "|".join(OBJECTS) + "}") in [n.line for n in ranked[:2]]
+    forget = [data.prompt(s, "ring") for s in STYLES]
+    objects = [data.prompt("{" + "|".join(STYLES) + "}", o) for o in OBJECTS if o != "ring"]
+    assert " circle image" in neighbours.rank(own, forget, objects)[0].line

@@ -409,7 +409,8 @@ def test_stage_inputs_come_from_the_configs(pack):
 @pytest.mark.parametrize("family", FAMILIES + tuple(getattr(cf, "DIT_FAMILIES", ())))
 def test_nearest_concepts_on_every_family_clip(pack, family):
     """SPARE Nearest Concepts on each family's real (tiny, random) CLIP: every candidate ranked once, nearest first,
-    the retain output = keep + the `count` nearest; on the UNets with the shipped default candidates."""
+    the retain output = keep + the `count` nearest, each prompt read at its own positions where the tokenizer tells
+    them; on the UNets with the shipped default candidates."""
     nodes_mod, _ = pack
     from spare_core import neighbours
     dit = family in getattr(cf, "DIT_FAMILIES", ())
@@ -427,3 +428,9 @@ def test_nearest_concepts_on_every_family_clip(pack, family):
     marked = [r[1] for r in rows if r[2]]
     assert marked == [c for c in candidates if "van Gogh" in c] and marked
     assert retain.splitlines() == ["a photo of a dog"] + [r[1] for r in rows if not r[2]][:3]
+    with torch.inference_mode():
+        own = nodes_mod.clip_token_states(clip)(["a cat"]).shape[1]
+        every = clip.encode_from_tokens(clip.tokenize("a cat")).shape[1]
+    # each prompt's own positions (start, words, end) where the tokenizer says which they are: the padded outputs of
+    # the UNets' CLIPs and Flux's T5 shrink; SD3's joined CLIP + T5 output stays whole; the others pad nothing here
+    assert own < every if family in ("sd15", "sd2v", "sdxl", "flux", "flux_schnell") else own == every, (own, every)

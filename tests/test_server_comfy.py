@@ -26,6 +26,8 @@ import pytest
 
 import workflow_api as wa
 from comfy_fixtures import Server, comfy_server
+from spare_core import neighbours
+from spare_core.prompts import expand_alternatives
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "workflows"
@@ -262,13 +264,17 @@ def test_erase_style_workflow(server, style_run):
     assert distill["inputs"]["filename_prefix"] + "_00001_.safetensors" == STYLE_LORA  # what the other workflows use
     keys, meta = check_lora_file(server.loras / STYLE_LORA, "comfyui")
     print(f"[erase_style] {STYLE_LORA}: {len(keys)} tensors, metadata {sorted(meta)}")
-    # Distill's retain list came from SPARE Nearest Concepts: its keep lines, then 8 of its candidate lines (5 subjects
-    # each), as the file records
+    # Distill's retain list came from SPARE Nearest Concepts: its keep lines, then the expansions of 8 of its
+    # candidate lines (the default list's), as the file records
     ((nearest_id, nearest),) = nodes_of(prompt, "SPARENearestConcepts").items()
     assert distill["inputs"]["retain"] == [nearest_id, 0]
     retain = json.loads(meta["spare.retain"])
     keep = nearest["inputs"]["keep"].splitlines()
-    assert retain[:len(keep)] == keep and len(retain) == len(keep) + 8 * 5, retain
+    assert retain[:len(keep)] == keep, retain
+    picked = [line for line in neighbours.DEFAULT_CANDIDATES
+              if set(expand_alternatives([line])) & set(retain[len(keep):])]
+    assert len(picked) == nearest["inputs"]["count"] == 8, picked
+    assert set(retain) == set(keep).union(*(expand_alternatives([line]) for line in picked)), retain
     assert_no_lost_keys(server)
     # the new file is offered by Apply Erasure's lora_name list (fresh /object_info, no restart)
     options = server.get("/object_info/SPAREApplyErasure")["SPAREApplyErasure"]["input"]["required"]["lora_name"]

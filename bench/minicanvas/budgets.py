@@ -101,7 +101,7 @@ class Budget:
 MODELS = ("unet", "flux", "flux-dev")
 FLUX_MODELS = ("flux", "flux-dev")
 RETAIN_SETS = ("half", "few", "all-pairs", "neighbours", "grow1", "grow3", "grow6", "grow3near", "near",
-               "near-token", "nearest")
+               "near-token", "nearest", "nearest-unpadded")
 GROW_UNLISTED = 3          # "growK": the same 3 unlisted classes for every K; K of the other 6 listed
 RETAIN_EXTRA = 3           # random (style, object) pairs added to the neighbour classes in the "neighbours" list
 FEW_LISTED = 3             # "few": same-domain neighbours named by the builder line (and as many of the other domain)
@@ -123,8 +123,10 @@ def listed_classes(domain: str, name: str, seed: int, retain_set: str) -> list[s
     runs average over several splits; "few": FEW_LISTED of them (the builder line a user types in the shipped
     workflows); "near": as many as "half", the ones nearest to the concept in the model's pooled text code
     (nearest_order: a user who names the nearest neighbours; the same for every training seed); "near-token": the
-    same by the word's own token state; "nearest": the half that SPARE Nearest Concepts ranks nearest
-    (spare_core.neighbours: mean token state); "all-pairs" and "neighbours": every other class (nothing unlisted)."""
+    same by the word's own token state; "nearest": the half that SPARE Nearest Concepts ranked nearest until 2026-12-06
+    (spare_core.neighbours on every position's token state); "nearest-unpadded": the half it ranks nearest since (each
+    prompt's own positions, the padding left out: unpadded_encode); "all-pairs" and "neighbours": every other class
+    (nothing unlisted)."""
     if retain_set not in RETAIN_SETS:
         raise ValueError(f"retain_set={retain_set!r}; valid: {', '.join(RETAIN_SETS)}")
     others = [c for c in (ERASABLE_STYLES if domain == "style" else ERASABLE_OBJECTS) if c != name]
@@ -139,8 +141,9 @@ def listed_classes(domain: str, name: str, seed: int, retain_set: str) -> list[s
     if retain_set in ("near", "near-token"):
         code = "token" if retain_set == "near-token" else "pooled"
         return sorted(nearest_order(domain, name, code)[:len(others) // 2], key=others.index)
-    if retain_set == "nearest":  # what SPARE Nearest Concepts names, given every other class as a candidate
-        return sorted(ranked_candidates(domain, name, tuple(others))[:len(others) // 2], key=others.index)
+    if retain_set in ("nearest", "nearest-unpadded"):  # what SPARE Nearest Concepts names, every other class given
+        ranked = ranked_candidates(domain, name, tuple(others), unpadded=retain_set == "nearest-unpadded")
+        return sorted(ranked[:len(others) // 2], key=others.index)
     k = len(others) // 2 if retain_set == "half" else FEW_LISTED
     # a generator of its own (not `concept_prompts`' one) so the other lists' draws stay as they were
     return sorted(random.Random(f"split:{domain}:{name}:{seed}").sample(others, k), key=others.index)
@@ -192,7 +195,8 @@ def class_ranking(domain: str, name: str, candidates, encode=None) -> list:
     Concepts node) in the bundled model: the concept's forget prompts against one builder line per candidate, the
     candidate with every class of the other domain ("An {a|b|..} image in neon style."). Neighbours, nearest first,
     each line replaced by its class name. encode: the token states the ranking reads (default: the model's, every
-    position, as CLIPTextEncode returns them; `unpadded_encode`: the padding left out)."""
+    position, as CLIPTextEncode returns them: the node's code until 2026-12-06; `unpadded_encode`: the padding left
+    out, as the node reads them since)."""
     from spare_core import neighbours
 
     others = ERASABLE_OBJECTS if domain == "style" else ERASABLE_STYLES
@@ -205,8 +209,8 @@ def class_ranking(domain: str, name: str, candidates, encode=None) -> list:
 
 def unpadded_encode(prompts):
     """The bundled model's token states of `prompts` with the padding positions left out: each prompt's mean over
-    <bos>, its words and <eos> ([N, 1, D]). An experiment on the ranking's code (diagnose ranking); the product reads
-    every position, which needs no knowledge of each text encoder's padding."""
+    <bos>, its words and <eos> ([N, 1, D]): the code SPARE Nearest Concepts reads on the demo CLIP since 2026-12-06
+    (neighbours.prompt_positions from the tokenizer's word ids; test_demo_model checks they agree)."""
     import torch
 
     model = _ranking_model()
@@ -216,9 +220,9 @@ def unpadded_encode(prompts):
 
 
 @functools.lru_cache(maxsize=None)
-def ranked_candidates(domain: str, name: str, candidates: tuple[str, ...]) -> tuple[str, ...]:
-    """`candidates`, nearest first as the product ranks them (class_ranking)."""
-    return tuple(n.line for n in class_ranking(domain, name, candidates))
+def ranked_candidates(domain: str, name: str, candidates: tuple[str, ...], unpadded: bool = False) -> tuple[str, ...]:
+    """`candidates`, nearest first as the product ranks them (class_ranking; unpadded: with unpadded_encode)."""
+    return tuple(n.line for n in class_ranking(domain, name, candidates, unpadded_encode if unpadded else None))
 
 
 @functools.lru_cache(maxsize=1)
@@ -255,7 +259,8 @@ def concept_prompts(domain: str, name: str, seed: int, retain_set: str = "half")
         short, short_surrogate = f"A {name} image.", f"A {data.NEUTRAL_OBJECT} image."
     if retain_set == "all-pairs":
         return forget, surrogate, all_pairs(domain, name), short, short_surrogate
-    if retain_set in ("half", "few", "near", "near-token", "nearest") or retain_set.startswith("grow"):
+    if retain_set in ("half", "few", "near", "near-token", "nearest", "nearest-unpadded") or \
+            retain_set.startswith("grow"):
         others = ERASABLE_OBJECTS if domain == "style" else ERASABLE_STYLES
         cross = others if retain_set != "few" else \
             sorted(random.Random(f"few:{domain}:{name}:{seed}").sample(others, FEW_LISTED), key=others.index)

@@ -87,7 +87,8 @@ def main(argv=None):
                     help="every method's retain list (budgets.listed_classes): half (default; half of the other "
                     "classes, drawn per training seed), few (the shipped workflows' builder line), near (the half "
                     "nearest to the concept in the pooled text code; near-token: in the word's token state; nearest: "
-                    "the half SPARE Nearest Concepts ranks nearest), "
+                    "the half SPARE Nearest Concepts ranked nearest until 2026-12-06; nearest-unpadded: as it "
+                    "ranks them since, the padding left out), "
                     "all-pairs (every other pair: the reference), neighbours, growK (experiments: 3 unlisted, K of the "
                     "other 6 listed; grow3near: the 3 of those 6 that SPARE Nearest Concepts ranks nearest)")
     ap.add_argument("--host", choices=HOSTS, default="library",

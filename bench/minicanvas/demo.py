@@ -179,7 +179,9 @@ def main(argv=None):
     torch.set_num_threads(int(os.environ.get("MINICANVAS_THREADS", "1")))  # 2 threads on 2 shared cores ran ~100x slower
     model = load_model()
     judge = Judge()
-    budget = Budget(spare=args.steps, seeds=1, retain_set=args.retain)
+    # nearest: as the node ranks them (since 2026-12-06 on each prompt's own positions: retain set nearest-unpadded)
+    retain_set = "nearest-unpadded" if args.retain == "nearest" else args.retain
+    budget = Budget(spare=args.steps, seeds=1, retain_set=retain_set)
     prompts, ls, lo, seeds = grid(1)
     target = (data.style_index if domain == "style" else data.object_index)(args.concept)
     print(f"erasing {domain} '{args.concept}' with SPARE (product defaults, cap {args.steps} steps) ...", flush=True)

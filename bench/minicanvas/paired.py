@@ -20,6 +20,9 @@ from .budgets import ERASABLE_OBJECTS, ERASABLE_STYLES
 
 METRICS = ("UA", "IRA", "CRA", "mean3", "synonym_UA", "SFA", "IRA_unlisted", "CRA_unlisted", "IRA_listed",
            "CRA_listed", "mean4")
+# --across-lists: runs whose retain lists leave different classes unlisted; what still compares pair by pair is the
+# erasure and the LOSS on each run's own unlisted classes (unerased minus erased, on the same classes)
+ACROSS_LISTS = ("UA", "synonym_UA", "SFA", "IRA_unlisted_drop", "CRA_unlisted_drop")
 
 
 def sign_test(up: int, down: int) -> float:
@@ -80,14 +83,19 @@ def main(argv=None):
     ap.add_argument("a", help="RESULTS.json:METHOD (the reference)")
     ap.add_argument("b", help="RESULTS.json:METHOD (the variant)")
     ap.add_argument("--domain", choices=("style", "object"), help="only the erased styles, or only the objects")
+    ap.add_argument("--across-lists", action="store_true",
+                    help="runs of different retain sets (other classes unlisted): compare the erasure and the drop "
+                         "on each run's own unlisted classes (" + ", ".join(ACROSS_LISTS) + ")")
     args = ap.parse_args(argv)
     (a, budget_a), (b, budget_b) = runs_of(args.a), runs_of(args.b)
     if args.domain:
         a = {k: r for k, r in a.items() if r.get("domain") == args.domain}
-    problem = incomparable(budget_a, budget_b)
+    problem = incomparable(*(({k: v for k, v in x.items() if k != "retain_set"} if args.across_lists else x)
+                             for x in (budget_a, budget_b)))
     if problem:
-        raise SystemExit(problem)
-    result = compare(a, b)
+        raise SystemExit(problem + ("" if args.across_lists or "retain_set" not in problem else
+                                    " (--across-lists compares the drops on each run's own unlisted classes)"))
+    result = compare(a, b, ACROSS_LISTS if args.across_lists else METRICS)
     if not result["pairs"]:
         raise SystemExit("no (concept, training seed) run is in both")
     print(f"{result['pairs']} (concept, training seed) pairs; B - A, 95% bootstrap CI over concepts\n")
@@ -95,13 +103,15 @@ def main(argv=None):
     for m, r in result["metrics"].items():
         print(f"| {m} | {r['mean']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}] | {r['up']} / {r['down']} / {r['tie']} | "
               f"{r['p']:.3g} |")
-    print("\n| concept | A: UA / IRA / CRA | B: UA / IRA / CRA |\n|---|---|---|")
+    cells = ("UA", "IRA_unlisted_drop", "CRA_unlisted_drop") if args.across_lists else ("UA", "IRA", "CRA")
+    head = " / ".join(c.replace("_unlisted_drop", " drop (unlisted)") for c in cells)
+    print(f"\n| concept | A: {head} | B: {head} |\n|---|---|---|")
     shared = {k[0] for k in set(a) & set(b)}
     for concept in [c for c in ERASABLE_STYLES + ERASABLE_OBJECTS if c in shared]:
         cell = []
         for runs in (a, b):
             rs = [r for k, r in runs.items() if k[0] == concept and k in a and k in b]
-            cell.append(" / ".join(f"{np.mean([r[m] for r in rs]):.1f}" for m in ("UA", "IRA", "CRA")))
+            cell.append(" / ".join(f"{np.mean([r.get(m, np.nan) for r in rs]):.1f}" for m in cells))
         print(f"| {concept} | {cell[0]} | {cell[1]} |")
 
 
