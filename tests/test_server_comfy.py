@@ -282,7 +282,8 @@ def test_erase_style_workflow(server, style_run):
 
 
 def test_erase_object_workflow_sdxl_kohya(server, object_info):
-    """erase_object.json on the tiny SDXL (needs the `y` conditioning), saving kohya keys."""
+    """erase_object.json on the tiny SDXL (needs the `y` conditioning), saving kohya keys; its retain list from SPARE
+    Nearest Concepts."""
     wf = load_workflow("erase_object.json")
     prompt = tiny_prompt(wf, object_info, "sdxl", SPARESparseLoraDistill={"key_format": "kohya"})
     (distill,) = nodes_of(prompt, "SPARESparseLoraDistill").values()
@@ -295,6 +296,15 @@ def test_erase_object_workflow_sdxl_kohya(server, object_info):
     name = distill["inputs"]["filename_prefix"] + "_00001_.safetensors"
     keys, meta = check_lora_file(server.loras / name, "kohya")
     assert meta["spare.base_model"] == "SDXL", meta
+    # retain from SPARE Nearest Concepts, as in erase_style.json: the keep lines' expansions, then 8 candidate lines';
+    # every default line with "a cat" in it names the concept and is never retained
+    ((nearest_id, nearest),) = nodes_of(prompt, "SPARENearestConcepts").items()
+    assert distill["inputs"]["retain"] == [nearest_id, 0] and nearest["inputs"]["concepts"] == "a cat"
+    retain, keep = json.loads(meta["spare.retain"]), expand_alternatives(nearest["inputs"]["keep"].splitlines())
+    assert retain[:len(keep)] == keep and not any("cat" in p.split() for p in retain), retain
+    picked = [line for line in neighbours.DEFAULT_CANDIDATES
+              if set(expand_alternatives([line])) & set(retain[len(keep):])]
+    assert len(picked) == 8 and set(retain) == set(keep).union(*(expand_alternatives([x]) for x in picked)), picked
     assert_no_lost_keys(server)
 
 
