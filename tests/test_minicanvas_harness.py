@@ -355,6 +355,11 @@ def test_retain_lists_never_name_an_unlisted_class():
             candidates = tuple(names[i] for i in six["listed"])
             ranked = budgets.ranked_candidates(domain, name, candidates)
             assert {names[i] for i in near["listed"]} == set(ranked[:3]) and sorted(ranked) == sorted(candidates)
+            # grow3near-unpadded: the same with the node's code since 2026-12-06 (each prompt's own positions)
+            own = harness.retention_split(domain, name, seed, "grow3near-unpadded")
+            assert own["unlisted"] == near["unlisted"]
+            assert {names[i] for i in own["listed"]} == set(
+                budgets.ranked_candidates(domain, name, candidates, unpadded=True)[:3])
 
 
 def test_near_lists_the_classes_nearest_in_the_pooled_code_for_every_seed():

@@ -101,7 +101,7 @@ class Budget:
 MODELS = ("unet", "flux", "flux-dev")
 FLUX_MODELS = ("flux", "flux-dev")
 RETAIN_SETS = ("half", "few", "all-pairs", "neighbours", "grow1", "grow3", "grow6", "grow3near", "near",
-               "near-token", "nearest", "nearest-unpadded")
+               "near-token", "nearest", "nearest-unpadded", "grow3near-unpadded")
 GROW_UNLISTED = 3          # "growK": the same 3 unlisted classes for every K; K of the other 6 listed
 RETAIN_EXTRA = 3           # random (style, object) pairs added to the neighbour classes in the "neighbours" list
 FEW_LISTED = 3             # "few": same-domain neighbours named by the builder line (and as many of the other domain)
@@ -132,9 +132,10 @@ def listed_classes(domain: str, name: str, seed: int, retain_set: str) -> list[s
     others = [c for c in (ERASABLE_STYLES if domain == "style" else ERASABLE_OBJECTS) if c != name]
     if retain_set in ("all-pairs", "neighbours"):
         return others
-    if retain_set == "grow3near":  # the 3 of grow6's candidates that SPARE Nearest Concepts names (same unlisted)
-        candidates = grow_order(domain, name, seed)[GROW_UNLISTED:]
-        return sorted(ranked_candidates(domain, name, tuple(candidates))[:3], key=others.index)
+    if retain_set in ("grow3near", "grow3near-unpadded"):  # the 3 of grow6's candidates SPARE Nearest Concepts
+        candidates = grow_order(domain, name, seed)[GROW_UNLISTED:]  # names (until / since 2026-12-06; same unlisted)
+        ranked = ranked_candidates(domain, name, tuple(candidates), unpadded=retain_set.endswith("-unpadded"))
+        return sorted(ranked[:3], key=others.index)
     if retain_set.startswith("grow"):  # experiment: does listing MORE classes protect the same unlisted ones?
         return sorted(grow_order(domain, name, seed)[GROW_UNLISTED:GROW_UNLISTED + int(retain_set[4:])],
                       key=others.index)

@@ -90,7 +90,8 @@ def main(argv=None):
                     "the half SPARE Nearest Concepts ranked nearest until 2026-12-06; nearest-unpadded: as it "
                     "ranks them since, the padding left out), "
                     "all-pairs (every other pair: the reference), neighbours, growK (experiments: 3 unlisted, K of the "
-                    "other 6 listed; grow3near: the 3 of those 6 that SPARE Nearest Concepts ranks nearest)")
+                    "other 6 listed; grow3near: the 3 of those 6 that SPARE Nearest Concepts ranked nearest until "
+                    "2026-12-06, grow3near-unpadded: as it ranks them since)")
     ap.add_argument("--host", choices=HOSTS, default="library",
                     help="library (default): SPARE through spare_core, grids through the bundled sampler; comfyui: "
                     "SPARE through the pack's nodes and the grids through ComfyUI's KSampler on the SPARE Demo Model "
