@@ -90,11 +90,11 @@ def prompt_positions(word_ids: Sequence[Sequence[Sequence[int]]], length: int,
     sub-tokenizer: those whose length is the output's are read at the same positions (SDXL: "g" and "l"; Flux: its
     T5, not the CLIP-L that gives only the pooled vector). lead: the tokens before the first word (1: CLIP's start
     token; 0: T5, which has none), one for all or one per sub-tokenizer; it places the end token of a chunk without
-    words. None when the output does not
-    line up with the tokens (no sub-tokenizer of its length, as SD3's CLIP and T5 outputs joined): then every position
-    counts. Why: the padding's states are alike for every prompt and dilute
-    the difference between two prompts' codes (on MiniCanvas, leaving them out ranked the damaged objects better:
-    bench/RESULTS.md, "Ranking the neighbours in the product")."""
+    words. None when the output does not line up with the tokens (no sub-tokenizer of its length, as SD3's CLIP and
+    T5 outputs joined): then every position counts. Why: a short prompt is mostly padding (73 of CLIP's 77 positions
+    for "a cat"), whose states outweigh the words' in a mean and dilute the difference between two prompts' codes
+    (on MiniCanvas, leaving them out ranked the damaged objects better: bench/RESULTS.md, "Ranking the neighbours in
+    the product")."""
     leads = [lead] * len(word_ids) if isinstance(lead, int) else list(lead)
     kept = [k for k, chunks in enumerate(word_ids) if sum(len(chunk) for chunk in chunks) == length]
     word_ids, shapes = [word_ids[k] for k in kept], [[len(chunk) for chunk in word_ids[k]] for k in kept]

@@ -359,9 +359,10 @@ def losses(pattern: str = GEOMETRY_RUNS) -> list[dict]:
 def ranking(pattern: str = GEOMETRY_RUNS) -> list[dict]:
     """How well each text code ranks the neighbours an erasure damages, on the damage `geometry` measured (every
     (concept, unlisted class) pair of the stored runs: the class's accuracy loss, or the other domain's inside it,
-    whichever is larger): the pooled code and the word's token state (`geometry`'s cosines) against the product's
-    ranking (spare_core.neighbours, SPARE Nearest Concepts: mean token state of the class's builder line) and the
-    same ranking with the padding positions left out (`unpadded`, budgets.unpadded_encode). Per domain:
+    whichever is larger): the pooled code and the word's token state (`geometry`'s cosines) against SPARE Nearest
+    Concepts' ranking (spare_core.neighbours: mean token state of the class's builder line) on every position
+    (`product`, the node's code until 2026-12-06) and with the padding left out (`unpadded`, budgets.unpadded_encode:
+    the node's since). Per domain:
     Spearman's rank correlation of loss and cosine, and the mean loss of each concept's 2 nearest unlisted classes
     minus that of the rest."""
     pairs = _stored_pairs(pattern)
