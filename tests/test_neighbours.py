@@ -105,20 +105,10 @@ def test_prompt_positions_leave_the_padding_out():
 
 def test_the_ranking_on_the_prompts_own_positions(model):
     """The node's code since 2026-12-06 (padding left out, as `prompt_positions` gives it on the demo CLIP): sunset
-    (the unlisted style ukiyo's erasure takes with it) among ukiyo's 2 nearest styles, ring's nearest object circle,
-    and a prompt's states only its own positions (<bos> words <eos>)."""
-    pad = model.tokenizer.ids["<pad>"]
+    (the unlisted style ukiyo's erasure takes with it) among ukiyo's 2 nearest styles, ring's nearest object circle
+    (which positions are read: test_minicanvas_harness, test_unpadded_encode_averages_the_prompt_s_own_positions)."""
+    from bench.minicanvas.budgets import unpadded_encode as own  # the bundled model through prompt_positions
 
-    def own(prompts):
-        states, ids = model.encode(list(prompts)), model.tokenizer(list(prompts))
-        out = []
-        for s, row in zip(states, ids):
-            n = int((row != pad).sum())  # <bos> words <eos>
-            word_ids = [[[0] + list(range(1, n - 1)) + [0] * (len(row) - n + 1)]]  # as the demo CLIP's tokenizer
-            out.append(s[neighbours.prompt_positions(word_ids, states.shape[1])].unsqueeze(0))
-        return torch.cat(out)
-
-    assert own(["A ring image."]).shape[1] == 5
     forget = [data.prompt("ukiyo", o) for o in OBJECTS]
     ranked = neighbours.rank(own, forget, style_lines([s for s in STYLES if s != "ukiyo"]))
     assert data.prompt("sunset", "{" + "|".join(OBJECTS) + "}") in [n.line for n in ranked[:2]]

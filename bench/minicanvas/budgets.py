@@ -210,14 +210,20 @@ def class_ranking(domain: str, name: str, candidates, encode=None) -> list:
 
 def unpadded_encode(prompts):
     """The bundled model's token states of `prompts` with the padding positions left out: each prompt's mean over
-    <bos>, its words and <eos> ([N, 1, D]): the code SPARE Nearest Concepts reads on the demo CLIP since 2026-12-06
-    (neighbours.prompt_positions from the tokenizer's word ids; test_demo_model checks they agree)."""
+    <bos>, its words and <eos> ([N, 1, D]), found by the product's neighbours.prompt_positions from word ids: the code
+    SPARE Nearest Concepts reads on the demo CLIP since 2026-12-06 (test_demo_model checks they agree)."""
     import torch
 
+    from spare_core import neighbours
+
     model = _ranking_model()
-    states = model.encode(list(prompts))
-    real = model.tokenizer(list(prompts)).to(states.device) != model.tokenizer.ids["<pad>"]
-    return torch.stack([s[r].mean(0, keepdim=True) for s, r in zip(states, real)])
+    states, ids = model.encode(list(prompts)), model.tokenizer(list(prompts))
+    special = {model.tokenizer.ids[t] for t in ("<pad>", "<bos>", "<eos>")}
+    out = []
+    for s, row in zip(states, ids.tolist()):
+        words = [[[0 if t in special else i for i, t in enumerate(row)]]]  # as the demo CLIP's tokenizer gives them
+        out.append(s[neighbours.prompt_positions(words, s.shape[0])].mean(0, keepdim=True))
+    return torch.stack(out)
 
 
 @functools.lru_cache(maxsize=None)
