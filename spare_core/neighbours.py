@@ -90,17 +90,34 @@ def prompt_positions(word_ids: Sequence[Sequence[Sequence[int]]], length: int,
     sub-tokenizer: those whose length is the output's are read at the same positions (SDXL: "g" and "l"; Flux: its
     T5, not the CLIP-L that gives only the pooled vector). lead: the tokens before the first word (1: CLIP's start
     token; 0: T5, which has none), one for all or one per sub-tokenizer; it places the end token of a chunk without
-    words. None when the output does not line up with the tokens (no sub-tokenizer of its length, as SD3's CLIP and
-    T5 outputs joined): then every position counts. Why: a short prompt is mostly padding (73 of CLIP's 77 positions
-    for "a cat"), whose states outweigh the words' in a mean and dilute the difference between two prompts' codes
-    (on MiniCanvas, leaving them out ranked the damaged objects better: bench/RESULTS.md, "Ranking the neighbours in
-    the product")."""
+    words. An output as long as the sub-tokenizers with a start token and the others together is read as the two
+    joined along the sequence, those with a start token first (SD3: its CLIPs' output, then T5's). None when the
+    output lines up with neither: then every position counts. Why: a short prompt is mostly padding (73 of CLIP's 77
+    positions for "a cat"), whose states outweigh the words' in a mean and dilute the difference between two prompts'
+    codes (on MiniCanvas, leaving them out ranked the damaged objects better: bench/RESULTS.md, "Ranking the
+    neighbours in the product")."""
     leads = [lead] * len(word_ids) if isinstance(lead, int) else list(lead)
-    kept = [k for k, chunks in enumerate(word_ids) if sum(len(chunk) for chunk in chunks) == length]
-    word_ids, shapes = [word_ids[k] for k in kept], [[len(chunk) for chunk in word_ids[k]] for k in kept]
-    if not shapes or any(s != shapes[0] for s in shapes):
+    sizes = [sum(len(chunk) for chunk in chunks) for chunks in word_ids]
+    same = [k for k, n in enumerate(sizes) if n == length]
+    if same:
+        return _positions([word_ids[k] for k in same], leads[same[0]])
+    first = [k for k, ld in enumerate(leads) if ld > 0]  # joined: start-token tokenizers, then the others
+    rest = [k for k, ld in enumerate(leads) if ld == 0]
+    if not first or not rest or len({sizes[k] for k in first}) > 1 or len({sizes[k] for k in rest}) > 1 or \
+            sizes[first[0]] + sizes[rest[0]] != length:
         return None
-    lead = leads[kept[0]]
+    head = _positions([word_ids[k] for k in first], leads[first[0]])
+    tail = _positions([word_ids[k] for k in rest], 0)
+    if head is None or tail is None:
+        return None
+    return head + [sizes[first[0]] + i for i in tail]
+
+
+def _positions(word_ids: Sequence[Sequence[Sequence[int]]], lead: int) -> Optional[list[int]]:
+    """prompt_positions for sub-tokenizers read at the same positions (None unless their chunks line up)."""
+    shapes = [[len(chunk) for chunk in chunks] for chunks in word_ids]
+    if any(s != shapes[0] for s in shapes):
+        return None
     keep, offset = [], 0
     for c, n in enumerate(shapes[0]):
         words = [i for i in range(n) if any(chunks[c][i] > 0 for chunks in word_ids)]

@@ -99,7 +99,13 @@ def test_prompt_positions_leave_the_padding_out():
     assert neighbours.prompt_positions([[[0, 1, 2]]], 3) == [0, 1, 2]  # no room for <end>: every position
     assert neighbours.prompt_positions([[[0, 1, 0, 0]], [[1, 0, 0, 0, 0]]], 5, lead=[1, 0]) == [0, 1]  # Flux: T5
     assert neighbours.prompt_positions([[[0, 0, 0, 0]], [[0, 0, 0, 0, 0]]], 5, lead=[1, 0]) == [0]  # its empty prompt
-    assert neighbours.prompt_positions([[[0, 1, 0]], [[1, 0, 0, 0, 0]]], 8) is None  # SD3: CLIP and T5 joined
+    # SD3: its CLIPs' output (g and l, a start token each) and T5's joined along the sequence, CLIP first
+    sd3 = [[[0, 1, 0, 0]], [[0, 1, 0, 0]], [[1, 2, 0, 0, 0]]]
+    assert neighbours.prompt_positions(sd3, 9, lead=[1, 1, 0]) == [0, 1, 2] + [4, 5, 6]
+    assert neighbours.prompt_positions(sd3, 4, lead=[1, 1, 0]) == [0, 1, 2]  # without its T5: the CLIPs' alone
+    assert neighbours.prompt_positions([[[0, 1, 0], [0, 2, 0]], [[1, 0, 0]]], 9, lead=[1, 0]) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert neighbours.prompt_positions([[[0, 1, 0]], [[1, 0, 0, 0, 0]]], 8) is None  # no T5-like one named (lead 1)
+    assert neighbours.prompt_positions(sd3, 10, lead=[1, 1, 0]) is None  # neither alone nor joined
     assert neighbours.prompt_positions([[[0, 1, 0]]], 5) is None  # an output of another length
 
 

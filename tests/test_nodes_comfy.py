@@ -432,5 +432,6 @@ def test_nearest_concepts_on_every_family_clip(pack, family):
         own = nodes_mod.clip_token_states(clip)(["a cat"]).shape[1]
         every = clip.encode_from_tokens(clip.tokenize("a cat")).shape[1]
     # each prompt's own positions (start, words, end) where the tokenizer says which they are: the padded outputs of
-    # the UNets' CLIPs and Flux's T5 shrink; SD3's joined CLIP + T5 output stays whole; the others pad nothing here
-    assert own < every if family in ("sd15", "sd2v", "sdxl", "flux", "flux_schnell") else own == every, (own, every)
+    # the UNets' CLIPs, Flux's T5 and SD3's CLIP + T5 (joined) shrink; the others pad nothing here
+    shrink = ("sd15", "sd2v", "sdxl", "flux", "flux_schnell", "sd3")
+    assert own < every if family in shrink else own == every, (own, every)
