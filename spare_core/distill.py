@@ -200,11 +200,6 @@ class DistillConfig:
                                      "uniform in [0, 1]; > 0 = a retain prompt moved toward its nearest concept "
                                      "prompt by u uniform in [0, mix_concept].", min=0.0, max=0.95, step=0.05,
                                 node=False)
-    forget_push: float = option(0.0, "Forget rows' target pushed past the surrogate, away from the concept: T(s) + "
-                                     "push * (T(s) - T(c)) on the same x_t (the fit closes ~90% of the gap, and "
-                                     "classifier-free guidance multiplies what is left toward the concept); 0 = the "
-                                     "surrogate's prediction (the authors').", min=0.0, max=1.0, step=0.05,
-                                node=False)
 
 
 @dataclass
@@ -294,8 +289,6 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if config.anchor_samples < 0 or config.retain_sample_steps < 0:
         raise SpareInputError(f"anchor_samples={config.anchor_samples} and retain_sample_steps="
                               f"{config.retain_sample_steps} must be >= 0 (0 = auto)")
-    if not 0.0 <= config.forget_push <= 1.0:
-        raise SpareInputError(f"forget_push={config.forget_push} must be in [0, 1] (0 = the surrogate's prediction)")
     if config.retain_samples < 0:
         raise SpareInputError(f"retain_samples={config.retain_samples} must be >= 0 (0 = auto)")
     if not 0.0 <= config.dropout < 1.0:
@@ -661,15 +654,7 @@ def training_batches(model: DiffusionModel, adapters: AdapterSet, data: Training
         with adapters.disabled():  # the teacher: the network as it was
             targets = x0_no_grad(model, data, torch.cat([b.xt for b in batches]),
                                  torch.cat([b.sigma for b in batches]), torch.cat([b.teacher for b in batches]), rows)
-            targets = list(targets.split([b.xt.shape[0] for b in batches]))
-            if cfg.forget_push:  # the concept prompt's prediction on the forget rows: the target moves away from it
-                n = cfg.batch_size
-                own = x0_no_grad(model, data, torch.cat([b.xt[:n] for b in batches]),
-                                 torch.cat([b.sigma[:n] for b in batches]), torch.cat([b.student[:n] for b in batches]),
-                                 rows).split(n)
-                for t, c in zip(targets, own):
-                    t[:n] += cfg.forget_push * (t[:n] - c)
-        yield from zip(batches, targets)
+        yield from zip(batches, targets.split([b.xt.shape[0] for b in batches]))
         step = end
 
 

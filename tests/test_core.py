@@ -994,29 +994,6 @@ def test_mix_rows_keep_blends_of_the_listed_codes_on_the_forget_states(model):
         validate(replace(base, retain=[], mix_rows=1), sal)
 
 
-def test_forget_push_moves_the_forget_targets_past_the_surrogate(model):
-    """forget_push p: each forget row's target is T(s) + p * (T(s) - T(c)) on its own x_t (the teacher's predictions
-    for the surrogate and the concept prompt); the retain rows' targets and every row drawn are unchanged."""
-    from spare_core.adapters import attach
-    from spare_core.distill import for_model, make_training_data, training_batches, validate, x0_no_grad
-    sal = sc.Saliency({"x": 1.0}, ["x"], {})
-    base = for_model(validate(sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=2, **FAST), sal), model)
-    pushed = replace(base, forget_push=0.5)
-    data = make_training_data(model, base, None, None)
-    adapters = attach(model.network, [], 1, 1.0)
-    (b0, t0), = list(training_batches(model, adapters, data, replace(base, steps=1), None,
-                                      torch.Generator().manual_seed(4)))
-    (b1, t1), = list(training_batches(model, adapters, data, replace(pushed, steps=1), None,
-                                      torch.Generator().manual_seed(4)))
-    n = base.batch_size
-    assert torch.equal(b0.xt, b1.xt) and torch.equal(b0.teacher, b1.teacher) and torch.equal(t0[n:], t1[n:])
-    concept = x0_no_grad(model, data, b0.xt[:n], b0.sigma[:n], b0.student[:n], n)
-    assert torch.allclose(t1[:n], t0[:n] + 0.5 * (t0[:n] - concept), atol=1e-5)
-    assert not torch.allclose(t1[:n], t0[:n])
-    with pytest.raises(sc.SpareInputError, match="forget_push=1.5"):
-        validate(replace(base, forget_push=1.5), sal)
-
-
 def test_the_teacher_takes_a_steps_rows_in_one_forward_with_the_default_rows_on_the_forget_states(model, saliency,
                                                                                                     monkeypatch):
     """On an accelerator the teacher's no-grad forward takes one step's rows at once, the rows on the forget states
