@@ -548,6 +548,41 @@ def test_residual_diagnosis_of_a_model_that_erased_nothing():
     assert rows[-1]["class"] == "ukiyo"
 
 
+def test_ceiling_draws_each_erased_row_with_the_surrogate_word(monkeypatch):
+    """`diagnose ceiling`: every concept's row / column of the held-out grid, the concept's word (and only it)
+    replaced by the surrogate's, at the grid's own seeds; SFA / UA judged as the harness judges them (a fake judge
+    that calls every image the neutral classes: UA 100, SFA 0)."""
+    from bench.minicanvas import diagnose
+    from bench.minicanvas.budgets import ERASABLE_OBJECTS, ERASABLE_STYLES
+    from bench.minicanvas.judge import grid
+    from spare_core.minicanvas import data
+    assert diagnose._replace_word("A ring image in sketch style.", "ring", "blob") == "A blob image in sketch style."
+    assert diagnose._replace_word("ring, sketch style", "ring", "blob") == "blob, sketch style"
+    assert diagnose._replace_word("A Sketch style painting of a star.", "sketch", "plain") == \
+        "A plain style painting of a star."
+    with pytest.raises(ValueError, match="names 'cross' 0 times"):
+        diagnose._replace_word("A ring image in sketch style.", "cross", "blob")
+    asked = []
+
+    def fake_generate(model, prompts, seeds, steps):
+        asked.extend(zip(prompts, seeds))
+        return torch.zeros(len(prompts), 3, 4, 4)
+
+    def judge(images):
+        n = images.shape[0]
+        return {"style": torch.full((n,), data.style_index(data.NEUTRAL_STYLE)),
+                "object": torch.full((n,), data.object_index(data.NEUTRAL_OBJECT))}
+    monkeypatch.setattr(diagnose, "generate", fake_generate)
+    rows = diagnose.ceiling(None, judge, 1, steps=2)
+    assert [r["concept"] for r in rows] == list(ERASABLE_STYLES) + list(ERASABLE_OBJECTS)
+    assert all(r["UA"] == 100.0 and r["SFA"] == 0.0 and r["images"] == 10 for r in rows)
+    prompts, _, _, seeds = grid(1)
+    ukiyo = [(p, sd) for p, sd in zip(prompts, seeds) if "ukiyo" in p]
+    assert asked[:10] == [(p.replace("ukiyo", data.NEUTRAL_STYLE), sd) for p, sd in ukiyo]
+    assert len(asked) == 200  # 10 styles' rows (plain) then 10 objects' columns (blob), 10 images each
+    assert all(data.NEUTRAL_STYLE in p for p, _ in asked[:100]) and all(data.NEUTRAL_OBJECT in p for p, _ in asked[100:])
+
+
 def test_residual_and_trajectory_diagnoses_see_a_lora_text_encoder_half():
     """A LoRA that edits only the text encoder changes what the erased model's prompts encode to: `diagnose residual`
     and `trajectory` must encode the erased run's prompts with it applied (they once encoded before applying it, and
