@@ -949,25 +949,6 @@ def test_rows_on_the_forget_states_keep_other_prompts_there(model):
         assert torch.equal(more.xt[j], more.xt[k]) and more.sigma[j] == more.sigma[k]
 
 
-def test_surrogate_rows_keep_the_surrogate_on_the_forget_states(model):
-    """surrogate_rows: rows on the forget rows' own x_t and sigma whose prompt, for student and teacher alike, is the
-    forget row's surrogate; the rows drawn before them are unchanged."""
-    from spare_core.distill import get_batch, make_training_data, validate
-    sal = sc.Saliency({"x": 1.0}, ["x"], {})
-    base = validate(sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, steps=3, cross_rows=0, **FAST), sal)
-    data = make_training_data(model, base, None, None)
-    plain = get_batch(model, data, base, None, torch.Generator().manual_seed(3))
-    more = get_batch(model, data, replace(base, surrogate_rows=3), None, torch.Generator().manual_seed(3))
-    b = base.batch_size
-    for field in ("xt", "sigma", "student", "teacher"):
-        assert torch.equal(getattr(more, field)[:2 * b], getattr(plain, field))
-    for j, k in zip(range(2 * b, 2 * b + 3), [0, 1, 0]):
-        assert torch.equal(more.xt[j], more.xt[k]) and more.sigma[j] == more.sigma[k]
-        assert more.student[j] == more.teacher[j] == more.teacher[k]  # the forget row's surrogate
-    with pytest.raises(sc.SpareInputError, match="surrogate_rows=-1"):
-        validate(replace(base, surrogate_rows=-1), sal)
-
-
 def test_mix_rows_keep_blends_of_the_listed_codes_on_the_forget_states(model):
     """mix_rows: rows on the forget rows' own x_t whose prompt is a blend of codes, the same for student and teacher.
     mix_concept 0: each blend lies on the segment between two listed retain codes; > 0: between a listed code and the
