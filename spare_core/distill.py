@@ -196,9 +196,6 @@ class DistillConfig:
                               "prompt codes (see mix_concept) that the student must treat as the unerased model does: "
                               "it keeps the space between the listed prompts, where unlisted neighbours lie.",
                            min=0, max=64, node=False)
-    surrogate_rows: int = option(0, "Rows per step that keep the SURROGATE prompt's own prediction on the forget rows' "
-                                    "own x_t (the surrogate stays itself while the concept is mapped onto it).",
-                                 min=0, max=64, node=False)
     mix_concept: float = option(0.0, "mix_rows' blends: 0 = two neighbouring retain prompts, (1 - u) a + u b with u "
                                      "uniform in [0, 1]; > 0 = a retain prompt moved toward its nearest concept "
                                      "prompt by u uniform in [0, mix_concept].", min=0.0, max=0.95, step=0.05,
@@ -292,8 +289,6 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if config.anchor_samples < 0 or config.retain_sample_steps < 0:
         raise SpareInputError(f"anchor_samples={config.anchor_samples} and retain_sample_steps="
                               f"{config.retain_sample_steps} must be >= 0 (0 = auto)")
-    if config.surrogate_rows < 0:
-        raise SpareInputError(f"surrogate_rows={config.surrogate_rows} must be >= 0")
     if config.retain_samples < 0:
         raise SpareInputError(f"retain_samples={config.retain_samples} must be >= 0 (0 = auto)")
     if not 0.0 <= config.dropout < 1.0:
@@ -616,7 +611,6 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
         x0 = torch.cat([x0[:keep], data.x_anchor[a_rows]])
     sigma, xt = noised(model, x0, t, gen)
     student, teacher = data.concept_rows(ids), data.surrogate_rows(ids)
-    forget_ids = ids
     if data.x_retain is not None:  # drawn after the forget rows' noise (the RNG order of earlier versions)
         r_rows = torch.randint(0, data.x_retain.shape[0], (cfg.batch_size,), generator=gen)
         r_sigma, r_xt = noised(model, data.x_retain[r_rows], uniform_t(cfg.batch_size, gen), gen)
@@ -633,9 +627,6 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
             n_retain = int(data.i_retain.max()) + 1
             ids.append(data.retain_rows(torch.randint(0, n_retain, (cfg.cross_rows,), generator=gen)))
             k.append(torch.arange(cfg.cross_rows) % cfg.batch_size)
-        if cfg.surrogate_rows:  # the forget row's own surrogate prompt, for student and teacher alike
-            k.append(torch.arange(cfg.surrogate_rows) % cfg.batch_size)
-            ids.append(data.surrogate_rows(forget_ids[k[-1]]))
         if cfg.mix_rows and data.mix_row is not None:
             ids.append(data.mix_row + torch.randint(0, MIX_BANK, (cfg.mix_rows,), generator=gen))
             k.append(torch.arange(cfg.mix_rows) % cfg.batch_size)
