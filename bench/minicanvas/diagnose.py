@@ -10,6 +10,7 @@
     python -m bench.minicanvas.diagnose words                               # synonyms vs nearest classes, per code
     python -m bench.minicanvas.diagnose ranking                             # which code predicts the unlisted damage
     python -m bench.minicanvas.diagnose losses                              # which unlisted classes lose, binned
+    python -m bench.minicanvas.diagnose ceiling [--compare RUN.json:METHOD] # SFA of an exact replacement
 
 - targets: SPARE's forget loss asks the student, on x_t noised from a sample, for the surrogate-prompt teacher's x0.
   For samples of the concept and of the surrogate, at each sigma, the classifiers judge that target x0: is the other
@@ -47,6 +48,11 @@
   must be erased too, from a neighbour, which must be kept.
 - ranking / losses (read stored `geometry` runs, --runs GLOB; nothing trained): which text code ranks the damaged
   unlisted classes; the loss binned by how far a style's pooled code moved or by an object's key / value cosine.
+- ceiling (nothing trained): the SFA an EXACT replacement scores -- every concept's erased row / column of the
+  held-out grid (the harness' images per pair, seeds and templates) drawn by the unerased model with the concept's
+  word replaced by the surrogate's ("plain" / "blob"), judged as the harness judges SFA and UA. What an erasure that
+  draws the surrogate perfectly would score; with --compare, a results file's SFA per concept beside it, paired by
+  concept (mean over training seeds, 95% bootstrap interval over concepts). --images sets the images per pair.
 
 Training: SPARE at the product defaults (`run_method("spare", ...)`, retain list `--retain-set`, training
 seed `--seed`), with `--set FIELD=VALUE` overrides of DistillConfig (as the harness' `--spare-set`). Everything is
@@ -73,6 +79,7 @@ from spare_core.sampling import generate as generate_samples
 
 from .budgets import (EVAL_TEMPLATES, ERASABLE_OBJECTS, RETAIN_SETS, ERASABLE_STYLES, Budget, class_codes,
                       class_ranking, module_group, parse_override, retention_split, unpadded_encode)
+from . import metrics
 from .judge import Judge, evaluate, grid, split_metrics
 from .methods import generate, run_method
 
@@ -407,6 +414,48 @@ def guidance(model, judge, domain: str, name: str, lora, seed: int, retain_set: 
     return rows
 
 
+def ceiling(model, judge, images: int, steps: int = 12) -> list[dict]:
+    """Per concept: SFA and UA of an exact replacement -- its erased row (a style) / column (an object) of the held-out
+    grid (`grid(images)`: the same seeds and templates the harness judges) drawn by the unerased model with the
+    concept's word replaced by the surrogate's (data.NEUTRAL_STYLE / NEUTRAL_OBJECT)."""
+    prompts, ls, lo, seeds = grid(images)
+    rows = []
+    for domain, names, own, other, surrogate in (
+            ("style", ERASABLE_STYLES, ls, lo, data.NEUTRAL_STYLE),
+            ("object", ERASABLE_OBJECTS, lo, ls, data.NEUTRAL_OBJECT)):
+        index = data.style_index if domain == "style" else data.object_index
+        for name in names:
+            hit = (own == index(name)).nonzero().flatten().tolist()
+            asked = [_replace_word(prompts[i], name, surrogate) for i in hit]
+            j = judge(generate(model, asked, [seeds[i] for i in hit], steps))
+            pred_own, pred_other = (j["style"], j["object"]) if domain == "style" else (j["object"], j["style"])
+            rows.append({"domain": domain, "concept": name, "images": len(hit),
+                         "SFA": 100.0 * (pred_other == other[hit]).float().mean().item(),
+                         "UA": 100.0 * (pred_own != index(name)).float().mean().item()})
+    return rows
+
+
+def _replace_word(prompt: str, word: str, by: str) -> str:
+    """`prompt` with the whole word `word` replaced by `by` (a grid prompt names it once)."""
+    words = prompt.split(" ")
+    hits = [i for i, w in enumerate(words) if w.strip(".,").lower() == word]
+    if len(hits) != 1:
+        raise ValueError(f"{prompt!r} names {word!r} {len(hits)} times")
+    i = hits[0]
+    words[i] = words[i].lower().replace(word, by)
+    return " ".join(words)
+
+
+def _sfa_by_concept(path_and_method: str) -> dict[str, list[float]]:
+    """{concept: [SFA per training seed]} of one method in a results file (paired.runs_of)."""
+    from .paired import runs_of
+    runs, _ = runs_of(path_and_method)
+    out: dict[str, list[float]] = {}
+    for (concept, _seed), r in sorted(runs.items()):
+        out.setdefault(concept, []).append(r["SFA"])
+    return out
+
+
 def residual(model, judge, domain: str, name: str, lora, steps: int = 12) -> list[dict]:
     surrogate = data.NEUTRAL_STYLE if domain == "style" else data.NEUTRAL_OBJECT
     concept_prompts, surrogate_prompts, labels = [], [], []
@@ -445,7 +494,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg", "residual", "groups", "calibrate",
-                                     "geometry", "words", "ranking", "losses"))
+                                     "geometry", "words", "ranking", "losses", "ceiling"))
     ap.add_argument("--concept", default="ukiyo", help=f"a style {ERASABLE_STYLES} or an object {ERASABLE_OBJECTS}")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set)
@@ -453,6 +502,10 @@ def main(argv=None):
                     help="a DistillConfig field for the erasure (repeatable), e.g. --set surrogate_anchor=1.0")
     ap.add_argument("--runs", default=GEOMETRY_RUNS,
                     help="ranking, losses: the geometry files to read (a glob; default: %(default)s)")
+    ap.add_argument("--compare", metavar="RUN.json:METHOD",
+                    help="ceiling: a results file's method whose SFA to set beside the exact replacement's")
+    ap.add_argument("--images", type=int, default=Budget().seeds,
+                    help="ceiling: images per grid pair (default: the harness', %(default)s)")
     ap.add_argument("--out", help="also write the rows as JSON")
     args = ap.parse_args(argv)
     if args.concept not in ERASABLE_STYLES + ERASABLE_OBJECTS:
@@ -489,6 +542,26 @@ def main(argv=None):
             print(f"  {r['domain']:6s} {r['figure']:12s} {r['bin']:8s}: {r['pairs']:2d} pairs, mean loss "
                   f"{r['mean_loss']:5.1f} points, {r['lost_20']} lost 20+ (correlation of loss and figure "
                   f"{r['correlation']:+.2f})")
+    elif args.what == "ceiling":
+        rows = ceiling(model, judge, args.images, Budget().sample_steps)
+        reference = _sfa_by_concept(args.compare) if args.compare else {}
+        print(f"an exact replacement (the unerased model, the concept's word replaced by the surrogate's; "
+              f"{args.images} images per pair of the held-out grid): SFA / UA per concept"
+              + (f"; {args.compare}'s SFA (mean over training seeds) beside it" if reference else ""))
+        for r in rows:
+            got = reference.get(r["concept"])
+            r["compare_SFA"] = None if got is None else float(np.mean(got))
+            print(f"  {r['domain']:6s} {r['concept']:9s} exact replacement: SFA {r['SFA']:5.1f}  UA {r['UA']:5.1f}"
+                  + ("" if got is None else f"   {args.compare.rpartition(':')[2]}: SFA {np.mean(got):5.1f}"))
+        for domain in ("style", "object"):
+            part = [r for r in rows if r["domain"] == domain]
+            mean, lo, hi = metrics.bootstrap_ci([[r["SFA"]] for r in part])
+            line = f"  {domain}s: exact replacement SFA {mean:.1f} [{lo:.1f}, {hi:.1f}]"
+            paired = [[v - r["SFA"] for v in reference[r["concept"]]] for r in part if r["concept"] in reference]
+            if paired:
+                mean, lo, hi = metrics.bootstrap_ci(paired)
+                line += f"; {args.compare.rpartition(':')[2]} minus it {mean:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+            print(line)
     elif args.what == "targets":
         rows = targets(model, judge, domain, args.concept, args.seed)
         print(f"forget targets (surrogate-prompt teacher's x0) for '{args.concept}': % of the "
