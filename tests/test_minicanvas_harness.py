@@ -487,7 +487,8 @@ def test_spare_variants_reach_the_stages(monkeypatch):
 
 def test_strength_variant_judges_the_same_lora_scaled(monkeypatch):
     """spare-strength08 / 09: SPARE trained exactly as `spare` (same configs), its LoRA judged at Apply Erasure strength
-    0.8 / 0.9 (the up weights scaled, the file's other parts unchanged); `spare` judges the LoRA as trained."""
+    0.8 / 0.9 (the up weights scaled, the file's other parts unchanged); `spare` judges the LoRA as trained;
+    spare-unet08 scales the network's modules only."""
     import spare_core as sc
     from types import SimpleNamespace
 
@@ -512,6 +513,12 @@ def test_strength_variant_judges_the_same_lora_scaled(monkeypatch):
     assert torch.equal(scaled.modules["m"]["down"], lora.modules["m"]["down"])
     (_, scaled09), _ = methods.run_method("spare-strength09", None, "object", "ring", budgets.Budget(), seed=2)
     assert torch.equal(scaled09.modules["m"]["up"], 0.9 * lora.modules["m"]["up"]) and seen[2] == seen[0]
+    # spare-unet08: the network's part at 0.8, the text encoder's as trained (LoraLoader's strength_model / _clip)
+    lora.modules["text_encoders.t"] = {k: v.clone() for k, v in lora.modules["m"].items()}
+    (_, part), info_u = methods.run_method("spare-unet08", None, "object", "ring", budgets.Budget(), seed=2)
+    assert seen[3] == seen[0] and info_u["strength"] == 1.0
+    assert torch.equal(part.modules["m"]["up"], 0.8 * lora.modules["m"]["up"])
+    assert torch.equal(part.modules["text_encoders.t"]["up"], lora.modules["text_encoders.t"]["up"])
 
 
 def test_report_merges_runs_of_one_grid_only(tmp_path):

@@ -26,7 +26,7 @@ METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "
            "esd-x", "esd-u", "ca", "salun", "uce", "uce-pool", "eraseanything", "spare-text-in", "spare-slices",
            "spare-contrastive", "spare-no-resconv", "spare-no-global", "spare-no-time", "spare-te", "spare-te-mlp",
            "spare-te-mlp0", "spare-te-mlp1", "spare-te-attn", "spare-te-unet", "spare-sel25",
-           "spare-temlp-unet", "spare-temlp1-unet", "spare-no-pool")
+           "spare-temlp-unet", "spare-temlp1-unet", "spare-no-pool", "spare-unet08", "spare-unet09")
 # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); spare-text-in and the selection experiments
 # (SELECTION_DROPS, below): the scan's selection changed (methods.py); spare-te*: the adapters in the text encoder
 # (methods.TEXT_ENCODER_LINEARS, MiniCanvas' UNet model only; RESULTS, "The erasure in the text encoder"; -unet: plus
@@ -349,6 +349,8 @@ class SpareVariant:
     retain: str = ""         # SPARE's retain list ("all-pairs": every other pair; "": the budget's)
     scan: tuple = ()         # (field, value) ScanConfig pairs
     strength: float = 1.0    # the strength the LoRA is judged at (Apply Erasure's strength input)
+    unet_strength: float = 1.0  # x the network's part only, the text encoder's at `strength` (LoraLoader's
+    #                             strength_model / strength_clip)
 
 
 SPARE_VARIANTS = {
@@ -376,4 +378,8 @@ SPARE_VARIANTS = {
     # the overshoot, calibrated, and what it costs")
     "spare-strength08": SpareVariant(strength=0.8),
     "spare-strength09": SpareVariant(strength=0.9),
+    # experiment: the network's part at 0.8 / 0.9, the text encoder's at 1 (the UNet part moves the unlisted classes,
+    # the text encoder's keeps the object: RESULTS, "Which half of the LoRA moves the unlisted classes")
+    "spare-unet08": SpareVariant(unet_strength=0.8),
+    "spare-unet09": SpareVariant(unet_strength=0.9),
 }

@@ -163,7 +163,11 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
                 "retain_drift": result.checks[-1].get("retain_drift"), "strength": result.strength,
                 "warning": result.warning}
         judged_at = variant.strength if variant is not None else 1.0  # Apply Erasure's strength (spare-strength08)
-        edited = ("te-lora" if base is not model else "lora", result.lora.scaled(judged_at))
+        lora = result.lora.scaled(judged_at)
+        if variant is not None and variant.unet_strength != 1.0:  # the network's part alone (spare-unet08)
+            lora = sc.LoraWeights({p: m if sc.lora.is_text_path(p) else {**m, "up": m["up"] * variant.unet_strength}
+                                   for p, m in lora.modules.items()}, dict(lora.metadata))
+        edited = ("te-lora" if base is not model else "lora", lora)
         info["strength"] = result.strength * judged_at
     elif method in ("esd-x", "esd-u"):
         out = baselines.esd(model, forget, variant=method[-1], steps=budget.esd, lr=inputs.LR["esd"], seed=seed)
