@@ -587,7 +587,8 @@ def test_ceiling_draws_each_erased_row_with_the_surrogate_word(monkeypatch):
     ukiyo = [(p, sd) for p, sd in zip(prompts, seeds) if "ukiyo" in p]
     assert asked[:10] == [(p.replace("ukiyo", data.NEUTRAL_STYLE), sd) for p, sd in ukiyo]
     assert len(asked) == 200  # 10 styles' rows (plain) then 10 objects' columns (blob), 10 images each
-    assert all(data.NEUTRAL_STYLE in p for p, _ in asked[:100]) and all(data.NEUTRAL_OBJECT in p for p, _ in asked[100:])
+    assert all(data.NEUTRAL_STYLE in p for p, _ in asked[:100])
+    assert all(data.NEUTRAL_OBJECT in p for p, _ in asked[100:])
 
 
 def test_residual_and_trajectory_diagnoses_see_a_lora_text_encoder_half():

@@ -103,7 +103,8 @@ def test_prompt_positions_leave_the_padding_out():
     sd3 = [[[0, 1, 0, 0]], [[0, 1, 0, 0]], [[1, 2, 0, 0, 0]]]
     assert neighbours.prompt_positions(sd3, 9, lead=[1, 1, 0]) == [0, 1, 2] + [4, 5, 6]
     assert neighbours.prompt_positions(sd3, 4, lead=[1, 1, 0]) == [0, 1, 2]  # without its T5: the CLIPs' alone
-    assert neighbours.prompt_positions([[[0, 1, 0], [0, 2, 0]], [[1, 0, 0]]], 9, lead=[1, 0]) == [0, 1, 2, 3, 4, 5, 6, 7]
+    two_chunks = [[[0, 1, 0], [0, 2, 0]], [[1, 0, 0]]]  # a CLIP of two chunks, then T5
+    assert neighbours.prompt_positions(two_chunks, 9, lead=[1, 0]) == [0, 1, 2, 3, 4, 5, 6, 7]
     assert neighbours.prompt_positions([[[0, 1, 0]], [[1, 0, 0, 0, 0]]], 8) is None  # no T5-like one named (lead 1)
     assert neighbours.prompt_positions(sd3, 10, lead=[1, 1, 0]) is None  # neither alone nor joined
     assert neighbours.prompt_positions([[[0, 1, 0]]], 5) is None  # an output of another length

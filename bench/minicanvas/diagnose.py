@@ -82,6 +82,7 @@ from .budgets import (EVAL_TEMPLATES, ERASABLE_OBJECTS, RETAIN_SETS, ERASABLE_ST
 from . import metrics
 from .judge import Judge, evaluate, grid, split_metrics
 from .methods import generate, run_method
+from .paired import runs_of
 
 SIGMAS = (30.0, 10.0, 5.0, 2.0, 1.0, 0.3)
 STRENGTHS = (1.0, 0.75, 0.5, 0.35)
@@ -448,7 +449,6 @@ def _replace_word(prompt: str, word: str, by: str) -> str:
 
 def _sfa_by_concept(path_and_method: str) -> dict[str, list[float]]:
     """{concept: [SFA per training seed]} of one method in a results file (paired.runs_of)."""
-    from .paired import runs_of
     runs, _ = runs_of(path_and_method)
     out: dict[str, list[float]] = {}
     for (concept, _seed), r in sorted(runs.items()):
@@ -548,11 +548,12 @@ def main(argv=None):
         print(f"an exact replacement (the unerased model, the concept's word replaced by the surrogate's; "
               f"{args.images} images per pair of the held-out grid): SFA / UA per concept"
               + (f"; {args.compare}'s SFA (mean over training seeds) beside it" if reference else ""))
+        method = args.compare.rpartition(":")[2] if args.compare else ""
         for r in rows:
             got = reference.get(r["concept"])
             r["compare_SFA"] = None if got is None else float(np.mean(got))
             print(f"  {r['domain']:6s} {r['concept']:9s} exact replacement: SFA {r['SFA']:5.1f}  UA {r['UA']:5.1f}"
-                  + ("" if got is None else f"   {args.compare.rpartition(':')[2]}: SFA {np.mean(got):5.1f}"))
+                  + ("" if got is None else f"   {method}: SFA {r['compare_SFA']:5.1f}"))
         for domain in ("style", "object"):
             part = [r for r in rows if r["domain"] == domain]
             mean, lo, hi = metrics.bootstrap_ci([[r["SFA"]] for r in part])
@@ -560,7 +561,7 @@ def main(argv=None):
             paired = [[v - r["SFA"] for v in reference[r["concept"]]] for r in part if r["concept"] in reference]
             if paired:
                 mean, lo, hi = metrics.bootstrap_ci(paired)
-                line += f"; {args.compare.rpartition(':')[2]} minus it {mean:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+                line += f"; {method} minus it {mean:+.2f} [{lo:+.2f}, {hi:+.2f}]"
             print(line)
     elif args.what == "targets":
         rows = targets(model, judge, domain, args.concept, args.seed)
