@@ -480,13 +480,15 @@ class ApplyErasure(io.ComfyNode):
             display_name="SPARE Apply Erasure",
             category=CATEGORY,
             description="Applies an erasure LoRA to a model (and its CLIP, for a LoRA that also edits the text "
-                        "encoder) at a strength (0 = the original model). Same result as the stock LoRA loader.",
+                        "encoder) at a strength (0 = the original model). Same result as the stock LoRA loader "
+                        "(strength = its strength_model, strength_clip = its strength_clip).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to erase from (the input is left unchanged)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="1 = full erasure, 0 = original model, between = partial: below 1 the "
-                                       "concepts no retain line named move less and the concept erases less (README, "
-                                       "Limits); check it is still gone."),
+                               tooltip="Strength of the LoRA's network part (LoraLoader's strength_model). 1 = full "
+                                       "erasure, 0 = original model, between = partial: below 1 the concepts no "
+                                       "retain line named move less and the concept erases less (README, Limits: 0.9 "
+                                       "with strength_clip 1 measured best for them); check it is still gone."),
                 io.Combo.Input("lora_name", options=[NO_FILE] + folder_paths.get_filename_list("loras"),
                                default=NO_FILE, tooltip="An erasure LoRA file from the loras folder."),
                 io.LoraModel.Input("lora", optional=True,
@@ -494,6 +496,12 @@ class ApplyErasure(io.ComfyNode):
                 io.Clip.Input("clip", optional=True,
                               tooltip="The model's CLIP. Needed for a LoRA trained with text_encoder on (the default "
                                       "on SD1.x/SD2.x/SDXL): encode your prompts with the clip output."),
+                # optional, last: workflows and API prompts saved before it existed still load (default 1, as
+                # LoraLoader's strength_clip)
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01, optional=True,
+                               tooltip="Strength of the LoRA's text-encoder part (LoraLoader's strength_clip; a LoRA "
+                                       "without one ignores it). Its part keeps the object in the erased prompt's "
+                                       "images: keep 1. 0 = the CLIP unchanged (then no clip is needed)."),
             ],
             # No output ids: V3 requires ids unique across inputs and outputs ("model", "clip" are inputs); the
             # sockets are still labelled "model" and "clip".
@@ -503,7 +511,7 @@ class ApplyErasure(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, strength, lora_name, lora=None, clip=None):
+    def execute(cls, model, strength, lora_name, lora=None, clip=None, strength_clip=1.0):
         if lora is None:
             if lora_name == NO_FILE:
                 raise SpareInputError("Apply Erasure needs a LoRA: connect the 'lora' input or choose a lora_name")
@@ -515,9 +523,9 @@ class ApplyErasure(io.ComfyNode):
             source = f"LoRA file '{lora_name}'"
         else:
             source = "the connected LoRA"
-        if strength == 0:
+        if strength == 0 and strength_clip == 0:
             return io.NodeOutput(model, clip)
-        return io.NodeOutput(*patch_model(model, lora, strength, source, clip))
+        return io.NodeOutput(*patch_model(model, lora, strength, source, clip, strength_clip))
 
 
 def _load_other(path: str, name: str) -> dict:
@@ -530,17 +538,21 @@ def _load_other(path: str, name: str) -> dict:
                               "or not a LoRA: choose a .safetensors LoRA") from e
 
 
-def patch_model(model, lora_sd: dict, strength: float, source: str, clip=None):
+def patch_model(model, lora_sd: dict, strength: float, source: str, clip=None, strength_clip: float | None = None):
     """(model, clip) patched the stock way, step for step what LoraLoader does (comfy.sd.load_lora_for_models: key
-    maps of the model and the CLIP, comfy.lora_convert's format conversion, add_patches on clones; clip None: what
-    LoraLoaderModelOnly does), plus two refusals the stock loaders do not make: a file none of whose keys belongs to
-    this model (they would silently apply nothing), and a file with text-encoder keys but no CLIP (they would apply
-    half of the erasure)."""
+    maps of the model and the CLIP, comfy.lora_convert's format conversion, add_patches on clones at strength_model =
+    `strength` and strength_clip = `strength_clip` (None: `strength`); clip None: what LoraLoaderModelOnly does), plus
+    two refusals the stock loaders do not make: a file none of whose keys belongs to this model (they would silently
+    apply nothing), and a file with text-encoder keys but no CLIP (they would apply half of the erasure; allowed when
+    strength_clip is 0, the half asked for). A strength of 0 leaves its side unpatched (the input object itself)."""
+    strength_clip = strength if strength_clip is None else strength_clip
     text_keys = [k for k in lora_sd if k.startswith(sc.lora.TEXT_KEY_STARTS)]
-    if text_keys and clip is None:
+    if text_keys and clip is None and strength_clip != 0:
         raise SpareInputError(f"{source} also edits the text encoder ({len(text_keys)} keys such as '{text_keys[0]}'): "
                               "connect the model's CLIP to Apply Erasure's clip input and encode prompts with its "
-                              "clip output (or load it with the stock LoraLoader)")
+                              "clip output (or set strength_clip to 0 to apply only the network's part)")
+    if text_keys and clip is None:  # strength_clip 0: the network's part alone (no "not loaded" log for the rest)
+        lora_sd = {k: v for k, v in lora_sd.items() if not k.startswith(sc.lora.TEXT_KEY_STARTS)}
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
@@ -549,11 +561,13 @@ def patch_model(model, lora_sd: dict, strength: float, source: str, clip=None):
         first = next(iter(lora_sd), "<no keys>")
         raise SpareInputError(f"{source}: none of its {len(lora_sd)} keys matches this model (first key '{first}'); "
                               "is it a LoRA for another model family?")
-    patched = model.clone()
-    patched.add_patches(patches, strength)
-    if clip is not None:
+    patched = model
+    if strength != 0:
+        patched = model.clone()
+        patched.add_patches(patches, strength)
+    if clip is not None and strength_clip != 0:
         clip = clip.clone()
-        clip.add_patches(patches, strength)
+        clip.add_patches(patches, strength_clip)
     return patched, clip
 
 

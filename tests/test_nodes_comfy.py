@@ -127,8 +127,8 @@ def test_nodes_end_to_end(pack, family, caplog):
         assert not torch.allclose(p_applied, p_base, atol=1e-6), "the LoRA changed nothing"
         assert not torch.allclose(probe(model, applied[1]), p_base, atol=1e-6), "the text encoder's part did nothing"
         assert torch.allclose(p_stock, p_applied, atol=1e-4) and torch.allclose(p_file, p_applied, atol=1e-4)
-        # strength 0 is the original model (and CLIP)
-        zero = run(nodes_mod.ApplyErasure, model=model, strength=0.0, lora_name=filename, clip=clip)
+        # strength 0 and strength_clip 0 are the original model and CLIP
+        zero = run(nodes_mod.ApplyErasure, model=model, strength=0.0, lora_name=filename, clip=clip, strength_clip=0.0)
         assert zero[1] is clip and torch.equal(probe(*zero), p_base)
         # without the CLIP, half of the erasure is refused, not applied
         with pytest.raises(nodes_mod.SpareInputError, match="also edits the text encoder"):
@@ -140,6 +140,43 @@ def test_nodes_end_to_end(pack, family, caplog):
     assert torch.equal(before, after)
 
 
+def test_apply_erasure_strengths_split_as_lora_loader(pack, caplog):
+    """strength / strength_clip are LoraLoader's strength_model / strength_clip: the same patched model and CLIP; 0 on
+    a side leaves that input itself; strength_clip 0 needs no CLIP and applies only the network's part (no "not
+    loaded" log for the text keys); a prompt without strength_clip (saved before it existed) applies it at 1."""
+    import nodes as comfy_nodes
+    nodes_mod, _ = pack
+    model, clip = cf.build_tiny("sd15", seed=4)
+    saliency = scan(nodes_mod, model, clip)[0]
+    _, _, filename = distill(nodes_mod, model, clip, saliency)
+    base = probe(model, clip)
+    stock = comfy_nodes.LoraLoader().load_lora(model, clip, filename, 0.9, 1.0)
+    split = run(nodes_mod.ApplyErasure, model=model, strength=0.9, lora_name=filename, clip=clip, strength_clip=1.0)
+    assert torch.allclose(probe(*split), probe(*stock), atol=1e-4)
+    assert not torch.allclose(probe(*split), probe(*run(nodes_mod.ApplyErasure, model=model, strength=0.9,
+                                                        lora_name=filename, clip=clip, strength_clip=0.9)), atol=1e-6)
+    assert torch.equal(probe(*run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=filename, clip=clip)),
+                       probe(*run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=filename, clip=clip,
+                                  strength_clip=1.0)))
+    # one side at 0: that input comes back itself, the other side patched as LoraLoader patches it
+    clip_only = run(nodes_mod.ApplyErasure, model=model, strength=0.0, lora_name=filename, clip=clip, strength_clip=1.0)
+    assert clip_only[0] is model and clip_only[1] is not clip
+    assert torch.allclose(probe(*clip_only), probe(*comfy_nodes.LoraLoader().load_lora(model, clip, filename, 0.0,
+                                                                                       1.0)), atol=1e-4)
+    assert not torch.allclose(probe(*clip_only), base, atol=1e-6)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        net_only = run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=filename, strength_clip=0.0)
+    assert net_only[1] is None and not [r for r in caplog.records if "not loaded" in r.getMessage().lower()]
+    stock_net = comfy_nodes.LoraLoader().load_lora(model, clip, filename, 1.0, 0.0)
+    assert torch.allclose(probe(net_only[0], clip), probe(*stock_net), atol=1e-4)
+    assert not torch.allclose(probe(net_only[0], clip), base, atol=1e-6)
+    both_zero = run(nodes_mod.ApplyErasure, model=model, strength=0.0, lora_name=filename, clip=clip,
+                    strength_clip=0.0)
+    assert both_zero[0] is model and both_zero[1] is clip
+    assert torch.equal(probe(model, clip), base)  # the inputs untouched
+
+
 def test_exported_lora_matches_spare_core_hooks(pack):
     """ComfyUI's patching of our file == spare_core's own forward-hook application (key mapping, up/down order and
     alpha/rank scaling all agree)."""
@@ -149,7 +186,7 @@ def test_exported_lora_matches_spare_core_hooks(pack):
     model, clip = cf.build_tiny("sd15", seed=2)
     saliency = scan(nodes_mod, model, clip)[0]
     lora_sd, _, filename = distill(nodes_mod, model, clip, saliency, alpha=5.0, rank=3)
-    patched = run(nodes_mod.ApplyErasure, model=model, strength=0.7, lora_name=filename, clip=clip)
+    patched = run(nodes_mod.ApplyErasure, model=model, strength=0.7, lora_name=filename, clip=clip, strength_clip=0.7)
     expected_base = probe(model, clip)
     lora = sc.load_lora(os.path.join(str(loras), filename), sc.lora_targets(host.ComfyDiffusionModel(model, clip)))
     assert lora.edits_text_encoder

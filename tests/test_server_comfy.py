@@ -51,7 +51,7 @@ EXPECTED_NODES = {
                                ["timesteps", "latents", "stop_at_gap_closed", "surrogate_anchor", "guidance",
                                 "text_encoder"],
                                ["LORA_MODEL", "IMAGE", "STRING"]),
-    "SPAREApplyErasure": (["model", "strength", "lora_name"], ["lora", "clip"], ["MODEL", "CLIP"]),
+    "SPAREApplyErasure": (["model", "strength", "lora_name"], ["lora", "clip", "strength_clip"], ["MODEL", "CLIP"]),
 }
 
 
