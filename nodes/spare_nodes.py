@@ -480,15 +480,15 @@ class ApplyErasure(io.ComfyNode):
             display_name="SPARE Apply Erasure",
             category=CATEGORY,
             description="Applies an erasure LoRA to a model (and its CLIP, for a LoRA that also edits the text "
-                        "encoder) at a strength (0 = the original model). Same result as the stock LoRA loader "
-                        "(strength = its strength_model, strength_clip = its strength_clip).",
+                        "encoder) at a strength (strength and strength_clip 0 = the originals). Same result as the "
+                        "stock LoRA loader (strength = its strength_model, strength_clip = its strength_clip).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to erase from (the input is left unchanged)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Strength of the LoRA's network part (LoraLoader's strength_model). 1 = full "
-                                       "erasure, 0 = original model, between = partial: below 1 the concepts no "
-                                       "retain line named move less and the concept erases less (README, Limits: 0.9 "
-                                       "with strength_clip 1 measured best for them); check it is still gone."),
+                                       "erasure, 0 = the network unchanged, between = partial: below 1 the concepts "
+                                       "no retain line named move less and the concept erases less (README, Limits: "
+                                       "0.9 with strength_clip 1 measured best for them); check it is still gone."),
                 io.Combo.Input("lora_name", options=[NO_FILE] + folder_paths.get_filename_list("loras"),
                                default=NO_FILE, tooltip="An erasure LoRA file from the loras folder."),
                 io.LoraModel.Input("lora", optional=True,
