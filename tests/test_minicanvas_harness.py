@@ -519,6 +519,10 @@ def test_strength_variant_judges_the_same_lora_scaled(monkeypatch):
     assert seen[3] == seen[0] and info_u["strength"] == 1.0
     assert torch.equal(part.modules["m"]["up"], 0.8 * lora.modules["m"]["up"])
     assert torch.equal(part.modules["text_encoders.t"]["up"], lora.modules["text_encoders.t"]["up"])
+    (_, both), _ = methods.run_method("spare-unet08-te12", None, "object", "ring", budgets.Budget(), seed=2)
+    assert seen[4] == seen[0] and torch.equal(both.modules["m"]["up"], 0.8 * lora.modules["m"]["up"])
+    assert torch.equal(both.modules["text_encoders.t"]["up"], 1.2 * lora.modules["text_encoders.t"]["up"])
+    assert torch.equal(both.modules["text_encoders.t"]["down"], lora.modules["text_encoders.t"]["down"])
 
 
 def test_report_merges_runs_of_one_grid_only(tmp_path):

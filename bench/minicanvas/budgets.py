@@ -26,7 +26,8 @@ METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "
            "esd-x", "esd-u", "ca", "salun", "uce", "uce-pool", "eraseanything", "spare-text-in", "spare-slices",
            "spare-contrastive", "spare-no-resconv", "spare-no-global", "spare-no-time", "spare-te", "spare-te-mlp",
            "spare-te-mlp0", "spare-te-mlp1", "spare-te-attn", "spare-te-unet", "spare-sel25",
-           "spare-temlp-unet", "spare-temlp1-unet", "spare-no-pool", "spare-unet08", "spare-unet09")
+           "spare-temlp-unet", "spare-temlp1-unet", "spare-no-pool", "spare-unet08", "spare-unet09",
+           "spare-unet08-te12", "spare-unet09-te11")
 # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); spare-text-in and the selection experiments
 # (SELECTION_DROPS, below): the scan's selection changed (methods.py); spare-te*: the adapters in the text encoder
 # (methods.TEXT_ENCODER_LINEARS, MiniCanvas' UNet model only; RESULTS, "The erasure in the text encoder"; -unet: plus
@@ -351,6 +352,7 @@ class SpareVariant:
     strength: float = 1.0    # the strength the LoRA is judged at (Apply Erasure's strength input)
     unet_strength: float = 1.0  # x the network's part only, the text encoder's at `strength` (LoraLoader's
     #                             strength_model / strength_clip)
+    te_strength: float = 1.0    # x the text encoder's part only (LoraLoader's strength_clip)
 
 
 SPARE_VARIANTS = {
@@ -382,4 +384,8 @@ SPARE_VARIANTS = {
     # the text encoder's keeps the object: RESULTS, "Which half of the LoRA moves the unlisted classes")
     "spare-unet08": SpareVariant(unet_strength=0.8),
     "spare-unet09": SpareVariant(unet_strength=0.9),
+    # experiment: the network's part lowered and the text encoder's raised past 1 (it keeps the object: does more of
+    # it win back the erasure and SFA the lower network part gives up?)
+    "spare-unet08-te12": SpareVariant(unet_strength=0.8, te_strength=1.2),
+    "spare-unet09-te11": SpareVariant(unet_strength=0.9, te_strength=1.1),
 }
