@@ -553,6 +553,9 @@ def patch_model(model, lora_sd: dict, strength: float, source: str, clip=None, s
                               "clip output (or set strength_clip to 0 to apply only the network's part)")
     if text_keys and clip is None:  # strength_clip 0: the network's part alone (no "not loaded" log for the rest)
         lora_sd = {k: v for k, v in lora_sd.items() if not k.startswith(sc.lora.TEXT_KEY_STARTS)}
+        if not lora_sd:
+            raise SpareInputError(f"{source} edits only the text encoder: with strength_clip 0 nothing is left to "
+                                  "apply; connect the model's CLIP and set strength_clip above 0")
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)

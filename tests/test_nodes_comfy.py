@@ -148,7 +148,7 @@ def test_apply_erasure_strengths_split_as_lora_loader(pack, caplog):
     nodes_mod, _ = pack
     model, clip = cf.build_tiny("sd15", seed=4)
     saliency = scan(nodes_mod, model, clip)[0]
-    _, _, filename = distill(nodes_mod, model, clip, saliency)
+    lora_sd, _, filename = distill(nodes_mod, model, clip, saliency)
     base = probe(model, clip)
     stock = comfy_nodes.LoraLoader().load_lora(model, clip, filename, 0.9, 1.0)
     split = run(nodes_mod.ApplyErasure, model=model, strength=0.9, lora_name=filename, clip=clip, strength_clip=1.0)
@@ -171,6 +171,11 @@ def test_apply_erasure_strengths_split_as_lora_loader(pack, caplog):
     stock_net = comfy_nodes.LoraLoader().load_lora(model, clip, filename, 1.0, 0.0)
     assert torch.allclose(probe(net_only[0], clip), probe(*stock_net), atol=1e-4)
     assert not torch.allclose(probe(net_only[0], clip), base, atol=1e-6)
+    text_only = {k: v for k, v in lora_sd.items() if k.startswith("text_encoders.")}
+    assert text_only and len(text_only) < len(lora_sd)
+    with pytest.raises(nodes_mod.SpareInputError, match="edits only the text encoder"):
+        run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=nodes_mod.NO_FILE, lora=text_only,
+            strength_clip=0.0)
     both_zero = run(nodes_mod.ApplyErasure, model=model, strength=0.0, lora_name=filename, clip=clip,
                     strength_clip=0.0)
     assert both_zero[0] is model and both_zero[1] is clip
