@@ -538,14 +538,13 @@ def _load_other(path: str, name: str) -> dict:
                               "or not a LoRA: choose a .safetensors LoRA") from e
 
 
-def patch_model(model, lora_sd: dict, strength: float, source: str, clip=None, strength_clip: float | None = None):
+def patch_model(model, lora_sd: dict, strength: float, source: str, clip, strength_clip: float):
     """(model, clip) patched the stock way, step for step what LoraLoader does (comfy.sd.load_lora_for_models: key
     maps of the model and the CLIP, comfy.lora_convert's format conversion, add_patches on clones at strength_model =
-    `strength` and strength_clip = `strength_clip` (None: `strength`); clip None: what LoraLoaderModelOnly does), plus
-    two refusals the stock loaders do not make: a file none of whose keys belongs to this model (they would silently
-    apply nothing), and a file with text-encoder keys but no CLIP (they would apply half of the erasure; allowed when
-    strength_clip is 0, the half asked for). A strength of 0 leaves its side unpatched (the input object itself)."""
-    strength_clip = strength if strength_clip is None else strength_clip
+    `strength` and strength_clip = `strength_clip`; clip None: what LoraLoaderModelOnly does), plus two refusals the
+    stock loaders do not make: a file none of whose keys belongs to this model (they would silently apply nothing),
+    and a file with text-encoder keys but no CLIP (they would apply half of the erasure; allowed when strength_clip is
+    0, the half asked for). A strength of 0 leaves its side unpatched (the input object itself)."""
     text_keys = [k for k in lora_sd if k.startswith(sc.lora.TEXT_KEY_STARTS)]
     if text_keys and clip is None and strength_clip != 0:
         raise SpareInputError(f"{source} also edits the text encoder ({len(text_keys)} keys such as '{text_keys[0]}'): "
