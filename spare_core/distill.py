@@ -434,12 +434,16 @@ def distill(
 
 def adapter_targets(model: DiffusionModel, cfg: DistillConfig, saliency: Saliency) -> tuple:
     """(where, paths) the adapters go: the network's selected modules; with cfg.text_encoder "on", first every Linear
-    of the text encoder's layers (families.text_candidates), under "text_encoders." (model.LoraTargets). The order
-    sets the adapters' random init (the benchmark's stored runs made the text encoder's first)."""
+    of the text encoder's layers (families.text_candidates), under "text_encoders." (model.LoraTargets) -- or, when
+    the selection itself names text-encoder modules (a caller's own Saliency: the benchmark's experiments; the scan
+    never selects them), those instead. The order sets the adapters' random init (the benchmark's stored runs made
+    the text encoder's first)."""
     if cfg.text_encoder != "on":
         return model.network, list(saliency.selected)
-    text = [text_key_prefix(model) + p for p in text_candidates(text_encoder_of(model))]
-    return lora_targets(model), text + list(saliency.selected)
+    prefix = text_key_prefix(model)
+    named = [p for p in saliency.selected if p.startswith(prefix)]
+    text = named or [prefix + p for p in text_candidates(text_encoder_of(model))]
+    return lora_targets(model), text + [p for p in saliency.selected if not p.startswith(prefix)]
 
 
 # --- the data: samples and prompts ------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ training run through train_flux.main and a reload; the shipped weights when pres
 COMFYUI_PATH (skipped with the reason printed otherwise).
 """
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -279,3 +280,29 @@ def test_baselines_in_their_flux_forms(live):
 
     for n, p in live.network.named_parameters():  # every baseline edited a copy
         assert torch.equal(p, before[n])
+
+
+def test_text_encoder_trains_on_the_flux_miniature(live):
+    """An experiment's setting, not a default: DistillConfig.text_encoder "on" trains MiniCanvas-Flux's text encoder
+    beside the scan's blocks (auto stays off on the DiTs), through `encode_text`; its keys carry the demo CLIP's
+    prefix, the model is left as it was, and the text encoder's adapters change the tokens and the pooled vector."""
+    import spare_core as sc
+    from spare_core.distill import for_model
+    from spare_core.families import text_candidates
+    from spare_core.model import lora_targets
+
+    concept, surrogate = ["A star image in ukiyo style."], ["A star image in plain style."]
+    cfg = sc.DistillConfig(concept, surrogate, retain=["A star image in neon style."], steps=3, learning_rate=1e-2,
+                           samples=1, sample_steps=2, gradient_checkpointing=False)
+    assert for_model(cfg, live).text_encoder == "off"
+    before = {k: v.clone() for k, v in live.text_encoder.state_dict().items()}
+    out = sc.erase(live, replace(cfg, text_encoder="on"), sc.ScanConfig(samples=1, sample_steps=2),
+                   sc.ProfileConfig(bins=3, samples=1))
+    text = [p for p in out.result.lora.modules if p.startswith("text_encoders.")]
+    assert text == [live.text_key_prefix + p for p in text_candidates(live.text_encoder)]
+    assert all(torch.equal(before[k], v) for k, v in live.text_encoder.state_dict().items())
+    with torch.no_grad():
+        ctx, pooled = live.encode(concept)
+        with sc.apply_lora(lora_targets(live), out.result.lora, 1.0):
+            ctx2, pooled2 = live.encode_text(concept)
+    assert not torch.allclose(ctx, ctx2) and not torch.allclose(pooled, pooled2)

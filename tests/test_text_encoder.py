@@ -67,6 +67,17 @@ def test_the_lora_holds_the_text_encoder_layers_and_the_selected_modules(model, 
     assert result.gap_closed > 0
 
 
+def test_a_selection_naming_text_encoder_modules_trains_those_instead_of_every_layer(model):
+    """The benchmark's experiments (spare-te-pool) pass their own Saliency: when it names text-encoder modules, those
+    carry the text encoder's adapters instead of every Linear of its layers."""
+    unet = "middle_block.1.transformer_blocks.0.attn2.to_v"
+    text = text_key_prefix(model) + text_candidates(model.text_encoder)[-1]
+    saliency = sc.Saliency({unet: 1.0}, [text, unet], {})
+    result = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, **FAST), saliency)
+    assert list(result.lora.modules) == [text, unet]
+    assert result.lora.modules[text]["up"].abs().max() > 0
+
+
 def test_nothing_of_the_model_is_written_and_no_hook_stays(model, run):
     _, before, _ = run
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

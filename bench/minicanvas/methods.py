@@ -18,6 +18,11 @@ from .budgets import METHODS, SELECTION_DROPS, SPARE_VARIANTS, all_pairs, module
 
 
 TEXT_EMBEDDERS = ("txt_in", "vector_in.in_layer")  # spare-text-in (Flux): where the text enters, before the blocks
+# spare-te-pool (MiniCanvas-Flux): the Linears that make the pooled vector `y` from the token states (its TextPool),
+# with the text encoder's prefix; adapted, they move `y` only (the tokens `txt_in` reads stay), as a LoRA on Flux.1's
+# CLIP-L moves its pooled vector and leaves T5's tokens
+TEXT_POOL_LINEARS = tuple("text_encoders.text_encoder.pool." + m
+                          for m in ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "proj.1"))
 
 
 def default_inputs():
@@ -136,13 +141,17 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
         given = sc.pipeline.every_candidate(base, forget, budget.spare_targets) \
             if method == "spare-no-saliency" else None
         latents = None
-        if method == "spare-text-in" or method in SELECTION_DROPS:  # experiments on the scan's selection
+        if method == "spare-te-pool":  # the text encoder's pooling Linears train (the engine's text path)
+            cfg = replace(cfg, text_encoder="on")
+        if method in ("spare-text-in", "spare-te-pool") or method in SELECTION_DROPS:  # the scan's selection changed
             latents = sc.pipeline.concept_samples(base, cfg.concepts, cfg.samples, cfg.seed, cfg.sample_steps,
                                                   cfg.sample_cfg)
             scanned = sc.saliency_scan(base, cfg.concepts, cfg.retain, replace(scan_cfg, seed=cfg.seed,
                                                                        gradient_checkpointing=False), latents=latents)
             if method == "spare-text-in":  # plus Flux's text embedders (UCE's targets)
                 selected = list(scanned.selected) + list(TEXT_EMBEDDERS)
+            elif method == "spare-te-pool":  # plus the pooling Linears, instead of the text encoder's layers
+                selected = list(TEXT_POOL_LINEARS) + list(scanned.selected)
             else:  # minus a group of modules
                 selected = [m for m in scanned.selected if module_group(m) not in SELECTION_DROPS[method]]
             given = sc.Saliency(scanned.scores, selected, scanned.meta)

@@ -206,6 +206,9 @@ class MiniCanvasFlux:
     so the benchmark erases from it with spare_core as from the UNet (`python -m bench.minicanvas --model flux`)."""
 
     key_prefix = KEY_PREFIX
+    # its text encoder's modules in a LoRA (DistillConfig.text_encoder "on", an experiment on this model): the keys
+    # ComfyUI maps for the demo CLIP, which keeps the weights file's "text_encoder." names (nodes/demo_model.py)
+    text_key_prefix = "text_encoders." + TEXT_PREFIX
 
     def __init__(self, cfg: FluxMiniConfig | None = None, device: torch.device | str = "cpu"):
         self.cfg = cfg or FluxMiniConfig()
@@ -225,6 +228,10 @@ class MiniCanvasFlux:
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [B, L, D], pooled y [B, D])."""
         return self.text_encoder(self.tokenizer(list(prompts)).to(self.device))
+
+    def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode`, through the text encoder as it is now (DistillConfig.text_encoder trains adapters on it)."""
+        return self.encode(prompts)
 
     @staticmethod
     def select_cond(cond: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
