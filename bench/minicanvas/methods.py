@@ -23,6 +23,10 @@ TEXT_EMBEDDERS = ("txt_in", "vector_in.in_layer")  # spare-text-in (Flux): where
 # CLIP-L moves its pooled vector and leaves T5's tokens
 TEXT_POOL_LINEARS = tuple("text_encoders.text_encoder.pool." + m
                           for m in ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "proj.1"))
+# spare-te-last (MiniCanvas-Flux): the Linears of the text encoder's last layer only (of 2): whether the last layers
+# of a large encoder (T5-XXL's 24 blocks) could carry the text side, trained on cached inputs
+TEXT_LAST_LINEARS = tuple("text_encoders.text_encoder.encoder.layers.1." + m for m in ("qkv", "proj", "mlp.0", "mlp.2"))
+TEXT_SUBSETS = {"spare-te-pool": TEXT_POOL_LINEARS, "spare-te-last": TEXT_LAST_LINEARS}  # the engine's text path
 
 
 def default_inputs():
@@ -141,17 +145,17 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
         given = sc.pipeline.every_candidate(base, forget, budget.spare_targets) \
             if method == "spare-no-saliency" else None
         latents = None
-        if method == "spare-te-pool":  # the text encoder's pooling Linears train (the engine's text path)
+        if method in TEXT_SUBSETS:  # some of the text encoder's Linears train (the engine's text path)
             cfg = replace(cfg, text_encoder="on")
-        if method in ("spare-text-in", "spare-te-pool") or method in SELECTION_DROPS:  # the scan's selection changed
+        if method == "spare-text-in" or method in TEXT_SUBSETS or method in SELECTION_DROPS:  # the selection changed
             latents = sc.pipeline.concept_samples(base, cfg.concepts, cfg.samples, cfg.seed, cfg.sample_steps,
                                                   cfg.sample_cfg)
             scanned = sc.saliency_scan(base, cfg.concepts, cfg.retain, replace(scan_cfg, seed=cfg.seed,
                                                                        gradient_checkpointing=False), latents=latents)
             if method == "spare-text-in":  # plus Flux's text embedders (UCE's targets)
                 selected = list(scanned.selected) + list(TEXT_EMBEDDERS)
-            elif method == "spare-te-pool":  # plus the pooling Linears, instead of the text encoder's layers
-                selected = list(TEXT_POOL_LINEARS) + list(scanned.selected)
+            elif method in TEXT_SUBSETS:  # plus those text-encoder Linears, instead of all its layers
+                selected = list(TEXT_SUBSETS[method]) + list(scanned.selected)
             else:  # minus a group of modules
                 selected = [m for m in scanned.selected if module_group(m) not in SELECTION_DROPS[method]]
             given = sc.Saliency(scanned.scores, selected, scanned.meta)
