@@ -125,8 +125,8 @@ class DistillConfig:
         "auto", "Also train the LoRA on the text encoder's layers (what the prompt means), beside the scanned "
                 "diffusion-model modules: the erased prompt then draws the surrogate's picture more often and "
                 "concepts nobody listed keep their looks better. auto = on for SD1.x / SD2.x / SDXL, off for the "
-                "DiTs (not measured there). The file then needs a loader with a CLIP input (LoraLoader, Apply "
-                "Erasure with its clip).", choices=TEXT_ENCODER_CHOICES)
+                "DiTs (their T5 / Qwen / Gemma encoders are not trained yet). The file then needs a loader with a "
+                "CLIP input (LoraLoader, Apply Erasure with its clip).", choices=TEXT_ENCODER_CHOICES)
     gradient_checkpointing: bool = option(
         True, "Recompute activations in backward (what lets SD1.5/SDXL train on 8-16 GB cards), up to ~20% slower "
               "per step. On by default, as in ComfyUI's own trainer; turn off on a large GPU for speed.")
@@ -332,8 +332,8 @@ def for_model(cfg: DistillConfig, model: DiffusionModel) -> DistillConfig:
     if cfg.text_encoder == "on":
         if not has_text:
             raise SpareInputError("text_encoder='on' needs a text encoder SPARE can train: SD1.x / SD2.x / SDXL with "
-                                  "the CLIP they were loaded with (not measured on the DiTs); or set text_encoder to "
-                                  "'off'")
+                                  "the CLIP they were loaded with (the DiTs' T5 / Qwen / Gemma encoders are not "
+                                  "trained yet); or set text_encoder to 'off'")
         if cfg.mix_rows:
             raise SpareInputError("mix_rows blends prompt codes, which a trained text encoder does not have: set "
                                   "mix_rows to 0 or text_encoder to 'off'")

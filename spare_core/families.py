@@ -52,8 +52,9 @@ class Family:
     fused: tuple[str, ...] = ()      # leaf names of fused q/k/v(/mlp) projections (row slices: ScanConfig.fused_slices)
     # DistillConfig.text_encoder "auto": also train the text encoder's layers. On for the UNets (MiniCanvas, every
     # concept x 3 training seeds, paired against the diffusion model alone: mean4 +1.94 [+0.50, +3.72], style SFA
-    # +9.3, unlisted CRA +3.9; bench/RESULTS.md, "The text encoder and the UNet together"); off for the DiTs, where it
-    # is not measured (and their T5 / Qwen / Gemma encoders are billions of parameters to backpropagate through)
+    # +9.3, unlisted CRA +3.9; bench/RESULTS.md, "The text encoder and the UNet together"); off for the DiTs: on
+    # MiniCanvas-Flux it gains more (mean4 +4.69 [+2.33, +7.37]) but loses the objects' synonyms (-20.3), and their
+    # T5 / Qwen / Gemma encoders are billions of parameters the host cannot train yet ("The text encoder on the DiT")
     text_encoder: bool = False
 
 

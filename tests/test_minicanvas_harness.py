@@ -807,3 +807,19 @@ def test_losses_diagnosis_bins_the_stored_damage(tmp_path):
     assert [(r["bin"], r["pairs"], r["lost_20"]) for r in rows] == [(">= 0.8", 1, 1), ("0.5-0.8", 2, 1), ("< 0.5", 1, 0)]
     assert [r["mean_loss"] for r in rows] == pytest.approx([100.0, 25.0, 0.0])
     assert rows[0]["correlation"] == pytest.approx(float(np.corrcoef(moved, losses)[0, 1]))
+
+
+def test_text_subset_names_the_last_text_encoder_layer():
+    """spare-te-last trains the text encoder's last layer only: its Linears, under the LoRA's text-encoder prefix, in
+    module order; spare-te-pool is MiniCanvas-Flux's pooling Linears (refused on the UNet before anything loads)."""
+    from bench.minicanvas.dispatch import check_model_methods
+    from bench.minicanvas.methods import TEXT_POOL_LINEARS, text_subset
+    from spare_core.minicanvas.model import load
+
+    model = load()
+    last = text_subset(model, "spare-te-last")
+    assert last == [sc.model.text_key_prefix(model) + f"layers.1.{m}" for m in ("qkv", "proj", "mlp.0", "mlp.2")]
+    assert all(p in dict(sc.lora_targets(model).named_modules()) for p in last)
+    assert text_subset(model, "spare-te-pool") == list(TEXT_POOL_LINEARS)
+    with pytest.raises(ValueError, match="spare-te-pool"):
+        check_model_methods(["spare-te-pool"], "unet")

@@ -44,7 +44,7 @@ def test_auto_is_on_for_a_unet_with_a_text_encoder_and_off_elsewhere(model):
     tiny = TinyDiffusionModel(seed=0)  # a text encoder without encode_text: nothing SPARE can train
     assert text_encoder_of(tiny) is None and for_model(cfg, tiny).text_encoder == "off"
     dit = copy.copy(model)
-    dit.family = "flux"  # the same text encoder on a DiT family: not measured there, so auto is off
+    dit.family = "flux"  # the same text encoder on a DiT family: auto is off there
     assert for_model(cfg, dit).text_encoder == "off"
     with pytest.raises(SpareInputError, match="text_encoder='on' needs"):
         for_model(replace(cfg, text_encoder="on"), tiny)

@@ -33,8 +33,8 @@ METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "
 # (methods.TEXT_ENCODER_LINEARS, MiniCanvas' UNet model only; RESULTS, "The erasure in the text encoder"; -unet: plus
 # the scan's UNet selection, as the product; spare-temlp*-unet: fewer text-encoder Linears, "Module groups with the
 # text encoder"); spare-te-pool (MiniCanvas-Flux): the scan's selection plus the text encoder's pooling Linears only,
-# the pooled vector's own path (as CLIP-L's on Flux.1); spare-te-last: its last layer's Linears only
-# (methods.TEXT_SUBSETS); the other spare-* names are SPARE_VARIANTS (below): SPARE with a few settings changed
+# the pooled vector's own path (as CLIP-L's on Flux.1); spare-te-last (either model): the scan's selection plus the
+# text encoder's last layer's Linears only (methods.text_subset); the other spare-* names are SPARE_VARIANTS (below)
 SHORT_STEPS = 0.8  # spare-steps160 (experiment, time): 0.8 x the step cap (160 of 200), cosine-decayed to that cap
 PROFILE_FLOOR_05 = 0.5  # spare-floor05 (experiment): half of the steps spread evenly over the schedule (default 0.2)
 # choice: kept from the first model (on which only some objects were drawn recognisably) so that runs compare across
@@ -48,7 +48,7 @@ STANDARD_METHODS = ("spare", "spare-all-pairs", "uce", "uce-pool", "salun", "ca"
 REFERENCE_METHODS = ("spare-all-pairs",)  # reference rows: as many training seeds as the step-trained baselines
 # refused on the UNet: eraseanything (published for Flux only, baselines.erase_anything) and the experiment
 # spare-text-in (SPARE's selection plus Flux's text embedders, methods.py)
-FLUX_ONLY_METHODS = ("eraseanything", "spare-text-in", "spare-te-pool", "spare-te-last")
+FLUX_ONLY_METHODS = ("eraseanything", "spare-text-in", "spare-te-pool")
 # the methods of --standard / --quick per model: on MiniCanvas-Flux the Flux-only baseline joins the UNet's; its
 # --standard leaves out the all-pairs reference row and the spare-text-in experiment so that the one command stays
 # within 90 min on 2 cores (its grids cost ~4x the UNet's)

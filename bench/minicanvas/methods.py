@@ -4,6 +4,7 @@ variants through spare_core, the baselines through baselines.py), and sampling t
 from __future__ import annotations
 
 import copy
+import re
 import time
 from dataclasses import replace
 from types import SimpleNamespace
@@ -23,10 +24,17 @@ TEXT_EMBEDDERS = ("txt_in", "vector_in.in_layer")  # spare-text-in (Flux): where
 # CLIP-L moves its pooled vector and leaves T5's tokens
 TEXT_POOL_LINEARS = tuple("text_encoders.text_encoder.pool." + m
                           for m in ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "proj.1"))
-# spare-te-last (MiniCanvas-Flux): the Linears of the text encoder's last layer only (of 2): whether the last layers
-# of a large encoder (T5-XXL's 24 blocks) could carry the text side, trained on cached inputs
-TEXT_LAST_LINEARS = tuple("text_encoders.text_encoder.encoder.layers.1." + m for m in ("qkv", "proj", "mlp.0", "mlp.2"))
-TEXT_SUBSETS = {"spare-te-pool": TEXT_POOL_LINEARS, "spare-te-last": TEXT_LAST_LINEARS}  # the engine's text path
+TEXT_SUBSETS = ("spare-te-pool", "spare-te-last")  # some of the text encoder's Linears, through the engine's text path
+
+
+def text_subset(model, method: str) -> list[str]:
+    """spare-te-pool: TEXT_POOL_LINEARS; spare-te-last: the Linears of the text encoder's last layer only (of 2 on
+    both miniatures): whether the last layers of a large encoder (T5-XXL's 24 blocks) could carry the text side."""
+    if method == "spare-te-pool":
+        return list(TEXT_POOL_LINEARS)
+    names = sc.families.text_candidates(sc.model.text_encoder_of(model))
+    last = max(int(re.search(r"layers\.(\d+)\.", n).group(1)) for n in names)
+    return [sc.model.text_key_prefix(model) + n for n in names if f"layers.{last}." in n]
 
 
 def default_inputs():
@@ -155,7 +163,7 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
             if method == "spare-text-in":  # plus Flux's text embedders (UCE's targets)
                 selected = list(scanned.selected) + list(TEXT_EMBEDDERS)
             elif method in TEXT_SUBSETS:  # plus those text-encoder Linears, instead of all its layers
-                selected = list(TEXT_SUBSETS[method]) + list(scanned.selected)
+                selected = text_subset(base, method) + list(scanned.selected)
             else:  # minus a group of modules
                 selected = [m for m in scanned.selected if module_group(m) not in SELECTION_DROPS[method]]
             given = sc.Saliency(scanned.scores, selected, scanned.meta)
