@@ -53,8 +53,9 @@ class Family:
     # DistillConfig.text_encoder "auto": also train the text encoder's layers. On for the UNets (MiniCanvas, every
     # concept x 3 training seeds, paired against the diffusion model alone: mean4 +1.94 [+0.50, +3.72], style SFA
     # +9.3, unlisted CRA +3.9; bench/RESULTS.md, "The text encoder and the UNet together"); off for the DiTs: on
-    # MiniCanvas-Flux it gains more (mean4 +4.69 [+2.33, +7.37]) but loses the objects' synonyms (-20.3), and their
-    # T5 / Qwen / Gemma encoders are billions of parameters the host cannot train yet ("The text encoder on the DiT")
+    # MiniCanvas-Flux it gains more (mean4 +4.69 [+2.33, +7.37]) but loses the objects' synonyms (-20.3; its last
+    # layer alone: mean4 +1.92 [+0.69, +3.48], synonyms kept), and the DiTs' T5 / Qwen / Gemma encoders are billions
+    # of parameters the host cannot train yet ("The text encoder on the DiT")
     text_encoder: bool = False
 
 
