@@ -4,7 +4,6 @@ variants through spare_core, the baselines through baselines.py), and sampling t
 from __future__ import annotations
 
 import copy
-import re
 import time
 from dataclasses import replace
 from types import SimpleNamespace
@@ -32,9 +31,11 @@ def text_subset(model, method: str) -> list[str]:
     both miniatures): whether the last layers of a large encoder (T5-XXL's 24 blocks) could carry the text side."""
     if method == "spare-te-pool":
         return list(TEXT_POOL_LINEARS)
-    names = sc.families.text_candidates(sc.model.text_encoder_of(model))
-    last = max(int(re.search(r"layers\.(\d+)\.", n).group(1)) for n in names)
-    return [sc.model.text_key_prefix(model) + n for n in names if f"layers.{last}." in n]
+    names = sc.families.text_candidates(sc.model.text_encoder_of(model))  # in module order: the last layer's last
+
+    def layer(name):  # the path up to the layer index, e.g. "encoder.layers.1."
+        return name[:sc.families.TEXT_LAYER.search(name).end()]
+    return [sc.model.text_key_prefix(model) + n for n in names if layer(n) == layer(names[-1])]
 
 
 def default_inputs():
