@@ -174,9 +174,10 @@ class ComfyDiffusionModel:
         # get_model_object honours object patches (e.g. ModelSamplingDiscrete/"shift" nodes on this clone).
         self.model_sampling = model.get_model_object("model_sampling")
         self._cond_cache: dict[str, dict[str, Any]] = {}  # prompt -> its extra_conds output
-        if clip is not None and self.family.text_encoder:
-            # what SPARE may train beside the network (DistillConfig.text_encoder): the CLIP's model, whose module
-            # paths are its state-dict keys, i.e. what ComfyUI's "text_encoders.<key>" LoRA keys name
+        if clip is not None:
+            # what SPARE may train beside the network (DistillConfig.text_encoder; "auto" per Family.text_encoder):
+            # the CLIP's model, whose module paths are its state-dict keys, i.e. what ComfyUI's
+            # "text_encoders.<key>" LoRA keys name
             self.text_encoder: nn.Module = clip.cond_stage_model
 
     # --- loading ---------------------------------------------------------------------------------------------------

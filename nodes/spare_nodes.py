@@ -23,7 +23,8 @@ import spare_core as sc
 from spare_core import neighbours, render
 from spare_core.errors import SpareInputError
 
-from spare_core.distill import for_model
+from spare_core.distill import for_model, trains_text
+from spare_core.families import text_candidates
 
 from .host import ComfyDiffusionModel, latent_downscale, model_family, require_family, trainable
 
@@ -373,7 +374,14 @@ class SparseLoraDistill(io.ComfyNode):
             loss_weighting=loss_weighting, stop_at_gap_closed=stop_at_gap_closed, surrogate_anchor=surrogate_anchor,
             text_encoder=text_encoder)
         sc.distill_validate(config, saliency)  # fail fast, before any model loading or sampling
-        text = for_model(config, dm).text_encoder == "on"  # the CLIP trains too: loaded and made trainable with it
+        text = trains_text(for_model(config, dm))  # the CLIP trains too: loaded and made trainable with it
+        if text and key_format == "kohya":  # fail fast: the names are checked again when the file is written
+            paths = [sc.model.text_key_prefix(dm) + p for p in text_candidates(dm.text_encoder)]
+            unnamed = [p for p in paths if p not in sc.lora.kohya_text_names(paths)]
+            if unnamed:
+                raise SpareInputError(f"key_format='kohya' has no name for the text encoder's '{unnamed[0]}' (kohya "
+                                      "names CLIP encoders only, not T5 / Qwen / Gemma): set key_format to 'comfyui' "
+                                      "or text_encoder to 'off'")
         check_prefix(filename_prefix)  # fail fast; the file's name is chosen when it is saved
         dm.encode(config.concepts + config.surrogates + config.retain + [""])  # cached; CLIP loads before the model
         with trainable(dm, text=text):

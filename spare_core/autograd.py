@@ -36,7 +36,7 @@ def frozen(network: nn.Module):
 
 # Module types whose input a later in-place residual add may modify (by class name: spare_core does not import ComfyUI,
 # whose RMSNorm is its own class)
-NORM_CLASS_NAMES = ("LayerNorm", "RMSNorm", "GroupNorm")
+NORM_CLASS_NAMES = ("LayerNorm", "RMSNorm", "GroupNorm", "T5LayerNorm")  # T5LayerNorm: comfy/text_encoders/t5.py
 
 
 @contextmanager
@@ -111,3 +111,58 @@ def gradient_checkpointing(network: torch.nn.Module, clone_inputs: bool = False)
 
 def _on_copies(_f, *args, **kwargs):
     return _f(*[_copies(a) for a in args], **{k: _copies(v) for k, v in kwargs.items()})
+
+
+def feeding(root: nn.Module, paths: list[str], run) -> list[str]:
+    """Of `paths` (modules inside `root`), those whose output reaches what `run()` returns (a tensor, or dicts / lists
+    / objects with a `cond` tensor holding them), in the order given. Each module's output gets a zero probe vector
+    added (the values are unchanged) and one backward asks which probes the result depends on: a module that never
+    runs (Qwen2.5-VL's vision tower for a text prompt) or whose output is dropped (the layers after the one a host
+    reads, e.g. Lumina 2's last Gemma layer) gets no gradient. A vector, not a scalar: a norm right after a module
+    would cancel a uniform shift and hide a real path. Runs under grad mode with `root`'s norms reading copies
+    (inplace_safe), so in-place residual adds stay legal."""
+    modules = dict(root.named_modules())
+    probes: dict[str, torch.Tensor] = {}
+
+    def hook_for(path):
+        def hook(module, args, output):
+            if not torch.is_tensor(output) or not output.is_floating_point():
+                return None
+            if path not in probes:
+                probes[path] = torch.zeros(output.shape[-1], dtype=output.dtype, device=output.device,
+                                           requires_grad=True)
+            return output + probes[path]
+        return hook
+
+    handles = [modules[p].register_forward_hook(hook_for(p)) for p in paths]
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), inplace_safe(root):
+            outputs = [t for t in _tensors(run()) if t.requires_grad]
+        if not outputs or not probes:
+            return []
+        gen = torch.Generator().manual_seed(0)
+        total = sum((t.float() * torch.randn(t.shape, generator=gen).to(t.device)).sum() for t in outputs)
+        names = list(probes)
+        grads = torch.autograd.grad(total, [probes[n] for n in names], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    reached = {n for n, g in zip(names, grads) if g is not None}
+    return [p for p in paths if p in reached]
+
+
+def _tensors(value):
+    """The tensors inside a conditioning: a tensor, a dict / list / tuple of them, or objects with a `cond` tensor
+    (ComfyUI's CONDRegular) or `rows` (a host's per-row conditionings)."""
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    else:
+        for attr in ("cond", "rows"):
+            if hasattr(value, attr):
+                yield from _tensors(getattr(value, attr))

@@ -2,7 +2,8 @@
 
 Teacher = the network with adapters off (frozen); student = network + adapters on the salient modules only, and
 with `text_encoder` on (the UNets' default, a measured deviation: DistillConfig.text_encoder) on every Linear of the
-text encoder's layers too, the student's prompts encoded through them each step (`student_cond`).
+text encoder's layers that shape the conditioning too ("last": only each encoder's last such layer; `text_modules`),
+the student's prompts encoded through them each step (`student_cond`).
 For a concept c with surrogate s, retain prompts r, x_t from the concept's (self-generated) samples -- by default
 replaced, in every forget row, by the SURROGATE's own samples (`surrogate_anchor`, below):
 
@@ -45,10 +46,10 @@ import torch
 
 from ._version import __version__
 from .adapters import AdapterSet, attach
-from .autograd import backward_safe, frozen, inplace_safe
+from .autograd import backward_safe, feeding, frozen, inplace_safe
 from .calibrate import calibrate_strength
 from .config import LOSS_WEIGHTINGS, SAMPLE_CFG, SAMPLE_STEPS, option
-from .families import family_of, text_candidates
+from .families import family_of, last_layers, text_candidates
 from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import LoraWeights, metadata_json
 from .model import DiffusionModel, lora_targets, text_encoder_of, text_key_prefix
@@ -57,7 +58,7 @@ from .sampling import data_std, forward_rows, generate, loss_weight, noised, uni
 from .saliency import Saliency
 from .timesteps import TimestepProfile, check_pairs
 
-TEXT_ENCODER_CHOICES = ("auto", "on", "off")  # DistillConfig.text_encoder
+TEXT_ENCODER_CHOICES = ("auto", "on", "last", "off")  # DistillConfig.text_encoder
 LEARNING_RATE_AUTO = 0.0  # DistillConfig.learning_rate: the model family's measured rate (Family.learning_rate)
 CROSS_ROWS_AUTO = -1  # DistillConfig.cross_rows: the model family's measured default (families.Family.cross_rows)
 RETAIN_SAMPLE_BUDGET = 64  # auto retain samples: about this many in all (a long {a|b} retain list gets 1 per prompt)
@@ -124,9 +125,11 @@ class DistillConfig:
     text_encoder: str = option(
         "auto", "Also train the LoRA on the text encoder's layers (what the prompt means), beside the scanned "
                 "diffusion-model modules: the erased prompt then draws the surrogate's picture more often and "
-                "concepts nobody listed keep their looks better. auto = on for SD1.x / SD2.x / SDXL, off for the "
-                "DiTs (their T5 / Qwen / Gemma encoders are not trained yet). The file then needs a loader with a "
-                "CLIP input (LoraLoader, Apply Erasure with its clip).", choices=TEXT_ENCODER_CHOICES)
+                "concepts nobody listed keep their looks better. on = every layer the model reads; last = only "
+                "each encoder's last read layer (less memory and time on T5 / Qwen / Gemma); auto = on for SD1.x / "
+                "SD2.x / SDXL, off for the DiTs (measured on a miniature only; the text encoder then has to fit on "
+                "the GPU beside the model). The file then needs a loader with a CLIP input (LoraLoader, Apply "
+                "Erasure with its clip).", choices=TEXT_ENCODER_CHOICES)
     gradient_checkpointing: bool = option(
         True, "Recompute activations in backward (what lets SD1.5/SDXL train on 8-16 GB cards), up to ~20% slower "
               "per step. On by default, as in ComfyUI's own trainer; turn off on a large GPU for speed.")
@@ -329,11 +332,10 @@ def for_model(cfg: DistillConfig, model: DiffusionModel) -> DistillConfig:
     has_text = text_encoder_of(model) is not None
     if cfg.text_encoder == "auto":
         cfg = replace(cfg, text_encoder="on" if family.text_encoder and has_text else "off")
-    if cfg.text_encoder == "on":
+    if trains_text(cfg):
         if not has_text:
-            raise SpareInputError("text_encoder='on' needs a text encoder SPARE can train: SD1.x / SD2.x / SDXL with "
-                                  "the CLIP they were loaded with (the DiTs' T5 / Qwen / Gemma encoders are not "
-                                  "trained yet); or set text_encoder to 'off'")
+            raise SpareInputError(f"text_encoder='{cfg.text_encoder}' needs the model's text encoder: give the node "
+                                  "the CLIP the model was loaded with, or set text_encoder to 'off'")
         if cfg.mix_rows:
             raise SpareInputError("mix_rows blends prompt codes, which a trained text encoder does not have: set "
                                   "mix_rows to 0 or text_encoder to 'off'")
@@ -433,17 +435,36 @@ def distill(
 
 
 def adapter_targets(model: DiffusionModel, cfg: DistillConfig, saliency: Saliency) -> tuple:
-    """(where, paths) the adapters go: the network's selected modules; with cfg.text_encoder "on", first every Linear
-    of the text encoder's layers (families.text_candidates), under "text_encoders." (model.LoraTargets) -- or, when
-    the selection itself names text-encoder modules (a caller's own Saliency: the benchmark's experiments; the scan
-    never selects them), those instead. The order sets the adapters' random init (the benchmark's stored runs made
-    the text encoder's first)."""
-    if cfg.text_encoder != "on":
+    """(where, paths) the adapters go: the network's selected modules; with cfg.text_encoder "on" or "last", first the text
+    encoder's modules (text_modules), under "text_encoders." (model.LoraTargets) -- or, when the selection itself
+    names text-encoder modules (a caller's own Saliency: the benchmark's experiments; the scan never selects them),
+    those instead. The order sets the adapters' random init (the benchmark's stored runs made the text encoder's
+    first)."""
+    if not trains_text(cfg):
         return model.network, list(saliency.selected)
     prefix = text_key_prefix(model)
     named = [p for p in saliency.selected if p.startswith(prefix)]
-    text = named or [prefix + p for p in text_candidates(text_encoder_of(model))]
+    text = named or [prefix + p for p in text_modules(model, cfg)]
     return lora_targets(model), text + [p for p in saliency.selected if not p.startswith(prefix)]
+
+
+def trains_text(cfg: DistillConfig) -> bool:
+    """Whether the (resolved) config trains text-encoder adapters: text_encoder "on" or "last"."""
+    return cfg.text_encoder in ("on", "last")
+
+
+def text_modules(model: DiffusionModel, cfg: DistillConfig) -> list[str]:
+    """The text encoder's modules that train, as paths inside it: every Linear of its layers (families.text_candidates)
+    whose output reaches the conditioning of the first concept prompt (autograd.feeding: not Qwen2.5-VL's vision
+    tower, nor the layers after the one a host reads), and with text_encoder "last" only each encoder's last such
+    layer (families.last_layers)."""
+    text = text_encoder_of(model)
+    with frozen(text):
+        reached = feeding(text, text_candidates(text), lambda: model.encode_text(cfg.concepts[:1]))
+    if not reached:
+        raise SpareInputError("text_encoder: no layer of the model's text encoder shapes its conditioning; set "
+                              "text_encoder to 'off'")
+    return last_layers(reached) if cfg.text_encoder == "last" else reached
 
 
 # --- the data: samples and prompts ------------------------------------------------------------------------------------
@@ -525,7 +546,7 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
         with torch.no_grad():
             cond = cat_cond(cond, blend_bank(model, cond, list(range(len(cfg.concepts))), listed, cfg.mix_concept,
                                              torch.Generator().manual_seed(cfg.seed + 7)))
-    prompts = cfg.concepts + cfg.surrogates + retain_prompts if cfg.text_encoder == "on" else None
+    prompts = cfg.concepts + cfg.surrogates + retain_prompts if trains_text(cfg) else None
     return TrainingData(cond, len(cfg.concepts), x_forget, i_forget, n_anchor, x_anchor, i_anchor, x_retain, i_retain,
                         data_std(x_forget), uncond_row, mix_row, prompts)
 
@@ -750,7 +771,7 @@ def training_mode(model: DiffusionModel, cfg: DistillConfig):
     (autograd.backward_safe)."""
     devices = [model.device] if model.device.type == "cuda" else []
     checkpointing = backward_safe(model.network, cfg.gradient_checkpointing, family_of(model).inplace_residuals)
-    text = text_encoder_of(model) if cfg.text_encoder == "on" else None
+    text = text_encoder_of(model) if trains_text(cfg) else None
     # a text encoder's layers may add residuals in place (ComfyUI's CLIPLayer: x += attn(norm(x))): its norms read
     # copies whenever autograd records them (autograd.inplace_safe; a no-op for the no-grad teacher)
     text_safe = contextlib.ExitStack()

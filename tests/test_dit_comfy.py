@@ -401,3 +401,57 @@ def test_fused_slices_on_flux_load_in_the_stock_loader(pack, host, caplog):  # n
     assert torch.allclose(x0(stock, clip, [SHORT]), live, atol=2e-3)  # the file is fp16
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     assert len(comfy.lora.load_lora(lora.state_dict(), key_map)) == len(lora.modules)
+
+
+@pytest.mark.parametrize("family", DIT_FAMILIES)
+def test_text_encoder_trains_on_every_dit(pack, family, caplog):  # noqa: F811
+    """text_encoder "on" / "last" (off by default on the DiTs): the LoRA holds the Linears of the text-encoder layers
+    that shape the conditioning -- not Qwen2.5-VL's vision tower, not the Gemma layer after the one Lumina 2 reads --
+    ("last": only each encoder's last such layer), every one trained; the stock LoraLoader maps every key, its CLIP
+    encodes the concept differently, and the input CLIP is unchanged. T5's in-place residual adds stay legal
+    (autograd.inplace_safe knows T5LayerNorm)."""
+    nodes_mod, loras = pack
+    import nodes as comfy_nodes
+    from spare_core.families import TEXT_LAYER
+
+    model, clip = cf.build_tiny(family, seed=1)
+    cond_before = cf.encode(clip, "a red cat")[0][0]
+    saliency = run(nodes_mod.SaliencyScan, model=model, clip=clip, concept="a red cat", retain="a blue dog",
+                   samples=1, seed=0, selection=0.5, top_k=0, targets="attention", resolution=RES,
+                   gradient_checkpointing=False)[0]
+    text_keys = {}
+    for mode in ("on", "last"):
+        lora_sd, _, filename = run(
+            nodes_mod.SparseLoraDistill, model=model, clip=clip, concepts="a red cat", surrogates="a plain house",
+            retain="a blue dog", saliency=saliency, rank=2, alpha=2.0, steps=3, learning_rate=1e-2, samples=1,
+            forget_weight=0.3, retain_weight=1.0, seed=0, filename_prefix=f"spare/{family}_te_{mode}", key_format="comfyui", text_encoder=mode,
+            gradient_checkpointing=mode == "on", resolution=RES)
+        ups = {k[:-len(".lora_up.weight")]: v for k, v in lora_sd.items()
+               if k.startswith("text_encoders.") and k.endswith(".lora_up.weight")}
+        assert ups and all(float(v.abs().max()) > 0 for v in ups.values()), (family, mode)  # every one trained
+        assert not [k for k in ups if ".visual." in k]
+        text_keys[mode] = set(ups)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            stock_model, stock_clip = comfy_nodes.LoraLoader().load_lora(model, clip, filename, 1.0, 1.0)
+        assert not [r for r in caplog.records if "not loaded" in r.getMessage().lower()]
+        assert not torch.allclose(cf.encode(stock_clip, "a red cat")[0][0], cond_before, atol=1e-6), (family, mode)
+
+    def stack_layer(key):
+        m = TEXT_LAYER.search(key)
+        return key[:m.start()], int(m.group(0).rstrip(".").rsplit(".", 1)[1])
+    last = {}
+    for key in text_keys["on"]:
+        stack, i = stack_layer(key)
+        last[stack] = max(i, last.get(stack, i))
+    assert text_keys["last"] == {k for k in text_keys["on"] if stack_layer(k)[1] == last[stack_layer(k)[0]]}
+    assert {stack_layer(k)[0] for k in text_keys["last"]} == set(last)  # every encoder keeps its last layer
+    if family == "lumina2":  # Lumina 2 reads the penultimate of the tiny Gemma's 3 layers
+        assert set(last.values()) == {1}
+    assert torch.equal(cf.encode(clip, "a red cat")[0][0], cond_before)  # the input CLIP is untouched
+    # kohya names CLIP encoders only: refused before anything trains, the input named
+    with pytest.raises(nodes_mod.SpareInputError, match="key_format='kohya'.*text_encoder to 'off'"):
+        run(nodes_mod.SparseLoraDistill, model=model, clip=clip, concepts="a red cat", surrogates="a plain house",
+            retain="a blue dog", saliency=saliency, rank=2, alpha=2.0, steps=3, learning_rate=1e-2, samples=1,
+            forget_weight=0.3, retain_weight=1.0, seed=0, filename_prefix="spare/never", key_format="kohya",
+            text_encoder="last", gradient_checkpointing=False, resolution=RES)

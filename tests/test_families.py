@@ -201,3 +201,30 @@ def test_fused_projections_are_scored_and_adapted_as_row_slices():
     cfg = sc.DistillConfig(["a red cat"], ["a plain house"], steps=2, seed=0, samples=1, sample_steps=2)
     result = sc.distill(model, cfg, top)
     assert path in result.lora.modules and result.lora.modules[path]["up"][:32].abs().max() == 0
+
+
+def test_feeding_finds_the_modules_whose_output_reaches_the_result():
+    """autograd.feeding: a module that never runs and one whose output is dropped get no gradient; one followed by a
+    LayerNorm (which cancels a uniform shift) still counts; in-place residual adds after a norm stay legal; the values
+    returned are unchanged and no hook stays."""
+    from spare_core.autograd import feeding
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.unused, self.dropped = (torch.nn.Linear(4, 4) for _ in range(4))
+            self.norm = torch.nn.LayerNorm(4)
+
+        def forward(self, x):
+            h = self.a(x)
+            h += self.norm(h)  # an in-place residual add after a norm read h (T5's and CLIP's layers do this)
+            self.dropped(h)
+            return {"cond": self.norm(self.b(h)), "ids": torch.tensor([1, 2])}
+
+    toy = Toy()
+    x = torch.randn(2, 4)
+    before = toy(x)["cond"]
+    paths = ["a", "b", "unused", "dropped"]
+    assert feeding(toy, paths, lambda: toy(x)) == ["a", "b"]
+    assert torch.equal(toy(x)["cond"], before)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in toy.modules())

@@ -121,3 +121,16 @@ def test_kohya_names_of_clip_text_encoders_are_the_ones_comfyui_maps():
     sdxl = lora_mod.kohya_text_names([f"text_encoders.clip_l.{layer}", f"text_encoders.clip_g.{layer}"])
     assert sorted(sdxl.values()) == ["lora_te1_text_model_encoder_layers_3_self_attn_q_proj",
                                      "lora_te2_text_model_encoder_layers_3_self_attn_q_proj"]
+
+
+def test_on_trains_every_read_layer_and_last_only_the_last(model):
+    """text_encoder "on": every Linear of the text encoder's layers (each one shapes the conditioning on MiniCanvas);
+    "last": its last layer's only -- the modules the benchmark's spare-te-last row trained."""
+    from bench.minicanvas.methods import text_subset
+    from spare_core.distill import text_modules
+
+    cfg = for_model(sc.DistillConfig([CONCEPT], [SURROGATE], text_encoder="on"), model)
+    assert text_modules(model, cfg) == text_candidates(text_encoder_of(model))
+    last = text_modules(model, replace(cfg, text_encoder="last"))
+    assert last == [p for p in text_candidates(text_encoder_of(model)) if p.startswith("layers.1.")]
+    assert [text_key_prefix(model) + p for p in last] == text_subset(model, "spare-te-last")

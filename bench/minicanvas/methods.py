@@ -31,11 +31,9 @@ def text_subset(model, method: str) -> list[str]:
     both miniatures): whether the last layers of a large encoder (T5-XXL's 24 blocks) could carry the text side."""
     if method == "spare-te-pool":
         return list(TEXT_POOL_LINEARS)
-    names = sc.families.text_candidates(sc.model.text_encoder_of(model))  # in module order: the last layer's last
-
-    def layer(name):  # the path up to the layer index, e.g. "encoder.layers.1."
-        return name[:sc.families.TEXT_LAYER.search(name).end()]
-    return [sc.model.text_key_prefix(model) + n for n in names if layer(n) == layer(names[-1])]
+    # the product's text_encoder "last" on these one-encoder miniatures, whose every layer is read (a test checks)
+    names = sc.families.last_layers(sc.families.text_candidates(sc.model.text_encoder_of(model)))
+    return [sc.model.text_key_prefix(model) + n for n in names]
 
 
 def default_inputs():
