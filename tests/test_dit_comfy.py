@@ -455,3 +455,32 @@ def test_text_encoder_trains_on_every_dit(pack, family, caplog):  # noqa: F811
             retain="a blue dog", saliency=saliency, rank=2, alpha=2.0, steps=3, learning_rate=1e-2, samples=1,
             forget_weight=0.3, retain_weight=1.0, seed=0, filename_prefix="spare/never", key_format="kohya",
             text_encoder="last", gradient_checkpointing=False, resolution=RES)
+
+
+def test_text_encoder_last_trains_beside_an_fp8_t5(host):
+    """Most Flux users load t5xxl_fp8_e4m3fn: its weights stay fp8 (ComfyUI's manual cast computes in a wider dtype)
+    and text_encoder "last" trains T5's last block and CLIP-L's last layer beside it; the CLIP's weights unchanged."""
+    import comfy.sd
+    import comfy.text_encoders.flux as flux_te
+    import spare_core as sc
+
+    model = cf.build_tiny_dit_model("flux", seed=1)
+    target = cf._dit_model_config("flux", cf.TINY_DIT["flux"]).clip_target({})
+    target.clip = flux_te.flux_clip(dtype_t5=torch.float8_e4m3fn)
+    clip = comfy.sd.CLIP(target, model_options=cf._dit_te_options("flux"))
+    clip.cond_stage_model.load_state_dict(cf.build_tiny_dit_clip("flux", seed=1).cond_stage_model.state_dict())
+    t5 = clip.cond_stage_model.t5xxl.transformer.encoder
+    assert t5.block[1].layer[0].SelfAttention.q.weight.dtype == torch.float8_e4m3fn
+    before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+    dm = host.ComfyDiffusionModel(model, clip, RES, RES)
+    net = [n for n, m in dm.network.named_modules() if isinstance(m, torch.nn.Linear)][:2]
+    cfg = sc.DistillConfig(["a red cat"], ["a blue dog"], retain=["a house"], samples=1, sample_steps=2, steps=3,
+                           seed=0, text_encoder="last", gradient_checkpointing=False, learning_rate=1e-2)
+    dm.encode(cfg.concepts + cfg.surrogates + cfg.retain + [""])
+    with host.trainable(dm, text=True):
+        lora = sc.distill(dm, cfg, sc.Saliency({p: 1.0 for p in net}, net, {})).lora
+    text = {p: m for p, m in lora.modules.items() if p.startswith("text_encoders.")}
+    assert {p.split(".")[1] for p in text} == {"clip_l", "t5xxl"}
+    assert all(".block.1." in p for p in text if ".t5xxl." in p)
+    assert all(float(m["up"].abs().max()) > 0 for m in text.values())
+    assert all(torch.equal(before[k].float(), v.float()) for k, v in clip.cond_stage_model.state_dict().items())
