@@ -435,11 +435,11 @@ def distill(
 
 
 def adapter_targets(model: DiffusionModel, cfg: DistillConfig, saliency: Saliency) -> tuple:
-    """(where, paths) the adapters go: the network's selected modules; with cfg.text_encoder "on" or "last", first the text
-    encoder's modules (text_modules), under "text_encoders." (model.LoraTargets) -- or, when the selection itself
-    names text-encoder modules (a caller's own Saliency: the benchmark's experiments; the scan never selects them),
-    those instead. The order sets the adapters' random init (the benchmark's stored runs made the text encoder's
-    first)."""
+    """(where, paths) the adapters go: the network's selected modules; with cfg.text_encoder "on" or "last", first
+    the text encoder's modules (text_modules), under "text_encoders." (model.LoraTargets) -- or, when the selection
+    itself names text-encoder modules (a caller's own Saliency: the benchmark's experiments; the scan never selects
+    them), those instead. The order sets the adapters' random init (the benchmark's stored runs made the text
+    encoder's first)."""
     if not trains_text(cfg):
         return model.network, list(saliency.selected)
     prefix = text_key_prefix(model)

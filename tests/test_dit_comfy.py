@@ -424,8 +424,8 @@ def test_text_encoder_trains_on_every_dit(pack, family, caplog):  # noqa: F811
         lora_sd, _, filename = run(
             nodes_mod.SparseLoraDistill, model=model, clip=clip, concepts="a red cat", surrogates="a plain house",
             retain="a blue dog", saliency=saliency, rank=2, alpha=2.0, steps=3, learning_rate=1e-2, samples=1,
-            forget_weight=0.3, retain_weight=1.0, seed=0, filename_prefix=f"spare/{family}_te_{mode}", key_format="comfyui", text_encoder=mode,
-            gradient_checkpointing=mode == "on", resolution=RES)
+            forget_weight=0.3, retain_weight=1.0, seed=0, filename_prefix=f"spare/{family}_te_{mode}",
+            key_format="comfyui", text_encoder=mode, gradient_checkpointing=mode == "on", resolution=RES)
         ups = {k[:-len(".lora_up.weight")]: v for k, v in lora_sd.items()
                if k.startswith("text_encoders.") and k.endswith(".lora_up.weight")}
         assert ups and all(float(v.abs().max()) > 0 for v in ups.values()), (family, mode)  # every one trained
