@@ -325,3 +325,28 @@ def test_novram_is_refused_with_advice(host, monkeypatch):
     with pytest.raises(SpareInputError, match="--novram"):
         host.load_for_training(gpu_clone)
     host.load_for_training(model)  # CPU device: loads
+
+
+@pytest.mark.parametrize("family,read", [("sd15", {"clip_l": 2}), ("sd2v", {"clip_h": 1}),
+                                         ("sdxl", {"clip_l": 1, "clip_g": 2})])
+def test_the_text_encoder_trains_the_layers_the_model_reads(host, family, read):
+    """ComfyUI reads SD2.x's CLIP-H and SDXL's CLIP-L at the penultimate layer (SDXL's CLIP-G pools from the last):
+    text_encoder "on" trains every layer up to the one read, "last" that one (the tiny CLIPs have 3 layers)."""
+    from dataclasses import replace
+
+    import spare_core as sc
+    from spare_core.distill import for_model, text_modules
+    from spare_core.families import TEXT_LAYER
+
+    model, clip = cf.build_tiny(family, seed=1)
+    dm = host.ComfyDiffusionModel(model, clip, 64, 64)
+    cfg = for_model(sc.DistillConfig(["a red cat"], ["a blue dog"]), dm)
+    assert cfg.text_encoder == "on"
+
+    def layers(paths):
+        out = {}
+        for p in paths:
+            out.setdefault(p.split(".")[0], set()).add(int(TEXT_LAYER.search(p).group(0).strip(".").rsplit(".")[-1]))
+        return out
+    assert layers(text_modules(dm, cfg)) == {enc: set(range(i + 1)) for enc, i in read.items()}
+    assert layers(text_modules(dm, replace(cfg, text_encoder="last"))) == {enc: {i} for enc, i in read.items()}
