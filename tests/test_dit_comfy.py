@@ -408,8 +408,8 @@ def test_text_encoder_trains_on_every_dit(pack, family, caplog):  # noqa: F811
     """text_encoder "on" / "last" (off by default on the DiTs): the LoRA holds the Linears of the text-encoder layers
     that shape the conditioning -- not Qwen2.5-VL's vision tower, not the Gemma layer after the one Lumina 2 reads --
     ("last": only each encoder's last such layer), every one trained; the stock LoraLoader maps every key, its CLIP
-    encodes the concept differently, and the input CLIP is unchanged. T5's in-place residual adds stay legal
-    (autograd.inplace_safe knows T5LayerNorm)."""
+    encodes the concept differently (Apply Erasure's CLIP as it), and the input CLIP is unchanged. T5's in-place
+    residual adds stay legal (autograd.inplace_safe knows T5LayerNorm)."""
     nodes_mod, loras = pack
     import nodes as comfy_nodes
     from spare_core.families import TEXT_LAYER
@@ -435,7 +435,10 @@ def test_text_encoder_trains_on_every_dit(pack, family, caplog):  # noqa: F811
         with caplog.at_level(logging.WARNING):
             stock_model, stock_clip = comfy_nodes.LoraLoader().load_lora(model, clip, filename, 1.0, 1.0)
         assert not [r for r in caplog.records if "not loaded" in r.getMessage().lower()]
-        assert not torch.allclose(cf.encode(stock_clip, "a red cat")[0][0], cond_before, atol=1e-6), (family, mode)
+        erased = cf.encode(stock_clip, "a red cat")[0][0]
+        assert not torch.allclose(erased, cond_before, atol=1e-6), (family, mode)
+        applied_clip = run(nodes_mod.ApplyErasure, model=model, strength=1.0, lora_name=filename, clip=clip)[1]
+        assert torch.allclose(cf.encode(applied_clip, "a red cat")[0][0], erased, atol=1e-5)
 
     def stack_layer(key):
         m = TEXT_LAYER.search(key)
