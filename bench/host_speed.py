@@ -264,6 +264,7 @@ def peaks(device, prefix: str) -> dict:
 def step_phase(host, sc, model, clip, latent: int, steps: int, checkpointing: bool) -> dict:
     """Phase 1 (distill steps) and phase 2 (their floor), see the module docstring."""
     import torch
+    from spare_core.distill import for_model, trains_text
 
     dm = host.ComfyDiffusionModel(model, clip, latent * 8, latent * 8)
     candidates = list(sc.candidate_modules(dm.network, sc.ScanConfig.targets))
@@ -274,7 +275,7 @@ def step_phase(host, sc, model, clip, latent: int, steps: int, checkpointing: bo
     stamps = []
     dm.encode(cfg.concepts + cfg.surrogates + cfg.retain + [""])  # before loading for training, as the node does
     with torch.inference_mode():  # as under the executor
-        with host.trainable(dm):
+        with host.trainable(dm, text=trains_text(for_model(cfg, dm))):  # the CLIP on the GPU too when it trains
             result = sc.distill(dm, cfg, saliency, progress=lambda s, n, loss: stamps.append(clock()))
             wall, cpu = per_step(stamps)
             floor, floor_cpu = floor_seconds(sc, dm, cfg, saliency.selected, max(steps - 1, 1), clock)
@@ -343,6 +344,7 @@ def erase_phase(host, sc, model, clip, latent: int, erase_steps: int, checkpoint
     docstring). Called under torch.inference_mode(), as the executor runs nodes."""
     import torch
     import comfy.model_management as mm
+    from spare_core.distill import for_model, trains_text
 
     px = latent * 8
     concepts, surrogates = [CONCEPT], [SURROGATE]
@@ -391,7 +393,7 @@ def erase_phase(host, sc, model, clip, latent: int, erase_steps: int, checkpoint
     sc.distill_validate(config, saliency)
     dm.encode(config.concepts + config.surrogates + config.retain + [""])
     stamps = []
-    with host.trainable(dm):
+    with host.trainable(dm, text=trains_text(for_model(config, dm))):  # as the node: the CLIP too when it trains
         result = sc.distill(dm, config, saliency, profile, given,
                             progress=lambda s, n, loss: stamps.append(clock()))
     with tempfile.TemporaryDirectory() as folder:
