@@ -27,7 +27,8 @@
 #      CPU); a configuration that no longer fits is recorded as skipped. On cuda: SD1.5 512 px fp16 with
 #      checkpointing on and the default erase ($GPU_CHECK_ERASE_STEPS distill steps, default 200), Flux.1-dev 1024 px
 #      from fp8_e4m3fn weights and SD3.5-large 1024 px bf16 (checkpointing on, 5 steps), SDXL 1024 px fp16 on, SD1.5
-#      fp16 off, SDXL fp16 off, SD1.5 bf16 on and off (all but the first: step timing and floor only).
+#      fp16 off, SDXL fp16 off, SD1.5 bf16 on and off, Flux.1-dev fp8 with Distill's text_encoder "last" (all but
+#      the first: step timing and floor only).
 #      A failed or timed-out configuration does not stop the others.
 # Output: every JSON line to $OUT/gpu_check.jsonl (OUT default: ./out), a table to $OUT/gpu_check.txt, the full log
 # to $OUT/gpu_check.log; the last line says what ran. Exit: 0 all configurations ok, 1 some failed / timed out /
@@ -280,11 +281,14 @@ if [ "$MODE" = cuda ]; then
     run_config sdxl 128 fp16 off 0 120 --steps "$STEPS"
     run_config sd15 64 bf16 on 0 60 --steps "$STEPS"
     run_config sd15 64 bf16 off 0 60 --steps "$STEPS"
+    # the DiT text-encoder option on CUDA (Distill's text_encoder last: the CLIP loaded beside the model, fp8 T5)
+    run_config flux 128 fp8 on 0 90 --steps 5 --text-encoder last
 else
     run_config sd15 8 fp32 on 2 900 --steps 2 --erase-retain empty
     run_config sd15 8 fp32 off 0 400 --steps 2
     run_config flux 8 fp8 on 0 400 --steps 2 --blocks 1   # full width, one double + one single block
     run_config sd3 8 fp32 on 0 400 --steps 2 --blocks 2
+    run_config flux 8 fp8 on 0 400 --steps 2 --blocks 1 --text-encoder last
 fi
 
 # --- summary --------------------------------------------------------------------------------------------------------

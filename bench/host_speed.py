@@ -261,7 +261,7 @@ def peaks(device, prefix: str) -> dict:
             f"{prefix}peak_vram_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20)}
 
 
-def step_phase(host, sc, model, clip, latent: int, steps: int, checkpointing: bool) -> dict:
+def step_phase(host, sc, model, clip, latent: int, steps: int, checkpointing: bool, text_encoder: str = "auto") -> dict:
     """Phase 1 (distill steps) and phase 2 (their floor), see the module docstring."""
     import torch
     from spare_core.distill import for_model, trains_text
@@ -270,7 +270,7 @@ def step_phase(host, sc, model, clip, latent: int, steps: int, checkpointing: bo
     candidates = list(sc.candidate_modules(dm.network, sc.ScanConfig.targets))
     saliency = sc.Saliency({p: 0.0 for p in candidates}, candidates[::2], {})
     cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=["a photo of a dog"], steps=steps,
-                           samples=1, sample_steps=2, gradient_checkpointing=checkpointing)
+                           samples=1, sample_steps=2, gradient_checkpointing=checkpointing, text_encoder=text_encoder)
     clock = Clock(dm.device)
     stamps = []
     dm.encode(cfg.concepts + cfg.surrogates + cfg.retain + [""])  # before loading for training, as the node does
@@ -339,7 +339,8 @@ def floor_seconds(sc, dm, cfg, selected: list[str], reps: int, clock) -> tuple[f
     return (end[0] - start[0]) / reps, (end[1] - start[1]) / reps
 
 
-def erase_phase(host, sc, model, clip, latent: int, erase_steps: int, checkpointing: bool, retain: str) -> dict:
+def erase_phase(host, sc, model, clip, latent: int, erase_steps: int, checkpointing: bool, retain: str,
+                text_encoder: str = "auto") -> dict:
     """Phase 3: the default erase, node by node (each node's spare_core calls with its default inputs; module
     docstring). Called under torch.inference_mode(), as the executor runs nodes."""
     import torch
@@ -389,7 +390,8 @@ def erase_phase(host, sc, model, clip, latent: int, erase_steps: int, checkpoint
     given = model.model.process_latent_in(latents.float())
     dm = host.ComfyDiffusionModel(model, clip, px, px)  # SPARE Sparse LoRA Distill
     config = sc.DistillConfig(concepts=concepts, surrogates=surrogates, retain=distill_retain, steps=erase_steps,
-                              seed=NODE_SEED, gradient_checkpointing=checkpointing)  # else the node's defaults
+                              seed=NODE_SEED, gradient_checkpointing=checkpointing,
+                              text_encoder=text_encoder)  # else the node's defaults
     sc.distill_validate(config, saliency)
     dm.encode(config.concepts + config.surrogates + config.retain + [""])
     stamps = []
@@ -409,9 +411,10 @@ def erase_phase(host, sc, model, clip, latent: int, erase_steps: int, checkpoint
 
 def one(args) -> dict:
     """Run one configuration; print the record so far after each phase (the parent keeps the last line)."""
-    tag = f"{args.family} {args.dtype} ckpt={args.checkpointing}"
+    tag = f"{args.family} {args.dtype} ckpt={args.checkpointing} text_encoder={args.text_encoder}"
     rec = {"family": args.family, "latent": args.latent, "pixels": args.latent * 8, "dtype": args.dtype,
-           "checkpointing": args.checkpointing == "on", "device": args.device, "status": "partial"}
+           "checkpointing": args.checkpointing == "on", "text_encoder": args.text_encoder, "device": args.device,
+           "status": "partial"}
 
     def emit():
         print(json.dumps(rec), flush=True)
@@ -436,7 +439,8 @@ def one(args) -> dict:
             raise RuntimeError(f"ComfyUI's load device is {device}, not {args.device}")
         log(tag, f"distill steps ({args.steps}) and floor")
         reset_peaks(device)
-        rec.update(step_phase(host, sc, model, clip, args.latent, args.steps, args.checkpointing == "on"))
+        rec.update(step_phase(host, sc, model, clip, args.latent, args.steps, args.checkpointing == "on",
+                              args.text_encoder))
         rec.update(peaks(device, ""))
         rec["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         if args.erase_steps > 0:
@@ -445,7 +449,7 @@ def one(args) -> dict:
             reset_peaks(device)
             with torch.inference_mode():
                 rec.update(erase_phase(host, sc, model, clip, args.latent, args.erase_steps,
-                                       args.checkpointing == "on", args.erase_retain))
+                                       args.checkpointing == "on", args.erase_retain, args.text_encoder))
             rec.update(peaks(device, "erase_"))
             rec["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         rec["status"] = "ok"
@@ -463,9 +467,10 @@ def one(args) -> dict:
 def run_config(args, family: str, latent: int, dtype: str, checkpointing: str) -> dict:
     cmd = [sys.executable, __file__, "--only", "--device", args.device, "--family", family, "--latent", str(latent),
            "--dtype", dtype, "--checkpointing", checkpointing, "--steps", str(args.steps),
-           "--erase-steps", str(args.erase_steps), "--erase-retain", args.erase_retain, "--blocks", str(args.blocks)]
+           "--erase-steps", str(args.erase_steps), "--erase-retain", args.erase_retain, "--blocks", str(args.blocks),
+           "--text-encoder", args.text_encoder]
     base = {"family": family, "latent": latent, "pixels": latent * 8, "dtype": dtype,
-            "checkpointing": checkpointing == "on", "device": args.device}
+            "checkpointing": checkpointing == "on", "text_encoder": args.text_encoder, "device": args.device}
     started = time.perf_counter()
     try:  # the child's stderr (its progress log and any traceback) passes through
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout or None)
@@ -538,6 +543,9 @@ def main():
     ap.add_argument("--blocks", type=int, default=0,
                     help="DiT families only: keep this many blocks (Flux: double and single each; SD3: joint blocks, "
                          "width 64 x blocks) for a CPU smoke run; 0 = the full model (default)")
+    # spare_core.distill.TEXT_ENCODER_CHOICES, written out so the parent need not import torch
+    ap.add_argument("--text-encoder", choices=["auto", "on", "last", "off"], default="auto",
+                    help="Distill's text_encoder (default: %(default)s, the node's; last / on train the DiTs' T5 etc.)")
     ap.add_argument("--timeout", type=float, default=0, help="seconds per configuration (0: none)")
     ap.add_argument("--out", help="append the JSON lines to this file")
     ap.add_argument("--summarize", metavar="JSONL", help="print a table of a JSON-lines file and exit")
