@@ -487,3 +487,50 @@ def test_text_encoder_last_trains_beside_an_fp8_t5(host):
     assert all(".block.1." in p for p in text if ".t5xxl." in p)
     assert all(float(m["up"].abs().max()) > 0 for m in text.values())
     assert all(torch.equal(before[k].float(), v.float()) for k, v in clip.cond_stage_model.state_dict().items())
+
+
+def test_text_encoder_gradients_through_t5_are_exact(host):
+    """The text side's gradients through ComfyUI's T5, which adds residuals in place after its norms read them: with
+    the norms reading copies (autograd.inplace_safe, as distill's training_mode sets up) the LoRA gradient equals a
+    central finite difference along a random direction (T5 computes in fp32 whatever its weights: 1% tolerance, far
+    below what a gradient through a modified tensor would be off by); without them backward raises."""
+    from spare_core.adapters import attach
+    from spare_core.autograd import frozen, inplace_safe
+    from spare_core.families import text_candidates
+
+    model, clip = cf.build_tiny("flux", seed=2)
+    dm = host.ComfyDiffusionModel(model, clip, RES, RES)
+    te = dm.text_encoder
+    paths = [p for p in text_candidates(te) if p.startswith("t5xxl.")][::3]  # in both of the tiny T5's blocks
+    assert {".block.0." in p for p in paths} == {True, False}
+    g = torch.Generator().manual_seed(0)
+    adapters = attach(te, paths, 2, 2.0)
+    with torch.no_grad():
+        for a in adapters.adapters.values():  # a nonzero up: every adapter's down gets a gradient too
+            a.up.weight.normal_(0, 0.1, generator=g)
+    params = adapters.parameters()
+
+    def loss():
+        weights = torch.Generator().manual_seed(1)
+        outs = [t for t in dm.encode_text(["a red cat"]).values() if torch.is_tensor(t) and t.is_floating_point()]
+        return sum((t.double() * torch.randn(t.shape, generator=weights, dtype=torch.float64)).sum() for t in outs)
+
+    with adapters, frozen(te), torch.enable_grad():
+        with inplace_safe(te):
+            grads = torch.autograd.grad(loss(), params)
+        with pytest.raises(RuntimeError, match="inplace operation"):
+            torch.autograd.grad(loss(), params)
+        direction = [torch.randn(p.shape, generator=g) for p in params]
+        h = 1e-3  # measured: the difference converges to the gradient as h shrinks (1e-2 is 5% off: curvature)
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(h * d)
+            up = loss()
+            for p, d in zip(params, direction):
+                p.sub_(2 * h * d)
+            down = loss()
+            for p, d in zip(params, direction):
+                p.add_(h * d)
+    numeric = float((up - down) / (2 * h))
+    analytic = float(sum((gr.double() * d.double()).sum() for gr, d in zip(grads, direction)))
+    assert abs(analytic - numeric) <= 1e-2 * abs(numeric), (analytic, numeric)
