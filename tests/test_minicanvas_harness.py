@@ -706,7 +706,8 @@ def test_module_groups_and_the_selection_experiments(monkeypatch):
     """`diagnose groups` puts every candidate module of the bundled UNet in one named group, and the product LoRA's
     text-encoder modules in their own (not with the ResBlocks' "layers."); the selection
     experiments spare-no-resconv / spare-no-global hand the product pipeline the scan's own selection minus the
-    ResBlock convolutions / minus the timestep and pooled-text paths (spare-no-time / spare-no-pool: one of them), and
+    ResBlock convolutions / minus the timestep and pooled-text paths (spare-no-time / spare-no-pool: one of them) /
+    minus the cross-attentions' keys and values (spare-no-kv; -pool: and the pooled-text path), and
     spare-te*-unet their text-encoder Linears plus that selection (read from a stand-in for spare_core.erase)."""
     import math
 
@@ -733,7 +734,8 @@ def test_module_groups_and_the_selection_experiments(monkeypatch):
 
     monkeypatch.setattr(sc, "erase", erase)
     selected = {}
-    for method in ("spare-no-resconv", "spare-no-global", "spare-no-time", "spare-no-pool"):
+    for method in ("spare-no-resconv", "spare-no-global", "spare-no-time", "spare-no-pool", "spare-no-kv",
+                   "spare-no-kv-pool"):
         with pytest.raises(Stop):
             methods.run_method(method, model, "style", "ukiyo", budgets.Budget(), seed=0)
         selected[method] = seen["saliency"].selected
@@ -744,6 +746,10 @@ def test_module_groups_and_the_selection_experiments(monkeypatch):
                          ("spare-no-time", {"time_embed"}), ("spare-no-pool", {"text_pool"})):
         assert set(selected[method]) == {m for m in top if groups[m] not in drop}, method
         assert len(selected[method]) < len(top)
+    kv = {m for m in top if m.endswith(("attn2.to_k", "attn2.to_v"))}  # every cross-attention's, text_pool's too
+    assert kv and any(m.startswith("text_pool.") for m in kv) and any(m.startswith("output_blocks.") for m in kv)
+    assert set(selected["spare-no-kv"]) == set(top) - kv
+    assert set(selected["spare-no-kv-pool"]) == {m for m in top if m not in kv and groups[m] != "text_pool"}
 
     # spare-te*-unet: the experiment's text-encoder Linears plus the scan's UNet selection (as the product trains)
     every = [f"text_encoder.layers.{i}.{m}" for i in range(2) for m in ("qkv", "proj", "mlp.0", "mlp.2")]

@@ -27,7 +27,8 @@ METHODS = ("spare", "spare-all-pairs", "spare-no-saliency", "spare-uniform-t", "
            "spare-contrastive", "spare-no-resconv", "spare-no-global", "spare-no-time", "spare-te", "spare-te-mlp",
            "spare-te-mlp0", "spare-te-mlp1", "spare-te-attn", "spare-te-unet", "spare-sel25",
            "spare-temlp-unet", "spare-temlp1-unet", "spare-no-pool", "spare-unet08", "spare-unet09",
-           "spare-unet08-te12", "spare-unet09-te11", "spare-te-pool", "spare-te-last")
+           "spare-unet08-te12", "spare-unet09-te11", "spare-te-pool", "spare-te-last", "spare-no-kv",
+           "spare-no-kv-pool")
 # spare-no-saliency, -uniform-t, -no-retain: ablations (methods.py); spare-text-in and the selection experiments
 # (SELECTION_DROPS, below): the scan's selection changed (methods.py); spare-te*: the adapters in the text encoder
 # (methods.TEXT_ENCODER_LINEARS, MiniCanvas' UNet model only; RESULTS, "The erasure in the text encoder"; -unet: plus
@@ -331,8 +332,19 @@ MODULE_GROUPS = (("text encoder", ("text_encoders.",)), ("time_embed", ("time_em
 # and the pooled-text attention reach every prompt alike (sunset's without text_pool: unlisted IRA 60 -> 100); the
 # timestep embedding's input never sees the prompt. With the text encoder (RESULTS, "Module groups with the text
 # encoder"): without text_pool the styles' unlisted IRA +7.5 but style SFA -9.0 (a tie on mean4).
+# A name starting with "." is a path part instead of a group. spare-no-kv drops the keys and values of every
+# cross-attention, the pooling attention's too (linear readers of the token codes, where the objects' damage follows
+# their cosine: RESULTS, "Which unlisted classes lose"), leaving the text side's change to the text encoder's own
+# (nonlinear) layers; spare-no-kv-pool: and the rest of the pooled-text path.
+KV_PARTS = (".attn2.to_k", ".attn2.to_v")
 SELECTION_DROPS = {"spare-no-resconv": ("resnet convs",), "spare-no-global": ("time_embed", "text_pool"),
-                   "spare-no-time": ("time_embed",), "spare-no-pool": ("text_pool",)}
+                   "spare-no-time": ("time_embed",), "spare-no-pool": ("text_pool",),
+                   "spare-no-kv": KV_PARTS, "spare-no-kv-pool": KV_PARTS + ("text_pool",)}
+
+
+def dropped(path: str, drops: tuple) -> bool:
+    """Whether a SELECTION_DROPS entry removes module `path`: its group is named, or a "." path part in it."""
+    return module_group(path) in drops or any(d.startswith(".") and d in f".{path}" for d in drops)
 
 
 def module_group(path: str) -> str:

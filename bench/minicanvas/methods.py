@@ -14,7 +14,7 @@ import spare_core as sc
 from spare_core.minicanvas.model import MiniCanvasModel
 
 from . import baselines, budgets, memory
-from .budgets import METHODS, SELECTION_DROPS, SPARE_VARIANTS, all_pairs, module_group, split_variant
+from .budgets import METHODS, SELECTION_DROPS, SPARE_VARIANTS, all_pairs, dropped, split_variant
 
 
 TEXT_EMBEDDERS = ("txt_in", "vector_in.in_layer")  # spare-text-in (Flux): where the text enters, before the blocks
@@ -164,7 +164,7 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
             elif method in TEXT_SUBSETS:  # plus those text-encoder Linears, instead of all its layers
                 selected = text_subset(base, method) + list(scanned.selected)
             else:  # minus a group of modules
-                selected = [m for m in scanned.selected if module_group(m) not in SELECTION_DROPS[method]]
+                selected = [m for m in scanned.selected if not dropped(m, SELECTION_DROPS[method])]
             given = sc.Saliency(scanned.scores, selected, scanned.meta)
         if method in TEXT_ENCODER_LINEARS:
             paths = list(TEXT_ENCODER_LINEARS[method])
