@@ -163,7 +163,7 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
                 selected = list(scanned.selected) + list(TEXT_EMBEDDERS)
             elif method in TEXT_SUBSETS:  # plus those text-encoder Linears, instead of all its layers
                 selected = text_subset(base, method) + list(scanned.selected)
-            else:  # minus a group of modules
+            else:  # minus some modules (groups, or path parts: budgets.dropped)
                 selected = [m for m in scanned.selected if not dropped(m, SELECTION_DROPS[method])]
             given = sc.Saliency(scanned.scores, selected, scanned.meta)
         if method in TEXT_ENCODER_LINEARS:
