@@ -544,6 +544,47 @@ def test_report_merges_runs_of_one_grid_only(tmp_path):
         report.load_results(f"{tmp_path / 'a.json'},{tmp_path / 'c.json'}")
 
 
+def test_report_pools_a_method_run_at_other_training_seeds(tmp_path):
+    """A method run at training seed 0 in one file and at seeds 1-2 in another (`--first-train-seed 1 --train-seeds
+    2`) merges into the row a 3-seed run summarises; runs of other budgets or overlapping seeds are refused."""
+    from dataclasses import replace
+    from bench.minicanvas import report
+    from bench.minicanvas.budgets import Budget
+    from bench.minicanvas.summary import summarize
+    rng = np.random.default_rng(0)
+    base_per = {c: {"IRA": 100.0, "CRA": 96.0, "SFA": 95.0, "domain": d}
+                for c, d in (("ukiyo", "style"), ("neon", "style"), ("ring", "object"))}
+
+    def run(concept, seed):
+        m = {k: float(rng.integers(50, 101)) for k in ("UA", "IRA", "CRA", "SFA", "synonym_UA", "IRA_unlisted",
+                                                       "CRA_unlisted", "base_IRA_unlisted", "base_CRA_unlisted")}
+        return dict(m, concept=concept, seed=seed, domain=base_per[concept]["domain"], seconds=float(seed + 1),
+                    peak_rss_mb=1.0, trainable_params=4, lora_bytes=8, quality_fd=None)
+    runs = {s: [run(c, s) for c in base_per] for s in range(3)}
+    acc = {"style_acc": 100.0, "object_acc": 95.0}
+
+    def results(seeds, budget):
+        out = summarize({"spare": [dict(r) for s in seeds for r in runs[s]]}, acc, base_per, budget)
+        return dict(out, meta={"command": f"seeds {seeds}", "wall_seconds": 1})
+    one = results([0], Budget())
+    (tmp_path / "a.json").write_text(json.dumps(one))
+    (tmp_path / "b.json").write_text(json.dumps(results([1, 2], Budget(train_seeds=2, first_train_seed=1))))
+    pooled = report.load_results(f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}")["methods"]["spare"]
+    whole = results([0, 1, 2], Budget(train_seeds=3))["methods"]["spare"]
+    assert pooled["seeds"] == 3 and pooled["budget"]["train_seeds"] == 3 and len(pooled["runs"]) == 9
+    for key in ("mean4", "mean3", "IRA_unlisted_drop", "style", "object", "per_concept", "seconds_per_concept"):
+        assert pooled[key] == whole[key], key
+    (tmp_path / "c.json").write_text(json.dumps(results([0, 1], Budget(train_seeds=2))))  # seed 0 twice
+    with pytest.raises(ValueError, match="same .concept, training seed. pairs"):
+        report.load_results(f"{tmp_path / 'a.json'},{tmp_path / 'c.json'}")
+    (tmp_path / "d.json").write_text(json.dumps(results([1], replace(Budget(), spare=100, first_train_seed=1))))
+    with pytest.raises(ValueError, match="other budgets .spare."):
+        report.load_results(f"{tmp_path / 'a.json'},{tmp_path / 'd.json'}")
+    # the same runs twice: the first file wins, as for any method in two files
+    assert report.load_results(f"{tmp_path / 'a.json'},{tmp_path / 'a.json'}")["methods"]["spare"]["runs"] == \
+        one["methods"]["spare"]["runs"]
+
+
 def test_residual_diagnosis_of_a_model_that_erased_nothing():
     """`diagnose residual` with an empty LoRA (the erased model IS the unerased one): the conditional residual is
     the whole concept-surrogate gap, all of it toward the concept (along 1, orth 0), the empty prompt has not drifted,
@@ -700,6 +741,9 @@ def test_standard_presets_train_each_method_at_its_seeds():
         assert all(runs[m] == 1 for m in ("salun", "ca", "esd-x"))
         assert runs.get("spare-all-pairs", 1) == 1
     assert methods_for_seed(["spare", "uce", "ca"], 2, Budget(train_seeds=3)) == ["spare", "uce", "ca"]  # 0 = all
+    # --first-train-seed 1 --train-seeds 2 --baseline-seeds 1: seeds 1 and 2, the baselines at the first of them
+    later = Budget(train_seeds=2, first_train_seed=1, baseline_seeds=1)
+    assert [methods_for_seed(["spare", "ca"], s, later) for s in range(4)] == [[], ["spare", "ca"], ["spare"], []]
 
 
 def test_module_groups_and_the_selection_experiments(monkeypatch):

@@ -81,6 +81,7 @@ class Budget:
     seeds: int = 2           # images per grid pair (each with another held-out template)
     spare_weighting: str = sc.DistillConfig.loss_weighting  # SPARE's loss weighting ("eps" = the authors')
     train_seeds: int = 1     # training seeds per concept (SPARE and every baseline)
+    first_train_seed: int = 0  # the training seeds are first_train_seed .. first_train_seed + train_seeds - 1
     baseline_seeds: int = 0  # training seeds of the step-trained baselines (0 = train_seeds)
     closed_form_seeds: int = 0  # training seeds of UCE and uce-pool (0 = train_seeds)
     spare_scoring: str = sc.config.DEFAULT_SCORING

@@ -71,6 +71,12 @@ def main(argv=None):
     ap.add_argument("--concepts", help="comma-separated style/object names to erase (default: all, or quick set)")
     ap.add_argument("--seeds", type=int, help="images per grid pair (default 2, quick 1)")
     ap.add_argument("--train-seeds", type=int, help="training seeds per concept (default 1, standard 3)")
+    ap.add_argument("--first-train-seed", type=int, default=0,
+                    help="the first training seed (default 0): --first-train-seed 3 --train-seeds 2 runs seeds 3 and 4, "
+                    "to extend an earlier run; report --results a.json,b.json pools a method's runs of two files")
+    ap.add_argument("--baseline-seeds", type=int,
+                    help="training seeds of the step-trained baselines (default: as many as --train-seeds; "
+                    f"--standard {STANDARD_BASELINE_SEEDS})")
     ap.add_argument("--budget-scale", type=float, help="multiply every method's steps, SPARE's cap included")
     ap.add_argument("--sample-steps", type=int, help="sampler steps of the evaluation grids (default 12, quick 8)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -177,6 +183,13 @@ def main(argv=None):
         budget.seeds = args.seeds
     if args.train_seeds:
         budget.train_seeds = args.train_seeds
+    if args.first_train_seed < 0:
+        ap.error(f"--first-train-seed {args.first_train_seed}: must be >= 0")
+    budget.first_train_seed = args.first_train_seed
+    if args.baseline_seeds is not None:
+        if args.baseline_seeds < 1:
+            ap.error(f"--baseline-seeds {args.baseline_seeds}: must be >= 1")
+        budget.baseline_seeds = args.baseline_seeds
     if args.sample_steps:
         budget.sample_steps = args.sample_steps
     concepts = QUICK_CONCEPTS if args.quick else None
@@ -191,7 +204,8 @@ def main(argv=None):
     results["meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                        f"{platform.processor() or platform.platform()}", "command": "python -m bench.minicanvas "
                        + " ".join(sys.argv[1:] if argv is None else argv), "seeds": budget.seeds,
-                       "train_seeds": budget.train_seeds, "eval_templates": [data.TEMPLATES[i] for i in EVAL_TEMPLATES],
+                       "train_seeds": budget.train_seeds, "first_train_seed": budget.first_train_seed,
+                       "eval_templates": [data.TEMPLATES[i] for i in EVAL_TEMPLATES],
                        "train_template": data.TEMPLATES[TRAIN_TEMPLATE],
                        "wall_seconds": round(time.time() - started, 1), "host": args.host,
                        "model": args.model, "eval_guidance": budget.eval_guidance}

@@ -161,12 +161,12 @@ def check_model_methods(methods, model: str) -> None:
 def methods_for_seed(methods, seed: int, budget: Budget) -> list:
     """The methods that train at training seed `seed`: SPARE and its variants at every seed; UCE at the first
     `budget.closed_form_seeds`, the step-trained baselines and the reference rows at the first `budget.baseline_seeds`
-    (0 = every seed)."""
+    (0 = every seed), counted from `budget.first_train_seed`."""
     def seeds(m):
         if m.startswith("spare") and m not in REFERENCE_METHODS:
             return budget.train_seeds
         return (budget.closed_form_seeds if m.startswith("uce") else budget.baseline_seeds) or budget.train_seeds
-    return [m for m in methods if seed < seeds(m)]
+    return [m for m in methods if 0 <= seed - budget.first_train_seed < seeds(m)]
 
 
 def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, host: str = "library", inputs=None):
@@ -199,7 +199,7 @@ def run(methods=METHODS, concepts=None, budget=None, log=print, jobs: int = 1, h
         f"({len(prompts)} images, held-out templates)")
     base_per = {}
     tasks = []
-    for seed in range(budget.train_seeds):
+    for seed in range(budget.first_train_seed, budget.first_train_seed + budget.train_seeds):
         for domain, names in concepts.items():
             for name in names:
                 target = (data.style_index if domain == "style" else data.object_index)(name)

@@ -345,11 +345,38 @@ def curve_table(curve: dict) -> str:
     return "\n".join(lines)
 
 
+SEED_FIELDS = ("train_seeds", "first_train_seed", "baseline_seeds", "closed_form_seeds")  # may differ when pooling
+DERIVED = ("mean3", "IRA_drop", "CRA_drop", "SFA_drop", "IRA_unlisted_drop", "CRA_unlisted_drop", "mean4")
+
+
+def pool_runs(name: str, row: dict, other: dict, base: dict) -> dict:
+    """One method's row from two files whose runs are other training seeds of the same experiment (e.g. seed 0 in
+    one, `--first-train-seed 1 --train-seeds 2` in the other): every run of both, summarised anew. Refused when
+    the two ran with other budgets (steps, retain set, options: anything but the seed counts)."""
+    from .summary import summarize  # imports torch: only when pooling
+
+    def budget(r):
+        return {k: v for k, v in r["budget"].items() if k not in SEED_FIELDS}
+    if budget(row) != budget(other):
+        diff = sorted(k for k in set(budget(row)) | set(budget(other)) if budget(row).get(k) != budget(other).get(k))
+        raise ValueError(f"method {name!r}: its runs in the two files had other budgets ({', '.join(diff)}); only "
+                         "runs of the same experiment at other training seeds pool")
+    # what summarize derives from a run is derived anew (left in, it would enter the per-domain means as a fresh
+    # run's do not)
+    runs = [{k: v for k, v in r.items() if k not in DERIVED} for r in row["runs"] + other["runs"]]
+    pooled = summarize({name: runs}, {k: base[k] for k in ("style_acc", "object_acc")}, base["per_concept"],
+                       argparse.Namespace(**row["budget"]))["methods"][name]
+    pooled["budget"] = dict(row["budget"], train_seeds=pooled["seeds"], first_train_seed=min(r["seed"] for r in runs))
+    return pooled
+
+
 def load_results(paths: str) -> dict:
     """One results file, or several ("a.json,b.json": runs of the same model and grid, e.g. SPARE at 3 training seeds
-    in one and the baselines in another) merged: every method of every file (a method in two files: the first wins),
-    the first file's base and meta, the commands and wall times of all. Files whose unerased model scored differently
-    (another model, grid or sampler) are refused. Each method keeps its own run's budget (row["budget"])."""
+    in one and the baselines in another) merged: every method of every file, the first file's base and meta, the
+    commands and wall times of all. A method in two files: the first wins where both ran the same (concept, training
+    seed) pairs; where they ran disjoint training seeds of the same experiment their runs are pooled (`pool_runs`);
+    a partial overlap is refused. Files whose unerased model scored differently (another model, grid or sampler) are
+    refused. Each method keeps its own run's budget (row["budget"])."""
     merged = None
     for path in paths.split(","):
         with open(path) as f:
@@ -364,7 +391,17 @@ def load_results(paths: str) -> dict:
             raise ValueError(f"{path}: another model, grid or sampler than {paths.split(',')[0]} (its unerased "
                              "model scored differently); only runs of the same grid merge")
         for name, row in results["methods"].items():
-            merged["methods"].setdefault(name, dict(row, budget=results.get("budget", {})))
+            row = dict(row, budget=results.get("budget", {}))
+            mine = merged["methods"].get(name)
+            if mine is None:
+                merged["methods"][name] = row
+                continue
+            a, b = ({(r["concept"], r["seed"]) for r in x.get("runs", [])} for x in (mine, row))
+            if a & b and a != b:
+                raise ValueError(f"{path}: method {name!r} ran {len(a & b)} of the same (concept, training seed) "
+                                 f"pairs as an earlier file and {len(b - a)} others; pool only disjoint training seeds")
+            if a and b and not a & b:
+                merged["methods"][name] = pool_runs(name, mine, row, merged["base"])
         meta, other = merged["meta"], results["meta"]
         meta["command"] = f"{meta['command']}` + `{other['command']}"
         meta["wall_seconds"] = round(float(meta.get("wall_seconds", 0)) + float(other.get("wall_seconds", 0)), 1)
