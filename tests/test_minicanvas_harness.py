@@ -275,6 +275,10 @@ def test_report_targets_marks_met_and_missed():
     # by how many percent)
     esd = next(v for k, v in lines.items() if k.startswith("time per concept <= 1/10 of esd-x"))
     assert "100.0 s" in esd and "(0.050x)" in esd and esd.endswith("| yes |")
+    # SPARE and ESD from other runs (a merged file: load_results' "source"): other loads on the CPU, no ratio
+    results["methods"]["spare"]["source"], results["methods"]["esd-x"]["source"] = "a.json", "b.json"
+    esd = next(v for v in report.targets(results).splitlines() if "1/10 of esd-x" in v)
+    assert "not compared" in esd and "a.json; b.json" in esd and "yes" not in esd and "NO" not in esd
 
 
 def test_spare_variants_are_named_by_their_fields(capsys):
@@ -572,6 +576,7 @@ def test_report_pools_a_method_run_at_other_training_seeds(tmp_path):
     pooled = report.load_results(f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}")["methods"]["spare"]
     whole = results([0, 1, 2], Budget(train_seeds=3))["methods"]["spare"]
     assert pooled["seeds"] == 3 and pooled["budget"]["train_seeds"] == 3 and len(pooled["runs"]) == 9
+    assert pooled["source"] == f"{tmp_path / 'a.json'} + {tmp_path / 'b.json'}"  # two runs: no time ratio with it
     for key in ("mean4", "mean3", "IRA_unlisted_drop", "style", "object", "per_concept", "seconds_per_concept"):
         assert pooled[key] == whole[key], key
     (tmp_path / "c.json").write_text(json.dumps(results([0, 1], Budget(train_seeds=2))))  # seed 0 twice

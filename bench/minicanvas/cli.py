@@ -72,8 +72,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, help="images per grid pair (default 2, quick 1)")
     ap.add_argument("--train-seeds", type=int, help="training seeds per concept (default 1, standard 3)")
     ap.add_argument("--first-train-seed", type=int, default=0,
-                    help="the first training seed (default 0): --first-train-seed 3 --train-seeds 2 runs seeds 3 and 4, "
-                    "to extend an earlier run; report --results a.json,b.json pools a method's runs of two files")
+                    help="the first training seed (default 0): --first-train-seed 3 --train-seeds 2 runs seeds 3 and "
+                    "4, to extend an earlier run; report --results a.json,b.json pools a method's runs of two files")
     ap.add_argument("--baseline-seeds", type=int,
                     help="training seeds of the step-trained baselines (default: as many as --train-seeds; "
                     f"--standard {STANDARD_BASELINE_SEEDS})")
