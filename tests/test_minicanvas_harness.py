@@ -585,9 +585,15 @@ def test_report_pools_a_method_run_at_other_training_seeds(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(results([1], replace(Budget(), spare=100, first_train_seed=1))))
     with pytest.raises(ValueError, match="other budgets .spare."):
         report.load_results(f"{tmp_path / 'a.json'},{tmp_path / 'd.json'}")
-    # the same runs twice: the first file wins, as for any method in two files
+    # the same runs twice, or a later file with some of the same runs only: the first file wins
     assert report.load_results(f"{tmp_path / 'a.json'},{tmp_path / 'a.json'}")["methods"]["spare"]["runs"] == \
         one["methods"]["spare"]["runs"]
+    report.main(["--results", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}", "--write-merged",
+                 str(tmp_path / "ab.json")])
+    written = json.loads((tmp_path / "ab.json").read_text())
+    assert written["methods"]["spare"]["mean4"] == whole["mean4"] and "--write-merged" in written["meta"]["note"]
+    again = report.load_results(f"{tmp_path / 'ab.json'},{tmp_path / 'a.json'}")["methods"]["spare"]
+    assert len(again["runs"]) == 9 and again["source"] == written["methods"]["spare"]["source"]
 
 
 def test_residual_diagnosis_of_a_model_that_erased_nothing():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -379,9 +380,9 @@ def pool_runs(name: str, row: dict, other: dict, base: dict) -> dict:
 def load_results(paths: str) -> dict:
     """One results file, or several ("a.json,b.json": runs of the same model and grid, e.g. SPARE at 3 training seeds
     in one and the baselines in another) merged: every method of every file, the first file's base and meta, the
-    commands and wall times of all. A method in two files: the first wins where both ran the same (concept, training
-    seed) pairs; where they ran disjoint training seeds of the same experiment their runs are pooled (`pool_runs`);
-    a partial overlap is refused. Files whose unerased model scored differently (another model, grid or sampler) are
+    commands and wall times of all. A method in two files: the first wins where the later one ran none but the same
+    (concept, training seed) pairs; where they ran disjoint training seeds of the same experiment their runs are
+    pooled (`pool_runs`); other overlaps are refused. Files whose unerased model scored differently (another model, grid or sampler) are
     refused. Each method keeps its own run's budget (row["budget"]) and the run it came from (row["source"]: the
     file, unless a merged file names it), so that times are compared within one run only (`targets`)."""
     merged = None
@@ -406,7 +407,7 @@ def load_results(paths: str) -> dict:
                 merged["methods"][name] = row
                 continue
             a, b = ({(r["concept"], r["seed"]) for r in x.get("runs", [])} for x in (mine, row))
-            if a & b and a != b:
+            if a & b and not b <= a:
                 raise ValueError(f"{path}: method {name!r} ran {len(a & b)} of the same (concept, training seed) "
                                  f"pairs as an earlier file and {len(b - a)} others; pool only disjoint training seeds")
             if a and b and not a & b:
@@ -435,11 +436,25 @@ def main(argv=None):
     ap.add_argument("--compact", action="store_true", help="print the README's compact table and exit")
     ap.add_argument("--section", action="store_true",
                     help="print the tables (headline, targets, per concept) as a markdown block and exit")
+    ap.add_argument("--write-merged", metavar="PATH",
+                    help="write the merged --results (each method with its budget and source run) to PATH, its note "
+                    "naming this command, and exit")
     args = ap.parse_args(argv)
     try:
         results = load_results(args.results)
     except ValueError as e:
         ap.error(str(e))
+    if args.write_merged:
+        meta = results["meta"]
+        said = f"Merged on {time.strftime('%Y-%m-%d')} by `python -m bench.minicanvas.report --results " \
+               f"{args.results} --write-merged {args.write_merged}`."
+        meta["note"] = f"{meta['note']} {said}" if meta.get("note") else said
+        tmp = args.write_merged + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, args.write_merged)
+        print(f"wrote {args.write_merged}: {', '.join(results['methods'])}")
+        return
     if args.section:
         print(section(results))
         return
