@@ -572,7 +572,9 @@ def test_report_pools_a_method_run_at_other_training_seeds(tmp_path):
         return dict(out, meta={"command": f"seeds {seeds}", "wall_seconds": 1})
     one = results([0], Budget())
     (tmp_path / "a.json").write_text(json.dumps(one))
-    (tmp_path / "b.json").write_text(json.dumps(results([1, 2], Budget(train_seeds=2, first_train_seed=1))))
+    later = results([1, 2], Budget(train_seeds=2, first_train_seed=1))
+    del later["budget"]["eval_guidance"]  # a file from before the field: it ran at the field's default
+    (tmp_path / "b.json").write_text(json.dumps(later))
     pooled = report.load_results(f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}")["methods"]["spare"]
     whole = results([0, 1, 2], Budget(train_seeds=3))["methods"]["spare"]
     assert pooled["seeds"] == 3 and pooled["budget"]["train_seeds"] == 3 and len(pooled["runs"]) == 9

@@ -359,10 +359,13 @@ def pool_runs(name: str, row: dict, other: dict, base: dict) -> dict:
     """One method's row from two files whose runs are other training seeds of the same experiment (e.g. seed 0 in
     one, `--first-train-seed 1 --train-seeds 2` in the other): every run of both, summarised anew. Refused when
     the two ran with other budgets (steps, retain set, options: anything but the seed counts)."""
-    from .summary import summarize  # imports torch: only when pooling
+    from .budgets import Budget  # imports torch: only when pooling
+    from .summary import summarize
 
-    def budget(r):
-        return {k: v for k, v in r["budget"].items() if k not in SEED_FIELDS}
+    defaults = {k: (list(v) if isinstance(v, tuple) else v) for k, v in Budget().__dict__.items()}
+
+    def budget(r):  # a field the harness did not have yet when a file was written ran at its default
+        return {k: v for k, v in {**defaults, **r["budget"]}.items() if k not in SEED_FIELDS}
     if budget(row) != budget(other):
         diff = sorted(k for k in set(budget(row)) | set(budget(other)) if budget(row).get(k) != budget(other).get(k))
         raise ValueError(f"method {name!r}: its runs in the two files had other budgets ({', '.join(diff)}); only "
