@@ -385,9 +385,10 @@ def load_results(paths: str) -> dict:
     in one and the baselines in another) merged: every method of every file, the first file's base and meta, the
     commands and wall times of all. A method in two files: the first wins where the later one ran none but the same
     (concept, training seed) pairs; where they ran disjoint training seeds of the same experiment their runs are
-    pooled (`pool_runs`); other overlaps are refused. Files whose unerased model scored differently (another model, grid or sampler) are
-    refused. Each method keeps its own run's budget (row["budget"]) and the run it came from (row["source"]: the
-    file, unless a merged file names it), so that times are compared within one run only (`targets`)."""
+    pooled (`pool_runs`); other overlaps are refused. Files whose unerased model scored differently (another model,
+    grid or sampler) are refused. Each method keeps its own run's budget (row["budget"]) and the run it came from
+    (row["source"]: the file, unless a merged file names it), so that times are compared within one run only
+    (`targets`)."""
     merged = None
     for path in paths.split(","):
         with open(path) as f:
