@@ -352,7 +352,6 @@ def curve_table(curve: dict) -> str:
 
 
 SEED_FIELDS = ("train_seeds", "first_train_seed", "baseline_seeds", "closed_form_seeds")  # may differ when pooling
-DERIVED = ("mean3", "IRA_drop", "CRA_drop", "SFA_drop", "IRA_unlisted_drop", "CRA_unlisted_drop", "mean4")
 
 
 def pool_runs(name: str, row: dict, other: dict, base: dict) -> dict:
@@ -360,7 +359,7 @@ def pool_runs(name: str, row: dict, other: dict, base: dict) -> dict:
     one, `--first-train-seed 1 --train-seeds 2` in the other): every run of both, summarised anew. Refused when
     the two ran with other budgets (steps, retain set, options: anything but the seed counts)."""
     from .budgets import Budget  # imports torch: only when pooling
-    from .summary import summarize
+    from .summary import DERIVED_KEYS, summarize
 
     defaults = {k: (list(v) if isinstance(v, tuple) else v) for k, v in Budget().__dict__.items()}
 
@@ -372,7 +371,7 @@ def pool_runs(name: str, row: dict, other: dict, base: dict) -> dict:
                          "runs of the same experiment at other training seeds pool")
     # what summarize derives from a run is derived anew (left in, it would enter the per-domain means as a fresh
     # run's do not)
-    runs = [{k: v for k, v in r.items() if k not in DERIVED} for r in row["runs"] + other["runs"]]
+    runs = [{k: v for k, v in r.items() if k not in DERIVED_KEYS} for r in row["runs"] + other["runs"]]
     pooled = summarize({name: runs}, {k: base[k] for k in ("style_acc", "object_acc")}, base["per_concept"],
                        argparse.Namespace(**row["budget"]))["methods"][name]
     pooled["budget"] = dict(row["budget"], train_seeds=pooled["seeds"], first_train_seed=min(r["seed"] for r in runs))

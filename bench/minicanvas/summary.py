@@ -11,6 +11,7 @@ from .judge import CLEAN_DROP, CLEAN_SFA_DROP, CLEAN_UA, CLEAN_UNLISTED_DROP, ER
 SUMMARY_KEYS = ("UA", "IRA", "CRA", "synonym_UA", "SFA", "IRA_listed", "CRA_listed", "IRA_unlisted", "CRA_unlisted",
                 "base_IRA_listed", "base_CRA_listed", "base_IRA_unlisted", "base_CRA_unlisted", "mean4")
 DROP_KEYS = ("IRA_drop", "CRA_drop", "SFA_drop", "IRA_unlisted_drop", "CRA_unlisted_drop")
+DERIVED_KEYS = ("mean3", "mean4") + DROP_KEYS  # what summarize adds to each run (report.pool_runs strips them)
 
 
 def _ci(rows, key):
