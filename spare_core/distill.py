@@ -203,6 +203,24 @@ class DistillConfig:
                                      "uniform in [0, 1]; > 0 = a retain prompt moved toward its nearest concept "
                                      "prompt by u uniform in [0, mix_concept].", min=0.0, max=0.95, step=0.05,
                                 node=False)
+    # an experiment (MiniCanvas only: a model with `pseudo_words`), off: retain rows whose prompt is the concept
+    # prompt with the concept's word replaced by a perturbed copy of its token embedding that the unerased model draws
+    # as something else -- the concept's neighbourhood, found by the model itself, without naming anything
+    pseudo_rows: int = option(0, "Retain rows per step, on the forget rows' own x_t, whose prompt is the concept "
+                                 "prompt with the concept word's embedding perturbed (pseudo_radius) where the "
+                                 "unerased model no longer draws the concept (pseudo_keep).", min=0, max=64,
+                              node=False)
+    pseudo_radius: float = option(1.5, "pseudo_rows' perturbation, in units of the median distance from the word's "
+                                       "embedding to the other words'.", min=0.0, max=10.0, step=0.05, node=False)
+    pseudo_keep: float = option(0.5, "pseudo_rows keeps a perturbed word whose unerased x0 lies at least this "
+                                     "fraction of the concept->surrogate gap from the concept's.", min=0.0, max=5.0,
+                                step=0.05, node=False)
+    pseudo_forget_rows: int = option(0, "Forget rows per step, on the forget rows' own x_t: the concept word's "
+                                        "embedding perturbed by pseudo_forget_radius where the unerased model still "
+                                        "draws the concept (closer than pseudo_keep), mapped to the surrogate.",
+                                     min=0, max=64, node=False)
+    pseudo_forget_radius: float = option(1.0, "pseudo_forget_rows' perturbation (as pseudo_radius).", min=0.0,
+                                         max=10.0, step=0.05, node=False)
 
 
 @dataclass
@@ -315,6 +333,9 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if config.mix_rows < 0 or not 0.0 <= config.mix_concept <= 0.95:
         raise SpareInputError(f"mix_rows={config.mix_rows} must be >= 0 and mix_concept={config.mix_concept} in "
                               "[0, 0.95]")
+    if config.pseudo_rows < 0 or config.pseudo_forget_rows < 0:
+        raise SpareInputError(f"pseudo_rows={config.pseudo_rows} and pseudo_forget_rows={config.pseudo_forget_rows} "
+                              "must be >= 0")
     if config.text_encoder not in TEXT_ENCODER_CHOICES:
         raise SpareInputError(f"text_encoder='{config.text_encoder}' is not one of {', '.join(TEXT_ENCODER_CHOICES)}")
     if config.mix_rows and not config.retain:
@@ -430,6 +451,8 @@ def distill(
             trainable = sum(p.numel() for p in params)
         finally:
             adapters.remove()
+            if cfg.pseudo_rows or cfg.pseudo_forget_rows:
+                model.pseudo_words.clear()
     return DistillResult(lora, losses, time.perf_counter() - started, trainable, cfg,
                          (gap_before, checks[-1]["gap"]), checks, stopped_early, strength, tried)
 
@@ -489,6 +512,10 @@ class TrainingData:
     mix_row: Optional[int] = None            # first of the MIX_BANK blended codes at the end of `cond` (mix_rows)
     prompts: Optional[list] = None           # the prompt of each row of `cond`, when the text encoder trains: the
     #                                          student's conditioning is then encoded anew (`student_cond`)
+    pseudo_row: Optional[int] = None         # first of the n_pseudo perturbed-word prompts (pseudo_rows)
+    n_pseudo: int = 0
+    pforget_row: Optional[int] = None        # first of the perturbed words still drawn as the concept
+    pforget_concept: Optional[torch.Tensor] = None  # (pseudo_forget_rows) and the concept of each
 
     def concept_rows(self, i: torch.Tensor) -> torch.Tensor:
         return i
@@ -547,8 +574,81 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
             cond = cat_cond(cond, blend_bank(model, cond, list(range(len(cfg.concepts))), listed, cfg.mix_concept,
                                              torch.Generator().manual_seed(cfg.seed + 7)))
     prompts = cfg.concepts + cfg.surrogates + retain_prompts if trains_text(cfg) else None
+    pseudo_row, pseudo, pforget_row, pforget_c = None, [], None, None
+    n_rows = 2 * len(cfg.concepts) + len(retain_prompts)
+    if cfg.pseudo_rows:
+        pseudo = [p for p, _ in pseudo_bank(model, cfg, cond, x_forget, i_forget,
+                                            torch.Generator().manual_seed(cfg.seed + 11), cfg.pseudo_radius, False)]
+        pseudo_row, n_rows = n_rows, n_rows + len(pseudo)
+        with torch.no_grad():
+            cond = cat_cond(cond, model.encode(pseudo))
+        if prompts is not None:
+            prompts = prompts + pseudo
+    if cfg.pseudo_forget_rows:
+        near = pseudo_bank(model, cfg, cond, x_forget, i_forget, torch.Generator().manual_seed(cfg.seed + 13),
+                           cfg.pseudo_forget_radius, True)
+        pforget_row, pforget_c = n_rows, torch.tensor([c for _, c in near])
+        with torch.no_grad():
+            cond = cat_cond(cond, model.encode([p for p, _ in near]))
+        if prompts is not None:
+            prompts = prompts + [p for p, _ in near]
     return TrainingData(cond, len(cfg.concepts), x_forget, i_forget, n_anchor, x_anchor, i_anchor, x_retain, i_retain,
-                        data_std(x_forget), uncond_row, mix_row, prompts)
+                        data_std(x_forget), uncond_row, mix_row, prompts, pseudo_row, len(pseudo), pforget_row,
+                        pforget_c)
+
+
+PSEUDO_BANK = 32  # perturbed concept words kept per run (DistillConfig.pseudo_rows)
+
+
+def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forget: torch.Tensor,
+                gen: torch.Generator, radius: float, near: bool) -> list[tuple[str, int]]:
+    """PSEUDO_BANK prompts: concept prompt i with its word (the first word it has and its surrogate lacks) written as
+    a pseudo word whose embedding is the word's plus a random direction of length pseudo_radius x the embedding
+    scale, kept where the unerased model's x0 on the concept's own states moves at least pseudo_keep x the
+    concept->surrogate gap away from the concept's (the model draws something else there). Registers the pseudo
+    words in model.pseudo_words (distill removes them)."""
+    from .minicanvas import data as mc_data
+    words = []
+    for c, s in zip(cfg.concepts, cfg.surrogates):
+        ws, ss = mc_data.tokenize_words(c), set(mc_data.tokenize_words(s))
+        diff = [w for w in ws if w not in ss and w in model.tokenizer.ids]
+        if not diff:
+            raise SpareInputError(f"pseudo_rows: concept prompt '{c}' has no word its surrogate lacks")
+        words.append(diff[0])
+    n = len(cfg.concepts)
+    sig = model.sigma_at(torch.tensor([0.3, 0.5, 0.7]))
+    with torch.no_grad():  # each concept's states: its first sample at 3 noise levels; its and its surrogate's x0
+        states = []
+        for c in range(n):
+            x0 = x_forget[(i_forget == c).nonzero().flatten()[:1]].repeat(3, 1, 1, 1)
+            xt = model.add_noise(x0, torch.randn(x0.shape, generator=gen).to(x0), sig.to(x0))
+            pc = model.predict_x0(xt, sig.to(x0), model.select_cond(cond, torch.full((3,), c)))
+            ps = model.predict_x0(xt, sig.to(x0), model.select_cond(cond, torch.full((3,), n + c)))
+            states.append((xt, pc, (pc - ps).flatten(1).norm(dim=1).mean()))
+        scale = {w: model.embedding_scale(w) for w in set(words)}
+        kept, tries = [], 0
+        while len(kept) < PSEUDO_BANK and tries < 8 * PSEUDO_BANK:
+            batch = []
+            for _ in range(PSEUDO_BANK):  # a round of candidates, judged in one forward
+                c, w = tries % n, words[tries % n]
+                tries += 1
+                u = torch.randn(model.word_embedding(w).shape, generator=gen)
+                name = f"zzpseudo{'n' if near else 'f'}{tries}"
+                model.pseudo_words[name] = model.word_embedding(w) + radius * scale[w] * u / u.norm()
+                batch.append((c, name, " ".join(name if x == w else x
+                                                for x in mc_data.tokenize_words(cfg.concepts[c]))))
+            xt = torch.cat([states[c][0] for c, _, _ in batch])
+            pp = model.predict_x0(xt, sig.repeat(len(batch)).to(xt), model.encode([p for _, _, p in batch for _ in
+                                                                                   range(3)]))
+            for j, (c, name, prompt) in enumerate(batch):
+                away = (pp[3 * j:3 * j + 3] - states[c][1]).flatten(1).norm(dim=1).mean()
+                if (away < cfg.pseudo_keep * states[c][2]) == near and len(kept) < PSEUDO_BANK:
+                    kept.append((prompt, c))
+                else:
+                    del model.pseudo_words[name]
+    if not kept:
+        raise SpareInputError("pseudo_rows: no perturbed word drew anything but the concept; raise pseudo_radius")
+    return kept
 
 
 MIX_BANK = 64  # blended prompt codes drawn once per run (DistillConfig.mix_rows)
@@ -655,10 +755,19 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
         if cfg.mix_rows and data.mix_row is not None:
             ids.append(data.mix_row + torch.randint(0, MIX_BANK, (cfg.mix_rows,), generator=gen))
             k.append(torch.arange(cfg.mix_rows) % cfg.batch_size)
+        if cfg.pseudo_rows and data.pseudo_row is not None:
+            ids.append(data.pseudo_row + torch.randint(0, data.n_pseudo, (cfg.pseudo_rows,), generator=gen))
+            k.append(torch.arange(cfg.pseudo_rows) % cfg.batch_size)
         if ids:
             ids, k = torch.cat(ids), torch.cat(k)
             sigma, xt = torch.cat([sigma, sigma[k]]), torch.cat([xt, xt[k]])
             student, teacher = torch.cat([student, ids]), torch.cat([teacher, ids])
+        if cfg.pseudo_forget_rows and data.pforget_row is not None:  # student: the perturbed word; teacher: surrogate
+            j = torch.randint(0, data.pforget_concept.shape[0], (cfg.pseudo_forget_rows,), generator=gen)
+            k = torch.arange(cfg.pseudo_forget_rows) % cfg.batch_size
+            sigma, xt = torch.cat([sigma, sigma[k]]), torch.cat([xt, xt[k]])
+            student = torch.cat([student, (data.pforget_row + j).to(student.dtype)])
+            teacher = torch.cat([teacher, data.surrogate_rows(data.pforget_concept[j]).to(teacher.dtype)])
     return Batch(xt, sigma, student, teacher)
 
 

@@ -104,7 +104,11 @@ class TextEncoder(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.text_dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.token_embedding(tokens) + self.position_embedding[: tokens.shape[1]]
+        return self.from_embeddings(self.token_embedding(tokens))
+
+    def from_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, L, D] -> per-token context (forward after the embedding lookup)."""
+        x = x + self.position_embedding[: x.shape[1]]
         for layer in self.layers:
             x = layer(x)
         return self.final_layer_norm(x)
@@ -359,13 +363,33 @@ class MiniCanvasModel:
         self.network = (network or UNetModel(self.cfg)).to(self.device)
         self.text_encoder = (text_encoder or TextEncoder(self.cfg)).to(self.device)
         self.tokenizer = Tokenizer(self.cfg.vocab, self.cfg.max_tokens)
+        self.pseudo_words: dict[str, torch.Tensor] = {}  # word -> token embedding (see encode)
         self.latent_shape = (3, self.cfg.image_size, self.cfg.image_size)
         self._log_smin, self._log_smax = math.log(self.cfg.sigma_min), math.log(self.cfg.sigma_max)
 
     # --- protocol -------------------------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Per-token context [B, L, D] (gradients flow only if the caller enables them)."""
-        return self.text_encoder(self.tokenizer(list(prompts)).to(self.device))
+        """Per-token context [B, L, D] (gradients flow only if the caller enables them). A word of `pseudo_words`
+        is read as its embedding there (DistillConfig.pseudo_rows: perturbed copies of a concept word's embedding)."""
+        tokens = self.tokenizer(list(prompts)).to(self.device)
+        if not self.pseudo_words:
+            return self.text_encoder(tokens)
+        x = self.text_encoder.token_embedding(tokens)
+        for i, p in enumerate(prompts):
+            for j, w in enumerate(data.tokenize_words(p)[: self.cfg.max_tokens - 2]):
+                if w in self.pseudo_words:
+                    x[i, j + 1] = self.pseudo_words[w].to(x)
+        return self.text_encoder.from_embeddings(x)
+
+    def word_embedding(self, word: str) -> torch.Tensor:
+        """The token embedding of a vocabulary word."""
+        return self.text_encoder.token_embedding.weight[self.tokenizer.ids[word]].detach()
+
+    def embedding_scale(self, word: str) -> float:
+        """The median distance from a word's embedding to every other word's: the scale of a perturbation."""
+        w = self.text_encoder.token_embedding.weight.detach()
+        d = (w - self.word_embedding(word)).norm(dim=1)
+        return float(d[d > 0].median())
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """`encode`, through the text encoder as it is now (DistillConfig.text_encoder trains adapters on it)."""
