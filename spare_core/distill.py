@@ -205,7 +205,11 @@ class DistillConfig:
                                 node=False)
     # an experiment (MiniCanvas only: a model with `pseudo_words`), off: retain rows whose prompt is the concept
     # prompt with the concept's word replaced by a perturbed copy of its token embedding that the unerased model draws
-    # as something else -- the concept's neighbourhood, found by the model itself, without naming anything
+    # as something else -- the concept's neighbourhood, found by the model itself, without naming anything -- and
+    # forget rows where it still draws the concept. pseudo_rows 2 + pseudo_forget_rows 2 (radius 2, keep 0.25), 20
+    # concepts x 3 training seeds, paired: mean4 +2.00 [+0.54, +3.57], unlisted IRA +7.23 [+2.60, +12.73], synonyms
+    # -0.17, SFA -0.67; pseudo_rows alone: the objects' synonyms -34.5 (one seed). Not a default: ComfyUI's CLIPs have
+    # no pseudo words yet. bench/RESULTS.md, "Perturbed concept words"
     pseudo_rows: int = option(0, "Retain rows per step, on the forget rows' own x_t, whose prompt is the concept "
                                  "prompt with the concept word's embedding perturbed (pseudo_radius) where the "
                                  "unerased model no longer draws the concept (pseudo_keep).", min=0, max=64,
@@ -363,6 +367,9 @@ def for_model(cfg: DistillConfig, model: DiffusionModel) -> DistillConfig:
         if cfg.calibrate_share > 0:  # it samples through `encode`, which a host may cache from before training
             raise SpareInputError("calibrate_share is not supported with a trained text encoder: set calibrate_share "
                                   "to 0 or text_encoder to 'off'")
+    if (cfg.pseudo_rows or cfg.pseudo_forget_rows) and not hasattr(model, "pseudo_words"):
+        raise SpareInputError("pseudo_rows / pseudo_forget_rows need a model that reads pseudo words (MiniCanvas "
+                              "only so far): set both to 0")
     if cfg.cross_rows == CROSS_ROWS_AUTO:
         cfg = replace(cfg, cross_rows=family.cross_rows)
     if cfg.learning_rate == LEARNING_RATE_AUTO:
@@ -602,15 +609,15 @@ PSEUDO_BANK = 32  # perturbed concept words kept per run (DistillConfig.pseudo_r
 
 def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forget: torch.Tensor,
                 gen: torch.Generator, radius: float, near: bool) -> list[tuple[str, int]]:
-    """PSEUDO_BANK prompts: concept prompt i with its word (the first word it has and its surrogate lacks) written as
-    a pseudo word whose embedding is the word's plus a random direction of length pseudo_radius x the embedding
-    scale, kept where the unerased model's x0 on the concept's own states moves at least pseudo_keep x the
-    concept->surrogate gap away from the concept's (the model draws something else there). Registers the pseudo
-    words in model.pseudo_words (distill removes them)."""
-    from .minicanvas import data as mc_data
+    """Up to PSEUDO_BANK (prompt, concept index): concept prompt i with its word (the first word it has and its
+    surrogate lacks) written as a pseudo word whose embedding is the word's plus a random direction of length
+    `radius` x the word's embedding scale. near=False keeps those where the unerased model's x0 on the concept's own
+    states lies at least pseudo_keep x the concept->surrogate gap from the concept's (it draws something else there),
+    near=True those closer (it still draws the concept). Registers the kept pseudo words in model.pseudo_words
+    (distill clears them). Hand-written: no library perturbs a prompt's token embedding for a retain set."""
     words = []
     for c, s in zip(cfg.concepts, cfg.surrogates):
-        ws, ss = mc_data.tokenize_words(c), set(mc_data.tokenize_words(s))
+        ws, ss = model.prompt_words(c), set(model.prompt_words(s))
         diff = [w for w in ws if w not in ss and w in model.tokenizer.ids]
         if not diff:
             raise SpareInputError(f"pseudo_rows: concept prompt '{c}' has no word its surrogate lacks")
@@ -635,8 +642,7 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
                 u = torch.randn(model.word_embedding(w).shape, generator=gen)
                 name = f"zzpseudo{'n' if near else 'f'}{tries}"
                 model.pseudo_words[name] = model.word_embedding(w) + radius * scale[w] * u / u.norm()
-                batch.append((c, name, " ".join(name if x == w else x
-                                                for x in mc_data.tokenize_words(cfg.concepts[c]))))
+                batch.append((c, name, " ".join(name if x == w else x for x in model.prompt_words(cfg.concepts[c]))))
             xt = torch.cat([states[c][0] for c, _, _ in batch])
             pp = model.predict_x0(xt, sig.repeat(len(batch)).to(xt), model.encode([p for _, _, p in batch for _ in
                                                                                    range(3)]))

@@ -86,3 +86,11 @@ def test_a_step_gets_the_pseudo_rows_after_the_others_and_nothing_stays(model):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(sc.SpareInputError, match="pseudo_rows=-1"):
         validate(replace(base, pseudo_rows=-1), SAL)
+
+
+def test_a_model_without_pseudo_words_is_refused():
+    from spare_core.distill import for_model
+    from tiny_denoiser import TinyDiffusionModel
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], pseudo_rows=1)
+    with pytest.raises(sc.SpareInputError, match="pseudo_rows / pseudo_forget_rows need a model"):
+        for_model(cfg, TinyDiffusionModel(seed=0))

@@ -381,6 +381,10 @@ class MiniCanvasModel:
                     x[i, j + 1] = self.pseudo_words[w].to(x)
         return self.text_encoder.from_embeddings(x)
 
+    def prompt_words(self, prompt: str) -> list[str]:
+        """The words the tokenizer reads in a prompt, in order."""
+        return data.tokenize_words(prompt)
+
     def word_embedding(self, word: str) -> torch.Tensor:
         """The token embedding of a vocabulary word."""
         return self.text_encoder.token_embedding.weight[self.tokenizer.ids[word]].detach()
