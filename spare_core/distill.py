@@ -214,14 +214,15 @@ class DistillConfig:
                                  "prompt with the concept word's embedding perturbed (pseudo_radius) where the "
                                  "unerased model no longer draws the concept (pseudo_keep).", min=0, max=64,
                               node=False)
-    pseudo_radius: float = option(1.5, "pseudo_rows' perturbation, in units of the median distance from the word's "
+    pseudo_radius: float = option(2.0, "pseudo_rows' perturbation, in units of the median distance from the word's "
                                        "embedding to the other words'.", min=0.0, max=10.0, step=0.05, node=False)
-    pseudo_keep: float = option(0.5, "pseudo_rows keeps a perturbed word whose unerased x0 lies at least this "
+    pseudo_keep: float = option(0.25, "pseudo_rows keeps a perturbed word whose unerased x0 lies at least this "
                                      "fraction of the concept->surrogate gap from the concept's.", min=0.0, max=5.0,
                                 step=0.05, node=False)
     pseudo_forget_rows: int = option(0, "Forget rows per step, on the forget rows' own x_t: the concept word's "
                                         "embedding perturbed by pseudo_forget_radius where the unerased model still "
-                                        "draws the concept (closer than pseudo_keep), mapped to the surrogate.",
+                                        "draws the concept (closer than pseudo_keep), mapped to the surrogate "
+                                        "(they follow the retain rows in a step and share their weight and mean).",
                                      min=0, max=64, node=False)
     pseudo_forget_radius: float = option(1.0, "pseudo_forget_rows' perturbation (as pseudo_radius).", min=0.0,
                                          max=10.0, step=0.05, node=False)
