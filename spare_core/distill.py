@@ -645,8 +645,9 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
                 model.pseudo_words[name] = model.word_embedding(w) + radius * scale[w] * u / u.norm()
                 batch.append((c, name, " ".join(name if x == w else x for x in model.prompt_words(cfg.concepts[c]))))
             xt = torch.cat([states[c][0] for c, _, _ in batch])
-            pp = model.predict_x0(xt, sig.repeat(len(batch)).to(xt), model.encode([p for _, _, p in batch for _ in
-                                                                                   range(3)]))
+            codes = model.encode([p for _, _, p in batch])  # each candidate once, on its 3 states
+            pp = model.predict_x0(xt, sig.repeat(len(batch)).to(xt),
+                                  model.select_cond(codes, torch.arange(len(batch)).repeat_interleave(3)))
             for j, (c, name, prompt) in enumerate(batch):
                 away = (pp[3 * j:3 * j + 3] - states[c][1]).flatten(1).norm(dim=1).mean()
                 if (away < cfg.pseudo_keep * states[c][2]) == near and len(kept) < PSEUDO_BANK:

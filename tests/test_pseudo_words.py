@@ -48,7 +48,7 @@ def test_the_banks_hold_the_concept_prompt_with_its_word_perturbed(model):
                                radius, near)
             assert 0 < len(bank) <= PSEUDO_BANK and all(c == 0 for _, c in bank)
             for prompt, _ in bank:
-                word = prompt.split()[1 + CONCEPT.lower().split().index("neon") - 1]
+                word = prompt.split()[CONCEPT.lower().split().index("neon")]
                 assert prompt == CONCEPT.lower().rstrip(".").replace("neon", word) and word.startswith("zzpseudo")
                 distance = (model.pseudo_words[word] - model.word_embedding("neon")).norm()
                 assert torch.isclose(distance, torch.tensor(radius * model.embedding_scale("neon")), rtol=1e-4)
