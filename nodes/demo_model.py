@@ -235,7 +235,23 @@ class MiniCanvasTextModel(_DemoTextModel):
         super().__init__(mc.TextEncoder(cfg), cfg.vocab, device, dtype)
 
     def encode(self, token_lists):
-        return self.text_encoder(self.tokens(token_lists)).float(), None
+        if all(not torch.is_tensor(t) for row in token_lists for t in row):
+            return self.text_encoder(self.tokens(token_lists)).float(), None
+        # a tensor in place of a token id is that token's embedding, as ComfyUI's own CLIPs read textual-inversion
+        # embeddings (sd1_clip.SDClipModel.process_tokens); SPARE's pseudo words (DistillConfig.pseudo_rows) use it
+        pad = self.special_tokens["pad"]
+        x = self.text_encoder.token_embedding(self.tokens([[pad if torch.is_tensor(t) else t for t in row]
+                                                           for row in token_lists]))
+        for i, row in enumerate(token_lists):
+            for j, t in enumerate(row):
+                if torch.is_tensor(t):
+                    x[i, j] = t.reshape(-1).to(x)
+        return self.text_encoder.from_embeddings(x).float(), None
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The token embedding (what SPARE's pseudo words perturb; as `transformer.get_input_embeddings()` of
+        ComfyUI's CLIPs)."""
+        return self.text_encoder.token_embedding
 
 
 # ----------------------------------------------------------------------------------------------------------------

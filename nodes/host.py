@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -138,6 +138,32 @@ def _cond_value(c):
     return c.cond if hasattr(c, "cond") else c
 
 
+class PseudoWord(NamedTuple):
+    """A perturbed copy of a prompt word (DistillConfig.pseudo_rows): the word and, per part of the CLIP (its
+    `tokenize` keys: "l", "g", ...; None for a CLIP of one part), the perturbed embedding of each of its tokens."""
+    word: str
+    rows: dict
+
+
+def _part(obj, key):
+    """The sub-tokenizer / sub-encoder of a CLIP part: ComfyUI names them "clip_<key>" (SD1/SD2/SDXL's "l", "h",
+    "g") or "<key>" (Flux's "t5xxl", ...)."""
+    for name in (f"clip_{key}", str(key)):
+        part = getattr(obj, name, None)
+        if part is not None:
+            return part
+    return None
+
+
+def input_embeddings(encoder) -> nn.Module | None:
+    """The token-embedding module of a CLIP part (ComfyUI's `SDClipModel.transformer.get_input_embeddings()`, the
+    demo model's own), or None."""
+    inner = getattr(encoder, "transformer", None)
+    get = getattr(inner if inner is not None else encoder, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return emb if torch.is_tensor(getattr(emb, "weight", None)) else None
+
+
 class ComfyDiffusionModel:
     """spare_core.model.DiffusionModel for a ComfyUI MODEL + CLIP.
 
@@ -174,11 +200,19 @@ class ComfyDiffusionModel:
         # get_model_object honours object patches (e.g. ModelSamplingDiscrete/"shift" nodes on this clone).
         self.model_sampling = model.get_model_object("model_sampling")
         self._cond_cache: dict[str, dict[str, Any]] = {}  # prompt -> its extra_conds output
+        # DistillConfig.pseudo_rows: name -> PseudoWord, read by `encode`; None where the CLIP's token embeddings
+        # cannot be read (then no pseudo rows)
+        self.pseudo_words: dict[str, PseudoWord] | None = None
+        self._word_ids: dict[tuple, list[int]] = {}   # (part, word) -> its token ids
+        self._scales: dict[tuple, float] = {}         # (part, token id) -> median distance to the other tokens
         if clip is not None:
             # what SPARE may train beside the network (DistillConfig.text_encoder; "auto" per Family.text_encoder):
             # the CLIP's model, whose module paths are its state-dict keys, i.e. what ComfyUI's
             # "text_encoders.<key>" LoRA keys name
             self.text_encoder: nn.Module = clip.cond_stage_model
+            self._parts = self._text_parts()
+            if self._parts is not None:
+                self.pseudo_words = {}
 
     # --- loading ---------------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -204,9 +238,19 @@ class ComfyDiffusionModel:
         # CLIP.encode_from_tokens calls CLIP.load_model, i.e. asks ComfyUI for the CLIP's memory again, which on a
         # full card can offload part of the diffusion model mid-training; trainable(text=True) has loaded both whole,
         # so inside here the CLIP is used where it is (an instance attribute shadows the method, removed after)
+        with self._clip_in_place():
+            return self._batched([self._model_conds(p) for p in prompts])
+
+    @contextlib.contextmanager
+    def _clip_in_place(self, on: bool = True) -> Iterator[None]:
+        """Inside: CLIP.load_model (which CLIP.encode_from_tokens calls) loads nothing, the CLIP is used where it is
+        (an instance attribute shadows the method, removed after; nested uses keep the outer one's)."""
+        if not on or "load_model" in vars(self.clip):
+            yield
+            return
         self.clip.load_model = lambda: self.clip.patcher
         try:
-            return self._batched([self._model_conds(p) for p in prompts])
+            yield
         finally:
             del self.clip.load_model
 
@@ -230,8 +274,91 @@ class ComfyDiffusionModel:
                 batched[key] = torch.cat([c.cond for c in items])
         return batched
 
+    # --- pseudo words (DistillConfig.pseudo_rows; the protocol: spare_core.distill.pseudo_bank) ---------------------
+    def _text_parts(self) -> dict | None:
+        """{tokenize key: (its tokenizer, its encoder)} of the CLIP ({None: ...} for a CLIP of one part), or None where
+        a part's token embeddings cannot be read."""
+        tokens = self.clip.tokenize("")
+        if isinstance(tokens, dict):
+            parts = {key: (_part(self.clip.tokenizer, key), _part(self.clip.cond_stage_model, key)) for key in tokens}
+        else:
+            parts = {None: (self.clip.tokenizer, self.clip.cond_stage_model)}
+        ok = all(t is not None and e is not None and input_embeddings(e) is not None for t, e in parts.values())
+        return parts if ok else None
+
+    def prompt_words(self, prompt: str) -> list[str]:
+        """A prompt's words as ComfyUI's tokenizers split them: at spaces."""
+        return prompt.split(" ")
+
+    def word_ids(self, key, word: str) -> list[int]:
+        """The token ids of `word` alone in CLIP part `key` (without start, end and padding tokens)."""
+        if (key, word) not in self._word_ids:
+            tok, enc = self._parts[key]
+            special = set(getattr(enc, "special_tokens", {}).values())
+            batches = tok.tokenize_with_weights(word)
+            self._word_ids[key, word] = [int(t) for b in batches for t, *_ in b
+                                         if not torch.is_tensor(t) and int(t) not in special]
+        return self._word_ids[key, word]
+
+    def knows_word(self, word: str) -> bool:
+        """A word every part of the CLIP reads as at least one token."""
+        try:
+            return all(self.word_ids(key, word) for key in self._parts)
+        except SpareInputError:  # the demo model's tokenizer refuses words outside its vocabulary
+            return False
+
+    def pseudo_word(self, word: str, radius: float, generator: torch.Generator) -> PseudoWord:
+        """`word` with each of its tokens' embeddings (in every part of the CLIP) moved by a random direction (from
+        `generator`) of length radius x that token's median distance to the vocabulary's other tokens."""
+        rows = {}
+        for key, (_, enc) in self._parts.items():
+            table = input_embeddings(enc).weight.detach()
+            moved = []
+            for i in self.word_ids(key, word):
+                e = table[i].float()
+                if (key, i) not in self._scales:
+                    d = (table.float() - e).norm(dim=1)
+                    self._scales[key, i] = float(d[d > 0].median())
+                u = torch.randn(e.shape, generator=generator)
+                moved.append(e.cpu() + radius * self._scales[key, i] * u / u.norm())
+            rows[key] = torch.stack(moved)
+        return PseudoWord(word, rows)
+
+    def _tokens(self, prompt: str):
+        """`clip.tokenize(prompt)`; a pseudo word's tokens are its perturbed embeddings (as ComfyUI's textual-inversion
+        embeddings: a tensor in place of a token id, read by sd1_clip.SDClipModel.process_tokens)."""
+        if not self.pseudo_words:
+            return self.clip.tokenize(prompt)
+        words = prompt.split(" ")
+        used = list(dict.fromkeys(w for w in words if w in self.pseudo_words))
+        if not used:
+            return self.clip.tokenize(prompt)
+        tokens = self.clip.tokenize(" ".join(self.pseudo_words[w].word if w in self.pseudo_words else w
+                                             for w in words))
+        for key in self._parts:
+            batches = tokens[key] if key is not None else tokens
+            for name in used:
+                pw = self.pseudo_words[name]
+                ids, found = self.word_ids(key, pw.word), 0
+                for b in batches:
+                    for a in range(len(b) - len(ids) + 1):
+                        if all(not torch.is_tensor(b[a + k][0]) and int(b[a + k][0]) == ids[k]
+                               for k in range(len(ids))):
+                            for k in range(len(ids)):
+                                b[a + k] = (pw.rows[key][k], *b[a + k][1:])
+                            found += 1
+                if not found:
+                    raise SpareInputError(f"pseudo_rows: the CLIP reads '{pw.word}' in '{prompt}' as other tokens "
+                                          "than alone; set pseudo_rows to 0")
+        return tokens
+
     def _model_conds(self, prompt: str) -> dict[str, Any]:
-        conditioning = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(prompt))
+        tokens = self._tokens(prompt)
+        # a pseudo prompt is encoded inside `trainable()` (the training data are made there), where loading the CLIP
+        # could push part of the diffusion model out: it reads the CLIP where it is, as encode_text does
+        pseudo = bool(self.pseudo_words) and any(w in self.pseudo_words for w in prompt.split(" "))
+        with self._clip_in_place(pseudo):
+            conditioning = self.clip.encode_from_tokens_scheduled(tokens)
         if len(conditioning) > 1:  # only with scheduled CLIP hooks
             log.warning("SPARE: CLIP returned %d scheduled conditionings; using the first", len(conditioning))
         cond, extra = conditioning[0]

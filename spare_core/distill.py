@@ -37,6 +37,7 @@ Reading order: `distill` (the loop, on one screen), then the helpers it calls, i
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -54,13 +55,16 @@ from .errors import Cancelled, NonFiniteLossError, SpareInputError
 from .lora import LoraWeights, metadata_json
 from .model import DiffusionModel, lora_targets, text_encoder_of, text_key_prefix
 from .prompts import expand_alternatives, validate_prompts
-from .sampling import data_std, forward_rows, generate, loss_weight, noised, uniform_t
+from .sampling import GPU_SAMPLE_BATCH, data_std, forward_rows, generate, loss_weight, noised, uniform_t
 from .saliency import Saliency
 from .timesteps import TimestepProfile, check_pairs
 
 TEXT_ENCODER_CHOICES = ("auto", "on", "last", "off")  # DistillConfig.text_encoder
 LEARNING_RATE_AUTO = 0.0  # DistillConfig.learning_rate: the model family's measured rate (Family.learning_rate)
 CROSS_ROWS_AUTO = -1  # DistillConfig.cross_rows: the model family's measured default (families.Family.cross_rows)
+PSEUDO_ROWS_AUTO = -1  # DistillConfig.pseudo_rows: Family.pseudo_rows where the model reads pseudo words, else 0
+
+log = logging.getLogger(__name__)
 RETAIN_SAMPLE_BUDGET = 64  # auto retain samples: about this many in all (a long {a|b} retain list gets 1 per prompt)
 
 
@@ -203,27 +207,29 @@ class DistillConfig:
                                      "uniform in [0, 1]; > 0 = a retain prompt moved toward its nearest concept "
                                      "prompt by u uniform in [0, mix_concept].", min=0.0, max=0.95, step=0.05,
                                 node=False)
-    # an experiment (MiniCanvas only: a model with `pseudo_words`), off: retain rows whose prompt is the concept
-    # prompt with the concept's word replaced by a perturbed copy of its token embedding that the unerased model draws
-    # as something else -- the concept's neighbourhood, found by the model itself, without naming anything -- and
-    # forget rows where it still draws the concept. pseudo_rows 2 + pseudo_forget_rows 2 (radius 2, keep 0.25), 20
-    # concepts x 3 training seeds, paired: mean4 +2.00 [+0.54, +3.57], unlisted IRA +7.23 [+2.60, +12.73], synonyms
-    # -0.17, SFA -0.67; pseudo_rows alone: the objects' synonyms -34.5 (one seed). Not a default: ComfyUI's CLIPs have
-    # no pseudo words yet. bench/RESULTS.md, "Perturbed concept words"
-    pseudo_rows: int = option(0, "Retain rows per step, on the forget rows' own x_t, whose prompt is the concept "
-                                 "prompt with the concept word's embedding perturbed (pseudo_radius) where the "
-                                 "unerased model no longer draws the concept (pseudo_keep).", min=0, max=64,
-                              node=False)
+    # Retain rows whose prompt is the concept prompt with the concept's words replaced by perturbed copies of their
+    # token embeddings that the unerased model draws as something else -- the concept's neighbourhood, found by the
+    # model itself, without naming anything -- and forget rows where it still draws the concept (a model that reads
+    # pseudo words: MiniCanvas, ComfyUI's CLIPs). pseudo_rows 2 + pseudo_forget_rows 2 (radius 2, keep 0.25) against
+    # none, 20 concepts x 3 training seeds, paired: mean4 +2.00 [+0.54, +3.57], unlisted IRA +7.23 [+2.60, +12.73],
+    # synonyms -0.17, SFA -0.67, for 38% more time; pseudo_rows alone: the objects' synonyms -34.5 (one seed).
+    # "auto" (-1): Family.pseudo_rows (2 on the UNets, 0 on the DiTs). bench/RESULTS.md, "Perturbed concept words"
+    pseudo_rows: int = option(PSEUDO_ROWS_AUTO,
+                              "Guard for the concepts no retain line names: retain rows per step whose prompt is the "
+                              "concept with its words nudged (in the text encoder's embedding) to where the unerased "
+                              "model draws something else, so the erasure spares the concept's neighbours. -1 = "
+                              "auto (2 on SD1/SD2/SDXL, 0 on the DiTs), 0 = off (about 30% faster).", min=-1, max=64)
     pseudo_radius: float = option(2.0, "pseudo_rows' perturbation, in units of the median distance from the word's "
                                        "embedding to the other words'.", min=0.0, max=10.0, step=0.05, node=False)
     pseudo_keep: float = option(0.25, "pseudo_rows keeps a perturbed word whose unerased x0 lies at least this "
                                      "fraction of the concept->surrogate gap from the concept's.", min=0.0, max=5.0,
                                 step=0.05, node=False)
-    pseudo_forget_rows: int = option(0, "Forget rows per step, on the forget rows' own x_t: the concept word's "
-                                        "embedding perturbed by pseudo_forget_radius where the unerased model still "
-                                        "draws the concept (closer than pseudo_keep), mapped to the surrogate "
-                                        "(they follow the retain rows in a step and share their weight and mean).",
-                                     min=0, max=64, node=False)
+    pseudo_forget_rows: int = option(PSEUDO_ROWS_AUTO,
+                                     "Forget rows per step, on the forget rows' own x_t: the concept word's "
+                                     "embedding perturbed by pseudo_forget_radius where the unerased model still "
+                                     "draws the concept (closer than pseudo_keep), mapped to the surrogate (they "
+                                     "follow the retain rows in a step and share their weight and mean). -1 = as "
+                                     "many as pseudo_rows.", min=-1, max=64, node=False)
     pseudo_forget_radius: float = option(1.0, "pseudo_forget_rows' perturbation (as pseudo_radius).", min=0.0,
                                          max=10.0, step=0.05, node=False)
 
@@ -338,9 +344,9 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if config.mix_rows < 0 or not 0.0 <= config.mix_concept <= 0.95:
         raise SpareInputError(f"mix_rows={config.mix_rows} must be >= 0 and mix_concept={config.mix_concept} in "
                               "[0, 0.95]")
-    if config.pseudo_rows < 0 or config.pseudo_forget_rows < 0:
+    if config.pseudo_rows < PSEUDO_ROWS_AUTO or config.pseudo_forget_rows < PSEUDO_ROWS_AUTO:
         raise SpareInputError(f"pseudo_rows={config.pseudo_rows} and pseudo_forget_rows={config.pseudo_forget_rows} "
-                              "must be >= 0")
+                              "must be >= 0 (or -1: auto)")
     if config.text_encoder not in TEXT_ENCODER_CHOICES:
         raise SpareInputError(f"text_encoder='{config.text_encoder}' is not one of {', '.join(TEXT_ENCODER_CHOICES)}")
     if config.mix_rows and not config.retain:
@@ -350,10 +356,16 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     return DistillConfig(**{**asdict(config), "concepts": concepts, "surrogates": surrogates, "retain": retain})
 
 
+def model_reads_pseudo(model) -> bool:
+    """The model reads pseudo words (pseudo_bank): its `pseudo_words` is a dict, not None or missing."""
+    return getattr(model, "pseudo_words", None) is not None
+
+
 def for_model(cfg: DistillConfig, model: DiffusionModel) -> DistillConfig:
     """`cfg` with its "auto" fields resolved for `model`'s family: cross_rows -1 -> Family.cross_rows, learning_rate
     0 -> Family.learning_rate, text_encoder "auto" -> "on" where Family.text_encoder and the model has a text encoder
-    (model.text_encoder_of). What trains (and what the LoRA's metadata records) is the resolved value."""
+    (model.text_encoder_of), pseudo_rows -1 -> Family.pseudo_rows where the model reads pseudo words (a
+    `pseudo_words` dict that is not None) else 0, pseudo_forget_rows -1 -> pseudo_rows. What trains (and what the LoRA's metadata records) is the resolved value."""
     family = family_of(model)
     has_text = text_encoder_of(model) is not None
     if cfg.text_encoder == "auto":
@@ -368,9 +380,15 @@ def for_model(cfg: DistillConfig, model: DiffusionModel) -> DistillConfig:
         if cfg.calibrate_share > 0:  # it samples through `encode`, which a host may cache from before training
             raise SpareInputError("calibrate_share is not supported with a trained text encoder: set calibrate_share "
                                   "to 0 or text_encoder to 'off'")
-    if (cfg.pseudo_rows or cfg.pseudo_forget_rows) and not hasattr(model, "pseudo_words"):
-        raise SpareInputError("pseudo_rows / pseudo_forget_rows need a model that reads pseudo words (MiniCanvas "
-                              "only so far): set both to 0")
+    reads_pseudo = model_reads_pseudo(model)
+    if cfg.pseudo_rows == PSEUDO_ROWS_AUTO:
+        cfg = replace(cfg, pseudo_rows=family.pseudo_rows if reads_pseudo else 0)
+    if cfg.pseudo_forget_rows == PSEUDO_ROWS_AUTO:
+        cfg = replace(cfg, pseudo_forget_rows=cfg.pseudo_rows)
+    if (cfg.pseudo_rows or cfg.pseudo_forget_rows) and not reads_pseudo:
+        raise SpareInputError(f"pseudo_rows={cfg.pseudo_rows} / pseudo_forget_rows={cfg.pseudo_forget_rows} need "
+                              "the model's text encoder (give the node the CLIP the model was loaded with) and one "
+                              "whose token embeddings SPARE can read: set pseudo_rows to 0 or -1 (auto)")
     if cfg.cross_rows == CROSS_ROWS_AUTO:
         cfg = replace(cfg, cross_rows=family.cross_rows)
     if cfg.learning_rate == LEARNING_RATE_AUTO:
@@ -459,7 +477,7 @@ def distill(
             trainable = sum(p.numel() for p in params)
         finally:
             adapters.remove()
-            if cfg.pseudo_rows or cfg.pseudo_forget_rows:
+            if model_reads_pseudo(model):
                 model.pseudo_words.clear()
     return DistillResult(lora, losses, time.perf_counter() - started, trainable, cfg,
                          (gap_before, checks[-1]["gap"]), checks, stopped_early, strength, tried)
@@ -584,17 +602,20 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
     prompts = cfg.concepts + cfg.surrogates + retain_prompts if trains_text(cfg) else None
     pseudo_row, pseudo, pforget_row, pforget_c = None, [], None, None
     n_rows = 2 * len(cfg.concepts) + len(retain_prompts)
-    if cfg.pseudo_rows:
+    if cfg.pseudo_rows > 0:  # -1 (auto) is resolved by for_model; unresolved it is off
         pseudo = [p for p, _ in pseudo_bank(model, cfg, cond, x_forget, i_forget,
                                             torch.Generator().manual_seed(cfg.seed + 11), cfg.pseudo_radius, False)]
+    if pseudo:  # none where no candidate qualified (logged): no rows
         pseudo_row, n_rows = n_rows, n_rows + len(pseudo)
         with torch.no_grad():
             cond = cat_cond(cond, model.encode(pseudo))
         if prompts is not None:
             prompts = prompts + pseudo
-    if cfg.pseudo_forget_rows:
+    near = []
+    if cfg.pseudo_forget_rows > 0:
         near = pseudo_bank(model, cfg, cond, x_forget, i_forget, torch.Generator().manual_seed(cfg.seed + 13),
                            cfg.pseudo_forget_radius, True)
+    if near:
         pforget_row, pforget_c = n_rows, torch.tensor([c for _, c in near])
         with torch.no_grad():
             cond = cat_cond(cond, model.encode([p for p, _ in near]))
@@ -610,19 +631,25 @@ PSEUDO_BANK = 32  # perturbed concept words kept per run (DistillConfig.pseudo_r
 
 def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forget: torch.Tensor,
                 gen: torch.Generator, radius: float, near: bool) -> list[tuple[str, int]]:
-    """Up to PSEUDO_BANK (prompt, concept index): concept prompt i with its word (the first word it has and its
-    surrogate lacks) written as a pseudo word whose embedding is the word's plus a random direction of length
-    `radius` x the word's embedding scale. near=False keeps those where the unerased model's x0 on the concept's own
-    states lies at least pseudo_keep x the concept->surrogate gap from the concept's (it draws something else there),
-    near=True those closer (it still draws the concept). Registers the kept pseudo words in model.pseudo_words
-    (distill clears them). Hand-written: no library perturbs a prompt's token embedding for a retain set."""
+    """Up to PSEUDO_BANK (prompt, concept index): concept prompt i with each of its words that its surrogate lacks
+    written as a pseudo word, the word's token embedding(s) plus a random direction of length `radius` x their scale
+    (`model.pseudo_word`). near=False keeps those where the unerased model's x0 on the concept's own states lies at
+    least pseudo_keep x the concept->surrogate gap from the concept's (it draws something else there), near=True those
+    closer (it still draws the concept). Registers the kept pseudo words in model.pseudo_words (distill clears them).
+    [] (logged) where no candidate qualifies. Hand-written: no library perturbs a prompt's token embedding for a
+    retain set.
+
+    A model that reads pseudo words has `pseudo_words` (a dict: name -> what `encode` reads for that name),
+    `prompt_words(prompt)` (its words, in order; joined by spaces they are the prompt again), `knows_word(word)` and
+    `pseudo_word(word, radius, generator)` (a perturbed copy of the word, drawn from the generator)."""
     words = []
     for c, s in zip(cfg.concepts, cfg.surrogates):
         ws, ss = model.prompt_words(c), set(model.prompt_words(s))
-        diff = [w for w in ws if w not in ss and w in model.tokenizer.ids]
+        diff = list(dict.fromkeys(w for w in ws if w not in ss and model.knows_word(w)))
         if not diff:
-            raise SpareInputError(f"pseudo_rows: concept prompt '{c}' has no word its surrogate lacks")
-        words.append(diff[0])
+            raise SpareInputError(f"pseudo_rows: concept prompt '{c}' has no word its surrogate '{s}' lacks; give a "
+                                  "surrogate that differs from it in words, or set pseudo_rows to 0")
+        words.append(diff)
     n = len(cfg.concepts)
     sig = model.sigma_at(torch.tensor([0.3, 0.5, 0.7]))
     with torch.no_grad():  # each concept's states: its first sample at 3 noise levels; its and its surrogate's x0
@@ -633,29 +660,37 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
             pc = model.predict_x0(xt, sig.to(x0), model.select_cond(cond, torch.full((3,), c)))
             ps = model.predict_x0(xt, sig.to(x0), model.select_cond(cond, torch.full((3,), n + c)))
             states.append((xt, pc, (pc - ps).flatten(1).norm(dim=1).mean()))
-        scale = {w: model.embedding_scale(w) for w in set(words)}
         kept, tries = [], 0
+        # a round's rows in one forward on the CPU (MiniCanvas), GPU_SAMPLE_BATCH candidates' at a time on a GPU
+        per = 3 * (PSEUDO_BANK if torch.device(model.device).type == "cpu" else GPU_SAMPLE_BATCH)
         while len(kept) < PSEUDO_BANK and tries < 8 * PSEUDO_BANK:
             batch = []
-            for _ in range(PSEUDO_BANK):  # a round of candidates, judged in one forward
-                c, w = tries % n, words[tries % n]
+            for _ in range(PSEUDO_BANK):  # a round of candidates
+                c = tries % n
                 tries += 1
-                u = torch.randn(model.word_embedding(w).shape, generator=gen)
-                name = f"zzpseudo{'n' if near else 'f'}{tries}"
-                model.pseudo_words[name] = model.word_embedding(w) + radius * scale[w] * u / u.norm()
-                batch.append((c, name, " ".join(name if x == w else x for x in model.prompt_words(cfg.concepts[c]))))
+                names = {}
+                for k, w in enumerate(words[c]):
+                    names[w] = f"zzpseudo{'n' if near else 'f'}{tries}" + (f"w{k}" if k else "")
+                    model.pseudo_words[names[w]] = model.pseudo_word(w, radius, gen)
+                batch.append((c, list(names.values()),
+                              " ".join(names.get(x, x) for x in model.prompt_words(cfg.concepts[c]))))
             xt = torch.cat([states[c][0] for c, _, _ in batch])
             codes = model.encode([p for _, _, p in batch])  # each candidate once, on its 3 states
-            pp = model.predict_x0(xt, sig.repeat(len(batch)).to(xt),
-                                  model.select_cond(codes, torch.arange(len(batch)).repeat_interleave(3)))
-            for j, (c, name, prompt) in enumerate(batch):
+            rows = torch.arange(len(batch)).repeat_interleave(3)
+            sigs = sig.repeat(len(batch)).to(xt)
+            pp = torch.cat([model.predict_x0(xt[a:a + per], sigs[a:a + per], model.select_cond(codes, rows[a:a + per]))
+                            for a in range(0, len(rows), per)])
+            for j, (c, names, prompt) in enumerate(batch):
                 away = (pp[3 * j:3 * j + 3] - states[c][1]).flatten(1).norm(dim=1).mean()
                 if (away < cfg.pseudo_keep * states[c][2]) == near and len(kept) < PSEUDO_BANK:
                     kept.append((prompt, c))
                 else:
-                    del model.pseudo_words[name]
+                    for name in names:
+                        del model.pseudo_words[name]
     if not kept:
-        raise SpareInputError("pseudo_rows: no perturbed word drew anything but the concept; raise pseudo_radius")
+        log.warning("SPARE: no perturbed concept word drew %s the concept in %d tries (%s %.2g): "
+                    "training without those rows", "the" if near else "anything but", tries,
+                    "pseudo_forget_radius" if near else "pseudo_radius", radius)
     return kept
 
 
@@ -763,14 +798,14 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
         if cfg.mix_rows and data.mix_row is not None:
             ids.append(data.mix_row + torch.randint(0, MIX_BANK, (cfg.mix_rows,), generator=gen))
             k.append(torch.arange(cfg.mix_rows) % cfg.batch_size)
-        if cfg.pseudo_rows and data.pseudo_row is not None:
+        if cfg.pseudo_rows > 0 and data.pseudo_row is not None:
             ids.append(data.pseudo_row + torch.randint(0, data.n_pseudo, (cfg.pseudo_rows,), generator=gen))
             k.append(torch.arange(cfg.pseudo_rows) % cfg.batch_size)
         if ids:
             ids, k = torch.cat(ids), torch.cat(k)
             sigma, xt = torch.cat([sigma, sigma[k]]), torch.cat([xt, xt[k]])
             student, teacher = torch.cat([student, ids]), torch.cat([teacher, ids])
-        if cfg.pseudo_forget_rows and data.pforget_row is not None:  # student: the perturbed word; teacher: surrogate
+        if cfg.pseudo_forget_rows > 0 and data.pforget_row is not None:  # student: the perturbed word; teacher: surrogate
             j = torch.randint(0, data.pforget_concept.shape[0], (cfg.pseudo_forget_rows,), generator=gen)
             k = torch.arange(cfg.pseudo_forget_rows) % cfg.batch_size
             sigma, xt = torch.cat([sigma, sigma[k]]), torch.cat([xt, xt[k]])

@@ -58,6 +58,11 @@ class Family:
     # encoders (billions of parameters beside the DiT) neither quality nor memory is measured ("The text encoder on
     # the DiT"): "on" / "last" are offered there, not the default
     text_encoder: bool = False
+    # DistillConfig.pseudo_rows "auto" (-1): retain rows on perturbed copies of the concept's words that the unerased
+    # model draws as something else, and as many forget rows on those it still draws as the concept. 2 on the UNets
+    # (MiniCanvas, every concept x 3 training seeds, paired: mean4 +2.00 [+0.54, +3.57], unlisted IRA +7.23 [+2.60,
+    # +12.73], for 38% more time; bench/RESULTS.md, "Perturbed concept words"); 0 on the DiTs (not measured there)
+    pseudo_rows: int = 0
 
 
 TEXT_LAYER = re.compile(r"(^|\.)(layers|layer|block|blocks)\.\d+\.")  # a text encoder's transformer layers
@@ -86,7 +91,8 @@ def last_layers(names: list[str]) -> list[str]:
 
 
 UNET = Family("unet", "SD1.x / SD2.x / SDXL (UNet)", attention=("to_q", "to_k", "to_v", "to_out", "to_out.0"),
-              text_attention=(".attn2.",), dit=False, cross_rows=2, learning_rate=1e-4, text_encoder=True)
+              text_attention=(".attn2.",), dit=False, cross_rows=2, learning_rate=1e-4, text_encoder=True,
+              pseudo_rows=2)
 FLUX = Family("flux", "Flux.1-dev (and Krea, Kontext)", blocks=("double_blocks", "single_blocks"),
               attention=("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2"),
               text_attention=(".txt_attn.",), inplace_residuals=True, guidance_distilled=True,

@@ -1,17 +1,21 @@
-"""DistillConfig.pseudo_rows / pseudo_forget_rows (engine options, off): rows whose prompt is the concept prompt with
-the concept word's token embedding perturbed, on the bundled MiniCanvas model (the only model with `pseudo_words`).
-That a pseudo word reads as its embedding, what the banks hold, which rows a step gets, and that nothing stays."""
+"""DistillConfig.pseudo_rows / pseudo_forget_rows (auto: on for the UNets): rows whose prompt is the concept prompt
+with the concept's words' token embeddings perturbed, on the bundled MiniCanvas model (ComfyUI's CLIPs:
+tests/test_host_comfy.py). That a pseudo word reads as its embedding, what the banks hold, which rows a step gets, what
+"auto" resolves to, and that nothing stays."""
+import copy
+import logging
 from dataclasses import replace
 
 import pytest
 import torch
 
 import spare_core as sc
-from spare_core.distill import PSEUDO_BANK, get_batch, make_training_data, pseudo_bank, validate
+from spare_core.distill import PSEUDO_BANK, for_model, get_batch, make_training_data, pseudo_bank, validate
 
 CONCEPT, SURROGATE = "A circle image in neon style.", "A circle image in plain style."
 RETAIN = ["A circle image in sketch style.", "A square image in neon style."]
-FAST = dict(samples=2, sample_steps=4, batch_size=2, steps=3, seed=0, gradient_checkpointing=False, cross_rows=0)
+FAST = dict(samples=2, sample_steps=4, batch_size=2, steps=3, seed=0, gradient_checkpointing=False, cross_rows=0,
+            pseudo_rows=0, pseudo_forget_rows=0)
 SAL = sc.Saliency({"input_blocks.3.1.transformer_blocks.0.attn2.to_k": 1.0},
                   ["input_blocks.3.1.transformer_blocks.0.attn2.to_k"], {})
 
@@ -84,13 +88,54 @@ def test_a_step_gets_the_pseudo_rows_after_the_others_and_nothing_stays(model):
     result = sc.distill(model, cfg, SAL)
     assert len(result.losses) == 3 and model.pseudo_words == {}
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    with pytest.raises(sc.SpareInputError, match="pseudo_rows=-1"):
-        validate(replace(base, pseudo_rows=-1), SAL)
+    with pytest.raises(sc.SpareInputError, match="pseudo_rows=-2"):
+        validate(replace(base, pseudo_rows=-2), SAL)
 
 
-def test_a_model_without_pseudo_words_is_refused():
-    from spare_core.distill import for_model
+def test_auto_is_two_and_two_on_a_unet_that_reads_pseudo_words_and_off_elsewhere(model):
     from tiny_denoiser import TinyDiffusionModel
-    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], pseudo_rows=1)
-    with pytest.raises(sc.SpareInputError, match="pseudo_rows / pseudo_forget_rows need a model"):
-        for_model(cfg, TinyDiffusionModel(seed=0))
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE])
+    assert (cfg.pseudo_rows, cfg.pseudo_forget_rows) == (-1, -1)
+    on = for_model(cfg, model)
+    assert (on.pseudo_rows, on.pseudo_forget_rows) == (2, 2)
+    assert for_model(replace(cfg, pseudo_rows=3), model).pseudo_forget_rows == 3  # -1: as many as pseudo_rows
+    assert for_model(replace(cfg, pseudo_rows=0), model).pseudo_forget_rows == 0
+    dit = copy.copy(model)
+    dit.family = "flux"  # the same text encoder on a DiT family: not measured there, auto is off
+    assert (for_model(cfg, dit).pseudo_rows, for_model(cfg, dit).pseudo_forget_rows) == (0, 0)
+    tiny = TinyDiffusionModel(seed=0)  # no pseudo words: auto is off, an explicit count refused
+    assert (for_model(cfg, tiny).pseudo_rows, for_model(cfg, tiny).pseudo_forget_rows) == (0, 0)
+    with pytest.raises(sc.SpareInputError, match="pseudo_rows=1 / pseudo_forget_rows=1 need the model's text enc"):
+        for_model(replace(cfg, pseudo_rows=1), tiny)
+
+
+def test_every_word_the_surrogate_lacks_is_perturbed(model):
+    cfg = validate(sc.DistillConfig(["A circle image in neon style."], ["A square image in plain style."],
+                                    retain=RETAIN, **FAST), SAL)
+    data = make_training_data(model, cfg, None, None)
+    try:
+        bank = pseudo_bank(model, cfg, data.cond, data.x_forget, data.i_forget, torch.Generator().manual_seed(0),
+                           2.0, False)
+        assert bank
+        for prompt, _ in bank:
+            words = prompt.split()
+            assert words[0] == "a" and words[2:4] == ["image", "in"] and words[5] == "style"
+            assert words[1].startswith("zzpseudo") and words[4] == words[1] + "w1"  # circle, then neon
+            for w, word in ((words[1], "circle"), (words[4], "neon")):
+                distance = (model.pseudo_words[w] - model.word_embedding(word)).norm()
+                assert torch.isclose(distance, torch.tensor(2.0 * model.embedding_scale(word)), rtol=1e-4)
+    finally:
+        model.pseudo_words.clear()
+
+
+def test_an_empty_bank_trains_without_its_rows(model, caplog):
+    cfg = validate(sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, **{**FAST, "pseudo_rows": 2},
+                                    pseudo_keep=5.0), SAL)  # nothing lies 5 gaps away
+    with caplog.at_level(logging.WARNING, logger="spare_core.distill"):
+        data = make_training_data(model, cfg, None, None)
+    try:
+        assert data.pseudo_row is None and data.n_pseudo == 0 and model.pseudo_words == {}
+        assert "training without those rows" in caplog.text
+        get_batch(model, data, cfg, None, torch.Generator().manual_seed(3))  # draws no pseudo row
+    finally:
+        model.pseudo_words.clear()

@@ -385,6 +385,16 @@ class MiniCanvasModel:
         """The words the tokenizer reads in a prompt, in order."""
         return data.tokenize_words(prompt)
 
+    def knows_word(self, word: str) -> bool:
+        """A word of the vocabulary (DistillConfig.pseudo_rows perturbs only those)."""
+        return word in self.tokenizer.ids
+
+    def pseudo_word(self, word: str, radius: float, generator: torch.Generator) -> torch.Tensor:
+        """The word's token embedding plus a random direction (from `generator`) of length radius x
+        `embedding_scale(word)`: what `pseudo_words` holds for a pseudo word (DistillConfig.pseudo_rows)."""
+        u = torch.randn(self.word_embedding(word).shape, generator=generator)
+        return self.word_embedding(word) + radius * self.embedding_scale(word) * u / u.norm()
+
     def word_embedding(self, word: str) -> torch.Tensor:
         """The token embedding of a vocabulary word."""
         return self.text_encoder.token_embedding.weight[self.tokenizer.ids[word]].detach()
