@@ -5,6 +5,7 @@ train what the library path trains from the same inputs; a batched grid image eq
 The host tests need a ComfyUI checkout in COMFYUI_PATH (scripts/setup_comfyui.sh) and are skipped with the reason
 printed otherwise; the CLI's refusals are tested without it.
 """
+import json
 import os
 
 import pytest
@@ -75,6 +76,8 @@ def test_nodes_train_what_the_library_trains(host, monkeypatch):
     assert info["steps_used"] == lib_info["steps_used"] and info["trainable_params"] == lib_info["trainable_params"]
     node_lora = sc.lora.LoraWeights.from_state_dict(_node_sd(host, info), sc.lora_targets(library.model))
     assert node_lora.edits_text_encoder  # the UNet's default: the text encoder trains too
+    config = json.loads(_node_metadata(host, info)["spare.config"])  # the UNet's default: pseudo rows, through the CLIP
+    assert (config["pseudo_rows"], config["pseudo_forget_rows"]) == (2, 2)
     assert set(node_lora.modules) == set(lora.modules)
     worst = 0.0
     for path, m in lora.modules.items():
@@ -89,6 +92,12 @@ def test_nodes_train_what_the_library_trains(host, monkeypatch):
     prompts = [data.prompt(name, "star", 1), data.prompt("neon", "heart", 2)]
     base, after = host.sample(None, prompts, [5, 6], 4), host.sample(("model", erased), prompts, [5, 6], 4)
     assert (after - base).abs().max() > 1e-3
+
+
+def _node_metadata(host, info):
+    from safetensors import safe_open
+    with safe_open(os.path.join(host.loras, info["lora_file"]), "pt") as f:
+        return f.metadata()
 
 
 def _node_sd(host, info):
