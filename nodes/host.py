@@ -205,6 +205,7 @@ class ComfyDiffusionModel:
         self.pseudo_words: dict[str, PseudoWord] | None = None
         self._word_ids: dict[tuple, list[int]] = {}   # (part, word) -> its token ids
         self._scales: dict[tuple, float] = {}         # (part, token id) -> median distance to the other tokens
+        self._unmatched: set = set()                  # (part, word) not found in a prompt's tokens (logged once)
         if clip is not None:
             # what SPARE may train beside the network (DistillConfig.text_encoder; "auto" per Family.text_encoder):
             # the CLIP's model, whose module paths are its state-dict keys, i.e. what ComfyUI's
@@ -226,11 +227,17 @@ class ComfyDiffusionModel:
         build its apply_model kwargs with `BaseModel.extra_conds`, then batch them along dim 0 in prompt order.
 
         Encoding loads the CLIP, which on a small GPU can offload part of the diffusion model: a node should encode
-        its prompts before entering `trainable()` (the cache then serves the calls made inside)."""
+        its prompts before entering `trainable()` (the cache then serves the calls made inside). A prompt with a pseudo
+        word is encoded each time, not cached (its name may stand for another embedding in a later distillation)."""
+        conds = []
         for p in prompts:
+            if self._has_pseudo(p):
+                conds.append(self._model_conds(p))
+                continue
             if p not in self._cond_cache:
                 self._cond_cache[p] = self._model_conds(p)
-        return self._batched([self._cond_cache[p] for p in prompts])
+            conds.append(self._cond_cache[p])
+        return self._batched(conds)
 
     def encode_text(self, prompts: Sequence[str]) -> dict[str, Any]:
         """`encode` computed now, not cached: through the CLIP as it is (with the adapters a distillation hooked onto
@@ -286,6 +293,9 @@ class ComfyDiffusionModel:
         ok = all(t is not None and e is not None and input_embeddings(e) is not None for t, e in parts.values())
         return parts if ok else None
 
+    def _has_pseudo(self, prompt: str) -> bool:
+        return bool(self.pseudo_words) and any(w in self.pseudo_words for w in prompt.split(" "))
+
     def prompt_words(self, prompt: str) -> list[str]:
         """A prompt's words as ComfyUI's tokenizers split them: at spaces."""
         return prompt.split(" ")
@@ -316,8 +326,8 @@ class ComfyDiffusionModel:
             moved = []
             for i in self.word_ids(key, word):
                 e = table[i].float()
-                if (key, i) not in self._scales:
-                    d = (table.float() - e).norm(dim=1)
+                if (key, i) not in self._scales:  # in chunks: a 150k-token vocabulary in fp32 would be 2 GB at once
+                    d = torch.cat([(table[a:a + 8192].float() - e).norm(dim=1) for a in range(0, table.shape[0], 8192)])
                     self._scales[key, i] = float(d[d > 0].median())
                 u = torch.randn(e.shape, generator=generator)
                 moved.append(e.cpu() + radius * self._scales[key, i] * u / u.norm())
@@ -347,17 +357,17 @@ class ComfyDiffusionModel:
                             for k in range(len(ids)):
                                 b[a + k] = (pw.rows[key][k], *b[a + k][1:])
                             found += 1
-                if not found:
-                    raise SpareInputError(f"pseudo_rows: the CLIP reads '{pw.word}' in '{prompt}' as other tokens "
-                                          "than alone; set pseudo_rows to 0")
+                if not found and (key, pw.word) not in self._unmatched:  # e.g. a word inside "(a b:1.2)"
+                    self._unmatched.add((key, pw.word))
+                    log.warning("SPARE: the CLIP part %s reads '%s' in '%s' as other tokens than alone; that word is "
+                                "not perturbed there (pseudo_rows)", key, pw.word, prompt)
         return tokens
 
     def _model_conds(self, prompt: str) -> dict[str, Any]:
         tokens = self._tokens(prompt)
         # a pseudo prompt is encoded inside `trainable()` (the training data are made there), where loading the CLIP
         # could push part of the diffusion model out: it reads the CLIP where it is, as encode_text does
-        pseudo = bool(self.pseudo_words) and any(w in self.pseudo_words for w in prompt.split(" "))
-        with self._clip_in_place(pseudo):
+        with self._clip_in_place(self._has_pseudo(prompt)):
             conditioning = self.clip.encode_from_tokens_scheduled(tokens)
         if len(conditioning) > 1:  # only with scheduled CLIP hooks
             log.warning("SPARE: CLIP returned %d scheduled conditionings; using the first", len(conditioning))

@@ -139,3 +139,29 @@ def test_a_distillation_with_the_defaults_trains_the_pseudo_rows_and_leaves_noth
     assert "training without those rows" in caplog.text  # the forget side: nothing closer than 0 x the gap
     assert dm.pseudo_words == {} and "load_model" not in vars(clip)
     assert all(torch.equal(v, model.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_weighted_words_keep_their_weight_and_a_word_read_otherwise_is_left_alone(host, caplog):
+    import logging
+    model, clip = cf.build_tiny("sd15", seed=0)
+    dm = host.ComfyDiffusionModel(model, clip, 64, 64)
+    gen = torch.Generator().manual_seed(0)
+    prompt = "a watercolor of a (ukiyo-e:1.3) dog"
+    word = dm.prompt_words(prompt)[4]
+    assert word == "(ukiyo-e:1.3)" and dm.word_ids("l", word) == dm.word_ids("l", "ukiyo-e")
+    dm.pseudo_words["zzw"] = dm.pseudo_word(word, 0.0, gen)
+    tokens = dm._tokens(prompt.replace(word, "zzw"))["l"][0]
+    moved = [(t, w) for t, w, *_ in tokens if torch.is_tensor(t)]
+    assert len(moved) == len(dm.word_ids("l", "ukiyo-e")) and all(w == pytest.approx(1.3) for _, w in moved)
+    assert torch.allclose(crossattn(dm, prompt.replace(word, "zzw")), crossattn(dm, prompt), atol=1e-5)
+    # "(ukiyo-e" alone is other tokens than inside "(ukiyo-e dog:1.3)": logged, the prompt encodes as it is
+    split = "a watercolor of a (ukiyo-e dog:1.3)"
+    dm.pseudo_words["zzv"] = dm.pseudo_word("(ukiyo-e", 2.0, gen)
+    with caplog.at_level(logging.WARNING):
+        out = crossattn(dm, split.replace("(ukiyo-e", "zzv"))
+    assert "as other tokens than alone" in caplog.text
+    assert torch.allclose(out, crossattn(dm, split), atol=1e-5)
+    # a pseudo prompt is not cached: the same name with another embedding encodes anew
+    dm.pseudo_words["zzw"] = dm.pseudo_word(word, 2.0, gen)
+    assert not torch.allclose(crossattn(dm, prompt.replace(word, "zzw")), crossattn(dm, prompt), atol=1e-3)
+    dm.pseudo_words.clear()
