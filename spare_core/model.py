@@ -46,6 +46,9 @@ class DiffusionModel(Protocol):
     # through text_encoder's modules as they are (adapters included), differentiable under grad mode: no cache.
     # `text_key_prefix` (default TEXT_KEY_PREFIX): what its module paths get in a LoRA, so that they name the keys of
     # the host's text-encoder state dict ("text_encoders." + the path ComfyUI's CLIP model has for it).
+    # Optional: pseudo words (DistillConfig.pseudo_rows): `pseudo_words` (a dict; None or absent = none), read by
+    # `encode` -- a prompt word that is one of its keys is read as its value --, `prompt_words(prompt)`,
+    # `knows_word(word)` and `pseudo_word(word, radius, generator)` (distill.pseudo_bank says what each does).
 
     def encode(self, prompts: Sequence[str]) -> Any:
         """Text conditioning for a batch of prompts (opaque to SPARE). SPARE calls it under torch.no_grad()."""
