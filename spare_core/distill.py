@@ -63,9 +63,9 @@ TEXT_ENCODER_CHOICES = ("auto", "on", "last", "off")  # DistillConfig.text_encod
 LEARNING_RATE_AUTO = 0.0  # DistillConfig.learning_rate: the model family's measured rate (Family.learning_rate)
 CROSS_ROWS_AUTO = -1  # DistillConfig.cross_rows: the model family's measured default (families.Family.cross_rows)
 PSEUDO_ROWS_AUTO = -1  # DistillConfig.pseudo_rows: Family.pseudo_rows where the model reads pseudo words, else 0
+RETAIN_SAMPLE_BUDGET = 64  # auto retain samples: about this many in all (a long {a|b} retain list gets 1 per prompt)
 
 log = logging.getLogger(__name__)
-RETAIN_SAMPLE_BUDGET = 64  # auto retain samples: about this many in all (a long {a|b} retain list gets 1 per prompt)
 
 
 def anchor_samples(cfg: "DistillConfig") -> int:
@@ -365,7 +365,8 @@ def for_model(cfg: DistillConfig, model: DiffusionModel) -> DistillConfig:
     """`cfg` with its "auto" fields resolved for `model`'s family: cross_rows -1 -> Family.cross_rows, learning_rate
     0 -> Family.learning_rate, text_encoder "auto" -> "on" where Family.text_encoder and the model has a text encoder
     (model.text_encoder_of), pseudo_rows -1 -> Family.pseudo_rows where the model reads pseudo words (a
-    `pseudo_words` dict that is not None) else 0, pseudo_forget_rows -1 -> pseudo_rows. What trains (and what the LoRA's metadata records) is the resolved value."""
+    `pseudo_words` dict that is not None) else 0, pseudo_forget_rows -1 -> pseudo_rows. What trains (and what the
+    LoRA's metadata records) is the resolved value."""
     family = family_of(model)
     has_text = text_encoder_of(model) is not None
     if cfg.text_encoder == "auto":
@@ -805,7 +806,7 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
             ids, k = torch.cat(ids), torch.cat(k)
             sigma, xt = torch.cat([sigma, sigma[k]]), torch.cat([xt, xt[k]])
             student, teacher = torch.cat([student, ids]), torch.cat([teacher, ids])
-        if cfg.pseudo_forget_rows > 0 and data.pforget_row is not None:  # student: the perturbed word; teacher: surrogate
+        if cfg.pseudo_forget_rows > 0 and data.pforget_row is not None:  # student: the pseudo word; teacher: surrogate
             j = torch.randint(0, data.pforget_concept.shape[0], (cfg.pseudo_forget_rows,), generator=gen)
             k = torch.arange(cfg.pseudo_forget_rows) % cfg.batch_size
             sigma, xt = torch.cat([sigma, sigma[k]]), torch.cat([xt, xt[k]])
