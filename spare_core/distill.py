@@ -210,9 +210,10 @@ class DistillConfig:
     # Retain rows whose prompt is the concept prompt with the concept's words replaced by perturbed copies of their
     # token embeddings that the unerased model draws as something else -- the concept's neighbourhood, found by the
     # model itself, without naming anything -- and forget rows where it still draws the concept (a model that reads
-    # pseudo words: MiniCanvas, ComfyUI's CLIPs). pseudo_rows 2 + pseudo_forget_rows 2 (radius 2, keep 0.25) against
-    # none, 20 concepts x 3 training seeds, paired: mean4 +2.00 [+0.54, +3.57], unlisted IRA +7.23 [+2.60, +12.73],
-    # synonyms -0.17, SFA -0.67, for 38% more time; pseudo_rows alone: the objects' synonyms -34.5 (one seed).
+    # pseudo words: MiniCanvas, ComfyUI's CLIPs). pseudo_rows 2 + pseudo_forget_rows 2 (radius 2, keep 0.5) against
+    # none, 20 concepts x 3 training seeds, paired: mean4 +3.11 [+1.49, +4.81], unlisted IRA +8.68 [+4.55, +13.80],
+    # synonyms +1.83, SFA +1.58, for 38% more time (keep 0.25: mean4 +2.00, SFA -0.67, ukiyo's SFA 73 -> 62);
+    # pseudo_rows alone: the objects' synonyms -34.5 (one seed).
     # "auto" (-1): Family.pseudo_rows (2 on the UNets, 0 on the DiTs). bench/RESULTS.md, "Perturbed concept words"
     pseudo_rows: int = option(PSEUDO_ROWS_AUTO,
                               "Guard for the concepts no retain line names: retain rows per step whose prompt is the "
@@ -221,9 +222,9 @@ class DistillConfig:
                               "auto (2 on SD1/SD2/SDXL, 0 on the DiTs), 0 = off (about 30% faster).", min=-1, max=64)
     pseudo_radius: float = option(2.0, "pseudo_rows' perturbation, in units of the median distance from the word's "
                                        "embedding to the other words'.", min=0.0, max=10.0, step=0.05, node=False)
-    pseudo_keep: float = option(0.25, "pseudo_rows keeps a perturbed word whose unerased x0 lies at least this "
-                                     "fraction of the concept->surrogate gap from the concept's.", min=0.0, max=5.0,
-                                step=0.05, node=False)
+    pseudo_keep: float = option(0.5, "pseudo_rows keeps a perturbed word whose unerased x0 lies at least this "
+                                    "fraction of the concept->surrogate gap from the concept's (pseudo_forget_rows "
+                                    "those closer).", min=0.0, max=5.0, step=0.05, node=False)
     pseudo_forget_rows: int = option(PSEUDO_ROWS_AUTO,
                                      "Forget rows per step, on the forget rows' own x_t: the concept word's "
                                      "embedding perturbed by pseudo_forget_radius where the unerased model still "

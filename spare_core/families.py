@@ -60,8 +60,8 @@ class Family:
     text_encoder: bool = False
     # DistillConfig.pseudo_rows "auto" (-1): retain rows on perturbed copies of the concept's words that the unerased
     # model draws as something else, and as many forget rows on those it still draws as the concept. 2 on the UNets
-    # (MiniCanvas, every concept x 3 training seeds, paired: mean4 +2.00 [+0.54, +3.57], unlisted IRA +7.23 [+2.60,
-    # +12.73], for 38% more time; bench/RESULTS.md, "Perturbed concept words"); 0 on the DiTs (not measured there)
+    # (MiniCanvas, every concept x 3 training seeds, paired: mean4 +3.11 [+1.49, +4.81], unlisted IRA +8.68 [+4.55,
+    # +13.80], for 38% more time; bench/RESULTS.md, "Perturbed concept words"); 0 on the DiTs (not measured there)
     pseudo_rows: int = 0
 
 
