@@ -646,8 +646,8 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
     `pseudo_word(word, radius, generator)` (a perturbed copy of the word, drawn from the generator)."""
     words = []
     for c, s in zip(cfg.concepts, cfg.surrogates):
-        ws, ss = model.prompt_words(c), set(model.prompt_words(s))
-        diff = list(dict.fromkeys(w for w in ws if w not in ss and model.knows_word(w)))
+        ws, ss = model.prompt_words(c), {x.casefold() for x in model.prompt_words(s)}  # "A cat" / "a dog": cat
+        diff = list(dict.fromkeys(w for w in ws if w.casefold() not in ss and model.knows_word(w)))
         if not diff:
             raise SpareInputError(f"pseudo_rows: concept prompt '{c}' has no word its surrogate '{s}' lacks; give a "
                                   "surrogate that differs from it in words, or set pseudo_rows to 0")
@@ -663,7 +663,8 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
             ps = model.predict_x0(xt, sig.to(x0), model.select_cond(cond, torch.full((3,), n + c)))
             states.append((xt, pc, (pc - ps).flatten(1).norm(dim=1).mean()))
         kept, tries = [], 0
-        # a round's rows in one forward on the CPU (MiniCanvas), GPU_SAMPLE_BATCH candidates' at a time on a GPU
+        # a round's rows in one forward on the CPU (MiniCanvas: not forward_rows' 16, which would change the stored
+        # runs' judgements by float rounding), GPU_SAMPLE_BATCH candidates' at a time on a GPU
         per = 3 * (PSEUDO_BANK if torch.device(model.device).type == "cpu" else GPU_SAMPLE_BATCH)
         while len(kept) < PSEUDO_BANK and tries < 8 * PSEUDO_BANK:
             batch = []

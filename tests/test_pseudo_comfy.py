@@ -118,7 +118,7 @@ def test_a_distillation_with_the_defaults_trains_the_pseudo_rows_and_leaves_noth
 
     model, clip = cf.build_tiny("sd15", seed=2)
     dm = host.ComfyDiffusionModel(model, clip, 64, 64)
-    concept, surrogate = "a watercolor of a cat", "a photo of a cat"
+    concept, surrogate = "A watercolor of a cat", "a photo of a cat"  # "A": the same word as "a" (not perturbed)
     cfg = sc.DistillConfig([concept], [surrogate], retain=["a photo of a dog"], samples=2, sample_steps=2, steps=2,
                            seed=0, gradient_checkpointing=False, text_encoder="off")
     assert (for_model(cfg, dm).pseudo_rows, for_model(cfg, dm).pseudo_forget_rows) == (2, 2)
