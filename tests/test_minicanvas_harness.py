@@ -202,6 +202,18 @@ def test_demo_verdict_follows_ua():
     assert "still drawn in its place (SFA 90)" in line
     debris = demo.verdict("style", "ukiyo", {"UA": 100.0, "IRA": 99.0, "CRA": 94.0, "SFA": 20.0}, base)
     assert "the object is lost with it (SFA 20 vs 95" in debris
+    # against the surrogate's own drawing ('plain' keeps the object in ~80% of its own row): a replacement that
+    # draws what 'plain' draws is a replacement, not debris; below it by more than the line it is lost
+    base100 = dict(base, SFA=100.0)
+    swap = demo.verdict("style", "ukiyo", {"UA": 100.0, "IRA": 99.0, "CRA": 94.0, "SFA": 70.0}, base100, 80.0)
+    assert "still drawn in its place, as 'plain' draws it (SFA 70 vs 80 in the unerased model's own 'plain' row, " \
+        "100 in the concept's)" in swap
+    lost = demo.verdict("style", "ukiyo", {"UA": 100.0, "IRA": 99.0, "CRA": 94.0, "SFA": 60.0}, base100, 80.0)
+    assert "the object is lost with it (SFA 60 vs 80 in the unerased model's own 'plain' row" in lost
+    # a surrogate drawn better than the concept's own row does not raise the bar above the unerased model's
+    col = demo.verdict("object", "ring", {"UA": 100.0, "IRA": 99.0, "CRA": 94.0, "SFA": 86.0}, dict(base, SFA=96.0),
+                       100.0)
+    assert "as 'blob' draws it (SFA 86 vs 100 in the unerased model's own 'blob' column, 96 in the concept's)" in col
     # with a split, the verdict judges the unlisted classes: listed ones kept, unlisted ones hurt
     split_base = dict(base, IRA_unlisted=100.0, CRA_unlisted=96.0)
     unl = demo.verdict("style", "ukiyo", {"UA": 100.0, "IRA": 99.0, "CRA": 94.0, "SFA": 90.0, "IRA_unlisted": 88.0,

@@ -11,11 +11,13 @@ concept: under the AFTER grid) or column (an object: right of it) is what "drawn
 unerased model drawing the surrogate prompt ('plain' style / 'blob' object) for the same objects / styles, templates
 and seeds as the erased row / column.
 
-The verdict is measured, never assumed, against the unerased model: UA (share of the erased row/column the classifier
-no longer recognises as the concept), SFA (surrogate fidelity: the object still recognised inside an erased style's row,
-or the style inside an erased object's column -- replaced, not destroyed), IRA and CRA (the other rows/columns still
-recognised), also on the "unlisted" classes: the retain list names half of the other classes (the benchmark's default
-list), and the other half shows what happens to concepts nobody listed. Below UA 90 the demo says NOT erased.
+The verdict is measured, never assumed, against the unerased model: UA (share of the erased row/column the classifier no
+longer recognises as the concept), SFA (surrogate fidelity: the object still recognised inside an erased style's row, or
+the style inside an erased object's column -- replaced, not destroyed; judged against the green surrogate row's own
+share, what a perfect replacement scores, where that is lower than the unerased model's), IRA and CRA (the other
+rows/columns still recognised), also on the "unlisted" classes: the retain list names half of the other classes (the
+benchmark's default list), and the other half shows what happens to concepts nobody listed. Below UA 90 the demo says
+NOT erased.
 """
 from __future__ import annotations
 
@@ -39,10 +41,13 @@ CELL_SCALE = 2          # nearest-neighbour upscale of each 32 px image
 LABEL_W, LABEL_H = 70, 46
 
 
-def verdict(domain: str, concept: str, m: dict, base: dict) -> str:
+def verdict(domain: str, concept: str, m: dict, base: dict, surrogate_sfa: float | None = None) -> str:
     """The demo's conclusion, from the measurement only: erased or not (UA), replaced by the surrogate or destroyed
     (SFA: the other domain still drawn inside the erased row/column), and other concepts kept -- on the classes the
-    retain list did not name (unlisted) when there are such, else on all of them."""
+    retain list did not name (unlisted) when there are such, else on all of them. `surrogate_sfa`: the same share in
+    the unerased model's drawing of the surrogate prompt for the same cells (surrogate_fidelity) -- what a perfect
+    replacement scores, and the reference when it is below the unerased model's SFA ('plain' draws faint shapes that
+    the classifier misses in about a fifth of the images)."""
     if m["UA"] < ERASED_UA:
         head = f"NOT erased: {domain} '{concept}' is still recognised in {100 - m['UA']:.0f}% of its images (UA " \
                f"{m['UA']:.0f} < {ERASED_UA:.0f})"
@@ -51,10 +56,17 @@ def verdict(domain: str, concept: str, m: dict, base: dict) -> str:
     inside = "object" if domain == "style" else "style"
     # drops rounded to 1e-3: the metrics are shares of image counts stored as float32 (89.9999988 vs 100.0 is a
     # drop of 10, exactly the line)
-    if round(base["SFA"] - m["SFA"], 3) <= CLEAN_SFA_DROP:
+    surrogate = NEUTRAL[domain]
+    ref = base["SFA"] if surrogate_sfa is None else min(base["SFA"], surrogate_sfa)
+    refs = f"{base['SFA']:.0f} unerased" if surrogate_sfa is None else \
+        f"{surrogate_sfa:.0f} in the unerased model's own '{surrogate}' {'row' if domain == 'style' else 'column'}, " \
+        f"{base['SFA']:.0f} in the concept's"
+    if round(ref - m["SFA"], 3) > CLEAN_SFA_DROP:
+        middle = f"but the {inside} is lost with it (SFA {m['SFA']:.0f} vs {refs})"
+    elif surrogate_sfa is None:
         middle = f"the {inside} is still drawn in its place (SFA {m['SFA']:.0f})"
     else:
-        middle = f"but the {inside} is lost with it (SFA {m['SFA']:.0f} vs {base['SFA']:.0f} unerased)"
+        middle = f"the {inside} is still drawn in its place, as '{surrogate}' draws it (SFA {m['SFA']:.0f} vs {refs})"
     keys, line, where = ("IRA", "CRA"), CLEAN_DROP, ""
     if "IRA_unlisted" in m and "IRA_unlisted" in base:
         keys, line = ("IRA_unlisted", "CRA_unlisted"), CLEAN_UNLISTED_DROP
@@ -64,6 +76,20 @@ def verdict(domain: str, concept: str, m: dict, base: dict) -> str:
         f"collateral damage on the concepts{where}: IRA {m[keys[0]]:.1f} vs {base[keys[0]]:.1f}, CRA " \
         f"{m[keys[1]]:.1f} vs {base[keys[1]]:.1f} unerased"
     return f"{head}; {middle}; {tail}"
+
+
+NEUTRAL = {"style": data.NEUTRAL_STYLE, "object": data.NEUTRAL_OBJECT}  # each domain's surrogate word
+
+
+def surrogate_fidelity(judge, images: torch.Tensor, domain: str, target_index: int) -> float:
+    """SFA of the unerased model's surrogate row / column (images drawn from surrogate_prompts): the share of its
+    images in which the other domain's classifier recognises the cell's object (a style concept) or style (an object
+    concept)."""
+    n = len(ERASABLE_OBJECTS) if domain == "style" else len(ERASABLE_STYLES)
+    other = judge(images)["object" if domain == "style" else "style"]
+    truth = torch.tensor([data.object_index(ERASABLE_OBJECTS[k]) if domain == "style"
+                          else data.style_index(ERASABLE_STYLES[k]) for k in range(n)])
+    return 100.0 * (other == truth).float().mean().item()
 
 
 def surrogate_prompts(domain: str, target_index: int) -> tuple[list[str], list[int]]:
@@ -203,7 +229,8 @@ def main(argv=None):
     split = retention_split(domain, args.concept, args.seed, budget.retain_set)
     m.update(split_metrics(domain, split, ls, lo, j_after["style"], j_after["object"]))
     b.update(split_metrics(domain, split, ls, lo, j_before["style"], j_before["object"]))
-    text = verdict(domain, args.concept, m, b)
+    sur_sfa = surrogate_fidelity(judge, surrogate, domain, target)
+    text = verdict(domain, args.concept, m, b, sur_sfa)
     os.makedirs(args.out, exist_ok=True)
     lora_path = sc.save_lora(os.path.join(args.out, f"erase_{args.concept}.safetensors"), edited[1])
     png = os.path.join(args.out, f"before_after_{args.concept}.png")
@@ -214,7 +241,8 @@ def main(argv=None):
     def unl(r):
         return f"  unlisted IRA {r['IRA_unlisted']:.1f}  CRA {r['CRA_unlisted']:.1f}" if "IRA_unlisted" in r else ""
     print(f"UA {m['UA']:.1f}  SFA {m['SFA']:.1f}  IRA {m['IRA']:.1f}  CRA {m['CRA']:.1f}{unl(m)}   (unerased: UA "
-          f"{b['UA']:.1f}  SFA {b['SFA']:.1f}  IRA {b['IRA']:.1f}  CRA {b['CRA']:.1f}{unl(b)})")
+          f"{b['UA']:.1f}  SFA {b['SFA']:.1f}  IRA {b['IRA']:.1f}  CRA {b['CRA']:.1f}{unl(b)}; the surrogate "
+          f"'{NEUTRAL[domain]}' itself: SFA {sur_sfa:.1f})")
     names = data.STYLE_NAMES if domain == "style" else data.OBJECT_NAMES
     print(f"retain list: {len(split['listed'])} of the other {domain}s named ("
           + ", ".join(names[i] for i in split["listed"]) + "); unlisted: "
