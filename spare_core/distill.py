@@ -233,6 +233,10 @@ class DistillConfig:
                                      "many as pseudo_rows.", min=-1, max=64, node=False)
     pseudo_forget_radius: float = option(1.0, "pseudo_forget_rows' perturbation (as pseudo_radius).", min=0.0,
                                          max=10.0, step=0.05, node=False)
+    pseudo_forget_keep: float = option(-1.0, "pseudo_forget_rows keeps a perturbed word whose unerased x0 lies closer "
+                                             "than this fraction of the concept->surrogate gap to the concept's; -1 = "
+                                             "pseudo_keep (words between the two go to neither bank).", min=-1.0,
+                                       max=5.0, step=0.05, node=False)
 
 
 @dataclass
@@ -348,6 +352,8 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if config.pseudo_rows < PSEUDO_ROWS_AUTO or config.pseudo_forget_rows < PSEUDO_ROWS_AUTO:
         raise SpareInputError(f"pseudo_rows={config.pseudo_rows} and pseudo_forget_rows={config.pseudo_forget_rows} "
                               "must be >= 0 (or -1: auto)")
+    if config.pseudo_forget_keep != -1.0 and config.pseudo_forget_keep < 0:
+        raise SpareInputError(f"pseudo_forget_keep={config.pseudo_forget_keep} must be >= 0 (or -1: as pseudo_keep)")
     if config.text_encoder not in TEXT_ENCODER_CHOICES:
         raise SpareInputError(f"text_encoder='{config.text_encoder}' is not one of {', '.join(TEXT_ENCODER_CHOICES)}")
     if config.mix_rows and not config.retain:
@@ -637,7 +643,7 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
     written as a pseudo word, the word's token embedding(s) plus a random direction of length `radius` x their scale
     (`model.pseudo_word`). near=False keeps those where the unerased model's x0 on the concept's own states lies at
     least pseudo_keep x the concept->surrogate gap from the concept's (it draws something else there), near=True those
-    closer (it still draws the concept). Registers the kept pseudo words in model.pseudo_words (distill clears them).
+    closer than pseudo_forget_keep x the gap (-1: pseudo_keep; it still draws the concept). Registers the kept pseudo words in model.pseudo_words (distill clears them).
     [] (logged) where no candidate qualifies. Hand-written: no library perturbs a prompt's token embedding for a
     retain set.
 
@@ -653,6 +659,7 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
                                   "surrogate that differs from it in words, or set pseudo_rows to 0")
         words.append(diff)
     n = len(cfg.concepts)
+    near_keep = cfg.pseudo_keep if cfg.pseudo_forget_keep < 0 else cfg.pseudo_forget_keep
     sig = model.sigma_at(torch.tensor([0.3, 0.5, 0.7]))
     with torch.no_grad():  # each concept's states: its first sample at 3 noise levels; its and its surrogate's x0
         states = []
@@ -685,7 +692,8 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
                             for a in range(0, len(rows), per)])
             for j, (c, names, prompt) in enumerate(batch):
                 away = (pp[3 * j:3 * j + 3] - states[c][1]).flatten(1).norm(dim=1).mean()
-                if (away < cfg.pseudo_keep * states[c][2]) == near and len(kept) < PSEUDO_BANK:
+                if (away < near_keep * states[c][2] if near else away >= cfg.pseudo_keep * states[c][2]) \
+                        and len(kept) < PSEUDO_BANK:
                     kept.append((prompt, c))
                 else:
                     for name in names:

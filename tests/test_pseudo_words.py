@@ -139,3 +139,23 @@ def test_an_empty_bank_trains_without_its_rows(model, caplog):
         get_batch(model, data, cfg, None, torch.Generator().manual_seed(3))  # draws no pseudo row
     finally:
         model.pseudo_words.clear()
+
+
+def test_the_forget_bank_has_its_own_threshold(model):
+    """pseudo_forget_keep: the forget bank takes words closer than it (x the concept->surrogate gap), the retain bank
+    still those at least pseudo_keep away; -1 = pseudo_keep (the default), negative otherwise refused."""
+    base = dict(retain=RETAIN, **FAST)
+    with pytest.raises(sc.SpareInputError, match="pseudo_forget_keep=-0.5"):
+        validate(sc.DistillConfig([CONCEPT], [SURROGATE], pseudo_forget_keep=-0.5, **base), SAL)
+    sizes = {}
+    for forget_keep in (0.0, -1.0, 5.0):  # nothing lies closer than 0 gaps; every word lies closer than 5
+        cfg = validate(sc.DistillConfig([CONCEPT], [SURROGATE], pseudo_forget_keep=forget_keep, **base), SAL)
+        data = make_training_data(model, cfg, None, None)
+        try:
+            banks = [pseudo_bank(model, cfg, data.cond, data.x_forget, data.i_forget, torch.Generator().manual_seed(0),
+                                 1.0, near) for near in (True, False)]
+            sizes[forget_keep] = [len(b) for b in banks]
+        finally:
+            model.pseudo_words.clear()
+    assert sizes[0.0][0] == 0 and sizes[5.0][0] == PSEUDO_BANK and 0 < sizes[-1.0][0]
+    assert sizes[0.0][1] == sizes[-1.0][1] == sizes[5.0][1]  # the retain bank does not read it
