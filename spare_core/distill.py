@@ -233,6 +233,10 @@ class DistillConfig:
                                      "many as pseudo_rows.", min=-1, max=64, node=False)
     pseudo_forget_radius: float = option(1.0, "pseudo_forget_rows' perturbation (as pseudo_radius).", min=0.0,
                                          max=10.0, step=0.05, node=False)
+    pseudo_listed: float = option(0.0, "Share of pseudo_rows' candidates written from a random retain prompt (its "
+                                       "words the concept prompts lack perturbed) instead of the concept prompt: the "
+                                       "neighbourhoods of the listed prompts, kept where the unerased model does not "
+                                       "draw the concept. 0 = none.", min=0.0, max=1.0, step=0.05, node=False)
     pseudo_forget_keep: float = option(-1.0, "pseudo_forget_rows keeps a perturbed word whose unerased x0 lies closer "
                                              "than this fraction of the concept->surrogate gap to the concept's; -1 = "
                                              "pseudo_keep (words between the two go to neither bank).", min=-1.0,
@@ -659,6 +663,11 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
                                   "surrogate that differs from it in words, or set pseudo_rows to 0")
         words.append(diff)
     n = len(cfg.concepts)
+    # pseudo_listed: retain prompts with their words that the concept prompts lack (each one's own list)
+    listed = [] if near or cfg.pseudo_listed <= 0 else [
+        (r, ws) for r in cfg.retain if r.strip()
+        for ws in [list(dict.fromkeys(w for w in model.prompt_words(r) if model.knows_word(w) and w.casefold() not in
+                                      {x.casefold() for c in cfg.concepts for x in model.prompt_words(c)}))] if ws]
     near_keep = cfg.pseudo_keep if cfg.pseudo_forget_keep < 0 else cfg.pseudo_forget_keep
     sig = model.sigma_at(torch.tensor([0.3, 0.5, 0.7]))
     with torch.no_grad():  # each concept's states: its first sample at 3 noise levels; its and its surrogate's x0
@@ -678,12 +687,14 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
             for _ in range(PSEUDO_BANK):  # a round of candidates
                 c = tries % n
                 tries += 1
+                prompt, ws = cfg.concepts[c], words[c]
+                if listed and float(torch.rand((), generator=gen)) < cfg.pseudo_listed:  # a retain prompt's words
+                    prompt, ws = listed[int(torch.randint(len(listed), (), generator=gen))]
                 names = {}
-                for k, w in enumerate(words[c]):
+                for k, w in enumerate(ws):
                     names[w] = f"zzpseudo{'n' if near else 'f'}{tries}" + (f"w{k}" if k else "")
                     model.pseudo_words[names[w]] = model.pseudo_word(w, radius, gen)
-                batch.append((c, list(names.values()),
-                              " ".join(names.get(x, x) for x in model.prompt_words(cfg.concepts[c]))))
+                batch.append((c, list(names.values()), " ".join(names.get(x, x) for x in model.prompt_words(prompt))))
             xt = torch.cat([states[c][0] for c, _, _ in batch])
             codes = model.encode([p for _, _, p in batch])  # each candidate once, on its 3 states
             rows = torch.arange(len(batch)).repeat_interleave(3)

@@ -159,3 +159,33 @@ def test_the_forget_bank_has_its_own_threshold(model):
             model.pseudo_words.clear()
     assert sizes[0.0][0] == 0 and sizes[5.0][0] == PSEUDO_BANK and 0 < sizes[-1.0][0]
     assert sizes[0.0][1] == sizes[-1.0][1] == sizes[5.0][1]  # the retain bank does not read it
+
+
+def test_pseudo_listed_writes_candidates_from_the_retain_prompts(model):
+    """pseudo_listed 1: every retain-bank candidate is a (non-empty) retain prompt with the words the concept prompt
+    lacks perturbed; the forget bank still perturbs the concept prompt. (pseudo_keep 0: every candidate kept, so both
+    retain prompts show.)"""
+    cfg = validate(sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN + [""], **FAST, pseudo_listed=1.0,
+                                    pseudo_keep=0.0, pseudo_forget_keep=0.5), SAL)
+    data = make_training_data(model, cfg, None, None)
+    try:
+        bank = pseudo_bank(model, cfg, data.cond, data.x_forget, data.i_forget, torch.Generator().manual_seed(0),
+                           2.0, False)
+        assert bank
+        forms = set()
+        for prompt, _ in bank:
+            words = prompt.split()
+            pseudo = [w for w in words if w.startswith("zzpseudo")]
+            if words[1:] == ["circle", "image", "in", pseudo[0], "style"]:  # "sketch" (circle is the concept's)
+                forms.add("sketch")
+                assert torch.isclose((model.pseudo_words[pseudo[0]] - model.word_embedding("sketch")).norm(),
+                                     torch.tensor(2.0 * model.embedding_scale("sketch")), rtol=1e-4)
+            else:  # "a square image in neon style": only square ("neon" is the concept prompt's)
+                assert words[0] == "a" and words[2:] == ["image", "in", "neon", "style"] and len(pseudo) == 1
+                forms.add("square")
+        assert forms == {"sketch", "square"}
+        near = pseudo_bank(model, cfg, data.cond, data.x_forget, data.i_forget, torch.Generator().manual_seed(0),
+                           1.0, True)
+        assert all("neon" not in p.split() for p, _ in near)  # the concept's word perturbed, as without the option
+    finally:
+        model.pseudo_words.clear()
