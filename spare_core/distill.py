@@ -62,6 +62,7 @@ from .timesteps import TimestepProfile, check_pairs
 TEXT_ENCODER_CHOICES = ("auto", "on", "last", "off")  # DistillConfig.text_encoder
 LEARNING_RATE_AUTO = 0.0  # DistillConfig.learning_rate: the model family's measured rate (Family.learning_rate)
 CROSS_ROWS_AUTO = -1  # DistillConfig.cross_rows: the model family's measured default (families.Family.cross_rows)
+PSEUDO_BANK = 32  # perturbed concept words kept per bank and run (DistillConfig.pseudo_bank_size)
 PSEUDO_ROWS_AUTO = -1  # DistillConfig.pseudo_rows: Family.pseudo_rows where the model reads pseudo words, else 0
 RETAIN_SAMPLE_BUDGET = 64  # auto retain samples: about this many in all (a long {a|b} retain list gets 1 per prompt)
 
@@ -237,6 +238,8 @@ class DistillConfig:
                                        "words the concept prompts lack perturbed) instead of the concept prompt: the "
                                        "neighbourhoods of the listed prompts, kept where the unerased model does not "
                                        "draw the concept. 0 = none.", min=0.0, max=1.0, step=0.05, node=False)
+    pseudo_bank_size: int = option(PSEUDO_BANK, "Perturbed words kept per bank (retain and forget).", min=1,
+                                   max=1024, node=False)
     pseudo_forget_keep: float = option(-1.0, "pseudo_forget_rows keeps a perturbed word whose unerased x0 lies closer "
                                              "than this fraction of the concept->surrogate gap to the concept's; -1 = "
                                              "pseudo_keep (words between the two go to neither bank).", min=-1.0,
@@ -638,12 +641,9 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
                         pforget_c)
 
 
-PSEUDO_BANK = 32  # perturbed concept words kept per run (DistillConfig.pseudo_rows)
-
-
 def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forget: torch.Tensor,
                 gen: torch.Generator, radius: float, near: bool) -> list[tuple[str, int]]:
-    """Up to PSEUDO_BANK (prompt, concept index): concept prompt i with each of its words that its surrogate lacks
+    """Up to cfg.pseudo_bank_size (prompt, concept index): concept prompt i with each of its words that its surrogate lacks
     written as a pseudo word, the word's token embedding(s) plus a random direction of length `radius` x their scale
     (`model.pseudo_word`). near=False keeps those where the unerased model's x0 on the concept's own states lies at
     least pseudo_keep x the concept->surrogate gap from the concept's (it draws something else there), near=True those
@@ -681,10 +681,11 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
         kept, tries = [], 0
         # a round's rows in one forward on the CPU (MiniCanvas: not forward_rows' 16, which would change the stored
         # runs' judgements by float rounding), GPU_SAMPLE_BATCH candidates' at a time on a GPU
-        per = 3 * (PSEUDO_BANK if torch.device(model.device).type == "cpu" else GPU_SAMPLE_BATCH)
-        while len(kept) < PSEUDO_BANK and tries < 8 * PSEUDO_BANK:
+        size = cfg.pseudo_bank_size
+        per = 3 * (size if torch.device(model.device).type == "cpu" else GPU_SAMPLE_BATCH)
+        while len(kept) < size and tries < 8 * size:
             batch = []
-            for _ in range(PSEUDO_BANK):  # a round of candidates
+            for _ in range(size):  # a round of candidates
                 c = tries % n
                 tries += 1
                 prompt, ws = cfg.concepts[c], words[c]
@@ -704,7 +705,7 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
             for j, (c, names, prompt) in enumerate(batch):
                 away = (pp[3 * j:3 * j + 3] - states[c][1]).flatten(1).norm(dim=1).mean()
                 if (away < near_keep * states[c][2] if near else away >= cfg.pseudo_keep * states[c][2]) \
-                        and len(kept) < PSEUDO_BANK:
+                        and len(kept) < size:
                     kept.append((prompt, c))
                 else:
                     for name in names:

@@ -189,3 +189,15 @@ def test_pseudo_listed_writes_candidates_from_the_retain_prompts(model):
         assert all("neon" not in p.split() for p, _ in near)  # the concept's word perturbed, as without the option
     finally:
         model.pseudo_words.clear()
+
+
+def test_the_bank_size_is_an_option(model):
+    cfg = validate(sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, **FAST, pseudo_keep=0.0,
+                                    pseudo_bank_size=8), SAL)
+    data = make_training_data(model, cfg, None, None)
+    try:
+        bank = pseudo_bank(model, cfg, data.cond, data.x_forget, data.i_forget, torch.Generator().manual_seed(0),
+                           2.0, False)
+        assert len(bank) == 8 and len(model.pseudo_words) == 8  # keep 0: the first round fills it, nothing more
+    finally:
+        model.pseudo_words.clear()
