@@ -62,7 +62,6 @@ from .timesteps import TimestepProfile, check_pairs
 TEXT_ENCODER_CHOICES = ("auto", "on", "last", "off")  # DistillConfig.text_encoder
 LEARNING_RATE_AUTO = 0.0  # DistillConfig.learning_rate: the model family's measured rate (Family.learning_rate)
 CROSS_ROWS_AUTO = -1  # DistillConfig.cross_rows: the model family's measured default (families.Family.cross_rows)
-PSEUDO_BANK = 32  # perturbed concept words kept per bank and run (DistillConfig.pseudo_bank_size)
 PSEUDO_ROWS_AUTO = -1  # DistillConfig.pseudo_rows: Family.pseudo_rows where the model reads pseudo words, else 0
 RETAIN_SAMPLE_BUDGET = 64  # auto retain samples: about this many in all (a long {a|b} retain list gets 1 per prompt)
 
@@ -234,16 +233,6 @@ class DistillConfig:
                                      "many as pseudo_rows.", min=-1, max=64, node=False)
     pseudo_forget_radius: float = option(1.0, "pseudo_forget_rows' perturbation (as pseudo_radius).", min=0.0,
                                          max=10.0, step=0.05, node=False)
-    pseudo_listed: float = option(0.0, "Share of pseudo_rows' candidates written from a random retain prompt (its "
-                                       "words the concept prompts lack perturbed) instead of the concept prompt: the "
-                                       "neighbourhoods of the listed prompts, kept where the unerased model does not "
-                                       "draw the concept. 0 = none.", min=0.0, max=1.0, step=0.05, node=False)
-    pseudo_bank_size: int = option(PSEUDO_BANK, "Perturbed words kept per bank (retain and forget).", min=1,
-                                   max=1024, node=False)
-    pseudo_forget_keep: float = option(-1.0, "pseudo_forget_rows keeps a perturbed word whose unerased x0 lies closer "
-                                             "than this fraction of the concept->surrogate gap to the concept's; -1 = "
-                                             "pseudo_keep (words between the two go to neither bank).", min=-1.0,
-                                       max=5.0, step=0.05, node=False)
 
 
 @dataclass
@@ -359,8 +348,6 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if config.pseudo_rows < PSEUDO_ROWS_AUTO or config.pseudo_forget_rows < PSEUDO_ROWS_AUTO:
         raise SpareInputError(f"pseudo_rows={config.pseudo_rows} and pseudo_forget_rows={config.pseudo_forget_rows} "
                               "must be >= 0 (or -1: auto)")
-    if config.pseudo_forget_keep != -1.0 and config.pseudo_forget_keep < 0:
-        raise SpareInputError(f"pseudo_forget_keep={config.pseudo_forget_keep} must be >= 0 (or -1: as pseudo_keep)")
     if config.text_encoder not in TEXT_ENCODER_CHOICES:
         raise SpareInputError(f"text_encoder='{config.text_encoder}' is not one of {', '.join(TEXT_ENCODER_CHOICES)}")
     if config.mix_rows and not config.retain:
@@ -641,13 +628,16 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
                         pforget_c)
 
 
+PSEUDO_BANK = 32  # perturbed concept words kept per run (DistillConfig.pseudo_rows)
+
+
 def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forget: torch.Tensor,
                 gen: torch.Generator, radius: float, near: bool) -> list[tuple[str, int]]:
-    """Up to cfg.pseudo_bank_size (prompt, concept index): concept prompt i with each of its words that its surrogate lacks
+    """Up to PSEUDO_BANK (prompt, concept index): concept prompt i with each of its words that its surrogate lacks
     written as a pseudo word, the word's token embedding(s) plus a random direction of length `radius` x their scale
     (`model.pseudo_word`). near=False keeps those where the unerased model's x0 on the concept's own states lies at
     least pseudo_keep x the concept->surrogate gap from the concept's (it draws something else there), near=True those
-    closer than pseudo_forget_keep x the gap (-1: pseudo_keep; it still draws the concept). Registers the kept pseudo words in model.pseudo_words (distill clears them).
+    closer (it still draws the concept). Registers the kept pseudo words in model.pseudo_words (distill clears them).
     [] (logged) where no candidate qualifies. Hand-written: no library perturbs a prompt's token embedding for a
     retain set.
 
@@ -663,12 +653,6 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
                                   "surrogate that differs from it in words, or set pseudo_rows to 0")
         words.append(diff)
     n = len(cfg.concepts)
-    # pseudo_listed: retain prompts with their words that the concept prompts lack (each one's own list)
-    listed = [] if near or cfg.pseudo_listed <= 0 else [
-        (r, ws) for r in cfg.retain if r.strip()
-        for ws in [list(dict.fromkeys(w for w in model.prompt_words(r) if model.knows_word(w) and w.casefold() not in
-                                      {x.casefold() for c in cfg.concepts for x in model.prompt_words(c)}))] if ws]
-    near_keep = cfg.pseudo_keep if cfg.pseudo_forget_keep < 0 else cfg.pseudo_forget_keep
     sig = model.sigma_at(torch.tensor([0.3, 0.5, 0.7]))
     with torch.no_grad():  # each concept's states: its first sample at 3 noise levels; its and its surrogate's x0
         states = []
@@ -681,21 +665,18 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
         kept, tries = [], 0
         # a round's rows in one forward on the CPU (MiniCanvas: not forward_rows' 16, which would change the stored
         # runs' judgements by float rounding), GPU_SAMPLE_BATCH candidates' at a time on a GPU
-        size = cfg.pseudo_bank_size
-        per = 3 * (size if torch.device(model.device).type == "cpu" else GPU_SAMPLE_BATCH)
-        while len(kept) < size and tries < 8 * size:
+        per = 3 * (PSEUDO_BANK if torch.device(model.device).type == "cpu" else GPU_SAMPLE_BATCH)
+        while len(kept) < PSEUDO_BANK and tries < 8 * PSEUDO_BANK:
             batch = []
-            for _ in range(size):  # a round of candidates
+            for _ in range(PSEUDO_BANK):  # a round of candidates
                 c = tries % n
                 tries += 1
-                prompt, ws = cfg.concepts[c], words[c]
-                if listed and float(torch.rand((), generator=gen)) < cfg.pseudo_listed:  # a retain prompt's words
-                    prompt, ws = listed[int(torch.randint(len(listed), (), generator=gen))]
                 names = {}
-                for k, w in enumerate(ws):
+                for k, w in enumerate(words[c]):
                     names[w] = f"zzpseudo{'n' if near else 'f'}{tries}" + (f"w{k}" if k else "")
                     model.pseudo_words[names[w]] = model.pseudo_word(w, radius, gen)
-                batch.append((c, list(names.values()), " ".join(names.get(x, x) for x in model.prompt_words(prompt))))
+                batch.append((c, list(names.values()),
+                              " ".join(names.get(x, x) for x in model.prompt_words(cfg.concepts[c]))))
             xt = torch.cat([states[c][0] for c, _, _ in batch])
             codes = model.encode([p for _, _, p in batch])  # each candidate once, on its 3 states
             rows = torch.arange(len(batch)).repeat_interleave(3)
@@ -704,8 +685,7 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
                             for a in range(0, len(rows), per)])
             for j, (c, names, prompt) in enumerate(batch):
                 away = (pp[3 * j:3 * j + 3] - states[c][1]).flatten(1).norm(dim=1).mean()
-                if (away < near_keep * states[c][2] if near else away >= cfg.pseudo_keep * states[c][2]) \
-                        and len(kept) < size:
+                if (away < cfg.pseudo_keep * states[c][2]) == near and len(kept) < PSEUDO_BANK:
                     kept.append((prompt, c))
                 else:
                     for name in names:
