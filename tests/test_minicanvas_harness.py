@@ -221,6 +221,26 @@ def test_demo_verdict_follows_ua():
     assert "collateral damage on the concepts the retain list did not name: IRA 88.0 vs 100.0" in unl
 
 
+def test_demo_surrogate_fidelity_reads_each_cell_against_its_own_label():
+    """The surrogate row's cell k is object k (a style concept), the surrogate column's cell k style k (an object
+    concept): a judge that names every cell right scores 100, one that shifts the labels by one scores 0, and the
+    classifier of the other domain is the one read."""
+    from bench.minicanvas import demo
+    from bench.minicanvas.budgets import ERASABLE_OBJECTS, ERASABLE_STYLES
+    from spare_core.minicanvas import data
+
+    objects = torch.tensor([data.object_index(o) for o in ERASABLE_OBJECTS])
+    styles = torch.tensor([data.style_index(s) for s in ERASABLE_STYLES])
+    images = torch.zeros(len(objects), 3, 32, 32)
+
+    def judge(pred_object, pred_style):
+        return lambda _: {"object": pred_object, "style": pred_style}
+    assert demo.surrogate_fidelity(judge(objects, objects.roll(1)), images, "style") == 100.0
+    assert demo.surrogate_fidelity(judge(objects.roll(1), objects), images, "style") == 0.0
+    assert demo.surrogate_fidelity(judge(styles.roll(1), styles), images[:len(styles)], "object") == 100.0
+    assert demo.surrogate_fidelity(judge(styles, styles.roll(1)), images[:len(styles)], "object") == 0.0
+
+
 def test_demo_refuses_bad_arguments_before_any_work(tmp_path, capsys):
     from bench.minicanvas import demo
     for args, msg in ((["--steps", "-5"], "--steps -5"), (["--concept", "mauve"], "unknown concept"),

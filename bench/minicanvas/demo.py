@@ -54,13 +54,13 @@ def verdict(domain: str, concept: str, m: dict, base: dict, surrogate_sfa: float
     else:
         head = f"erased {domain} '{concept}' (UA {m['UA']:.0f})"
     inside = "object" if domain == "style" else "style"
-    # drops rounded to 1e-3: the metrics are shares of image counts stored as float32 (89.9999988 vs 100.0 is a
-    # drop of 10, exactly the line)
     surrogate = NEUTRAL[domain]
     ref = base["SFA"] if surrogate_sfa is None else min(base["SFA"], surrogate_sfa)
     refs = f"{base['SFA']:.0f} unerased" if surrogate_sfa is None else \
         f"{surrogate_sfa:.0f} in the unerased model's own '{surrogate}' {'row' if domain == 'style' else 'column'}, " \
         f"{base['SFA']:.0f} in the concept's"
+    # drops rounded to 1e-3: the metrics are shares of image counts stored as float32 (89.9999988 vs 100.0 is a
+    # drop of 10, exactly the line)
     if round(ref - m["SFA"], 3) > CLEAN_SFA_DROP:
         middle = f"but the {inside} is lost with it (SFA {m['SFA']:.0f} vs {refs})"
     elif surrogate_sfa is None:
@@ -81,7 +81,7 @@ def verdict(domain: str, concept: str, m: dict, base: dict, surrogate_sfa: float
 NEUTRAL = {"style": data.NEUTRAL_STYLE, "object": data.NEUTRAL_OBJECT}  # each domain's surrogate word
 
 
-def surrogate_fidelity(judge, images: torch.Tensor, domain: str, target_index: int) -> float:
+def surrogate_fidelity(judge, images: torch.Tensor, domain: str) -> float:
     """SFA of the unerased model's surrogate row / column (images drawn from surrogate_prompts): the share of its
     images in which the other domain's classifier recognises the cell's object (a style concept) or style (an object
     concept)."""
@@ -229,7 +229,7 @@ def main(argv=None):
     split = retention_split(domain, args.concept, args.seed, budget.retain_set)
     m.update(split_metrics(domain, split, ls, lo, j_after["style"], j_after["object"]))
     b.update(split_metrics(domain, split, ls, lo, j_before["style"], j_before["object"]))
-    sur_sfa = surrogate_fidelity(judge, surrogate, domain, target)
+    sur_sfa = surrogate_fidelity(judge, surrogate, domain)
     text = verdict(domain, args.concept, m, b, sur_sfa)
     os.makedirs(args.out, exist_ok=True)
     lora_path = sc.save_lora(os.path.join(args.out, f"erase_{args.concept}.safetensors"), edited[1])
