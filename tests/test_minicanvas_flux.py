@@ -26,8 +26,15 @@ def fm():
 
 @pytest.fixture(scope="module")
 def tiny(fm):
+    """A tiny MiniCanvas-Flux with non-zero output layers (build_flux zero-initialises the modulations and the final
+    layer, under which the prompt, the noise and any LoRA would not matter), whatever the tests' order."""
     torch.manual_seed(0)
-    return fm.MiniCanvasFlux(fm.FluxMiniConfig(**TINY))
+    model = fm.MiniCanvasFlux(fm.FluxMiniConfig(**TINY))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.network.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
 
 
 def test_is_comfyui_flux(fm, tiny):
@@ -69,10 +76,6 @@ def test_flow_formulas_and_schedule(fm, tiny):
 
 
 def test_sampling_is_deterministic(fm, tiny):
-    torch.manual_seed(1)
-    with torch.no_grad():  # non-zero output layers, so that the prompt and noise matter
-        for p in tiny.network.parameters():
-            p.add_(0.05 * torch.randn_like(p))
     prompts = ["A star image in ukiyo style.", "ring, neon style"]
     for sampler in ("euler", "dpmpp_2m"):
         a = tiny.sample(prompts, seed=3, steps=3, cfg=3.0, sampler=sampler)
@@ -136,6 +139,39 @@ def test_spare_erases_through_spare_core(fm, tiny):
         with sc.apply_lora(tiny.network, out.result.lora, 1.0):
             erased = tiny.predict_x0(xt, s, cond)
     assert not torch.allclose(plain, erased)
+
+
+def test_pseudo_words_on_the_flux_miniature(fm, tiny):
+    """MiniCanvas-Flux reads pseudo words (DistillConfig.pseudo_rows) as the UNet does: a word of `pseudo_words` is
+    read as its embedding in both text codes (per-token context and pooled vector), an explicit `pseudo_rows` builds
+    its banks and trains, and nothing stays after. Auto stays 0 on the DiT family (measured in bench/RESULTS.md)."""
+    import spare_core as sc
+    from spare_core.distill import for_model
+
+    c, s = "A star image in ukiyo style.", "A star image in plain style."
+    with torch.no_grad():
+        plain = tiny.encode([c])
+        tiny.pseudo_words["zzq"] = tiny.word_embedding("ukiyo").clone()
+        try:
+            same = tiny.encode([c.replace("ukiyo", "zzq")])
+            tiny.pseudo_words["zzq"] = tiny.pseudo_word("ukiyo", 2.0, torch.Generator().manual_seed(0))
+            moved = tiny.encode([c.replace("ukiyo", "zzq")])
+            distance = (tiny.pseudo_words["zzq"] - tiny.word_embedding("ukiyo")).norm()
+        finally:
+            tiny.pseudo_words.clear()
+    for a, b in zip(same, plain):
+        assert torch.allclose(a, b, atol=1e-6)
+    for a, b in zip(moved, plain):
+        assert not torch.allclose(a, b, atol=1e-3)
+    assert torch.isclose(distance, torch.tensor(2.0 * tiny.embedding_scale("ukiyo")), rtol=1e-4)
+    cfg = sc.DistillConfig([c], [s], retain=["A star image in neon style."], steps=2, learning_rate=1e-2,
+                           samples=1, sample_steps=2, gradient_checkpointing=False)
+    assert (for_model(cfg, tiny).pseudo_rows, for_model(cfg, tiny).pseudo_forget_rows) == (0, 0)
+    before = {k: v.clone() for k, v in tiny.network.state_dict().items()}
+    out = sc.erase(tiny, replace(cfg, pseudo_rows=1, pseudo_keep=0.0), sc.ScanConfig(samples=1, sample_steps=2),
+                   sc.ProfileConfig(bins=3, samples=1))
+    assert len(out.result.losses) == 2 and tiny.pseudo_words == {}
+    assert all(torch.equal(before[k], v) for k, v in tiny.network.state_dict().items())
 
 
 def test_guidance_distilled_variant(fm, tmp_path):

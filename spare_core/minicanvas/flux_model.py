@@ -48,7 +48,7 @@ from torch import nn
 
 from .. import families
 from . import data
-from .model import SPECIAL_TOKENS, TextEncoder, TextPool, Tokenizer, to_image
+from .model import SPECIAL_TOKENS, PseudoWords, TextEncoder, TextPool, Tokenizer, to_image
 
 WEIGHTS_DIR = pathlib.Path(__file__).parent / "weights"
 MODEL_FILE = WEIGHTS_DIR / "minicanvas_flux.safetensors"
@@ -200,7 +200,7 @@ DEV_MODEL_FILE = WEIGHTS_DIR / "minicanvas_flux_dev.safetensors"
 FLUX_GUIDANCE = 3.5  # ComfyUI's FluxGuidance default, the guidance the -dev variant is sampled and erased at
 
 
-class MiniCanvasFlux:
+class MiniCanvasFlux(PseudoWords):
     """The model: tokenizer + text encoder + ComfyUI Flux + flow sampling. Latents are [B, 12, 16, 16]. It is a
     spare_core DiffusionModel (encode, select_cond, predict_x0, add_noise, sigma_at; family MINICANVAS_FLUX_FAMILY),
     so the benchmark erases from it with spare_core as from the UNet (`python -m bench.minicanvas --model flux`)."""
@@ -221,13 +221,22 @@ class MiniCanvasFlux:
         self.network = build_flux(self.cfg).to(self.device)
         self.text_encoder = FluxTextEncoder(self.cfg).to(self.device)
         self.tokenizer = Tokenizer(self.cfg.vocab, self.cfg.max_tokens)
+        self.pseudo_words: dict[str, torch.Tensor] = {}  # word -> token embedding (DistillConfig.pseudo_rows)
         f = self.cfg.pixel_unshuffle
         self.latent_shape = (self.cfg.latent_channels, self.cfg.image_size // f, self.cfg.image_size // f)
 
     # --- conditioning / prediction ----------------------------------------------------------------------------------
+    @property
+    def words_encoder(self) -> TextEncoder:
+        return self.text_encoder.encoder
+
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(context [B, L, D], pooled y [B, D])."""
-        return self.text_encoder(self.tokenizer(list(prompts)).to(self.device))
+        """(context [B, L, D], pooled y [B, D]). A word of `pseudo_words` is read as its embedding there."""
+        tokens = self.tokenizer(list(prompts)).to(self.device)
+        if not self.pseudo_words:
+            return self.text_encoder(tokens)
+        ctx = self.text_encoder.encoder.from_embeddings(self.pseudo_embeddings(prompts, tokens))
+        return ctx, self.text_encoder.pool(ctx)
 
     def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """`encode`, through the text encoder as it is now (DistillConfig.text_encoder trains adapters on it)."""

@@ -347,7 +347,52 @@ class UNetModel(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # The DiffusionModel protocol (spare_core.model) + sampling
 
-class MiniCanvasModel:
+class PseudoWords:
+    """The pseudo-word protocol of spare_core.distill.pseudo_bank (DistillConfig.pseudo_rows) for a MiniCanvas model
+    whose words go through a `TextEncoder` (`words_encoder`) and `tokenizer`; the model's `encode` reads
+    `pseudo_embeddings` where `pseudo_words` is not empty. Shared by the UNet and MiniCanvas-Flux."""
+
+    pseudo_words: dict[str, torch.Tensor]  # word -> token embedding (see pseudo_embeddings)
+
+    @property
+    def words_encoder(self) -> TextEncoder:
+        raise NotImplementedError
+
+    def pseudo_embeddings(self, prompts: Sequence[str], tokens: torch.Tensor) -> torch.Tensor:
+        """The prompts' token embeddings [B, L, D] with each word of `pseudo_words` read as its embedding."""
+        x = self.words_encoder.token_embedding(tokens)
+        for i, p in enumerate(prompts):
+            for j, w in enumerate(data.tokenize_words(p)[: self.cfg.max_tokens - 2]):
+                if w in self.pseudo_words:
+                    x[i, j + 1] = self.pseudo_words[w].to(x)
+        return x
+
+    def prompt_words(self, prompt: str) -> list[str]:
+        """The words the tokenizer reads in a prompt, in order."""
+        return data.tokenize_words(prompt)
+
+    def knows_word(self, word: str) -> bool:
+        """A word of the vocabulary (DistillConfig.pseudo_rows perturbs only those)."""
+        return word in self.tokenizer.ids
+
+    def pseudo_word(self, word: str, radius: float, generator: torch.Generator) -> torch.Tensor:
+        """The word's token embedding plus a random direction (from `generator`) of length radius x
+        `embedding_scale(word)`: what `pseudo_words` holds for a pseudo word (DistillConfig.pseudo_rows)."""
+        u = torch.randn(self.word_embedding(word).shape, generator=generator)
+        return self.word_embedding(word) + radius * self.embedding_scale(word) * u / u.norm()
+
+    def word_embedding(self, word: str) -> torch.Tensor:
+        """The token embedding of a vocabulary word."""
+        return self.words_encoder.token_embedding.weight[self.tokenizer.ids[word]].detach()
+
+    def embedding_scale(self, word: str) -> float:
+        """The median distance from a word's embedding to every other word's: the scale of a perturbation."""
+        w = self.words_encoder.token_embedding.weight.detach()
+        d = (w - self.word_embedding(word)).norm(dim=1)
+        return float(d[d > 0].median())
+
+
+class MiniCanvasModel(PseudoWords):
     """MiniCanvas as a `spare_core.model.DiffusionModel`. cond = context tensor [B, L, D] (the text encoder output)."""
 
     key_prefix = KEY_PREFIX
@@ -367,6 +412,10 @@ class MiniCanvasModel:
         self.latent_shape = (3, self.cfg.image_size, self.cfg.image_size)
         self._log_smin, self._log_smax = math.log(self.cfg.sigma_min), math.log(self.cfg.sigma_max)
 
+    @property
+    def words_encoder(self) -> TextEncoder:
+        return self.text_encoder
+
     # --- protocol -------------------------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """Per-token context [B, L, D] (gradients flow only if the caller enables them). A word of `pseudo_words`
@@ -374,36 +423,7 @@ class MiniCanvasModel:
         tokens = self.tokenizer(list(prompts)).to(self.device)
         if not self.pseudo_words:
             return self.text_encoder(tokens)
-        x = self.text_encoder.token_embedding(tokens)
-        for i, p in enumerate(prompts):
-            for j, w in enumerate(data.tokenize_words(p)[: self.cfg.max_tokens - 2]):
-                if w in self.pseudo_words:
-                    x[i, j + 1] = self.pseudo_words[w].to(x)
-        return self.text_encoder.from_embeddings(x)
-
-    def prompt_words(self, prompt: str) -> list[str]:
-        """The words the tokenizer reads in a prompt, in order."""
-        return data.tokenize_words(prompt)
-
-    def knows_word(self, word: str) -> bool:
-        """A word of the vocabulary (DistillConfig.pseudo_rows perturbs only those)."""
-        return word in self.tokenizer.ids
-
-    def pseudo_word(self, word: str, radius: float, generator: torch.Generator) -> torch.Tensor:
-        """The word's token embedding plus a random direction (from `generator`) of length radius x
-        `embedding_scale(word)`: what `pseudo_words` holds for a pseudo word (DistillConfig.pseudo_rows)."""
-        u = torch.randn(self.word_embedding(word).shape, generator=generator)
-        return self.word_embedding(word) + radius * self.embedding_scale(word) * u / u.norm()
-
-    def word_embedding(self, word: str) -> torch.Tensor:
-        """The token embedding of a vocabulary word."""
-        return self.text_encoder.token_embedding.weight[self.tokenizer.ids[word]].detach()
-
-    def embedding_scale(self, word: str) -> float:
-        """The median distance from a word's embedding to every other word's: the scale of a perturbation."""
-        w = self.text_encoder.token_embedding.weight.detach()
-        d = (w - self.word_embedding(word)).norm(dim=1)
-        return float(d[d > 0].median())
+        return self.text_encoder.from_embeddings(self.pseudo_embeddings(prompts, tokens))
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """`encode`, through the text encoder as it is now (DistillConfig.text_encoder trains adapters on it)."""
