@@ -190,8 +190,8 @@ def test_paired_across_lists_compares_the_drops(tmp_path, capsys):
 def test_demo_verdict_follows_ua():
     from bench.minicanvas import demo
     base = {"UA": 0.0, "IRA": 100.0, "CRA": 95.0, "SFA": 95.0}
-    assert demo.verdict("style", "ukiyo", {"UA": 80.0, "IRA": 100.0, "CRA": 95.0, "SFA": 90.0},
-                        base).startswith("NOT erased")
+    not_erased = demo.verdict("style", "ukiyo", {"UA": 80.0, "IRA": 100.0, "CRA": 95.0, "SFA": 90.0}, base)
+    assert not_erased.startswith("NOT erased") and "the object is still drawn (SFA 90)" in not_erased
     ok = demo.verdict("style", "ukiyo", {"UA": 100.0, "IRA": 99.0, "CRA": 94.0, "SFA": 90.0}, base)
     assert ok.startswith("erased") and "still drawn" in ok and ok.endswith("other concepts kept")
     hurt = demo.verdict("object", "ring", {"UA": 100.0, "IRA": 80.0, "CRA": 95.0, "SFA": 95.0}, base)

@@ -54,6 +54,9 @@ def verdict(domain: str, concept: str, m: dict, base: dict, surrogate_sfa: float
     else:
         head = f"erased {domain} '{concept}' (UA {m['UA']:.0f})"
     inside = "object" if domain == "style" else "style"
+    # where the concept is still drawn, nothing was drawn "in its place": SFA then says only whether the other
+    # domain survived the attempt
+    drawn = "still drawn in its place" if m["UA"] >= ERASED_UA else "still drawn"
     surrogate = NEUTRAL[domain]
     ref = base["SFA"] if surrogate_sfa is None else min(base["SFA"], surrogate_sfa)
     refs = f"{base['SFA']:.0f} unerased" if surrogate_sfa is None else \
@@ -64,9 +67,9 @@ def verdict(domain: str, concept: str, m: dict, base: dict, surrogate_sfa: float
     if round(ref - m["SFA"], 3) > CLEAN_SFA_DROP:
         middle = f"but the {inside} is lost with it (SFA {m['SFA']:.0f} vs {refs})"
     elif surrogate_sfa is None:
-        middle = f"the {inside} is still drawn in its place (SFA {m['SFA']:.0f})"
+        middle = f"the {inside} is {drawn} (SFA {m['SFA']:.0f})"
     else:
-        middle = f"the {inside} is still drawn in its place, as '{surrogate}' draws it (SFA {m['SFA']:.0f} vs {refs})"
+        middle = f"the {inside} is {drawn}, as '{surrogate}' draws it (SFA {m['SFA']:.0f} vs {refs})"
     keys, line, where = ("IRA", "CRA"), CLEAN_DROP, ""
     if "IRA_unlisted" in m and "IRA_unlisted" in base:
         keys, line = ("IRA_unlisted", "CRA_unlisted"), CLEAN_UNLISTED_DROP
