@@ -301,13 +301,19 @@ class ComfyDiffusionModel:
         return prompt.split(" ")
 
     def word_ids(self, key, word: str) -> list[int]:
-        """The token ids of `word` alone in CLIP part `key` (without start, end and padding tokens)."""
+        """The token ids of `word` in CLIP part `key` as a prompt reads it after a space (without start, end and
+        padding tokens): byte-level BPE (Qwen2.5's, Qwen3's) and Gemma's SentencePiece fold the space into the word's
+        first token, so the word alone would be other tokens there; CLIP's and T5's read both alike."""
         if (key, word) not in self._word_ids:
             tok, enc = self._parts[key]
             special = set(getattr(enc, "special_tokens", {}).values())
-            batches = tok.tokenize_with_weights(word)
-            self._word_ids[key, word] = [int(t) for b in batches for t, *_ in b
-                                         if not torch.is_tensor(t) and int(t) not in special]
+
+            def ids(text: str) -> list[int]:
+                return [int(t) for b in tok.tokenize_with_weights(text) for t, *_ in b
+                        if not torch.is_tensor(t) and int(t) not in special]
+
+            lead, after = ids("a"), ids("a " + word)
+            self._word_ids[key, word] = after[len(lead):] if after[:len(lead)] == lead else ids(word)
         return self._word_ids[key, word]
 
     def knows_word(self, word: str) -> bool:

@@ -657,7 +657,7 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
     with torch.no_grad():  # each concept's states: its first sample at 3 noise levels; its and its surrogate's x0
         states = []
         for c in range(n):
-            x0 = x_forget[(i_forget == c).nonzero().flatten()[:1]].repeat(3, 1, 1, 1)
+            x0 = x_forget[(i_forget == c).nonzero().flatten()[:1]].repeat(3, *[1] * (x_forget.dim() - 1))  # any rank
             xt = model.add_noise(x0, torch.randn(x0.shape, generator=gen).to(x0), sig.to(x0))
             pc = model.predict_x0(xt, sig.to(x0), model.select_cond(cond, torch.full((3,), c)))
             ps = model.predict_x0(xt, sig.to(x0), model.select_cond(cond, torch.full((3,), n + c)))
@@ -714,15 +714,29 @@ def _zip_cond(f, a, b):
                           "lengths); set mix_rows to 0")
 
 
+def _cond_rows(c) -> list:
+    """One conditioning per row: a row-wise conditioning's rows (the host's RowConds), or a batched dict split along
+    dim 0 (its constants kept in every row)."""
+    if hasattr(c, "rows"):
+        return list(c.rows)
+    n = next(v.shape[0] for v in c.values() if torch.is_tensor(v))
+    return [{k: v[i:i + 1] if torch.is_tensor(v) else v for k, v in c.items()} for i in range(n)]
+
+
 def cat_cond(a, b):
-    """Two conditionings' rows, a's then b's (every tensor is batched along dim 0, as select_cond assumes)."""
+    """Two conditionings' rows, a's then b's (every tensor is batched along dim 0, as select_cond assumes). Where
+    either is row-wise (a host's `rows`: prompts of different token lengths on a DiT, which cannot share a forward),
+    so is the result."""
+    if hasattr(a, "rows") or hasattr(b, "rows"):
+        return type(a if hasattr(a, "rows") else b)(_cond_rows(a) + _cond_rows(b))
     if torch.is_tensor(a):
         return torch.cat([a, b])
     if isinstance(a, (tuple, list)):
         return type(a)(cat_cond(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
         return {k: cat_cond(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] for k in a}
-    raise SpareInputError("mix_rows: this model's conditioning cannot be blended; set mix_rows to 0")
+    raise SpareInputError(f"this model's conditionings ({type(a).__name__}) cannot be joined into one batch: set "
+                          "mix_rows, pseudo_rows and pseudo_forget_rows to 0")
 
 
 def blend_bank(model: DiffusionModel, cond, concepts: list[int], listed: list[int], mix_concept: float,

@@ -1,5 +1,6 @@
 """SPARE's pseudo words (DistillConfig.pseudo_rows, on by default for the UNets) on ComfyUI's real CLIPs: tiny SD1.5,
-SD2.x and SDXL CLIPs (every part: CLIP-L, CLIP-H, CLIP-L + CLIP-G) and the bundled MiniCanvas demo CLIP. A pseudo
+SD2.x and SDXL CLIPs (every part: CLIP-L, CLIP-H, CLIP-L + CLIP-G), the bundled MiniCanvas demo CLIP and every tiny
+DiT's text encoders (where the rows are an explicit choice: auto is 0 on the DiTs). A pseudo
 word's tokens become its perturbed embeddings (as ComfyUI reads textual-inversion embeddings), at the stated radius, in
 every part; at radius 0 the prompt encodes as the word does; the demo CLIP reads a pseudo word as the benchmark's model
 does; a distillation with the defaults trains with the rows and leaves nothing behind.
@@ -165,3 +166,76 @@ def test_weighted_words_keep_their_weight_and_a_word_read_otherwise_is_left_alon
     dm.pseudo_words["zzw"] = dm.pseudo_word(word, 2.0, gen)
     assert not torch.allclose(crossattn(dm, prompt.replace(word, "zzw")), crossattn(dm, prompt), atol=1e-3)
     dm.pseudo_words.clear()
+
+
+def _one_row(cond) -> dict:
+    """One prompt's encode() output as {key: value}: a batched dict, or the host's RowConds of one row."""
+    if hasattr(cond, "rows"):
+        assert len(cond.rows) == 1
+        return dict(cond.rows[0])
+    return dict(cond)
+
+
+@pytest.mark.parametrize("family", cf.DIT_FAMILIES)
+def test_a_pseudo_word_moves_every_conditioning_of_a_dit(host, family):
+    """The DiTs' text encoders (CLIP-L + T5, T5 alone, CLIP-L + CLIP-G + T5, Qwen2.5's byte-level BPE, Gemma's
+    SentencePiece): at radius 0 every conditioning tensor (context, pooled `y`, masks) is the word's, and every
+    constant (Lumina 2's num_tokens) too; at radius 2 the context and the pooled vector move. Qwen's BPE reads the
+    word after a space as other tokens than alone: word_ids reads it as a prompt does."""
+    model, clip = cf.build_tiny(family, seed=0)
+    dm = host.ComfyDiffusionModel(model, clip, 64, 64)
+    assert dm.pseudo_words == {} and dm.knows_word("ukiyo-e")
+    gen = torch.Generator().manual_seed(0)
+    same, moved = dm.pseudo_word("ukiyo-e", 0.0, gen), dm.pseudo_word("ukiyo-e", 2.0, gen)
+    plain = _one_row(dm.encode([PROMPT]))
+    dm.pseudo_words.update(zzsame=same, zzmoved=moved)
+    try:
+        at_zero = _one_row(dm.encode([PROMPT.replace("ukiyo-e", "zzsame")]))
+        away = _one_row(dm.encode([PROMPT.replace("ukiyo-e", "zzmoved")]))
+    finally:
+        dm.pseudo_words.clear()
+    assert set(at_zero) == set(plain) == set(away)
+    for key, value in plain.items():
+        if torch.is_tensor(value):
+            assert torch.allclose(at_zero[key].float(), value.float(), atol=1e-5), key
+        else:
+            assert at_zero[key] == value == away[key], key
+    assert not torch.allclose(away["c_crossattn"], plain["c_crossattn"], atol=1e-3)
+    if torch.is_tensor(plain.get("y")) and plain["y"].is_floating_point():  # a pooled vector from a CLIP part
+        assert not torch.allclose(away["y"], plain["y"], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", cf.DIT_FAMILIES)
+def test_explicit_pseudo_rows_train_on_a_dit(host, family, caplog):
+    """pseudo_rows set by hand on a DiT (auto is 0 there): the banks' prompts join the conditionings, also where the
+    host keeps them row-wise (prompts of different token lengths: Chroma's T5, Qwen's and Gemma's unpadded
+    embeddings) and where the latents have a frame axis (Qwen-Image); nothing stays after."""
+    import logging
+    from dataclasses import replace
+
+    import spare_core as sc
+    from spare_core import families
+    from spare_core.distill import for_model
+    from spare_core.saliency import candidate_modules
+
+    model, clip = cf.build_tiny(family, seed=2)
+    dm = host.ComfyDiffusionModel(model, clip, 64, 64)
+    concept, surrogate = "a watercolor of a cat", "a photo of a cat"
+    cfg = sc.DistillConfig([concept], [surrogate], retain=["a photo of a dog"], samples=2, sample_steps=2, steps=2,
+                           seed=0, gradient_checkpointing=False, text_encoder="off", pseudo_rows=2,
+                           pseudo_forget_rows=2, pseudo_keep=0.0)
+    assert for_model(replace(cfg, pseudo_rows=-1, pseudo_forget_rows=-1), dm).pseudo_rows == 0  # auto: off on DiTs
+    seen = []
+    encode = dm.encode
+    dm.encode = lambda prompts: seen.extend(prompts) or encode(prompts)
+    modules = list(candidate_modules(dm.network, "all", families.FAMILIES[family]))[:2]
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    dm.encode([concept, surrogate, "a photo of a dog", ""])
+    with caplog.at_level(logging.WARNING), host.trainable(dm):
+        result = sc.distill(dm, cfg, sc.Saliency({p: 1.0 for p in modules}, modules, {}))
+    assert (result.config.pseudo_rows, result.config.pseudo_forget_rows) == (2, 2) and len(result.losses) == 2
+    pseudo = [p for p in seen if "zzpseudo" in p]
+    assert len(pseudo) >= 32 and all(p.replace(p.split(" ")[1], "watercolor") == concept for p in pseudo)
+    assert "as other tokens than alone" not in caplog.text  # the word was perturbed inside every prompt
+    assert dm.pseudo_words == {} and "load_model" not in vars(clip)
+    assert all(torch.equal(v, model.model.state_dict()[k]) for k, v in before.items())
