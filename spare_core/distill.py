@@ -214,7 +214,8 @@ class DistillConfig:
     # none, 20 concepts x 3 training seeds, paired: mean4 +3.11 [+1.49, +4.81], unlisted IRA +8.68 [+4.55, +13.80],
     # synonyms +1.83, SFA +1.58, for 38% more time (keep 0.25: mean4 +2.00, SFA -0.67, ukiyo's SFA 73 -> 62);
     # pseudo_rows alone: the objects' synonyms -34.5 (one seed).
-    # "auto" (-1): Family.pseudo_rows (2 on the UNets, 0 on the DiTs). bench/RESULTS.md, "Perturbed concept words"
+    # "auto" (-1): Family.pseudo_rows (2 on the UNets, 0 on the DiTs: on MiniCanvas-Flux mean4 -0.20 [-0.93, +0.51],
+    # one seed). bench/RESULTS.md, "Perturbed concept words", "Pseudo words on the DiT"
     pseudo_rows: int = option(PSEUDO_ROWS_AUTO,
                               "Guard for the concepts no retain line names: retain rows per step whose prompt is the "
                               "concept with its words nudged (in the text encoder's embedding) to where the unerased "

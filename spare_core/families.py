@@ -61,7 +61,9 @@ class Family:
     # DistillConfig.pseudo_rows "auto" (-1): retain rows on perturbed copies of the concept's words that the unerased
     # model draws as something else, and as many forget rows on those it still draws as the concept. 2 on the UNets
     # (MiniCanvas, every concept x 3 training seeds, paired: mean4 +3.11 [+1.49, +4.81], unlisted IRA +8.68 [+4.55,
-    # +13.80], for 38% more time; bench/RESULTS.md, "Perturbed concept words"); 0 on the DiTs (not measured there)
+    # +13.80], for 38% more time; bench/RESULTS.md, "Perturbed concept words"); 0 on the DiTs (MiniCanvas-Flux, every
+    # concept x 1 training seed, paired: mean4 -0.20 [-0.93, +0.51], the objects' unlisted IRA -3.90 [-7.80, 0.00];
+    # "Pseudo words on the DiT")
     pseudo_rows: int = 0
 
 
