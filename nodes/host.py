@@ -140,9 +140,12 @@ def _cond_value(c):
 
 class PseudoWord(NamedTuple):
     """A perturbed copy of a prompt word (DistillConfig.pseudo_rows): the word and, per part of the CLIP (its
-    `tokenize` keys: "l", "g", ...; None for a CLIP of one part), the perturbed embedding of each of its tokens."""
+    `tokenize` keys: "l", "g", ...; None for a CLIP of one part), the perturbed embedding of each of its tokens as a
+    prompt reads the word after a space (`rows`) and, where a part reads the word alone as other tokens (byte-level
+    BPE, Gemma: the first word of a prompt), of those (`alone`)."""
     word: str
     rows: dict
+    alone: dict | None = None
 
 
 def _part(obj, key):
@@ -312,9 +315,16 @@ class ComfyDiffusionModel:
                 return [int(t) for b in tok.tokenize_with_weights(text) for t, *_ in b
                         if not torch.is_tensor(t) and int(t) not in special]
 
-            lead, after = ids("a"), ids("a " + word)
-            self._word_ids[key, word] = after[len(lead):] if after[:len(lead)] == lead else ids(word)
+            lead, after, alone = ids("a"), ids("a " + word), ids(word)
+            self._word_ids[key, word] = after[len(lead):] if after[:len(lead)] == lead else alone
+            self._word_ids[key, word, "alone"] = alone
         return self._word_ids[key, word]
+
+    def word_ids_alone(self, key, word: str) -> list[int]:
+        """The token ids of `word` read alone (as the first word of a prompt is): `word_ids` but for byte-level BPE
+        and Gemma."""
+        self.word_ids(key, word)
+        return self._word_ids[key, word, "alone"]
 
     def knows_word(self, word: str) -> bool:
         """A word every part of the CLIP reads as at least one token."""
@@ -326,19 +336,24 @@ class ComfyDiffusionModel:
     def pseudo_word(self, word: str, radius: float, generator: torch.Generator) -> PseudoWord:
         """`word` with each of its tokens' embeddings (in every part of the CLIP) moved by a random direction (from
         `generator`) of length radius x that token's median distance to the vocabulary's other tokens."""
-        rows = {}
+        rows, alone = {}, {}
         for key, (_, enc) in self._parts.items():
             table = input_embeddings(enc).weight.detach()
-            moved = []
-            for i in self.word_ids(key, word):
-                e = table[i].float()
-                if (key, i) not in self._scales:  # in chunks: a 150k-token vocabulary in fp32 would be 2 GB at once
-                    d = torch.cat([(table[a:a + 8192].float() - e).norm(dim=1) for a in range(0, table.shape[0], 8192)])
-                    self._scales[key, i] = float(d[d > 0].median())
-                u = torch.randn(e.shape, generator=generator)
-                moved.append(e.cpu() + radius * self._scales[key, i] * u / u.norm())
-            rows[key] = torch.stack(moved)
-        return PseudoWord(word, rows)
+            forms = [(rows, self.word_ids(key, word))]
+            if self.word_ids_alone(key, word) != self.word_ids(key, word):  # only then: no extra draws for CLIP, T5
+                forms.append((alone, self.word_ids_alone(key, word)))
+            for out, ids in forms:
+                moved = []
+                for i in ids:
+                    e = table[i].float()
+                    if (key, i) not in self._scales:  # in chunks: a 150k-token vocabulary in fp32 is 2 GB at once
+                        d = torch.cat([(table[a:a + 8192].float() - e).norm(dim=1)
+                                       for a in range(0, table.shape[0], 8192)])
+                        self._scales[key, i] = float(d[d > 0].median())
+                    u = torch.randn(e.shape, generator=generator)
+                    moved.append(e.cpu() + radius * self._scales[key, i] * u / u.norm())
+                out[key] = torch.stack(moved)
+        return PseudoWord(word, rows, alone or None)
 
     def _tokens(self, prompt: str):
         """`clip.tokenize(prompt)`; a pseudo word's tokens are its perturbed embeddings (as ComfyUI's textual-inversion
@@ -354,15 +369,18 @@ class ComfyDiffusionModel:
         for key in self._parts:
             batches = tokens[key] if key is not None else tokens
             for name in used:
-                pw = self.pseudo_words[name]
-                ids, found = self.word_ids(key, pw.word), 0
-                for b in batches:
-                    for a in range(len(b) - len(ids) + 1):
-                        if all(not torch.is_tensor(b[a + k][0]) and int(b[a + k][0]) == ids[k]
-                               for k in range(len(ids))):
-                            for k in range(len(ids)):
-                                b[a + k] = (pw.rows[key][k], *b[a + k][1:])
-                            found += 1
+                pw, found = self.pseudo_words[name], 0
+                forms = [(self.word_ids(key, pw.word), pw.rows[key])]
+                if pw.alone and key in pw.alone:  # the word read alone too (the first word of a prompt)
+                    forms.append((self.word_ids_alone(key, pw.word), pw.alone[key]))
+                for ids, moved in forms:
+                    for b in batches:
+                        for a in range(len(b) - len(ids) + 1):
+                            if all(not torch.is_tensor(b[a + k][0]) and int(b[a + k][0]) == ids[k]
+                                   for k in range(len(ids))):
+                                for k in range(len(ids)):
+                                    b[a + k] = (moved[k], *b[a + k][1:])
+                                found += 1
                 if not found and (key, pw.word) not in self._unmatched:  # e.g. a word inside "(a b:1.2)"
                     self._unmatched.add((key, pw.word))
                     log.warning("SPARE: the CLIP part %s reads '%s' in '%s' as other tokens than alone; that word is "

@@ -205,6 +205,31 @@ def test_a_pseudo_word_moves_every_conditioning_of_a_dit(host, family):
         assert not torch.allclose(away["y"], plain["y"], atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ("sd15", "flux", "qwen_image"))
+def test_the_first_word_of_a_prompt_is_perturbed_too(host, family, caplog):
+    """Qwen's byte-level BPE reads a word after a space and at the start of a prompt (after its template's newline)
+    as different tokens: a pseudo word carries rows for both forms there, and for one where they are the same (CLIP,
+    T5: no extra random draws, so their banks are as before)."""
+    import logging
+
+    model, clip = cf.build_tiny(family, seed=0)
+    dm = host.ComfyDiffusionModel(model, clip, 64, 64)
+    pw = dm.pseudo_word("ukiyo-e", 2.0, torch.Generator().manual_seed(0))
+    differs = {key: dm.word_ids_alone(key, "ukiyo-e") != dm.word_ids(key, "ukiyo-e") for key in dm._parts}
+    assert differs == {key: family == "qwen_image" for key in dm._parts}
+    assert (pw.alone is not None) == (family == "qwen_image")
+    first = "ukiyo-e painting of a dog"
+    plain = _one_row(dm.encode([first]))["c_crossattn"]
+    dm.pseudo_words["zzf"] = pw
+    try:
+        with caplog.at_level(logging.WARNING):
+            away = _one_row(dm.encode([first.replace("ukiyo-e", "zzf")]))["c_crossattn"]
+    finally:
+        dm.pseudo_words.clear()
+    assert "as other tokens than alone" not in caplog.text
+    assert away.shape == plain.shape and not torch.allclose(away, plain, atol=1e-3)
+
+
 @pytest.mark.parametrize("family", cf.DIT_FAMILIES)
 def test_explicit_pseudo_rows_train_on_a_dit(host, family, caplog):
     """pseudo_rows set by hand on a DiT (auto is 0 there): the banks' prompts join the conditionings, also where the
