@@ -234,9 +234,6 @@ class DistillConfig:
                                      "many as pseudo_rows.", min=-1, max=64, node=False)
     pseudo_forget_radius: float = option(1.0, "pseudo_forget_rows' perturbation (as pseudo_radius).", min=0.0,
                                          max=10.0, step=0.05, node=False)
-    pseudo_samples: int = option(0, "Self-generated samples (one each) of this many of pseudo_rows' perturbed "
-                                    "prompts, joined to the retain samples: the neighbours kept on their own "
-                                    "states, as the listed retain prompts are (0 = off).", min=0, max=32, node=False)
 
 
 @dataclass
@@ -548,7 +545,6 @@ class TrainingData:
     n_pseudo: int = 0
     pforget_row: Optional[int] = None        # first of the perturbed words still drawn as the concept
     pforget_concept: Optional[torch.Tensor] = None  # (pseudo_forget_rows) and the concept of each
-    n_retain: int = 0                        # retain prompts (rows from 2 n_concepts); 0: i_retain's largest + 1
 
     def concept_rows(self, i: torch.Tensor) -> torch.Tensor:
         return i
@@ -618,13 +614,6 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
             cond = cat_cond(cond, model.encode(pseudo))
         if prompts is not None:
             prompts = prompts + pseudo
-    n_retain = len(retain_prompts)
-    if pseudo and cfg.pseudo_samples > 0 and x_retain is not None:  # the neighbours' own samples join the retain set
-        own = pseudo[:cfg.pseudo_samples]
-        x_own, i_own = generate(model, own, 1, cfg.seed + 17, retain_sample_steps(cfg), cfg.sample_cfg,
-                                should_stop=should_stop)
-        x_retain = torch.cat([x_retain, x_own.to(x_retain)])
-        i_retain = torch.cat([i_retain, i_own.to(i_retain) + pseudo_row - 2 * len(cfg.concepts)])
     near = []
     if cfg.pseudo_forget_rows > 0:
         near = pseudo_bank(model, cfg, cond, x_forget, i_forget, torch.Generator().manual_seed(cfg.seed + 13),
@@ -637,7 +626,7 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
             prompts = prompts + [p for p, _ in near]
     return TrainingData(cond, len(cfg.concepts), x_forget, i_forget, n_anchor, x_anchor, i_anchor, x_retain, i_retain,
                         data_std(x_forget), uncond_row, mix_row, prompts, pseudo_row, len(pseudo), pforget_row,
-                        pforget_c, n_retain)
+                        pforget_c)
 
 
 PSEUDO_BANK = 32  # perturbed concept words kept per run (DistillConfig.pseudo_rows)
@@ -821,7 +810,7 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
             ids.append(torch.full((cfg.uncond_rows,), data.uncond_row, dtype=student.dtype))
             k.append(torch.arange(cfg.uncond_rows) % cfg.batch_size)
         if cfg.cross_rows:
-            n_retain = data.n_retain or int(data.i_retain.max()) + 1
+            n_retain = int(data.i_retain.max()) + 1
             ids.append(data.retain_rows(torch.randint(0, n_retain, (cfg.cross_rows,), generator=gen)))
             k.append(torch.arange(cfg.cross_rows) % cfg.batch_size)
         if cfg.mix_rows and data.mix_row is not None:

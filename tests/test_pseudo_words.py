@@ -139,26 +139,3 @@ def test_an_empty_bank_trains_without_its_rows(model, caplog):
         get_batch(model, data, cfg, None, torch.Generator().manual_seed(3))  # draws no pseudo row
     finally:
         model.pseudo_words.clear()
-
-
-def test_pseudo_samples_join_the_retain_set_as_the_neighbours_own_states(model):
-    base = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, **{**FAST, "pseudo_rows": 2, "cross_rows": 2})
-    cfg = replace(base, pseudo_samples=3)
-    plain = make_training_data(model, validate(base, SAL), None, None)
-    model.pseudo_words.clear()
-    data = make_training_data(model, validate(cfg, SAL), None, None)
-    try:
-        n_listed = plain.x_retain.shape[0]
-        assert data.x_retain.shape[0] == n_listed + 3 and torch.equal(data.x_retain[:n_listed], plain.x_retain)
-        own = data.retain_rows(data.i_retain[n_listed:])  # one sample of each of the bank's first three prompts
-        assert own.tolist() == [data.pseudo_row, data.pseudo_row + 1, data.pseudo_row + 2]
-        assert not torch.equal(data.x_retain[n_listed], data.x_retain[n_listed + 1])
-        listed = len(RETAIN) + cfg.retain_unconditional  # and the empty prompt
-        assert data.n_retain == listed
-        for seed in range(20):  # cross rows still draw only the listed retain prompts
-            batch = get_batch(model, data, cfg, None, torch.Generator().manual_seed(seed))
-            cross = batch.student[2 * cfg.batch_size:2 * cfg.batch_size + 2]
-            assert all(data.retain_rows(torch.tensor(0)) <= int(i) < data.retain_rows(torch.tensor(listed))
-                       for i in cross)
-    finally:
-        model.pseudo_words.clear()
