@@ -65,6 +65,12 @@ class Family:
     # concept x 1 training seed, paired: mean4 -0.20 [-0.93, +0.51], the objects' unlisted IRA -3.90 [-7.80, 0.00];
     # "Pseudo words on the DiT")
     pseudo_rows: int = 0
+    # DistillConfig.model_strength "auto" (-1) where the text encoder trains too: the network's part of the LoRA is
+    # saved at this strength, the text encoder's at 1 (LoraLoader's strength_model / strength_clip). 0.9 on the UNets
+    # (MiniCanvas, every concept x 3 training seeds, paired against 1: mean4 +0.45 [+0.15, +0.78], unlisted IRA +0.92
+    # [+0.32, +1.67], SFA +0.42, synonyms -0.17; bench/RESULTS.md, "The network's part at 0.9"); 1 on the DiTs (not
+    # measured there; their text encoder does not train by default)
+    model_strength: float = 1.0
 
 
 TEXT_LAYER = re.compile(r"(^|\.)(layers|layer|block|blocks)\.\d+\.")  # a text encoder's transformer layers
@@ -94,7 +100,7 @@ def last_layers(names: list[str]) -> list[str]:
 
 UNET = Family("unet", "SD1.x / SD2.x / SDXL (UNet)", attention=("to_q", "to_k", "to_v", "to_out", "to_out.0"),
               text_attention=(".attn2.",), dit=False, cross_rows=2, learning_rate=1e-4, text_encoder=True,
-              pseudo_rows=2)
+              pseudo_rows=2, model_strength=0.9)
 FLUX = Family("flux", "Flux.1-dev (and Krea, Kontext)", blocks=("double_blocks", "single_blocks"),
               attention=("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2"),
               text_attention=(".txt_attn.",), inplace_residuals=True, guidance_distilled=True,

@@ -88,6 +88,15 @@ class LoraWeights:
             return self
         return LoraWeights({p: {**m, "up": m["up"] * strength} for p, m in self.modules.items()}, dict(self.metadata))
 
+    def scaled_network(self, strength: float) -> "LoraWeights":
+        """This LoRA with `strength` baked into the network's up weights only, the text encoder's as they are (what
+        LoraLoader's strength_model does beside strength_clip 1; DistillConfig.model_strength). The same object when
+        `strength` is 1."""
+        if strength == 1.0:
+            return self
+        return LoraWeights({p: m if is_text_path(p) else {**m, "up": m["up"] * strength}
+                            for p, m in self.modules.items()}, dict(self.metadata))
+
     @property
     def rank(self) -> int:
         return max((m["down"].shape[0] for m in self.modules.values()), default=0)

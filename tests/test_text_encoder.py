@@ -134,3 +134,24 @@ def test_on_trains_every_read_layer_and_last_only_the_last(model):
     last = text_modules(model, replace(cfg, text_encoder="last"))
     assert last == [p for p in text_candidates(text_encoder_of(model)) if p.startswith("layers.1.")]
     assert [text_key_prefix(model) + p for p in last] == text_subset(model, "spare-te-last")
+
+
+def test_the_network_part_is_saved_at_model_strength_and_the_text_encoders_at_one(model, run):
+    result, _, unet = run
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, **FAST)
+    assert cfg.model_strength == -1 and result.config.model_strength == 0.9  # auto: 0.9 on a UNet whose CLIP trains
+    assert '"model_strength": 0.9' in result.lora.metadata["spare.config"]
+    assert for_model(replace(cfg, text_encoder="off"), model).model_strength == 1.0
+    dit = copy.copy(model)
+    dit.family = "flux"
+    assert for_model(cfg, dit).model_strength == 1.0
+    assert for_model(replace(cfg, model_strength=0.7), model).model_strength == 0.7
+    full = sc.distill(model, replace(cfg, model_strength=1.0), sc.Saliency({p: 1.0 for p in unet}, unet, {})).lora
+    assert list(full.modules) == list(result.lora.modules)
+    for path, m in result.lora.modules.items():  # the same training; only the network's up weights are scaled
+        assert torch.equal(m["down"], full.modules[path]["down"])
+        scale = 1.0 if lora_mod.is_text_path(path) else 0.9
+        assert torch.equal(m["up"], full.modules[path]["up"] * scale) if scale != 1.0 else \
+            torch.equal(m["up"], full.modules[path]["up"])
+    with pytest.raises(SpareInputError, match="model_strength=0"):
+        sc.distill_validate(replace(cfg, model_strength=0.0), sc.Saliency({"a": 1.0}, ["a"], {}))

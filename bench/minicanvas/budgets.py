@@ -395,12 +395,14 @@ SPARE_VARIANTS = {
     # the overshoot, calibrated, and what it costs")
     "spare-strength08": SpareVariant(strength=0.8),
     "spare-strength09": SpareVariant(strength=0.9),
-    # experiment: the network's part at 0.8 / 0.9, the text encoder's at 1 (the UNet part moves the unlisted classes,
-    # the text encoder's keeps the object: RESULTS, "Which half of the LoRA moves the unlisted classes")
-    "spare-unet08": SpareVariant(unet_strength=0.8),
-    "spare-unet09": SpareVariant(unet_strength=0.9),
+    # experiment: the LoRA trained and saved at model_strength 1, judged with the network's part at 0.8 / 0.9, the
+    # text encoder's at 1 (the UNet part moves the unlisted classes, the text encoder's keeps the object: RESULTS,
+    # "Which half of the LoRA moves the unlisted classes"); spare-unet09 judges what the default (model_strength
+    # auto: 0.9 on the UNet) saves, bit for bit
+    "spare-unet08": SpareVariant(overrides=(("model_strength", 1.0),), unet_strength=0.8),
+    "spare-unet09": SpareVariant(overrides=(("model_strength", 1.0),), unet_strength=0.9),
     # experiment: the network's part lowered and the text encoder's raised past 1 (it keeps the object: does more of
     # it win back the erasure and SFA the lower network part gives up?)
-    "spare-unet08-te12": SpareVariant(unet_strength=0.8, te_strength=1.2),
-    "spare-unet09-te11": SpareVariant(unet_strength=0.9, te_strength=1.1),
+    "spare-unet08-te12": SpareVariant(overrides=(("model_strength", 1.0),), unet_strength=0.8, te_strength=1.2),
+    "spare-unet09-te11": SpareVariant(overrides=(("model_strength", 1.0),), unet_strength=0.9, te_strength=1.1),
 }
