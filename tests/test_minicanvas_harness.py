@@ -1,6 +1,7 @@
 """MiniCanvas harness: the UnlearnCanvas metrics on hand-made inputs, the baselines' objectives on the tiny test
 denoiser, and the harness end to end on a reduced setting (needs the shipped model and classifiers)."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -549,14 +550,16 @@ def test_strength_variant_judges_the_same_lora_scaled(monkeypatch):
     assert torch.equal(scaled.modules["m"]["down"], lora.modules["m"]["down"])
     (_, scaled09), _ = methods.run_method("spare-strength09", None, "object", "ring", budgets.Budget(), seed=2)
     assert torch.equal(scaled09.modules["m"]["up"], 0.9 * lora.modules["m"]["up"]) and seen[2] == seen[0]
-    # spare-unet08: the network's part at 0.8, the text encoder's as trained (LoraLoader's strength_model / _clip)
+    # spare-unet08: trained as spare but saved at model_strength 1 (the default saves the UNet part at 0.9), judged
+    # with the network's part at 0.8, the text encoder's as trained (LoraLoader's strength_model / _clip)
     lora.modules["text_encoders.t"] = {k: v.clone() for k, v in lora.modules["m"].items()}
     (_, part), info_u = methods.run_method("spare-unet08", None, "object", "ring", budgets.Budget(), seed=2)
-    assert seen[3] == seen[0] and info_u["strength"] == 1.0
+    at_one = (replace(seen[0][0], model_strength=1.0),) + seen[0][1:]
+    assert seen[3] == at_one and seen[0][0].model_strength == -1 and info_u["strength"] == 1.0
     assert torch.equal(part.modules["m"]["up"], 0.8 * lora.modules["m"]["up"])
     assert torch.equal(part.modules["text_encoders.t"]["up"], lora.modules["text_encoders.t"]["up"])
     (_, both), _ = methods.run_method("spare-unet08-te12", None, "object", "ring", budgets.Budget(), seed=2)
-    assert seen[4] == seen[0] and torch.equal(both.modules["m"]["up"], 0.8 * lora.modules["m"]["up"])
+    assert seen[4] == at_one and torch.equal(both.modules["m"]["up"], 0.8 * lora.modules["m"]["up"])
     assert torch.equal(both.modules["text_encoders.t"]["up"], 1.2 * lora.modules["text_encoders.t"]["up"])
     assert torch.equal(both.modules["text_encoders.t"]["down"], lora.modules["text_encoders.t"]["down"])
 
