@@ -73,6 +73,10 @@ def _task(task):
                                       on_check=lambda check, ad: snaps.append(
                                           (check, sc.LoraWeights.from_adapters(ad)
                                            if check["step"] in snapshot_steps else None)))
+    # the snapshots are the live adapters; the final LoRA has the network's part at the resolved model_strength
+    # (DistillConfig: 0.9 on the UNet where the text encoder trains), so the snapshots get it too
+    strength = json.loads(edited[1].metadata["spare.config"])["model_strength"]
+    snaps = [(check, None if lora is None else lora.scaled_network(strength)) for check, lora in snaps]
     snaps.append(({"step": info["steps_used"], "gap_closed": info["gap_closed"],
                    "retain_drift": info.get("retain_drift")}, edited[1]))
     prompts, ls, lo, seeds = grid(budget.seeds)
