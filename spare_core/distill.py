@@ -491,7 +491,7 @@ def distill(
                                                      cfg.sample_steps, cfg.sample_cfg, cfg.calibrate_share,
                                                      cfg.calibrate_margin, should_stop)
             lora = LoraWeights.from_adapters(adapters, lora_metadata(cfg, profile, gap_before, checks[-1], strength))
-            lora = lora.scaled(strength).scaled_network(cfg.model_strength)
+            lora = lora.scaled(strength).scaled(cfg.model_strength, text=1.0)
             trainable = sum(p.numel() for p in params)
         finally:
             adapters.remove()

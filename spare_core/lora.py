@@ -81,20 +81,16 @@ class LoraWeights:
             modules[path] = {"down": down, "up": up, "alpha": torch.tensor(float(down.shape[0]))}
         return cls(modules, dict(metadata or {}))
 
-    def scaled(self, strength: float) -> "LoraWeights":
+    def scaled(self, strength: float, text: Optional[float] = None) -> "LoraWeights":
         """This LoRA with `strength` baked into its up weights: at strength 1 it adds what this one adds at
-        `strength` (the calibrated strength, calibrate.py). The same object when `strength` is 1."""
-        if strength == 1.0:
+        `strength` (the calibrated strength, calibrate.py). `text`: the text encoder's modules at that strength
+        instead (LoraLoader's strength_model / strength_clip; DistillConfig.model_strength is `strength` with text
+        1). The same object when nothing changes; a module whose factor is 1 is kept as it is."""
+        text = strength if text is None else text
+        if strength == 1.0 and text == 1.0:
             return self
-        return LoraWeights({p: {**m, "up": m["up"] * strength} for p, m in self.modules.items()}, dict(self.metadata))
-
-    def scaled_network(self, strength: float) -> "LoraWeights":
-        """This LoRA with `strength` baked into the network's up weights only, the text encoder's as they are (what
-        LoraLoader's strength_model does beside strength_clip 1; DistillConfig.model_strength). The same object when
-        `strength` is 1."""
-        if strength == 1.0:
-            return self
-        return LoraWeights({p: m if is_text_path(p) else {**m, "up": m["up"] * strength}
+        factor = {p: text if is_text_path(p) else strength for p in self.modules}
+        return LoraWeights({p: m if factor[p] == 1.0 else {**m, "up": m["up"] * factor[p]}
                             for p, m in self.modules.items()}, dict(self.metadata))
 
     @property

@@ -184,10 +184,8 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
                 "warning": result.warning}
         judged_at = variant.strength if variant is not None else 1.0  # Apply Erasure's strength (spare-strength08)
         lora = result.lora.scaled(judged_at)
-        if variant is not None and (variant.unet_strength, variant.te_strength) != (1.0, 1.0):  # the parts apart
-            lora = sc.LoraWeights({p: {**m, "up": m["up"] * (variant.te_strength if sc.lora.is_text_path(p)
-                                                             else variant.unet_strength)}
-                                   for p, m in lora.modules.items()}, dict(lora.metadata))
+        if variant is not None:  # the parts apart (spare-unet08: LoraLoader's strength_model / strength_clip)
+            lora = lora.scaled(variant.unet_strength, text=variant.te_strength)
         edited = ("te-lora" if base is not model else "lora", lora)
         info["strength"] = result.strength * judged_at
     elif method in ("esd-x", "esd-u"):

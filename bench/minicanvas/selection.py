@@ -76,7 +76,7 @@ def _task(task):
     # the snapshots are the live adapters; the final LoRA has the network's part at the resolved model_strength
     # (DistillConfig: 0.9 on the UNet where the text encoder trains), so the snapshots get it too
     strength = json.loads(edited[1].metadata["spare.config"])["model_strength"]
-    snaps = [(check, None if lora is None else lora.scaled_network(strength)) for check, lora in snaps]
+    snaps = [(check, None if lora is None else lora.scaled(strength, text=1.0)) for check, lora in snaps]
     snaps.append(({"step": info["steps_used"], "gap_closed": info["gap_closed"],
                    "retain_drift": info.get("retain_drift")}, edited[1]))
     prompts, ls, lo, seeds = grid(budget.seeds)
