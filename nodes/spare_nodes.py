@@ -346,6 +346,7 @@ class SparseLoraDistill(io.ComfyNode):
                 guidance_input(),
                 option_input(sc.DistillConfig, "text_encoder", optional=True),
                 option_input(sc.DistillConfig, "pseudo_rows", optional=True),
+                option_input(sc.DistillConfig, "concept_kind", optional=True),
             ],
             outputs=[
                 io.LoraModel.Output("lora", tooltip="The erasure LoRA (ComfyUI's LORA_MODEL). SPARE Apply Erasure "
@@ -362,7 +363,8 @@ class SparseLoraDistill(io.ComfyNode):
                 samples=sc.DistillConfig.samples, loss_weighting=sc.DistillConfig.loss_weighting,
                 stop_at_gap_closed=sc.DistillConfig.stop_at_gap_closed, timesteps=None, latents=None,
                 surrogate_anchor=sc.DistillConfig.surrogate_anchor, guidance=FLUX_GUIDANCE,
-                text_encoder=sc.DistillConfig.text_encoder, pseudo_rows=sc.DistillConfig.pseudo_rows):
+                text_encoder=sc.DistillConfig.text_encoder, pseudo_rows=sc.DistillConfig.pseudo_rows,
+                concept_kind=sc.DistillConfig.concept_kind):
         require_supported(model)
         given, (width, height) = given_latents(model, latents, resolution)
         if key_format not in KEY_FORMATS:
@@ -373,7 +375,7 @@ class SparseLoraDistill(io.ComfyNode):
             rank=rank, alpha=alpha, steps=steps, learning_rate=learning_rate, forget_weight=forget_weight,
             retain_weight=retain_weight, seed=seed, gradient_checkpointing=gradient_checkpointing, samples=samples,
             loss_weighting=loss_weighting, stop_at_gap_closed=stop_at_gap_closed, surrogate_anchor=surrogate_anchor,
-            text_encoder=text_encoder, pseudo_rows=pseudo_rows)
+            text_encoder=text_encoder, pseudo_rows=pseudo_rows, concept_kind=concept_kind)
         sc.distill_validate(config, saliency)  # fail fast, before any model loading or sampling
         text = trains_text(for_model(config, dm))  # the CLIP trains too: loaded and made trainable with it
         if text and key_format == "kohya":  # fail fast: the names are checked again when the file is written

@@ -64,6 +64,7 @@ LEARNING_RATE_AUTO = 0.0  # DistillConfig.learning_rate: the model family's meas
 CROSS_ROWS_AUTO = -1  # DistillConfig.cross_rows: the model family's measured default (families.Family.cross_rows)
 PSEUDO_ROWS_AUTO = -1  # DistillConfig.pseudo_rows: Family.pseudo_rows where the model reads pseudo words, else 0
 MODEL_STRENGTH_AUTO = -1.0  # DistillConfig.model_strength: Family.model_strength where the text encoder trains, else 1
+CONCEPT_KINDS = ("style", "object")  # DistillConfig.concept_kind
 RETAIN_SAMPLE_BUDGET = 64  # auto retain samples: about this many in all (a long {a|b} retain list gets 1 per prompt)
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,15 @@ class DistillConfig:
                                    "The LoRA's network part is saved at this strength, its text encoder's at 1 (as "
                                    "LoraLoader's strength_model / strength_clip). -1 = auto: 0.9 on SD1/SD2/SDXL when "
                                    "the text encoder trains, else 1.", min=-1.0, max=2.0, step=0.05, node=False)
+    # Which of the family's model strengths "auto" takes (Family.model_strength / object_model_strength): the objects'
+    # unnamed neighbours keep their looks at a lower network strength, where the styles' erased rows lose the object
+    # (MiniCanvas: the network part at 0.8 on every concept, one seed: objects' unlisted IRA +1.70, style SFA -4.0;
+    # bench/RESULTS.md, "Objects at their own strength"). The engine cannot tell one from the other; the user can.
+    concept_kind: str = option("style", "What the concepts are. object = a thing that is drawn (a dog, a car, a "
+                                        "logo): the LoRA's network part is saved at a lower strength, which keeps "
+                                        "similar objects nobody listed closer to their looks; style = an art style, "
+                                        "an artist, a look, and anything else. SD1/SD2/SDXL; no effect on the DiTs.",
+                               choices=CONCEPT_KINDS)
 
 
 @dataclass
@@ -361,6 +371,8 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if config.pseudo_rows < PSEUDO_ROWS_AUTO or config.pseudo_forget_rows < PSEUDO_ROWS_AUTO:
         raise SpareInputError(f"pseudo_rows={config.pseudo_rows} and pseudo_forget_rows={config.pseudo_forget_rows} "
                               "must be >= 0 (or -1: auto)")
+    if config.concept_kind not in CONCEPT_KINDS:
+        raise SpareInputError(f"concept_kind='{config.concept_kind}' is not one of {', '.join(CONCEPT_KINDS)}")
     if config.text_encoder not in TEXT_ENCODER_CHOICES:
         raise SpareInputError(f"text_encoder='{config.text_encoder}' is not one of {', '.join(TEXT_ENCODER_CHOICES)}")
     if config.mix_rows and not config.retain:
@@ -380,8 +392,8 @@ def for_model(cfg: DistillConfig, model: DiffusionModel) -> DistillConfig:
     0 -> Family.learning_rate, text_encoder "auto" -> "on" where Family.text_encoder and the model has a text encoder
     (model.text_encoder_of), pseudo_rows -1 -> Family.pseudo_rows where the model reads pseudo words (a
     `pseudo_words` dict that is not None) else 0, pseudo_forget_rows -1 -> pseudo_rows, model_strength -1 ->
-    Family.model_strength where the text encoder trains, else 1. What trains (and what the LoRA's metadata records) is
-    the resolved value."""
+    Family.model_strength (concept_kind "object": Family.object_model_strength) where the text encoder trains, else 1.
+    What trains (and what the LoRA's metadata records) is the resolved value."""
     family = family_of(model)
     has_text = text_encoder_of(model) is not None
     if cfg.text_encoder == "auto":
@@ -410,7 +422,8 @@ def for_model(cfg: DistillConfig, model: DiffusionModel) -> DistillConfig:
     if cfg.learning_rate == LEARNING_RATE_AUTO:
         cfg = replace(cfg, learning_rate=family.learning_rate)
     if cfg.model_strength == MODEL_STRENGTH_AUTO:
-        cfg = replace(cfg, model_strength=family.model_strength if trains_text(cfg) else 1.0)
+        kind_strength = family.object_model_strength if cfg.concept_kind == "object" else family.model_strength
+        cfg = replace(cfg, model_strength=kind_strength if trains_text(cfg) else 1.0)
     return cfg
 
 
@@ -707,8 +720,8 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
                     for name in names:
                         del model.pseudo_words[name]
     if not kept:
-        log.warning("SPARE: no perturbed concept word drew %s the concept in %d tries (%s %.2g): "
-                    "training without those rows", "the" if near else "anything but", tries,
+        log.warning("SPARE: no perturbed concept word drew %sthe concept in %d tries (%s %.2g): "
+                    "training without those rows", "" if near else "anything but ", tries,
                     "pseudo_forget_radius" if near else "pseudo_radius", radius)
     return kept
 

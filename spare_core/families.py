@@ -71,6 +71,8 @@ class Family:
     # [+0.32, +1.67], SFA +0.42, synonyms -0.17; bench/RESULTS.md, "The network's part at 0.9"); 1 on the DiTs (not
     # measured there; their text encoder does not train by default)
     model_strength: float = 1.0
+    # The same for DistillConfig.concept_kind "object" (bench/RESULTS.md, "Objects at their own strength")
+    object_model_strength: float = 1.0
 
 
 TEXT_LAYER = re.compile(r"(^|\.)(layers|layer|block|blocks)\.\d+\.")  # a text encoder's transformer layers
@@ -100,7 +102,7 @@ def last_layers(names: list[str]) -> list[str]:
 
 UNET = Family("unet", "SD1.x / SD2.x / SDXL (UNet)", attention=("to_q", "to_k", "to_v", "to_out", "to_out.0"),
               text_attention=(".attn2.",), dit=False, cross_rows=2, learning_rate=1e-4, text_encoder=True,
-              pseudo_rows=2, model_strength=0.9)
+              pseudo_rows=2, model_strength=0.9, object_model_strength=0.8)
 FLUX = Family("flux", "Flux.1-dev (and Krea, Kontext)", blocks=("double_blocks", "single_blocks"),
               attention=("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2"),
               text_attention=(".txt_attn.",), inplace_residuals=True, guidance_distilled=True,

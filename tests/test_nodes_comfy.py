@@ -4,6 +4,7 @@ text encoder) loaded by ComfyUI's stock LoraLoader.
 
 Needs a ComfyUI checkout in COMFYUI_PATH (scripts/setup_comfyui.sh); skipped with the reason printed otherwise.
 """
+import json
 import importlib.util
 import logging
 import os
@@ -138,6 +139,29 @@ def test_nodes_end_to_end(pack, family, caplog):
     # the input MODEL is untouched: same seed, bit-identical samples after every node ran
     after = cf.sample(model, clip, "a red cat", seed=3, steps=2, size=RES)
     assert torch.equal(before, after)
+
+
+def test_distill_concept_kind_object_saves_the_network_part_at_the_object_strength(pack):
+    """The node's concept_kind reaches the engine: the same training as "style" (default), its network part saved at
+    Family.object_model_strength instead of model_strength, the CLIP's part unchanged; the file records the kind."""
+    from safetensors import safe_open
+    from spare_core.families import UNET
+    nodes_mod, _ = pack
+    model, clip = cf.build_tiny("sd15", seed=1)
+    saliency = scan(nodes_mod, model, clip)[0]
+    style = distill(nodes_mod, model, clip, saliency, filename_prefix="spare/kind_style")[0]
+    obj, _, filename = distill(nodes_mod, model, clip, saliency, filename_prefix="spare/kind_object",
+                               concept_kind="object")
+    assert set(style) == set(obj)
+    ratio = UNET.object_model_strength / UNET.model_strength
+    ups = [k for k in obj if "lora_up" in k or "lora_B" in k]
+    assert any(k.startswith("text_encoders.") for k in ups) and any(k.startswith("diffusion_model.") for k in ups)
+    for k in ups:
+        expected = style[k] if k.startswith("text_encoders.") else style[k] * ratio
+        assert torch.allclose(obj[k].float(), expected.float(), rtol=2e-3, atol=1e-6), k  # saved in fp16
+    with safe_open(os.path.join(str(pack[1]), filename), "pt") as f:
+        config = json.loads(f.metadata()["spare.config"])
+    assert (config["concept_kind"], config["model_strength"]) == ("object", UNET.object_model_strength)
 
 
 def test_apply_erasure_strengths_split_as_lora_loader(pack, caplog):

@@ -12,7 +12,7 @@ import spare_core as sc
 from spare_core import lora as lora_mod
 from spare_core.distill import for_model
 from spare_core.errors import SpareInputError
-from spare_core.families import text_candidates
+from spare_core.families import UNET, text_candidates
 from spare_core.model import lora_targets, text_encoder_of, text_key_prefix
 from tiny_denoiser import TinyDiffusionModel
 
@@ -154,3 +154,20 @@ def test_the_network_part_is_saved_at_model_strength_and_the_text_encoders_at_on
         assert torch.equal(m["up"], up if lora_mod.is_text_path(path) else up * 0.9)
     with pytest.raises(SpareInputError, match="model_strength=0"):
         sc.distill_validate(replace(cfg, model_strength=0.0), sc.Saliency({"a": 1.0}, ["a"], {}))
+
+
+def test_an_object_is_saved_at_the_familys_object_strength(model):
+    """concept_kind "object" takes Family.object_model_strength where "auto" resolves (the UNet family's is below its
+    style strength); an explicit model_strength, a DiT or an untrained text encoder ignore the kind; anything but
+    style / object is refused, naming the input and the choices."""
+    cfg = sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, **FAST)
+    assert cfg.concept_kind == "style" and for_model(cfg, model).model_strength == UNET.model_strength
+    obj = replace(cfg, concept_kind="object")
+    assert for_model(obj, model).model_strength == UNET.object_model_strength < UNET.model_strength
+    assert for_model(replace(obj, model_strength=1.0), model).model_strength == 1.0
+    assert for_model(replace(obj, text_encoder="off"), model).model_strength == 1.0
+    dit = copy.copy(model)
+    dit.family = "flux"
+    assert for_model(obj, dit).model_strength == 1.0
+    with pytest.raises(SpareInputError, match="concept_kind='person' is not one of style, object"):
+        sc.distill_validate(replace(cfg, concept_kind="person"), sc.Saliency({"a": 1.0}, ["a"], {}))

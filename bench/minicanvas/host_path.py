@@ -242,7 +242,7 @@ class ComfyHost:
                     filename_prefix=FILENAME_PREFIX, key_format="comfyui",
                     gradient_checkpointing=False, resolution=WIDGET_RESOLUTION, samples=per,
                     loss_weighting=budget.spare_weighting, stop_at_gap_closed=budget.spare_stop, timesteps=profile,
-                    latents=latents, surrogate_anchor=defaults.surrogate_anchor, **common)
+                    latents=latents, surrogate_anchor=defaults.surrogate_anchor, concept_kind=domain, **common)
         finally:
             logging.getLogger("spare").removeHandler(warnings)
         # (MODEL, CLIP): the LoRA edits the text encoder too where Distill's text_encoder is on (the UNet)

@@ -129,7 +129,8 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
     if method.startswith("spare"):
         # The product pipeline (spare_core.erase: concept samples shared by the three stages, as the nodes wire one
         # Concept Samples LATENT into them) at the product defaults; the harness sets the training seed, the scaled
-        # learning rate, the step cap and its own retain list, and experiments set any DistillConfig field, last.
+        # learning rate, the step cap, its own retain list and concept_kind (the domain, as a user picks it), and
+        # experiments set any DistillConfig field, last.
         no_retain = method == "spare-no-retain"
         steps = budget.spare
         if variant is not None and variant.step_scale != 1.0:
@@ -137,7 +138,7 @@ def run_method(method, model, domain, name, budget, seed=0, on_check=None, input
         cfg = sc.DistillConfig(forget, surrogate, retain=[] if no_retain else retain, steps=steps,
                                learning_rate=inputs.LR[budgets.spare_lr_key(budget.model)], seed=seed,
                                loss_weighting=budget.spare_weighting, stop_at_gap_closed=budget.spare_stop,
-                               gradient_checkpointing=False)
+                               gradient_checkpointing=False, concept_kind=domain)
         if no_retain:
             cfg = replace(cfg, retain_unconditional=False, retain_weight=0.0)
         if method in TEXT_ENCODER_LINEARS:  # the experiments' own text-encoder adapters (text_side), not the product's
