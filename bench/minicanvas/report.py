@@ -171,6 +171,9 @@ def _listed_ceiling(method: dict, domain: str, key: str):
     return sum(vals) / len(vals) if vals else None
 
 
+FLOAT_SLACK = 1e-4  # targets(): float32 rounding of a stored percentage, far below one image in any grid
+
+
 def targets(results: dict) -> str:
     """SPARE's targets, each marked met / missed with the gap (computed, never hand-written): the erasure targets
     (UA, every concept, synonyms), surrogate fidelity, retention on the unlisted and the listed classes, the four-way
@@ -186,41 +189,44 @@ def targets(results: dict) -> str:
         miss = f" ({gap})" if gap.endswith("over") else f" (short by {gap})" if gap else ""
         lines.append(f"| {name} | {value} | {'yes' if ok else 'NO' + miss} |")
 
+    def at_least(value, target):  # accuracies are image counts over totals, stored from float32: 19 of 20 reads
+        return value >= target - FLOAT_SLACK  # 94.9999988, which is 95
+
     doms = [d for d in ("style", "object") if sp.get(d)]
     ua = sum(sp[d]["UA"] for d in doms) / len(doms)
-    row("mean UA >= 99", f"{ua:.2f}", ua >= 99.0, f"{99.0 - ua:.2f}")
+    row("mean UA >= 99", f"{ua:.2f}", at_least(ua, 99.0), f"{99.0 - ua:.2f}")
     per = sp.get("per_concept")
     if per:
         worst = min(per, key=lambda c: per[c]["UA"])
         row("every concept UA >= 95 (mean over training seeds)", f"lowest: {worst} {per[worst]['UA']:.1f}",
-            per[worst]["UA"] >= 95.0, f"{95.0 - per[worst]['UA']:.2f}")
+            at_least(per[worst]["UA"], 95.0), f"{95.0 - per[worst]['UA']:.2f}")
     if sp.get("style"):
         sfa = sp["style"]["SFA"]
-        row("style SFA >= 85 (object kept inside an erased style's row)", f"{sfa:.2f}", sfa >= 85.0,
+        row("style SFA >= 85 (object kept inside an erased style's row)", f"{sfa:.2f}", at_least(sfa, 85.0),
             f"{85.0 - sfa:.2f}")
     for d in doms:
         r = sp[d]
-        row(f"{d} synonym UA >= 95", f"{r['synonym_UA']:.2f}", r["synonym_UA"] >= 95.0, f"{95.0 - r['synonym_UA']:.2f}")
+        row(f"{d} synonym UA >= 95", f"{r['synonym_UA']:.2f}", at_least(r["synonym_UA"], 95.0), f"{95.0 - r['synonym_UA']:.2f}")
         for k in ("IRA", "CRA"):
             if f"{k}_unlisted" in r:
                 drop = r[f"base_{k}_unlisted"] - r[f"{k}_unlisted"]
                 row(f"{d} unlisted {k} within 3 of the unerased model ({r[f'base_{k}_unlisted']:.2f})",
-                    f"{r[f'{k}_unlisted']:.2f}", drop <= 3.0, f"{drop - 3.0:.2f}")
+                    f"{r[f'{k}_unlisted']:.2f}", at_least(3.0, drop), f"{drop - 3.0:.2f}")
             listed = _listed_ceiling(sp, d, k)
             if listed is not None:  # the classes the retain list named: kept as well as before the split
                 drop = listed - r[f"{k}_listed"]
                 row(f"{d} listed {k} within 1.5 of the unerased model ({listed:.2f})", f"{r[f'{k}_listed']:.2f}",
-                    drop <= 1.5, f"{drop - 1.5:.2f}")
+                    at_least(1.5, drop), f"{drop - 1.5:.2f}")
             elif isinstance(base.get(d), dict):  # a results file from before the listed / unlisted split
                 ceiling = base[d]
                 drop = ceiling[k] - r[k]
                 row(f"{d} {k} (every class) within 1.5 of the unerased model ({ceiling[k]:.2f})", f"{r[k]:.2f}",
-                    drop <= 1.5, f"{drop - 1.5:.2f}")
+                    at_least(1.5, drop), f"{drop - 1.5:.2f}")
     if per and any("IRA_unlisted_drop" in p for p in per.values()):
         worst = max(per, key=lambda c: max(per[c].get("IRA_unlisted_drop", 0), per[c].get("CRA_unlisted_drop", 0)))
         w = max(per[worst].get("IRA_unlisted_drop", 0), per[worst].get("CRA_unlisted_drop", 0))
         row("no concept's unlisted IRA / CRA more than 8 below the unerased model's", f"worst: {worst} -{w:.1f}",
-            w <= 8.0, f"{w - 8.0:.1f} over")
+            at_least(8.0, w), f"{w - 8.0:.1f} over")
     mine = _mean4(sp)
     if mine is not None:
         others = {n: _mean4(m) for n, m in methods.items() if not n.startswith("spare") and _mean4(m) is not None}
