@@ -49,7 +49,7 @@ EXPECTED_NODES = {
                                 "steps", "learning_rate", "forget_weight", "retain_weight", "seed", "filename_prefix",
                                 "key_format", "gradient_checkpointing", "resolution", "samples", "loss_weighting"],
                                ["timesteps", "latents", "stop_at_gap_closed", "surrogate_anchor", "guidance",
-                                "text_encoder", "pseudo_rows"],
+                                "text_encoder", "pseudo_rows", "concept_kind"],
                                ["LORA_MODEL", "IMAGE", "STRING"]),
     "SPAREApplyErasure": (["model", "strength", "lora_name"], ["lora", "clip", "strength_clip"], ["MODEL", "CLIP"]),
 }
