@@ -233,6 +233,28 @@ JS_NODE_BOXES = """(prefixes) => {
     });
 }"""
 
+# Every node's box as the frontend laid it out (title bar included; a node grows to fit its widgets when loaded).
+JS_LAYOUT = """() => {
+    const th = LiteGraph.NODE_TITLE_HEIGHT;
+    return app.graph.nodes.map(n => ({id: n.id, type: n.type, title: n.title || n.type, collapsed: !!n.flags?.collapsed,
+        box: [n.pos[0], n.pos[1] - th, n.pos[0] + n.size[0], n.pos[1] + n.size[1]]}));
+}"""
+
+
+def overlaps(layout: list[dict]) -> list[str]:
+    """Pairs of (expanded) nodes whose boxes intersect: one hides the other's widgets or title."""
+    found = []
+    for i, a in enumerate(layout):
+        for b in layout[i + 1:]:
+            if a["collapsed"] or b["collapsed"]:
+                continue
+            w = min(a["box"][2], b["box"][2]) - max(a["box"][0], b["box"][0])
+            h = min(a["box"][3], b["box"][3]) - max(a["box"][1], b["box"][1])
+            if w > 0 and h > 0:
+                found.append(f"{a['title']} (#{a['id']}) and {b['title']} (#{b['id']}): {w:.0f} x {h:.0f} px")
+    return found
+
+
 JS_SETTINGS = """async (values) => {
     const s = app.extensionManager.setting, before = {};
     for (const [k, v] of Object.entries(values)) { before[k] = s.get(k); await s.set(k, v); }
@@ -404,6 +426,9 @@ def test_workflow_loads_in_the_frontend(server, object_info, page, name, tmp_pat
             node.pop("_meta", None)
     assert frontend == ours_prompt, (f"{name}: graphToPrompt differs from workflow_api.ui_to_api:\n"
                                      f"frontend {json.dumps(frontend)[:3000]}\nours {json.dumps(ours_prompt)[:3000]}")
+
+    crowded = overlaps(page.evaluate(JS_LAYOUT))  # every widget of every node can be seen and clicked
+    assert not crowded, f"{name}: nodes overlap as the frontend lays them out:\n" + "\n".join(crowded)
 
     note = page.evaluate(JS_NOTE_VISIBILITY)
     print(f"[{name}] Note at {note['rect']} in {note['window']}: title {note['title']:.0%} visible "
