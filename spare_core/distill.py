@@ -63,7 +63,6 @@ TEXT_ENCODER_CHOICES = ("auto", "on", "last", "off")  # DistillConfig.text_encod
 LEARNING_RATE_AUTO = 0.0  # DistillConfig.learning_rate: the model family's measured rate (Family.learning_rate)
 CROSS_ROWS_AUTO = -1  # DistillConfig.cross_rows: the model family's measured default (families.Family.cross_rows)
 PSEUDO_ROWS_AUTO = -1  # DistillConfig.pseudo_rows: Family.pseudo_rows where the model reads pseudo words, else 0
-PSEUDO_BANK = 32  # perturbed concept words kept per bank and run (DistillConfig.pseudo_bank_size)
 MODEL_STRENGTH_AUTO = -1.0  # DistillConfig.model_strength: Family.model_strength where the text encoder trains, else 1
 CONCEPT_KINDS = ("style", "object")  # DistillConfig.concept_kind
 RETAIN_SAMPLE_BUDGET = 64  # auto retain samples: about this many in all (a long {a|b} retain list gets 1 per prompt)
@@ -237,8 +236,6 @@ class DistillConfig:
                                      "many as pseudo_rows.", min=-1, max=64, node=False)
     pseudo_forget_radius: float = option(1.0, "pseudo_forget_rows' perturbation (as pseudo_radius).", min=0.0,
                                          max=10.0, step=0.05, node=False)
-    pseudo_bank_size: int = option(PSEUDO_BANK, "Perturbed words kept per bank (retain and forget).", min=1,
-                                   max=1024, node=False)
     # "auto" (-1): Family.model_strength where the text encoder trains too (0.9 on the UNets: MiniCanvas, 20 concepts
     # x 3 training seeds, paired against 1: mean4 +0.45 [+0.15, +0.78], unlisted IRA +0.92 [+0.32, +1.67], SFA +0.42;
     # bench/RESULTS.md, "The network's part at 0.9"), else 1. The network's part moves the unnamed neighbours, the
@@ -371,8 +368,6 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if config.mix_rows < 0 or not 0.0 <= config.mix_concept <= 0.95:
         raise SpareInputError(f"mix_rows={config.mix_rows} must be >= 0 and mix_concept={config.mix_concept} in "
                               "[0, 0.95]")
-    if config.pseudo_bank_size < 1:
-        raise SpareInputError(f"pseudo_bank_size={config.pseudo_bank_size} must be >= 1 (default {PSEUDO_BANK})")
     if config.pseudo_rows < PSEUDO_ROWS_AUTO or config.pseudo_forget_rows < PSEUDO_ROWS_AUTO:
         raise SpareInputError(f"pseudo_rows={config.pseudo_rows} and pseudo_forget_rows={config.pseudo_forget_rows} "
                               "must be >= 0 (or -1: auto)")
@@ -662,14 +657,17 @@ def make_training_data(model: DiffusionModel, cfg: DistillConfig, latents: Optio
                         pforget_c)
 
 
+PSEUDO_BANK = 32  # perturbed concept words kept per run (DistillConfig.pseudo_rows)
+
+
 def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forget: torch.Tensor,
                 gen: torch.Generator, radius: float, near: bool) -> list[tuple[str, int]]:
-    """Up to cfg.pseudo_bank_size (prompt, concept index): concept prompt i with each of its words that its surrogate
-    lacks written as a pseudo word, the word's token embedding(s) plus a random direction of length `radius` x their
-    scale (`model.pseudo_word`). near=False keeps those where the unerased model's x0 on the concept's own states lies
-    at least pseudo_keep x the concept->surrogate gap from the concept's (it draws something else there), near=True
-    those closer (it still draws the concept). Registers the kept pseudo words in model.pseudo_words (distill clears
-    them). [] (logged) where no candidate qualifies. Hand-written: no library perturbs a prompt's token embedding for a
+    """Up to PSEUDO_BANK (prompt, concept index): concept prompt i with each of its words that its surrogate lacks
+    written as a pseudo word, the word's token embedding(s) plus a random direction of length `radius` x their scale
+    (`model.pseudo_word`). near=False keeps those where the unerased model's x0 on the concept's own states lies at
+    least pseudo_keep x the concept->surrogate gap from the concept's (it draws something else there), near=True those
+    closer (it still draws the concept). Registers the kept pseudo words in model.pseudo_words (distill clears them).
+    [] (logged) where no candidate qualifies. Hand-written: no library perturbs a prompt's token embedding for a
     retain set.
 
     A model that reads pseudo words has `pseudo_words` (a dict: name -> what `encode` reads for that name),
@@ -696,11 +694,10 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
         kept, tries = [], 0
         # a round's rows in one forward on the CPU (MiniCanvas: not forward_rows' 16, which would change the stored
         # runs' judgements by float rounding), GPU_SAMPLE_BATCH candidates' at a time on a GPU
-        size = cfg.pseudo_bank_size
-        per = 3 * (size if torch.device(model.device).type == "cpu" else GPU_SAMPLE_BATCH)
-        while len(kept) < size and tries < 8 * size:
+        per = 3 * (PSEUDO_BANK if torch.device(model.device).type == "cpu" else GPU_SAMPLE_BATCH)
+        while len(kept) < PSEUDO_BANK and tries < 8 * PSEUDO_BANK:
             batch = []
-            for _ in range(size):  # a round of candidates
+            for _ in range(PSEUDO_BANK):  # a round of candidates
                 c = tries % n
                 tries += 1
                 names = {}
@@ -717,7 +714,7 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
                             for a in range(0, len(rows), per)])
             for j, (c, names, prompt) in enumerate(batch):
                 away = (pp[3 * j:3 * j + 3] - states[c][1]).flatten(1).norm(dim=1).mean()
-                if (away < cfg.pseudo_keep * states[c][2]) == near and len(kept) < size:
+                if (away < cfg.pseudo_keep * states[c][2]) == near and len(kept) < PSEUDO_BANK:
                     kept.append((prompt, c))
                 else:
                     for name in names:

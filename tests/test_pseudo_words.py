@@ -139,17 +139,3 @@ def test_an_empty_bank_trains_without_its_rows(model, caplog):
         get_batch(model, data, cfg, None, torch.Generator().manual_seed(3))  # draws no pseudo row
     finally:
         model.pseudo_words.clear()
-
-
-def test_the_bank_size_is_an_option(model):
-    cfg = validate(sc.DistillConfig([CONCEPT], [SURROGATE], retain=RETAIN, **FAST, pseudo_keep=0.0,
-                                    pseudo_bank_size=8), SAL)
-    data = make_training_data(model, cfg, None, None)
-    try:
-        bank = pseudo_bank(model, cfg, data.cond, data.x_forget, data.i_forget, torch.Generator().manual_seed(0),
-                           2.0, False)
-        assert len(bank) == 8 and len(model.pseudo_words) == 8  # keep 0: the first round fills it, nothing more
-    finally:
-        model.pseudo_words.clear()
-    with pytest.raises(sc.SpareInputError, match="pseudo_bank_size=0"):
-        validate(replace(cfg, pseudo_bank_size=0), SAL)
