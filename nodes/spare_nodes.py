@@ -498,9 +498,9 @@ class ApplyErasure(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Strength of the LoRA's network part (LoraLoader's strength_model). 1 = full "
                                        "erasure as trained (a SPARE file for SD1/SD2/SDXL already holds this part at "
-                                       "the measured 0.9, 0.8 for an object), 0 = the network unchanged, between = partial: below 1 the "
-                                       "concepts no retain line named move less and the concept erases less; check "
-                                       "it is still gone."),
+                                       "the measured 0.9, 0.8 for an object), 0 = the network unchanged, between = "
+                                       "partial: below 1 the concepts no retain line named move less and the concept "
+                                       "erases less; check it is still gone."),
                 io.Combo.Input("lora_name", options=[NO_FILE] + folder_paths.get_filename_list("loras"),
                                default=NO_FILE, tooltip="An erasure LoRA file from the loras folder."),
                 io.LoraModel.Input("lora", optional=True,

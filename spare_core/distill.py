@@ -246,8 +246,9 @@ class DistillConfig:
                                    "the text encoder trains, else 1.", min=-1.0, max=2.0, step=0.05, node=False)
     # Which of the family's model strengths "auto" takes (Family.model_strength / object_model_strength): the objects'
     # unnamed neighbours keep their looks at a lower network strength, where the styles' erased rows lose the object
-    # (MiniCanvas: the network part at 0.8 on every concept, one seed: objects' unlisted IRA +1.70, style SFA -4.0;
-    # bench/RESULTS.md, "Objects at their own strength"). The engine cannot tell one from the other; the user can.
+    # (MiniCanvas, the 10 objects x 3 training seeds at 0.8, paired against 0.9: unlisted IRA +1.80 [+0.73, +3.00], UA
+    # -0.67, synonyms -2.0; the styles at 0.8, one seed: SFA -4.0; bench/RESULTS.md, "Objects at their own strength").
+    # The engine cannot tell one from the other; the user can.
     concept_kind: str = option("style", "What the concepts are. object = a thing that is drawn (a dog, a car, a "
                                         "logo): the LoRA's network part is saved at a lower strength, which keeps "
                                         "similar objects nobody listed closer to their looks; style = an art style, "

@@ -206,7 +206,8 @@ def targets(results: dict) -> str:
             f"{85.0 - sfa:.2f}")
     for d in doms:
         r = sp[d]
-        row(f"{d} synonym UA >= 95", f"{r['synonym_UA']:.2f}", at_least(r["synonym_UA"], 95.0), f"{95.0 - r['synonym_UA']:.2f}")
+        row(f"{d} synonym UA >= 95", f"{r['synonym_UA']:.2f}", at_least(r["synonym_UA"], 95.0),
+            f"{95.0 - r['synonym_UA']:.2f}")
         for k in ("IRA", "CRA"):
             if f"{k}_unlisted" in r:
                 drop = r[f"base_{k}_unlisted"] - r[f"{k}_unlisted"]
