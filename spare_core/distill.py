@@ -252,7 +252,8 @@ class DistillConfig:
     concept_kind: str = option("style", "What the concepts are. object = a thing that is drawn (a dog, a car, a "
                                         "logo): the LoRA's network part is saved at a lower strength, which keeps "
                                         "similar objects nobody listed closer to their looks; style = an art style, "
-                                        "an artist, a look, and anything else. SD1/SD2/SDXL; no effect on the DiTs.",
+                                        "an artist, a look, anything else, or a mix of kinds. SD1/SD2/SDXL; no effect "
+                                        "on the DiTs.",
                                choices=CONCEPT_KINDS)
 
 
