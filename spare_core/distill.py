@@ -244,9 +244,6 @@ class DistillConfig:
                                    "The LoRA's network part is saved at this strength, its text encoder's at 1 (as "
                                    "LoraLoader's strength_model / strength_clip). -1 = auto: 0.9 on SD1/SD2/SDXL when "
                                    "the text encoder trains, else 1.", min=-1.0, max=2.0, step=0.05, node=False)
-    save_rank: int = option(0, "The LoRA's network part is saved cut to this many singular directions per module "
-                               "(its best approximation of that rank; the text encoder's part whole). 0 = as "
-                               "trained.", min=0, max=64, node=False)
     # Which of the family's model strengths "auto" takes (Family.model_strength / object_model_strength): the objects'
     # unnamed neighbours keep their looks at a lower network strength, where the styles' erased rows lose the object
     # (MiniCanvas, the 10 objects x 3 training seeds at 0.8, paired against 0.9: unlisted IRA +1.80 [+0.73, +3.00], UA
@@ -367,8 +364,6 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
     if config.model_strength != MODEL_STRENGTH_AUTO and not 0.0 < config.model_strength <= 2.0:
         raise SpareInputError(f"model_strength={config.model_strength} must be in (0, 2] (or -1: auto, 0.9 on the "
                               "UNets when the text encoder trains, else 1)")
-    if not 0 <= config.save_rank <= 64:
-        raise SpareInputError(f"save_rank={config.save_rank} must be in [0, 64] (0 = the trained rank)")
     if config.cross_rows < CROSS_ROWS_AUTO or config.uncond_rows < 0:
         raise SpareInputError(f"cross_rows={config.cross_rows} must be >= 0 (or -1: the family's default) and "
                               f"uncond_rows={config.uncond_rows} >= 0")
@@ -512,8 +507,6 @@ def distill(
                                                      cfg.calibrate_margin, should_stop)
             lora = LoraWeights.from_adapters(adapters, lora_metadata(cfg, profile, gap_before, checks[-1], strength))
             lora = lora.scaled(strength).scaled(cfg.model_strength, text=1.0)
-            if cfg.save_rank:
-                lora = lora.truncated(cfg.save_rank)
             trainable = sum(p.numel() for p in params)
         finally:
             adapters.remove()

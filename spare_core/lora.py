@@ -93,27 +93,6 @@ class LoraWeights:
         return LoraWeights({p: m if factor[p] == 1.0 else {**m, "up": m["up"] * factor[p]}
                             for p, m in self.modules.items()}, dict(self.metadata))
 
-    def truncated(self, rank: int, text: bool = False) -> "LoraWeights":
-        """This LoRA with each module's update cut to its `rank` largest singular directions (the best rank-`rank`
-        approximation of (alpha/r) up @ down, Eckart-Young); alpha = the new rank, so a loader's scale is 1.
-        text=False leaves the text encoder's modules as they are. Hand-written: a QR of each factor and the SVD of
-        the small r x r core (peft's svd merge works on the dense delta, which here can be 1280 x 11520)."""
-        out = {}
-        for p, m in self.modules.items():
-            down, up = m["down"], m["up"]
-            if down.shape[0] <= rank or (is_text_path(p) and not text):
-                out[p] = m
-                continue
-            scale = float(m["alpha"]) / down.shape[0]
-            qu, ru = torch.linalg.qr(up.flatten(1).double())
-            qd, rd = torch.linalg.qr(down.flatten(1).double().T)
-            u, s, vh = torch.linalg.svd(scale * ru @ rd.T)
-            root = s[:rank].sqrt()
-            new_up = (qu @ u[:, :rank] * root).float().view(up.shape[0], rank, *up.shape[2:])
-            new_down = (root[:, None] * vh[:rank] @ qd.T).float().view(rank, *down.shape[1:])
-            out[p] = {"down": new_down, "up": new_up, "alpha": torch.tensor(float(rank))}
-        return LoraWeights(out, dict(self.metadata))
-
     @property
     def rank(self) -> int:
         return max((m["down"].shape[0] for m in self.modules.values()), default=0)

@@ -660,34 +660,6 @@ def test_scaled_lora_at_strength_one_adds_what_the_lora_adds_at_that_strength(mo
     assert torch.allclose(got, want, atol=1e-5) and lora.modules[next(iter(lora.modules))]["up"].abs().sum() > 0
 
 
-def test_truncated_lora_is_the_best_approximation_of_that_rank():
-    """Each module's update cut to k singular directions: the error is the dropped singular values' (Eckart-Young),
-    alpha = k, conv shapes kept, text-encoder modules whole unless asked, a rank at or above the trained one whole."""
-    from spare_core.lora import LoraWeights
-    g = torch.Generator().manual_seed(0)
-    text = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1"
-    lora = LoraWeights({"lin": {"down": torch.randn(8, 16, generator=g), "up": torch.randn(12, 8, generator=g),
-                                "alpha": torch.tensor(4.0)},
-                        "conv": {"down": torch.randn(8, 5, 3, 3, generator=g),
-                                 "up": torch.randn(7, 8, 1, 1, generator=g), "alpha": torch.tensor(8.0)},
-                        text: {"down": torch.randn(8, 6, generator=g), "up": torch.randn(6, 8, generator=g),
-                               "alpha": torch.tensor(8.0)}})
-    for k in (4, 2):
-        cut = lora.truncated(k)
-        for path in ("lin", "conv"):
-            full, got = lora.delta_weight(path), cut.delta_weight(path)
-            dropped = torch.linalg.svdvals(full.flatten(1))[k:].norm()
-            assert got.shape == full.shape and cut.modules[path]["down"].shape[0] == k
-            assert float(cut.modules[path]["alpha"]) == k
-            assert abs(float((full - got).norm()) - float(dropped)) < 1e-3 * float(full.norm()) and dropped > 0
-        assert cut.modules[text] is lora.modules[text]
-        assert not torch.allclose(lora.truncated(k, text=True).delta_weight(text), lora.delta_weight(text))
-    assert lora.truncated(8).modules["lin"] is lora.modules["lin"]
-    with pytest.raises(SpareInputError, match="save_rank"):
-        sc.distill_validate(sc.DistillConfig([CONCEPT], [SURROGATE], save_rank=-1),
-                            sc.Saliency({"a": 1.0}, ["a"], {}))
-
-
 def test_a_stalled_gap_keeps_the_saliency_selection(model, saliency):
     """Short of the target the adapter set stays the saliency's (no module is added mid-run)."""
     plain = sc.distill(model, sc.DistillConfig([CONCEPT], [SURROGATE], steps=10, learning_rate=1e-9, stop_at_gap_closed=0.6,

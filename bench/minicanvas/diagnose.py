@@ -11,7 +11,6 @@
     python -m bench.minicanvas.diagnose ranking                             # which code predicts the unlisted damage
     python -m bench.minicanvas.diagnose losses                              # which unlisted classes lose, binned
     python -m bench.minicanvas.diagnose ceiling [--compare RUN.json:METHOD] # SFA of an exact replacement
-    python -m bench.minicanvas.diagnose rank --concept ukiyo                # the LoRA cut to fewer singular directions
 
 - targets: SPARE's forget loss asks the student, on x_t noised from a sample, for the surrogate-prompt teacher's x0.
   For samples of the concept and of the surrogate, at each sigma, the classifiers judge that target x0: is the other
@@ -49,9 +48,6 @@
   must be erased too, from a neighbour, which must be kept.
 - ranking / losses (read stored `geometry` runs, --runs GLOB; nothing trained): which text code ranks the damaged
   unlisted classes; the loss binned by how far a style's pooled code moved or by an object's key / value cosine.
-- rank: the whole held-out grid with the LoRA's network part cut to its 8 / 4 / 3 / 2 / 1 largest singular directions
-  per module (LoraWeights.truncated; the text encoder's part whole): whether the erasure and the damage to the
-  unlisted classes sit in different directions of the update (a cut that keeps UA and raises unlisted IRA / CRA).
 - ceiling (nothing trained): the SFA an EXACT replacement scores -- every concept's erased row / column of the
   held-out grid (the harness' images per pair, seeds and templates) drawn by the unerased model with the concept's
   word replaced by the surrogate's ("plain" / "blob"), judged as the harness judges SFA and UA. What an erasure that
@@ -77,7 +73,6 @@ import torch
 
 import spare_core as sc
 from spare_core.calibrate import NOISE_OFFSET, erased_share
-from spare_core.model import is_text_path
 from spare_core.minicanvas import data
 from spare_core.minicanvas.model import load as load_model, sample_loop, to_image
 from spare_core.sampling import generate as generate_samples
@@ -92,7 +87,6 @@ from .paired import runs_of
 SIGMAS = (30.0, 10.0, 5.0, 2.0, 1.0, 0.3)
 STRENGTHS = (1.0, 0.75, 0.5, 0.35)
 CALIBRATE_STRENGTHS = (1.25, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
-SAVE_RANKS = (8, 4, 3, 2, 1)
 GUIDANCES = (1.0, 2.0, 4.0)
 CFG = 4.0  # the evaluation sampler's guidance (model.sample's default)
 
@@ -242,21 +236,6 @@ def groups(model, judge, domain: str, name: str, lora, seed: int, retain_set: st
         with sc.apply_lora(sc.lora_targets(model), kept, 1.0):
             rows.append({"without": group or "(nothing)", "modules": len(by_group.get(group, [])),
                          **metrics(generate(model, prompts, seeds, steps))})
-    return rows
-
-
-def ranks(model, judge, domain: str, name: str, lora, seed: int, retain_set: str, steps: int = 12) -> list[dict]:
-    """The held-out grid judged with the LoRA's network part cut to fewer singular directions (LoraWeights.truncated;
-    the text encoder's part whole), and the share of the network part's update energy each cut keeps."""
-    prompts, seeds, metrics = grid_judge(judge, domain, name, seed, retain_set)
-    rows = []
-    for rank in SAVE_RANKS:
-        cut = lora.truncated(rank)
-        energy = [(sum(float(c.delta_weight(p).pow(2).sum()) for p in lora.modules if not is_text_path(p)))
-                  for c in (lora, cut)]
-        with sc.apply_lora(sc.lora_targets(model), cut, 1.0):
-            rows.append({"rank": rank, "energy": energy[1] / energy[0], **metrics(generate(model, prompts, seeds,
-                                                                                             steps))})
     return rows
 
 
@@ -515,7 +494,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.minicanvas.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("targets", "trajectory", "strength", "cfg", "residual", "groups", "calibrate",
-                                     "geometry", "words", "ranking", "losses", "ceiling", "rank"))
+                                     "geometry", "words", "ranking", "losses", "ceiling"))
     ap.add_argument("--concept", default="ukiyo", help=f"a style {ERASABLE_STYLES} or an object {ERASABLE_OBJECTS}")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--retain-set", choices=RETAIN_SETS, default=Budget.retain_set)
@@ -613,10 +592,6 @@ def main(argv=None):
             rows = guidance(model, judge, domain, args.concept, lora, args.seed, args.retain_set)
             for r in rows:
                 print(f"  cfg {r['cfg']:.1f} {'erased  ' if r['erased'] else 'unerased'}: {metrics_text(r)}")
-        elif args.what == "rank":
-            rows = ranks(model, judge, domain, args.concept, lora, args.seed, args.retain_set)
-            for r in rows:
-                print(f"  rank {r['rank']} (energy kept {r['energy']:.3f}): {metrics_text(r)}", flush=True)
         elif args.what == "calibrate":
             rows = calibrate(model, judge, domain, args.concept, lora, args.seed, args.retain_set)
             for r in rows:
