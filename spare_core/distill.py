@@ -161,9 +161,6 @@ class DistillConfig:
              "turn the concept's prompt into the surrogate's picture, keeping the rest of the picture; the concept's "
              "own samples teach it to repaint them, which can leave debris. 0 = the authors' method.",
         min=0.0, max=1.0, step=0.5)
-    concept_below_sigma: float = option(0.0, "Forget rows whose noise level lies below this sigma are made from the "
-                                             "concept's own samples, not the surrogate's (0 = off).", min=0.0,
-                                        max=100.0, step=0.05, node=False)
     # after training (calibrate.py; an engine option while it is measured)
     calibrate_share: float = option(
         0.0, "If > 0: after training, scale the LoRA down to the lowest strength (1, 0.9, ... 0.5) at which at least "
@@ -826,13 +823,8 @@ def get_batch(model: DiffusionModel, data: TrainingData, cfg: DistillConfig, pro
     if data.n_anchor:  # the last n_anchor rows: noised surrogate samples of the same concept index
         keep = cfg.batch_size - data.n_anchor
         a_rows = torch.randint(0, data.x_anchor.shape[0], (data.n_anchor,), generator=gen)
-        a_ids, a_x0 = data.i_anchor[a_rows], data.x_anchor[a_rows]
-        if cfg.concept_below_sigma > 0:  # at low noise the concept's own samples (their target keeps the picture)
-            low = model.sigma_at(t[keep:]).cpu() < cfg.concept_below_sigma
-            a_ids = torch.where(low, ids[keep:], a_ids)
-            a_x0 = torch.where(low.view(-1, *[1] * (x0.dim() - 1)), x0[keep:], a_x0)
-        ids = torch.cat([ids[:keep], a_ids])
-        x0 = torch.cat([x0[:keep], a_x0])
+        ids = torch.cat([ids[:keep], data.i_anchor[a_rows]])
+        x0 = torch.cat([x0[:keep], data.x_anchor[a_rows]])
     sigma, xt = noised(model, x0, t, gen)
     student, teacher = data.concept_rows(ids), data.surrogate_rows(ids)
     if data.x_retain is not None:  # drawn after the forget rows' noise (the RNG order of earlier versions)
