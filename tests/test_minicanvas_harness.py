@@ -318,6 +318,16 @@ def test_report_targets_marks_met_and_missed():
     results["methods"]["spare"]["source"], results["methods"]["esd-x"]["source"] = "a.json", "b.json"
     esd = next(v for v in report.targets(results).splitlines() if "1/10 of esd-x" in v)
     assert "not compared" in esd and "a.json; b.json" in esd and "yes" not in esd and "NO" not in esd
+    # ... unless a run of both together is given (--timing): its ratio, named as that run's; a timing run with only
+    # one of them, or with each from another run, gives none
+    timing = {"budget": {"esd": 100}, "methods": {
+        "spare": dict(m(99.0, 97.0, 96.0, 96.0, 30.0), source="t.json", runs=[{}, {}]),
+        "esd-x": dict(m(90.0, 95.0, 95.0, 80.0, 25.0), source="t.json")}}
+    esd = next(v for v in report.targets(results, timing).splitlines() if "1/10 of esd-x" in v)
+    assert "250.0 s, from 100 steps; both measured in one run, t.json: 2 concepts" in esd
+    assert "30.0 s (0.120x)" in esd and esd.endswith("| NO (20% over) |")
+    timing["methods"]["esd-x"]["source"] = "u.json"
+    assert "not compared" in next(v for v in report.targets(results, timing).splitlines() if "1/10 of esd-x" in v)
 
 
 def test_spare_variants_are_named_by_their_fields(capsys):
