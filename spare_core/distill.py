@@ -228,9 +228,6 @@ class DistillConfig:
     pseudo_keep: float = option(0.5, "pseudo_rows keeps a perturbed word whose unerased x0 lies at least this "
                                     "fraction of the concept->surrogate gap from the concept's (pseudo_forget_rows "
                                     "those closer).", min=0.0, max=5.0, step=0.05, node=False)
-    pseudo_pool: int = option(1, "pseudo_rows' bank: candidates drawn per kept word; of those that qualify, the "
-                                 "ones nearest the pseudo_keep threshold are kept (1 = the first that qualify).",
-                              min=1, max=8, node=False)
     pseudo_forget_rows: int = option(PSEUDO_ROWS_AUTO,
                                      "Forget rows per step, on the forget rows' own x_t: the concept word's "
                                      "embedding perturbed by pseudo_forget_radius where the unerased model still "
@@ -696,11 +693,11 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
             pc = model.predict_x0(xt, sig.to(x0), model.select_cond(cond, torch.full((3,), c)))
             ps = model.predict_x0(xt, sig.to(x0), model.select_cond(cond, torch.full((3,), n + c)))
             states.append((xt, pc, (pc - ps).flatten(1).norm(dim=1).mean()))
-        kept, tries, pool = [], 0, 1 if near else cfg.pseudo_pool
+        kept, tries = [], 0
         # a round's rows in one forward on the CPU (MiniCanvas: not forward_rows' 16, which would change the stored
         # runs' judgements by float rounding), GPU_SAMPLE_BATCH candidates' at a time on a GPU
         per = 3 * (PSEUDO_BANK if torch.device(model.device).type == "cpu" else GPU_SAMPLE_BATCH)
-        while (len(kept) < PSEUDO_BANK or tries < pool * PSEUDO_BANK) and tries < max(8, pool) * PSEUDO_BANK:
+        while len(kept) < PSEUDO_BANK and tries < 8 * PSEUDO_BANK:
             batch = []
             for _ in range(PSEUDO_BANK):  # a round of candidates
                 c = tries % n
@@ -719,18 +716,11 @@ def pseudo_bank(model, cfg: DistillConfig, cond, x_forget: torch.Tensor, i_forge
                             for a in range(0, len(rows), per)])
             for j, (c, names, prompt) in enumerate(batch):
                 away = (pp[3 * j:3 * j + 3] - states[c][1]).flatten(1).norm(dim=1).mean()
-                if (away < cfg.pseudo_keep * states[c][2]) == near and (pool > 1 or len(kept) < PSEUDO_BANK):
-                    kept.append((float(away / states[c][2]), prompt, c, names))
+                if (away < cfg.pseudo_keep * states[c][2]) == near and len(kept) < PSEUDO_BANK:
+                    kept.append((prompt, c))
                 else:
                     for name in names:
                         del model.pseudo_words[name]
-        if pool > 1:  # the qualifying words nearest the threshold
-            kept.sort(key=lambda k: k[0])
-            for _, _, _, names in kept[PSEUDO_BANK:]:
-                for name in names:
-                    del model.pseudo_words[name]
-            kept = kept[:PSEUDO_BANK]
-        kept = [(prompt, c) for _, prompt, c, _ in kept]
     if not kept:
         log.warning("SPARE: no perturbed concept word drew %sthe concept in %d tries (%s %.2g): "
                     "training without those rows", "" if near else "anything but ", tries,
