@@ -244,8 +244,6 @@ class DistillConfig:
                                    "The LoRA's network part is saved at this strength, its text encoder's at 1 (as "
                                    "LoraLoader's strength_model / strength_clip). -1 = auto: 0.9 on SD1/SD2/SDXL when "
                                    "the text encoder trains, else 1.", min=-1.0, max=2.0, step=0.05, node=False)
-    save_without: str = option("", "Module path parts (comma-separated, e.g. .proj_in,.proj_out) whose adapters the "
-                                   "saved LoRA leaves out (they train; the file drops them).", node=False)
     # Which of the family's model strengths "auto" takes (Family.model_strength / object_model_strength): the objects'
     # unnamed neighbours keep their looks at a lower network strength, where the styles' erased rows lose the object
     # (MiniCanvas, the 10 objects x 3 training seeds at 0.8, paired against 0.9: unlisted IRA +1.80 [+0.73, +3.00], UA
@@ -509,10 +507,6 @@ def distill(
                                                      cfg.calibrate_margin, should_stop)
             lora = LoraWeights.from_adapters(adapters, lora_metadata(cfg, profile, gap_before, checks[-1], strength))
             lora = lora.scaled(strength).scaled(cfg.model_strength, text=1.0)
-            if cfg.save_without:
-                parts = [p.strip() for p in cfg.save_without.split(",") if p.strip()]
-                lora = replace(lora, modules={k: v for k, v in lora.modules.items()
-                                              if not any(p in f".{k}" for p in parts)})
             trainable = sum(p.numel() for p in params)
         finally:
             adapters.remove()
