@@ -257,7 +257,8 @@ def targets(results: dict, timing: Optional[dict] = None) -> str:
             t_esd = t_e["seconds_per_concept"] * 1000 / max(1, t_budget.get("esd", 1000))
             ratio = t_sp["seconds_per_concept"] / t_esd
             name = (f"time per concept <= 1/10 of {esd} at 1000 steps ({t_esd:.1f} s, from {t_budget.get('esd', 1000)} "
-                    f"steps; both measured in one run, {t_sp['source']}: {len(t_sp.get('runs', []))} concepts)")
+                    f"steps; both measured in one run, {t_sp['source']}: "
+                    f"{len({r.get('concept') for r in t_sp.get('runs', [])})} concepts)")
             sp_secs = t_sp["seconds_per_concept"]
         else:
             sp_secs = sp["seconds_per_concept"]
