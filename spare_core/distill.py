@@ -242,8 +242,9 @@ class DistillConfig:
     # text encoder's keeps the object ("Which half of the LoRA moves the unlisted classes")
     model_strength: float = option(MODEL_STRENGTH_AUTO,
                                    "The LoRA's network part is saved at this strength, its text encoder's at 1 (as "
-                                   "LoraLoader's strength_model / strength_clip). -1 = auto: 0.9 on SD1/SD2/SDXL when "
-                                   "the text encoder trains, else 1.", min=-1.0, max=2.0, step=0.05, node=False)
+                                   "LoraLoader's strength_model / strength_clip). -1 = auto: 0.9 on SD1/SD2/SDXL (an "
+                                   "object, concept_kind: 0.8) when the text encoder trains, else 1.", min=-1.0,
+                                   max=2.0, step=0.05, node=False)
     # Which of the family's model strengths "auto" takes (Family.model_strength / object_model_strength): the objects'
     # unnamed neighbours keep their looks at a lower network strength, where the styles' erased rows lose the object
     # (MiniCanvas, the 10 objects x 3 training seeds at 0.8, paired against 0.9: unlisted IRA +1.80 [+0.73, +3.00], UA
@@ -363,7 +364,7 @@ def validate(config: DistillConfig, saliency: Saliency) -> DistillConfig:
                               f"calibrate_margin={config.calibrate_margin} in [1, 2] (typical 1.15)")
     if config.model_strength != MODEL_STRENGTH_AUTO and not 0.0 < config.model_strength <= 2.0:
         raise SpareInputError(f"model_strength={config.model_strength} must be in (0, 2] (or -1: auto, 0.9 on the "
-                              "UNets when the text encoder trains, else 1)")
+                              "UNets, 0.8 for an object, when the text encoder trains, else 1)")
     if config.cross_rows < CROSS_ROWS_AUTO or config.uncond_rows < 0:
         raise SpareInputError(f"cross_rows={config.cross_rows} must be >= 0 (or -1: the family's default) and "
                               f"uncond_rows={config.uncond_rows} >= 0")
